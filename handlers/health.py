@@ -1,0 +1,44 @@
+"""Probes and the API description: public routes."""
+
+from __future__ import annotations
+
+from handlers.base import BaseHandler
+from handlers.openapi import openapi_document
+from sessions.errors import ServiceError
+
+
+class LivenessHandler(BaseHandler):
+    """GET /healthz: the process and its IOLoop answer."""
+
+    public = True
+
+    def get(self) -> None:
+        self.write_json({"status": "ok"})
+
+
+class ReadinessHandler(BaseHandler):
+    """GET /readyz: the model is loaded and the session store answers."""
+
+    public = True
+
+    async def get(self) -> None:
+        checks = {"model": "ok" if self.runner is not None else "not loaded"}
+        try:
+            await self.store.ping()
+            checks["store"] = "ok"
+        except ServiceError as exc:
+            checks["store"] = exc.message
+        ready = all(value == "ok" for value in checks.values())
+        if not ready:
+            self.set_header("Retry-After", "1")
+        self.write_json({"status": "ready" if ready else "not_ready", "checks": checks},
+                        status=200 if ready else 503)
+
+
+class OpenAPIHandler(BaseHandler):
+    """GET /openapi.json"""
+
+    public = True
+
+    def get(self) -> None:
+        self.write_json(openapi_document(legacy_predict=self.config.http.legacy_predict))

@@ -1,0 +1,261 @@
+"""The OpenAPI 3.1 description of every route. A test checks it against the app's routes and
+validates real responses against these schemas, so it cannot drift from the code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sessions.options import COLORS, INTERPOLATIONS
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _error(description: str) -> dict[str, Any]:
+    return _json(_ref("Error"), description)
+
+
+_THREE_NUMBERS = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["code", "message"],
+                "properties": {"code": {"type": "string", "pattern": "^[a-z0-9_]+$"},
+                               "message": {"type": "string"}},
+            }
+        },
+    },
+    "Options": {
+        "type": "object",
+        "additionalProperties": False,
+        "properties": {
+            "resize": {"type": "integer", "minimum": 32, "maximum": 1024, "default": 256},
+            "crop": {"type": "integer", "minimum": 32, "maximum": 1024, "default": 224,
+                     "description": "Must not exceed resize."},
+            "interpolation": {"enum": list(INTERPOLATIONS), "default": "bilinear"},
+            "color": {"enum": list(COLORS), "default": "rgb"},
+            "mean": _THREE_NUMBERS,
+            "std": _THREE_NUMBERS,
+            "top_k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 5},
+        },
+    },
+    "Login": {
+        "type": "object",
+        "required": ["token", "session_id", "expires_at", "options"],
+        "properties": {
+            "token": {"type": "string"},
+            "session_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "options": _ref("Options"),
+        },
+    },
+    "Session": {
+        "type": "object",
+        "required": ["session_id", "created_at", "expires_at", "options", "predictions"],
+        "properties": {
+            "session_id": {"type": "string"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "expires_at": {"type": "string", "format": "date-time"},
+            "options": _ref("Options"),
+            "predictions": {"type": "integer", "minimum": 0},
+        },
+    },
+    "OptionsResponse": {"type": "object", "required": ["options"], "properties": {"options": _ref("Options")}},
+    "ClassScore": {
+        "type": "object",
+        "required": ["class_index", "label", "score"],
+        "properties": {
+            "class_index": {"type": "integer", "minimum": 0},
+            "label": {"type": "string"},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+        },
+    },
+    "HistoryItem": {
+        "type": "object",
+        "required": ["id", "created_at", "predicted_class", "label", "top_k", "options", "model"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+            "created_at": {"type": "string", "format": "date-time"},
+            "predicted_class": {"type": "integer", "minimum": 0},
+            "label": {"type": "string"},
+            "top_k": {"type": "array", "items": _ref("ClassScore"), "minItems": 1},
+            "options": _ref("Options"),
+            "model": {"type": "object", "required": ["name", "version"],
+                      "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+        },
+    },
+    "Prediction": {
+        "allOf": [_ref("HistoryItem")],
+        "type": "object",
+        "required": ["timing_ms"],
+        "properties": {"timing_ms": {"type": "object", "additionalProperties": {"type": "number"}}},
+    },
+    "HistoryPage": {
+        "type": "object",
+        "required": ["items", "next"],
+        "properties": {
+            "items": {"type": "array", "items": _ref("HistoryItem")},
+            "next": {"type": ["string", "null"]},
+        },
+    },
+    "PlainPrediction": {
+        "type": "object",
+        "required": ["predicted_class"],
+        "properties": {"predicted_class": {"type": "integer", "minimum": 0}},
+    },
+    "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    "Readiness": {
+        "type": "object",
+        "required": ["status", "checks"],
+        "properties": {"status": {"enum": ["ready", "not_ready"]},
+                       "checks": {"type": "object", "additionalProperties": {"type": "string"}}},
+    },
+}
+
+_IMAGE_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {"type": "object", "required": ["image"],
+                       "properties": {"image": {"type": "string", "format": "binary"}}}
+        },
+        **{media: {"schema": {"type": "string", "format": "binary"}}
+           for media in ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")},
+    },
+}
+
+_OPTION_OVERRIDES = [
+    {"name": name, "in": "query", "required": False, "schema": schema,
+     "description": "Overrides the session's option for this request only."}
+    for name, schema in {
+        "resize": {"type": "integer", "minimum": 32, "maximum": 1024},
+        "crop": {"type": "integer", "minimum": 32, "maximum": 1024},
+        "interpolation": {"enum": list(INTERPOLATIONS)},
+        "color": {"enum": list(COLORS)},
+        "mean": {"type": "string", "description": "three comma-separated numbers"},
+        "std": {"type": "string", "description": "three comma-separated positive numbers"},
+        "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+    }.items()
+]
+
+_AUTH_ERRORS = {"401": _error("Missing, invalid, expired or revoked token."),
+                "503": _error("The session store is unavailable.")}
+_BEARER = [{"bearer": []}]
+
+
+def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
+    paths: dict[str, Any] = {
+        "/v1/sessions": {"post": {
+            "summary": "Log in: create a session and get its token.",
+            "security": [{}, {"apiKey": []}],
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "properties": {"options": _ref("Options")}}}}},
+            "responses": {"201": _json(_ref("Login"), "Session created."),
+                          "400": _error("Malformed JSON."),
+                          "401": _error("API key missing or wrong (where API keys are configured)."),
+                          "415": _error("The body is not JSON."),
+                          "422": _error("Invalid options."),
+                          "503": _error("The session store is unavailable.")},
+        }},
+        "/v1/session": {
+            "get": {"summary": "The current session.", "security": _BEARER,
+                    "responses": {"200": _json(_ref("Session"), "The session."), **_AUTH_ERRORS}},
+            "delete": {"summary": "Log out; the token stops working.", "security": _BEARER,
+                       "responses": {"204": {"description": "Logged out."}, **_AUTH_ERRORS}},
+        },
+        "/v1/session/options": {
+            "get": {"summary": "The session's options.", "security": _BEARER,
+                    "responses": {"200": _json(_ref("OptionsResponse"), "Options."), **_AUTH_ERRORS}},
+            "patch": {
+                "summary": "Merge the given options into the session's options.", "security": _BEARER,
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref("Options")}}},
+                "responses": {"200": _json(_ref("OptionsResponse"), "The merged options."),
+                              "400": _error("Malformed JSON or not an object."),
+                              "415": _error("The body is not JSON."),
+                              "422": _error("Unknown option or bad value; the message names it."),
+                              **_AUTH_ERRORS},
+            },
+        },
+        "/v1/predict": {"post": {
+            "summary": "Classify one image under the session's options and record it in the history.",
+            "security": _BEARER,
+            "parameters": _OPTION_OVERRIDES,
+            "requestBody": _IMAGE_BODY,
+            "responses": {"200": _json(_ref("Prediction"), "Classified and recorded."),
+                          "400": _error("Malformed multipart body or no 'image' field."),
+                          "413": _error("The body is over http.max_body_bytes."),
+                          "415": _error("Unsupported Content-Type."),
+                          "422": _error("Not a readable image, too many pixels, or bad option override."),
+                          "500": _error("The model failed on this image."),
+                          "401": _AUTH_ERRORS["401"],
+                          "503": _error("Queue full or session store unavailable; see Retry-After.")},
+        }},
+        "/v1/history": {"get": {
+            "summary": "The session's predictions, newest first.",
+            "security": _BEARER,
+            "parameters": [
+                {"name": "limit", "in": "query", "required": False,
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                {"name": "before", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+                 "description": "The `next` of the previous page."},
+            ],
+            "responses": {"200": _json(_ref("HistoryPage"), "One page."),
+                          "400": _error("Bad limit or before."), **_AUTH_ERRORS},
+        }},
+        "/v1/history/{id}": {"get": {
+            "summary": "One history item.",
+            "security": _BEARER,
+            "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
+            "responses": {"200": _json(_ref("HistoryItem"), "The item."),
+                          "404": _error("No such item in this session."), **_AUTH_ERRORS},
+        }},
+        "/healthz": {"get": {"summary": "Liveness.", "security": [{}],
+                             "responses": {"200": _json(_ref("Health"), "Alive.")}}},
+        "/readyz": {"get": {"summary": "Readiness: model loaded and store answering.", "security": [{}],
+                            "responses": {"200": _json(_ref("Readiness"), "Ready."),
+                                          "503": _json(_ref("Readiness"), "Not ready; checks say why.")}}},
+        "/openapi.json": {"get": {"summary": "This document.", "security": [{}],
+                                  "responses": {"200": {"description": "OpenAPI 3.1 document.",
+                                                        "content": {"application/json": {}}}}}},
+    }
+    if legacy_predict:
+        paths["/predict"] = {"post": {
+            "summary": "Session-less classification, as in the simple Flask example.",
+            "security": [{}],
+            "requestBody": _IMAGE_BODY,
+            "responses": {"200": _json(_ref("PlainPrediction"), "The top-1 class index."),
+                          "400": _error("Malformed multipart body or no 'image' field."),
+                          "413": _error("Body too large."),
+                          "415": _error("Unsupported Content-Type."),
+                          "422": _error("Not a readable image."),
+                          "503": _error("Queue full.")},
+        }}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Session-aware inference server", "version": "1.0.0",
+                 "description": "Image classification with sessions: log in once, predict with your "
+                                "own options, read your history back."},
+        "paths": paths,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer",
+                           "description": "The token from POST /v1/sessions."},
+                "apiKey": {"type": "apiKey", "in": "header", "name": "Authorization",
+                           "description": "'ApiKey <key>', where auth.api_keys is configured."},
+            },
+        },
+    }

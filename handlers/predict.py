@@ -1,0 +1,104 @@
+"""Prediction routes: the session-aware `POST /v1/predict` and the plain `POST /predict`."""
+
+from __future__ import annotations
+
+import tornado.web
+from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
+
+from handlers.base import BaseHandler
+from handlers.predictions import predict_and_record
+from sessions.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from sessions.options import Options
+
+IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"})
+_MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of the maximum size
+
+
+@tornado.web.stream_request_body
+class ImageUploadHandler(BaseHandler):
+    """Receives one image, as multipart field `image` or as a raw image body.
+
+    The body is streamed so that an oversized upload is refused with a JSON 413 as soon as its
+    Content-Length (or its running size) passes the limit, without being read whole.
+    """
+
+    _chunks: list[bytes]
+    _received: int
+
+    async def prepare(self) -> None:
+        self._chunks, self._received = [], 0
+        self._limit = self.config.http.max_body_bytes + _MULTIPART_OVERHEAD
+        self.request.connection.set_max_body_size(self._limit + 1)
+        declared = self.request.headers.get("Content-Length")
+        if declared and declared.isdigit() and int(declared) > self._limit:
+            self._refuse_oversized()
+        await super().prepare()
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._received > self._limit:
+            self._refuse_oversized()
+        self._chunks.append(chunk)
+
+    def _refuse_oversized(self) -> None:
+        # The rest of the body will not be read: close the connection once the answer is out.
+        self.set_header("Connection", "close")
+        self.request.connection.no_keep_alive = True
+        raise PayloadTooLarge(f"The body is larger than the limit of {self.config.http.max_body_bytes} bytes.")
+
+    def uploaded_image(self) -> bytes:
+        body = b"".join(self._chunks)
+        self._chunks = []
+        content_type = self.request.headers.get("Content-Type", "")
+        media_type = content_type.split(";")[0].strip().lower()
+        if media_type in IMAGE_TYPES:
+            return body
+        if media_type == "multipart/form-data":
+            return _image_field(content_type, body)
+        raise UnsupportedMediaType(
+            "Send the image as multipart/form-data (field 'image') or as a raw body with Content-Type "
+            "image/jpeg, image/png, image/webp, image/gif or image/bmp."
+        )
+
+
+def _image_field(content_type: str, body: bytes) -> bytes:
+    files: dict[str, list[HTTPFile]] = {}
+    try:
+        parse_body_arguments(content_type, body, {}, files)
+    except HTTPInputError as exc:
+        raise BadRequest(f"The multipart body is malformed ({exc}).", code="malformed_multipart") from None
+    images = files.get("image", [])
+    if not images:
+        raise BadRequest("The multipart body has no file in the field 'image'.", code="missing_image")
+    if len(images) > 1:
+        raise BadRequest("Send one file in the field 'image'; this request has several.",
+                         code="too_many_images")
+    return images[0].body
+
+
+class PredictHandler(ImageUploadHandler):
+    """POST /v1/predict: classify under the session's options (query parameters override)."""
+
+    async def post(self) -> None:
+        image = self.uploaded_image()
+        session = self.current_session
+        overrides = {name: self.get_query_argument(name) for name in self.request.query_arguments}
+        options = session.options.with_query(overrides) if overrides else session.options
+        result = await predict_and_record(self.store, self.runner, session, image, options)
+        self.write_json(result)
+
+
+class PlainPredictHandler(ImageUploadHandler):
+    """POST /predict: the session-less form of the simple Flask example, `{"predicted_class": N}`."""
+
+    public = True
+
+    async def prepare(self) -> None:
+        if not self.config.http.legacy_predict:
+            raise NotFound("POST /predict is turned off on this server; use POST /v1/predict.",
+                           code="not_found")
+        await super().prepare()
+
+    async def post(self) -> None:
+        prediction = await self.runner.predict(self.uploaded_image(), Options(top_k=1))
+        self.write_json({"predicted_class": prediction.top_k[0].class_index})

@@ -1,0 +1,72 @@
+"""Session routes: log in, read the session, change its options, log out."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from handlers.base import BaseHandler
+from sessions.errors import InvalidToken
+from sessions.options import Options
+
+
+def api_key_hash(key: str) -> str:
+    """The form in which auth.api_keys stores a key: 'sha256:<hex>'."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class LoginHandler(BaseHandler):
+    """POST /v1/sessions: public, or gated by an API key where auth.api_keys is set."""
+
+    public = True
+
+    async def post(self) -> None:
+        self._check_api_key()
+        body = self.json_object(required=False)
+        options = Options().merged(body.get("options") or {})
+        session = await self.store.create(options)
+        self.write_json({
+            "token": self.signer.issue(session.id),
+            "session_id": session.id,
+            "expires_at": session.to_dict()["expires_at"],
+            "options": options.to_dict(),
+        }, status=201)
+
+    def _check_api_key(self) -> None:
+        allowed = self.config.auth.api_keys
+        if not allowed:
+            return
+        scheme, _, key = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "apikey" or not key.strip():
+            raise InvalidToken("Logging in needs an 'Authorization: ApiKey <key>' header.",
+                               code="missing_api_key")
+        presented = api_key_hash(key.strip())
+        # Compare against every key so the time taken does not tell which one matched.
+        matches = [hmac.compare_digest(presented, stored) for stored in allowed]
+        if not any(matches):
+            raise InvalidToken("The API key is not valid.", code="invalid_api_key")
+
+
+class SessionHandler(BaseHandler):
+    """GET /v1/session and DELETE /v1/session (log out)."""
+
+    async def get(self) -> None:
+        self.write_json(self.current_session.to_dict())
+
+    async def delete(self) -> None:
+        await self.store.delete(self.current_session)
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.finish()
+
+
+class OptionsHandler(BaseHandler):
+    """GET and PATCH /v1/session/options."""
+
+    async def get(self) -> None:
+        self.write_json({"options": self.current_session.options.to_dict()})
+
+    async def patch(self) -> None:
+        changes = self.json_object()
+        options = await self.store.update_options(self.current_session.id, changes)
+        self.write_json({"options": options.to_dict()})

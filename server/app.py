@@ -1,0 +1,58 @@
+"""The application factory: every dependency is passed in, nothing is global."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import tornado.web
+
+from handlers.base import InFlight, NotFoundHandler
+from handlers.health import LivenessHandler, OpenAPIHandler, ReadinessHandler
+from handlers.history import HistoryHandler, HistoryItemHandler
+from handlers.predict import PlainPredictHandler, PredictHandler
+from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
+from server.config import Config
+from server.runner import ModelRunner
+from sessions.store import SessionStore
+from sessions.tokens import TokenSigner
+
+access_log = logging.getLogger("inference.access")
+
+ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
+    (r"/v1/sessions", LoginHandler),
+    (r"/v1/session", SessionHandler),
+    (r"/v1/session/options", OptionsHandler),
+    (r"/v1/predict", PredictHandler),
+    (r"/v1/history", HistoryHandler),
+    (r"/v1/history/([^/]+)", HistoryItemHandler),
+    (r"/predict", PlainPredictHandler),
+    (r"/healthz", LivenessHandler),
+    (r"/readyz", ReadinessHandler),
+    (r"/openapi.json", OpenAPIHandler),
+]
+
+
+def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornado.web.Application:
+    """Build the Tornado application around a session store and a model runner."""
+    if not config.auth.secret_keys:
+        raise ValueError("config.auth.secret_keys is empty; the CLI fills it in development mode")
+    signer = TokenSigner(config.auth.secret_keys, max_age_seconds=config.sessions.max_lifetime_seconds)
+    return tornado.web.Application(
+        ROUTES,
+        config=config,
+        store=store,
+        runner=runner,
+        signer=signer,
+        in_flight=InFlight(),
+        default_handler_class=NotFoundHandler,
+        log_function=_log_request,
+    )
+
+
+def _log_request(handler: Any) -> None:
+    status = handler.get_status()
+    level = logging.INFO if status < 500 else logging.ERROR
+    request = handler.request
+    access_log.log(level, "%d %s %s %.1fms request_id=%s", status, request.method, request.path,
+                   1000.0 * request.request_time(), getattr(handler, "request_id", "-"))

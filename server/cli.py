@@ -1,0 +1,140 @@
+"""`python -m server`: load config, model and store, serve, shut down gracefully."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import logging
+import secrets
+import signal
+import sys
+from pathlib import Path
+
+import tornado.httpserver
+import tornado.netutil
+
+from handlers.base import InFlight
+from handlers.sessions import api_key_hash
+from server.app import make_app
+from server.config import Config, ConfigError, load_config
+from server.embedded_redis import EmbeddedRedis
+from server.model import ModelLoadError
+from server.runtime import build_runner
+from sessions.store import SessionStore, connect
+
+log = logging.getLogger("inference.server")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m server", description="Session-aware inference server.")
+    parser.add_argument("--config", help="path of the TOML config (default: config.toml beside the code)")
+    parser.add_argument("--host", help="address to bind (overrides server.host)")
+    parser.add_argument("--port", type=int, help="port to bind (overrides server.port; 0 picks a free one)")
+    sub = parser.add_subparsers(dest="command")
+    hash_key = sub.add_parser("hash-key", help="print the auth.api_keys entry for an API key")
+    hash_key.add_argument("key", nargs="?", help="the key (default: generate a new random one)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.command == "hash-key":
+        return _hash_key(args.key)
+    try:
+        config = load_config(args.config)
+        if args.host:
+            config.server.host = args.host
+        if args.port is not None:
+            config.server.port = args.port
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=config.server.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return asyncio.run(serve(config))
+    except (ModelLoadError, ConfigError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
+def _hash_key(key: str | None) -> int:
+    if key is None and sys.stdin.isatty():
+        key = getpass.getpass("API key (empty: generate one): ") or None
+    if key is None:
+        key = secrets.token_urlsafe(32)
+        print(f"new API key (give it to the client; it is not stored): {key}")
+    print(f'auth.api_keys entry: "{api_key_hash(key)}"')
+    return 0
+
+
+def development_secret(data_dir: Path) -> str:
+    """A random signing key made once and kept in the data folder, so a restart keeps sessions."""
+    path = data_dir / "secret_key"
+    if not path.exists():
+        data_dir.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_urlsafe(48))
+    return path.read_text().strip()
+
+
+async def serve(config: Config) -> int:
+    data_dir = config.data_path
+    if not config.auth.secret_keys:  # production mode refuses this in config validation
+        config.auth.secret_keys = [development_secret(data_dir)]
+
+    runner = build_runner(config)
+    embedded: EmbeddedRedis | None = None
+    redis_url = config.redis.url
+    if redis_url == "embedded":
+        embedded = EmbeddedRedis(data_dir)
+        redis_url = embedded.start()
+    store = SessionStore(
+        connect(redis_url, config.redis.connect_timeout_seconds, config.redis.command_timeout_seconds),
+        ttl_seconds=config.sessions.ttl_seconds,
+        max_lifetime_seconds=config.sessions.max_lifetime_seconds,
+        history_max_entries=config.history.max_entries,
+    )
+    app = make_app(config, store, runner)
+    server = tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes + 64 * 1024)
+    sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
+    log.info("ready on http://%s:%d model=%s version=%s runtime=%s device=%s workers=%d store=%s",
+             config.server.host, port, runner.model.name, runner.model.version, runner.backend.name,
+             config.model.device, config.model.workers, store_text)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: no new connections, finishing requests in flight")
+    server.stop()
+    await _drain(app.settings["in_flight"], config.http.shutdown_grace_seconds)
+    await server.close_all_connections()
+    runner.close()
+    await store.close()
+    if embedded:
+        embedded.stop()
+    log.info("stopped")
+    return 0
+
+
+async def _drain(in_flight: InFlight, grace_seconds: float) -> None:
+    deadline = asyncio.get_running_loop().time() + grace_seconds
+    while in_flight.count > 0 and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.05)
+    if in_flight.count:
+        log.warning("%d requests still in flight after %.0fs; closing them", in_flight.count, grace_seconds)
+
+
+def _redact(url: str) -> str:
+    """The store URL without its password, for the log."""
+    scheme, sep, rest = url.partition("://")
+    if "@" in rest:
+        rest = "***@" + rest.split("@", 1)[1]
+    return scheme + sep + rest

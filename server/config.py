@@ -1,0 +1,241 @@
+"""Typed configuration: `config.toml`, then `INFERENCE_<SECTION>_<KEY>` environment overrides.
+
+Every value is checked at start; a bad one stops the server with a sentence naming the setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "INFERENCE_"
+DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
+
+
+class ConfigError(ValueError):
+    """A setting is missing, unknown or out of range; the message names it."""
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    mode: str = "development"  # development | production
+    data_dir: str = "data"
+    log_level: str = "info"
+
+
+@dataclass
+class HttpConfig:
+    max_body_bytes: int = 10 * 1024 * 1024
+    cors_origins: list[str] = field(default_factory=list)
+    # The plain, session-less `POST /predict` of the simple Flask example.
+    legacy_predict: bool = True
+    shutdown_grace_seconds: float = 10.0
+
+
+@dataclass
+class RedisConfig:
+    # "embedded" starts a private redis-server that persists under server.data_dir.
+    url: str = "embedded"
+    connect_timeout_seconds: float = 2.0
+    command_timeout_seconds: float = 2.0
+
+
+@dataclass
+class AuthConfig:
+    # Newest first; the first signs new tokens, all verify. Empty in development: one is made and kept.
+    secret_keys: list[str] = field(default_factory=list)
+    # SHA-256 hashes ("sha256:<hex>") of the API keys allowed to log in; empty means anyone may.
+    api_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SessionsConfig:
+    ttl_seconds: int = 3600
+    max_lifetime_seconds: int = 7 * 24 * 3600
+
+
+@dataclass
+class HistoryConfig:
+    max_entries: int = 1000
+
+
+@dataclass
+class ModelConfig:
+    name: str = "efficientnet_lite0"
+    # "default" (the model's packaged ImageNet weights), a torchvision enum name, or a state_dict path.
+    weights: str = "default"
+    runtime: str = "torch"  # torch | onnxruntime
+    device: str = "cpu"
+    workers: int = 2
+    intra_op_threads: int = 1
+    max_queue: int = 64
+    max_image_pixels: int = 40_000_000
+    cache_dir: str = ""  # exported runtimes; defaults to <data_dir>/model-cache
+
+
+@dataclass
+class Config:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    redis: RedisConfig = field(default_factory=RedisConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    sessions: SessionsConfig = field(default_factory=SessionsConfig)
+    history: HistoryConfig = field(default_factory=HistoryConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.server.data_dir).expanduser().resolve()
+
+
+def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
+    """Read `path` (default: the repository's config.toml), apply env overrides, validate."""
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    config_path = Path(path) if path else DEFAULT_CONFIG_PATH
+    if path or config_path.exists():
+        try:
+            raw = tomllib.loads(config_path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"Config file {config_path} does not exist.") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"Config file {config_path} is not valid TOML: {exc}.") from None
+    config = from_dict(raw)
+    apply_env(config, env)
+    validate(config)
+    return config
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    config = Config()
+    for section_name, values in raw.items():
+        section = _section(config, section_name)
+        if not isinstance(values, dict):
+            raise ConfigError(f"[{section_name}] must be a table of settings.")
+        for key, value in values.items():
+            _set(section, section_name, key, value)
+    return config
+
+
+def apply_env(config: Config, env: typing.Mapping[str, str]) -> None:
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        section_name, _, key = name[len(ENV_PREFIX) :].lower().partition("_")
+        section = _section(config, section_name, source=name)
+        _set(section, section_name, key, _parse_env(text, _field_type(section, key, name)), source=name)
+
+
+def _section(config: Config, name: str, source: str | None = None) -> Any:
+    if name not in {f.name for f in dataclasses.fields(config)}:
+        where = f"environment variable {source}" if source else f"[{name}]"
+        raise ConfigError(f"Unknown config section in {where}.")
+    return getattr(config, name)
+
+
+def _field_type(section: Any, key: str, source: str) -> Any:
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ConfigError(f"Unknown setting {key!r} in environment variable {source}.")
+    return hints[key]
+
+
+def _parse_env(text: str, kind: Any) -> Any:
+    if kind is bool:
+        return text.strip().lower() in {"1", "true", "yes", "on"}
+    if typing.get_origin(kind) is list:
+        text = text.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [item.strip() for item in text.split(",") if item.strip()]
+    return text  # numbers are converted (and checked) by _set
+
+
+def _set(section: Any, section_name: str, key: str, value: Any, source: str | None = None) -> None:
+    where = source or f"{section_name}.{key}"
+    hints = typing.get_type_hints(type(section))
+    if key not in hints:
+        raise ConfigError(f"Unknown setting {where}.")
+    kind = hints[key]
+    try:
+        value = _coerce(value, kind)
+    except (TypeError, ValueError):
+        raise ConfigError(f"Setting {where} must be {_describe(kind)}, got {value!r}.") from None
+    setattr(section, key, value)
+
+
+def _coerce(value: Any, kind: Any) -> Any:
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if kind is int:
+        if isinstance(value, (bool, float)):
+            raise TypeError
+        return int(value)
+    if kind is float:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    if kind is str:
+        if not isinstance(value, str):
+            raise TypeError
+        return value
+    if typing.get_origin(kind) is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise TypeError
+        return list(value)
+    raise TypeError
+
+
+def _describe(kind: Any) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        kind, "a list of strings"
+    )
+
+
+def validate(config: Config) -> None:
+    """Check ranges and choices; raise ConfigError naming the first bad setting."""
+    checks: list[tuple[bool, str]] = [
+        (config.server.mode in {"development", "production"},
+         "server.mode must be 'development' or 'production'."),
+        (0 <= config.server.port <= 65535, "server.port must be between 0 and 65535."),
+        (config.server.log_level.lower() in {"debug", "info", "warning", "error"},
+         "server.log_level must be debug, info, warning or error."),
+        (config.http.max_body_bytes >= 1024, "http.max_body_bytes must be at least 1024."),
+        (config.http.shutdown_grace_seconds >= 0, "http.shutdown_grace_seconds must not be negative."),
+        (config.redis.url == "embedded" or config.redis.url.split("://")[0] in {"redis", "rediss", "unix"},
+         "redis.url must be 'embedded' or start with redis://, rediss:// or unix://."),
+        (config.redis.connect_timeout_seconds > 0, "redis.connect_timeout_seconds must be positive."),
+        (config.redis.command_timeout_seconds > 0, "redis.command_timeout_seconds must be positive."),
+        (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.api_keys),
+         "auth.api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with `python -m server hash-key`."),
+        (all(len(k) >= 16 for k in config.auth.secret_keys),
+         "auth.secret_keys entries must be at least 16 characters long."),
+        (config.sessions.ttl_seconds >= 1, "sessions.ttl_seconds must be at least 1."),
+        (config.sessions.max_lifetime_seconds >= config.sessions.ttl_seconds,
+         "sessions.max_lifetime_seconds must be at least sessions.ttl_seconds."),
+        (1 <= config.history.max_entries <= 100_000, "history.max_entries must be between 1 and 100000."),
+        (config.model.runtime in {"torch", "onnxruntime"}, "model.runtime must be 'torch' or 'onnxruntime'."),
+        (config.model.device == "cpu" or config.model.device.startswith("cuda"),
+         "model.device must be 'cpu' or 'cuda[:N]'."),
+        (1 <= config.model.workers <= 64, "model.workers must be between 1 and 64."),
+        (1 <= config.model.intra_op_threads <= 64, "model.intra_op_threads must be between 1 and 64."),
+        (config.model.max_queue >= 1, "model.max_queue must be at least 1."),
+        (config.model.max_image_pixels >= 1024, "model.max_image_pixels must be at least 1024."),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
+    if config.server.mode == "production" and not config.auth.secret_keys:
+        raise ConfigError(
+            "server.mode is 'production' but auth.secret_keys is empty; set INFERENCE_AUTH_SECRET_KEYS."
+        )

@@ -1,0 +1,81 @@
+"""Domain errors. Each carries the HTTP status and the snake_case code that clients see.
+
+They live at the bottom of the dependency chain so that every layer can raise them and the
+base handler maps them to the JSON error shape in one place.
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+    headers: dict[str, str] = {}
+
+    def __init__(self, message: str, *, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        if code:
+            self.code = code
+        if headers:
+            self.headers = headers
+
+
+class BadRequest(ServiceError):
+    status = 400
+    code = "bad_request"
+
+
+class InvalidToken(ServiceError):
+    """Missing, malformed, forged, expired or revoked credentials; `code` says which."""
+
+    status = 401
+    code = "invalid_token"
+
+
+class NotFound(ServiceError):
+    status = 404
+    code = "not_found"
+
+
+class PayloadTooLarge(ServiceError):
+    status = 413
+    code = "payload_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status = 415
+    code = "unsupported_media_type"
+
+
+class BadOptions(ServiceError):
+    """An option is unknown or out of range; `field` names it."""
+
+    status = 422
+    code = "invalid_options"
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+
+class BadImage(ServiceError):
+    status = 422
+    code = "invalid_image"
+
+
+class ServiceBusy(ServiceError):
+    status = 503
+    code = "server_busy"
+
+    def __init__(self, message: str, *, code: str | None = None, retry_after: int = 1):
+        super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+class StoreUnavailable(ServiceBusy):
+    code = "store_unavailable"
+
+
+class InferenceFailed(ServiceError):
+    status = 500
+    code = "inference_failed"

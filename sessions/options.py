@@ -1,0 +1,108 @@
+"""A session's preprocessing options: one immutable, validated value.
+
+Options are hashable so that the model runtime can cache one preprocessing pipeline per distinct set.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sessions.errors import BadOptions
+
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+COLORS = ("rgb", "grayscale")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class Options:
+    resize: int = 256
+    crop: int = 224
+    interpolation: str = "bilinear"
+    color: str = "rgb"
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    top_k: int = 5
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["mean"], data["std"] = list(self.mean), list(self.std)
+        return data
+
+    def merged(self, changes: Mapping[str, Any]) -> Options:
+        """A copy with `changes` applied, validated as a whole (crop <= resize spans two fields)."""
+        if not isinstance(changes, Mapping):
+            raise BadOptions("options", "Options must be a JSON object.")
+        values = dataclasses.asdict(self)
+        for name, value in changes.items():
+            if name not in values:
+                known = ", ".join(values)
+                raise BadOptions(name, f"Unknown option {name!r}; known options are {known}.")
+            values[name] = _check_field(name, value)
+        if values["crop"] > values["resize"]:
+            raise BadOptions("crop", f"crop ({values['crop']}) must not exceed resize ({values['resize']}).")
+        return Options(**values)
+
+    def with_query(self, query: Mapping[str, str]) -> Options:
+        """Apply per-request overrides given as query-string text (`mean=0.5,0.5,0.5`)."""
+        return self.merged({name: _parse_text(name, text) for name, text in query.items()})
+
+    def to_redis(self) -> dict[str, str]:
+        return {name: json.dumps(value) for name, value in self.to_dict().items()}
+
+    @classmethod
+    def from_redis(cls, fields: Mapping[str, str]) -> Options:
+        # Stored fields were validated on write; defaults fill options added since.
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls().merged({k: json.loads(v) for k, v in fields.items() if k in known})
+
+
+_INT_RANGES = {"resize": (32, 1024), "crop": (32, 1024), "top_k": (1, 20)}
+_CHOICES = {"interpolation": INTERPOLATIONS, "color": COLORS}
+
+
+def _check_field(name: str, value: Any) -> Any:
+    if name in _INT_RANGES:
+        low, high = _INT_RANGES[name]
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BadOptions(name, f"{name} must be an integer between {low} and {high}.")
+        if not low <= value <= high:
+            raise BadOptions(name, f"{name} must be between {low} and {high}, got {value}.")
+        return value
+    if name in _CHOICES:
+        if value not in _CHOICES[name]:
+            raise BadOptions(name, f"{name} must be one of {', '.join(_CHOICES[name])}.")
+        return value
+    # mean and std: three finite floats; std strictly positive.
+    if (
+        not isinstance(value, list | tuple)
+        or len(value) != 3
+        or not all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    ):
+        raise BadOptions(name, f"{name} must be a list of three numbers.")
+    floats = tuple(float(v) for v in value)
+    if name == "std" and not all(v > 0 for v in floats):
+        raise BadOptions(name, "std values must be greater than 0.")
+    if name == "mean" and not all(-10 <= v <= 10 for v in floats):
+        raise BadOptions(name, "mean values must be between -10 and 10.")
+    return floats
+
+
+def _parse_text(name: str, text: str) -> Any:
+    if name in _INT_RANGES:
+        try:
+            return int(text)
+        except ValueError:
+            raise BadOptions(name, f"{name} must be an integer, got {text!r}.") from None
+    if name in ("mean", "std"):
+        try:
+            return [float(part) for part in text.split(",")]
+        except ValueError:
+            raise BadOptions(name, f"{name} must be three comma-separated numbers, got {text!r}.") from None
+    return text

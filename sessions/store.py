@@ -1,0 +1,255 @@
+"""The Redis-backed session store: the only code that knows Redis keys.
+
+Layout, per session, all under one hash tag so a session's keys share a Redis Cluster slot:
+    sess:{<id>}            hash: created_at, deadline (ms), predictions, opt:<name> (JSON per option)
+    sess:{<id>}:history    stream: one entry per prediction, newest last, capped with MAXLEN
+    sess:{<id>}:revoked    tombstone left by logout until the session's deadline
+
+Every write is atomic on the server (HSET, HINCRBY, XADD, a Lua script, or WATCH/MULTI), never a
+read-modify-write of a blob, so concurrent requests on one session cannot lose each other's work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ParamSpec, TypeVar
+
+import redis.asyncio as aioredis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, WatchError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from sessions.errors import BadRequest, InvalidToken, NotFound, StoreUnavailable
+from sessions.options import Options
+from sessions.tokens import VerifiedToken, new_session_id
+
+HISTORY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
+_OPTION_PREFIX = "opt:"
+
+# Append a prediction only if the session still exists (a logout may race the predict).
+_RECORD_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'entry', ARGV[1])
+redis.call('HINCRBY', KEYS[1], 'predictions', 1)
+redis.call('PEXPIREAT', KEYS[2], ARGV[3])
+return id
+"""
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def iso(ms: int | float) -> str:
+    """Milliseconds since the epoch as an ISO 8601 UTC timestamp."""
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+@dataclass(frozen=True)
+class Session:
+    id: str
+    created_at_ms: int
+    expires_at_ms: int
+    deadline_ms: int
+    options: Options
+    predictions: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "session_id": self.id,
+            "created_at": iso(self.created_at_ms),
+            "expires_at": iso(self.expires_at_ms),
+            "options": self.options.to_dict(),
+            "predictions": self.predictions,
+        }
+
+
+def _store_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Turn a lost or slow Redis into one domain error (503 with Retry-After)."""
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            raise StoreUnavailable(f"The session store is unavailable ({type(exc).__name__}).") from exc
+        except RedisError as exc:
+            raise StoreUnavailable(f"The session store failed: {exc}.") from exc
+
+    return wrapper
+
+
+def connect(url: str, connect_timeout: float, command_timeout: float) -> aioredis.Redis:
+    """An async client for redis://, rediss:// or unix:// URLs, with bounded timeouts."""
+    return aioredis.from_url(
+        url,
+        decode_responses=True,
+        socket_connect_timeout=connect_timeout,
+        socket_timeout=command_timeout,
+        health_check_interval=30,
+    )
+
+
+class SessionStore:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        ttl_seconds: int,
+        max_lifetime_seconds: int,
+        history_max_entries: int,
+    ):
+        self.redis = client
+        self.ttl_ms = ttl_seconds * 1000
+        self.max_lifetime_ms = max_lifetime_seconds * 1000
+        self.history_max_entries = history_max_entries
+        self._record = client.register_script(_RECORD_SCRIPT)
+
+    @staticmethod
+    def _keys(session_id: str) -> tuple[str, str, str]:
+        base = f"sess:{{{session_id}}}"
+        return base, f"{base}:history", f"{base}:revoked"
+
+    def _expiry(self, deadline_ms: int) -> int:
+        """Sliding idle expiry, never past the session's hard deadline."""
+        return min(now_ms() + self.ttl_ms, deadline_ms)
+
+    @_store_errors
+    async def ping(self) -> None:
+        await self.redis.ping()
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    @_store_errors
+    async def create(self, options: Options) -> Session:
+        session_id = new_session_id()
+        created = now_ms()
+        deadline = created + self.max_lifetime_ms
+        key, _, _ = self._keys(session_id)
+        fields = {"created_at": created, "deadline": deadline, "predictions": 0}
+        fields |= {_OPTION_PREFIX + k: v for k, v in options.to_redis().items()}
+        expires = self._expiry(deadline)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping=fields)
+            pipe.pexpireat(key, expires)
+            await pipe.execute()
+        return Session(session_id, created, expires, deadline, options, 0)
+
+    @_store_errors
+    async def touch(self, token: VerifiedToken) -> Session:
+        """Load a live session and slide its expiry, in one round trip.
+
+        The hard deadline comes from the token's signed issue time, so the new expiry can be
+        written in the same pipeline as the read.
+        """
+        key, history_key, revoked_key = self._keys(token.session_id)
+        expires = self._expiry(int(token.issued_at * 1000) + self.max_lifetime_ms)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.hgetall(key)
+            pipe.pexpireat(key, expires)
+            pipe.pexpireat(history_key, expires)
+            fields, _, _ = await pipe.execute()
+        if not fields:
+            if await self.redis.exists(revoked_key):
+                raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
+            raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+        return self._session(token.session_id, fields, expires)
+
+    def _session(self, session_id: str, fields: dict[str, str], expires_ms: int) -> Session:
+        options = Options.from_redis(
+            {k[len(_OPTION_PREFIX) :]: v for k, v in fields.items() if k.startswith(_OPTION_PREFIX)}
+        )
+        return Session(
+            id=session_id,
+            created_at_ms=int(fields["created_at"]),
+            expires_at_ms=expires_ms,
+            deadline_ms=int(fields["deadline"]),
+            options=options,
+            predictions=int(fields.get("predictions", 0)),
+        )
+
+    @_store_errors
+    async def update_options(self, session_id: str, changes: dict[str, Any]) -> Options:
+        """Merge `changes` into the session's options, validated against the current values."""
+        key, _, _ = self._keys(session_id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    fields = await pipe.hgetall(key)
+                    if not fields:
+                        raise InvalidToken("This session has expired or no longer exists.",
+                                           code="session_not_found")
+                    current = self._session(session_id, fields, 0).options
+                    options = current.merged(changes)
+                    pipe.multi()
+                    pipe.hset(key, mapping={_OPTION_PREFIX + k: v for k, v in options.to_redis().items()})
+                    await pipe.execute()
+                    return options
+                except WatchError:
+                    continue  # another writer changed the session first: re-read and re-validate
+
+    @_store_errors
+    async def delete(self, session: Session) -> None:
+        """Log out: remove the session and leave a tombstone so its token reads as revoked."""
+        key, history_key, revoked_key = self._keys(session.id)
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(key, history_key)
+            pipe.set(revoked_key, 1, pxat=max(session.deadline_ms, now_ms() + 1000))
+            await pipe.execute()
+
+    @_store_errors
+    async def record(self, session: Session, entry: dict[str, Any]) -> str:
+        """Append one prediction to the history (atomically, capped); return its id."""
+        key, history_key, _ = self._keys(session.id)
+        history_id = await self._record(
+            keys=[key, history_key],
+            args=[json.dumps(entry, separators=(",", ":")), self.history_max_entries,
+                  self._expiry(session.deadline_ms)],
+        )
+        if history_id is None:
+            raise InvalidToken("This session was logged out or expired.", code="session_not_found")
+        return history_id
+
+    @_store_errors
+    async def history(
+        self, session_id: str, *, limit: int, before: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """Newest first; `next` is the id to pass as `before` for the following page, or None."""
+        _, history_key, _ = self._keys(session_id)
+        if before is not None:
+            _check_history_id(before)
+        start = f"({before}" if before else "+"
+        rows = await self.redis.xrevrange(history_key, max=start, min="-", count=limit + 1)
+        items = [_entry(history_id, fields) for history_id, fields in rows[:limit]]
+        next_id = items[-1]["id"] if len(rows) > limit else None
+        return items, next_id
+
+    @_store_errors
+    async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]:
+        _, history_key, _ = self._keys(session_id)
+        if HISTORY_ID.match(history_id):
+            rows = await self.redis.xrange(history_key, min=history_id, max=history_id, count=1)
+            if rows:
+                return _entry(*rows[0])
+        raise NotFound(f"No history item {history_id!r} in this session.", code="history_item_not_found")
+
+
+def _check_history_id(history_id: str) -> None:
+    if not HISTORY_ID.match(history_id):
+        raise BadRequest(f"before must be a history id such as '1732540000000-0', got {history_id!r}.",
+                         code="invalid_parameter")
+
+
+def _entry(history_id: str, fields: dict[str, str]) -> dict[str, Any]:
+    return {"id": history_id, **json.loads(fields["entry"])}

@@ -1,0 +1,56 @@
+"""Session tokens: an itsdangerous signature over the session id, checked with a max age.
+
+The signature proves the server issued the token; the session store then proves it is still
+live (logout deletes the session, so a valid signature alone is not enough).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from dataclasses import dataclass
+
+from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+
+from sessions.errors import InvalidToken
+
+_TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$")
+_SESSION_ID_SHAPE = re.compile(r"^[0-9a-f]{32}$")
+
+
+def new_session_id() -> str:
+    """128 random bits, hex."""
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    session_id: str
+    issued_at: float  # Unix seconds; the session's hard deadline is issued_at + max lifetime
+
+
+class TokenSigner:
+    def __init__(self, secret_keys: list[str], max_age_seconds: int):
+        if not secret_keys:
+            raise ValueError("at least one secret key is needed")
+        # Config lists keys newest first; itsdangerous wants the signing (newest) key last.
+        self._serializer = URLSafeTimedSerializer(list(reversed(secret_keys)), salt="session-token")
+        self.max_age_seconds = max_age_seconds
+
+    def issue(self, session_id: str) -> str:
+        return self._serializer.dumps(session_id)
+
+    def verify(self, token: str) -> VerifiedToken:
+        if not _TOKEN_SHAPE.match(token):
+            raise InvalidToken("The bearer token is malformed.", code="malformed_token")
+        try:
+            session_id, signed_at = self._serializer.loads(
+                token, max_age=self.max_age_seconds, return_timestamp=True
+            )
+        except SignatureExpired:
+            raise InvalidToken("The token has expired; log in again.", code="token_expired") from None
+        except BadSignature:
+            raise InvalidToken("The token's signature is not valid.", code="invalid_signature") from None
+        if not isinstance(session_id, str) or not _SESSION_ID_SHAPE.match(session_id):
+            raise InvalidToken("The bearer token is malformed.", code="malformed_token")
+        return VerifiedToken(session_id=session_id, issued_at=signed_at.timestamp())
