@@ -12,14 +12,15 @@ from sessions.options import Options
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"})
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of the maximum size
+_DRAIN_FACTOR = 4
 
 
 @tornado.web.stream_request_body
 class ImageUploadHandler(BaseHandler):
     """Receives one image, as multipart field `image` or as a raw image body.
 
-    The body is streamed so that an oversized upload is refused with a JSON 413 as soon as its
-    Content-Length (or its running size) passes the limit, without being read whole.
+    The body is streamed so that an oversized upload is never held in memory: past the limit it is
+    drained unread and refused with a JSON 413; a declared length far past it is refused at once.
     """
 
     _chunks: list[bytes]
@@ -28,25 +29,32 @@ class ImageUploadHandler(BaseHandler):
     async def prepare(self) -> None:
         self._chunks, self._received = [], 0
         self._limit = self.config.http.max_body_bytes + _MULTIPART_OVERHEAD
-        self.request.connection.set_max_body_size(self._limit + 1)
-        declared = self.request.headers.get("Content-Length")
-        if declared and declared.isdigit() and int(declared) > self._limit:
+        drain_limit = self._limit * _DRAIN_FACTOR
+        self.request.connection.set_max_body_size(drain_limit)
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > drain_limit:
+            # Far too large: answer now, without reading. A client that sent `Expect: 100-continue`
+            # (curl does for large bodies) reads this 413 before sending a byte of the body.
             self._refuse_oversized()
         await super().prepare()
 
     def data_received(self, chunk: bytes) -> None:
+        # Past the limit, chunks are dropped unread and post() answers 413 once the body is in:
+        # Tornado closes the connection if we answer mid-body, and the client would see a reset
+        # instead of our answer.
         self._received += len(chunk)
         if self._received > self._limit:
-            self._refuse_oversized()
-        self._chunks.append(chunk)
+            self._chunks = []
+        else:
+            self._chunks.append(chunk)
 
     def _refuse_oversized(self) -> None:
-        # The rest of the body will not be read: close the connection once the answer is out.
         self.set_header("Connection", "close")
-        self.request.connection.no_keep_alive = True
         raise PayloadTooLarge(f"The body is larger than the limit of {self.config.http.max_body_bytes} bytes.")
 
     def uploaded_image(self) -> bytes:
+        if self._received > self._limit:
+            self._refuse_oversized()
         body = b"".join(self._chunks)
         self._chunks = []
         content_type = self.request.headers.get("Content-Type", "")

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import tornado.httpserver
+import tornado.netutil
 import tornado.web
 
 from handlers.base import InFlight, NotFoundHandler
@@ -48,6 +50,17 @@ def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornad
         default_handler_class=NotFoundHandler,
         log_function=_log_request,
     )
+
+
+def listen(
+    app: tornado.web.Application, config: Config, host: str, port: int
+) -> tuple[tornado.httpserver.HTTPServer, int]:
+    """Serve `app` on host:port (0 picks a free port); return the server and the bound port."""
+    # Upload routes stream their bodies and set their own limit; this bounds every other route.
+    server = tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes)
+    sockets = tornado.netutil.bind_sockets(port, host)
+    server.add_sockets(sockets)
+    return server, sockets[0].getsockname()[1]
 
 
 def _log_request(handler: Any) -> None:

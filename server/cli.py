@@ -11,17 +11,13 @@ import signal
 import sys
 from pathlib import Path
 
-import tornado.httpserver
-import tornado.netutil
-
 from handlers.base import InFlight
 from handlers.sessions import api_key_hash
-from server.app import make_app
+from server.app import listen, make_app
 from server.config import Config, ConfigError, load_config
 from server.embedded_redis import EmbeddedRedis
 from server.model import ModelLoadError
-from server.runtime import build_runner
-from sessions.store import SessionStore, connect
+from server.runtime import build_runner, build_store
 
 log = logging.getLogger("inference.server")
 
@@ -90,17 +86,9 @@ async def serve(config: Config) -> int:
     if redis_url == "embedded":
         embedded = EmbeddedRedis(data_dir)
         redis_url = embedded.start()
-    store = SessionStore(
-        connect(redis_url, config.redis.connect_timeout_seconds, config.redis.command_timeout_seconds),
-        ttl_seconds=config.sessions.ttl_seconds,
-        max_lifetime_seconds=config.sessions.max_lifetime_seconds,
-        history_max_entries=config.history.max_entries,
-    )
+    store = build_store(config, redis_url)
     app = make_app(config, store, runner)
-    server = tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes + 64 * 1024)
-    sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
-    server.add_sockets(sockets)
-    port = sockets[0].getsockname()[1]
+    server, port = listen(app, config, config.server.host, config.server.port)
     store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
     log.info("ready on http://%s:%d model=%s version=%s runtime=%s device=%s workers=%d store=%s",
              config.server.host, port, runner.model.name, runner.model.version, runner.backend.name,

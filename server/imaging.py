@@ -32,6 +32,8 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage("The image is empty (0 bytes).", code="empty_image")
     try:
         image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError:
+        raise BadImage(f"The image has more pixels than the limit of {max_pixels}.", code="image_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
         raise BadImage("The body is not an image in a format the server reads "
                        "(JPEG, PNG, WebP, GIF, BMP).", code="invalid_image") from None

@@ -9,6 +9,7 @@ import torch
 from server.config import Config
 from server.model import Backend, LoadedModel, TorchBackend, load_model
 from server.runner import ModelRunner
+from sessions.store import SessionStore, connect
 
 log = logging.getLogger(__name__)
 
@@ -27,4 +28,15 @@ def build_runner(config: Config, model: LoadedModel | None = None) -> ModelRunne
         workers=config.model.workers,
         max_queue=config.model.max_queue,
         max_image_pixels=config.model.max_image_pixels,
+    )
+
+
+def build_store(config: Config, redis_url: str) -> SessionStore:
+    """A session store on `redis_url` (the resolved URL: the embedded server's socket or config's)."""
+    client = connect(redis_url, config.redis.connect_timeout_seconds, config.redis.command_timeout_seconds)
+    return SessionStore(
+        client,
+        ttl_seconds=config.sessions.ttl_seconds,
+        max_lifetime_seconds=config.sessions.max_lifetime_seconds,
+        history_max_entries=config.history.max_entries,
     )

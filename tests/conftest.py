@@ -1,0 +1,194 @@
+"""Shared fixtures: a real Redis server that the suite starts itself, the real default model, and
+servers built with `make_app` exactly as the CLI builds them, run on a background IOLoop thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+import redis
+import tornado.httpserver
+
+from server.app import listen, make_app
+from server.config import Config
+from server.embedded_redis import redis_server_binary
+from server.model import LoadedModel, load_model
+from server.runner import ModelRunner
+from server.runtime import build_runner, build_store
+from sessions.store import SessionStore
+
+DATA = Path(__file__).parent / "data"
+CAT_JPEG = (DATA / "cat.jpg").read_bytes()
+COFFEE_JPEG = (DATA / "coffee.jpg").read_bytes()
+# ImageNet classes a correct model puts in its top 3.
+CAT_CLASSES = {281, 282, 285}  # tabby, tiger cat, Egyptian cat
+COFFEE_CLASSES = {967, 968, 504}  # espresso, cup, coffee mug
+TEST_SECRET = "test-secret-key-0123456789"
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server process of the suite's own: free port, temporary folder."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.directory = directory
+        self.port = port or free_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+             "--save", "", "--appendonly", "yes", "--appendfsync", "always"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        for _ in range(200):
+            try:
+                client.ping()
+                return self
+            except redis.ConnectionError:
+                time.sleep(0.025)
+        raise RuntimeError("test redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    with tempfile.TemporaryDirectory(prefix="test-redis-") as directory:
+        server = RedisServer(Path(directory)).start()
+        yield server
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def default_model() -> LoadedModel:
+    return load_model("efficientnet_lite0", "default")
+
+
+def make_config(redis_url: str = "", **sections: dict[str, Any]) -> Config:
+    config = Config()
+    config.auth.secret_keys = [TEST_SECRET]
+    config.redis.url = redis_url or "redis://unused"
+    for section, values in sections.items():
+        for key, value in values.items():
+            setattr(getattr(config, section), key, value)
+    return config
+
+
+class LoopThread:
+    """An asyncio loop on a background thread: servers under test run here, tests call in."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="test-ioloop")
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result(timeout)
+
+    def stop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="session")
+def loop_thread() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+class RunningServer:
+    def __init__(self, url: str, config: Config, store: SessionStore, runner: ModelRunner):
+        self.url, self.config, self.store, self.runner = url, config, store, runner
+
+    def client(self, **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def serve(loop_thread: LoopThread, redis_server: RedisServer, default_model: LoadedModel) -> Callable[..., Any]:
+    """`with serve(config) as server:` runs make_app(config, store, runner) on a free port."""
+
+    @contextlib.contextmanager
+    def _serve(config: Config | None = None, runner: ModelRunner | None = None) -> Iterator[RunningServer]:
+        config = config or make_config(redis_server.url)
+        if config.redis.url == "redis://unused":
+            config.redis.url = redis_server.url
+        owns_runner = runner is None
+        runner = runner or build_runner(config, default_model)
+
+        async def start() -> tuple[tornado.httpserver.HTTPServer, SessionStore, int]:
+            store = build_store(config, config.redis.url)
+            http, port = listen(make_app(config, store, runner), config, "127.0.0.1", 0)
+            return http, store, port
+
+        http, store, port = loop_thread.run(start())
+        try:
+            yield RunningServer(f"http://127.0.0.1:{port}", config, store, runner)
+        finally:
+            async def stop() -> None:
+                http.stop()
+                await http.close_all_connections()
+                await store.close()
+
+            loop_thread.run(stop())
+            if owns_runner:
+                runner.close()
+
+    return _serve
+
+
+@pytest.fixture(scope="module")
+def server(serve: Callable[..., Any]) -> Iterator[RunningServer]:
+    with serve() as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: RunningServer) -> Iterator[httpx.Client]:
+    with server.client() as http:
+        yield http
+
+
+def login(client: httpx.Client, **options: Any) -> dict[str, str]:
+    """Log in and return the Authorization header for the new session."""
+    response = client.post("/v1/sessions", json={"options": options} if options else None)
+    assert response.status_code == 201, response.text
+    return {"Authorization": f"Bearer {response.json()['token']}"}
+
+
+def error_code(response: httpx.Response) -> str:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
+    return body["error"]["code"]

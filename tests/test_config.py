@@ -1,0 +1,65 @@
+"""Config: TOML, environment overrides, validation with clear messages."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from server.config import Config, ConfigError, load_config
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def test_repository_config_loads_with_defaults() -> None:
+    config = load_config(env={})
+    assert isinstance(config, Config)
+    assert config.model.name == "efficientnet_lite0" and config.redis.url == "embedded"
+    assert config.http.max_body_bytes == 10 * 1024 * 1024
+
+
+def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 9000\n")
+    config = load_config(path, env={
+        "INFERENCE_REDIS_URL": "redis://example:6379/1",
+        "INFERENCE_SERVER_PORT": "9100",
+        "INFERENCE_HTTP_LEGACY_PREDICT": "false",
+        "INFERENCE_HTTP_CORS_ORIGINS": "https://a.example, https://b.example",
+        "INFERENCE_HTTP_SHUTDOWN_GRACE_SECONDS": "2.5",
+        "INFERENCE_AUTH_SECRET_KEYS": '["new-key-0123456789abc", "old-key-0123456789abc"]',
+        "UNRELATED": "x",
+    })
+    assert config.redis.url == "redis://example:6379/1"
+    assert config.server.port == 9100
+    assert config.http.legacy_predict is False
+    assert config.http.cors_origins == ["https://a.example", "https://b.example"]
+    assert config.http.shutdown_grace_seconds == 2.5
+    assert config.auth.secret_keys == ["new-key-0123456789abc", "old-key-0123456789abc"]
+
+
+@pytest.mark.parametrize("text, env, fragment", [
+    ("[server]\nport = 'eighty'\n", {}, "server.port must be an integer"),
+    ("[server]\nprot = 80\n", {}, "Unknown setting server.prot"),
+    ("[serve]\nport = 80\n", {}, "Unknown config section"),
+    ("[model]\nworkers = 0\n", {}, "model.workers"),
+    ("[model]\nruntime = 'tensorflow'\n", {}, "model.runtime"),
+    ("[sessions]\nttl_seconds = 100\nmax_lifetime_seconds = 10\n", {}, "max_lifetime_seconds"),
+    ("[auth]\napi_keys = ['plain-text-key']\n", {}, "hash-key"),
+    ("[redis]\nurl = 'http://x'\n", {}, "redis.url"),
+    ("", {"INFERENCE_MODEL_WORKERS": "two"}, "INFERENCE_MODEL_WORKERS must be an integer"),
+    ("", {"INFERENCE_MODEL_COLOUR": "x"}, "Unknown setting"),
+    ("", {"INFERENCE_SERVER_MODE": "production"}, "auth.secret_keys is empty"),
+    ("not toml [", {}, "not valid TOML"),
+])
+def test_bad_settings_stop_with_a_sentence_naming_them(tmp_path: Path, text: str, env: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(write(tmp_path, text), env=env)
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "absent.toml", env={})

@@ -1,0 +1,42 @@
+"""Options: validation, merging and query overrides (pure unit tests)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sessions.errors import BadOptions
+from sessions.options import Options
+
+
+def test_defaults_and_round_trip_through_redis_fields() -> None:
+    options = Options().merged({"top_k": 3, "mean": [0.5, 0.5, 0.5]})
+    assert options.top_k == 3 and options.mean == (0.5, 0.5, 0.5)
+    assert Options.from_redis(options.to_redis()) == options
+    assert hash(options) == hash(Options.from_redis(options.to_redis()))
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"resize": 31}, "resize"), ({"resize": 1025}, "resize"), ({"resize": 256.0}, "resize"),
+    ({"resize": True}, "resize"), ({"crop": 257}, "crop"), ({"top_k": 21}, "top_k"),
+    ({"interpolation": "area"}, "interpolation"), ({"color": "bgr"}, "color"),
+    ({"mean": [0.1, 0.2]}, "mean"), ({"mean": "0.5"}, "mean"), ({"std": [1, 1, -1]}, "std"),
+    ({"mean": [float("nan"), 0, 0]}, "mean"), ({"nope": 1}, "nope"),
+])
+def test_bad_values_name_their_field(changes: dict, field: str) -> None:
+    with pytest.raises(BadOptions) as caught:
+        Options().merged(changes)
+    assert caught.value.field == field and caught.value.status == 422
+
+
+def test_crop_is_checked_against_the_merged_resize() -> None:
+    assert Options().merged({"resize": 128, "crop": 128}).crop == 128
+    with pytest.raises(BadOptions):
+        Options(resize=128, crop=128).merged({"crop": 129})
+
+
+def test_query_text_is_parsed_per_type() -> None:
+    options = Options().with_query({"top_k": "2", "mean": "0.1,0.2,0.3", "color": "grayscale"})
+    assert options.top_k == 2 and options.mean == (0.1, 0.2, 0.3) and options.color == "grayscale"
+    for bad in [{"top_k": "two"}, {"std": "1,x,1"}, {"crop": ""}]:
+        with pytest.raises(BadOptions):
+            Options().with_query(bad)

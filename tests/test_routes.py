@@ -1,0 +1,93 @@
+"""Every route is authenticated or explicitly public, and /openapi.json tells the truth."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from jsonschema import Draft202012Validator
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+
+from handlers.base import BaseHandler
+from server.app import ROUTES
+from tests.conftest import CAT_JPEG, COFFEE_JPEG, login
+
+# Changing this set is a security decision: a new public route must be added here on purpose.
+PUBLIC_ROUTES = {"/v1/sessions", "/predict", "/healthz", "/readyz", "/openapi.json"}
+METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def template(pattern: str) -> str:
+    return pattern.replace("([^/]+)", "{id}")
+
+
+def implemented(handler: type[BaseHandler]) -> list[str]:
+    return [m for m in METHODS if getattr(handler, m) is not getattr(BaseHandler, m)]
+
+
+def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client) -> None:
+    for pattern, handler in ROUTES:
+        path = template(pattern).replace("{id}", "1-0")
+        assert issubclass(handler, BaseHandler)
+        if handler.public:
+            assert template(pattern) in PUBLIC_ROUTES, f"{pattern} is public but not in PUBLIC_ROUTES"
+            continue
+        for method in implemented(handler):
+            response = client.request(method.upper(), path, content=b"{}",
+                                      headers={"Content-Type": "application/json"})
+            assert response.status_code == 401, (method, path)
+            assert response.json()["error"]["code"] == "missing_token"
+
+
+def test_openapi_lists_exactly_the_routes_and_methods(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    assert document["openapi"].startswith("3.1")
+    assert set(document["paths"]) == {template(pattern) for pattern, _ in ROUTES}
+    for pattern, handler in ROUTES:
+        assert set(document["paths"][template(pattern)]) == set(implemented(handler)), pattern
+    Draft202012Validator.check_schema(document["components"]["schemas"]["Options"])
+
+
+@pytest.fixture(scope="module")
+def schema_validator(server):
+    with server.client() as http:
+        document = http.get("/openapi.json").json()
+    registry = Registry().with_resource("urn:api", Resource.from_contents(document,
+                                                                        default_specification=DRAFT202012))
+
+    def validate(instance, path: str, method: str, status: int) -> None:
+        responses = document["paths"][path][method]["responses"]
+        assert str(status) in responses, f"{method} {path} answered {status}, undocumented"
+        content = responses[str(status)].get("content", {}).get("application/json")
+        if content and "schema" in content:
+            pointer = content["schema"]["$ref"].removeprefix("#")
+            Draft202012Validator({"$ref": f"urn:api#{pointer}"}, registry=registry).validate(instance)
+
+    return validate
+
+
+def test_real_responses_match_the_documented_schemas(client: httpx.Client, schema_validator) -> None:
+    def check(response: httpx.Response, path: str, method: str) -> None:
+        body = response.json() if response.content else None
+        schema_validator(body, path, method, response.status_code)
+
+    login_response = client.post("/v1/sessions", json={"options": {"top_k": 2}})
+    check(login_response, "/v1/sessions", "post")
+    auth = {"Authorization": f"Bearer {login_response.json()['token']}"}
+    prediction = client.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+    check(prediction, "/v1/predict", "post")
+    check(client.post("/v1/predict", headers={**auth, "Content-Type": "image/png"}, content=b"x"),
+          "/v1/predict", "post")
+    check(client.get("/v1/session", headers=auth), "/v1/session", "get")
+    check(client.get("/v1/session/options", headers=auth), "/v1/session/options", "get")
+    check(client.patch("/v1/session/options", headers=auth, json={"top_k": 4}), "/v1/session/options", "patch")
+    check(client.patch("/v1/session/options", headers=auth, json={"top_k": 40}), "/v1/session/options", "patch")
+    check(client.get("/v1/history", headers=auth), "/v1/history", "get")
+    check(client.get("/v1/history", headers=auth, params={"limit": 0}), "/v1/history", "get")
+    check(client.get(f"/v1/history/{prediction.json()['id']}", headers=auth), "/v1/history/{id}", "get")
+    check(client.get("/v1/history/1-0", headers=auth), "/v1/history/{id}", "get")
+    check(client.get("/v1/session", headers={"Authorization": "Bearer x.y.z"}), "/v1/session", "get")
+    check(client.post("/predict", files={"image": ("c.jpg", COFFEE_JPEG, "image/jpeg")}), "/predict", "post")
+    check(client.get("/healthz"), "/healthz", "get")
+    check(client.get("/readyz"), "/readyz", "get")
+    assert client.delete("/v1/session", headers=login(client)).status_code == 204

@@ -1,0 +1,86 @@
+"""The model runner without HTTP: results, options, bounded queue, failures."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from server.runner import ModelRunner
+from server.runtime import build_runner
+from sessions.errors import BadImage, InferenceFailed, ServiceBusy
+from sessions.options import Options
+from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config
+
+
+@pytest.fixture
+def runner(default_model):
+    runner = build_runner(make_config(model={"max_queue": 8}), default_model)
+    yield runner
+    runner.close()
+
+
+def test_each_caller_gets_its_own_result_and_options(runner: ModelRunner) -> None:
+    async def main():
+        return await asyncio.gather(
+            runner.predict(CAT_JPEG, Options(top_k=3)),
+            runner.predict(COFFEE_JPEG, Options(top_k=1)),
+            runner.predict(CAT_JPEG, Options(top_k=7, color="grayscale")),
+        )
+
+    cat, coffee, gray_cat = asyncio.run(main())
+    assert len(cat.top_k) == 3 and {s.class_index for s in cat.top_k} & CAT_CLASSES
+    assert len(coffee.top_k) == 1 and coffee.top_k[0].class_index in COFFEE_CLASSES
+    assert len(gray_cat.top_k) == 7
+    assert cat.top_k[0].score >= cat.top_k[1].score >= cat.top_k[2].score
+    assert runner.queue_depth == 0
+
+
+def test_bad_image_is_a_domain_error(runner: ModelRunner) -> None:
+    with pytest.raises(BadImage):
+        asyncio.run(runner.predict(b"nope", Options()))
+    assert runner.queue_depth == 0
+
+
+def test_queue_is_bounded(default_model) -> None:
+    gate = threading.Event()
+
+    class Held:
+        name = "held"
+
+        def __init__(self, inner):
+            self.inner = inner
+
+        def forward(self, batch):
+            gate.wait(30)
+            return self.inner.forward(batch)
+
+    runner = build_runner(make_config(model={"max_queue": 2, "workers": 1}), default_model)
+    runner.backend = Held(runner.backend)
+
+    async def main():
+        admitted = [asyncio.ensure_future(runner.predict(CAT_JPEG, Options())) for _ in range(2)]
+        await asyncio.sleep(0.05)
+        with pytest.raises(ServiceBusy):
+            await runner.predict(CAT_JPEG, Options())
+        assert runner.queue_depth == 2
+        gate.set()
+        return await asyncio.gather(*admitted)
+
+    assert len(asyncio.run(main())) == 2
+    runner.close()
+
+
+def test_forward_failure_is_inference_failed(default_model) -> None:
+    class Broken:
+        name = "broken"
+
+        def forward(self, batch):
+            raise RuntimeError("kaput")
+
+    runner = build_runner(make_config(), default_model)
+    runner.backend = Broken()
+    with pytest.raises(InferenceFailed):
+        asyncio.run(runner.predict(CAT_JPEG, Options()))
+    runner.close()
