@@ -7,7 +7,7 @@ from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
 from handlers.base import BaseHandler
 from handlers.predictions import predict_and_record
-from sessions.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from sessions.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from sessions.options import Options
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"})
@@ -25,9 +25,10 @@ class ImageUploadHandler(BaseHandler):
 
     _chunks: list[bytes]
     _received: int
+    _refusal: ServiceError | None
 
     async def prepare(self) -> None:
-        self._chunks, self._received = [], 0
+        self._chunks, self._received, self._refusal = [], 0, None
         self._limit = self.config.http.max_body_bytes + _MULTIPART_OVERHEAD
         drain_limit = self._limit * _DRAIN_FACTOR
         self.request.connection.set_max_body_size(drain_limit)
@@ -36,14 +37,21 @@ class ImageUploadHandler(BaseHandler):
             # Far too large: answer now, without reading. A client that sent `Expect: 100-continue`
             # (curl does for large bodies) reads this 413 before sending a byte of the body.
             self._refuse_oversized()
+        try:
+            await self.admit()
+        except ServiceError as exc:
+            # Answered once the body is drained (unkept): Tornado drops the connection if we answer
+            # mid-body, and the client would see a reset instead of our error.
+            self._refusal = exc
+
+    async def admit(self) -> None:
+        """Checks made before the body is read (authentication, by default)."""
         await super().prepare()
 
     def data_received(self, chunk: bytes) -> None:
-        # Past the limit, chunks are dropped unread and post() answers 413 once the body is in:
-        # Tornado closes the connection if we answer mid-body, and the client would see a reset
-        # instead of our answer.
+        # Past the limit, or with a refusal pending, chunks are dropped unread.
         self._received += len(chunk)
-        if self._received > self._limit:
+        if self._refusal or self._received > self._limit:
             self._chunks = []
         else:
             self._chunks.append(chunk)
@@ -53,6 +61,8 @@ class ImageUploadHandler(BaseHandler):
         raise PayloadTooLarge(f"The body is larger than the limit of {self.config.http.max_body_bytes} bytes.")
 
     def uploaded_image(self) -> bytes:
+        if self._refusal:
+            raise self._refusal
         if self._received > self._limit:
             self._refuse_oversized()
         body = b"".join(self._chunks)
@@ -101,11 +111,10 @@ class PlainPredictHandler(ImageUploadHandler):
 
     public = True
 
-    async def prepare(self) -> None:
+    async def admit(self) -> None:
         if not self.config.http.legacy_predict:
-            raise NotFound("POST /predict is turned off on this server; use POST /v1/predict.",
-                           code="not_found")
-        await super().prepare()
+            raise NotFound("POST /predict is turned off on this server; use POST /v1/predict.", code="not_found")
+        await super().admit()
 
     async def post(self) -> None:
         prediction = await self.runner.predict(self.uploaded_image(), Options(top_k=1))

@@ -72,11 +72,13 @@ class ModelConfig:
     name: str = "efficientnet_lite0"
     # "default" (the model's packaged ImageNet weights), a torchvision enum name, or a state_dict path.
     weights: str = "default"
-    runtime: str = "torch"  # torch | onnxruntime
+    runtime: str = "onnxruntime"  # onnxruntime | torch
     device: str = "cpu"
     workers: int = 2
     intra_op_threads: int = 1
     max_queue: int = 64
+    max_batch_size: int = 1  # > 1 turns on dynamic micro-batching
+    max_batch_delay_ms: float = 2.0
     max_image_pixels: int = 40_000_000
     cache_dir: str = ""  # exported runtimes; defaults to <data_dir>/model-cache
 
@@ -230,6 +232,8 @@ def validate(config: Config) -> None:
         (1 <= config.model.workers <= 64, "model.workers must be between 1 and 64."),
         (1 <= config.model.intra_op_threads <= 64, "model.intra_op_threads must be between 1 and 64."),
         (config.model.max_queue >= 1, "model.max_queue must be at least 1."),
+        (1 <= config.model.max_batch_size <= 256, "model.max_batch_size must be between 1 and 256."),
+        (0 <= config.model.max_batch_delay_ms <= 1000, "model.max_batch_delay_ms must be between 0 and 1000."),
         (config.model.max_image_pixels >= 1024, "model.max_image_pixels must be at least 1024."),
     ]
     for ok, message in checks:

@@ -7,8 +7,12 @@ server never touches torch tensors.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import logging
+import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -154,6 +158,81 @@ class TorchBackend:
         with torch.inference_mode():
             logits = self.module(torch.from_numpy(batch).to(self.device, non_blocking=True))
             return logits.float().cpu().numpy()
+
+
+class OnnxBackend:
+    """ONNX Runtime on a graph exported once from the torch model and cached on disk.
+
+    On this 2-core CPU it runs EfficientNet-Lite0 about 3x faster than torch eager (see bench/).
+    """
+
+    name = "onnxruntime"
+
+    def __init__(self, model: LoadedModel, cache_dir: Path, *, intra_op_threads: int = 1, device: str = "cpu"):
+        import onnxruntime
+
+        self.path = export_onnx(model, cache_dir)
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        if device.startswith("cuda"):
+            if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+                raise ModelLoadError(
+                    "model.device is 'cuda' but this onnxruntime has no CUDA provider; "
+                    "install onnxruntime-gpu or set model.runtime = 'torch'."
+                )
+            providers.insert(0, "CUDAExecutionProvider")
+        self.session = onnxruntime.InferenceSession(str(self.path), options, providers=providers)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def forward(self, batch: np.ndarray) -> np.ndarray:
+        # InferenceSession.run is thread-safe and releases the GIL.
+        return self.session.run(None, {self.input_name: batch})[0]
+
+
+# Bump when the export settings change: the cache key includes it.
+ONNX_EXPORT_VERSION = "dynamo-opset18-dynamic-nhw-1"
+
+
+def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
+    """Export `model` to ONNX once; later starts reuse the file keyed by weights and settings."""
+    key = hashlib.sha256(
+        f"{model.name}|{model.weights_sha256}|{ONNX_EXPORT_VERSION}|{torch.__version__}".encode()
+    ).hexdigest()[:20]
+    path = cache_dir / f"{model.name}-{key}.onnx"
+    if path.is_file():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("exporting %s to ONNX (once; cached as %s)", model.name, path.name)
+    example = torch.zeros(1, 3, 224, 224)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    height, width = torch.export.Dim("height", min=32, max=1024), torch.export.Dim("width", min=32, max=1024)
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
+    levels = [logger.level for logger in quiet]
+    try:
+        for logger in quiet:  # the exporter narrates every pass at INFO
+            logger.setLevel(logging.WARNING)
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                model.module.cpu().eval(), (example,), dynamo=True, opset_version=18,
+                input_names=["input"], output_names=["logits"],
+                dynamic_shapes=({0: batch, 2: height, 3: width},), external_data=False,
+            )
+            program.save(str(partial))
+    except Exception as exc:
+        partial.unlink(missing_ok=True)
+        raise ModelLoadError(
+            f"Could not export {model.name} to ONNX ({type(exc).__name__}); set model.runtime = 'torch'."
+        ) from None
+    finally:
+        for logger, level in zip(quiet, levels, strict=True):
+            logger.setLevel(level)
+    os.replace(partial, path)  # atomic: a concurrent start never reads a half-written file
+    return path
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

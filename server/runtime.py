@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import torch
 
 from server.config import Config
-from server.model import Backend, LoadedModel, TorchBackend, load_model
+from server.model import Backend, LoadedModel, OnnxBackend, TorchBackend, load_model
 from server.runner import ModelRunner
 from sessions.store import SessionStore, connect
 
@@ -15,6 +16,10 @@ log = logging.getLogger(__name__)
 
 
 def build_backend(config: Config, model: LoadedModel) -> Backend:
+    if config.model.runtime == "onnxruntime":
+        cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else config.data_path / "model-cache"
+        return OnnxBackend(model, cache_dir, intra_op_threads=config.model.intra_op_threads,
+                           device=config.model.device)
     torch.set_num_threads(config.model.intra_op_threads)
     return TorchBackend(model.module, config.model.device)
 
@@ -28,6 +33,8 @@ def build_runner(config: Config, model: LoadedModel | None = None) -> ModelRunne
         workers=config.model.workers,
         max_queue=config.model.max_queue,
         max_image_pixels=config.model.max_image_pixels,
+        max_batch_size=config.model.max_batch_size,
+        max_batch_delay_ms=config.model.max_batch_delay_ms,
     )
 
 

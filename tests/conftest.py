@@ -94,9 +94,14 @@ def default_model() -> LoadedModel:
     return load_model("efficientnet_lite0", "default")
 
 
+# Exported ONNX graphs, shared by every test (and test subprocess) of one run: one export per run.
+MODEL_CACHE = Path(tempfile.mkdtemp(prefix="test-model-cache-"))
+
+
 def make_config(redis_url: str = "", **sections: dict[str, Any]) -> Config:
     config = Config()
     config.auth.secret_keys = [TEST_SECRET]
+    config.model.cache_dir = str(MODEL_CACHE)
     config.redis.url = redis_url or "redis://unused"
     for section, values in sections.items():
         for key, value in values.items():

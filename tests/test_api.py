@@ -323,6 +323,15 @@ def test_oversized_body_is_refused_with_413(serve) -> None:
         assert head.startswith("HTTP/1.1 413") and "payload_too_large" in head
 
 
+def test_refusals_of_uploads_are_readable_answers_not_resets(client: httpx.Client) -> None:
+    big_body = CAT_JPEG * 20  # ~700 KB: the server refuses before reading; it must still answer cleanly
+    response = client.post("/v1/predict", headers={"Content-Type": "image/jpeg"}, content=big_body)
+    assert response.status_code == 401 and error_code(response) == "missing_token"
+    forged = client.post("/v1/predict", headers={"Content-Type": "image/jpeg", "Authorization": "Bearer a.b.c"},
+                         content=big_body)
+    assert forged.status_code == 401 and error_code(forged) == "invalid_signature"
+
+
 def test_plain_predict(client: httpx.Client) -> None:
     response = client.post("/predict", files={"image": ("cat.jpg", CAT_JPEG, "image/jpeg")})
     assert response.status_code == 200
@@ -331,7 +340,7 @@ def test_plain_predict(client: httpx.Client) -> None:
 
 def test_plain_predict_can_be_turned_off(serve) -> None:
     with serve(make_config(http={"legacy_predict": False})) as server, server.client() as client:
-        response = client.post("/predict", files={"image": ("cat.jpg", CAT_JPEG, "image/jpeg")})
+        response = client.post("/predict", files={"image": ("cat.jpg", CAT_JPEG * 20, "image/jpeg")})
         assert response.status_code == 404 and error_code(response) == "not_found"
         assert "/predict" not in client.get("/openapi.json").json()["paths"]
 

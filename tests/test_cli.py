@@ -14,14 +14,15 @@ from pathlib import Path
 
 import httpx
 
-from tests.conftest import CAT_CLASSES, CAT_JPEG
+from tests.conftest import CAT_CLASSES, CAT_JPEG, MODEL_CACHE
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("INFERENCE_")}
-    return env | {"INFERENCE_SERVER_DATA_DIR": str(data_dir), "PYTHONUNBUFFERED": "1"} | extra
+    return env | {"INFERENCE_SERVER_DATA_DIR": str(data_dir), "INFERENCE_MODEL_CACHE_DIR": str(MODEL_CACHE),
+                  "PYTHONUNBUFFERED": "1"} | extra
 
 
 @contextmanager

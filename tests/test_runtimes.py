@@ -1,0 +1,93 @@
+"""Runtimes and the fast paths: ONNX Runtime agrees with torch, the export is cached, draft decode
+keeps the answer, micro-batching gives every caller its own result."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from server.imaging import preprocess
+from server.model import OnnxBackend, TorchBackend, export_onnx, load_model, softmax
+from server.runtime import build_runner
+from sessions.options import Options
+from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, MODEL_CACHE, make_config
+
+PHOTOS = {"cat": CAT_JPEG, "coffee": COFFEE_JPEG}
+
+
+def probabilities(backend, image: bytes, options: Options) -> np.ndarray:
+    return softmax(backend.forward(preprocess(image, options, max_pixels=10**8)[None]))[0]
+
+
+def assert_same_top_k(torch_backend, onnx_backend, options: Options, k: int = 5) -> None:
+    for name, image in PHOTOS.items():
+        expected = probabilities(torch_backend, image, options)
+        got = probabilities(onnx_backend, image, options)
+        assert list(np.argsort(got)[-k:]) == list(np.argsort(expected)[-k:]), name
+        assert np.abs(got - expected).max() < 1e-3, name
+
+
+@pytest.mark.parametrize("options", [Options(), Options(resize=320, crop=288), Options(crop=160, color="grayscale")])
+def test_onnxruntime_matches_torch_on_the_default_model(default_model, options: Options) -> None:
+    assert_same_top_k(TorchBackend(default_model.module), OnnxBackend(default_model, MODEL_CACHE), options)
+
+
+def test_onnxruntime_matches_torch_on_a_torchvision_model(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    path = tmp_path / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
+    model = load_model("resnet18", str(path))
+    assert_same_top_k(TorchBackend(model.module), OnnxBackend(model, tmp_path / "cache"), Options())
+
+
+def test_export_is_cached_by_weights_and_settings(default_model, tmp_path: Path) -> None:
+    cached = export_onnx(default_model, MODEL_CACHE)
+    started = time.perf_counter()
+    assert export_onnx(default_model, MODEL_CACHE) == cached and time.perf_counter() - started < 0.1
+    assert cached.name.startswith("efficientnet_lite0-")
+
+
+def test_draft_decode_keeps_the_top_1(default_model) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    backend = OnnxBackend(default_model, MODEL_CACHE)
+    for image in PHOTOS.values():
+        # A 12-megapixel version of the photo: draft decoding reads it at 1/8 scale.
+        big = BytesIO()
+        Image.open(BytesIO(image)).convert("RGB").resize((4032, 3024), Image.Resampling.BICUBIC).save(
+            big, "JPEG", quality=90)
+        full = preprocess(big.getvalue(), Options(), max_pixels=10**8, draft=False)
+        drafted = preprocess(big.getvalue(), Options(), max_pixels=10**8, draft=True)
+        assert backend.forward(full[None]).argmax() == backend.forward(drafted[None]).argmax()
+
+
+def test_micro_batching_gives_each_caller_its_own_result(default_model) -> None:
+    config = make_config(model={"max_batch_size": 8, "max_batch_delay_ms": 20, "workers": 1})
+    runner = build_runner(config, default_model)
+
+    async def main():
+        requests = [(CAT_JPEG, Options(top_k=1 + i % 4)) for i in range(6)]
+        requests += [(COFFEE_JPEG, Options(top_k=2)), (COFFEE_JPEG, Options(top_k=3, crop=192))]
+        return requests, await asyncio.gather(*(runner.predict(image, options) for image, options in requests))
+
+    requests, results = asyncio.run(main())
+    runner.close()
+    assert max(result.timing_ms["batch_size"] for result in results) > 1  # batches really formed
+    for (image, options), result in zip(requests, results, strict=True):
+        assert len(result.top_k) == options.top_k
+        assert result.top_k[0].class_index in (CAT_CLASSES if image is CAT_JPEG else COFFEE_CLASSES)
+    # Batched answers equal unbatched ones.
+    single = build_runner(make_config(), default_model)
+    alone = asyncio.run(single.predict(CAT_JPEG, Options(top_k=4)))
+    single.close()
+    batched = results[3]
+    assert [s.class_index for s in batched.top_k] == [s.class_index for s in alone.top_k]
+    assert np.allclose([s.score for s in batched.top_k], [s.score for s in alone.top_k], atol=1e-4)
