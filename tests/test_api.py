@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+import redis
 from PIL import Image
 
 from tests.conftest import (
@@ -216,18 +217,7 @@ def test_tampered_and_foreign_tokens(client: httpx.Client, serve) -> None:
 
 def test_token_for_a_session_redis_no_longer_has(client: httpx.Client, server) -> None:
     body = client.post("/v1/sessions").json()
-    server_store = server.store
-    import asyncio
-
-    async def drop() -> None:
-        import redis.asyncio as aioredis
-
-        plain = aioredis.from_url(server.config.redis.url)
-        await plain.delete(f"sess:{{{body['session_id']}}}")
-        await plain.aclose()
-
-    asyncio.run(drop())
-    del server_store
+    redis.Redis.from_url(server.config.redis.url).delete(f"sess:{{{body['session_id']}}}")
     response = client.get("/v1/session", headers={"Authorization": f"Bearer {body['token']}"})
     assert response.status_code == 401 and error_code(response) == "session_not_found"
 
