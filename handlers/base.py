@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import tornado.web
 
-from sessions.errors import BadRequest, InvalidToken, NotFound, ServiceError, UnsupportedMediaType
+from sessions.errors import BadRequest, Forbidden, InvalidToken, NotFound, ServiceError, UnsupportedMediaType
 from sessions.store import Session, SessionStore
 from sessions.tokens import TokenSigner
 
@@ -28,6 +28,19 @@ if TYPE_CHECKING:
 log = logging.getLogger("inference.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-ID", "Idempotency-Key")
+CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "Content-Type")
+
+
+def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: list[str]) -> None:
+    """Let listed browser origins read the response (and the headers the clients need)."""
+    handler.set_header("Vary", "Origin")
+    origin = handler.request.headers.get("Origin", "")
+    if origin and origin in allowed_origins:
+        handler.set_header("Access-Control-Allow-Origin", origin)
+        handler.set_header("Access-Control-Expose-Headers", ", ".join(CORS_EXPOSED_HEADERS))
 
 
 class InFlight:
@@ -79,11 +92,27 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
+        set_cors_headers(self, self.config.http.cors_origins)
+
+    async def options(self, *args: str) -> None:
+        """CORS preflight: answered for the origins in http.cors_origins, refused for others."""
+        origin = self.request.headers.get("Origin", "")
+        if origin not in self.config.http.cors_origins:
+            raise Forbidden(f"Origin {origin!r} is not allowed; list it in http.cors_origins.",
+                            code="cors_origin_not_allowed")
+        allowed = [m.upper() for m in ("get", "post", "put", "patch", "delete")
+                   if getattr(type(self), m) is not getattr(tornado.web.RequestHandler, m)]
+        self.set_header("Access-Control-Allow-Methods", ", ".join(allowed))
+        self.set_header("Access-Control-Allow-Headers", ", ".join(CORS_REQUEST_HEADERS))
+        self.set_header("Access-Control-Max-Age", "600")
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.finish()
 
     async def prepare(self) -> None:
         self.in_flight.enter()
         self._counted = True
-        if not self.public:
+        if not self.public and self.request.method != "OPTIONS":
             self.session = await self.authenticate()
 
     def on_finish(self) -> None:

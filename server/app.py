@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import tornado.httpserver
@@ -14,12 +15,17 @@ from handlers.health import LivenessHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import HistoryHandler, HistoryItemHandler
 from handlers.predict import PlainPredictHandler, PredictHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
+from handlers.web import WebAssetHandler
 from server.config import Config
 from server.runner import ModelRunner
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
 
 access_log = logging.getLogger("inference.access")
+
+ROOT = Path(__file__).resolve().parent.parent
+WEB_DIR = ROOT / "web"
+JS_CLIENT_DIR = ROOT / "clients" / "js"
 
 ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/sessions", LoginHandler),
@@ -40,8 +46,13 @@ def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornad
     if not config.auth.secret_keys:
         raise ValueError("config.auth.secret_keys is empty; the CLI fills it in development mode")
     signer = TokenSigner(config.auth.secret_keys, max_age_seconds=config.sessions.max_lifetime_seconds)
+    web_routes: list[Any] = [
+        (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
+        (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
+        (r"/static/(.*)", WebAssetHandler, {"path": str(WEB_DIR)}),
+    ]
     return tornado.web.Application(
-        ROUTES,
+        [*ROUTES, *web_routes],
         config=config,
         store=store,
         runner=runner,

@@ -33,6 +33,11 @@ class InvalidToken(ServiceError):
     code = "invalid_token"
 
 
+class Forbidden(ServiceError):
+    status = 403
+    code = "forbidden"
+
+
 class NotFound(ServiceError):
     status = 404
     code = "not_found"

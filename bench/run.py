@@ -1,0 +1,389 @@
+"""One command for the whole benchmark:  .venv/bin/python -m bench.run [--quick] [--out bench/results]
+
+In-process limit (subprocesses of bench.inprocess), then each server under test started in its own
+process group, driven with wrk at each concurrency, stopped. Writes results.json, results.md and
+chart.png into --out. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import loadgen, report
+from bench.servers import PYTHON, REPO, RssSampler, RunningServer, ServerSpec, start_server, stop_server, wait_idle
+
+Row = dict[str, Any]
+COFFEE = REPO / "tests" / "data" / "coffee.jpg"
+CAT = REPO / "tests" / "data" / "cat.jpg"
+
+
+@dataclass
+class Settings:
+    duration: float
+    warmup: float
+    concurrencies: list[int]
+    servers: list[str]
+    redis_url: str | None
+    quick: bool
+
+
+# ---------------------------------------------------------------- setup
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="smoke run: ~3 s points, no ours-torch row")
+    parser.add_argument("--redis-url", help="Redis for our server (default: its embedded Redis)")
+    parser.add_argument("--duration", type=float, help="measured seconds per point (default 10, --quick 3)")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds per point (default 3, --quick 1)")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--servers", nargs="+", help="subset of: ours-onnx ours-torch flask litserve-torch "
+                        "litserve-onnx (default: all; --quick drops ours-torch)")
+    parser.add_argument("--inprocess-duration", type=float, help="seconds per in-process measurement")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    return parser.parse_args(argv)
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    default_servers = ["ours-onnx", "ours-torch", "flask", "litserve-torch", "litserve-onnx"]
+    if args.quick:
+        default_servers.remove("ours-torch")
+    return Settings(
+        duration=args.duration or (3.0 if args.quick else 10.0),
+        warmup=args.warmup or (1.0 if args.quick else 3.0),
+        concurrencies=sorted(set(args.concurrency)),
+        servers=args.servers or default_servers,
+        redis_url=args.redis_url,
+        quick=args.quick,
+    )
+
+
+def make_images(work: Path) -> dict[str, Path]:
+    """coffee.jpg as is, and a 12 MP (4032x3024) JPEG made from cat.jpg (upscaled + light noise, q90)."""
+    import numpy as np
+    from PIL import Image
+
+    big = work / "cat_12mp.jpg"
+    pixels = np.asarray(Image.open(CAT).convert("RGB").resize((4032, 3024), Image.Resampling.BICUBIC), np.int16)
+    # Upscaling alone gives a smooth ~0.8 MB file; grain like a real photo's brings it to ~3.6 MB.
+    noise = np.random.default_rng(0).normal(0.0, 9.0, pixels.shape)
+    Image.fromarray(np.clip(pixels + noise, 0, 255).astype(np.uint8)).save(big, quality=90)
+    return {"coffee": COFFEE, "cat_12mp": big}
+
+
+def describe(path: Path) -> str:
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return f"{image.size[0]}x{image.size[1]} JPEG, {path.stat().st_size / 1e6:.2f} MB"
+
+
+def machine_info(load_generator: str) -> Row:
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+
+    def version(package: str) -> str | None:
+        try:
+            return importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    return {"cpu_model": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
+            "platform": platform.platform(), "torch": version("torch"), "onnxruntime": version("onnxruntime"),
+            "litserve": version("litserve"), "flask": version("flask"), "tornado": version("tornado"),
+            "load_generator": load_generator}
+
+
+def wrk_version() -> str:
+    out = subprocess.run(["wrk", "--version"], capture_output=True, text=True, timeout=10)
+    return (out.stdout + out.stderr).splitlines()[0].strip()
+
+
+# ---------------------------------------------------------------- in-process limit
+
+
+def export_onnx(work: Path) -> Path:
+    path = work / "efficientnet_lite0.onnx"
+    code = "import sys, pathlib, bench.pipelines as p; p.export_onnx(pathlib.Path(sys.argv[1]))"
+    subprocess.run([PYTHON, "-c", code, str(path)], cwd=REPO, check=True, timeout=600,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return path
+
+
+def run_inprocess(images: dict[str, Path], onnx: Path, cache_dir: Path, duration: float) -> list[Row]:
+    rows: list[Row] = []
+    for threads, intra in ((2, 1), (1, 2)):
+        print(f"[in-process] {threads} thread(s) x {intra} intra-op: seed, fast, forward-only ...", flush=True)
+        command = [PYTHON, "-m", "bench.inprocess", "--onnx", str(onnx), "--cache-dir", str(cache_dir),
+                   "--threads", str(threads),
+                   "--intra", str(intra), "--duration", str(duration), *map(str, images.values())]
+        out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=1200)
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    for row in rows:
+        print(f"    {row['label']:<52} {row['image']:<9} {row['threads']}x{row['intra_op_threads']} "
+              f"{row['img_s']:7.1f} img/s  p50 {row['p50_ms']:6.1f} ms", flush=True)
+    return rows
+
+
+# ---------------------------------------------------------------- servers
+
+
+def server_spec(name: str, settings: Settings, onnx: Path, work: Path) -> ServerSpec:
+    if name.startswith("ours-"):
+        data_dir = work / f"{name}-data"
+        data_dir.mkdir(exist_ok=True)
+        env = {"INFERENCE_SERVER_DATA_DIR": str(data_dir),
+               "INFERENCE_REDIS_URL": settings.redis_url or "embedded",
+               "INFERENCE_MODEL_RUNTIME": "onnxruntime" if name == "ours-onnx" else "torch",
+               "INFERENCE_MODEL_WORKERS": "2", "INFERENCE_MODEL_INTRA_OP_THREADS": "1",
+               "INFERENCE_MODEL_MAX_QUEUE": "256",
+               "INFERENCE_MODEL_CACHE_DIR": str(work / "model-cache")}  # reuse the in-process run's export
+        return ServerSpec(name, [PYTHON, "-m", "server", "--port", "{port}"], env, "/v1/predict",
+                          ("raw", "multipart"), "/readyz", sessions=True, data_dir=data_dir)
+    if name == "flask":
+        return ServerSpec(name, [PYTHON, "-m", "bench.peers.flask_app", "--port", "{port}"], {}, "/predict",
+                          ("multipart",), None)
+    runtime = "onnxruntime" if name == "litserve-onnx" else "torch"
+    return ServerSpec(name, [PYTHON, "-m", "bench.peers.litserve_app", "--port", "{port}", "--runtime", runtime,
+                             "--onnx", str(onnx)], {}, "/predict", ("multipart",), "/health")
+
+
+def ready_line(server: RunningServer) -> str | None:
+    match = re.search(r"ready on .*", server.log_tail(20000))
+    return match.group(0) if match else None
+
+
+class RedisStats:
+    """INFO commandstats of the Redis our server uses (embedded: the unix socket in its data dir)."""
+
+    def __init__(self, url: str | None, data_dir: Path) -> None:
+        import redis
+
+        if url and url != "embedded":
+            self.client = redis.Redis.from_url(url)
+        else:
+            self.client = redis.Redis(unix_socket_path=str(data_dir / "redis" / "redis.sock"))
+        self.client.ping()
+
+    def snapshot(self) -> dict[str, int]:
+        """Calls per command, plus `_reads`: INFO stats total_reads_processed (client read events)."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.info("commandstats")
+        pipe.info("stats")
+        commandstats, stats = pipe.execute()
+        calls = {key.removeprefix("cmdstat_"): int(value["calls"]) for key, value in commandstats.items()}
+        calls["_reads"] = int(stats.get("total_reads_processed", -1))
+        return calls
+
+    @staticmethod
+    def delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+        """Commands run between two snapshots (our own INFO excluded); `_reads` less our own one read."""
+        diff = {cmd: after[cmd] - before.get(cmd, 0) for cmd in after if cmd not in ("info", "_reads")}
+        result = {cmd: n for cmd, n in diff.items() if n > 0}
+        if after["_reads"] >= 0:
+            result["_reads"] = after["_reads"] - before["_reads"] - 1
+        return result
+
+
+def sleep_until(moment: float) -> None:
+    time.sleep(max(0.0, moment - time.monotonic()))
+
+
+def measure_point(server: RunningServer, body: loadgen.Body, concurrency: int, settings: Settings,
+                  tokens: Path | None, redis_stats: RedisStats | None) -> Row:
+    drained = wait_idle(server)
+    with RssSampler(server) as rss:
+        process, window = loadgen.start_wrk(server.base_url, server.spec.predict_path, body, concurrency,
+                                            settings.warmup, settings.duration, tokens)
+        try:
+            sleep_until(window.start)
+            before = redis_stats.snapshot() if redis_stats else None
+            sleep_until(window.end)
+            after = redis_stats.snapshot() if redis_stats else None
+        except BaseException:
+            process.kill()
+            process.wait(timeout=10)
+            raise
+        result = loadgen.finish_wrk(process, timeout=settings.warmup + settings.duration + 60)
+    socket_errors = sum(v for k, v in result["wrk_errors"].items() if k != "status")
+    ok = int(result["ok"])
+    row: Row = {
+        "img_s": ok / result["window_s"], "ok": ok, "window_s": result["window_s"],
+        "p50_ms": result["p50_ms"], "p95_ms": result["p95_ms"], "p99_ms": result["p99_ms"],
+        "max_ms": result["max_ms"], "errors": int(result["bad_status"]) + socket_errors,
+        "bad_status": result["bad_status"], "wrk_errors_whole_run": result["wrk_errors"],
+        "peak_rss_mb": rss.peak / 2**20, "drain_wait_s": round(drained, 2),
+    }
+    if before is not None and after is not None:
+        delta = RedisStats.delta(before, after)
+        reads = delta.pop("_reads", None)
+        row["redis_commands"] = delta
+        row["redis_cmds_per_predict"] = sum(delta.values()) / ok if ok else None
+        row["redis_reads_per_predict"] = reads / ok if ok and reads is not None else None
+        row["redis_breakdown_per_predict"] = {k: round(v / ok, 3) for k, v in delta.items()} if ok else {}
+    return row
+
+
+def run_server(spec: ServerSpec, images: dict[str, Path], bodies: dict[str, dict[str, loadgen.Body]],
+               settings: Settings, work: Path, progress: Iterator[str]) -> tuple[list[Row], Row]:
+    """Start one server, measure all its points, stop it. Returns (points, info about the server)."""
+    server = start_server(spec, work)
+    try:
+        info: Row = {"ready_line": ready_line(server), "port": server.port}
+        tokens = None
+        if spec.sessions:
+            tokens = loadgen.create_tokens(server.base_url, max(settings.concurrencies), work / f"{spec.name}.tokens")
+        redis_stats = RedisStats(settings.redis_url, spec.data_dir) if spec.sessions and spec.data_dir else None
+        points = []
+        for image in images:
+            for payload in spec.payloads:
+                for c in settings.concurrencies:
+                    label = next(progress)
+                    print(f"{label} {spec.name} {image} {payload} c{c} ...", end=" ", flush=True)
+                    row = measure_point(server, bodies[image][payload], c, settings, tokens, redis_stats)
+                    row.update(server=spec.name, image=image, payload=payload, concurrency=c)
+                    points.append(row)
+                    redis = row.get("redis_cmds_per_predict")
+                    print(f"{row['img_s']:.1f} img/s p50 {row['p50_ms']:.0f} p99 {row['p99_ms']:.0f} ms "
+                          f"err {row['errors']} rss {row['peak_rss_mb']:.0f} MB"
+                          + (f" redis {redis:.2f} cmd/pred, {row['redis_reads_per_predict'] or 0:.2f} reads/pred"
+                             if redis is not None else ""), flush=True)
+        info["peak_rss_mb"] = max((p["peak_rss_mb"] for p in points), default=None)
+        return points, info
+    finally:
+        stop_server(server)
+
+
+def litserve_importable() -> str | None:
+    out = subprocess.run([PYTHON, "-c", "import litserve"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    return None if out.returncode == 0 else out.stderr.strip().splitlines()[-1]
+
+
+def count_points(settings: Settings, images: dict[str, Path]) -> int:
+    payloads = {"ours-onnx": 2, "ours-torch": 2}
+    return sum(payloads.get(s, 1) for s in settings.servers) * len(images) * len(settings.concurrencies)
+
+
+def progress_labels(total: int) -> Iterator[str]:
+    for i in range(1, 10_000):
+        yield f"[{i}/{total}]"
+
+
+def run_all_servers(settings: Settings, images: dict[str, Path], onnx: Path, work: Path,
+                    notes: list[str]) -> tuple[list[Row], Row]:
+    bodies = {name: loadgen.make_bodies(path, work) for name, path in images.items()}
+    progress = progress_labels(count_points(settings, images))
+    points: list[Row] = []
+    servers: Row = {}
+    litserve_error = litserve_importable() if any(s.startswith("litserve") for s in settings.servers) else None
+    for name in settings.servers:
+        if name.startswith("litserve") and litserve_error:
+            notes.append(f"{name} skipped: litserve cannot be imported ({litserve_error}).")
+            print(f"skip {name}: {litserve_error}", flush=True)
+            continue
+        spec = server_spec(name, settings, onnx, work)
+        try:
+            got, info = run_server(spec, images, bodies, settings, work, progress)
+        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+            first = str(exc).splitlines()[0]
+            notes.append(f"{name} failed: {first}")
+            print(f"\n{name} FAILED: {exc}", flush=True)
+            if name != "ours-onnx":
+                continue
+            notes.append("ours-onnx fell back to runtime=torch (as row 'ours-onnx').")
+            spec.env["INFERENCE_MODEL_RUNTIME"] = "torch"
+            got, info = run_server(spec, images, bodies, settings, work, progress)
+        if name == "ours-onnx" and info["ready_line"] and "runtime=onnxruntime" not in info["ready_line"]:
+            notes.append(f"ours-onnx did not report runtime=onnxruntime: {info['ready_line']}")
+        points += got
+        servers[name] = info
+    return points, servers
+
+
+# ---------------------------------------------------------------- main
+
+
+@contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGINT/SIGTERM/SIGHUP raise KeyboardInterrupt, so every finally: (server stop) runs."""
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def write_outputs(results: Row, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / "results.md").write_text(report.markdown(results))
+    try:
+        report.chart(results, out / "chart.png")
+    except Exception as exc:  # the numbers matter more than the picture
+        print(f"chart failed: {exc}", file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    settings = settings_from(args)
+    if not loadgen.wrk_available():
+        print("error: wrk not found; install it with: apt-get install -y wrk", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    notes: list[str] = []
+    with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        images = make_images(work)
+        print(f"images: {', '.join(f'{k} = {describe(v)}' for k, v in images.items())}", flush=True)
+        onnx = export_onnx(work)
+        inprocess = run_inprocess(images, onnx, work / "model-cache",
+                                  args.inprocess_duration or (2.0 if settings.quick else 5.0))
+        points, servers = run_all_servers(settings, images, onnx, work, notes)
+        descriptions = {name: {"description": describe(path), "bytes": path.stat().st_size}
+                        for name, path in images.items()}
+    report.add_ratios(points, inprocess)
+    checks = report.verdict(points, inprocess)
+    generator = f"{wrk_version()}, one thread per connection, Lua script bench/wrk/post_body.lua"
+    results = {
+        "machine": machine_info(generator), "load_generator": generator,
+        "settings": {"duration_s": settings.duration, "warmup_s": settings.warmup, "quick": settings.quick,
+                     "concurrencies": settings.concurrencies, "servers": settings.servers,
+                     "redis_url": settings.redis_url or "embedded"},
+        "images": descriptions, "inprocess": inprocess, "limits": report.limits(inprocess),
+        "servers": servers, "points": points, "verdict": checks, "notes": notes,
+        "elapsed_s": round(time.monotonic() - started, 1),
+    }
+    write_outputs(results, args.out)
+    print(f"\nVerdict ({report.primary_server(points)}):\n{report.verdict_text(checks)}")
+    for note in notes:
+        print(f"note: {note}")
+    print(f"\nwrote {args.out}/results.json, results.md, chart.png in {results['elapsed_s']:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
