@@ -76,6 +76,8 @@ class ModelConfig:
     device: str = "cpu"
     workers: int = 2
     intra_op_threads: int = 1
+    # Threads for a forward when it is the only request in flight (onnxruntime; 0 turns it off).
+    idle_intra_op_threads: int = 2
     max_queue: int = 64
     max_batch_size: int = 1  # > 1 turns on dynamic micro-batching
     max_batch_delay_ms: float = 2.0
@@ -231,6 +233,7 @@ def validate(config: Config) -> None:
          "model.device must be 'cpu' or 'cuda[:N]'."),
         (1 <= config.model.workers <= 64, "model.workers must be between 1 and 64."),
         (1 <= config.model.intra_op_threads <= 64, "model.intra_op_threads must be between 1 and 64."),
+        (0 <= config.model.idle_intra_op_threads <= 64, "model.idle_intra_op_threads must be between 0 and 64."),
         (config.model.max_queue >= 1, "model.max_queue must be at least 1."),
         (1 <= config.model.max_batch_size <= 256, "model.max_batch_size must be between 1 and 256."),
         (0 <= config.model.max_batch_delay_ms <= 1000, "model.max_batch_delay_ms must be between 0 and 1000."),

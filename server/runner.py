@@ -163,9 +163,9 @@ class ModelRunner:
         finally:
             free_workers.release()
 
-    def _forward(self, batch: np.ndarray) -> np.ndarray:
+    def _forward(self, batch: np.ndarray, alone: bool = False) -> np.ndarray:
         try:
-            return self.backend.forward(batch)
+            return self.backend.forward(batch, alone=alone)
         except Exception as exc:
             log.exception("model forward failed")
             raise InferenceFailed("The model failed on this image; the error was logged.") from exc
@@ -190,7 +190,8 @@ class ModelRunner:
         started = time.perf_counter()
         tensor = self._preprocess(data, options)
         preprocessed = time.perf_counter()
-        logits = self._forward(tensor[None])
+        # Read without a lock: a stale count only picks the other thread layout for one forward.
+        logits = self._forward(tensor[None], alone=self._admitted <= 1)
         finished = time.perf_counter()
         return Prediction(
             top_k=self._top_k(logits[0], options.top_k),

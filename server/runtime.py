@@ -19,7 +19,7 @@ def build_backend(config: Config, model: LoadedModel) -> Backend:
     if config.model.runtime == "onnxruntime":
         cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else config.data_path / "model-cache"
         return OnnxBackend(model, cache_dir, intra_op_threads=config.model.intra_op_threads,
-                           device=config.model.device)
+                           idle_intra_op_threads=config.model.idle_intra_op_threads, device=config.model.device)
     torch.set_num_threads(config.model.intra_op_threads)
     return TorchBackend(model.module, config.model.device)
 

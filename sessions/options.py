@@ -6,6 +6,7 @@ Options are hashable so that the model runtime can cache one preprocessing pipel
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 from collections.abc import Mapping
@@ -56,11 +57,13 @@ class Options:
     def to_redis(self) -> dict[str, str]:
         return {name: json.dumps(value) for name, value in self.to_dict().items()}
 
-    @classmethod
-    def from_redis(cls, fields: Mapping[str, str]) -> Options:
-        # Stored fields were validated on write; defaults fill options added since.
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls().merged({k: json.loads(v) for k, v in fields.items() if k in known})
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def from_redis(fields: tuple[tuple[str, str], ...]) -> Options:
+        """Options from stored (name, JSON) pairs; cached, since a session reads the same values
+        on every request. Stored fields were validated on write; defaults fill options added since."""
+        known = {f.name for f in dataclasses.fields(Options)}
+        return Options().merged({k: json.loads(v) for k, v in fields if k in known})
 
 
 _INT_RANGES = {"resize": (32, 1024), "crop": (32, 1024), "top_k": (1, 20)}

@@ -41,6 +41,18 @@ redis.call('PEXPIREAT', KEYS[2], ARGV[3])
 return id
 """
 
+# Read a session and slide its expiry in one command; an empty answer says whether it was revoked.
+_TOUCH_SCRIPT = """
+local fields = redis.call('HGETALL', KEYS[1])
+if #fields == 0 then
+    if redis.call('EXISTS', KEYS[3]) == 1 then return {'revoked'} end
+    return {}
+end
+redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+redis.call('PEXPIREAT', KEYS[2], ARGV[1])
+return fields
+"""
+
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -113,6 +125,7 @@ class SessionStore:
         self.max_lifetime_ms = max_lifetime_seconds * 1000
         self.history_max_entries = history_max_entries
         self._record = client.register_script(_RECORD_SCRIPT)
+        self._touch = client.register_script(_TOUCH_SCRIPT)
 
     @staticmethod
     def _keys(session_id: str) -> tuple[str, str, str]:
@@ -147,27 +160,23 @@ class SessionStore:
 
     @_store_errors
     async def touch(self, token: VerifiedToken) -> Session:
-        """Load a live session and slide its expiry, in one round trip.
+        """Load a live session and slide its expiry, in one round trip (one script).
 
-        The hard deadline comes from the token's signed issue time, so the new expiry can be
-        written in the same pipeline as the read.
+        The hard deadline comes from the token's signed issue time, so the new expiry is known
+        before the session is read.
         """
-        key, history_key, revoked_key = self._keys(token.session_id)
         expires = self._expiry(int(token.issued_at * 1000) + self.max_lifetime_ms)
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hgetall(key)
-            pipe.pexpireat(key, expires)
-            pipe.pexpireat(history_key, expires)
-            fields, _, _ = await pipe.execute()
-        if not fields:
-            if await self.redis.exists(revoked_key):
-                raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
+        reply = await self._touch(keys=list(self._keys(token.session_id)), args=[expires])
+        if reply == ["revoked"]:
+            raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
+        if not reply:
             raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+        fields = dict(zip(reply[::2], reply[1::2], strict=True))
         return self._session(token.session_id, fields, expires)
 
     def _session(self, session_id: str, fields: dict[str, str], expires_ms: int) -> Session:
         options = Options.from_redis(
-            {k[len(_OPTION_PREFIX) :]: v for k, v in fields.items() if k.startswith(_OPTION_PREFIX)}
+            tuple((k[len(_OPTION_PREFIX) :], v) for k, v in fields.items() if k.startswith(_OPTION_PREFIX))
         )
         return Session(
             id=session_id,

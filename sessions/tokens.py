@@ -6,11 +6,13 @@ live (logout deletes the session, so a valid signature alone is not enough).
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
+import time
 from dataclasses import dataclass
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
+from itsdangerous import BadSignature, URLSafeTimedSerializer
 
 from sessions.errors import InvalidToken
 
@@ -43,12 +45,20 @@ class TokenSigner:
     def verify(self, token: str) -> VerifiedToken:
         if not _TOKEN_SHAPE.match(token):
             raise InvalidToken("The bearer token is malformed.", code="malformed_token")
+        verified = self._check_signature(token)
+        age = time.time() - verified.issued_at
+        if age > self.max_age_seconds:
+            raise InvalidToken("The token has expired; log in again.", code="token_expired")
+        if age < -60:
+            raise InvalidToken("The token's signature is not valid.", code="invalid_signature")
+        return verified
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one signer per app; bounded, and tokens are immutable
+    def _check_signature(self, token: str) -> VerifiedToken:
+        """The HMAC check, remembered per token string: a client sends the same token on every
+        request, and the same string always has the same answer (age is checked by the caller)."""
         try:
-            session_id, signed_at = self._serializer.loads(
-                token, max_age=self.max_age_seconds, return_timestamp=True
-            )
-        except SignatureExpired:
-            raise InvalidToken("The token has expired; log in again.", code="token_expired") from None
+            session_id, signed_at = self._serializer.loads(token, return_timestamp=True)
         except BadSignature:
             raise InvalidToken("The token's signature is not valid.", code="invalid_signature") from None
         if not isinstance(session_id, str) or not _SESSION_ID_SHAPE.match(session_id):

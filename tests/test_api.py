@@ -374,10 +374,10 @@ class SlowBackend:
     def __init__(self, inner) -> None:
         self.inner, self.release, self.started = inner, threading.Event(), threading.Event()
 
-    def forward(self, batch):
+    def forward(self, batch, alone=False):
         self.started.set()
         self.release.wait(30)
-        return self.inner.forward(batch)
+        return self.inner.forward(batch, alone=alone)
 
 
 def test_ioloop_stays_responsive_while_inference_is_busy(serve, default_model) -> None:
@@ -423,7 +423,7 @@ def test_full_queue_gives_fast_503(serve, default_model) -> None:
 class FailingBackend:
     name = "failing"
 
-    def forward(self, batch):
+    def forward(self, batch, alone=False):
         raise RuntimeError("boom inside forward")
 
 

@@ -52,9 +52,9 @@ def test_queue_is_bounded(default_model) -> None:
         def __init__(self, inner):
             self.inner = inner
 
-        def forward(self, batch):
+        def forward(self, batch, alone=False):
             gate.wait(30)
-            return self.inner.forward(batch)
+            return self.inner.forward(batch, alone=alone)
 
     runner = build_runner(make_config(model={"max_queue": 2, "workers": 1}), default_model)
     runner.backend = Held(runner.backend)
@@ -76,7 +76,7 @@ def test_forward_failure_is_inference_failed(default_model) -> None:
     class Broken:
         name = "broken"
 
-        def forward(self, batch):
+        def forward(self, batch, alone=False):
             raise RuntimeError("kaput")
 
     runner = build_runner(make_config(), default_model)

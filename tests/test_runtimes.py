@@ -91,3 +91,10 @@ def test_micro_batching_gives_each_caller_its_own_result(default_model) -> None:
     batched = results[3]
     assert [s.class_index for s in batched.top_k] == [s.class_index for s in alone.top_k]
     assert np.allclose([s.score for s in batched.top_k], [s.score for s in alone.top_k], atol=1e-4)
+
+
+def test_the_idle_two_thread_forward_gives_the_same_answer(default_model) -> None:
+    backend = OnnxBackend(default_model, MODEL_CACHE, intra_op_threads=1, idle_intra_op_threads=2)
+    assert backend.idle_session is not backend.session
+    batch = preprocess(CAT_JPEG, Options(), max_pixels=10**8)[None]
+    assert np.allclose(backend.forward(batch, alone=True), backend.forward(batch), atol=1e-4)
