@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import tornado.web
 
 from sessions.errors import BadRequest, Forbidden, InvalidToken, NotFound, ServiceError, UnsupportedMediaType
-from sessions.store import Session, SessionStore
+from sessions.store import IDEMPOTENCY_KEY, Session, SessionStore
 from sessions.tokens import TokenSigner
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
 CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-ID", "Idempotency-Key")
-CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "Content-Type")
+CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "Content-Type", "Idempotent-Replayed")
 
 
 def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: list[str]) -> None:
@@ -59,6 +59,10 @@ class InFlight:
 class BaseHandler(tornado.web.RequestHandler):
     #: Routes that need no session token say so explicitly; everything else is authenticated.
     public: bool = False
+    #: What a request takes from the session's rate limit (predictions cost one; reads are free).
+    rate_limit_cost: int = 0
+    #: Whether an `Idempotency-Key` header makes retries of this route exactly-once.
+    accepts_idempotency_key: bool = False
 
     session: Session | None = None
     request_id: str = ""
@@ -130,7 +134,15 @@ class BaseHandler(tornado.web.RequestHandler):
         if scheme.lower() != "bearer" or not token.strip():
             raise InvalidToken("The Authorization header must be 'Bearer <token>'.", code="malformed_token")
         verified = self.signer.verify(token.strip())
-        return await self.store.touch(verified)
+        return await self.store.touch(verified, cost=self.rate_limit_cost, idempotency_key=self.idempotency_key)
+
+    @property
+    def idempotency_key(self) -> str | None:
+        key = self.request.headers.get("Idempotency-Key") if self.accepts_idempotency_key else None
+        if key is not None and not IDEMPOTENCY_KEY.match(key):
+            raise BadRequest("Idempotency-Key must be 1 to 128 letters, digits or . _ : -",
+                             code="invalid_idempotency_key")
+        return key
 
     @property
     def current_session(self) -> Session:

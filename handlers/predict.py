@@ -97,12 +97,19 @@ def _image_field(content_type: str, body: bytes) -> bytes:
 class PredictHandler(ImageUploadHandler):
     """POST /v1/predict: classify under the session's options (query parameters override)."""
 
+    rate_limit_cost = 1
+    accepts_idempotency_key = True
+
     async def post(self) -> None:
         image = self.uploaded_image()
         session = self.current_session
         overrides = {name: self.get_query_argument(name) for name in self.request.query_arguments}
         options = session.options.with_query(overrides) if overrides else session.options
-        result = await predict_and_record(self.store, self.runner, session, image, options)
+        result, replayed = await predict_and_record(
+            self.store, self.runner, session, image, options, self.idempotency_key
+        )
+        if replayed:
+            self.set_header("Idempotent-Replayed", "true")
         self.write_json(result)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from sessions.errors import Conflict, NotFound
 from sessions.options import Options
 from sessions.store import Session, SessionStore, iso, now_ms
 
@@ -16,9 +17,18 @@ if TYPE_CHECKING:
 
 
 async def predict_and_record(
-    store: SessionStore, runner: ModelRunner, session: Session, image: bytes, options: Options
-) -> dict[str, Any]:
-    """Classify `image` under `options`, append it to the session's history, return the response."""
+    store: SessionStore,
+    runner: ModelRunner,
+    session: Session,
+    image: bytes,
+    options: Options,
+    idempotency_key: str | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Classify `image` under `options`, append it to the session's history, return the response
+    and whether it is a replay: a request repeating an idempotency key gets the first answer and
+    records nothing."""
+    if session.replay_of:
+        return await _replay(store, session, session.replay_of), True
     prediction = await runner.predict(image, options)
     best = prediction.top_k[0]
     entry = {
@@ -29,5 +39,16 @@ async def predict_and_record(
         "options": options.to_dict(),
         "model": runner.model_info,
     }
-    history_id = await store.record(session, entry)
-    return {"id": history_id, **entry, "timing_ms": prediction.timing_ms}
+    history_id, replayed = await store.record(session, entry, idempotency_key)
+    if replayed:  # a retry overtook the first attempt; the first one's answer stands
+        return await _replay(store, session, history_id), True
+    return {"id": history_id, **entry, "timing_ms": prediction.timing_ms}, False
+
+
+async def _replay(store: SessionStore, session: Session, history_id: str) -> dict[str, Any]:
+    try:
+        item = await store.history_item(session.id, history_id)
+    except NotFound:
+        raise Conflict("This Idempotency-Key was answered before, but that history entry is gone; "
+                       "use a new key.", code="idempotent_result_gone") from None
+    return {**item, "timing_ms": {}}

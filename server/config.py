@@ -60,6 +60,7 @@ class AuthConfig:
 class SessionsConfig:
     ttl_seconds: int = 3600
     max_lifetime_seconds: int = 7 * 24 * 3600
+    rate_limit_per_minute: int = 0  # predictions per session per minute (token bucket in Redis); 0: unlimited
 
 
 @dataclass
@@ -225,6 +226,7 @@ def validate(config: Config) -> None:
         (all(len(k) >= 16 for k in config.auth.secret_keys),
          "auth.secret_keys entries must be at least 16 characters long."),
         (config.sessions.ttl_seconds >= 1, "sessions.ttl_seconds must be at least 1."),
+        (config.sessions.rate_limit_per_minute >= 0, "sessions.rate_limit_per_minute must not be negative."),
         (config.sessions.max_lifetime_seconds >= config.sessions.ttl_seconds,
          "sessions.max_lifetime_seconds must be at least sessions.ttl_seconds."),
         (1 <= config.history.max_entries <= 100_000, "history.max_entries must be between 1 and 100000."),

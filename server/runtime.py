@@ -46,4 +46,5 @@ def build_store(config: Config, redis_url: str) -> SessionStore:
         ttl_seconds=config.sessions.ttl_seconds,
         max_lifetime_seconds=config.sessions.max_lifetime_seconds,
         history_max_entries=config.history.max_entries,
+        rate_limit_per_minute=config.sessions.rate_limit_per_minute,
     )

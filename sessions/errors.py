@@ -43,6 +43,11 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class Conflict(ServiceError):
+    status = 409
+    code = "conflict"
+
+
 class PayloadTooLarge(ServiceError):
     status = 413
     code = "payload_too_large"
@@ -75,6 +80,11 @@ class ServiceBusy(ServiceError):
 
     def __init__(self, message: str, *, code: str | None = None, retry_after: int = 1):
         super().__init__(message, code=code, headers={"Retry-After": str(retry_after)})
+
+
+class RateLimited(ServiceBusy):
+    status = 429
+    code = "rate_limited"
 
 
 class StoreUnavailable(ServiceBusy):

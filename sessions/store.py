@@ -25,23 +25,32 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, WatchError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from sessions.errors import BadRequest, InvalidToken, NotFound, StoreUnavailable
+from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable
 from sessions.options import Options
 from sessions.tokens import VerifiedToken, new_session_id
 
 HISTORY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 _OPTION_PREFIX = "opt:"
 
-# Append a prediction only if the session still exists (a logout may race the predict).
+# Append a prediction only if the session still exists (a logout may race the predict). With an
+# idempotency key (ARGV[4] == '1'), a retry that raced the first attempt gets the first's id.
 _RECORD_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[4] == '1' then
+    local first = redis.call('GET', KEYS[3])
+    if first then return {first, 1} end
+end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'entry', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'predictions', 1)
 redis.call('PEXPIREAT', KEYS[2], ARGV[3])
-return id
+if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'PXAT', ARGV[3]) end
+return {id, 0}
 """
 
-# Read a session and slide its expiry in one command; an empty answer says whether it was revoked.
+# Read a session and slide its expiry in one command. An empty answer says whether the session
+# was revoked. A request that repeats an idempotency key already answered gets `__replay` (the
+# history id) and costs nothing; otherwise `cost` is taken from the session's token bucket
+# (ARGV[3] per minute, 0 = unlimited) or the answer is {'rate_limited', ms to wait}.
 _TOUCH_SCRIPT = """
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then
@@ -50,8 +59,32 @@ if #fields == 0 then
 end
 redis.call('PEXPIREAT', KEYS[1], ARGV[1])
 redis.call('PEXPIREAT', KEYS[2], ARGV[1])
+if ARGV[4] == '1' then
+    local first = redis.call('GET', KEYS[4])
+    if first then
+        table.insert(fields, '__replay')
+        table.insert(fields, first)
+        return fields
+    end
+end
+local cost, per_minute = tonumber(ARGV[2]), tonumber(ARGV[3])
+if cost > 0 and per_minute > 0 then
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local per_ms = per_minute / 60000
+    local tokens, stamp = per_minute, now
+    for i = 1, #fields, 2 do
+        if fields[i] == 'rl_tokens' then tokens = tonumber(fields[i + 1]) end
+        if fields[i] == 'rl_stamp' then stamp = tonumber(fields[i + 1]) end
+    end
+    tokens = math.min(per_minute, tokens + math.max(0, now - stamp) * per_ms)
+    if tokens < cost then return {'rate_limited', tostring(math.ceil((cost - tokens) / per_ms))} end
+    redis.call('HSET', KEYS[1], 'rl_tokens', tostring(tokens - cost), 'rl_stamp', tostring(now))
+end
 return fields
 """
+
+IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,6 +107,8 @@ class Session:
     deadline_ms: int
     options: Options
     predictions: int
+    # Set when this request repeats an idempotency key already answered: that answer's history id.
+    replay_of: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,8 +154,10 @@ class SessionStore:
         ttl_seconds: int,
         max_lifetime_seconds: int,
         history_max_entries: int,
+        rate_limit_per_minute: int = 0,
     ):
         self.redis = client
+        self.rate_limit_per_minute = rate_limit_per_minute
         self.ttl_ms = ttl_seconds * 1000
         self.max_lifetime_ms = max_lifetime_seconds * 1000
         self.history_max_entries = history_max_entries
@@ -131,6 +168,11 @@ class SessionStore:
     def _keys(session_id: str) -> tuple[str, str, str]:
         base = f"sess:{{{session_id}}}"
         return base, f"{base}:history", f"{base}:revoked"
+
+    @staticmethod
+    def _idempotency_key(session_id: str, key: str | None) -> str:
+        # Always a key of the session's slot, so scripts can declare it even when unused.
+        return f"sess:{{{session_id}}}:idem:{key or ''}"
 
     def _expiry(self, deadline_ms: int) -> int:
         """Sliding idle expiry, never past the session's hard deadline."""
@@ -159,18 +201,27 @@ class SessionStore:
         return Session(session_id, created, expires, deadline, options, 0)
 
     @_store_errors
-    async def touch(self, token: VerifiedToken) -> Session:
-        """Load a live session and slide its expiry, in one round trip (one script).
+    async def touch(
+        self, token: VerifiedToken, *, cost: int = 0, idempotency_key: str | None = None
+    ) -> Session:
+        """Load a live session, slide its expiry and take `cost` from its rate limit: one round trip.
 
         The hard deadline comes from the token's signed issue time, so the new expiry is known
         before the session is read.
         """
         expires = self._expiry(int(token.issued_at * 1000) + self.max_lifetime_ms)
-        reply = await self._touch(keys=list(self._keys(token.session_id)), args=[expires])
+        keys = [*self._keys(token.session_id), self._idempotency_key(token.session_id, idempotency_key)]
+        reply = await self._touch(
+            keys=keys, args=[expires, cost, self.rate_limit_per_minute, "1" if idempotency_key else "0"]
+        )
         if reply == ["revoked"]:
             raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
         if not reply:
             raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+        if reply[0] == "rate_limited":
+            wait = max(1, -(-int(reply[1]) // 1000))
+            raise RateLimited(f"This session is over its limit of {self.rate_limit_per_minute} predictions "
+                              f"a minute; retry in {wait} s.", retry_after=wait)
         fields = dict(zip(reply[::2], reply[1::2], strict=True))
         return self._session(token.session_id, fields, expires)
 
@@ -185,6 +236,7 @@ class SessionStore:
             deadline_ms=int(fields["deadline"]),
             options=options,
             predictions=int(fields.get("predictions", 0)),
+            replay_of=fields.get("__replay"),
         )
 
     @_store_errors
@@ -218,17 +270,21 @@ class SessionStore:
             await pipe.execute()
 
     @_store_errors
-    async def record(self, session: Session, entry: dict[str, Any]) -> str:
-        """Append one prediction to the history (atomically, capped); return its id."""
+    async def record(
+        self, session: Session, entry: dict[str, Any], idempotency_key: str | None = None
+    ) -> tuple[str, bool]:
+        """Append one prediction to the history (atomically, capped). Return its id, and whether
+        it is an earlier request's id (a retry with the same idempotency key raced the first)."""
         key, history_key, _ = self._keys(session.id)
-        history_id = await self._record(
-            keys=[key, history_key],
+        reply = await self._record(
+            keys=[key, history_key, self._idempotency_key(session.id, idempotency_key)],
             args=[json.dumps(entry, separators=(",", ":")), self.history_max_entries,
-                  self._expiry(session.deadline_ms)],
+                  self._expiry(session.deadline_ms), "1" if idempotency_key else "0"],
         )
-        if history_id is None:
+        if reply is None:
             raise InvalidToken("This session was logged out or expired.", code="session_not_found")
-        return history_id
+        history_id, replayed = reply
+        return history_id, bool(replayed)
 
     @_store_errors
     async def history(

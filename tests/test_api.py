@@ -443,3 +443,28 @@ def test_failing_model_gives_500_inference_failed(serve, default_model) -> None:
         assert predict(client, auth).status_code == 200
         assert client.get("/v1/session", headers=auth).json()["predictions"] == 1
     runner.close()
+
+
+def test_idempotency_key_makes_retries_exactly_once(client: httpx.Client) -> None:
+    auth = login(client)
+    keyed = {**auth, "Idempotency-Key": "retry-me-123"}
+    first = predict(client, keyed)
+    again = predict(client, keyed, COFFEE_JPEG)  # a retry: same key, whatever the body
+    assert first.status_code == again.status_code == 200
+    assert again.headers["Idempotent-Replayed"] == "true" and "Idempotent-Replayed" not in first.headers
+    assert again.json()["id"] == first.json()["id"] and again.json()["top_k"] == first.json()["top_k"]
+    assert client.get("/v1/session", headers=auth).json()["predictions"] == 1
+    assert predict(client, {**auth, "Idempotency-Key": "another"}).json()["id"] != first.json()["id"]
+    bad = predict(client, {**auth, "Idempotency-Key": "no spaces allowed"})
+    assert bad.status_code == 400 and error_code(bad) == "invalid_idempotency_key"
+
+
+def test_rate_limit_gives_429_with_retry_after(serve) -> None:
+    with serve(make_config(sessions={"rate_limit_per_minute": 2})) as server, server.client() as client:
+        auth = login(client, top_k=1)
+        assert [predict(client, auth).status_code for _ in range(2)] == [200, 200]
+        limited = predict(client, auth)
+        assert limited.status_code == 429 and error_code(limited) == "rate_limited"
+        assert int(limited.headers["Retry-After"]) >= 1
+        assert client.get("/v1/history", headers=auth).status_code == 200  # reads are not limited
+        assert predict(client, login(client)).status_code == 200  # other sessions are not affected

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import redis as sync_redis
 
-from sessions.errors import BadRequest, InvalidToken, NotFound, StoreUnavailable
+from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable
 from sessions.options import Options
 from sessions.store import SessionStore, connect
 from sessions.tokens import TokenSigner
@@ -22,7 +22,8 @@ def run_with_store(redis_url: str, body: Callable[[SessionStore], Coroutine[Any,
     async def main() -> Any:
         store = SessionStore(connect(redis_url, 1, 1), ttl_seconds=limits.get("ttl", 60),
                              max_lifetime_seconds=limits.get("lifetime", 3600),
-                             history_max_entries=limits.get("max_entries", 50))
+                             history_max_entries=limits.get("max_entries", 50),
+                             rate_limit_per_minute=limits.get("rate", 0))
         try:
             return await body(store)
         finally:
@@ -50,7 +51,7 @@ def test_keys_of_a_session_share_one_hash_tag(redis_server) -> None:
 def test_record_and_page_through_history(redis_server) -> None:
     async def body(store: SessionStore) -> None:
         session = await store.create(Options(top_k=2))
-        ids = [await store.record(session, entry(n)) for n in range(7)]
+        ids = [(await store.record(session, entry(n)))[0] for n in range(7)]
         touched = await store.touch(SIGNER.verify(SIGNER.issue(session.id)))
         assert touched.predictions == 7 and touched.options.top_k == 2
         seen, before = [], None
@@ -72,7 +73,7 @@ def test_record_and_page_through_history(redis_server) -> None:
 def test_history_is_capped_newest_kept(redis_server) -> None:
     async def body(store: SessionStore) -> None:
         session = await store.create(Options())
-        ids = [await store.record(session, entry(n)) for n in range(8)]
+        ids = [(await store.record(session, entry(n)))[0] for n in range(8)]
         items, next_id = await store.history(session.id, limit=100)
         assert [i["id"] for i in items] == ids[::-1][:5] and next_id is None
 
@@ -82,7 +83,7 @@ def test_history_is_capped_newest_kept(redis_server) -> None:
 def test_sixteen_concurrent_records_all_land(redis_server) -> None:
     async def body(store: SessionStore) -> None:
         session = await store.create(Options())
-        ids = await asyncio.gather(*(store.record(session, entry(n)) for n in range(16)))
+        ids = [i for i, _ in await asyncio.gather(*(store.record(session, entry(n)) for n in range(16)))]
         items, _ = await store.history(session.id, limit=100)
         assert len(set(ids)) == 16 and sorted(i["id"] for i in items) == sorted(ids)
 
@@ -140,3 +141,36 @@ def test_unreachable_redis_is_a_fast_store_unavailable() -> None:
     started = time.perf_counter()
     run_with_store("redis://127.0.0.1:1/0", body)
     assert time.perf_counter() - started < 5
+
+
+def test_idempotency_key_records_once_even_when_retries_race(redis_server) -> None:
+    async def body(store: SessionStore) -> None:
+        session = await store.create(Options())
+        token = SIGNER.verify(SIGNER.issue(session.id))
+        # Two attempts with one key race past the touch; the second record gets the first's id.
+        first, second = await asyncio.gather(store.record(session, entry(1), "key-1"),
+                                             store.record(session, entry(2), "key-1"))
+        assert {first[1], second[1]} == {False, True} and first[0] == second[0]
+        retried = await store.touch(token, idempotency_key="key-1")
+        assert retried.replay_of == first[0] and retried.predictions == 1
+        assert (await store.touch(token, idempotency_key="key-2")).replay_of is None
+        items, _ = await store.history(session.id, limit=10)
+        assert len(items) == 1
+
+    run_with_store(redis_server.url, body)
+
+
+def test_rate_limit_is_a_token_bucket_in_redis(redis_server) -> None:
+    async def body(store: SessionStore) -> None:
+        session = await store.create(Options())
+        token = SIGNER.verify(SIGNER.issue(session.id))
+        for _ in range(3):
+            await store.touch(token, cost=1)
+        await store.touch(token)  # reads are free
+        with pytest.raises(RateLimited) as caught:
+            await store.touch(token, cost=1)
+        assert caught.value.status == 429 and 1 <= int(caught.value.headers["Retry-After"]) <= 20
+        other = await store.create(Options())  # per session
+        await store.touch(SIGNER.verify(SIGNER.issue(other.id)), cost=1)
+
+    run_with_store(redis_server.url, body, rate=3)
