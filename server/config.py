@@ -37,6 +37,8 @@ class HttpConfig:
     cors_origins: list[str] = field(default_factory=list)
     # The plain, session-less `POST /predict` of the simple Flask example.
     legacy_predict: bool = True
+    # Production mode refuses to start with legacy_predict on unless this says it is wanted.
+    allow_anonymous_in_production: bool = False
     shutdown_grace_seconds: float = 10.0
 
 
@@ -247,4 +249,10 @@ def validate(config: Config) -> None:
     if config.server.mode == "production" and not config.auth.secret_keys:
         raise ConfigError(
             "server.mode is 'production' but auth.secret_keys is empty; set INFERENCE_AUTH_SECRET_KEYS."
+        )
+    anonymous = config.http.legacy_predict and not config.http.allow_anonymous_in_production
+    if config.server.mode == "production" and anonymous:
+        raise ConfigError(
+            "server.mode is 'production' and the anonymous POST /predict is on; set http.legacy_predict = false, "
+            "or http.allow_anonymous_in_production = true if anonymous predictions are wanted."
         )

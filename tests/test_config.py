@@ -53,6 +53,8 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     ("", {"INFERENCE_MODEL_WORKERS": "two"}, "INFERENCE_MODEL_WORKERS must be an integer"),
     ("", {"INFERENCE_MODEL_COLOUR": "x"}, "Unknown setting"),
     ("", {"INFERENCE_SERVER_MODE": "production"}, "auth.secret_keys is empty"),
+    ("", {"INFERENCE_SERVER_MODE": "production", "INFERENCE_AUTH_SECRET_KEYS": "0123456789abcdef0123"},
+     "anonymous POST /predict is on"),
     ("not toml [", {}, "not valid TOML"),
 ])
 def test_bad_settings_stop_with_a_sentence_naming_them(tmp_path: Path, text: str, env: dict, fragment: str) -> None:
@@ -63,3 +65,10 @@ def test_bad_settings_stop_with_a_sentence_naming_them(tmp_path: Path, text: str
 def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "absent.toml", env={})
+
+
+def test_production_mode_starts_with_a_secret_and_no_anonymous_route(tmp_path: Path) -> None:
+    env = {"INFERENCE_SERVER_MODE": "production", "INFERENCE_AUTH_SECRET_KEYS": "0123456789abcdef0123"}
+    assert load_config(write(tmp_path, "[http]\nlegacy_predict = false\n"), env=env).server.mode == "production"
+    allowed = load_config(write(tmp_path, "[http]\nallow_anonymous_in_production = true\n"), env=env)
+    assert allowed.http.legacy_predict

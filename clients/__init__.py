@@ -1,0 +1,1 @@
+"""Clients for the inference server's HTTP API (Python in `clients.python`; JavaScript in `clients/js`)."""

@@ -1,0 +1,124 @@
+"""The asynchronous client, on `httpx.AsyncClient`: the same methods as `Client`, awaitable."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterable, Mapping
+from types import TracebackType
+from typing import Any
+
+import httpx
+
+from clients.python import protocol
+from clients.python.base import BaseClient
+from clients.python.errors import AuthError, InferenceError
+from clients.python.protocol import ImageInput
+
+
+class AsyncClient(BaseClient):
+    """A session on the inference server for asyncio code.
+
+        async with AsyncClient("http://127.0.0.1:8000") as client:
+            await client.login()
+            results = await client.predict_many(["cat.jpg", "coffee.jpg"])
+
+    Retries and errors are those of `Client` (both use `protocol`).
+    """
+
+    _http: httpx.AsyncClient
+
+    def _open(self, settings: dict[str, Any]) -> httpx.AsyncClient:
+        return httpx.AsyncClient(**settings)
+
+    # -- session ----------------------------------------------------------------------------------
+    async def login(self, api_key: str | None = None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Open a session (with these options, if given) and use its token from now on."""
+        return self._logged_in(await self._send(protocol.login(api_key, options)))
+
+    async def session(self) -> dict[str, Any]:
+        return await self._send(protocol.session())
+
+    async def options(self) -> dict[str, Any]:
+        return await self._send(protocol.get_options())
+
+    async def set_options(self, **changes: Any) -> dict[str, Any]:
+        """Merge `changes` into the session's options; returns all of them."""
+        return await self._send(protocol.set_options(changes))
+
+    async def logout(self) -> None:
+        """Revoke the session on the server and forget its token."""
+        try:
+            await self._send(protocol.logout())
+        except AuthError as error:
+            if not self._already_logged_out(error):
+                raise
+        self._logged_out()
+
+    # -- predictions ------------------------------------------------------------------------------
+    async def predict(self, image: ImageInput, **overrides: Any) -> dict[str, Any]:
+        """Classify one image; keyword arguments override the session's options for this call only."""
+        # Reading a file or encoding a PIL image blocks: do it off the event loop.
+        call = await asyncio.to_thread(protocol.predict, image, overrides)
+        return await self._send(call)
+
+    async def predict_many(self, images: Iterable[ImageInput], **overrides: Any) -> list[dict[str, Any]]:
+        """Classify several images, `concurrency` at a time; results come in the order of `images`.
+        The first failure is raised and the calls still pending are cancelled."""
+        semaphore = asyncio.Semaphore(self.concurrency)
+
+        async def one(image: ImageInput) -> dict[str, Any]:
+            async with semaphore:
+                return await self.predict(image, **overrides)
+
+        tasks = [asyncio.ensure_future(one(image)) for image in images]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            raise
+
+    async def history(self, limit: int | None = None, *, page_size: int | None = None) -> AsyncIterator[dict[str, Any]]:
+        """The session's predictions, newest first, fetched a page at a time as you iterate (all of
+        them, or the newest `limit`). Errors surface when iteration reaches the failing page."""
+        pager = protocol.HistoryPager(limit, page_size)
+        while (call := pager.next_call()) is not None:
+            for item in pager.take(await self._send(call)):
+                yield item
+
+    async def history_item(self, history_id: str) -> dict[str, Any]:
+        return await self._send(protocol.history_item(history_id))
+
+    # -- life cycle -------------------------------------------------------------------------------
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        # Best effort, as in Client.__exit__.
+        try:
+            if self._owns_session and self.token:
+                with contextlib.suppress(InferenceError):
+                    await self.logout()
+        finally:
+            await self.aclose()
+
+    # -- transport --------------------------------------------------------------------------------
+    async def _send(self, call: protocol.Call) -> Any:
+        """Send `call`, trying again while the retry policy says so; its shaped result or its error."""
+        exchange = protocol.Exchange(call, self.policy, self.token)
+        while (wait := exchange.after(await self._try(exchange.request))) is not None:
+            await asyncio.sleep(wait)
+        return exchange.result()
+
+    async def _try(self, request: dict[str, Any]) -> protocol.Outcome:
+        try:
+            return await self._http.request(**request)
+        except httpx.TransportError as error:
+            return error

@@ -1,0 +1,157 @@
+"""The command line: `python -m clients.python` or, installed, `inference-client`.
+
+    inference-client predict tests/data/cat.jpg tests/data/coffee.jpg --top-k 3
+    inference-client history --token "$TOKEN" --limit 10
+    inference-client predict tests/data/cat.jpg --json
+
+Exit status: 0 done, 1 the server refused or could not be reached (`error: <code>: <message>` on
+stderr), 2 a usage error (bad arguments, an image file that cannot be read).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any, TextIO
+
+from clients.python.client import Client
+from clients.python.errors import InferenceError
+from clients.python.protocol import DEFAULT_URL
+
+OK, FAILED, USAGE = 0, 1, 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # argparse exits on --help (0) and on bad arguments (2)
+        return exit_.code if isinstance(exit_.code, int) else USAGE
+    try:
+        return args.run(args)
+    except InferenceError as error:
+        print(f"error: {error.code}: {error.message}", file=sys.stderr)
+        return FAILED
+    except (OSError, ValueError, TypeError) as error:  # the image could not be read or is no image
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # The connection options sit on each subcommand, so they can follow it: `predict x.jpg --url U`.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default=DEFAULT_URL, help=f"server address (default {DEFAULT_URL})")
+    common.add_argument("--token", help="use this existing session instead of logging in")
+    common.add_argument("--api-key", help="API key for logging in, where the server requires one")
+    common.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
+    common.add_argument("--json", action="store_true", help="print the server's JSON, one object per line")
+
+    parser = argparse.ArgumentParser(prog="inference-client",
+                                     description="Classify images with the session-aware inference server.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{predict,history}")
+
+    predict = commands.add_parser("predict", parents=[common], help="classify images",
+                                  description="Log in (unless --token), classify each image, print its top classes.")
+    predict.add_argument("images", nargs="+", metavar="IMG", help="JPEG, PNG, WebP, GIF or BMP file")
+    predict.add_argument("--top-k", type=int, metavar="N", help="how many classes to show (1-20)")
+    predict.add_argument("--keep-session", action="store_true",
+                         help="do not log out afterwards; print the token (for --token) on stderr")
+    predict.set_defaults(run=run_predict)
+
+    history = commands.add_parser("history", parents=[common], help="list a session's predictions",
+                                  description="List a session's predictions, newest first (needs --token).")
+    history.add_argument("--limit", type=int, metavar="N", help="show at most N (default: all)")
+    history.set_defaults(run=run_history)
+    return parser
+
+
+def run_predict(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        if not args.token:
+            client.login(args.api_key)
+        for index, path in enumerate(args.images):
+            result = client.predict(path, top_k=args.top_k)
+            if args.json:
+                _print_json(result)
+            else:
+                if index:
+                    print()
+                print_prediction(path, result)
+        if args.keep_session and not args.token:
+            print(f"session token (pass it as --token): {client.token}", file=sys.stderr)
+    finally:
+        _finish(client, logout=not args.token and not args.keep_session)
+    return OK
+
+
+def run_history(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        if not args.token:
+            # Without a token there is no earlier session to read: a new one's history is empty.
+            client.login(args.api_key)
+        items = list(client.history(args.limit))
+        if args.json:
+            for item in items:
+                _print_json(item)
+        elif items:
+            print_history(items)
+        elif args.token:
+            print("This session has no predictions yet.")
+        else:
+            print("No history: this is a new session. Pass --token to read an existing session's history.")
+    finally:
+        _finish(client, logout=not args.token)
+    return OK
+
+
+def print_prediction(image: str, result: dict[str, Any], out: TextIO | None = None) -> None:
+    print(f"{image}: {result['label']} (class {result['predicted_class']})", file=out)
+    rows = [(str(rank), item["label"], _percent(item["score"])) for rank, item in enumerate(result["top_k"], 1)]
+    print_table(("rank", "label", "score"), rows, right=(0, 2), out=out)
+
+
+def print_history(items: list[dict[str, Any]], out: TextIO | None = None) -> None:
+    rows = [(item["id"], item["created_at"], item["label"], _percent(item["top_k"][0]["score"])) for item in items]
+    print_table(("id", "created", "label", "score"), rows, right=(3,), out=out)
+
+
+def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, right: Sequence[int] = (),
+                out: TextIO | None = None) -> None:
+    """Columns padded to their widest cell, two spaces apart; numbers right-aligned."""
+    table = [list(header), *map(list, rows)]
+    widths = [max(len(row[column]) for row in table) for column in range(len(header))]
+    for row in table:
+        cells = [cell.rjust(width) if column in right else cell.ljust(width)
+                 for column, (cell, width) in enumerate(zip(row, widths, strict=True))]
+        print("  " + "  ".join(cells).rstrip(), file=out)
+
+
+def _percent(score: float) -> str:
+    return f"{100 * score:.2f}%"
+
+
+def _print_json(payload: Any) -> None:
+    print(json.dumps(payload, ensure_ascii=False))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return Client(args.url, token=args.token, timeout=args.timeout)
+
+
+def _finish(client: Client, *, logout: bool) -> None:
+    """Close the client, first logging out of a session this run made (best effort)."""
+    try:
+        if logout and client.token:
+            client.logout()
+    except InferenceError:
+        pass
+    finally:
+        client.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

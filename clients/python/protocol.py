@@ -1,0 +1,330 @@
+"""What the sync and async clients share: building requests, reading responses, deciding retries.
+
+Neither client builds a request or reads a response itself. Each turns a method call into a `Call`
+here, runs it through an `Exchange` (which says whether and how long to wait before another try)
+and sends the attempts with its own flavour of httpx. So both clients behave the same by
+construction, and each holds only the I/O that differs between them.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import math
+import os
+import random
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import quote
+
+import httpx
+
+from clients.python.errors import ConnectionFailed, InferenceError, RateLimited, ServerBusy, error_class
+
+#: What `predict` accepts: a path, the encoded bytes, a binary file object, or a PIL image.
+ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Any
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+MAX_PAGE = 100  # the server's largest history page
+MAX_WAIT = 30.0  # the longest we wait between tries, whatever Retry-After asks for
+
+# Errors after which the same request may well succeed; anything else (a bad URL, say) will not.
+RETRYABLE_ERRORS = (httpx.TimeoutException, httpx.NetworkError, httpx.RemoteProtocolError)
+RETRYABLE_STATUSES = frozenset({429, 503})
+
+
+# -- requests ------------------------------------------------------------------------------------
+
+def _identity(body: Any) -> Any:
+    return body
+
+
+@dataclass(frozen=True)
+class Call:
+    """One logical API call: the request to send on every try, and how to shape the JSON answer."""
+
+    method: str
+    path: str
+    params: Mapping[str, str] | None = None
+    json: Any = None
+    content: bytes | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    shape: Callable[[Any], Any] = _identity
+
+    def request(self, token: str | None) -> dict[str, Any]:
+        """Keyword arguments for `httpx.Client.request` / `httpx.AsyncClient.request`."""
+        headers = dict(self.headers)
+        if token and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {token}"
+        args: dict[str, Any] = {"method": self.method, "url": self.path, "headers": headers}
+        if self.params:
+            args["params"] = dict(self.params)
+        if self.json is not None:
+            args["json"] = self.json
+        if self.content is not None:
+            args["content"] = self.content
+        return args
+
+
+def login(api_key: str | None = None, options: Mapping[str, Any] | None = None) -> Call:
+    headers = {"Authorization": f"ApiKey {api_key}"} if api_key else {}
+    return Call("POST", "/v1/sessions", json={"options": dict(options)} if options else None, headers=headers)
+
+
+def predict(image: ImageInput, overrides: Mapping[str, Any]) -> Call:
+    """The predict call. Its Idempotency-Key is made once here, so every retry of it sends the same
+    key and a server that honours it will not record one image twice."""
+    body, content_type = encode_image(image)
+    return Call("POST", "/v1/predict", params=query_params(overrides), content=body,
+                headers={"Content-Type": content_type, "Idempotency-Key": str(uuid.uuid4())})
+
+
+def get_options() -> Call:
+    return Call("GET", "/v1/session/options", shape=lambda body: body["options"])
+
+
+def set_options(changes: Mapping[str, Any]) -> Call:
+    return Call("PATCH", "/v1/session/options", json=dict(changes), shape=lambda body: body["options"])
+
+
+def session() -> Call:
+    return Call("GET", "/v1/session")
+
+
+def history_item(history_id: str) -> Call:
+    return Call("GET", f"/v1/history/{quote(history_id, safe='')}")
+
+
+def logout() -> Call:
+    return Call("DELETE", "/v1/session")
+
+
+def query_params(overrides: Mapping[str, Any]) -> dict[str, str]:
+    """Per-request option overrides as the server reads them: lists comma-separated, None left out."""
+    params: dict[str, str] = {}
+    for name, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, list | tuple):
+            params[name] = ",".join(str(item) for item in value)
+        elif isinstance(value, bool):
+            params[name] = "true" if value else "false"
+        else:
+            params[name] = str(value)
+    return params
+
+
+class HistoryPager:
+    """Walks `GET /v1/history` page by page, passing each page's `next` back as `before`.
+
+    The clients loop `while (call := pager.next_call()) is not None: ... pager.take(page)`, so
+    paging is the same for both and stops at `limit` items (all of them when limit is None).
+    """
+
+    def __init__(self, limit: int | None = None, page_size: int | None = None):
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be 0 or more")
+        if page_size is not None and not 1 <= page_size <= MAX_PAGE:
+            raise ValueError(f"page_size must be from 1 to {MAX_PAGE}")
+        self.remaining = limit
+        self.page_size = page_size or min(limit or MAX_PAGE, MAX_PAGE)
+        self.before: str | None = None
+        self.done = limit == 0
+
+    def next_call(self) -> Call | None:
+        if self.done:
+            return None
+        size = self.page_size if self.remaining is None else min(self.page_size, self.remaining)
+        params = {"limit": str(size)}
+        if self.before:
+            params["before"] = self.before
+        return Call("GET", "/v1/history", params=params)
+
+    def take(self, page: Mapping[str, Any]) -> list[dict[str, Any]]:
+        """The page's items to yield (trimmed to the limit); remembers where the next page starts."""
+        items: list[dict[str, Any]] = list(page["items"])
+        if self.remaining is not None:
+            items = items[: self.remaining]
+            self.remaining -= len(items)
+        self.before = page.get("next")
+        self.done = not self.before or not items or self.remaining == 0
+        return items
+
+
+# -- images --------------------------------------------------------------------------------------
+
+_SIGNATURES: tuple[tuple[bytes, str], ...] = (
+    (b"\xff\xd8\xff", "image/jpeg"),
+    (b"\x89PNG\r\n\x1a\n", "image/png"),
+    (b"GIF87a", "image/gif"),
+    (b"GIF89a", "image/gif"),
+    (b"BM", "image/bmp"),
+)
+
+
+def sniff_content_type(data: bytes) -> str:
+    """The image's media type from its magic bytes: file names and suffixes are not trusted."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    for signature, media_type in _SIGNATURES:
+        if data.startswith(signature):
+            return media_type
+    raise ValueError("not a JPEG, PNG, WebP, GIF or BMP image (the formats the server takes)")
+
+
+def encode_image(image: ImageInput) -> tuple[bytes, str]:
+    """The bytes to upload and their Content-Type. Read once, so a retry resends the same body."""
+    if isinstance(image, bytes | bytearray | memoryview):
+        data = bytes(image)
+    elif isinstance(image, str | os.PathLike):
+        data = Path(image).read_bytes()
+    elif _is_pil_image(image):
+        data = _pil_to_png(image)
+    elif hasattr(image, "read"):
+        data = image.read()
+        if not isinstance(data, bytes):
+            raise TypeError("open the image file in binary mode ('rb')")
+    else:
+        raise TypeError(f"cannot send {type(image).__name__} as an image; "
+                        "pass a path, bytes, a binary file or a PIL image")
+    return data, sniff_content_type(data)
+
+
+def _is_pil_image(image: Any) -> bool:
+    # Pillow stays optional: if PIL.Image was never imported, `image` cannot be one of its images.
+    pil = sys.modules.get("PIL.Image")
+    return pil is not None and isinstance(image, pil.Image)
+
+
+def _pil_to_png(image: Any) -> bytes:
+    # PNG, not JPEG: lossless, so the server sees exactly the pixels the caller has.
+    if image.mode not in {"1", "L", "LA", "I", "I;16", "P", "RGB", "RGBA"}:
+        image = image.convert("RGBA" if "A" in image.mode else "RGB")
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1)
+    return buffer.getvalue()
+
+
+# -- responses -----------------------------------------------------------------------------------
+
+def read_response(response: httpx.Response) -> Any:
+    """The JSON body of a success (None for 204), or the typed error for a failure."""
+    if response.is_success:
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise InferenceError("invalid_response", "The server's answer is not JSON.",
+                                 status=response.status_code,
+                                 request_id=response.headers.get("X-Request-ID")) from None
+    raise error_from_response(response)
+
+
+def error_from_response(response: httpx.Response) -> InferenceError:
+    """The server's `{"error": {"code", "message"}}` as an exception; any other body (a proxy's HTML
+    page, say) still gives a usable one, named after the status."""
+    status = response.status_code
+    code, message = f"http_{status}", response.reason_phrase or "HTTP error"
+    try:
+        error = response.json()["error"]
+        code, message = str(error["code"]), str(error["message"])
+    except (ValueError, KeyError, TypeError):
+        text = response.text.strip()
+        if text:
+            message = text[:200]
+    cls = error_class(status)
+    kwargs: dict[str, Any] = {"status": status, "request_id": response.headers.get("X-Request-ID")}
+    if issubclass(cls, RateLimited | ServerBusy):
+        kwargs["retry_after"] = retry_after(response.headers)
+    return cls(code, message, **kwargs)
+
+
+def retry_after(headers: Mapping[str, str]) -> float | None:
+    """Retry-After in seconds: either delta-seconds or an HTTP date; None when absent or unreadable."""
+    value = headers.get("Retry-After", "").strip()
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        seconds = when.timestamp() - time.time()
+    return max(0.0, seconds) if math.isfinite(seconds) else None
+
+
+# -- retries -------------------------------------------------------------------------------------
+
+Outcome = httpx.Response | httpx.TransportError
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When to try a call again: network failures, 503 and 429 only, never other 4xx (those would
+    fail the same way again). The wait doubles from `backoff`, or follows Retry-After, capped at
+    `max_wait`, plus up to a quarter of `backoff` of jitter so that clients refused together do
+    not all come back at the same instant."""
+
+    retries: int = 3
+    backoff: float = 0.25
+    max_wait: float = MAX_WAIT
+
+    def wait(self, attempt: int, outcome: Outcome) -> float | None:
+        """Seconds to wait after try number `attempt` (0-based) before the next, or None to stop."""
+        if attempt >= self.retries:
+            return None
+        if isinstance(outcome, httpx.Response):
+            if outcome.status_code not in RETRYABLE_STATUSES:
+                return None
+            hint = retry_after(outcome.headers)
+        elif isinstance(outcome, RETRYABLE_ERRORS):
+            hint = None
+        else:
+            return None
+        delay = hint if hint is not None else self.backoff * 2**attempt
+        return min(delay, self.max_wait) + random.uniform(0, self.backoff / 4)
+
+
+class Exchange:
+    """One call's life across its tries. The clients drive it in three lines:
+
+        exchange = Exchange(call, policy, token)
+        while (wait := exchange.after(send(exchange.request))) is not None:
+            sleep(wait)
+        return exchange.result()
+    """
+
+    def __init__(self, call: Call, policy: RetryPolicy, token: str | None):
+        self.call = call
+        self.policy = policy
+        self.request = call.request(token)
+        self.attempts = 0
+        self.outcome: Outcome | None = None
+
+    def after(self, outcome: Outcome) -> float | None:
+        """Record one try's outcome; the wait before the next try, or None when this one is final."""
+        self.outcome = outcome
+        wait = self.policy.wait(self.attempts, outcome)
+        self.attempts += 1
+        return wait
+
+    def result(self) -> Any:
+        """The shaped JSON answer of the final try, or its typed error."""
+        outcome = self.outcome
+        if outcome is None:
+            raise RuntimeError("result() before any try")
+        if isinstance(outcome, httpx.TransportError):
+            tries = f" after {self.attempts} tries" if self.attempts > 1 else ""
+            raise ConnectionFailed("connection_failed",
+                                   f"{self.call.method} {self.call.path} got no answer{tries}: "
+                                   f"{outcome or type(outcome).__name__}") from outcome
+        body = read_response(outcome)
+        return None if body is None else self.call.shape(body)

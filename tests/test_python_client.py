@@ -1,0 +1,353 @@
+"""The Python client (clients/python): against the real server, and its retry logic on mock transports."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from PIL import Image
+
+from clients.python import (
+    AsyncClient,
+    AuthError,
+    Client,
+    ConnectionFailed,
+    InferenceError,
+    NotFoundError,
+    RateLimited,
+    ServerBusy,
+    ServerError,
+    ValidationError,
+    protocol,
+)
+from clients.python import client as sync_module
+from clients.python.cli import main
+from handlers.sessions import api_key_hash
+from tests.conftest import (
+    CAT_CLASSES,
+    CAT_JPEG,
+    COFFEE_CLASSES,
+    COFFEE_JPEG,
+    DATA,
+    TEST_SECRET,
+    RunningServer,
+    make_config,
+)
+
+CAT_PATH = DATA / "cat.jpg"
+
+
+def top3(result: dict[str, Any]) -> set[int]:
+    return {item["class_index"] for item in result["top_k"][:3]}
+
+
+# -- against the real server ---------------------------------------------------------------------
+
+def test_sync_flow(server: RunningServer) -> None:
+    with Client(server.url) as client:
+        login = client.login(options={"top_k": 3})
+        assert client.token == login["token"] and login["options"]["top_k"] == 3
+
+        by_path = client.predict(CAT_PATH)
+        by_bytes = client.predict(COFFEE_JPEG)
+        with CAT_PATH.open("rb") as file:
+            by_file = client.predict(file)
+        by_pil = client.predict(Image.open(io.BytesIO(COFFEE_JPEG)), top_k=2, mean=[0.5, 0.5, 0.5])
+        assert top3(by_path) & CAT_CLASSES and top3(by_file) & CAT_CLASSES
+        assert top3(by_bytes) & COFFEE_CLASSES and by_pil["predicted_class"] in COFFEE_CLASSES
+        assert len(by_path["top_k"]) == 3
+        assert len(by_pil["top_k"]) == 2 and by_pil["options"]["mean"] == [0.5, 0.5, 0.5]
+
+        # Newest first, across pages of 2; `limit` stops mid-page.
+        newest_first = [by_pil["id"], by_file["id"], by_bytes["id"], by_path["id"]]
+        assert [item["id"] for item in client.history(page_size=2)] == newest_first
+        assert [item["id"] for item in client.history(limit=3, page_size=2)] == newest_first[:3]
+        assert [item["id"] for item in client.history(limit=1)] == newest_first[:1]
+        item = client.history_item(by_bytes["id"])
+        assert item["id"] == by_bytes["id"] and item["predicted_class"] == by_bytes["predicted_class"]
+        with pytest.raises(NotFoundError) as missing:
+            client.history_item("1-0")
+        assert missing.value.code == "history_item_not_found" and missing.value.status == 404
+
+        assert client.options()["top_k"] == 3
+        options = client.set_options(top_k=4, interpolation="bicubic")
+        assert options["top_k"] == 4 and options["interpolation"] == "bicubic"
+        assert client.session()["predictions"] == 4
+
+        with pytest.raises(ValidationError) as invalid:
+            client.set_options(top_k=99)
+        assert invalid.value.code == "invalid_options" and invalid.value.status == 422
+        assert invalid.value.request_id and "top_k" in invalid.value.message
+
+        token = client.token
+        client.logout()
+        assert client.token is None
+        with pytest.raises(AuthError) as no_token:
+            client.session()
+        assert no_token.value.code == "missing_token"
+
+    with Client(server.url, token=token) as stale, pytest.raises(AuthError) as revoked:
+        stale.predict(CAT_JPEG)
+    assert revoked.value.code == "session_revoked" and revoked.value.status == 401
+
+
+def test_context_manager_logs_out_only_its_own_session(server: RunningServer) -> None:
+    with Client(server.url) as client:
+        token = client.login()["token"]
+    with Client(server.url, token=token) as reused, pytest.raises(AuthError, match="session_revoked"):
+        reused.session()
+
+    with Client(server.url) as owner:
+        token = owner.login()["token"]
+        with Client(server.url, token=token) as borrower:
+            borrower.session()
+        assert owner.session()["session_id"]  # the borrower's exit did not log it out
+
+
+def test_async_flow(server: RunningServer) -> None:
+    async def flow() -> tuple[str, AsyncClient]:
+        async with AsyncClient(server.url, concurrency=2) as client:
+            await client.login()
+            results = await client.predict_many([CAT_JPEG, COFFEE_JPEG, CAT_PATH, COFFEE_JPEG])
+            assert [bool(top3(r) & CAT_CLASSES) for r in results] == [True, False, True, False]
+            assert top3(results[1]) & COFFEE_CLASSES and top3(results[3]) & COFFEE_CLASSES
+            history = [item["id"] async for item in client.history(page_size=3)]
+            assert sorted(history, reverse=True) == history and set(history) == {r["id"] for r in results}
+            assert [item["id"] async for item in client.history(limit=2)] == history[:2]
+            assert (await client.history_item(history[0]))["id"] == history[0]
+            assert (await client.set_options(crop=200))["crop"] == 200
+            assert (await client.options())["crop"] == 200
+            assert (await client.session())["predictions"] == 4
+            with pytest.raises(ValidationError, match="invalid_options"):
+                await client.set_options(color="sepia")
+            with pytest.raises(ValidationError) as bad_override:
+                await client.predict(CAT_JPEG, top_k=0)
+            assert bad_override.value.code == "invalid_options"
+            token = client.token or ""
+        return token, client
+
+    token, client = asyncio.run(flow())
+    assert client.token is None  # logged out on exit
+
+    async def stale() -> None:
+        async with AsyncClient(server.url, token=token) as old:
+            await old.session()
+
+    with pytest.raises(AuthError, match="session_revoked"):
+        asyncio.run(stale())
+
+
+def test_api_key_login(serve: Callable[..., Any]) -> None:
+    config = make_config(auth={"secret_keys": [TEST_SECRET], "api_keys": [api_key_hash("k")]})
+    with serve(config) as keyed, Client(keyed.url) as client:
+        with pytest.raises(AuthError) as missing:
+            client.login()
+        assert missing.value.code == "missing_api_key"
+        with pytest.raises(AuthError, match="invalid_api_key"):
+            client.login("wrong")
+        assert client.login("k")["session_id"]
+        assert client.session()["predictions"] == 0
+
+
+def test_cli_predict_and_history(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["predict", str(CAT_PATH), str(DATA / "coffee.jpg"), "--url", server.url, "--top-k", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "Egyptian cat" in out or "tabby" in out or "tiger cat" in out
+    assert "rank" in out and "%" in out and "coffee.jpg" in out
+
+    assert main(["predict", str(CAT_PATH), "--url", server.url, "--keep-session", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["predicted_class"] in CAT_CLASSES
+    token = captured.err.rsplit(" ", 1)[-1].strip()
+
+    assert main(["history", "--url", server.url, "--token", token]) == 0
+    out = capsys.readouterr().out
+    assert "created" in out and len(out.strip().splitlines()) == 2  # header + the one prediction
+    assert main(["history", "--url", server.url, "--token", token, "--json", "--limit", "5"]) == 0
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1
+
+    assert main(["history", "--url", server.url]) == 0
+    assert "new session" in capsys.readouterr().out
+
+
+def test_cli_errors(server: RunningServer, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["predict", str(CAT_PATH), "--url", server.url, "--top-k", "99"]) == 1
+    assert capsys.readouterr().err.startswith("error: invalid_options: ")
+    assert main(["history", "--url", server.url, "--token", "nonsense"]) == 1
+    assert capsys.readouterr().err.startswith("error: malformed_token: ")
+    assert main(["predict", str(tmp_path / "missing.jpg"), "--url", server.url]) == 2
+    assert main(["predict"]) == 2
+    assert main([]) == 2
+    capsys.readouterr()
+
+
+# -- retries and errors, on mock transports --------------------------------------------------------
+
+class Script:
+    """A MockTransport handler that answers from a list, recording the requests it saw."""
+
+    def __init__(self, *answers: httpx.Response | Exception):
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def error(status: int, code: str, headers: dict[str, str] | None = None) -> httpx.Response:
+    return httpx.Response(status, json={"error": {"code": code, "message": f"{code}."}},
+                          headers={"X-Request-ID": f"req-{status}", **(headers or {})})
+
+
+def ok_prediction() -> httpx.Response:
+    return httpx.Response(200, json={"id": "1-0", "label": "tabby", "predicted_class": 281, "top_k": []})
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[float]]:
+    """The waits the sync client asked for, without waiting."""
+    waits: list[float] = []
+    monkeypatch.setattr(sync_module, "sleep", waits.append)
+    yield waits
+
+
+def mock_client(script: Script, **settings: Any) -> Client:
+    return Client("http://mock", token="t", transport=httpx.MockTransport(script), **settings)
+
+
+def test_503_is_retried_with_the_same_idempotency_key(sleeps: list[float]) -> None:
+    script = Script(error(503, "server_busy", {"Retry-After": "0"}), ok_prediction())
+    with mock_client(script, backoff=0.1) as client:
+        assert client.predict(CAT_JPEG, mean=(0.4, 0.5, 0.6))["label"] == "tabby"
+    first, second = script.requests
+    assert first.headers["Idempotency-Key"] == second.headers["Idempotency-Key"]
+    assert first.headers["Content-Type"] == "image/jpeg" and first.headers["Authorization"] == "Bearer t"
+    assert first.url.params["mean"] == "0.4,0.5,0.6" and first.content == CAT_JPEG == second.content
+    assert len(sleeps) == 1 and 0 <= sleeps[0] <= 0.1 / 4  # Retry-After: 0, plus jitter
+
+    script = Script(ok_prediction(), ok_prediction())
+    with mock_client(script) as client:
+        client.predict(CAT_JPEG)
+        client.predict(CAT_JPEG)
+    assert script.requests[0].headers["Idempotency-Key"] != script.requests[1].headers["Idempotency-Key"]
+
+
+def test_busy_until_out_of_retries(sleeps: list[float]) -> None:
+    script = Script(*[error(503, "server_busy", {"Retry-After": "2"}) for _ in range(3)])
+    with mock_client(script, retries=2, backoff=0) as client, pytest.raises(ServerBusy) as busy:
+        client.predict(CAT_JPEG)
+    assert len(script.requests) == 3 and sleeps == [2.0, 2.0]
+    assert busy.value.retry_after == 2.0 and busy.value.code == "server_busy" and busy.value.request_id == "req-503"
+    assert isinstance(busy.value, ServerError)
+
+    script = Script(error(429, "rate_limited", {"Retry-After": "1"}), error(429, "rate_limited"))
+    with mock_client(script, retries=1, backoff=0) as client, pytest.raises(RateLimited) as limited:
+        client.session()
+    assert len(script.requests) == 2 and limited.value.retry_after is None
+
+
+@pytest.mark.parametrize(("status", "code", "kind"), [
+    (422, "invalid_image", ValidationError),
+    (400, "invalid_parameter", ValidationError),
+    (401, "token_expired", AuthError),
+    (404, "history_item_not_found", NotFoundError),
+    (500, "inference_failed", ServerError),
+])
+def test_other_errors_are_not_retried(sleeps: list[float], status: int, code: str, kind: type[Exception]) -> None:
+    script = Script(error(status, code))
+    with mock_client(script) as client, pytest.raises(kind) as raised:
+        client.predict(CAT_JPEG)
+    assert len(script.requests) == 1 and not sleeps
+    assert isinstance(raised.value, InferenceError)
+    assert (raised.value.status, raised.value.code, raised.value.request_id) == (status, code, f"req-{status}")
+
+
+def test_connection_errors_back_off_then_fail(sleeps: list[float]) -> None:
+    script = Script(*[httpx.ConnectError("refused") for _ in range(4)])
+    with mock_client(script, retries=3, backoff=0.1) as client, pytest.raises(ConnectionFailed) as failed:
+        client.options()
+    assert len(script.requests) == 4 and failed.value.code == "connection_failed" and failed.value.status is None
+    for wait, base in zip(sleeps, [0.1, 0.2, 0.4], strict=True):
+        assert base <= wait <= base + 0.1 / 4
+
+    script = Script(httpx.ReadTimeout("slow"), ok_prediction())
+    with mock_client(script, backoff=0) as client:
+        assert client.predict(CAT_JPEG)["id"] == "1-0"
+    assert len(script.requests) == 2
+
+
+def test_retry_policy_caps_waits() -> None:
+    policy = protocol.RetryPolicy(retries=10, backoff=1.0, max_wait=5.0)
+    busy = error(503, "server_busy", {"Retry-After": "3600"})
+    assert 5.0 <= policy.wait(0, busy) <= 5.25  # type: ignore[operator]
+    assert 5.0 <= policy.wait(8, httpx.ConnectError("x")) <= 5.25  # type: ignore[operator]
+    assert policy.wait(10, busy) is None
+    assert policy.wait(0, error(422, "invalid_options")) is None
+    date = httpx.Response(503, headers={"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"})
+    assert protocol.retry_after(date.headers) == 0.0  # a date in the past: go now
+
+
+def test_non_json_error_bodies() -> None:
+    script = Script(httpx.Response(502, text="<html>Bad gateway</html>"), httpx.Response(200, text="not json"))
+    with mock_client(script, retries=0) as client:
+        with pytest.raises(ServerError) as bad_gateway:
+            client.session()
+        assert bad_gateway.value.code == "http_502" and "Bad gateway" in bad_gateway.value.message
+        with pytest.raises(InferenceError, match="invalid_response"):
+            client.session()
+
+
+def test_login_sends_api_key_and_options() -> None:
+    script = Script(httpx.Response(201, json={"token": "new", "session_id": "s"}), httpx.Response(204))
+    with Client("http://mock", transport=httpx.MockTransport(script)) as client:
+        client.login("secret", options={"top_k": 2})
+        assert client.token == "new"
+    login, logout = script.requests
+    assert login.headers["Authorization"] == "ApiKey secret" and json.loads(login.content) == {"options": {"top_k": 2}}
+    assert logout.method == "DELETE" and logout.headers["Authorization"] == "Bearer new"
+
+
+def test_async_retries() -> None:
+    script = Script(httpx.ConnectError("refused"), error(503, "server_busy", {"Retry-After": "0"}), ok_prediction(),
+                    error(422, "invalid_image"))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return script(request)
+
+    async def run() -> None:
+        async with AsyncClient("http://mock", token="t", backoff=0.01, transport=httpx.MockTransport(handler)) as c:
+            assert (await c.predict(CAT_JPEG))["id"] == "1-0"
+            with pytest.raises(ValidationError):
+                await c.predict(CAT_JPEG)
+
+    asyncio.run(run())
+    assert len(script.requests) == 4
+    assert len({request.headers["Idempotency-Key"] for request in script.requests[:3]}) == 1
+
+
+def test_image_inputs(tmp_path: Path) -> None:
+    assert protocol.encode_image(CAT_JPEG) == (CAT_JPEG, "image/jpeg")
+    assert protocol.encode_image(str(CAT_PATH)) == (CAT_JPEG, "image/jpeg")
+    for fmt, media_type in [("PNG", "image/png"), ("GIF", "image/gif"), ("BMP", "image/bmp"), ("WEBP", "image/webp")]:
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8)).save(buffer, format=fmt)
+        assert protocol.sniff_content_type(buffer.getvalue()) == media_type
+    data, media_type = protocol.encode_image(Image.new("CMYK", (8, 8)))
+    assert media_type == "image/png" and Image.open(io.BytesIO(data)).mode == "RGB"
+    with pytest.raises(ValueError, match="not a JPEG"):
+        protocol.encode_image(b"hello")
+    with pytest.raises(TypeError, match="binary mode"):
+        protocol.encode_image(io.StringIO("text"))
+    with pytest.raises(TypeError):
+        protocol.encode_image(42)
+    assert protocol.query_params({"top_k": 3, "mean": [1, 2, 3], "crop": None}) == {"top_k": "3", "mean": "1,2,3"}
