@@ -135,6 +135,24 @@ def _store_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]
     return wrapper
 
 
+def _retried_once(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+    """Retry once on a dead connection, for operations that are safe to repeat.
+
+    After a Redis restart every pooled connection is dead and fails once; reads retry on a fresh
+    one. Appends (`record`) do not: a reply lost after the script ran would append twice, so their
+    caller gets a 503 and retries with its Idempotency-Key instead.
+    """
+
+    @functools.wraps(method)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(*args, **kwargs)
+        except RedisConnectionError:
+            return await method(*args, **kwargs)
+
+    return wrapper
+
+
 def connect(url: str, connect_timeout: float, command_timeout: float) -> aioredis.Redis:
     """An async client for redis://, rediss:// or unix:// URLs, with bounded timeouts."""
     return aioredis.from_url(
@@ -179,6 +197,7 @@ class SessionStore:
         return min(now_ms() + self.ttl_ms, deadline_ms)
 
     @_store_errors
+    @_retried_once
     async def ping(self) -> None:
         await self.redis.ping()
 
@@ -201,6 +220,7 @@ class SessionStore:
         return Session(session_id, created, expires, deadline, options, 0)
 
     @_store_errors
+    @_retried_once
     async def touch(
         self, token: VerifiedToken, *, cost: int = 0, idempotency_key: str | None = None
     ) -> Session:
@@ -287,6 +307,7 @@ class SessionStore:
         return history_id, bool(replayed)
 
     @_store_errors
+    @_retried_once
     async def history(
         self, session_id: str, *, limit: int, before: str | None = None
     ) -> tuple[list[dict[str, Any]], str | None]:
@@ -301,6 +322,7 @@ class SessionStore:
         return items, next_id
 
     @_store_errors
+    @_retried_once
     async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]:
         _, history_key, _ = self._keys(session_id)
         if HISTORY_ID.match(history_id):

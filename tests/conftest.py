@@ -138,7 +138,7 @@ class RunningServer:
         self.url, self.config, self.store, self.runner = url, config, store, runner
 
     def client(self, **kwargs: Any) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kwargs)
+        return httpx.Client(base_url=self.url, **{"timeout": 60, **kwargs})
 
 
 @pytest.fixture(scope="session")

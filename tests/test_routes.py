@@ -39,6 +39,40 @@ def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client)
             assert response.json()["error"]["code"] == "missing_token"
 
 
+def test_the_app_serves_only_api_routes_and_public_static_files(server) -> None:
+    from handlers.web import WebAssetHandler
+    from server.app import make_app
+
+    app = make_app(server.config, server.store, server.runner)
+    api = {pattern for pattern, _ in ROUTES}
+    for rule in app.wildcard_router.rules:
+        pattern = rule.matcher.regex.pattern.removesuffix("$")
+        assert pattern in api or rule.target is WebAssetHandler, pattern
+
+
+def test_page_has_security_headers_and_cors_is_opt_in(client: httpx.Client, serve) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and "text/html" in page.headers["Content-Type"]
+    assert "default-src 'self'" in page.headers["Content-Security-Policy"]
+    assert page.headers["X-Content-Type-Options"] == "nosniff" and page.headers["Referrer-Policy"] == "no-referrer"
+    assert client.get("/static/client/client.js").status_code == 200
+    missing = client.get("/static/nope.js")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    refused = client.options("/v1/predict", headers=preflight)
+    assert refused.status_code == 403 and "Access-Control-Allow-Origin" not in refused.headers
+    from tests.conftest import make_config
+
+    with serve(make_config(http={"cors_origins": ["https://app.example"]})) as cors, cors.client() as other:
+        allowed = other.options("/v1/predict", headers=preflight)
+        assert allowed.status_code == 204 and allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
+        assert "Authorization" in allowed.headers["Access-Control-Allow-Headers"]
+        assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
+        got = other.get("/healthz", headers={"Origin": "https://app.example"})
+        assert "X-Request-ID" in got.headers["Access-Control-Expose-Headers"]
+        assert "Access-Control-Allow-Origin" not in other.get("/healthz", headers={"Origin": "https://evil.example"}).headers
+
+
 def test_openapi_lists_exactly_the_routes_and_methods(client: httpx.Client) -> None:
     document = client.get("/openapi.json").json()
     assert document["openapi"].startswith("3.1")

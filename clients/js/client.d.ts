@@ -1,0 +1,180 @@
+// Types for client.js, the JavaScript client of the session-aware inference server.
+
+export type Interpolation = "bilinear" | "bicubic" | "nearest";
+export type Color = "rgb" | "grayscale";
+
+/** A session's preprocessing options, as the server returns them. */
+export interface Options {
+  /** Shorter side after resizing, 32–1024 (default 256). */
+  resize: number;
+  /** Centre crop, 32–1024 and ≤ resize (default 224). */
+  crop: number;
+  interpolation: Interpolation;
+  color: Color;
+  mean: [number, number, number];
+  std: [number, number, number];
+  /** How many classes to return, 1–20 (default 5). */
+  top_k: number;
+}
+
+/** Changes to options: any subset (PATCH merges them). */
+export type OptionChanges = Partial<Options>;
+
+/** Per-request overrides, sent as query parameters (arrays are joined with commas). */
+export type PredictOverrides = Partial<Options>;
+
+export interface LoginResult {
+  token: string;
+  session_id: string;
+  /** ISO 8601 time. */
+  expires_at: string;
+  options: Options;
+}
+
+export interface SessionInfo {
+  session_id: string;
+  created_at: string;
+  expires_at: string;
+  options: Options;
+  /** Number of predictions in the session's history. */
+  predictions: number;
+}
+
+export interface Score {
+  class_index: number;
+  label: string;
+  /** Probability, 0–1. */
+  score: number;
+}
+
+export interface ModelInfo {
+  name: string;
+  version: string;
+}
+
+/** A recorded prediction, as the history returns it. */
+export interface HistoryItem {
+  /** History id, e.g. "1795618038939-0"; newer ids sort after older ones. */
+  id: string;
+  created_at: string;
+  predicted_class: number;
+  label: string;
+  top_k: Score[];
+  options: Options;
+  model: ModelInfo;
+}
+
+/** The answer of predict(): the history item plus timings. */
+export interface Prediction extends HistoryItem {
+  timing_ms: { queue: number; preprocess: number; inference: number; [stage: string]: number };
+}
+
+export interface HistoryPage {
+  items: HistoryItem[];
+  /** Pass back as `before` for the next page; null on the last page. */
+  next: string | null;
+}
+
+export type ImageInput = Blob | ArrayBuffer | Uint8Array;
+
+export interface ClientSettings {
+  /** A token from an earlier login, to resume a session. */
+  token?: string | null;
+  /** Milliseconds per attempt before a request is aborted (ConnectionFailed, code "timeout"). Default 30000; 0 = none. */
+  timeout?: number;
+  /** Extra attempts after a network error, 503 or 429. Default 3. */
+  retries?: number;
+  /** First back-off delay in ms, doubled each retry (Retry-After wins when sent). Default 250. */
+  backoff?: number;
+  /** A fetch implementation to use instead of globalThis.fetch. */
+  fetch?: typeof globalThis.fetch;
+}
+
+export interface ErrorDetails {
+  code?: string;
+  status?: number;
+  requestId?: string | null;
+  body?: unknown;
+  cause?: unknown;
+  retryAfter?: number | null;
+  field?: string | null;
+}
+
+/** Base of every error the client throws. */
+export class InferenceError extends Error {
+  constructor(message: string, details?: ErrorDetails);
+  /** The server's snake_case code ("session_revoked", "invalid_options", …) or a client one ("timeout", "network_error", "invalid_url"). */
+  code: string;
+  /** HTTP status; 0 when no answer came. */
+  status: number;
+  /** The X-Request-ID of the answer, when there was one. */
+  requestId: string | null;
+  /** The parsed JSON body of the error answer, when there was one. */
+  body: unknown;
+}
+/** 401. */
+export class AuthError extends InferenceError {}
+/** 400 or 422. */
+export class ValidationError extends InferenceError {
+  /** For code "invalid_options": the option at fault, when known. */
+  field: string | null;
+}
+/** 404. */
+export class NotFoundError extends InferenceError {}
+/** 413. */
+export class PayloadTooLarge extends InferenceError {}
+/** 415. */
+export class UnsupportedMediaType extends InferenceError {}
+/** 429. */
+export class RateLimited extends InferenceError {
+  /** Seconds, from the Retry-After header; null when absent. */
+  retryAfter: number | null;
+}
+/** 503 (server_busy, store_unavailable). */
+export class ServerBusy extends InferenceError {
+  /** Seconds, from the Retry-After header; null when absent. */
+  retryAfter: number | null;
+}
+/** Any other 5xx. */
+export class ServerError extends InferenceError {}
+/** No HTTP answer: code "network_error" or "timeout". */
+export class ConnectionFailed extends InferenceError {}
+
+/** The image MIME type named by the first bytes (JPEG, PNG, GIF, WebP, BMP), or null. */
+export function sniffImageType(bytes: Uint8Array): string | null;
+
+export class Client {
+  /** @param baseUrl the server's address, e.g. "http://127.0.0.1:8000"; "" (default) means the page's own origin. */
+  constructor(baseUrl?: string, settings?: ClientSettings);
+  readonly baseUrl: string;
+  timeout: number;
+  retries: number;
+  backoff: number;
+  /** The session token: null before login() and after logout(). Set it to resume a session. */
+  token: string | null;
+
+  /** POST /v1/sessions. Keeps the token. `apiKey` is needed where the server sets auth.api_keys. */
+  login(args?: { apiKey?: string; options?: OptionChanges }): Promise<LoginResult>;
+  /** GET /v1/session. */
+  session(): Promise<SessionInfo>;
+  /** GET /v1/session/options. */
+  options(): Promise<Options>;
+  /** PATCH /v1/session/options; resolves to the options after the change. */
+  setOptions(changes: OptionChanges): Promise<Options>;
+  /** DELETE /v1/session; clears the token. */
+  logout(): Promise<void>;
+
+  /** POST /v1/predict with the raw image; `overrides` apply to this request only. */
+  predict(image: ImageInput, overrides?: PredictOverrides): Promise<Prediction>;
+  /** predict() for each image, `concurrency` at a time (default 4); results in input order. */
+  predictMany(images: Iterable<ImageInput>, settings?: PredictOverrides & { concurrency?: number }): Promise<Prediction[]>;
+
+  /** GET /v1/history: one page, newest first. */
+  historyPage(args?: { limit?: number; before?: string | null }): Promise<HistoryPage>;
+  /** Every history item, newest first, fetched `limit` (1–100, server default 20) per page as iteration goes on. */
+  history(args?: { limit?: number; before?: string | null }): AsyncGenerator<HistoryItem, void, undefined>;
+  /** GET /v1/history/<id>. */
+  historyItem(id: string): Promise<HistoryItem>;
+}
+
+export default Client;

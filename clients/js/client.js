@@ -1,0 +1,345 @@
+// JavaScript client for the session-aware inference server.
+//
+// One ES module, no build step and no dependencies: it uses only fetch, Blob, URL and
+// AbortController, so the same file runs in browsers and in Node 18+.
+//
+//   import { Client } from "@session-inference/client";
+//   const client = new Client("http://127.0.0.1:8000");
+//   await client.login();
+//   const result = await client.predict(bytes);          // {id, label, top_k, ...}
+
+const OPTION_NAMES = ["resize", "crop", "interpolation", "color", "mean", "std", "top_k"];
+
+// -- errors ------------------------------------------------------------------------------------
+
+/** Every error the client throws. `code` is the server's snake_case code (or a client-side one). */
+export class InferenceError extends Error {
+  constructor(message, { code = "error", status = 0, requestId = null, body = null, cause } = {}) {
+    super(message, cause === undefined ? undefined : { cause });
+    this.name = new.target.name;
+    this.code = code;
+    this.status = status;
+    this.requestId = requestId;
+    this.body = body;
+  }
+}
+/** 401: missing, malformed, forged, expired or revoked token; wrong API key. */
+export class AuthError extends InferenceError {}
+/** 400 or 422: bad request, bad options (`field` names the option when known), bad image. */
+export class ValidationError extends InferenceError {
+  constructor(message, details = {}) {
+    super(message, details);
+    this.field = details.field ?? null;
+  }
+}
+/** 404: unknown history id or route. */
+export class NotFoundError extends InferenceError {}
+/** 413: body over the server's `http.max_body_bytes`. */
+export class PayloadTooLarge extends InferenceError {}
+/** 415: not an image type the server takes. */
+export class UnsupportedMediaType extends InferenceError {}
+/** 429: slow down; `retryAfter` in seconds when the server said. */
+export class RateLimited extends InferenceError {
+  constructor(message, details = {}) {
+    super(message, details);
+    this.retryAfter = details.retryAfter ?? null;
+  }
+}
+/** 503: queue full or store unavailable; `retryAfter` in seconds. */
+export class ServerBusy extends InferenceError {
+  constructor(message, details = {}) {
+    super(message, details);
+    this.retryAfter = details.retryAfter ?? null;
+  }
+}
+/** Any other 5xx. */
+export class ServerError extends InferenceError {}
+/** No HTTP answer: network failure or timeout (`code` is "network_error" or "timeout"). */
+export class ConnectionFailed extends InferenceError {}
+
+function errorClass(status) {
+  if (status === 401) return AuthError;
+  if (status === 400 || status === 422) return ValidationError;
+  if (status === 404) return NotFoundError;
+  if (status === 413) return PayloadTooLarge;
+  if (status === 415) return UnsupportedMediaType;
+  if (status === 429) return RateLimited;
+  if (status === 503) return ServerBusy;
+  if (status >= 500) return ServerError;
+  return InferenceError;
+}
+
+// The option an `invalid_options` message is about: "top_k must be ...", "Unknown option 'foo' ...".
+function optionField(error) {
+  if (typeof error?.field === "string") return error.field;
+  const message = String(error?.message ?? "");
+  const unknown = /^Unknown option '([^']+)'/.exec(message);
+  if (unknown) return unknown[1];
+  const first = /^([a-z_]+)\b/.exec(message);
+  return first && OPTION_NAMES.includes(first[1]) ? first[1] : null;
+}
+
+// -- helpers -----------------------------------------------------------------------------------
+
+function parseRetryAfter(value) {
+  if (value == null || value === "") return null;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds);
+  const date = Date.parse(value);
+  return Number.isNaN(date) ? null : Math.max(0, (date - Date.now()) / 1000);
+}
+
+function uuid() {
+  const c = globalThis.crypto;
+  if (c?.randomUUID) {
+    try { return c.randomUUID(); } catch { /* insecure browser context: fall through */ }
+  }
+  const bytes = new Uint8Array(16);
+  if (c?.getRandomValues) c.getRandomValues(bytes);
+  else for (let i = 0; i < 16; i++) bytes[i] = Math.floor(Math.random() * 256);
+  bytes[6] = (bytes[6] & 0x0f) | 0x40;
+  bytes[8] = (bytes[8] & 0x3f) | 0x80;
+  const hex = Array.from(bytes, (b) => b.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
+}
+
+/** The image type named by the first bytes, or null. */
+export function sniffImageType(bytes) {
+  const b = bytes;
+  if (b.length >= 3 && b[0] === 0xff && b[1] === 0xd8 && b[2] === 0xff) return "image/jpeg";
+  if (b.length >= 8 && b[0] === 0x89 && b[1] === 0x50 && b[2] === 0x4e && b[3] === 0x47) return "image/png";
+  if (b.length >= 4 && b[0] === 0x47 && b[1] === 0x49 && b[2] === 0x46 && b[3] === 0x38) return "image/gif";
+  if (b.length >= 12 && b[0] === 0x52 && b[1] === 0x49 && b[2] === 0x46 && b[3] === 0x46
+      && b[8] === 0x57 && b[9] === 0x45 && b[10] === 0x42 && b[11] === 0x50) return "image/webp";
+  if (b.length >= 2 && b[0] === 0x42 && b[1] === 0x4d) return "image/bmp";
+  return null;
+}
+
+// Image input -> [body, Content-Type]. Blobs are sent as they are (the browser streams files).
+async function imageBody(image) {
+  if (typeof Blob !== "undefined" && image instanceof Blob) {
+    const head = new Uint8Array(await image.slice(0, 16).arrayBuffer());
+    return [image, sniffImageType(head) ?? (image.type || "application/octet-stream")];
+  }
+  let bytes;
+  if (image instanceof ArrayBuffer) bytes = new Uint8Array(image);
+  else if (ArrayBuffer.isView(image)) bytes = new Uint8Array(image.buffer, image.byteOffset, image.byteLength);
+  else throw new TypeError("predict(image): image must be a Blob, File, ArrayBuffer or Uint8Array");
+  return [bytes, sniffImageType(bytes) ?? "application/octet-stream"];
+}
+
+function queryString(params) {
+  const query = new URLSearchParams();
+  for (const [name, value] of Object.entries(params ?? {})) {
+    if (value === undefined || value === null) continue;
+    query.set(name, Array.isArray(value) ? value.join(",") : String(value));
+  }
+  const text = query.toString();
+  return text ? `?${text}` : "";
+}
+
+const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+// -- the client --------------------------------------------------------------------------------
+
+export class Client {
+  #fetch;
+  #token;
+
+  /**
+   * @param {string} baseUrl  server address, e.g. "http://127.0.0.1:8000"; "" = this page's origin
+   * @param {object} [settings]  token, timeout (ms per attempt), retries, backoff (ms), fetch
+   */
+  constructor(baseUrl = "", { token = null, timeout = 30000, retries = 3, backoff = 250, fetch } = {}) {
+    this.baseUrl = String(baseUrl ?? "").replace(/\/+$/, "");
+    this.#token = token ?? null;
+    this.timeout = timeout;
+    this.retries = retries;
+    this.backoff = backoff;
+    const f = fetch ?? globalThis.fetch;
+    if (typeof f !== "function") throw new TypeError("no fetch available: pass {fetch} to the Client");
+    // The built-in fetch must be called with the global object as `this` in browsers.
+    this.#fetch = fetch ? f : f.bind(globalThis);
+  }
+
+  /** The session token (null before login and after logout); settable to resume a session. */
+  get token() { return this.#token; }
+  set token(value) { this.#token = value ?? null; }
+
+  // -- sessions --------------------------------------------------------------------------------
+
+  /** POST /v1/sessions: log in and keep the token. Returns {token, session_id, expires_at, options}. */
+  async login({ apiKey, options } = {}) {
+    const headers = apiKey ? { Authorization: `ApiKey ${apiKey}` } : {};
+    const body = await this.#request("POST", "/v1/sessions", {
+      headers, json: options ? { options } : undefined, auth: false,
+    });
+    this.#token = body.token;
+    return body;
+  }
+
+  /** GET /v1/session: {session_id, created_at, expires_at, options, predictions}. */
+  session() { return this.#request("GET", "/v1/session"); }
+
+  /** GET /v1/session/options: the session's options. */
+  async options() { return (await this.#request("GET", "/v1/session/options")).options; }
+
+  /** PATCH /v1/session/options: merge `changes`, return the session's options after the change. */
+  async setOptions(changes) {
+    return (await this.#request("PATCH", "/v1/session/options", { json: changes ?? {} })).options;
+  }
+
+  /** DELETE /v1/session: log out; the token is refused from then on. */
+  async logout() {
+    await this.#request("DELETE", "/v1/session");
+    this.#token = null;
+  }
+
+  // -- predictions -----------------------------------------------------------------------------
+
+  /**
+   * POST /v1/predict with the image's raw bytes. `overrides` become query parameters that override
+   * the session's options for this request only (arrays are joined with commas: mean, std).
+   */
+  async predict(image, overrides = {}) {
+    const [body, contentType] = await imageBody(image);
+    return this.#request("POST", `/v1/predict${queryString(overrides)}`, {
+      body, headers: { "Content-Type": contentType, "Idempotency-Key": uuid() },
+    });
+  }
+
+  /**
+   * Predict several images, at most `concurrency` at a time; results in input order. Rejects with
+   * the first error (no new request starts after it).
+   */
+  async predictMany(images, { concurrency = 4, ...overrides } = {}) {
+    const list = Array.from(images);
+    const results = new Array(list.length);
+    let next = 0;
+    let failed = false;
+    const worker = async () => {
+      while (!failed && next < list.length) {
+        const index = next++;
+        try {
+          results[index] = await this.predict(list[index], overrides);
+        } catch (error) {
+          failed = true;
+          throw error;
+        }
+      }
+    };
+    const workers = Array.from({ length: Math.max(1, Math.min(concurrency, list.length)) }, worker);
+    await Promise.all(workers);
+    return results;
+  }
+
+  // -- history ---------------------------------------------------------------------------------
+
+  /** GET /v1/history: one page, newest first: {items, next}; pass `next` back as `before`. */
+  historyPage({ limit, before } = {}) {
+    return this.#request("GET", `/v1/history${queryString({ limit, before })}`);
+  }
+
+  /**
+   * Every history item, newest first, fetching pages of `limit` (1-100) as the loop goes on.
+   *   for await (const item of client.history({ limit: 50 })) { ... }
+   */
+  async *history({ limit, before } = {}) {
+    let cursor = before;
+    do {
+      const page = await this.historyPage({ limit, before: cursor });
+      yield* page.items;
+      cursor = page.next;
+    } while (cursor);
+  }
+
+  /** GET /v1/history/<id>: one item; NotFoundError if the session has no such item. */
+  historyItem(id) { return this.#request("GET", `/v1/history/${encodeURIComponent(id)}`); }
+
+  // -- transport -------------------------------------------------------------------------------
+
+  #url(path) {
+    const base = this.baseUrl || globalThis.location?.origin;
+    try {
+      return new URL(this.baseUrl + path, base).href;
+    } catch {
+      throw new InferenceError(`Cannot build a URL from baseUrl ${JSON.stringify(this.baseUrl)}; `
+        + "pass the server's address, e.g. new Client(\"http://127.0.0.1:8000\").", { code: "invalid_url" });
+    }
+  }
+
+  async #request(method, path, { json, body, headers = {}, auth = true } = {}) {
+    const url = this.#url(path);
+    const allHeaders = { Accept: "application/json", ...headers };
+    if (json !== undefined) {
+      body = JSON.stringify(json);
+      allHeaders["Content-Type"] = "application/json";
+    }
+    if (auth && this.#token && !allHeaders.Authorization) allHeaders.Authorization = `Bearer ${this.#token}`;
+
+    for (let attempt = 0; ; attempt++) {
+      let error;
+      try {
+        return await this.#attempt(method, url, allHeaders, body);
+      } catch (caught) {
+        error = caught;
+      }
+      const retriable = error instanceof ConnectionFailed || error instanceof ServerBusy
+        || error instanceof RateLimited;
+      if (!retriable || attempt >= this.retries) throw error;
+      const exponential = this.backoff * 2 ** attempt;
+      const delay = error.retryAfter != null
+        ? error.retryAfter * 1000
+        : exponential / 2 + Math.random() * (exponential / 2);
+      await sleep(delay);
+    }
+  }
+
+  async #attempt(method, url, headers, body) {
+    const controller = new AbortController();
+    const timer = this.timeout > 0 ? setTimeout(() => controller.abort(), this.timeout) : null;
+    const fetch = this.#fetch;
+    let response;
+    let text;
+    try {
+      response = await fetch(url, { method, headers, body, signal: controller.signal });
+      text = await response.text();
+    } catch (cause) {
+      const timedOut = controller.signal.aborted;
+      throw new ConnectionFailed(
+        timedOut ? `${method} ${url} got no answer within ${this.timeout} ms.`
+          : `${method} ${url} failed: ${cause?.cause?.message ?? cause?.message ?? cause}`,
+        { code: timedOut ? "timeout" : "network_error", cause },
+      );
+    } finally {
+      if (timer !== null) clearTimeout(timer);
+    }
+
+    const requestId = response.headers.get("X-Request-ID");
+    let data = null;
+    if (text) {
+      try { data = JSON.parse(text); } catch { data = null; }
+    }
+    if (response.ok) {
+      if (text && data === null) {
+        throw new ServerError(`${method} ${url}: the answer is not JSON.`,
+          { code: "invalid_response", status: response.status, requestId });
+      }
+      return data ?? undefined;
+    }
+    const error = data?.error ?? {};
+    const status = response.status;
+    const Kind = errorClass(status);
+    const code = error.code ?? `http_${status}`;
+    throw new Kind(error.message ?? `${method} ${url} answered ${status}.`, {
+      code,
+      status,
+      requestId,
+      body: data,
+      retryAfter: status === 429 || status === 503 ? parseRetryAfter(response.headers.get("Retry-After")) : null,
+      field: code === "invalid_options" ? optionField(error) : null,
+    });
+  }
+}
+
+export default Client;

@@ -1,0 +1,237 @@
+// The client against a real server: `python -m server --port 0` with its embedded Redis, started
+// once for this file with an API key and one CORS origin. The exported ONNX model is cached in a
+// fixed temporary folder, so only the first run on a machine pays for the export.
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { createHash } from "node:crypto";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
+import os from "node:os";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError } from "../client.js";
+
+const CLIENT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
+const REPO = path.resolve(CLIENT_DIR, "../..");
+const PYTHON = process.env.INFERENCE_PYTHON ?? "../../.venv/bin/python"; // relative to clients/js
+const MODEL_CACHE = path.join(os.tmpdir(), "session-inference-js-test-model-cache");
+const API_KEY = "js-client-test-key";
+const ALLOWED_ORIGIN = "http://example.test";
+const CAT_CLASSES = [281, 282, 285]; // tabby, tiger cat, Egyptian cat
+const COFFEE_CLASSES = [967, 968, 504]; // espresso, cup, coffee mug
+
+/** Start `python -m server --port 0`; resolve {url, stop} once it logs its ready line. */
+async function startServer(env) {
+  const dataDir = await mkdtemp(path.join(os.tmpdir(), "js-client-test-data-"));
+  const python = PYTHON.includes("/") ? path.resolve(CLIENT_DIR, PYTHON) : PYTHON;
+  const child = spawn(python, ["-m", "server", "--port", "0"], {
+    cwd: REPO,
+    env: { ...process.env, INFERENCE_SERVER_DATA_DIR: dataDir, INFERENCE_MODEL_CACHE_DIR: MODEL_CACHE, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  let log = "";
+  const url = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`server not ready after 180 s:\n${log}`)), 180_000);
+    const onData = (chunk) => {
+      log += chunk;
+      const match = /ready on (http:\/\/\S+)/.exec(log);
+      if (match) {
+        clearTimeout(timer);
+        resolve(match[1]);
+      }
+    };
+    child.stdout.on("data", onData);
+    child.stderr.on("data", onData);
+    child.once("error", (error) => { clearTimeout(timer); reject(error); });
+    child.once("exit", (code) => { clearTimeout(timer); reject(new Error(`server exited (${code}):\n${log}`)); });
+  });
+  const stop = async () => {
+    if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
+    await exited;
+    await rm(dataDir, { recursive: true, force: true });
+  };
+  return { url, stop, log: () => log };
+}
+
+let server;
+let cat;
+let coffee;
+
+before(async () => {
+  [cat, coffee] = await Promise.all([
+    readFile(path.join(REPO, "tests/data/cat.jpg")), readFile(path.join(REPO, "tests/data/coffee.jpg")),
+  ]);
+  server = await startServer({
+    INFERENCE_AUTH_API_KEYS: `sha256:${createHash("sha256").update(API_KEY).digest("hex")}`,
+    INFERENCE_HTTP_CORS_ORIGINS: `${ALLOWED_ORIGIN},http://other.test`,
+  });
+}, { timeout: 200_000 });
+
+after(async () => {
+  await server?.stop();
+});
+
+async function loggedIn(settings) {
+  const client = new Client(server.url, settings);
+  await client.login({ apiKey: API_KEY });
+  return client;
+}
+
+const top3 = (result) => result.top_k.slice(0, 3).map((score) => score.class_index);
+const hasAny = (classes, wanted) => classes.some((index) => wanted.includes(index));
+
+describe("sessions", () => {
+  test("login needs the API key and returns a token and the options", async () => {
+    const client = new Client(server.url);
+    await assert.rejects(client.login(), (e) => e instanceof AuthError && e.code === "missing_api_key");
+    await assert.rejects(client.login({ apiKey: "wrong" }),
+      (e) => e instanceof AuthError && e.code === "invalid_api_key" && e.status === 401 && Boolean(e.requestId));
+    assert.equal(client.token, null);
+    const login = await client.login({ apiKey: API_KEY, options: { top_k: 4 } });
+    assert.equal(typeof login.token, "string");
+    assert.equal(client.token, login.token);
+    assert.equal(login.options.top_k, 4);
+    const session = await client.session();
+    assert.equal(session.session_id, login.session_id);
+    assert.equal(session.predictions, 0);
+  });
+
+  test("setOptions merges, options() reads, bad options are ValidationErrors naming the field", async () => {
+    const client = await loggedIn();
+    const options = await client.setOptions({ top_k: 2, interpolation: "bicubic" });
+    assert.equal(options.top_k, 2);
+    assert.equal(options.interpolation, "bicubic");
+    assert.deepEqual(await client.options(), options);
+    await assert.rejects(client.setOptions({ top_k: 99 }), (e) => {
+      assert.ok(e instanceof ValidationError);
+      assert.equal(e.status, 422);
+      assert.equal(e.code, "invalid_options");
+      assert.equal(e.field, "top_k");
+      assert.match(e.message, /top_k/);
+      return true;
+    });
+    await assert.rejects(client.setOptions({ crop: 512 }), (e) => e instanceof ValidationError && e.field === "crop");
+    await assert.rejects(client.setOptions({ bogus: 1 }), (e) => e instanceof ValidationError && e.field === "bogus");
+    assert.equal((await client.options()).top_k, 2);
+  });
+
+  test("logout revokes the token: AuthError session_revoked", async () => {
+    const client = await loggedIn();
+    const token = client.token;
+    await client.logout();
+    assert.equal(client.token, null);
+    await assert.rejects(new Client(server.url, { token }).session(),
+      (e) => e instanceof AuthError && e.code === "session_revoked" && e.status === 401);
+    await assert.rejects(client.session(), (e) => e instanceof AuthError && e.code === "missing_token");
+  });
+});
+
+describe("predictions", () => {
+  test("predict a Uint8Array and a Blob: cat and coffee in the top 3", async () => {
+    const client = await loggedIn();
+    const catResult = await client.predict(new Uint8Array(cat));
+    assert.ok(hasAny(top3(catResult), CAT_CLASSES), `cat top-3 ${top3(catResult)}`);
+    assert.equal(catResult.top_k.length, 5);
+    assert.equal(catResult.predicted_class, catResult.top_k[0].class_index);
+    assert.match(catResult.id, /^\d+-\d+$/);
+
+    const coffeeResult = await client.predict(new Blob([coffee])); // no type: sniffed from the bytes
+    assert.ok(hasAny(top3(coffeeResult), COFFEE_CLASSES), `coffee top-3 ${top3(coffeeResult)}`);
+    const typed = await client.predict(new Blob([cat], { type: "image/jpeg" }));
+    assert.ok(hasAny(top3(typed), CAT_CLASSES));
+  });
+
+  test("setOptions({top_k: 2}) gives 2 results; overrides apply to one request", async () => {
+    const client = await loggedIn();
+    await client.setOptions({ top_k: 2 });
+    assert.equal((await client.predict(cat)).top_k.length, 2);
+    const overridden = await client.predict(cat, { top_k: 3, mean: [0.5, 0.5, 0.5], std: [0.5, 0.5, 0.5] });
+    assert.equal(overridden.top_k.length, 3);
+    assert.deepEqual(overridden.options.mean, [0.5, 0.5, 0.5]);
+    await assert.rejects(client.predict(cat, { top_k: 99 }),
+      (e) => e instanceof ValidationError && e.code === "invalid_options");
+  });
+
+  test("predictMany keeps the input order", async () => {
+    const client = await loggedIn();
+    const results = await client.predictMany([cat, coffee, cat], { concurrency: 2, top_k: 3 });
+    assert.equal(results.length, 3);
+    assert.ok(hasAny(top3(results[0]), CAT_CLASSES));
+    assert.ok(hasAny(top3(results[1]), COFFEE_CLASSES));
+    assert.ok(hasAny(top3(results[2]), CAT_CLASSES));
+  });
+
+  test("bytes that are no image: UnsupportedMediaType", async () => {
+    const client = await loggedIn();
+    await assert.rejects(client.predict(new TextEncoder().encode("hello")),
+      (e) => e instanceof UnsupportedMediaType && e.code === "unsupported_media_type" && e.status === 415);
+  });
+});
+
+describe("history", () => {
+  test("history() iterates across pages, newest first; historyItem reads one", async () => {
+    const pages = [];
+    const fetch = (url, init) => {
+      if (new URL(url).pathname === "/v1/history") pages.push(new URL(url).search);
+      return globalThis.fetch(url, init);
+    };
+    const client = await loggedIn({ fetch });
+    const made = [];
+    for (const image of [cat, coffee, cat]) made.push(await client.predict(image, { top_k: 1 }));
+
+    const items = [];
+    for await (const item of client.history({ limit: 2 })) items.push(item);
+    assert.deepEqual(items.map((item) => item.id), made.map((item) => item.id).reverse());
+    assert.equal(pages.length, 2);
+    assert.match(pages[1], /before=/);
+
+    const { timing_ms: _timings, ...recorded } = made[1];
+    assert.deepEqual(await client.historyItem(made[1].id), recorded);
+    await assert.rejects(client.historyItem("1-0"),
+      (e) => e instanceof NotFoundError && e.code === "history_item_not_found");
+
+    for await (const item of client.history()) { // default page size; breaking out stops paging
+      assert.equal(item.id, made[2].id);
+      break;
+    }
+    assert.equal((await client.session()).predictions, 3);
+  });
+});
+
+describe("CORS", () => {
+  const preflight = (origin) => fetch(`${server.url}/v1/predict`, {
+    method: "OPTIONS",
+    headers: {
+      Origin: origin,
+      "Access-Control-Request-Method": "POST",
+      "Access-Control-Request-Headers": "authorization, content-type, idempotency-key",
+    },
+  });
+
+  test("an allowed origin's preflight gets 204 and Access-Control-Allow-Origin", async () => {
+    const response = await preflight(ALLOWED_ORIGIN);
+    assert.equal(response.status, 204);
+    assert.equal(response.headers.get("Access-Control-Allow-Origin"), ALLOWED_ORIGIN);
+    assert.match(response.headers.get("Access-Control-Allow-Methods"), /POST/);
+    const allowedHeaders = response.headers.get("Access-Control-Allow-Headers").toLowerCase();
+    for (const name of ["authorization", "content-type", "idempotency-key"]) assert.ok(allowedHeaders.includes(name));
+  });
+
+  test("a disallowed origin gets no Access-Control-Allow-Origin", async () => {
+    const response = await preflight("http://evil.test");
+    assert.notEqual(response.status, 204);
+    assert.equal(response.headers.get("Access-Control-Allow-Origin"), null);
+    const login = await fetch(`${server.url}/v1/session`, { headers: { Origin: "http://evil.test" } });
+    assert.equal(login.headers.get("Access-Control-Allow-Origin"), null);
+  });
+
+  test("responses to an allowed origin expose X-Request-ID and Retry-After", async () => {
+    const response = await fetch(`${server.url}/v1/session`, { headers: { Origin: ALLOWED_ORIGIN } });
+    assert.equal(response.status, 401);
+    assert.equal(response.headers.get("Access-Control-Allow-Origin"), ALLOWED_ORIGIN);
+    const exposed = response.headers.get("Access-Control-Expose-Headers").toLowerCase();
+    assert.ok(exposed.includes("x-request-id") && exposed.includes("retry-after"), exposed);
+  });
+});

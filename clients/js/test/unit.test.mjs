@@ -1,0 +1,218 @@
+// The client against a fake fetch: retries, back-off, timeouts, headers and paging, no server.
+import assert from "node:assert/strict";
+import { describe, test } from "node:test";
+
+import {
+  AuthError, Client, ConnectionFailed, InferenceError, NotFoundError, RateLimited, ServerBusy, ServerError,
+  ValidationError, sniffImageType,
+} from "../client.js";
+
+const JPEG = new Uint8Array([0xff, 0xd8, 0xff, 0xe0, 0, 0x10, 0x4a, 0x46, 0x49, 0x46]);
+const PNG = new Uint8Array([0x89, 0x50, 0x4e, 0x47, 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 0x0d]);
+const PREDICTION = { id: "1-0", label: "tabby", predicted_class: 281, top_k: [] };
+
+function json(status, body, headers = {}) {
+  return new Response(body === undefined ? null : JSON.stringify(body), {
+    status, headers: { "Content-Type": "application/json", "X-Request-ID": `req-${status}`, ...headers },
+  });
+}
+
+function apiError(status, code, headers) {
+  return json(status, { error: { code, message: `${code} happened.` } }, headers);
+}
+
+/** A fetch that answers from a script (a Response, an Error to throw, or a function) and records calls. */
+function fakeFetch(...script) {
+  const calls = [];
+  const fetch = async (url, init = {}) => {
+    calls.push({ url: new URL(url), init, headers: new Headers(init.headers), at: performance.now() });
+    const step = script.length > 1 ? script.shift() : script[0];
+    const answer = typeof step === "function" ? await step(url, init) : step;
+    if (answer instanceof Error) throw answer;
+    return answer.clone();
+  };
+  return { fetch, calls };
+}
+
+const client = (fetch, settings = {}) =>
+  new Client("http://server.test", { fetch, token: "tok", backoff: 1, ...settings });
+
+describe("retries", () => {
+  test("503 then 200 is retried, with the same Idempotency-Key", async () => {
+    const { fetch, calls } = fakeFetch(apiError(503, "server_busy", { "Retry-After": "0" }), json(200, PREDICTION));
+    const result = await client(fetch).predict(JPEG);
+    assert.deepEqual(result, PREDICTION);
+    assert.equal(calls.length, 2);
+    const keys = calls.map((call) => call.headers.get("Idempotency-Key"));
+    assert.match(keys[0], /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/);
+    assert.equal(keys[0], keys[1]);
+  });
+
+  test("each logical predict has its own Idempotency-Key", async () => {
+    const { fetch, calls } = fakeFetch(json(200, PREDICTION));
+    const c = client(fetch);
+    await c.predict(JPEG);
+    await c.predict(JPEG);
+    assert.notEqual(calls[0].headers.get("Idempotency-Key"), calls[1].headers.get("Idempotency-Key"));
+  });
+
+  test("429 then 200 is retried", async () => {
+    const { fetch, calls } = fakeFetch(apiError(429, "rate_limited", { "Retry-After": "0" }), json(200, PREDICTION));
+    await client(fetch).predict(JPEG);
+    assert.equal(calls.length, 2);
+  });
+
+  for (const [status, code, Kind] of [
+    [422, "invalid_options", ValidationError], [400, "malformed_multipart", ValidationError],
+    [401, "session_revoked", AuthError], [404, "history_item_not_found", NotFoundError],
+    [500, "inference_failed", ServerError], [403, "cors_origin_not_allowed", InferenceError],
+  ]) {
+    test(`${status} is not retried and throws ${Kind.name}`, async () => {
+      const { fetch, calls } = fakeFetch(apiError(status, code));
+      await assert.rejects(client(fetch).predict(JPEG), (error) => {
+        assert.ok(error instanceof Kind, `${error.name} is not ${Kind.name}`);
+        assert.ok(error instanceof InferenceError);
+        assert.equal(error.status, status);
+        assert.equal(error.code, code);
+        assert.equal(error.message, `${code} happened.`);
+        assert.equal(error.requestId, `req-${status}`);
+        return true;
+      });
+      assert.equal(calls.length, 1);
+    });
+  }
+
+  test("network errors are retried with exponential back-off, then ConnectionFailed", async () => {
+    const { fetch, calls } = fakeFetch(new TypeError("fetch failed"));
+    await assert.rejects(client(fetch, { retries: 2, backoff: 40 }).predict(JPEG), (error) => {
+      assert.ok(error instanceof ConnectionFailed);
+      assert.equal(error.code, "network_error");
+      assert.equal(error.status, 0);
+      assert.ok(error.cause instanceof TypeError);
+      return true;
+    });
+    assert.equal(calls.length, 3);
+    const gaps = [calls[1].at - calls[0].at, calls[2].at - calls[1].at];
+    assert.ok(gaps[0] >= 18 && gaps[1] >= 38, `back-off gaps ${gaps}`); // [20, 40] then [40, 80] ms
+  });
+
+  test("503 until the retries run out throws ServerBusy with retryAfter", async () => {
+    const { fetch, calls } = fakeFetch(apiError(503, "store_unavailable", { "Retry-After": "0" }));
+    await assert.rejects(client(fetch, { retries: 2 }).options(), (error) => {
+      assert.ok(error instanceof ServerBusy);
+      assert.equal(error.code, "store_unavailable");
+      assert.equal(error.retryAfter, 0);
+      return true;
+    });
+    assert.equal(calls.length, 3);
+  });
+
+  test("Retry-After is honoured", async () => {
+    const { fetch, calls } = fakeFetch(apiError(429, "rate_limited", { "Retry-After": "0.25" }), json(200, PREDICTION));
+    await client(fetch).predict(JPEG);
+    assert.ok(calls[1].at - calls[0].at >= 240, `waited ${calls[1].at - calls[0].at} ms`);
+  });
+
+  test("a RateLimited error carries retryAfter", async () => {
+    const { fetch } = fakeFetch(apiError(429, "rate_limited", { "Retry-After": "7" }));
+    await assert.rejects(client(fetch, { retries: 0 }).predict(JPEG),
+      (error) => error instanceof RateLimited && error.retryAfter === 7);
+  });
+
+  test("a timeout aborts the attempt, is retried, then throws ConnectionFailed(timeout)", async () => {
+    const hang = (url, init) => new Promise((resolve, reject) => {
+      init.signal.addEventListener("abort", () => reject(new DOMException("aborted", "AbortError")));
+    });
+    const { fetch, calls } = fakeFetch(hang);
+    await assert.rejects(client(fetch, { timeout: 30, retries: 1 }).session(),
+      (error) => error instanceof ConnectionFailed && error.code === "timeout");
+    assert.equal(calls.length, 2);
+  });
+});
+
+describe("requests", () => {
+  test("predict sends raw bytes with the sniffed type and overrides as a query string", async () => {
+    const { fetch, calls } = fakeFetch(json(200, PREDICTION));
+    await client(fetch).predict(PNG, { top_k: 3, mean: [0.1, 0.2, 0.3], crop: undefined });
+    const [call] = calls;
+    assert.equal(call.init.method, "POST");
+    assert.equal(call.url.pathname, "/v1/predict");
+    assert.equal(call.url.search, "?top_k=3&mean=0.1%2C0.2%2C0.3");
+    assert.equal(call.headers.get("Content-Type"), "image/png");
+    assert.equal(call.headers.get("Authorization"), "Bearer tok");
+  });
+
+  test("image inputs: ArrayBuffer, typed-array views and Blobs (magic bytes win over Blob.type)", async () => {
+    const { fetch, calls } = fakeFetch(json(200, PREDICTION));
+    const c = client(fetch);
+    const padded = new Uint8Array([9, 9, ...JPEG]);
+    await c.predict(JPEG.buffer);
+    await c.predict(padded.subarray(2));
+    await c.predict(new Blob([PNG], { type: "image/webp" }));
+    await c.predict(new Blob([new Uint8Array([1, 2, 3])], { type: "image/bmp" }));
+    await c.predict(new Uint8Array([1, 2, 3]));
+    assert.deepEqual(calls.map((call) => call.headers.get("Content-Type")),
+      ["image/jpeg", "image/jpeg", "image/png", "image/bmp", "application/octet-stream"]);
+    assert.deepEqual(new Uint8Array(calls[1].init.body), JPEG);
+    await assert.rejects(c.predict("not bytes"), TypeError);
+  });
+
+  test("sniffImageType knows the five types", () => {
+    const ascii = (text) => Uint8Array.from(text, (ch) => ch.charCodeAt(0));
+    assert.equal(sniffImageType(JPEG), "image/jpeg");
+    assert.equal(sniffImageType(PNG), "image/png");
+    assert.equal(sniffImageType(ascii("GIF89a")), "image/gif");
+    assert.equal(sniffImageType(ascii("RIFF\0\0\0\0WEBPVP8 ")), "image/webp");
+    assert.equal(sniffImageType(ascii("BM\0\0")), "image/bmp");
+    assert.equal(sniffImageType(ascii("hello")), null);
+  });
+
+  test("login sends the API key and options, keeps the token; logout clears it", async () => {
+    const { fetch, calls } = fakeFetch(json(201, { token: "new", session_id: "s", options: {} }), json(204));
+    const c = client(fetch, { token: null });
+    await c.login({ apiKey: "k", options: { top_k: 3 } });
+    assert.equal(calls[0].headers.get("Authorization"), "ApiKey k");
+    assert.equal(calls[0].headers.get("Content-Type"), "application/json");
+    assert.deepEqual(JSON.parse(calls[0].init.body), { options: { top_k: 3 } });
+    assert.equal(c.token, "new");
+    await c.logout();
+    assert.equal(calls[1].init.method, "DELETE");
+    assert.equal(calls[1].headers.get("Authorization"), "Bearer new");
+    assert.equal(c.token, null);
+  });
+
+  test("history() pages through next/before", async () => {
+    const { fetch, calls } = fakeFetch(
+      json(200, { items: [{ id: "3-0" }, { id: "2-0" }], next: "2-0" }),
+      json(200, { items: [{ id: "1-0" }], next: null }),
+    );
+    const ids = [];
+    for await (const item of client(fetch).history({ limit: 2 })) ids.push(item.id);
+    assert.deepEqual(ids, ["3-0", "2-0", "1-0"]);
+    assert.deepEqual(calls.map((call) => call.url.search), ["?limit=2", "?limit=2&before=2-0"]);
+  });
+
+  test("predictMany keeps input order and limits concurrency", async () => {
+    let running = 0;
+    let most = 0;
+    const fetch = async (url, init) => {
+      running++;
+      most = Math.max(most, running);
+      const index = new Uint8Array(await new Response(init.body).arrayBuffer())[3];
+      await new Promise((resolve) => setTimeout(resolve, 20 - index * 3));
+      running--;
+      return json(200, { id: `${index}-0` });
+    };
+    const images = [0, 1, 2, 3, 4].map((i) => new Uint8Array([0xff, 0xd8, 0xff, i]));
+    const results = await client(fetch).predictMany(images, { concurrency: 2 });
+    assert.deepEqual(results.map((r) => r.id), ["0-0", "1-0", "2-0", "3-0", "4-0"]);
+    assert.equal(most, 2);
+  });
+
+  test("a relative base URL outside a browser is a clear error, not a retried network error", async () => {
+    const { fetch, calls } = fakeFetch(json(200, {}));
+    await assert.rejects(new Client("", { fetch }).session(),
+      (error) => error instanceof InferenceError && error.code === "invalid_url");
+    assert.equal(calls.length, 0);
+  });
+});

@@ -1,0 +1,455 @@
+// The web page: log in, classify dropped or chosen images, edit the session's options, browse the
+// history. Plain DOM code on top of the JavaScript client; no framework, no inline script or style.
+import { AuthError, Client, UnsupportedMediaType, ValidationError } from "/static/client/client.js";
+
+const TOKEN_KEY = "inference.token";
+const SESSION_KEY = "inference.session";
+const THUMB_PREFIX = "inference.thumb.";
+const HISTORY_PAGE = 10;
+const UPLOAD_CONCURRENCY = 2;
+const THUMB_SIZE = 96;
+const OPTION_FIELDS = ["top_k", "resize", "crop", "interpolation", "color"];
+const NUMBER_FIELDS = new Set(["top_k", "resize", "crop"]);
+
+const $ = (id) => document.getElementById(id);
+const els = {
+  status: $("session-status"), login: $("login"), logout: $("logout"), alert: $("alert"),
+  dropzone: $("dropzone"), dropHint: $("dropzone-hint"), fileInput: $("file-input"),
+  results: $("results"), resultsEmpty: $("results-empty"),
+  form: $("options-form"), fieldset: $("options-fieldset"), formError: $("options-error"),
+  formStatus: $("options-status"), save: $("options-save"),
+  history: $("history"), historyEmpty: $("history-empty"), historyError: $("history-error"),
+  historyMore: $("history-more"), historyCount: $("history-count"),
+};
+
+const client = new Client("", { token: sessionStorage.getItem(TOKEN_KEY) });
+const state = { sessionId: sessionStorage.getItem(SESSION_KEY), options: null, cursor: null, predictions: 0 };
+const objectUrls = [];
+
+// -- small helpers -------------------------------------------------------------------------------
+
+function clone(templateId) {
+  return $(templateId).content.firstElementChild.cloneNode(true);
+}
+
+function percent(score) {
+  return `${(score * 100).toFixed(1)}%`;
+}
+
+function timeOf(iso) {
+  const date = new Date(iso);
+  const sameDay = date.toDateString() === new Date().toDateString();
+  const time = date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit", second: "2-digit" });
+  return sameDay ? time : `${date.toLocaleDateString()} ${time}`;
+}
+
+function showAlert(message) {
+  els.alert.textContent = message;
+  els.alert.hidden = !message;
+}
+
+function describe(error) {
+  return error?.message || String(error);
+}
+
+// -- session -------------------------------------------------------------------------------------
+
+function setLoggedIn(session) {
+  const loggedIn = Boolean(session);
+  els.login.hidden = loggedIn;
+  els.logout.hidden = !loggedIn;
+  els.fileInput.disabled = !loggedIn;
+  els.dropzone.classList.toggle("disabled", !loggedIn);
+  els.fieldset.disabled = !loggedIn;
+  els.dropHint.textContent = loggedIn
+    ? "JPEG, PNG, WebP, GIF or BMP \u00b7 several at once"
+    : "JPEG, PNG, WebP, GIF or BMP \u00b7 log in first";
+  if (loggedIn) {
+    const expires = new Date(session.expires_at).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+    els.status.textContent = `Session ${session.session_id.slice(0, 8)} \u00b7 expires ${expires}`;
+    els.status.title = `Session ${session.session_id}`;
+  } else {
+    els.status.textContent = "Not logged in";
+    els.status.removeAttribute("title");
+  }
+}
+
+function forgetSession() {
+  client.token = null;
+  sessionStorage.removeItem(TOKEN_KEY);
+  sessionStorage.removeItem(SESSION_KEY);
+  state.sessionId = null;
+  state.options = null;
+  state.cursor = null;
+  setLoggedIn(null);
+  renderHistory([], { reset: true });
+  setCount(0);
+}
+
+/** A request failed because the session is gone: say so and go back to the logged-out state. */
+function handleAuthError(error) {
+  if (!(error instanceof AuthError)) return false;
+  const known = { session_revoked: "You were logged out", token_expired: "Your session expired",
+    session_not_found: "Your session expired" };
+  showAlert(`${known[error.code] ?? "Your session is no longer valid"} (${error.code}). Log in again.`);
+  for (const key of thumbKeys()) sessionStorage.removeItem(key);
+  forgetSession();
+  return true;
+}
+
+async function login() {
+  els.login.disabled = true;
+  showAlert("");
+  try {
+    const result = await client.login();
+    sessionStorage.setItem(TOKEN_KEY, result.token);
+    sessionStorage.setItem(SESSION_KEY, result.session_id);
+    state.sessionId = result.session_id;
+    await enterSession(await client.session());
+  } catch (error) {
+    showAlert(`Could not log in: ${describe(error)}`);
+  } finally {
+    els.login.disabled = false;
+  }
+}
+
+async function logout() {
+  els.logout.disabled = true;
+  try {
+    await client.logout();
+  } catch (error) {
+    if (!(error instanceof AuthError)) {
+      showAlert(`Could not log out: ${describe(error)}`);
+      els.logout.disabled = false;
+      return;
+    }
+  }
+  for (const key of thumbKeys()) sessionStorage.removeItem(key);
+  forgetSession();
+  clearResults();
+  showAlert("");
+  els.logout.disabled = false;
+}
+
+async function enterSession(session) {
+  state.sessionId = session.session_id;
+  sessionStorage.setItem(SESSION_KEY, session.session_id);
+  setLoggedIn(session);
+  fillOptions(session.options);
+  setCount(session.predictions);
+  await loadHistory({ reset: true });
+}
+
+// -- results -------------------------------------------------------------------------------------
+
+function clearResults() {
+  for (const url of objectUrls.splice(0)) URL.revokeObjectURL(url);
+  els.results.querySelectorAll(".result").forEach((card) => card.remove());
+  els.resultsEmpty.hidden = false;
+}
+
+function renderBars(list, scores) {
+  list.replaceChildren(...scores.map((score) => {
+    const row = clone("bar-template");
+    row.querySelector(".bar-label").textContent = score.label;
+    row.querySelector(".bar-label").title = `ImageNet class ${score.class_index}`;
+    row.querySelector(".bar-fill").style.width = `${Math.max(0, Math.min(1, score.score)) * 100}%`;
+    row.querySelector(".bar-value").textContent = percent(score.score);
+    return row;
+  }));
+}
+
+function newCard(file) {
+  const card = clone("result-template");
+  const url = URL.createObjectURL(file);
+  objectUrls.push(url);
+  const img = card.querySelector("img");
+  img.addEventListener("error", () => {
+    img.hidden = true; // not an image this browser can show: the frame stays as a placeholder
+    img.parentElement.classList.add("placeholder");
+  }, { once: true });
+  img.src = url;
+  img.alt = file.name;
+  card.dataset.filename = file.name;
+  card.dataset.state = "pending";
+  card.querySelector(".result-file").textContent = file.name;
+  card.querySelector(".result-label").textContent = file.name;
+  els.resultsEmpty.hidden = true;
+  els.results.prepend(card);
+  return card;
+}
+
+function fillCard(card, result) {
+  card.dataset.state = "done";
+  card.dataset.historyId = result.id;
+  card.querySelector(".result-pending").remove();
+  card.querySelector(".result-label").textContent = result.label;
+  renderBars(card.querySelector(".bars"), result.top_k);
+  const { options, timing_ms: timing } = result;
+  const total = Object.values(timing ?? {}).reduce((sum, ms) => sum + ms, 0);
+  card.querySelector(".result-meta").textContent =
+    `top ${options.top_k} \u00b7 resize ${options.resize} \u00b7 crop ${options.crop} \u00b7 ` +
+    `${options.interpolation} \u00b7 ${options.color} \u00b7 ${total.toFixed(0)} ms`;
+}
+
+function failCard(card, error) {
+  card.dataset.state = "error";
+  card.querySelector(".result-pending").remove();
+  card.querySelector(".result-label").textContent = "Not classified";
+  const message = card.querySelector(".result-error");
+  message.textContent = error instanceof UnsupportedMediaType
+    ? "This file is not an image the server takes (JPEG, PNG, WebP, GIF or BMP)."
+    : describe(error);
+  message.hidden = false;
+}
+
+async function classify(file) {
+  const card = newCard(file);
+  const thumbnail = makeThumbnail(file);
+  try {
+    const result = await client.predict(file);
+    fillCard(card, result);
+    const dataUrl = await thumbnail;
+    if (dataUrl) saveThumb(result.id, dataUrl);
+    prependHistory(result);
+  } catch (error) {
+    failCard(card, error);
+    handleAuthError(error);
+  }
+}
+
+async function classifyAll(fileList) {
+  const files = Array.from(fileList);
+  if (!files.length) return;
+  if (!client.token) {
+    showAlert("Log in first, then drop your images again.");
+    return;
+  }
+  showAlert("");
+  let next = 0;
+  const worker = async () => {
+    while (next < files.length && client.token) await classify(files[next++]);
+  };
+  await Promise.all(Array.from({ length: Math.min(UPLOAD_CONCURRENCY, files.length) }, worker));
+}
+
+// -- thumbnails (made here from the upload, kept in sessionStorage by history id) ---------------
+
+async function makeThumbnail(file) {
+  try {
+    const bitmap = await createImageBitmap(file);
+    const side = Math.min(bitmap.width, bitmap.height);
+    const canvas = document.createElement("canvas");
+    canvas.width = canvas.height = THUMB_SIZE;
+    const context = canvas.getContext("2d");
+    context.drawImage(bitmap, (bitmap.width - side) / 2, (bitmap.height - side) / 2, side, side,
+      0, 0, THUMB_SIZE, THUMB_SIZE);
+    bitmap.close?.();
+    return canvas.toDataURL("image/jpeg", 0.75);
+  } catch {
+    return null; // not decodable here: the history shows a placeholder
+  }
+}
+
+const thumbKey = (historyId) => `${THUMB_PREFIX}${state.sessionId}.${historyId}`;
+
+function thumbKeys() {
+  const prefix = `${THUMB_PREFIX}${state.sessionId}.`;
+  return Object.keys(sessionStorage).filter((key) => key.startsWith(prefix));
+}
+
+function saveThumb(historyId, dataUrl) {
+  try {
+    sessionStorage.setItem(thumbKey(historyId), dataUrl);
+  } catch {
+    // Storage full: drop the oldest thumbnails of this session and try once more.
+    for (const key of thumbKeys().sort().slice(0, 20)) sessionStorage.removeItem(key);
+    try { sessionStorage.setItem(thumbKey(historyId), dataUrl); } catch { /* placeholder then */ }
+  }
+}
+
+// -- history -------------------------------------------------------------------------------------
+
+function setCount(count) {
+  state.predictions = count;
+  els.historyCount.textContent = count ? `${count} prediction${count === 1 ? "" : "s"}` : "";
+}
+
+function historyRow(item) {
+  const row = clone("history-template");
+  row.dataset.historyId = item.id;
+  const thumb = row.querySelector(".thumb");
+  const dataUrl = sessionStorage.getItem(thumbKey(item.id));
+  if (dataUrl) {
+    const img = document.createElement("img");
+    img.src = dataUrl;
+    img.alt = "";
+    thumb.append(img);
+  } else {
+    thumb.classList.add("placeholder");
+    thumb.dataset.placeholder = "true";
+  }
+  const best = item.top_k[0];
+  row.querySelector(".history-label").textContent = item.label;
+  row.querySelector(".history-meta").textContent =
+    `${timeOf(item.created_at)} \u00b7 top ${item.options.top_k}`;
+  row.querySelector(".history-score").textContent = best ? percent(best.score) : "";
+  row.title = item.top_k.map((score) => `${score.label}: ${percent(score.score)}`).join("\n");
+  return row;
+}
+
+function renderHistory(items, { reset = false } = {}) {
+  if (reset) els.history.replaceChildren();
+  els.history.append(...items.map(historyRow));
+  els.historyEmpty.hidden = els.history.childElementCount > 0;
+  els.historyMore.hidden = !state.cursor;
+}
+
+function prependHistory(item) {
+  if (els.history.querySelector(`[data-history-id="${CSS.escape(item.id)}"]`)) return;
+  els.history.prepend(historyRow(item));
+  els.historyEmpty.hidden = true;
+  setCount(state.predictions + 1);
+}
+
+async function loadHistory({ reset = false } = {}) {
+  if (reset) state.cursor = null;
+  els.historyMore.disabled = true;
+  els.historyError.hidden = true;
+  try {
+    const page = await client.historyPage({ limit: HISTORY_PAGE, before: state.cursor ?? undefined });
+    state.cursor = page.next;
+    renderHistory(page.items, { reset });
+  } catch (error) {
+    if (!handleAuthError(error)) {
+      els.historyError.textContent = `Could not load the history: ${describe(error)}`;
+      els.historyError.hidden = false;
+    }
+  } finally {
+    els.historyMore.disabled = false;
+  }
+}
+
+// -- options form --------------------------------------------------------------------------------
+
+const fieldInput = (name) => els.form.elements.namedItem(name);
+
+function fillOptions(options) {
+  state.options = options;
+  for (const name of OPTION_FIELDS) fieldInput(name).value = String(options[name]);
+}
+
+function clearFieldErrors() {
+  for (const name of OPTION_FIELDS) showFieldError(name, "");
+  els.formError.hidden = true;
+  els.formError.textContent = "";
+}
+
+function showFieldError(name, message) {
+  const input = fieldInput(name);
+  const slot = $(`err-${name}`);
+  slot.textContent = message;
+  slot.hidden = !message;
+  if (message) input.setAttribute("aria-invalid", "true");
+  else input.removeAttribute("aria-invalid");
+}
+
+function readForm() {
+  const changes = {};
+  const problems = {};
+  for (const name of OPTION_FIELDS) {
+    const raw = fieldInput(name).value.trim();
+    let value = raw;
+    if (NUMBER_FIELDS.has(name)) {
+      if (raw === "") {
+        problems[name] = "Enter a number.";
+        continue;
+      }
+      value = Number.isFinite(Number(raw)) ? Number(raw) : raw; // the server explains what is wrong
+    }
+    if (!state.options || value !== state.options[name]) changes[name] = value;
+  }
+  return { changes, problems };
+}
+
+async function saveOptions(event) {
+  event.preventDefault();
+  clearFieldErrors();
+  els.formStatus.textContent = "";
+  const { changes, problems } = readForm();
+  const invalid = Object.entries(problems);
+  if (invalid.length) {
+    for (const [name, message] of invalid) showFieldError(name, message);
+    fieldInput(invalid[0][0]).focus();
+    return;
+  }
+  if (!Object.keys(changes).length) {
+    els.formStatus.textContent = "No changes.";
+    return;
+  }
+  els.save.disabled = true;
+  try {
+    fillOptions(await client.setOptions(changes));
+    els.formStatus.textContent = "Saved.";
+  } catch (error) {
+    if (handleAuthError(error)) return;
+    if (error instanceof ValidationError && OPTION_FIELDS.includes(error.field)) {
+      showFieldError(error.field, error.message);
+      fieldInput(error.field).focus();
+    } else {
+      els.formError.textContent = describe(error);
+      els.formError.hidden = false;
+    }
+  } finally {
+    els.save.disabled = false;
+  }
+}
+
+// -- wiring --------------------------------------------------------------------------------------
+
+els.login.addEventListener("click", login);
+els.logout.addEventListener("click", logout);
+els.form.addEventListener("submit", saveOptions);
+els.form.addEventListener("input", (event) => {
+  if (event.target.name) showFieldError(event.target.name, "");
+  els.formStatus.textContent = "";
+});
+els.historyMore.addEventListener("click", () => loadHistory());
+els.fileInput.addEventListener("change", async () => {
+  const files = Array.from(els.fileInput.files ?? []);
+  els.fileInput.value = ""; // choosing the same file again fires `change` again
+  await classifyAll(files);
+});
+
+for (const type of ["dragenter", "dragover"]) {
+  els.dropzone.addEventListener(type, (event) => {
+    event.preventDefault();
+    els.dropzone.classList.add("dragging");
+  });
+}
+for (const type of ["dragleave", "dragend"]) {
+  els.dropzone.addEventListener(type, () => els.dropzone.classList.remove("dragging"));
+}
+els.dropzone.addEventListener("drop", (event) => {
+  event.preventDefault();
+  els.dropzone.classList.remove("dragging");
+  classifyAll(event.dataTransfer?.files ?? []);
+});
+// A file dropped beside the zone must not navigate away from the page.
+window.addEventListener("dragover", (event) => event.preventDefault());
+window.addEventListener("drop", (event) => event.preventDefault());
+
+async function start() {
+  setLoggedIn(null);
+  renderHistory([], { reset: true });
+  if (client.token) {
+    try {
+      await enterSession(await client.session());
+    } catch (error) {
+      if (!handleAuthError(error)) showAlert(`Could not reach the server: ${describe(error)}`);
+    }
+  }
+  document.body.dataset.ready = "true";
+}
+
+start();
