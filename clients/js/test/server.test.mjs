@@ -14,7 +14,7 @@ import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError
 
 const CLIENT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
 const REPO = path.resolve(CLIENT_DIR, "../..");
-const PYTHON = process.env.INFERENCE_PYTHON ?? "../../.venv/bin/python"; // relative to clients/js
+const PYTHON = process.env.TEST_SERVER_PYTHON ?? "../../.venv/bin/python"; // relative to clients/js
 const MODEL_CACHE = path.join(os.tmpdir(), "session-inference-js-test-model-cache");
 const API_KEY = "js-client-test-key";
 const ALLOWED_ORIGIN = "http://example.test";
