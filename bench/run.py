@@ -54,7 +54,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="warm-up seconds per point (default 3, --quick 1)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--servers", nargs="+", help="subset of: ours-onnx ours-torch flask litserve-torch "
-                        "litserve-onnx (default: all; --quick drops ours-torch)")
+                        "litserve-onnx, or ours-onnx-2proc (--processes 2; not in the default set) "
+                        "(default: all; --quick drops ours-torch)")
     parser.add_argument("--inprocess-duration", type=float, help="seconds per in-process measurement")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return parser.parse_args(argv)
@@ -153,12 +154,17 @@ def server_spec(name: str, settings: Settings, onnx: Path, work: Path) -> Server
         data_dir.mkdir(exist_ok=True)
         env = {"INFERENCE_SERVER_DATA_DIR": str(data_dir),
                "INFERENCE_REDIS_URL": settings.redis_url or "embedded",
-               "INFERENCE_MODEL_RUNTIME": "onnxruntime" if name == "ours-onnx" else "torch",
+               "INFERENCE_MODEL_RUNTIME": "torch" if name == "ours-torch" else "onnxruntime",
                "INFERENCE_MODEL_WORKERS": "2", "INFERENCE_MODEL_INTRA_OP_THREADS": "1",
                "INFERENCE_MODEL_MAX_QUEUE": "256",
                "INFERENCE_MODEL_CACHE_DIR": str(work / "model-cache")}  # reuse the in-process run's export
-        return ServerSpec(name, [PYTHON, "-m", "server", "--port", "{port}"], env, "/v1/predict",
-                          ("raw", "multipart"), "/readyz", sessions=True, data_dir=data_dir)
+        command = [PYTHON, "-m", "server", "--port", "{port}"]
+        payloads: tuple[str, ...] = ("raw", "multipart")
+        if name == "ours-onnx-2proc":  # processes instead of threads: 2 processes x 1 worker (raw only)
+            command += ["--processes", "2"]
+            env["INFERENCE_MODEL_WORKERS"] = "1"
+            payloads = ("raw",)
+        return ServerSpec(name, command, env, "/v1/predict", payloads, "/readyz", sessions=True, data_dir=data_dir)
     if name == "flask":
         return ServerSpec(name, [PYTHON, "-m", "bench.peers.flask_app", "--port", "{port}"], {}, "/predict",
                           ("multipart",), None)

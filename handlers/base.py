@@ -66,6 +66,11 @@ class BaseHandler(tornado.web.RequestHandler):
 
     session: Session | None = None
     request_id: str = ""
+    route_name: str = "unmatched"
+    error_code: str | None = None  # the code of the error answered, for the access log and metrics
+
+    def initialize(self, route_name: str = "unmatched") -> None:
+        self.route_name = route_name
 
     # -- dependencies -------------------------------------------------------------------------
     @property
@@ -191,6 +196,7 @@ class BaseHandler(tornado.web.RequestHandler):
         else:
             code, message = ("internal_error", "The server failed on this request; it was logged.") \
                 if status_code >= 500 else (_HTTP_CODES.get(status_code, "http_error"), _reason(status_code))
+        self.error_code = code
         self.set_status(status_code)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.finish(json.dumps({"error": {"code": code, "message": message}}))

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
 from handlers.base import BaseHandler
 from handlers.openapi import openapi_document
 from sessions.errors import ServiceError
@@ -42,3 +46,17 @@ class OpenAPIHandler(BaseHandler):
 
     def get(self) -> None:
         self.write_json(openapi_document(legacy_predict=self.config.http.legacy_predict))
+
+
+class MetricsHandler(BaseHandler):
+    """GET /metrics: Prometheus text format. Public like the probes (scrapers carry no session);
+    keep it on an internal network or behind the proxy's allow-list."""
+
+    public = True
+
+    async def get(self) -> None:
+        metrics = self.settings["metrics"]
+        with contextlib.suppress(ServiceError):  # Redis down: the gauge keeps its last value
+            metrics.active_sessions.set(await self.store.count_sessions())
+        self.set_header("Content-Type", CONTENT_TYPE_LATEST)
+        self.finish(generate_latest(metrics.registry))

@@ -17,6 +17,7 @@ CONTENT_SECURITY_POLICY = (
 
 class WebAssetHandler(tornado.web.StaticFileHandler):
     public = True
+    route_name = "static"
 
     def set_default_headers(self) -> None:
         self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,17 +10,16 @@ import tornado.netutil
 import tornado.web
 
 from handlers.base import InFlight, NotFoundHandler
-from handlers.health import LivenessHandler, OpenAPIHandler, ReadinessHandler
+from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import HistoryHandler, HistoryItemHandler
 from handlers.predict import PlainPredictHandler, PredictHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
 from handlers.web import WebAssetHandler
 from server.config import Config
+from server.observability import log_request
 from server.runner import ModelRunner
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
-
-access_log = logging.getLogger("inference.access")
 
 ROOT = Path(__file__).resolve().parent.parent
 WEB_DIR = ROOT / "web"
@@ -38,11 +36,13 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/healthz", LivenessHandler),
     (r"/readyz", ReadinessHandler),
     (r"/openapi.json", OpenAPIHandler),
+    (r"/metrics", MetricsHandler),
 ]
 
 
 def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornado.web.Application:
-    """Build the Tornado application around a session store and a model runner."""
+    """Build the Tornado application around a session store and a model runner (whose metrics
+    registry the app shares, so /metrics shows both)."""
     if not config.auth.secret_keys:
         raise ValueError("config.auth.secret_keys is empty; the CLI fills it in development mode")
     signer = TokenSigner(config.auth.secret_keys, max_age_seconds=config.sessions.max_lifetime_seconds)
@@ -51,32 +51,35 @@ def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornad
         (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
         (r"/static/(.*)", WebAssetHandler, {"path": str(WEB_DIR)}),
     ]
+    api_routes = [(pattern, handler, {"route_name": route_template(pattern)}) for pattern, handler in ROUTES]
     return tornado.web.Application(
-        [*ROUTES, *web_routes],
+        [*api_routes, *web_routes],
         config=config,
         store=store,
         runner=runner,
         signer=signer,
         in_flight=InFlight(),
+        metrics=runner.metrics,
         default_handler_class=NotFoundHandler,
-        log_function=_log_request,
+        log_function=log_request,
     )
+
+
+def route_template(pattern: str) -> str:
+    """`/v1/history/([^/]+)` -> `/v1/history/{id}`: the route as metrics, logs and OpenAPI name it."""
+    return pattern.replace("([^/]+)", "{id}")
+
+
+def http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
+    # Upload routes stream their bodies and set their own limit; this bounds every other route.
+    return tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes)
 
 
 def listen(
     app: tornado.web.Application, config: Config, host: str, port: int
 ) -> tuple[tornado.httpserver.HTTPServer, int]:
     """Serve `app` on host:port (0 picks a free port); return the server and the bound port."""
-    # Upload routes stream their bodies and set their own limit; this bounds every other route.
-    server = tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes)
+    server = http_server(app, config)
     sockets = tornado.netutil.bind_sockets(port, host)
     server.add_sockets(sockets)
     return server, sockets[0].getsockname()[1]
-
-
-def _log_request(handler: Any) -> None:
-    status = handler.get_status()
-    level = logging.INFO if status < 500 else logging.ERROR
-    request = handler.request
-    access_log.log(level, "%d %s %s %.1fms request_id=%s", status, request.method, request.path,
-                   1000.0 * request.request_time(), getattr(handler, "request_id", "-"))

@@ -4,22 +4,29 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import logging
+import os
 import secrets
 import signal
+import socket
 import sys
 from pathlib import Path
 
+import tornado.netutil
+
 from handlers.base import InFlight
 from handlers.sessions import api_key_hash
-from server.app import listen, make_app
-from server.config import Config, ConfigError, load_config
+from server.app import http_server, make_app
+from server.config import Config, ConfigError, load_config, validate
 from server.embedded_redis import EmbeddedRedis
 from server.model import ModelLoadError
+from server.observability import configure_logging
 from server.runtime import build_runner, build_store
 
 log = logging.getLogger("inference.server")
+_MAX_RESTARTS = 5
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,6 +34,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="path of the TOML config (default: config.toml beside the code)")
     parser.add_argument("--host", help="address to bind (overrides server.host)")
     parser.add_argument("--port", type=int, help="port to bind (overrides server.port; 0 picks a free one)")
+    parser.add_argument("--processes", type=int, help="serving processes sharing the port (overrides server.processes)")
     sub = parser.add_subparsers(dest="command")
     hash_key = sub.add_parser("hash-key", help="print the auth.api_keys entry for an API key")
     hash_key.add_argument("key", nargs="?", help="the key (default: generate a new random one)")
@@ -43,13 +51,15 @@ def main(argv: list[str] | None = None) -> int:
             config.server.host = args.host
         if args.port is not None:
             config.server.port = args.port
+        if args.processes is not None:
+            config.server.processes = args.processes
+        validate(config)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=config.server.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.server.log_level, config.server.log_format)
     try:
-        return asyncio.run(serve(config))
+        return run(config)
     except (ModelLoadError, ConfigError) as exc:
         log.error("%s", exc)
         return 1
@@ -75,24 +85,38 @@ def development_secret(data_dir: Path) -> str:
     return path.read_text().strip()
 
 
-async def serve(config: Config) -> int:
+def run(config: Config) -> int:
+    """Start the store and bind the port once, then serve in this process or in `processes` forks."""
     data_dir = config.data_path
     if not config.auth.secret_keys:  # production mode refuses this in config validation
         config.auth.secret_keys = [development_secret(data_dir)]
-
-    runner = build_runner(config)
     embedded: EmbeddedRedis | None = None
     redis_url = config.redis.url
     if redis_url == "embedded":
         embedded = EmbeddedRedis(data_dir)
         redis_url = embedded.start()
+    store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
+    try:
+        sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
+        if config.server.processes == 1:
+            return asyncio.run(serve(config, sockets, redis_url, store_text))
+        return supervise(config, sockets, redis_url, store_text)
+    finally:
+        if embedded:
+            embedded.stop()
+
+
+async def serve(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str) -> int:
+    """One serving process: load the model, serve until SIGTERM/SIGINT, then drain and close."""
+    runner = build_runner(config)
     store = build_store(config, redis_url)
     app = make_app(config, store, runner)
-    server, port = listen(app, config, config.server.host, config.server.port)
-    store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
-    log.info("ready on http://%s:%d model=%s version=%s runtime=%s device=%s workers=%d store=%s",
+    server = http_server(app, config)
+    server.add_sockets(sockets)
+    port = sockets[0].getsockname()[1]
+    log.info("ready on http://%s:%d model=%s version=%s runtime=%s device=%s workers=%d pid=%d store=%s",
              config.server.host, port, runner.model.name, runner.model.version, runner.backend.name,
-             config.model.device, config.model.workers, store_text)
+             config.model.device, config.model.workers, os.getpid(), store_text)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -106,10 +130,64 @@ async def serve(config: Config) -> int:
     await server.close_all_connections()
     runner.close()
     await store.close()
-    if embedded:
-        embedded.stop()
     log.info("stopped")
     return 0
+
+
+def supervise(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str) -> int:
+    """Fork `server.processes` children that share the listening sockets; each loads the model once.
+
+    The parent only forwards SIGTERM/SIGINT and restarts a child that crashes (a few times), so a
+    load balancer in front sees one port. Forking happens before any model or event loop exists.
+    """
+    children: dict[int, int] = {}  # pid -> slot
+    stopping = False
+
+    def start(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            code = 1
+            try:
+                code = asyncio.run(serve(config, sockets, redis_url, store_text))
+            except ModelLoadError as exc:
+                log.error("%s", exc)
+            finally:
+                os._exit(code)
+        children[pid] = slot
+
+    def forward(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    for slot in range(config.server.processes):
+        start(slot)
+    restarts, failed = 0, False
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        slot = children.pop(pid, None)
+        code = os.waitstatus_to_exitcode(status)
+        if slot is None or stopping:
+            failed |= code != 0
+            continue
+        if code != 0 and restarts < _MAX_RESTARTS:
+            restarts += 1
+            log.warning("worker process %d exited with %d; starting another (%d/%d)", pid, code, restarts,
+                        _MAX_RESTARTS)
+            start(slot)
+        else:
+            failed = True
+            forward(signal.SIGTERM, None)
+    return 1 if failed else 0
 
 
 async def _drain(in_flight: InFlight, grace_seconds: float) -> None:

@@ -28,7 +28,9 @@ class ServerConfig:
     port: int = 8000
     mode: str = "development"  # development | production
     data_dir: str = "data"
+    processes: int = 1  # serving processes sharing the port, each with its own model (see README)
     log_level: str = "info"
+    log_format: str = "text"  # "json": one JSON object per line (production); "text" for development
 
 
 @dataclass
@@ -215,12 +217,15 @@ def validate(config: Config) -> None:
         (config.server.mode in {"development", "production"},
          "server.mode must be 'development' or 'production'."),
         (0 <= config.server.port <= 65535, "server.port must be between 0 and 65535."),
+        (1 <= config.server.processes <= 64, "server.processes must be between 1 and 64."),
         (config.server.log_level.lower() in {"debug", "info", "warning", "error"},
          "server.log_level must be debug, info, warning or error."),
+        (config.server.log_format in {"text", "json"}, "server.log_format must be 'text' or 'json'."),
         (config.http.max_body_bytes >= 1024, "http.max_body_bytes must be at least 1024."),
         (config.http.shutdown_grace_seconds >= 0, "http.shutdown_grace_seconds must not be negative."),
-        (config.redis.url == "embedded" or config.redis.url.split("://")[0] in {"redis", "rediss", "unix"},
-         "redis.url must be 'embedded' or start with redis://, rediss:// or unix://."),
+        (config.redis.url == "embedded"
+         or config.redis.url.split("://")[0] in {"redis", "rediss", "unix", "redis+cluster"},
+         "redis.url must be 'embedded' or start with redis://, rediss://, unix:// or redis+cluster://."),
         (config.redis.connect_timeout_seconds > 0, "redis.connect_timeout_seconds must be positive."),
         (config.redis.command_timeout_seconds > 0, "redis.command_timeout_seconds must be positive."),
         (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.api_keys),

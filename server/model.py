@@ -8,6 +8,7 @@ server never touches torch tensors.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import io
 import logging
@@ -225,6 +226,16 @@ def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
     if path.is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
+    # Several processes (--processes N, or replicas sharing the folder) may start at once: one
+    # exports while the others wait for its file.
+    with open(cache_dir / ".export.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.is_file():
+            _export(model, path)
+    return path
+
+
+def _export(model: LoadedModel, path: Path) -> None:
     log.info("exporting %s to ONNX (once; cached as %s)", model.name, path.name)
     example = torch.zeros(1, 3, 224, 224)
     batch = torch.export.Dim("batch", min=1, max=1024)
@@ -251,8 +262,7 @@ def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
-    os.replace(partial, path)  # atomic: a concurrent start never reads a half-written file
-    return path
+    os.replace(partial, path)  # atomic: a reader never sees a half-written file
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ import numpy as np
 
 from server import imaging
 from server.model import Backend, LoadedModel, softmax
+from server.observability import Metrics
 from sessions.errors import InferenceFailed, ServiceBusy
 from sessions.options import Options
 
@@ -64,6 +65,7 @@ class ModelRunner:
         max_image_pixels: int,
         max_batch_size: int = 1,
         max_batch_delay_ms: float = 0.0,
+        metrics: Metrics | None = None,
     ):
         self.model = model
         self.backend = backend
@@ -74,6 +76,8 @@ class ModelRunner:
         self.max_batch_delay = max_batch_delay_ms / 1000.0
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="model")
         self._admitted = 0  # touched only on the event loop thread
+        self.metrics = metrics or Metrics()
+        self.metrics.queue_depth.set_function(lambda: self._admitted)
         # Micro-batching state, created on first use inside the running loop.
         self._batch_queue: asyncio.Queue[_Pending] | None = None
         self._batcher: asyncio.Task[None] | None = None
@@ -112,6 +116,7 @@ class ModelRunner:
 
     def _preprocess(self, data: bytes, options: Options) -> np.ndarray:
         return imaging.preprocess(data, options, max_pixels=self.max_image_pixels)
+
 
     def _ensure_batcher(self) -> asyncio.Queue[_Pending]:
         if self._batch_queue is None:
@@ -157,6 +162,7 @@ class ModelRunner:
                             item.future.set_exception(exc)
                     continue
                 elapsed = time.perf_counter() - started
+                self.metrics.observe_forward(len(group), elapsed)
                 for item, row in zip(group, logits, strict=True):
                     if not item.future.done():  # the caller may have gone
                         item.future.set_result((self._top_k(row, item.top_k), len(group), elapsed))
@@ -193,6 +199,8 @@ class ModelRunner:
         # Read without a lock: a stale count only picks the other thread layout for one forward.
         logits = self._forward(tensor[None], alone=self._admitted <= 1)
         finished = time.perf_counter()
+        self.metrics.preprocess_seconds.observe(preprocessed - started)
+        self.metrics.observe_forward(1, finished - preprocessed)
         return Prediction(
             top_k=self._top_k(logits[0], options.top_k),
             timing_ms={

@@ -21,8 +21,9 @@ from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable
@@ -82,6 +83,30 @@ if cost > 0 and per_minute > 0 then
     redis.call('HSET', KEYS[1], 'rl_tokens', tostring(tokens - cost), 'rl_stamp', tostring(now))
 end
 return fields
+"""
+
+# Create a session: its fields and its expiry in one atomic step.
+_CREATE_SCRIPT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+redis.call('PEXPIREAT', KEYS[1], ARGV[1])
+return 1
+"""
+
+# Log out: drop the session and its history, leave a tombstone until the session's deadline.
+_DELETE_SCRIPT = """
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('SET', KEYS[3], 1, 'PXAT', ARGV[1])
+return 1
+"""
+
+# Write options only if nobody changed them since they were read (compare-and-set on a version
+# counter): the new values were validated against what was read, crop <= resize included.
+_SET_OPTIONS_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+if (redis.call('HGET', KEYS[1], 'options_version') or '0') ~= ARGV[1] then return 0 end
+redis.call('HINCRBY', KEYS[1], 'options_version', 1)
+redis.call('HSET', KEYS[1], unpack(ARGV, 2))
+return 1
 """
 
 IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
@@ -153,21 +178,27 @@ def _retried_once(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]
     return wrapper
 
 
-def connect(url: str, connect_timeout: float, command_timeout: float) -> aioredis.Redis:
-    """An async client for redis://, rediss:// or unix:// URLs, with bounded timeouts."""
-    return aioredis.from_url(
-        url,
-        decode_responses=True,
-        socket_connect_timeout=connect_timeout,
-        socket_timeout=command_timeout,
-        health_check_interval=30,
-    )
+CLUSTER_SCHEME = "redis+cluster://"
+
+
+def connect(url: str, connect_timeout: float, command_timeout: float) -> aioredis.Redis | RedisCluster:
+    """An async client with bounded timeouts: redis://, rediss://, unix:// for one server, or
+    redis+cluster://host:port[,host:port...] for Redis Cluster (any reachable nodes; the client
+    discovers the rest)."""
+    timeouts = {"socket_connect_timeout": connect_timeout, "socket_timeout": command_timeout}
+    if url.startswith(CLUSTER_SCHEME):
+        nodes = []
+        for address in url.removeprefix(CLUSTER_SCHEME).split("/")[0].split(","):
+            host, _, port = address.strip().rpartition(":")
+            nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
+        return RedisCluster(startup_nodes=nodes, decode_responses=True, **timeouts)
+    return aioredis.from_url(url, decode_responses=True, health_check_interval=30, **timeouts)
 
 
 class SessionStore:
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         ttl_seconds: int,
         max_lifetime_seconds: int,
@@ -181,6 +212,9 @@ class SessionStore:
         self.history_max_entries = history_max_entries
         self._record = client.register_script(_RECORD_SCRIPT)
         self._touch = client.register_script(_TOUCH_SCRIPT)
+        self._create = client.register_script(_CREATE_SCRIPT)
+        self._delete = client.register_script(_DELETE_SCRIPT)
+        self._set_options = client.register_script(_SET_OPTIONS_SCRIPT)
 
     @staticmethod
     def _keys(session_id: str) -> tuple[str, str, str]:
@@ -205,6 +239,16 @@ class SessionStore:
         await self.redis.aclose()
 
     @_store_errors
+    async def count_sessions(self, limit: int = 100_000) -> int:
+        """Session hashes in Redis, counted with SCAN (non-blocking); stops counting at `limit`."""
+        count = 0
+        async for _ in self.redis.scan_iter(match="sess:{*}", count=1000, _type="hash"):
+            count += 1
+            if count >= limit:
+                break
+        return count
+
+    @_store_errors
     async def create(self, options: Options) -> Session:
         session_id = new_session_id()
         created = now_ms()
@@ -213,10 +257,7 @@ class SessionStore:
         fields = {"created_at": created, "deadline": deadline, "predictions": 0}
         fields |= {_OPTION_PREFIX + k: v for k, v in options.to_redis().items()}
         expires = self._expiry(deadline)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.pexpireat(key, expires)
-            await pipe.execute()
+        await self._create(keys=[key], args=[expires, *_flatten(fields)])
         return Session(session_id, created, expires, deadline, options, 0)
 
     @_store_errors
@@ -263,31 +304,24 @@ class SessionStore:
     async def update_options(self, session_id: str, changes: dict[str, Any]) -> Options:
         """Merge `changes` into the session's options, validated against the current values."""
         key, _, _ = self._keys(session_id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            while True:
-                try:
-                    await pipe.watch(key)
-                    fields = await pipe.hgetall(key)
-                    if not fields:
-                        raise InvalidToken("This session has expired or no longer exists.",
-                                           code="session_not_found")
-                    current = self._session(session_id, fields, 0).options
-                    options = current.merged(changes)
-                    pipe.multi()
-                    pipe.hset(key, mapping={_OPTION_PREFIX + k: v for k, v in options.to_redis().items()})
-                    await pipe.execute()
-                    return options
-                except WatchError:
-                    continue  # another writer changed the session first: re-read and re-validate
+        while True:
+            fields = await self.redis.hgetall(key)
+            if not fields:
+                raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+            options = self._session(session_id, fields, 0).options.merged(changes)
+            stored = {_OPTION_PREFIX + k: v for k, v in options.to_redis().items()}
+            written = await self._set_options(keys=[key], args=[fields.get("options_version", "0"),
+                                                                *_flatten(stored)])
+            if written == 1:
+                return options
+            if written == -1:
+                raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+            # Another writer changed the options first: re-read and re-validate.
 
     @_store_errors
     async def delete(self, session: Session) -> None:
         """Log out: remove the session and leave a tombstone so its token reads as revoked."""
-        key, history_key, revoked_key = self._keys(session.id)
-        async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(key, history_key)
-            pipe.set(revoked_key, 1, pxat=max(session.deadline_ms, now_ms() + 1000))
-            await pipe.execute()
+        await self._delete(keys=list(self._keys(session.id)), args=[max(session.deadline_ms, now_ms() + 1000)])
 
     @_store_errors
     async def record(
@@ -330,6 +364,10 @@ class SessionStore:
             if rows:
                 return _entry(*rows[0])
         raise NotFound(f"No history item {history_id!r} in this session.", code="history_item_not_found")
+
+
+def _flatten(fields: dict[str, Any]) -> list[Any]:
+    return [part for pair in fields.items() for part in pair]
 
 
 def _check_history_id(history_id: str) -> None:

@@ -1,0 +1,104 @@
+"""Metrics (Prometheus, via prometheus_client) and request logs (one line per request, JSON or text)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+access_log = logging.getLogger("inference.access")
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Metrics:
+    """The server's collectors, in a registry of its own (tests build several apps per process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("inference_http_requests", "HTTP requests by route, method and status.",
+                                ["route", "method", "status"], registry=self.registry)
+        self.latency = Histogram("inference_http_request_duration_seconds", "Time to answer, by route.",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.queue_depth = Gauge("inference_queue_depth", "Images admitted to the model runner, not yet answered.",
+                                 registry=self.registry)
+        self.batch_size = Histogram("inference_batch_size", "Images per model forward.",
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
+        self.forward_seconds = Histogram("inference_model_forward_seconds", "Time of one model forward.",
+                                         buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.preprocess_seconds = Histogram("inference_preprocess_seconds", "Decode and preprocess, per image.",
+                                            buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.store_errors = Counter("inference_store_errors", "Requests that failed because Redis did.",
+                                    registry=self.registry)
+        self.active_sessions = Gauge("inference_active_sessions",
+                                     "Sessions in Redis (approximate: counted when scraped).", registry=self.registry)
+
+    def observe_forward(self, batch_size: int, seconds: float) -> None:
+        self.batch_size.observe(batch_size)
+        self.forward_seconds.observe(seconds)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and the record's structured fields."""
+
+    FIELDS = ("request_id", "route", "method", "status", "duration_ms", "session", "error")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        line.update({name: getattr(record, name) for name in self.FIELDS if hasattr(record, name)})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, separators=(",", ":"))
+
+
+def configure_logging(level: str, log_format: str) -> None:
+    handler = logging.StreamHandler()
+    if log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def session_hash(session_id: str) -> str:
+    """Logs carry this instead of the session id, which together with a signature is a credential."""
+    return hashlib.sha256(session_id.encode()).hexdigest()[:12]
+
+
+def log_request(handler: Any) -> None:
+    """Tornado's log_function: one access line and the request metrics for every answer."""
+    status = handler.get_status()
+    request = handler.request
+    route = getattr(handler, "route_name", type(handler).__name__)
+    seconds = request.request_time()
+    metrics: Metrics | None = handler.application.settings.get("metrics")
+    if metrics is not None:
+        metrics.requests.labels(route, request.method, str(status)).inc()
+        metrics.latency.labels(route).observe(seconds)
+        if getattr(handler, "error_code", None) == "store_unavailable":
+            metrics.store_errors.inc()
+    session = getattr(handler, "session", None)
+    fields = {
+        "request_id": getattr(handler, "request_id", "-"),
+        "route": route,
+        "method": request.method,
+        "status": status,
+        "duration_ms": round(seconds * 1000, 1),
+        "session": session_hash(session.id) if session is not None else None,
+    }
+    if getattr(handler, "error_code", None):
+        fields["error"] = handler.error_code
+    access_log.log(logging.INFO if status < 500 else logging.ERROR,
+                   "%d %s %s %.1fms request_id=%s", status, request.method, request.path,
+                   fields["duration_ms"], fields["request_id"], extra=fields)

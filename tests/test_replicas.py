@@ -1,0 +1,178 @@
+"""Beyond one process: replicas on one Redis, `--processes N`, and Redis Cluster.
+
+Every server and Redis here is the test's own, on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from server.embedded_redis import redis_server_binary
+from tests.conftest import CAT_JPEG, RedisServer, error_code, free_port
+from tests.test_cli import ROOT, server_env
+
+
+@contextmanager
+def server_process(tmp_path: Path, *args: str, ready_lines: int = 1, **env: str) -> Iterator[tuple[str, list[str]]]:
+    """`python -m server --port 0 ARGS`; yields its URL and the ready lines it logged."""
+    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", *args], cwd=ROOT,
+                               env=server_env(tmp_path, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True)
+    assert process.stdout is not None
+    ready: list[str] = []
+    deadline = time.monotonic() + 180
+    while len(ready) < ready_lines and time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        if "ready on " in line:
+            ready.append(line)
+    try:
+        assert len(ready) == ready_lines, f"got {len(ready)} ready lines"
+        threading.Thread(target=process.stdout.read, daemon=True).start()
+        yield re.search(r"ready on (http://\S+)", ready[0]).group(1), ready
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+
+
+def predict(client: httpx.Client, auth: dict[str, str]) -> httpx.Response:
+    return client.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+
+
+def session_flow(first: httpx.Client, second: httpx.Client) -> None:
+    """Log in on one server, predict on the other, read and log out across them."""
+    login = first.post("/v1/sessions", json={"options": {"top_k": 2}})
+    assert login.status_code == 201
+    auth = {"Authorization": f"Bearer {login.json()['token']}"}
+    prediction = predict(second, auth)
+    assert prediction.status_code == 200 and len(prediction.json()["top_k"]) == 2
+    assert first.get("/v1/history", headers=auth).json()["items"][0]["id"] == prediction.json()["id"]
+    assert second.patch("/v1/session/options", headers=auth, json={"top_k": 3}).status_code == 200
+    assert first.get("/v1/session/options", headers=auth).json()["options"]["top_k"] == 3
+    assert second.delete("/v1/session", headers=auth).status_code == 204
+    assert error_code(first.get("/v1/session", headers=auth)) == "session_revoked"
+
+
+def test_two_replicas_share_sessions_revocation_and_rate_limit(tmp_path: Path) -> None:
+    store = RedisServer(tmp_path / "redis").start()
+    shared = {"INFERENCE_REDIS_URL": store.url, "INFERENCE_AUTH_SECRET_KEYS": "replica-secret-0123456789",
+              "INFERENCE_SESSIONS_RATE_LIMIT_PER_MINUTE": "3"}
+    try:
+        with server_process(tmp_path / "a", **shared) as (url_a, _), server_process(tmp_path / "b", **shared) as (
+                url_b, _), httpx.Client(base_url=url_a, timeout=60) as a, httpx.Client(base_url=url_b, timeout=60) as b:
+            session_flow(a, b)
+            auth = {"Authorization": f"Bearer {a.post('/v1/sessions').json()['token']}"}
+            assert [predict(a, auth).status_code, predict(b, auth).status_code, predict(a, auth).status_code] == [
+                200, 200, 200]
+            limited = predict(b, auth)  # the bucket is in Redis: the fourth predict is over, on either replica
+            assert limited.status_code == 429 and error_code(limited) == "rate_limited"
+    finally:
+        store.stop()
+
+
+def test_processes_share_one_port(tmp_path: Path) -> None:
+    with server_process(tmp_path, "--processes", "2", ready_lines=2) as (url, ready), \
+            httpx.Client(base_url=url, timeout=60) as client:
+        pids = {re.search(r"pid=(\d+)", line).group(1) for line in ready}
+        assert len(pids) == 2  # two serving processes, each with its own model
+        auth = {"Authorization": f"Bearer {client.post('/v1/sessions').json()['token']}"}
+        for _ in range(4):  # fresh connections land on either process; the session is in the shared Redis
+            with httpx.Client(base_url=url, timeout=60) as fresh:
+                assert predict(fresh, auth).status_code == 200
+        assert client.get("/v1/session", headers=auth).json()["predictions"] == 4
+
+
+class RedisCluster:
+    """Three masters from the suite's redis-server binary: cluster mode, free ports, temp folder."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.ports = [free_port() for _ in range(3)]
+        self.processes: list[subprocess.Popen[bytes]] = []
+
+    def start(self) -> RedisCluster:
+        binary = redis_server_binary()
+        for port in self.ports:
+            folder = self.directory / str(port)
+            folder.mkdir(parents=True)
+            self.processes.append(subprocess.Popen(
+                [binary, "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder), "--cluster-enabled", "yes",
+                 "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no"],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for port in self.ports:
+            assert _wait(lambda port=port: _pings(port))
+        cli = str(Path(binary).with_name("redis-cli"))
+        subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
+                        "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        assert _wait(lambda: all(_cluster_ok(p) for p in self.ports), timeout=30)
+        return self
+
+    @property
+    def url(self) -> str:
+        return "redis+cluster://" + ",".join(f"127.0.0.1:{p}" for p in self.ports)
+
+    def stop(self) -> None:
+        for process in self.processes:
+            process.terminate()
+        for process in self.processes:
+            process.wait(10)
+
+
+def _wait(check, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _pings(port: int) -> bool:
+    try:
+        return bool(redis.Redis(port=port, socket_connect_timeout=0.2).ping())
+    except redis.ConnectionError:
+        return False
+
+
+def _cluster_ok(port: int) -> bool:
+    return redis.Redis(port=port).cluster("info").get("cluster_state") == "ok"
+
+
+@pytest.fixture
+def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
+    cluster = RedisCluster(tmp_path / "cluster").start()
+    yield cluster
+    cluster.stop()
+
+
+def test_the_session_flow_runs_on_redis_cluster_with_one_slot_per_session(serve, redis_cluster) -> None:
+    from tests.conftest import make_config
+
+    with serve(make_config(redis_cluster.url)) as first, serve(make_config(redis_cluster.url)) as second, \
+            first.client() as a, second.client() as b:
+        session_flow(a, b)
+        login = a.post("/v1/sessions").json()
+        auth = {"Authorization": f"Bearer {login['token']}"}
+        keyed = {**auth, "Idempotency-Key": "cluster-retry-1"}
+        first_answer = b.post("/v1/predict", headers={**keyed, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+        replay = a.post("/v1/predict", headers={**keyed, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+        assert replay.json()["id"] == first_answer.json()["id"]
+        assert a.get("/metrics").status_code == 200
+        # Each session's keys hash to one slot, wherever the cluster put it.
+        nodes = [redis.Redis(port=p, decode_responses=True) for p in redis_cluster.ports]
+        keys = [k for node in nodes for k in node.keys(f"sess:{{{login['session_id']}}}*")]
+        assert len(keys) >= 3  # the hash, the history and the idempotency key
+        assert len({nodes[0].cluster("keyslot", key) for key in keys}) == 1
