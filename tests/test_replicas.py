@@ -5,8 +5,10 @@ Every server and Redis here is the test's own, on 127.0.0.1.
 
 from __future__ import annotations
 
+import random
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -20,7 +22,7 @@ import pytest
 import redis
 
 from server.embedded_redis import redis_server_binary
-from tests.conftest import CAT_JPEG, RedisServer, error_code, free_port
+from tests.conftest import CAT_JPEG, RedisServer, error_code
 from tests.test_cli import ROOT, server_env
 
 
@@ -100,7 +102,7 @@ class RedisCluster:
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.ports = [free_port() for _ in range(3)]
+        self.ports = [cluster_port() for _ in range(3)]
         self.processes: list[subprocess.Popen[bytes]] = []
 
     def start(self) -> RedisCluster:
@@ -129,6 +131,20 @@ class RedisCluster:
             process.terminate()
         for process in self.processes:
             process.wait(10)
+
+
+def cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000, so at most 55535) is free too."""
+    for _ in range(100):
+        port = random.randint(20000, 55535)
+        try:
+            for candidate in (port, port + 10000):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", candidate))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
 
 
 def _wait(check, timeout: float = 10.0) -> bool:
