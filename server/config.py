@@ -224,8 +224,9 @@ def validate(config: Config) -> None:
         (config.http.max_body_bytes >= 1024, "http.max_body_bytes must be at least 1024."),
         (config.http.shutdown_grace_seconds >= 0, "http.shutdown_grace_seconds must not be negative."),
         (config.redis.url == "embedded"
-         or config.redis.url.split("://")[0] in {"redis", "rediss", "unix", "redis+cluster"},
-         "redis.url must be 'embedded' or start with redis://, rediss://, unix:// or redis+cluster://."),
+         or config.redis.url.split("://")[0] in {"redis", "rediss", "unix", "redis+cluster", "redis+sentinel"},
+         "redis.url must be 'embedded' or start with redis://, rediss://, unix://, redis+cluster:// "
+         "or redis+sentinel://."),
         (config.redis.connect_timeout_seconds > 0, "redis.connect_timeout_seconds must be positive."),
         (config.redis.command_timeout_seconds > 0, "redis.command_timeout_seconds must be positive."),
         (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.api_keys),

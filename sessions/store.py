@@ -19,9 +19,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
+from urllib.parse import unquote
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
+from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -179,20 +181,44 @@ def _retried_once(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]
 
 
 CLUSTER_SCHEME = "redis+cluster://"
+SENTINEL_SCHEME = "redis+sentinel://"
 
 
 def connect(url: str, connect_timeout: float, command_timeout: float) -> aioredis.Redis | RedisCluster:
-    """An async client with bounded timeouts: redis://, rediss://, unix:// for one server, or
-    redis+cluster://host:port[,host:port...] for Redis Cluster (any reachable nodes; the client
-    discovers the rest)."""
+    """An async client with bounded timeouts, for one of:
+
+    - redis://, rediss://, unix:// (one server);
+    - redis+cluster://[:password@]host:port[,host:port...] (Redis Cluster: any reachable nodes, the
+      client discovers the rest);
+    - redis+sentinel://[:password@]host:port[,host:port...]/service[/db] (Redis Sentinel: the
+      client asks the sentinels for the master of `service` and follows it through a failover).
+    """
     timeouts = {"socket_connect_timeout": connect_timeout, "socket_timeout": command_timeout}
     if url.startswith(CLUSTER_SCHEME):
-        nodes = []
-        for address in url.removeprefix(CLUSTER_SCHEME).split("/")[0].split(","):
-            host, _, port = address.strip().rpartition(":")
-            nodes.append(ClusterNode(host or "127.0.0.1", int(port or 6379)))
-        return RedisCluster(startup_nodes=nodes, decode_responses=True, **timeouts)
+        password, nodes, _ = _multi_host_url(url, CLUSTER_SCHEME)
+        return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes],
+                            password=password, decode_responses=True, **timeouts)
+    if url.startswith(SENTINEL_SCHEME):
+        password, nodes, path = _multi_host_url(url, SENTINEL_SCHEME)
+        service, _, db = path.partition("/")
+        if not service:
+            raise ValueError("a redis+sentinel:// URL names the master's service: redis+sentinel://host:port/mymaster")
+        sentinel = Sentinel(nodes, sentinel_kwargs=timeouts, **timeouts)
+        return sentinel.master_for(service, password=password, db=int(db or 0), decode_responses=True,
+                                   health_check_interval=30)
     return aioredis.from_url(url, decode_responses=True, health_check_interval=30, **timeouts)
+
+
+def _multi_host_url(url: str, scheme: str) -> tuple[str | None, list[tuple[str, int]], str]:
+    """`scheme[:password@]h1:p1,h2:p2/path` -> (password, [(host, port)...], path)."""
+    location, _, path = url.removeprefix(scheme).partition("/")
+    credentials, _, hosts = location.rpartition("@")
+    password = unquote(credentials.partition(":")[2]) or None if credentials else None
+    nodes = []
+    for address in hosts.split(","):
+        host, _, port = address.strip().rpartition(":")
+        nodes.append((host or "127.0.0.1", int(port or 6379)))
+    return password, nodes, path.strip("/")
 
 
 class SessionStore:
@@ -348,7 +374,12 @@ class SessionStore:
         """Newest first; `next` is the id to pass as `before` for the following page, or None."""
         _, history_key, _ = self._keys(session_id)
         if before is not None:
-            _check_history_id(before)
+            parsed = _parse_history_id(before)
+            if parsed is None:
+                raise BadRequest(f"before must be a history id such as '1732540000000-0', got {before!r}.",
+                                 code="invalid_parameter")
+            if parsed == (0, 0):  # nothing is older than the smallest id (and Redis refuses "(0-0")
+                return [], None
         start = f"({before}" if before else "+"
         rows = await self.redis.xrevrange(history_key, max=start, min="-", count=limit + 1)
         items = [_entry(history_id, fields) for history_id, fields in rows[:limit]]
@@ -359,7 +390,7 @@ class SessionStore:
     @_retried_once
     async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]:
         _, history_key, _ = self._keys(session_id)
-        if HISTORY_ID.match(history_id):
+        if _parse_history_id(history_id) is not None:
             rows = await self.redis.xrange(history_key, min=history_id, max=history_id, count=1)
             if rows:
                 return _entry(*rows[0])
@@ -370,10 +401,15 @@ def _flatten(fields: dict[str, Any]) -> list[Any]:
     return [part for pair in fields.items() for part in pair]
 
 
-def _check_history_id(history_id: str) -> None:
-    if not HISTORY_ID.match(history_id):
-        raise BadRequest(f"before must be a history id such as '1732540000000-0', got {history_id!r}.",
-                         code="invalid_parameter")
+_MAX_ID_PART = 2**64 - 1
+
+
+def _parse_history_id(text: str) -> tuple[int, int] | None:
+    """A Redis stream id as its two unsigned 64-bit numbers, or None (Redis errors on anything else)."""
+    if not HISTORY_ID.match(text):
+        return None
+    milliseconds, sequence = (int(part) for part in text.split("-"))
+    return (milliseconds, sequence) if max(milliseconds, sequence) <= _MAX_ID_PART else None
 
 
 def _entry(history_id: str, fields: dict[str, str]) -> dict[str, Any]:

@@ -169,9 +169,11 @@ def _cluster_ok(port: int) -> bool:
 
 @pytest.fixture
 def redis_cluster(tmp_path: Path) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(tmp_path / "cluster").start()
-    yield cluster
-    cluster.stop()
+    cluster = RedisCluster(tmp_path / "cluster")
+    try:  # stopped even when it fails to form, so no node outlives the test
+        yield cluster.start()
+    finally:
+        cluster.stop()
 
 
 def test_the_session_flow_runs_on_redis_cluster_with_one_slot_per_session(serve, redis_cluster) -> None:
@@ -192,3 +194,76 @@ def test_the_session_flow_runs_on_redis_cluster_with_one_slot_per_session(serve,
         keys = [k for node in nodes for k in node.keys(f"sess:{{{login['session_id']}}}*")]
         assert len(keys) >= 3  # the hash, the history and the idempotency key
         assert len({nodes[0].cluster("keyslot", key) for key in keys}) == 1
+
+
+class RedisSentinelSet:
+    """A master, its replica and one sentinel watching them: processes of the test's own."""
+
+    SERVICE = "sessions"
+
+    def __init__(self, directory: Path):
+        self.master = RedisServer(directory / "master")
+        self.replica = RedisServer(directory / "replica")
+        self.directory = directory
+        self.port = cluster_port()
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> RedisSentinelSet:
+        self.master.start()
+        self.replica.start()
+        redis.Redis(port=self.replica.port).replicaof("127.0.0.1", self.master.port)
+        conf = self.directory / "sentinel.conf"  # sentinel rewrites its config file: it must be its own
+        conf.write_text(f"port {self.port}\nbind 127.0.0.1\ndir {self.directory}\n"
+                        f"sentinel monitor {self.SERVICE} 127.0.0.1 {self.master.port} 1\n"
+                        f"sentinel down-after-milliseconds {self.SERVICE} 1000\n"
+                        f"sentinel failover-timeout {self.SERVICE} 5000\n")
+        self.process = subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert _wait(lambda: _pings(self.port) and self.replica_count() == 1, timeout=20)
+        return self
+
+    def sentinel(self) -> redis.Redis:
+        return redis.Redis(port=self.port, decode_responses=True)
+
+    def replica_count(self) -> int:
+        return len(self.sentinel().sentinel_slaves(self.SERVICE))
+
+    def master_port(self) -> int:
+        return int(self.sentinel().sentinel_get_master_addr_by_name(self.SERVICE)[1])
+
+    @property
+    def url(self) -> str:
+        return f"redis+sentinel://127.0.0.1:{self.port}/{self.SERVICE}/0"
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.terminate()
+            self.process.wait(10)
+        self.replica.stop()
+        self.master.stop()
+
+
+def test_sessions_survive_a_sentinel_failover(serve, tmp_path: Path) -> None:
+    from tests.conftest import make_config
+
+    sentinels = RedisSentinelSet(tmp_path)
+    try:
+        sentinels.start()
+        with serve(make_config(sentinels.url)) as server, server.client() as client:
+            login = client.post("/v1/sessions")
+            auth = {"Authorization": f"Bearer {login.json()['token']}"}
+            first = predict(client, auth)
+            assert first.status_code == 200
+            old_master = sentinels.master_port()
+            # Wait until the replica holds what the master acknowledged, then fail over.
+            assert _wait(lambda: redis.Redis(port=sentinels.replica.port).exists(
+                f"sess:{{{login.json()['session_id']}}}:history") == 1)
+            sentinels.sentinel().execute_command("SENTINEL", "FAILOVER", sentinels.SERVICE)
+            assert _wait(lambda: sentinels.master_port() == sentinels.replica.port, timeout=20)
+            assert old_master != sentinels.master_port()
+            # The client follows the new master: the session, its token and its history are there.
+            assert _wait(lambda: predict(client, auth).status_code == 200, timeout=20)
+            items = client.get("/v1/history", headers=auth).json()["items"]
+            assert first.json()["id"] in [item["id"] for item in items]
+    finally:
+        sentinels.stop()

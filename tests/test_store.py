@@ -66,6 +66,14 @@ def test_record_and_page_through_history(redis_server) -> None:
             await store.history_item(session.id, "1-1")
         with pytest.raises(BadRequest):
             await store.history(session.id, limit=3, before="bad id")
+        # Edge ids that Redis itself refuses (found by the fuzz test): answers, not store errors.
+        assert await store.history(session.id, limit=3, before="0-0") == ([], None)
+        assert await store.history(session.id, limit=3, before="00-000") == ([], None)
+        too_big = f"{2**64}-0"
+        with pytest.raises(BadRequest):
+            await store.history(session.id, limit=3, before=too_big)
+        with pytest.raises(NotFound):
+            await store.history_item(session.id, too_big)
 
     run_with_store(redis_server.url, body)
 
