@@ -15,6 +15,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -55,11 +56,18 @@ def anonymous_inference_allowed(config: Config) -> bool:
 
 
 async def authenticate_bearer(
-    header: str, signer: TokenSigner, store: SessionStore, *, cost: int = 0, idempotency_key: str | None = None
+    header: str,
+    signer: TokenSigner,
+    store: SessionStore,
+    *,
+    cost: int | Callable[[], int] = 0,
+    idempotency_key: str | None = None,
 ) -> Session:
     """`Bearer <token>` -> signature and age check -> live session in the store (sliding expiry).
 
-    Shared by the HTTP handlers and the gRPC service, so a token means the same thing on both."""
+    Shared by the HTTP handlers and the gRPC service, so a token means the same thing on both.
+    `cost` (rate limit) may be a function: it is called after the signature check, so a request
+    with a forged token is refused as such before its body is looked at."""
     if not header:
         raise InvalidToken("This route needs an 'Authorization: Bearer <token>' header; "
                            "log in with POST /v1/sessions.", code="missing_token")
@@ -67,11 +75,11 @@ async def authenticate_bearer(
     if scheme.lower() != "bearer" or not token.strip():
         raise InvalidToken("The Authorization header must be 'Bearer <token>'.", code="malformed_token")
     verified = signer.verify(token.strip())
-    return await store.touch(verified, cost=cost, idempotency_key=idempotency_key)
+    return await store.touch(verified, cost=cost() if callable(cost) else cost, idempotency_key=idempotency_key)
 
 
 async def optional_session(
-    header: str, config: Config, signer: TokenSigner, store: SessionStore, *, cost: int = 0
+    header: str, config: Config, signer: TokenSigner, store: SessionStore, *, cost: int | Callable[[], int] = 0
 ) -> Session | None:
     """A token, when sent, must be good; without one the call is anonymous (None) if allowed."""
     if header:
