@@ -174,8 +174,9 @@ class BaseHandler(tornado.web.RequestHandler):
         if self.public or self.request.method == "OPTIONS":
             return
         if self.optional_auth:
+            # The cost is read after the token's signature is checked (it may need the parsed body).
             self.session = await optional_session(self.request.headers.get("Authorization", ""), self.config,
-                                                  self.signer, self.store, cost=self.rate_limit_cost)
+                                                  self.signer, self.store, cost=lambda: self.rate_limit_cost)
         else:
             self.session = await self.authenticate()
 

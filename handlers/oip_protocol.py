@@ -207,7 +207,8 @@ def _fp32(tensor: RawInput, shape: list[int]) -> np.ndarray:
         if len(tensor.raw) != count * 4:
             raise BadRequest(f"Input {tensor.name!r}: shape {shape} needs {count * 4} bytes of FP32 data, "
                              f"got {len(tensor.raw)}.", code="invalid_tensor")
-        values = np.frombuffer(tensor.raw, dtype="<f4")
+        # A copy: the slice of the body may be unaligned for float32, and runtimes want writable arrays.
+        values = np.frombuffer(tensor.raw, dtype="<f4").copy()
     else:
         try:
             values = np.asarray(tensor.elements if tensor.elements is not None else [], dtype=np.float32).ravel()
