@@ -92,8 +92,8 @@ def image_input(*images: bytes, binary: bool = True) -> httpclient.InferInput:
 
 def classes(result: httpclient.InferResult, output: str = "probabilities") -> list[list[tuple[int, str]]]:
     """The classification extension's rows as (index, label) pairs, best first."""
-    rows = result.as_numpy(output)
-    return [[(int(e.decode().split(":")[1]), e.decode().split(":", 2)[2]) for e in row] for row in rows]
+    rows = [[e.decode() if isinstance(e, bytes) else e for e in row] for row in result.as_numpy(output)]
+    return [[(int(text.split(":")[1]), text.split(":", 2)[2]) for text in row] for row in rows]
 
 
 def v1_top(client: httpx.Client, image: bytes, auth: dict[str, str]) -> list[tuple[int, str]]:
