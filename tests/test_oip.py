@@ -127,13 +127,14 @@ def test_binary_infer_with_a_session_matches_v1_and_is_recorded(
     auth = login(client, top_k=3)
     expected_cat, expected_coffee = v1_top(client, CAT_JPEG, auth), v1_top(client, COFFEE_JPEG, auth)
     assert {index for index, _ in expected_cat} & CAT_CLASSES
-    result = triton.infer(MODEL, [image_input(CAT_JPEG, COFFEE_JPEG)], request_id="batch-1", headers=auth,
+    # headers=dict(auth): tritonclient.http adds its own headers to the dict it is given.
+    result = triton.infer(MODEL, [image_input(CAT_JPEG, COFFEE_JPEG)], request_id="batch-1", headers=dict(auth),
                           outputs=[httpclient.InferRequestedOutput("probabilities", class_count=3)])
     assert result.get_response()["id"] == "batch-1"
     assert result.as_numpy("probabilities").shape == (2, 3)
     assert classes(result) == [expected_cat, expected_coffee]
     # The full probabilities (no output named: every output, binary) rank the same way.
-    full = triton.infer(MODEL, [image_input(CAT_JPEG)], headers=auth).as_numpy("probabilities")
+    full = triton.infer(MODEL, [image_input(CAT_JPEG)], headers=dict(auth)).as_numpy("probabilities")
     assert full.shape == (1, 1000) and full.dtype == np.float32 and abs(float(full.sum()) - 1) < 1e-3
     assert [int(i) for i in np.argsort(full[0])[::-1][:3]] == [index for index, _ in expected_cat]
     # Recorded like POST /v1/predict, newest first: the batch's cat then coffee, then the lone cat.
@@ -171,7 +172,7 @@ def test_preprocessed_fp32_tensor_gives_the_same_top_k(triton: httpclient.Infere
     batch = preprocess(CAT_JPEG, Options(), max_pixels=40_000_000)[None]
     tensor = httpclient.InferInput("preprocessed", list(batch.shape), "FP32")
     tensor.set_data_from_numpy(batch)
-    result = triton.infer(MODEL, [tensor], headers=auth,
+    result = triton.infer(MODEL, [tensor], headers=dict(auth),
                           outputs=[httpclient.InferRequestedOutput("probabilities", class_count=5)])
     assert classes(result) == [expected]
     # Recorded as well, under the session's options.
