@@ -8,6 +8,8 @@ import json
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -220,26 +222,57 @@ def test_grpc_port_is_validated() -> None:
             validate(config)
 
 
-def test_cli_serves_grpc_beside_http_and_stops_gracefully(tmp_path: Path) -> None:
+def batch_request(image: bytes, count: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="image", datatype="BYTES", shape=[count])
+    request.raw_input_contents.append((len(image).to_bytes(4, "little") + image) * count)
+    return request
+
+
+def test_cli_serves_grpc_beside_http_and_sigterm_finishes_calls_in_flight(tmp_path: Path) -> None:
     from tests.test_cli import server_env
 
     port = free_port()
     process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0"], cwd=ROOT,
                                env=server_env(tmp_path, INFERENCE_GRPC_PORT=str(port)),
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
     try:
         assert process.stdout is not None
-        lines = []
-        for _ in range(400):
-            line = process.stdout.readline()
-            lines.append(line)
-            if not line or "ready on " in line:
-                break
+        while not lines or ("ready on " not in lines[-1] and lines[-1]):
+            lines.append(process.stdout.readline())
         assert f"grpc=127.0.0.1:{port}" in lines[-1], "".join(lines)
+        url = lines[-1].split("ready on ")[1].split()[0]
+        threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True).start()  # keep the pipe drained
         response = infer_cat(f"127.0.0.1:{port}")
         assert isinstance(response, pb.ModelInferResponse), response
-        probabilities = np.frombuffer(response.raw_output_contents[0], "<f4")
-        assert int(np.argmax(probabilities)) in CAT_CLASSES
-    finally:
-        process.send_signal(signal.SIGTERM)
+        assert int(np.argmax(np.frombuffer(response.raw_output_contents[0], "<f4"))) in CAT_CLASSES
+        # A call in flight when SIGTERM arrives is finished, then the process exits 0.
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(batch_request(COFFEE_JPEG, 24),
+                                                                               timeout=120)
+            deadline = time.monotonic() + 60
+            while "inference_queue_depth 0.0" in httpx.get(url + "/metrics").text:  # not yet admitted
+                assert time.monotonic() < deadline and not call.done(), "the call never reached the model"
+                time.sleep(0.005)
+            process.send_signal(signal.SIGTERM)
+            answer = call.result()
+            assert list(answer.outputs[0].shape) == [24, 1000]
         assert process.wait(60) == 0
+        assert any("shutting down" in line for line in lines)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
+
+
+def test_every_process_serves_grpc(tmp_path: Path) -> None:
+    from tests.test_replicas import server_process
+
+    port = free_port()
+    with server_process(tmp_path, "--processes", "2", ready_lines=2, INFERENCE_GRPC_PORT=str(port)) as (_, ready):
+        # Both children bound the port (SO_REUSEPORT), after the fork: a failed bind stops a child.
+        assert all(f"grpc=127.0.0.1:{port}" in line for line in ready), ready
+        for _ in range(4):  # a new connection each time: the kernel spreads them over the processes
+            response = infer_cat(f"127.0.0.1:{port}")
+            assert isinstance(response, pb.ModelInferResponse), response
