@@ -235,3 +235,35 @@ def test_anonymous_inference_follows_the_plain_predict_setting(serve) -> None:
             assert triton.is_model_ready(MODEL)
         finally:
             triton.close()
+
+
+def test_responses_match_the_openapi_document(client: httpx.Client) -> None:
+    from jsonschema import Draft202012Validator
+    from referencing import Registry, Resource
+    from referencing.jsonschema import DRAFT202012
+
+    document = client.get("/openapi.json").json()
+    registry = Registry().with_resource("urn:api", Resource.from_contents(document, default_specification=DRAFT202012))
+
+    def check(response: httpx.Response, path: str, method: str) -> None:
+        documented = document["paths"][path][method]["responses"]
+        assert str(response.status_code) in documented, (path, response.status_code)
+        schema = documented[str(response.status_code)]["content"]["application/json"]["schema"]
+        if "$ref" in schema:
+            schema = {"$ref": "urn:api#" + schema["$ref"].removeprefix("#")}
+        Draft202012Validator(schema, registry=registry).validate(response.json())
+
+    check(client.get("/v2"), "/v2", "get")
+    check(client.get("/v2/health/live"), "/v2/health/live", "get")
+    check(client.get(f"/v2/models/{MODEL}"), "/v2/models/{model}", "get")
+    check(client.get("/v2/models/resnet50"), "/v2/models/{model}", "get")
+    check(client.get(f"/v2/models/{MODEL}/ready"), "/v2/models/{model}/ready", "get")
+    body = {"id": "doc", "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                     "data": [base64.b64encode(CAT_JPEG).decode()]}],
+            "outputs": [{"name": "probabilities", "parameters": {"classification": 2}}]}
+    answer = client.post(f"/v2/models/{MODEL}/infer", json=body)
+    check(answer, "/v2/models/{model}/infer", "post")
+    assert answer.json()["id"] == "doc" and answer.json()["outputs"][0]["shape"] == [1, 2]
+    check(client.post(f"/v2/models/{MODEL}/infer", json={"inputs": []}), "/v2/models/{model}/infer", "post")
+    check(client.post(f"/v2/models/{MODEL}/infer", json=body, headers={"Authorization": "Bearer x"}),
+          "/v2/models/{model}/infer", "post")
