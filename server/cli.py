@@ -120,8 +120,14 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
         # server does not survive fork, and each process binds the port (SO_REUSEPORT).
         from server.grpc_service import start_grpc_server
 
-        grpc_server, grpc_port = await start_grpc_server(config, store, runner, app.settings["signer"],
-                                                         host=config.server.host, port=config.grpc.port)
+        try:
+            grpc_server, grpc_port = await start_grpc_server(config, store, runner, app.settings["signer"],
+                                                             host=config.server.host, port=config.grpc.port)
+        except OSError as exc:  # the port is taken: one sentence, like any bad setting
+            server.stop()
+            runner.close()
+            await store.close()
+            raise ConfigError(str(exc)) from None
         grpc_text = f" grpc={config.server.host}:{grpc_port}"
     log.info("ready on http://%s:%d model=%s version=%s runtime=%s device=%s workers=%d%s pid=%d store=%s",
              config.server.host, port, runner.model.name, runner.model.version, runner.backend.name,
