@@ -34,8 +34,11 @@ log = logging.getLogger("inference.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
-CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-ID", "Idempotency-Key")
-CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "Content-Type", "Idempotent-Replayed")
+# Inference-Header-Content-Length: the Open Inference Protocol's binary form, both ways.
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-ID", "Idempotency-Key",
+                        "Inference-Header-Content-Length")
+CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "Content-Type", "Idempotent-Replayed",
+                        "Inference-Header-Content-Length")
 
 
 def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: list[str]) -> None:
