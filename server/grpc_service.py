@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -74,14 +75,23 @@ def _answering(method: _Handler[Message]) -> _Handler[Message]:
     """Every RPC ends in a response or a status with a message: never an unhandled exception."""
 
     @functools.wraps(method)
-    async def wrapper(self: Any, request: Any, context: aio.ServicerContext) -> Message:
+    async def wrapper(self: InferenceService, request: Any, context: aio.ServicerContext) -> Message:
+        started = time.perf_counter()
+        metrics = self.runner.metrics
         try:
-            return await method(self, request, context)
+            response = await method(self, request, context)
+            metrics.grpc_requests.labels(method.__name__, "OK").inc()
+            return response
         except ServiceError as exc:
             failure, code, message = exc, grpc_status(exc), exc.message
         except Exception as exc:  # a bug: logged with its traceback, the client gets a fixed sentence
             log.exception("gRPC %s failed", method.__name__)
             failure, code, message = exc, grpc.StatusCode.INTERNAL, "The server failed on this request; it was logged."
+        finally:
+            metrics.grpc_latency.labels(method.__name__).observe(time.perf_counter() - started)
+        metrics.grpc_requests.labels(method.__name__, code.name).inc()
+        if isinstance(failure, StoreUnavailable):
+            metrics.store_errors.inc()
         if isinstance(failure, ServiceError):
             log.info("gRPC %s -> %s %s", method.__name__, code.name, failure.code)
             if "Retry-After" in failure.headers:

@@ -164,6 +164,9 @@ def test_contents_form_and_metadata_token(grpc_address: str, client: httpx.Clien
         with pytest.raises(grpc.RpcError) as caught:
             stub.ModelInfer(pb.ModelInferRequest(model_name=MODEL), timeout=60)
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "exactly one input" in caught.value.details()
+    metrics = client.get("/metrics").text  # gRPC calls are counted beside the HTTP requests
+    assert 'inference_grpc_requests_total{code="OK",method="ModelInfer"}' in metrics
+    assert 'inference_grpc_requests_total{code="INVALID_ARGUMENT",method="ModelInfer"}' in metrics
 
 
 def test_status_codes_for_each_failure() -> None:
