@@ -1,11 +1,13 @@
-"""Load generation with wrk: request bodies, session tokens, one measured point."""
+"""Load generation with wrk (and bench.grpc_load for gRPC): request bodies, session tokens, one measured point."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import struct
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,13 +16,18 @@ import httpx
 
 LUA_SCRIPT = Path(__file__).parent / "wrk" / "post_body.lua"
 BOUNDARY = "----benchboundary7MA4YWxkTrZu0gW"
+OIP_PATH = "/v2/models/efficientnet_lite0/infer"
+OIP_TOP_K = 5  # the classification extension's k: the same top-5 that /v1/predict answers by default
 
 
 @dataclass(frozen=True)
 class Body:
-    payload: str  # "raw" or "multipart"
+    payload: str  # "raw", "multipart", "oip-rest" (Open Inference Protocol, binary form) or "oip-grpc"
     path: Path
     content_type: str
+    request_path: str | None = None  # the route, where it is not the server's predict path
+    headers: tuple[tuple[str, str], ...] = ()
+    grpc: bool = False  # driven by bench.grpc_load (ModelInfer with `path`'s bytes) instead of wrk
 
 
 def make_bodies(image: Path, out_dir: Path) -> dict[str, Body]:
@@ -34,9 +41,21 @@ def make_bodies(image: Path, out_dir: Path) -> dict[str, Body]:
         + data
         + f"\r\n--{BOUNDARY}--\r\n".encode()
     )
+    # tritonclient.http's default form: a JSON header, then the BYTES tensor (4-byte little-endian length +
+    # the JPEG); the top-5 comes back as classification strings in binary form.
+    header = json.dumps({
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                    "parameters": {"binary_data_size": len(data) + 4}}],
+        "outputs": [{"name": "probabilities", "parameters": {"classification": OIP_TOP_K, "binary_data": True}}],
+    }).encode()
+    oip = out_dir / f"{image.stem}.oip"
+    oip.write_bytes(header + struct.pack("<I", len(data)) + data)
     return {
         "raw": Body("raw", image, "image/jpeg"),
         "multipart": Body("multipart", multipart, f"multipart/form-data; boundary={BOUNDARY}"),
+        "oip-rest": Body("oip-rest", oip, "application/octet-stream", OIP_PATH,
+                         (("Inference-Header-Content-Length", str(len(header))),)),
+        "oip-grpc": Body("oip-grpc", image, "", grpc=True),
     }
 
 
@@ -71,7 +90,8 @@ def start_wrk(url: str, path: str, body: Body, connections: int, warmup: float, 
         **os.environ,
         "BENCH_BODY_FILE": str(body.path),
         "BENCH_CONTENT_TYPE": body.content_type,
-        "BENCH_PATH": path,
+        "BENCH_PATH": body.request_path or path,
+        "BENCH_HEADERS": "\n".join(f"{name}: {value}" for name, value in body.headers),
         "BENCH_TOKENS_FILE": str(tokens_file) if tokens_file else "",
         "BENCH_WINDOW_START": f"{window.start:.6f}",
         "BENCH_WINDOW_END": f"{window.end:.6f}",
@@ -81,6 +101,21 @@ def start_wrk(url: str, path: str, body: Body, connections: int, warmup: float, 
                "--timeout", "120s", "-s", str(LUA_SCRIPT), url]
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
+    return process, window
+
+
+def start_grpc_load(target: str, body: Body, connections: int, warmup: float, duration: float,
+                    tokens_file: Path | None) -> tuple[subprocess.Popen[str], Window]:
+    """Start bench.grpc_load (its own process, so its CPU is its own) for warmup + duration."""
+    start = time.monotonic() + 1.0 + warmup  # 1 s for the interpreter to start and connect
+    window = Window(start, start + duration)
+    command = [sys.executable, "-m", "bench.grpc_load", "--target", target, "--image", str(body.path),
+               "--concurrency", str(connections), "--window-start", f"{window.start:.6f}",
+               "--window-end", f"{window.end:.6f}", "--top-k", str(OIP_TOP_K)]
+    if tokens_file:
+        command += ["--tokens", str(tokens_file)]
+    process = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
     return process, window
 
 

@@ -43,8 +43,10 @@ def add_ratios(points: list[Row], inprocess: list[Row]) -> None:
     for p in points:
         limit = best.get(p["image"])
         p["ratio_to_limit"] = p["img_s"] / limit["img_s"] if limit and limit["img_s"] else None
+        # Protocol rows (oip-rest, oip-grpc) compare with /v1/predict's raw body: the same image bytes.
+        fallback = "raw" if p["payload"].startswith("oip") else "multipart"
         ref = find(points, ours, p["image"], p["payload"], p["concurrency"]) or find(
-            points, ours, p["image"], "multipart", p["concurrency"])
+            points, ours, p["image"], fallback, p["concurrency"])
         p["ratio_to_ours"] = p["img_s"] / ref["img_s"] if ref and ref["img_s"] else None
 
 
@@ -196,6 +198,7 @@ def markdown(results: Row) -> str:
                 f"{_fmt(p['p95_ms'])} | {_fmt(p['p99_ms'])} | {p['errors']} | {_fmt(p['peak_rss_mb'], 0)} | "
                 f"{_redis(p)} | {_fmt(p['ratio_to_limit'], 2)} | "
                 f"{_fmt(p['ratio_to_ours'], 2)} |")
+    lines += oip_section(results)
     lines += ["", "## Verdict", ""]
     for check in results["verdict"]:
         mark = {True: "PASS", False: "FAIL", None: "N/A"}[check["pass"]]
@@ -203,6 +206,41 @@ def markdown(results: Row) -> str:
     if results["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _versus(point: Row | None, reference: Row | None) -> list[str]:
+    """img/s, its ratio to the reference's img/s, and p50 ms, as table cells."""
+    if point is None:
+        return ["-", "-", "-"]
+    ratio = point["img_s"] / reference["img_s"] if reference and reference["img_s"] else None
+    return [_fmt(point["img_s"]), _fmt(ratio, 2), _fmt(point["p50_ms"])]
+
+
+def oip_section(results: Row) -> list[str]:
+    """Open Inference Protocol rows next to ours-onnx's raw POST /v1/predict at the same image and c."""
+    points = results["points"]
+    protocol = [p for p in points if p["payload"] in ("oip-rest", "oip-grpc")]
+    if not protocol:
+        return []
+    ours = primary_server(points)
+    lines = ["", "## Open Inference Protocol vs POST /v1/predict", "",
+             f"Same server configuration, sessions and images; x /v1 = img/s / {ours} raw `/v1/predict`. "
+             "REST: binary tensor data form (wrk, prebuilt body); gRPC: bench/grpc_load.py (Python asyncio "
+             "client, one channel per connection), whose own CPU use is shown (% of one core).", "",
+             "| image | c | /v1 raw img/s | OIP REST img/s | x /v1 | REST p50 ms | gRPC img/s | x /v1 "
+             "| gRPC p50 ms | gRPC client CPU % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for image in results["images"]:
+        for c in sorted({p["concurrency"] for p in protocol if p["image"] == image}):
+            v1 = find(points, ours, image, "raw", c)
+            rest = next((p for p in protocol if p["image"] == image and p["concurrency"] == c
+                         and p["payload"] == "oip-rest"), None)
+            grpc = next((p for p in protocol if p["image"] == image and p["concurrency"] == c
+                         and p["payload"] == "oip-grpc"), None)
+            lines.append(f"| {image} | {c} | {_fmt(v1['img_s']) if v1 else '-'} | "
+                         f"{' | '.join(_versus(rest, v1))} | {' | '.join(_versus(grpc, v1))} | "
+                         f"{_fmt(grpc.get('client_cpu_pct')) if grpc else '-'} |")
+    return lines
 
 
 def verdict_text(checks: list[Row]) -> str:

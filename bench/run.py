@@ -25,7 +25,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import loadgen, report
-from bench.servers import PYTHON, REPO, RssSampler, RunningServer, ServerSpec, start_server, stop_server, wait_idle
+from bench.servers import (
+    PYTHON,
+    REPO,
+    RssSampler,
+    RunningServer,
+    ServerSpec,
+    free_port,
+    start_server,
+    stop_server,
+    wait_idle,
+)
 
 Row = dict[str, Any]
 COFFEE = REPO / "tests" / "data" / "coffee.jpg"
@@ -53,16 +63,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, help="measured seconds per point (default 10, --quick 3)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per point (default 3, --quick 1)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--servers", nargs="+", help="subset of: ours-onnx ours-torch flask litserve-torch "
-                        "litserve-onnx, or ours-onnx-2proc (--processes 2; not in the default set) "
-                        "(default: all; --quick drops ours-torch)")
+    parser.add_argument("--servers", nargs="+", help="subset of: ours-onnx ours-torch ours-oip flask "
+                        "litserve-torch litserve-onnx, or ours-onnx-2proc (--processes 2; not in the default set) "
+                        "(default: all; --quick drops ours-torch). ours-oip: the Open Inference Protocol, "
+                        "REST binary (wrk) and gRPC (bench.grpc_load), compared with ours-onnx's raw /v1/predict")
     parser.add_argument("--inprocess-duration", type=float, help="seconds per in-process measurement")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return parser.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    default_servers = ["ours-onnx", "ours-torch", "flask", "litserve-torch", "litserve-onnx"]
+    default_servers = ["ours-onnx", "ours-torch", "ours-oip", "flask", "litserve-torch", "litserve-onnx"]
     if args.quick:
         default_servers.remove("ours-torch")
     return Settings(
@@ -160,11 +171,17 @@ def server_spec(name: str, settings: Settings, onnx: Path, work: Path) -> Server
                "INFERENCE_MODEL_CACHE_DIR": str(work / "model-cache")}  # reuse the in-process run's export
         command = [PYTHON, "-m", "server", "--port", "{port}"]
         payloads: tuple[str, ...] = ("raw", "multipart")
+        grpc_port = None
         if name == "ours-onnx-2proc":  # processes instead of threads: 2 processes x 1 worker (raw only)
             command += ["--processes", "2"]
             env["INFERENCE_MODEL_WORKERS"] = "1"
             payloads = ("raw",)
-        return ServerSpec(name, command, env, "/v1/predict", payloads, "/readyz", sessions=True, data_dir=data_dir)
+        if name == "ours-oip":  # the ours-onnx configuration, driven over the Open Inference Protocol
+            grpc_port = free_port()
+            env["INFERENCE_GRPC_PORT"] = str(grpc_port)
+            payloads = ("oip-rest", "oip-grpc")
+        return ServerSpec(name, command, env, "/v1/predict", payloads, "/readyz", sessions=True, data_dir=data_dir,
+                          grpc_port=grpc_port)
     if name == "flask":
         return ServerSpec(name, [PYTHON, "-m", "bench.peers.flask_app", "--port", "{port}"], {}, "/predict",
                           ("multipart",), None)
@@ -218,8 +235,12 @@ def measure_point(server: RunningServer, body: loadgen.Body, concurrency: int, s
                   tokens: Path | None, redis_stats: RedisStats | None) -> Row:
     drained = wait_idle(server)
     with RssSampler(server) as rss:
-        process, window = loadgen.start_wrk(server.base_url, server.spec.predict_path, body, concurrency,
-                                            settings.warmup, settings.duration, tokens)
+        if body.grpc:
+            process, window = loadgen.start_grpc_load(f"127.0.0.1:{server.spec.grpc_port}", body, concurrency,
+                                                      settings.warmup, settings.duration, tokens)
+        else:
+            process, window = loadgen.start_wrk(server.base_url, server.spec.predict_path, body, concurrency,
+                                                settings.warmup, settings.duration, tokens)
         try:
             sleep_until(window.start)
             before = redis_stats.snapshot() if redis_stats else None
@@ -239,6 +260,8 @@ def measure_point(server: RunningServer, body: loadgen.Body, concurrency: int, s
         "bad_status": result["bad_status"], "wrk_errors_whole_run": result["wrk_errors"],
         "peak_rss_mb": rss.peak / 2**20, "drain_wait_s": round(drained, 2),
     }
+    if "client_cpu_pct" in result:  # the Python gRPC load client's own CPU, % of one core, in the window
+        row["client_cpu_pct"] = result["client_cpu_pct"]
     if before is not None and after is not None:
         delta = RedisStats.delta(before, after)
         reads = delta.pop("_reads", None)
@@ -272,7 +295,8 @@ def run_server(spec: ServerSpec, images: dict[str, Path], bodies: dict[str, dict
                     print(f"{row['img_s']:.1f} img/s p50 {row['p50_ms']:.0f} p99 {row['p99_ms']:.0f} ms "
                           f"err {row['errors']} rss {row['peak_rss_mb']:.0f} MB"
                           + (f" redis {redis:.2f} cmd/pred, {row['redis_reads_per_predict'] or 0:.2f} reads/pred"
-                             if redis is not None else ""), flush=True)
+                             if redis is not None else "")
+                          + (f" client cpu {row['client_cpu_pct']}%" if "client_cpu_pct" in row else ""), flush=True)
         info["peak_rss_mb"] = max((p["peak_rss_mb"] for p in points), default=None)
         return points, info
     finally:
@@ -285,7 +309,7 @@ def litserve_importable() -> str | None:
 
 
 def count_points(settings: Settings, images: dict[str, Path]) -> int:
-    payloads = {"ours-onnx": 2, "ours-torch": 2}
+    payloads = {"ours-onnx": 2, "ours-torch": 2, "ours-oip": 2}
     return sum(payloads.get(s, 1) for s in settings.servers) * len(images) * len(settings.concurrencies)
 
 

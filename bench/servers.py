@@ -37,6 +37,7 @@ class ServerSpec:
     health_path: str | None  # polled until 200; None: wait for a TCP connect
     sessions: bool = False  # ours: Bearer tokens from POST /v1/sessions
     data_dir: Path | None = None  # ours: its data dir (embedded Redis socket lives there)
+    grpc_port: int | None = None  # ours-oip: the Open Inference Protocol's gRPC port (grpc.port)
     startup_timeout: float = 180.0
 
 

@@ -1,8 +1,11 @@
 """The base handler: everything cross-cutting lives here, so route handlers stay short.
 
 - dependencies (config, store, runner, signer) come from the application settings;
-- authentication runs in an async `prepare()`, unless the route class says `public = True`;
-- every error leaves as JSON `{"error": {"code", "message"}}`; tracebacks go only to the log;
+- authentication runs in an async `prepare()`, unless the route class says `public = True`; a class
+  saying `optional_auth = True` takes a token when one is sent and is anonymous otherwise, where
+  `anonymous_inference_allowed` says so (the one place that rule lives);
+- every error leaves as JSON `{"error": {"code", "message"}}` (under /v2, the Open Inference
+  Protocol's `{"error": "<message>"}`); tracebacks go only to the log;
 - every response carries an `X-Request-ID`.
 """
 
@@ -12,6 +15,7 @@ import json
 import logging
 import re
 import uuid
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
@@ -30,8 +34,11 @@ log = logging.getLogger("inference.http")
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
 
 
-CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-ID", "Idempotency-Key")
-CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "Content-Type", "Idempotent-Replayed")
+# Inference-Header-Content-Length: the Open Inference Protocol's binary form, both ways.
+CORS_REQUEST_HEADERS = ("Authorization", "Content-Type", "X-Request-ID", "Idempotency-Key",
+                        "Inference-Header-Content-Length")
+CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "Content-Type", "Idempotent-Replayed",
+                        "Inference-Header-Content-Length")
 
 
 def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: list[str]) -> None:
@@ -41,6 +48,49 @@ def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: list[
     if origin and origin in allowed_origins:
         handler.set_header("Access-Control-Allow-Origin", origin)
         handler.set_header("Access-Control-Expose-Headers", ", ".join(CORS_EXPOSED_HEADERS))
+
+
+def anonymous_inference_allowed(config: Config) -> bool:
+    """Whether inference without a session is allowed: the plain `POST /predict` and tokenless Open
+    Inference Protocol calls. Production mode needs `http.allow_anonymous_in_production` on top."""
+    return config.http.legacy_predict and (
+        config.server.mode != "production" or config.http.allow_anonymous_in_production
+    )
+
+
+async def authenticate_bearer(
+    header: str,
+    signer: TokenSigner,
+    store: SessionStore,
+    *,
+    cost: int | Callable[[], int] = 0,
+    idempotency_key: str | None = None,
+) -> Session:
+    """`Bearer <token>` -> signature and age check -> live session in the store (sliding expiry).
+
+    Shared by the HTTP handlers and the gRPC service, so a token means the same thing on both.
+    `cost` (rate limit) may be a function: it is called after the signature check, so a request
+    with a forged token is refused as such before its body is looked at."""
+    if not header:
+        raise InvalidToken("This route needs an 'Authorization: Bearer <token>' header; "
+                           "log in with POST /v1/sessions.", code="missing_token")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise InvalidToken("The Authorization header must be 'Bearer <token>'.", code="malformed_token")
+    verified = signer.verify(token.strip())
+    return await store.touch(verified, cost=cost() if callable(cost) else cost, idempotency_key=idempotency_key)
+
+
+async def optional_session(
+    header: str, config: Config, signer: TokenSigner, store: SessionStore, *, cost: int | Callable[[], int] = 0
+) -> Session | None:
+    """A token, when sent, must be good; without one the call is anonymous (None) if allowed."""
+    if header:
+        return await authenticate_bearer(header, signer, store, cost=cost)
+    if not anonymous_inference_allowed(config):
+        raise InvalidToken("This server allows no anonymous inference; send 'Authorization: Bearer <token>' "
+                           "(log in with POST /v1/sessions).", code="missing_token")
+    return None
 
 
 class InFlight:
@@ -59,6 +109,9 @@ class InFlight:
 class BaseHandler(tornado.web.RequestHandler):
     #: Routes that need no session token say so explicitly; everything else is authenticated.
     public: bool = False
+    #: Routes where a token is optional: with one the session applies, without one the call is
+    #: anonymous, allowed only where `anonymous_inference_allowed(config)`.
+    optional_auth: bool = False
     #: What a request takes from the session's rate limit (predictions cost one; reads are free).
     rate_limit_cost: int = 0
     #: Whether an `Idempotency-Key` header makes retries of this route exactly-once.
@@ -121,7 +174,13 @@ class BaseHandler(tornado.web.RequestHandler):
     async def prepare(self) -> None:
         self.in_flight.enter()
         self._counted = True
-        if not self.public and self.request.method != "OPTIONS":
+        if self.public or self.request.method == "OPTIONS":
+            return
+        if self.optional_auth:
+            # The cost is read after the token's signature is checked (it may need the parsed body).
+            self.session = await optional_session(self.request.headers.get("Authorization", ""), self.config,
+                                                  self.signer, self.store, cost=lambda: self.rate_limit_cost)
+        else:
             self.session = await self.authenticate()
 
     def on_finish(self) -> None:
@@ -131,15 +190,8 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def authenticate(self) -> Session:
         """Bearer token -> signature and age check -> live session in the store (sliding expiry)."""
-        header = self.request.headers.get("Authorization", "")
-        if not header:
-            raise InvalidToken("This route needs an 'Authorization: Bearer <token>' header; "
-                               "log in with POST /v1/sessions.", code="missing_token")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise InvalidToken("The Authorization header must be 'Bearer <token>'.", code="malformed_token")
-        verified = self.signer.verify(token.strip())
-        return await self.store.touch(verified, cost=self.rate_limit_cost, idempotency_key=self.idempotency_key)
+        return await authenticate_bearer(self.request.headers.get("Authorization", ""), self.signer, self.store,
+                                         cost=self.rate_limit_cost, idempotency_key=self.idempotency_key)
 
     @property
     def idempotency_key(self) -> str | None:
@@ -199,7 +251,14 @@ class BaseHandler(tornado.web.RequestHandler):
         self.error_code = code
         self.set_status(status_code)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
-        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+        self.clear_header("Inference-Header-Content-Length")
+        self.finish(json.dumps(self.error_body(code, message)))
+
+    def error_body(self, code: str, message: str) -> dict[str, Any]:
+        # The Open Inference Protocol's clients (tritonclient) read `{"error": "<message>"}`.
+        if self.request.path == "/v2" or self.request.path.startswith("/v2/"):
+            return {"error": message}
+        return {"error": {"code": code, "message": message}}
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Expected domain errors are part of the API, not failures: one line, no traceback.

@@ -115,6 +115,59 @@ SCHEMAS: dict[str, Any] = {
         "properties": {"predicted_class": {"type": "integer", "minimum": 0}},
     },
     "Health": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    # The Open Inference Protocol (KServe V2): its own shapes, as its clients expect them.
+    "OipError": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}},
+    "OipServerMetadata": {
+        "type": "object",
+        "required": ["name", "version", "extensions"],
+        "properties": {"name": {"type": "string"}, "version": {"type": "string"},
+                       "extensions": {"type": "array", "items": {"type": "string"}}},
+    },
+    "OipTensorMetadata": {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {"name": {"type": "string"}, "datatype": {"type": "string"},
+                       "shape": {"type": "array", "items": {"type": "integer", "minimum": -1},
+                                 "description": "-1 marks a variable dimension."}},
+    },
+    "OipModelMetadata": {
+        "type": "object",
+        "required": ["name", "versions", "platform", "inputs", "outputs"],
+        "properties": {"name": {"type": "string"}, "versions": {"type": "array", "items": {"type": "string"}},
+                       "platform": {"type": "string"},
+                       "inputs": {"type": "array", "items": _ref("OipTensorMetadata")},
+                       "outputs": {"type": "array", "items": _ref("OipTensorMetadata")}},
+    },
+    "OipTensor": {
+        "type": "object",
+        "required": ["name", "datatype", "shape"],
+        "properties": {
+            "name": {"type": "string"}, "datatype": {"enum": ["BYTES", "FP32"]},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+            "parameters": {"type": "object", "properties": {"binary_data_size": {"type": "integer", "minimum": 0}}},
+            "data": {"type": "array", "description": "Row-major values (JSON form); BYTES inputs as base64 text."},
+        },
+    },
+    "OipInferRequest": {
+        "type": "object",
+        "required": ["inputs"],
+        "properties": {
+            "id": {"type": "string"},
+            "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
+            "inputs": {"type": "array", "items": _ref("OipTensor"), "minItems": 1, "maxItems": 1},
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["name"],
+                "properties": {"name": {"const": "probabilities"}, "parameters": {
+                    "type": "object", "properties": {"classification": {"type": "integer", "minimum": 1},
+                                                     "binary_data": {"type": "boolean"}}}}}},
+        },
+    },
+    "OipInferResponse": {
+        "type": "object",
+        "required": ["model_name", "outputs"],
+        "properties": {"model_name": {"type": "string"}, "model_version": {"type": "string"},
+                       "id": {"type": "string"}, "outputs": {"type": "array", "items": _ref("OipTensor")}},
+    },
     "Readiness": {
         "type": "object",
         "required": ["status", "checks"],
@@ -148,6 +201,69 @@ _OPTION_OVERRIDES = [
         "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
     }.items()
 ]
+
+def _oip_error(description: str) -> dict[str, Any]:
+    return _json(_ref("OipError"), description)
+
+
+_MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "string"}}
+_VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _oip_paths(anonymous: bool) -> dict[str, Any]:
+    """The Open Inference Protocol's REST routes; each model route also takes /versions/{version}."""
+    unknown = {"404": _oip_error("Unknown model or version.")}
+    metadata = {"get": {"summary": "Model metadata: its inputs and outputs (-1: variable).", "security": [{}],
+                        "responses": {"200": _json(_ref("OipModelMetadata"), "Metadata."), **unknown}}}
+    ready = {"get": {"summary": "Model readiness.", "security": [{}],
+                     "responses": {"200": _json({"type": "object", "required": ["ready"], "properties": {
+                         "name": {"type": "string"}, "ready": {"const": True}}}, "Ready."), **unknown}}}
+    infer = {"post": {
+        "summary": "Infer (Open Inference Protocol): BYTES images under the session's options, or an FP32 "
+                   "preprocessed tensor; with a token each image is recorded in the session's history.",
+        "security": [{}, {"bearer": []}] if anonymous else _BEARER,
+        "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
+                        "schema": {"type": "integer", "minimum": 0},
+                        "description": "Binary tensor data extension: the JSON header's length; the tensors' "
+                                       "bytes follow it."}],
+        "requestBody": {"required": True, "content": {
+            "application/json": {"schema": _ref("OipInferRequest")},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        "responses": {"200": {"description": "Outputs: JSON, or with binary outputs a JSON header of "
+                                             "Inference-Header-Content-Length bytes followed by the tensors.",
+                              "content": {"application/json": {"schema": _ref("OipInferResponse")},
+                                          "application/octet-stream": {}}},
+                      "400": _oip_error("Malformed request, unknown input, wrong datatype or shape."),
+                      "401": _oip_error("Missing (where anonymous inference is off), invalid, expired or "
+                                        "revoked token."),
+                      "404": _oip_error("Unknown model or version."),
+                      "415": _oip_error("Compressed body."),
+                      "422": _oip_error("A BYTES element is not a readable image."),
+                      "429": _oip_error("Over the session's rate limit; see Retry-After."),
+                      "500": _oip_error("The model failed."),
+                      "503": _oip_error("Queue full or session store unavailable; see Retry-After.")},
+    }}
+    paths: dict[str, Any] = {
+        "/v2": {"get": {"summary": "Server metadata and the protocol extensions served.", "security": [{}],
+                        "responses": {"200": _json(_ref("OipServerMetadata"), "Metadata.")}}},
+        "/v2/health/live": {"get": {"summary": "Liveness.", "security": [{}], "responses": {"200": _json(
+            {"type": "object", "required": ["live"], "properties": {"live": {"const": True}}}, "Alive.")}}},
+        "/v2/health/ready": {"get": {"summary": "Readiness: model loaded and store answering.", "security": [{}],
+                                     "responses": {"200": _json({"type": "object", "required": ["ready"],
+                                                                 "properties": {"ready": {"type": "boolean"}}},
+                                                                "Ready."),
+                                                   "503": _json({"type": "object", "required": ["ready"]},
+                                                                "Not ready.")}}},
+    }
+    for suffix, item in (("", metadata), ("/ready", ready), ("/infer", infer)):
+        paths[f"/v2/models/{{model}}{suffix}"] = {
+            method: {**operation, "parameters": [_MODEL, *operation.get("parameters", [])]}
+            for method, operation in item.items()}
+        paths[f"/v2/models/{{model}}/versions/{{version}}{suffix}"] = {
+            method: {**operation, "parameters": [_MODEL, _VERSION, *operation.get("parameters", [])]}
+            for method, operation in item.items()}
+    return paths
+
 
 _AUTH_ERRORS = {"401": _error("Missing, invalid, expired or revoked token."),
                 "503": _error("The session store is unavailable.")}
@@ -234,6 +350,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                                   "responses": {"200": {"description": "OpenAPI 3.1 document.",
                                                         "content": {"application/json": {}}}}}},
     }
+    paths.update(_oip_paths(anonymous=legacy_predict))
     if legacy_predict:
         paths["/predict"] = {"post": {
             "summary": "Session-less classification, as in the simple Flask example.",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import tornado.web
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
-from handlers.base import BaseHandler
+from handlers.base import BaseHandler, anonymous_inference_allowed
 from handlers.predictions import predict_and_record
 from sessions.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
 from sessions.options import Options
@@ -119,7 +119,7 @@ class PlainPredictHandler(ImageUploadHandler):
     public = True
 
     async def admit(self) -> None:
-        if not self.config.http.legacy_predict:
+        if not anonymous_inference_allowed(self.config):
             raise NotFound("POST /predict is turned off on this server; use POST /v1/predict.", code="not_found")
         await super().admit()
 

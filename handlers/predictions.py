@@ -13,7 +13,7 @@ from sessions.options import Options
 from sessions.store import Session, SessionStore, iso, now_ms
 
 if TYPE_CHECKING:
-    from server.runner import ModelRunner
+    from server.runner import ClassScore, ModelRunner
 
 
 async def predict_and_record(
@@ -30,19 +30,34 @@ async def predict_and_record(
     if session.replay_of:
         return await _replay(store, session, session.replay_of), True
     prediction = await runner.predict(image, options)
-    best = prediction.top_k[0]
+    return await record_prediction(store, runner, session, prediction.top_k, options, idempotency_key,
+                                   timing_ms=prediction.timing_ms)
+
+
+async def record_prediction(
+    store: SessionStore,
+    runner: ModelRunner,
+    session: Session,
+    top_k: list[ClassScore],
+    options: Options,
+    idempotency_key: str | None = None,
+    *,
+    timing_ms: dict[str, float] | None = None,
+) -> tuple[dict[str, Any], bool]:
+    """Append one classified image to the session's history: the one shape every route records."""
+    best = top_k[0]
     entry = {
         "created_at": iso(now_ms()),
         "predicted_class": best.class_index,
         "label": best.label,
-        "top_k": [score.to_dict() for score in prediction.top_k],
+        "top_k": [score.to_dict() for score in top_k],
         "options": options.to_dict(),
         "model": runner.model_info,
     }
     history_id, replayed = await store.record(session, entry, idempotency_key)
     if replayed:  # a retry overtook the first attempt; the first one's answer stands
         return await _replay(store, session, history_id), True
-    return {"id": history_id, **entry, "timing_ms": prediction.timing_ms}, False
+    return {"id": history_id, **entry, "timing_ms": timing_ms or {}}, False
 
 
 async def _replay(store: SessionStore, session: Session, history_id: str) -> dict[str, Any]:

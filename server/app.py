@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,14 @@ import tornado.web
 from handlers.base import InFlight, NotFoundHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import HistoryHandler, HistoryItemHandler
+from handlers.oip import (
+    InferHandler,
+    ModelMetadataHandler,
+    ModelReadyHandler,
+    ServerLiveHandler,
+    ServerMetadataHandler,
+    ServerReadyHandler,
+)
 from handlers.predict import PlainPredictHandler, PredictHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
 from handlers.web import WebAssetHandler
@@ -37,15 +46,23 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/readyz", ReadinessHandler),
     (r"/openapi.json", OpenAPIHandler),
     (r"/metrics", MetricsHandler),
+    # The Open Inference Protocol (KServe V2 / Triton), beside /v1; gRPC in server/grpc_service.py.
+    (r"/v2", ServerMetadataHandler),
+    (r"/v2/health/live", ServerLiveHandler),
+    (r"/v2/health/ready", ServerReadyHandler),
+    (r"/v2/models/(?P<model>[^/]+)", ModelMetadataHandler),
+    (r"/v2/models/(?P<model>[^/]+)/versions/(?P<version>[^/]+)", ModelMetadataHandler),
+    (r"/v2/models/(?P<model>[^/]+)/ready", ModelReadyHandler),
+    (r"/v2/models/(?P<model>[^/]+)/versions/(?P<version>[^/]+)/ready", ModelReadyHandler),
+    (r"/v2/models/(?P<model>[^/]+)/infer", InferHandler),
+    (r"/v2/models/(?P<model>[^/]+)/versions/(?P<version>[^/]+)/infer", InferHandler),
 ]
 
 
 def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornado.web.Application:
     """Build the Tornado application around a session store and a model runner (whose metrics
     registry the app shares, so /metrics shows both)."""
-    if not config.auth.secret_keys:
-        raise ValueError("config.auth.secret_keys is empty; the CLI fills it in development mode")
-    signer = TokenSigner(config.auth.secret_keys, max_age_seconds=config.sessions.max_lifetime_seconds)
+    signer = make_signer(config)
     web_routes: list[Any] = [
         (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
         (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
@@ -65,9 +82,17 @@ def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornad
     )
 
 
+def make_signer(config: Config) -> TokenSigner:
+    """The token signer for config's keys: the HTTP app and the gRPC service each get one."""
+    if not config.auth.secret_keys:
+        raise ValueError("config.auth.secret_keys is empty; the CLI fills it in development mode")
+    return TokenSigner(config.auth.secret_keys, max_age_seconds=config.sessions.max_lifetime_seconds)
+
+
 def route_template(pattern: str) -> str:
-    """`/v1/history/([^/]+)` -> `/v1/history/{id}`: the route as metrics, logs and OpenAPI name it."""
-    return pattern.replace("([^/]+)", "{id}")
+    """`/v1/history/([^/]+)` -> `/v1/history/{id}`, `/v2/models/(?P<model>[^/]+)` -> `/v2/models/{model}`:
+    the route as metrics, logs and OpenAPI name it."""
+    return re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", pattern).replace("([^/]+)", "{id}")
 
 
 def http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:

@@ -114,9 +114,24 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     server = http_server(app, config)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
-    log.info("ready on http://%s:%d model=%s version=%s runtime=%s device=%s workers=%d pid=%d store=%s",
+    grpc_server, grpc_text = None, ""
+    if config.grpc.port:
+        # Imported only when on (see the module's note), and created here, after any fork: a gRPC
+        # server does not survive fork, and each process binds the port (SO_REUSEPORT).
+        from server.grpc_service import start_grpc_server
+
+        try:
+            grpc_server, grpc_port = await start_grpc_server(config, store, runner, app.settings["signer"],
+                                                             host=config.server.host, port=config.grpc.port)
+        except OSError as exc:  # the port is taken: one sentence, like any bad setting
+            server.stop()
+            runner.close()
+            await store.close()
+            raise ConfigError(str(exc)) from None
+        grpc_text = f" grpc={config.server.host}:{grpc_port}"
+    log.info("ready on http://%s:%d model=%s version=%s runtime=%s device=%s workers=%d%s pid=%d store=%s",
              config.server.host, port, runner.model.name, runner.model.version, runner.backend.name,
-             config.model.device, config.model.workers, os.getpid(), store_text)
+             config.model.device, config.model.workers, grpc_text, os.getpid(), store_text)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -126,7 +141,12 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
 
     log.info("shutting down: no new connections, finishing requests in flight")
     server.stop()
+    # gRPC stops taking calls now and gets the same grace for those in flight as HTTP requests.
+    grpc_stopped = (asyncio.ensure_future(grpc_server.stop(config.http.shutdown_grace_seconds))
+                    if grpc_server is not None else None)
     await _drain(app.settings["in_flight"], config.http.shutdown_grace_seconds)
+    if grpc_stopped is not None:
+        await grpc_stopped
     await server.close_all_connections()
     runner.close()
     await store.close()

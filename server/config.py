@@ -45,6 +45,13 @@ class HttpConfig:
 
 
 @dataclass
+class GrpcConfig:
+    # The Open Inference Protocol over gRPC (tritonclient.grpc), on server.host; 0 turns it off.
+    # Every process of --processes N binds it (SO_REUSEPORT), like the HTTP port.
+    port: int = 0
+
+
+@dataclass
 class RedisConfig:
     # "embedded" starts a private redis-server that persists under server.data_dir.
     url: str = "embedded"
@@ -94,6 +101,7 @@ class ModelConfig:
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
     redis: RedisConfig = field(default_factory=RedisConfig)
     auth: AuthConfig = field(default_factory=AuthConfig)
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
@@ -223,6 +231,9 @@ def validate(config: Config) -> None:
         (config.server.log_format in {"text", "json"}, "server.log_format must be 'text' or 'json'."),
         (config.http.max_body_bytes >= 1024, "http.max_body_bytes must be at least 1024."),
         (config.http.shutdown_grace_seconds >= 0, "http.shutdown_grace_seconds must not be negative."),
+        (0 <= config.grpc.port <= 65535, "grpc.port must be between 1 and 65535, or 0 to turn gRPC off."),
+        (config.grpc.port == 0 or config.grpc.port != config.server.port,
+         "grpc.port must differ from server.port (HTTP); gRPC needs a port of its own."),
         (config.redis.url == "embedded"
          or config.redis.url.split("://")[0] in {"redis", "rediss", "unix", "redis+cluster", "redis+sentinel"},
          "redis.url must be 'embedded' or start with redis://, rediss://, unix://, redis+cluster:// "

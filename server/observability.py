@@ -32,6 +32,10 @@ class Metrics:
                                          buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.preprocess_seconds = Histogram("inference_preprocess_seconds", "Decode and preprocess, per image.",
                                             buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.grpc_requests = Counter("inference_grpc_requests", "gRPC calls (Open Inference Protocol) by method "
+                                     "and status.", ["method", "code"], registry=self.registry)
+        self.grpc_latency = Histogram("inference_grpc_request_duration_seconds", "Time to answer a gRPC call, "
+                                      "by method.", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.store_errors = Counter("inference_store_errors", "Requests that failed because Redis did.",
                                     registry=self.registry)
         self.active_sessions = Gauge("inference_active_sessions",

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -51,6 +51,14 @@ class _Pending:
 @dataclass(frozen=True)
 class Prediction:
     top_k: list[ClassScore]
+    timing_ms: dict[str, float]
+
+
+@dataclass(frozen=True)
+class BatchPrediction:
+    """Class probabilities for a batch, one row (summing to 1) per image."""
+
+    probabilities: np.ndarray  # float32 (N, classes)
     timing_ms: dict[str, float]
 
 
@@ -211,10 +219,53 @@ class ModelRunner:
         )
 
     def _top_k(self, logits: np.ndarray, k: int) -> list[ClassScore]:
-        probabilities = softmax(logits.astype(np.float32, copy=False))
+        return self.top_k(softmax(logits.astype(np.float32, copy=False)), k)
+
+    def top_k(self, probabilities: np.ndarray, k: int) -> list[ClassScore]:
+        """The `k` best classes of one probability row, best first (scores rounded like every answer)."""
+        k = min(k, probabilities.shape[-1])
         best = np.argpartition(probabilities, -k)[-k:]
         best = best[np.argsort(probabilities[best])[::-1]]
         return [ClassScore(int(i), self.model.labels[i], round(float(probabilities[i]), 6)) for i in best]
+
+    # -- whole batches with full probabilities (the Open Inference Protocol) ----------------------
+    async def classify_images(self, images: Sequence[bytes], options: Options) -> BatchPrediction:
+        """Decode and preprocess each image under `options`, then classify them in one forward.
+
+        One image takes one executor hop, like `predict`; several are preprocessed in parallel
+        (one hop each, each admitted) and then share one forward. Not micro-batched with other
+        requests: a protocol request carries its own batch.
+        """
+        submitted = time.perf_counter()
+        if len(images) == 1:
+            return await self._submit(self._classify_one_sync, images[0], options, submitted)
+        tensors = await asyncio.gather(*(self._submit(self._preprocess, data, options) for data in images))
+        preprocessed = time.perf_counter()
+        result = await self.classify_tensor(np.stack(tensors))
+        return BatchPrediction(result.probabilities, {"preprocess": _ms(preprocessed - submitted),
+                                                      **result.timing_ms})
+
+    async def classify_tensor(self, batch: np.ndarray) -> BatchPrediction:
+        """Classify an already preprocessed float32 NCHW batch in one forward (one admitted hop)."""
+        return await self._submit(self._classify_tensor_sync, batch, time.perf_counter())
+
+    def _classify_one_sync(self, data: bytes, options: Options, submitted: float) -> BatchPrediction:
+        started = time.perf_counter()
+        tensor = self._preprocess(data, options)
+        preprocessed = time.perf_counter()
+        self.metrics.preprocess_seconds.observe(preprocessed - started)
+        result = self._classify_tensor_sync(tensor[None], preprocessed)
+        return BatchPrediction(result.probabilities, {"queue": _ms(started - submitted),
+                                                      "preprocess": _ms(preprocessed - started),
+                                                      "inference": result.timing_ms["inference"]})
+
+    def _classify_tensor_sync(self, batch: np.ndarray, submitted: float) -> BatchPrediction:
+        started = time.perf_counter()
+        logits = self._forward(np.ascontiguousarray(batch, dtype=np.float32), alone=self._admitted <= 1)
+        finished = time.perf_counter()
+        self.metrics.observe_forward(len(batch), finished - started)
+        return BatchPrediction(softmax(logits.astype(np.float32, copy=False)),
+                               {"queue": _ms(started - submitted), "inference": _ms(finished - started)})
 
     def close(self) -> None:
         if self._batcher is not None and not self._batcher.get_loop().is_closed():

@@ -1,6 +1,9 @@
-"""Every route is authenticated or explicitly public, and /openapi.json tells the truth."""
+"""Every route is authenticated, explicitly token-optional or explicitly public, and /openapi.json tells
+the truth."""
 
 from __future__ import annotations
+
+import re
 
 import httpx
 import pytest
@@ -9,16 +12,25 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 
 from handlers.base import BaseHandler
-from server.app import ROUTES
-from tests.conftest import CAT_JPEG, COFFEE_JPEG, login
+from server.app import ROUTES, route_template
+from tests.conftest import CAT_JPEG, COFFEE_JPEG, login, make_config
 
-# Changing this set is a security decision: a new public route must be added here on purpose.
-PUBLIC_ROUTES = {"/v1/sessions", "/predict", "/healthz", "/readyz", "/openapi.json", "/metrics"}
+# Changing these sets is a security decision: a new public or token-optional route is added on purpose.
+PUBLIC_ROUTES = {"/v1/sessions", "/predict", "/healthz", "/readyz", "/openapi.json", "/metrics",
+                 "/v2", "/v2/health/live", "/v2/health/ready", "/v2/models/{model}",
+                 "/v2/models/{model}/versions/{version}", "/v2/models/{model}/ready",
+                 "/v2/models/{model}/versions/{version}/ready"}
+# A token when sent (and then it must be good), anonymous otherwise where anonymous inference is allowed.
+TOKEN_OPTIONAL_ROUTES = {"/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"}
 METHODS = ("get", "post", "put", "patch", "delete")
 
 
 def template(pattern: str) -> str:
-    return pattern.replace("([^/]+)", "{id}")
+    return route_template(pattern)
+
+
+def example_path(pattern: str) -> str:
+    return re.sub(r"\{\w+\}", "1-0", template(pattern))
 
 
 def implemented(handler: type[BaseHandler]) -> list[str]:
@@ -27,16 +39,39 @@ def implemented(handler: type[BaseHandler]) -> list[str]:
 
 def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client) -> None:
     for pattern, handler in ROUTES:
-        path = template(pattern).replace("{id}", "1-0")
+        path = example_path(pattern)
         assert issubclass(handler, BaseHandler)
+        assert not (handler.public and handler.optional_auth), pattern
         if handler.public:
             assert template(pattern) in PUBLIC_ROUTES, f"{pattern} is public but not in PUBLIC_ROUTES"
+            continue
+        if handler.optional_auth:
+            assert template(pattern) in TOKEN_OPTIONAL_ROUTES, f"{pattern} takes no token but is not listed"
             continue
         for method in implemented(handler):
             response = client.request(method.upper(), path, content=b"{}",
                                       headers={"Content-Type": "application/json"})
             assert response.status_code == 401, (method, path)
             assert response.json()["error"]["code"] == "missing_token"
+
+
+def test_token_optional_routes_refuse_bad_tokens_and_anonymous_calls_where_off(client: httpx.Client, serve) -> None:
+    optional = [(pattern, handler) for pattern, handler in ROUTES if handler.optional_auth]
+    assert {template(pattern) for pattern, _ in optional} == TOKEN_OPTIONAL_ROUTES
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]}
+    for pattern, handler in optional:
+        for method in implemented(handler):
+            path = example_path(pattern)
+            # A token that is sent must be good, whatever the anonymous setting.
+            forged = client.request(method.upper(), path, json=body, headers={"Authorization": "Bearer x.y.z"})
+            assert forged.status_code == 401, (method, path)
+            assert set(forged.json()) == {"error"} and isinstance(forged.json()["error"], str)
+    with serve(make_config(http={"legacy_predict": False})) as closed, closed.client() as other:
+        for pattern, handler in optional:
+            for method in implemented(handler):
+                refused = other.request(method.upper(), example_path(pattern), json=body)
+                assert refused.status_code == 401, (method, pattern)
+                assert "anonymous" in refused.json()["error"]
 
 
 def test_the_app_serves_only_api_routes_and_public_static_files(server) -> None:

@@ -15,6 +15,8 @@
 --   BENCH_BODY_FILE     file holding the exact request body bytes
 --   BENCH_CONTENT_TYPE  Content-Type header value
 --   BENCH_PATH          request path, e.g. /v1/predict
+--   BENCH_HEADERS       optional: extra request headers, "Name: value" one a line
+--                       (e.g. Inference-Header-Content-Length for the Open Inference Protocol's binary form)
 --   BENCH_TOKENS_FILE   optional: one bearer token per line; thread i uses line i (wrapping)
 --   BENCH_WINDOW_START, BENCH_WINDOW_END  CLOCK_MONOTONIC seconds (Python's time.monotonic())
 
@@ -61,6 +63,10 @@ function init(args)
   wrk.body = f:read("*a")
   f:close()
   wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+  for line in (os.getenv("BENCH_HEADERS") or ""):gmatch("[^\n]+") do
+    local name, value = line:match("^([^:]+):%s*(.*)$")
+    if name then wrk.headers[name] = value end
+  end
   if token then
     wrk.headers["Authorization"] = "Bearer " .. token
   end

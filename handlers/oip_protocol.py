@@ -1,0 +1,273 @@
+"""The Open Inference Protocol (KServe V2, Triton's) without a transport.
+
+Everything that REST (`handlers/oip.py`) and gRPC (`server/grpc_service.py`) share lives here, so
+the two cannot drift: the model's metadata, the BYTES length-prefix codec, validating an inference
+request into images or a preprocessed tensor, running it (and recording it in the caller's session
+exactly as `POST /v1/predict` does), and the outputs, classification extension included. Each
+transport only maps its own wire form to `RawInput`/`RequestedOutput` and `OutputTensor` back.
+
+The model takes one of two inputs per request:
+- `image`: BYTES `[N]` or `[N, 1]`, each element one encoded image (JPEG, PNG, WebP, GIF, BMP),
+  preprocessed under the session's options (defaults when anonymous);
+- `preprocessed`: FP32 `[N, 3, H, W]`, already normalized, fed to the model as is.
+It answers `probabilities`: FP32 `[N, classes]`, or with the `classification: k` parameter on the
+requested output, BYTES `[N, k]` elements `"<score>:<index>:<label>"`, best first.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from handlers.predictions import record_prediction
+from sessions.errors import BadRequest, NotFound
+from sessions.options import Options
+from sessions.store import Session, SessionStore
+
+if TYPE_CHECKING:
+    from server.runner import ModelRunner
+
+SERVER_NAME = "session-inference-server"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ("classification", "binary_tensor_data")
+
+IMAGE_INPUT = "image"
+TENSOR_INPUT = "preprocessed"
+PROBABILITIES_OUTPUT = "probabilities"
+BYTES, FP32 = "BYTES", "FP32"
+#: Images (or tensor rows) in one request; the body size limit usually binds first.
+MAX_BATCH = 64
+#: The exported model's dynamic height and width range (server/model.py), and the options' crop range.
+MIN_SIDE, MAX_SIDE = 32, 1024
+
+_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_libtorch"}
+_LENGTH = struct.Struct("<I")
+
+
+# -- metadata -----------------------------------------------------------------------------------
+def model_metadata(runner: ModelRunner) -> dict[str, Any]:
+    """The model's name, version, platform and tensors; -1 marks a variable dimension."""
+    classes = len(runner.model.labels)
+    return {
+        "name": runner.model.name,
+        "versions": [runner.model.version],
+        "platform": _PLATFORMS.get(runner.backend.name, runner.backend.name),
+        "inputs": [
+            {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
+            {"name": TENSOR_INPUT, "datatype": FP32, "shape": [-1, 3, -1, -1]},
+        ],
+        "outputs": [{"name": PROBABILITIES_OUTPUT, "datatype": FP32, "shape": [-1, classes]}],
+    }
+
+
+def server_metadata() -> dict[str, Any]:
+    return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
+
+
+def check_model(runner: ModelRunner, name: str, version: str | None) -> None:
+    """Raise NotFound unless `name` (and `version`, when given) is the model this server runs."""
+    if name != runner.model.name:
+        raise NotFound(f"Unknown model {name!r}; this server serves {runner.model.name!r}.", code="model_not_found")
+    if version and version != runner.model.version:
+        raise NotFound(f"Model {name!r} has no version {version!r}; it serves version {runner.model.version!r}.",
+                       code="model_version_not_found")
+
+
+# -- the BYTES codec ----------------------------------------------------------------------------
+def encode_bytes_elements(elements: Iterable[bytes]) -> bytes:
+    """BYTES tensor in the protocol's binary layout: each element as a 4-byte little-endian length
+    followed by its bytes."""
+    return b"".join(_LENGTH.pack(len(element)) + element for element in elements)
+
+
+def decode_bytes_elements(raw: bytes | memoryview, name: str) -> list[bytes]:
+    """The inverse of `encode_bytes_elements`; a length running past the end is a client error."""
+    view = memoryview(raw)
+    elements, offset = [], 0
+    while offset < len(view):
+        if offset + 4 > len(view):
+            raise BadRequest(f"Input {name!r}: BYTES data ends inside an element's 4-byte length prefix.",
+                             code="invalid_tensor")
+        (length,) = _LENGTH.unpack_from(view, offset)
+        offset += 4
+        if offset + length > len(view):
+            raise BadRequest(f"Input {name!r}: a BYTES element claims {length} bytes but only "
+                             f"{len(view) - offset} remain.", code="invalid_tensor")
+        elements.append(bytes(view[offset : offset + length]))
+        offset += length
+    return elements
+
+
+# -- requests -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RawInput:
+    """One input tensor as a transport delivered it: `raw` in the binary layout (BYTES length-
+    prefixed, FP32 little-endian), or `elements`, the flat values (bytes for BYTES, numbers for FP32)."""
+
+    name: str
+    datatype: str
+    shape: list[int]
+    raw: bytes | memoryview | None = None
+    elements: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    classification: int = 0  # > 0: the classification extension's top-k strings
+    binary: bool | None = None  # REST only: the output-level `binary_data` parameter, when sent
+
+    @classmethod
+    def from_parameters(cls, name: str, parameters: Mapping[str, Any]) -> RequestedOutput:
+        if name != PROBABILITIES_OUTPUT:
+            raise BadRequest(f"Unknown output {name!r}; the model's output is {PROBABILITIES_OUTPUT!r}.",
+                             code="invalid_output")
+        k = parameters.get("classification", 0)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise BadRequest(f"Output {name!r}: the classification parameter must be a positive integer.",
+                             code="invalid_output")
+        binary = parameters.get("binary_data")
+        if binary is not None and not isinstance(binary, bool):
+            raise BadRequest(f"Output {name!r}: binary_data must be true or false.", code="invalid_output")
+        return cls(name, k, binary)
+
+
+@dataclass(frozen=True)
+class InferenceRequest:
+    """A validated request: exactly one of `images` and `tensor` is set."""
+
+    id: str
+    outputs: list[RequestedOutput]
+    images: list[bytes] | None = None
+    tensor: np.ndarray | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.images) if self.images is not None else len(self.tensor)  # type: ignore[arg-type]
+
+
+def parse_request(request_id: str, inputs: list[RawInput], outputs: list[RequestedOutput]) -> InferenceRequest:
+    """Check the one input against the model's metadata and decode it; raise BadRequest saying why not."""
+    if len(inputs) != 1:
+        raise BadRequest(f"Send exactly one input, {IMAGE_INPUT!r} (BYTES) or {TENSOR_INPUT!r} (FP32); "
+                         f"this request has {len(inputs)}.", code="invalid_input")
+    tensor = inputs[0]
+    if tensor.name not in (IMAGE_INPUT, TENSOR_INPUT):
+        raise BadRequest(f"Unknown input {tensor.name!r}; the model takes {IMAGE_INPUT!r} (BYTES [-1]) or "
+                         f"{TENSOR_INPUT!r} (FP32 [-1, 3, -1, -1]).", code="invalid_input")
+    expected = BYTES if tensor.name == IMAGE_INPUT else FP32
+    if tensor.datatype != expected:
+        raise BadRequest(f"Input {tensor.name!r} must be {expected}, got {tensor.datatype!r}.",
+                         code="invalid_datatype")
+    shape = _check_shape(tensor)
+    if len({output.name for output in outputs}) != len(outputs):
+        raise BadRequest("An output is requested twice.", code="invalid_output")
+    if tensor.name == IMAGE_INPUT:
+        return InferenceRequest(request_id, outputs, images=_images(tensor, shape[0]))
+    return InferenceRequest(request_id, outputs, tensor=_fp32(tensor, shape))
+
+
+def _check_shape(tensor: RawInput) -> list[int]:
+    shape = tensor.shape
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+        raise BadRequest(f"Input {tensor.name!r}: shape must be a list of integers.", code="invalid_shape")
+    if tensor.name == IMAGE_INPUT:
+        ok = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+        wanted = "[N] or [N, 1]"
+    else:
+        ok = len(shape) == 4 and shape[1] == 3 and all(MIN_SIDE <= side <= MAX_SIDE for side in shape[2:])
+        wanted = f"[N, 3, H, W] with H and W between {MIN_SIDE} and {MAX_SIDE}"
+    if not ok or not 1 <= shape[0] <= MAX_BATCH:
+        raise BadRequest(f"Input {tensor.name!r} has shape {shape}; it must be {wanted}, with N between 1 and "
+                         f"{MAX_BATCH}.", code="invalid_shape")
+    return shape
+
+
+def _images(tensor: RawInput, count: int) -> list[bytes]:
+    if tensor.raw is not None:
+        images = decode_bytes_elements(tensor.raw, tensor.name)
+    else:
+        images = list(tensor.elements or [])
+        if not all(isinstance(element, bytes) for element in images):
+            raise BadRequest(f"Input {tensor.name!r}: every element must be bytes.", code="invalid_tensor")
+    if len(images) != count:
+        raise BadRequest(f"Input {tensor.name!r}: the shape says {count} elements, the data has {len(images)}.",
+                         code="invalid_tensor")
+    return images
+
+
+def _fp32(tensor: RawInput, shape: list[int]) -> np.ndarray:
+    count = math.prod(shape)
+    if tensor.raw is not None:
+        if len(tensor.raw) != count * 4:
+            raise BadRequest(f"Input {tensor.name!r}: shape {shape} needs {count * 4} bytes of FP32 data, "
+                             f"got {len(tensor.raw)}.", code="invalid_tensor")
+        # A copy: the slice of the body may be unaligned for float32, and runtimes want writable arrays.
+        values = np.frombuffer(tensor.raw, dtype="<f4").copy()
+    else:
+        try:
+            values = np.asarray(tensor.elements if tensor.elements is not None else [], dtype=np.float32).ravel()
+        except (TypeError, ValueError):
+            raise BadRequest(f"Input {tensor.name!r}: data must be numbers.", code="invalid_tensor") from None
+        if values.size != count:
+            raise BadRequest(f"Input {tensor.name!r}: shape {shape} needs {count} values, got {values.size}.",
+                             code="invalid_tensor")
+    if not np.isfinite(values).all():
+        raise BadRequest(f"Input {tensor.name!r} holds NaN or infinite values.", code="invalid_tensor")
+    return values.astype(np.float32, copy=False).reshape(shape)
+
+
+# -- running it ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    values: np.ndarray | list[bytes]  # FP32 array, or BYTES elements in row-major order
+    binary: bool | None = None  # as requested (REST); None: the request-level default applies
+
+    def raw(self) -> bytes:
+        """The binary layout: little-endian FP32, or length-prefixed BYTES."""
+        if isinstance(self.values, np.ndarray):
+            return self.values.astype("<f4", copy=False).tobytes()
+        return encode_bytes_elements(self.values)
+
+    def json_data(self) -> list[Any]:
+        """The JSON form's flat, row-major `data`."""
+        if isinstance(self.values, np.ndarray):
+            return self.values.ravel().tolist()
+        return [element.decode() for element in self.values]
+
+
+async def infer(
+    runner: ModelRunner, store: SessionStore, session: Session | None, request: InferenceRequest
+) -> list[OutputTensor]:
+    """Classify the request's batch, record each image in the session's history (before answering,
+    like `POST /v1/predict`: an answer means recorded), and build the requested outputs."""
+    options = session.options if session is not None else Options()
+    if request.images is not None:
+        result = await runner.classify_images(request.images, options)
+    else:
+        assert request.tensor is not None
+        result = await runner.classify_tensor(request.tensor)
+    if session is not None:
+        # In order, so the history lists a batch's images as sent; one Redis round trip each.
+        for row in result.probabilities:
+            await record_prediction(store, runner, session, runner.top_k(row, options.top_k), options)
+    wanted = request.outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
+    return [_output(runner, result.probabilities, output) for output in wanted]
+
+
+def _output(runner: ModelRunner, probabilities: np.ndarray, requested: RequestedOutput) -> OutputTensor:
+    batch, classes = probabilities.shape
+    if not requested.classification:
+        return OutputTensor(requested.name, FP32, [batch, classes], probabilities, requested.binary)
+    k = min(requested.classification, classes)
+    elements = [f"{score.score:f}:{score.class_index}:{score.label}".encode()
+                for row in probabilities for score in runner.top_k(row, k)]
+    return OutputTensor(requested.name, BYTES, [batch, k], elements, requested.binary)

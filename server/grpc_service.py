@@ -1,0 +1,227 @@
+"""The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, what `tritonclient.grpc` speaks.
+
+grpcio's asyncio server runs on the same event loop as Tornado, in the same process, with the same
+session store, token signer and model runner, so a session and its history are one thing whichever
+transport a client uses. This module maps protobuf messages to the transport-neutral protocol in
+`handlers/oip_protocol.py` and back; validation, inference, recording and outputs live there.
+
+Errors: a bad or missing token is UNAUTHENTICATED, bad input INVALID_ARGUMENT, an unknown model or
+version NOT_FOUND, a full queue or the rate limit RESOURCE_EXHAUSTED, Redis down UNAVAILABLE, and
+anything unexpected INTERNAL with a fixed message (the traceback goes to the log, never the client).
+
+The generated messages register the protocol's names (`inference.*`) in protobuf's default pool, so
+a process cannot also import tritonclient.grpc (its copy claims the same names): import this module
+only where the server runs (server/cli.py does so only when grpc.port is set).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+from grpc import aio
+
+from handlers.base import optional_session
+from handlers.oip_protocol import (
+    BYTES,
+    InferenceRequest,
+    RawInput,
+    RequestedOutput,
+    check_model,
+    infer,
+    model_metadata,
+    parse_request,
+    server_metadata,
+)
+from server.config import Config
+from server.oip_grpc import grpc_predict_v2_pb2 as pb
+from server.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from server.runner import ModelRunner
+from sessions.errors import BadRequest, NotFound, ServiceBusy, ServiceError, StoreUnavailable
+from sessions.store import SessionStore
+from sessions.tokens import TokenSigner
+
+log = logging.getLogger("inference.grpc")
+
+Message = TypeVar("Message")
+_Handler = Callable[[Any, Any, aio.ServicerContext], Awaitable[Message]]
+
+_STATUS_BY_HTTP = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.ALREADY_EXISTS,
+    413: grpc.StatusCode.INVALID_ARGUMENT,
+    415: grpc.StatusCode.INVALID_ARGUMENT,
+    422: grpc.StatusCode.INVALID_ARGUMENT,
+}
+
+
+def grpc_status(error: ServiceError) -> grpc.StatusCode:
+    """The gRPC status for a domain error (which carries its HTTP status)."""
+    if isinstance(error, StoreUnavailable):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(error, ServiceBusy):  # queue full, or the session's rate limit
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    return _STATUS_BY_HTTP.get(error.status, grpc.StatusCode.INTERNAL)
+
+
+def _answering(method: _Handler[Message]) -> _Handler[Message]:
+    """Every RPC ends in a response or a status with a message: never an unhandled exception."""
+
+    @functools.wraps(method)
+    async def wrapper(self: InferenceService, request: Any, context: aio.ServicerContext) -> Message:
+        started = time.perf_counter()
+        metrics = self.runner.metrics
+        try:
+            response = await method(self, request, context)
+            metrics.grpc_requests.labels(method.__name__, "OK").inc()
+            return response
+        except ServiceError as exc:
+            failure, code, message = exc, grpc_status(exc), exc.message
+        except Exception as exc:  # a bug: logged with its traceback, the client gets a fixed sentence
+            log.exception("gRPC %s failed", method.__name__)
+            failure, code, message = exc, grpc.StatusCode.INTERNAL, "The server failed on this request; it was logged."
+        finally:
+            metrics.grpc_latency.labels(method.__name__).observe(time.perf_counter() - started)
+        metrics.grpc_requests.labels(method.__name__, code.name).inc()
+        if isinstance(failure, StoreUnavailable):
+            metrics.store_errors.inc()
+        if isinstance(failure, ServiceError):
+            log.info("gRPC %s -> %s %s", method.__name__, code.name, failure.code)
+            if "Retry-After" in failure.headers:
+                context.set_trailing_metadata((("retry-after", failure.headers["Retry-After"]),))
+        await context.abort(code, message)  # raises: grpc ends the call with this status
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner):
+        self.config, self.store, self.runner, self.signer = config, store, runner, signer
+
+    @_answering
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @_answering
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> pb.ServerReadyResponse:
+        try:
+            await self.store.ping()
+        except ServiceError:
+            return pb.ServerReadyResponse(ready=False)
+        return pb.ServerReadyResponse(ready=True)
+
+    @_answering
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
+        try:
+            check_model(self.runner, request.name, request.version)
+        except NotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=True)
+
+    @_answering
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(**server_metadata())
+
+    @_answering
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        check_model(self.runner, request.name, request.version)
+        metadata = model_metadata(self.runner)
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        return pb.ModelMetadataResponse(
+            name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"],
+            inputs=[tensor(**item) for item in metadata["inputs"]],
+            outputs=[tensor(**item) for item in metadata["outputs"]],
+        )
+
+    @_answering
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext) -> pb.ModelInferResponse:
+        parsed: list[InferenceRequest] = []
+
+        def batch_size() -> int:  # parsed once, after the token's signature is checked
+            if not parsed:
+                parsed.append(_parse(request))
+            return parsed[0].batch_size
+
+        session = await optional_session(_authorization(context), self.config, self.signer, self.store,
+                                         cost=batch_size)
+        check_model(self.runner, request.model_name, request.model_version)
+        batch_size()
+        outputs = await infer(self.runner, self.store, session, parsed[0])
+        return pb.ModelInferResponse(
+            model_name=self.runner.model.name,
+            model_version=self.runner.model.version,
+            id=request.id,
+            outputs=[pb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=o.datatype, shape=o.shape)
+                     for o in outputs],
+            raw_output_contents=[output.raw() for output in outputs],
+        )
+
+
+def _authorization(context: aio.ServicerContext) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return ""
+
+
+def _parameters(parameters: Any) -> dict[str, Any]:
+    """A protobuf map<string, InferParameter> as plain values."""
+    values = {}
+    for key, parameter in parameters.items():
+        choice = parameter.WhichOneof("parameter_choice")
+        values[key] = getattr(parameter, choice) if choice else None
+    return values
+
+
+def _parse(request: pb.ModelInferRequest) -> InferenceRequest:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+                         "send one per input, in order.", code="invalid_tensor")
+    inputs = []
+    for index, tensor in enumerate(request.inputs):
+        if any(key.startswith("shared_memory") for key in tensor.parameters):
+            raise BadRequest("The shared memory extension is not supported; send the data in the request.",
+                             code="invalid_input")
+        shape = list(tensor.shape)
+        if raw:
+            inputs.append(RawInput(tensor.name, tensor.datatype, shape, raw=raw[index]))
+        else:
+            contents = tensor.contents
+            elements = list(contents.bytes_contents if tensor.datatype == BYTES else contents.fp32_contents)
+            inputs.append(RawInput(tensor.name, tensor.datatype, shape, elements=elements))
+    outputs = [RequestedOutput.from_parameters(output.name, _parameters(output.parameters))
+               for output in request.outputs]
+    return parse_request(request.id, inputs, outputs)
+
+
+async def start_grpc_server(
+    config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner, *, host: str, port: int
+) -> tuple[aio.Server, int]:
+    """Serve the protocol on host:port on the running event loop; return the server and the bound port."""
+    # Message size follows the HTTP body limit (plus room for the protobuf framing around the tensors).
+    limit = config.http.max_body_bytes + 64 * 1024
+    server = aio.server(options=[("grpc.max_receive_message_length", limit),
+                                 ("grpc.max_send_message_length", max(limit, 4 * 1024 * 1024))])
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(config, store, runner, signer), server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:
+        raise OSError(f"Could not bind gRPC to {address} ({exc}); set grpc.port to a free port.") from None
+    if not bound:
+        raise OSError(f"Could not bind gRPC to {address}; set grpc.port to a free port.")
+    await server.start()
+    return server, bound
