@@ -156,7 +156,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("X-Content-Type-Options", "nosniff")
         set_cors_headers(self, self.config.http.cors_origins)
 
-    async def options(self, *args: str) -> None:
+    async def options(self, *args: str, **kwargs: str) -> None:
         """CORS preflight: answered for the origins in http.cors_origins, refused for others."""
         origin = self.request.headers.get("Origin", "")
         if origin not in self.config.http.cors_origins:

@@ -103,6 +103,9 @@ def test_page_has_security_headers_and_cors_is_opt_in(client: httpx.Client, serv
         assert allowed.status_code == 204 and allowed.headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert "Authorization" in allowed.headers["Access-Control-Allow-Headers"]
         assert "POST" in allowed.headers["Access-Control-Allow-Methods"]
+        # Routes with named path parameters too (found by the fuzz test: it used to be a 500).
+        infer = other.options("/v2/models/efficientnet_lite0/versions/1/infer", headers=preflight)
+        assert infer.status_code == 204 and "POST" in infer.headers["Access-Control-Allow-Methods"]
         got = other.get("/healthz", headers={"Origin": "https://app.example"})
         assert "X-Request-ID" in got.headers["Access-Control-Expose-Headers"]
         assert "Access-Control-Allow-Origin" not in other.get("/healthz", headers={"Origin": "https://evil.example"}).headers
