@@ -13,6 +13,7 @@ from handlers.base import InFlight, NotFoundHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import HistoryHandler, HistoryItemHandler
 from handlers.predict import PlainPredictHandler, PredictHandler
+from handlers.preprocess import PreprocessHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
 from handlers.web import WebAssetHandler
 from server.config import Config
@@ -30,6 +31,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/session", SessionHandler),
     (r"/v1/session/options", OptionsHandler),
     (r"/v1/predict", PredictHandler),
+    (r"/v1/preprocess", PreprocessHandler),
     (r"/v1/history", HistoryHandler),
     (r"/v1/history/([^/]+)", HistoryItemHandler),
     (r"/predict", PlainPredictHandler),

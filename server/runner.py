@@ -117,6 +117,11 @@ class ModelRunner:
     def _preprocess(self, data: bytes, options: Options) -> np.ndarray:
         return imaging.preprocess(data, options, max_pixels=self.max_image_pixels)
 
+    async def preprocess(self, data: bytes, options: Options) -> np.ndarray:
+        """The (3, crop, crop) float32 tensor the model would see under `options`; admitted like a
+        predict, since decoding a large image costs about as much as a forward."""
+        return await self._submit(self._preprocess, data, options)
+
 
     def _ensure_batcher(self) -> asyncio.Queue[_Pending]:
         if self._batch_queue is None:

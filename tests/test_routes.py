@@ -112,6 +112,8 @@ def test_real_responses_match_the_documented_schemas(client: httpx.Client, schem
     check(prediction, "/v1/predict", "post")
     check(client.post("/v1/predict", headers={**auth, "Content-Type": "image/png"}, content=b"x"),
           "/v1/predict", "post")
+    check(client.post("/v1/preprocess", headers={**auth, "Content-Type": "image/jpeg", "Accept": "application/json"},
+                      content=CAT_JPEG), "/v1/preprocess", "post")
     check(client.get("/v1/session", headers=auth), "/v1/session", "get")
     check(client.get("/v1/session/options", headers=auth), "/v1/session/options", "get")
     check(client.patch("/v1/session/options", headers=auth, json={"top_k": 4}), "/v1/session/options", "patch")

@@ -77,6 +77,18 @@ export interface HistoryPage {
 
 export type ImageInput = Blob | ArrayBuffer | Uint8Array;
 
+/** The answer of preprocess(): the model's input for one image. */
+export interface PreprocessedTensor {
+  dtype: "float32";
+  byte_order: "little";
+  /** [3, crop, crop]: channels, height, width. */
+  shape: [number, number, number];
+  /** The values in C order (channel, then row, then column). */
+  data: Float32Array;
+  /** The options it was made under. */
+  options: Options;
+}
+
 export interface ClientSettings {
   /** A token from an earlier login, to resume a session. */
   token?: string | null;
@@ -166,6 +178,8 @@ export class Client {
 
   /** POST /v1/predict with the raw image; `overrides` apply to this request only. */
   predict(image: ImageInput, overrides?: PredictOverrides): Promise<Prediction>;
+  /** POST /v1/preprocess: the float32 tensor the model would see (nothing is classified or recorded). */
+  preprocess(image: ImageInput, overrides?: PredictOverrides): Promise<PreprocessedTensor>;
   /** predict() for each image, `concurrency` at a time (default 4); results in input order. */
   predictMany(images: Iterable<ImageInput>, settings?: PredictOverrides & { concurrency?: number }): Promise<Prediction[]>;
 

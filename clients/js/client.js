@@ -138,6 +138,16 @@ function queryString(params) {
   return text ? `?${text}` : "";
 }
 
+// The server sends little-endian float32; DataView reads it right on any host.
+function float32FromBase64(text) {
+  const binary = atob(text);
+  const view = new DataView(new ArrayBuffer(binary.length));
+  for (let i = 0; i < binary.length; i++) view.setUint8(i, binary.charCodeAt(i));
+  const values = new Float32Array(binary.length / 4);
+  for (let i = 0; i < values.length; i++) values[i] = view.getFloat32(i * 4, true);
+  return values;
+}
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // -- the client --------------------------------------------------------------------------------
@@ -206,6 +216,19 @@ export class Client {
     return this.#request("POST", `/v1/predict${queryString(overrides)}`, {
       body, headers: { "Content-Type": contentType, "Idempotency-Key": uuid() },
     });
+  }
+
+  /**
+   * POST /v1/preprocess: the tensor the model would see for `image` under the session's options
+   * (`overrides` as in predict). Returns {dtype: "float32", shape: [3, crop, crop], data: Float32Array,
+   * options}; nothing is classified or recorded.
+   */
+  async preprocess(image, overrides = {}) {
+    const [body, contentType] = await imageBody(image);
+    const answer = await this.#request("POST", `/v1/preprocess${queryString(overrides)}`, {
+      body, headers: { "Content-Type": contentType },
+    });
+    return { ...answer, data: float32FromBase64(answer.data) };
   }
 
   /**

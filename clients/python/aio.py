@@ -62,6 +62,12 @@ class AsyncClient(BaseClient):
         call = await asyncio.to_thread(protocol.predict, image, overrides)
         return await self._send(call)
 
+    async def preprocess(self, image: ImageInput, **overrides: Any) -> Any:
+        """The float32 (3, crop, crop) NumPy array the model would see for `image` under the session's
+        options (keyword arguments override them for this call). Needs NumPy."""
+        call = await asyncio.to_thread(protocol.preprocess, image, overrides)
+        return await self._send(call)
+
     async def predict_many(self, images: Iterable[ImageInput], **overrides: Any) -> list[dict[str, Any]]:
         """Classify several images, `concurrency` at a time; results come in the order of `images`.
         The first failure is raised and the calls still pending are cancelled."""

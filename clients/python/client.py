@@ -62,6 +62,11 @@ class Client(BaseClient):
         """Classify one image; keyword arguments override the session's options for this call only."""
         return self._send(protocol.predict(image, overrides))
 
+    def preprocess(self, image: ImageInput, **overrides: Any) -> Any:
+        """The float32 (3, crop, crop) NumPy array the model would see for `image` under the session's
+        options (keyword arguments override them for this call). Needs NumPy."""
+        return self._send(protocol.preprocess(image, overrides))
+
     def predict_many(self, images: Iterable[ImageInput], **overrides: Any) -> list[dict[str, Any]]:
         """Classify several images, `concurrency` at a time; results come in the order of `images`.
         The first failure is raised, and images not yet sent are not sent."""

@@ -55,6 +55,7 @@ class Call:
     content: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     shape: Callable[[Any], Any] = _identity
+    raw: bool = False  # a success's body goes to `shape` as bytes instead of parsed JSON
 
     def request(self, token: str | None) -> dict[str, Any]:
         """Keyword arguments for `httpx.Client.request` / `httpx.AsyncClient.request`."""
@@ -82,6 +83,20 @@ def predict(image: ImageInput, overrides: Mapping[str, Any]) -> Call:
     body, content_type = encode_image(image)
     return Call("POST", "/v1/predict", params=query_params(overrides), content=body,
                 headers={"Content-Type": content_type, "Idempotency-Key": str(uuid.uuid4())})
+
+
+def preprocess(image: ImageInput, overrides: Mapping[str, Any]) -> Call:
+    """The preprocess call: the server's model input for this image, as a NumPy array."""
+    body, content_type = encode_image(image)
+    return Call("POST", "/v1/preprocess", params=query_params(overrides), content=body,
+                headers={"Content-Type": content_type, "Accept": "application/x-npy"}, raw=True, shape=npy_array)
+
+
+def npy_array(data: bytes) -> Any:
+    """A NumPy array from .npy bytes. NumPy is imported here, so only callers of preprocess need it."""
+    import numpy
+
+    return numpy.load(io.BytesIO(data), allow_pickle=False)
 
 
 def get_options() -> Call:
@@ -326,5 +341,7 @@ class Exchange:
             raise ConnectionFailed("connection_failed",
                                    f"{self.call.method} {self.call.path} got no answer{tries}: "
                                    f"{outcome or type(outcome).__name__}") from outcome
+        if self.call.raw and outcome.is_success:
+            return self.call.shape(outcome.content)
         body = read_response(outcome)
         return None if body is None else self.call.shape(body)
