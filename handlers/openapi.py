@@ -233,6 +233,19 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "401": _AUTH_ERRORS["401"],
                           "503": _error("Queue full or session store unavailable; see Retry-After.")},
         }},
+        "/v1/stream": {"get": {
+            "summary": "WebSocket predict stream (upgrade). Authenticate with `Authorization: Bearer <token>` on "
+                       "the upgrade or a first text frame {\"token\": \"<token>\"}; then send images as binary "
+                       "frames, each optionally preceded by a text frame {\"ref\": ..., \"options\": {...}}; "
+                       "one JSON frame comes back per image, in completion order: {\"type\": \"result\", "
+                       "\"ref\", \"seq\", \"result\": Prediction} or {\"type\": \"error\", \"ref\", \"seq\", "
+                       "\"status\", \"error\": {\"code\", \"message\"}}. A missing or bad token closes the socket "
+                       "with code 1008 and the error code as the reason. See README, 'WebSocket predict stream'.",
+            "security": _BEARER,
+            "responses": {"101": {"description": "Switching to the WebSocket protocol."},
+                          "400": {"description": "Not a WebSocket upgrade request."},
+                          "403": {"description": "Cross-origin upgrade from an origin not in http.cors_origins."}},
+        }},
         "/v1/history": {"get": {
             "summary": "The session's predictions, newest first.",
             "security": _BEARER,
@@ -252,6 +265,8 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json(_ref("HistoryItem"), "The item."),
                           "404": _error("No such item in this session."), **_AUTH_ERRORS},
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
         }},
         "/healthz": {"get": {"summary": "Liveness.", "security": [{}],
                              "responses": {"200": _json(_ref("Health"), "Alive.")}}},

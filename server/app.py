@@ -15,6 +15,7 @@ from handlers.history import HistoryHandler, HistoryItemHandler
 from handlers.predict import PlainPredictHandler, PredictHandler
 from handlers.preprocess import PreprocessHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
+from handlers.stream import StreamHandler
 from handlers.web import WebAssetHandler
 from server.config import Config
 from server.observability import log_request
@@ -32,6 +33,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/session/options", OptionsHandler),
     (r"/v1/predict", PredictHandler),
     (r"/v1/preprocess", PreprocessHandler),
+    (r"/v1/stream", StreamHandler),
     (r"/v1/history", HistoryHandler),
     (r"/v1/history/([^/]+)", HistoryItemHandler),
     (r"/predict", PlainPredictHandler),

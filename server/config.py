@@ -42,6 +42,10 @@ class HttpConfig:
     # Production mode refuses to start with legacy_predict on unless this says it is wanted.
     allow_anonymous_in_production: bool = False
     shutdown_grace_seconds: float = 10.0
+    # GET /v1/stream: images being classified at once per WebSocket; beyond it the server stops reading.
+    stream_max_in_flight: int = 8
+    # A stream that has not authenticated within this many seconds is closed (policy violation).
+    stream_auth_timeout_seconds: float = 10.0
 
 
 @dataclass
@@ -223,6 +227,8 @@ def validate(config: Config) -> None:
         (config.server.log_format in {"text", "json"}, "server.log_format must be 'text' or 'json'."),
         (config.http.max_body_bytes >= 1024, "http.max_body_bytes must be at least 1024."),
         (config.http.shutdown_grace_seconds >= 0, "http.shutdown_grace_seconds must not be negative."),
+        (1 <= config.http.stream_max_in_flight <= 256, "http.stream_max_in_flight must be between 1 and 256."),
+        (config.http.stream_auth_timeout_seconds > 0, "http.stream_auth_timeout_seconds must be positive."),
         (config.redis.url == "embedded"
          or config.redis.url.split("://")[0] in {"redis", "rediss", "unix", "redis+cluster"},
          "redis.url must be 'embedded' or start with redis://, rediss://, unix:// or redis+cluster://."),

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+from tornado.websocket import WebSocketHandler
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from handlers.base import BaseHandler
 from server.app import ROUTES
@@ -14,6 +19,9 @@ from tests.conftest import CAT_JPEG, COFFEE_JPEG, login
 
 # Changing this set is a security decision: a new public route must be added here on purpose.
 PUBLIC_ROUTES = {"/v1/sessions", "/predict", "/healthz", "/readyz", "/openapi.json", "/metrics"}
+# WebSocket routes: a browser cannot send headers on the upgrade, so these authenticate with the
+# first frame instead and close with 1008 without a token (checked below and in test_stream.py).
+WEBSOCKET_ROUTES = {"/v1/stream"}
 METHODS = ("get", "post", "put", "patch", "delete")
 
 
@@ -32,11 +40,25 @@ def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client)
         if handler.public:
             assert template(pattern) in PUBLIC_ROUTES, f"{pattern} is public but not in PUBLIC_ROUTES"
             continue
+        if issubclass(handler, WebSocketHandler):
+            assert template(pattern) in WEBSOCKET_ROUTES, f"{pattern} is a WebSocket but not in WEBSOCKET_ROUTES"
+            assert_stream_needs_a_token(client.base_url.copy_with(scheme="ws").join(path))
+            continue
         for method in implemented(handler):
             response = client.request(method.upper(), path, content=b"{}",
                                       headers={"Content-Type": "application/json"})
             assert response.status_code == 401, (method, path)
             assert response.json()["error"]["code"] == "missing_token"
+
+
+def assert_stream_needs_a_token(url: httpx.URL) -> None:
+    """Without a token, an image sent on the socket is refused: policy-violation close, no result."""
+    with ws_connect(str(url), open_timeout=10) as socket:
+        socket.send(CAT_JPEG)
+        assert json.loads(socket.recv(timeout=10))["error"]["code"] == "missing_token"
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 def test_the_app_serves_only_api_routes_and_public_static_files(server) -> None:

@@ -100,6 +100,20 @@ export interface ClientSettings {
   backoff?: number;
   /** A fetch implementation to use instead of globalThis.fetch. */
   fetch?: typeof globalThis.fetch;
+  /** A WebSocket class for predictStream() instead of globalThis.WebSocket. */
+  WebSocket?: typeof globalThis.WebSocket;
+}
+
+/** One item for predictStream(): an image, or an image with its own ref and option overrides. */
+export type StreamItem = ImageInput | { image: ImageInput; ref?: string | number; options?: PredictOverrides };
+
+/** One image's outcome on predictStream(): `result`, or `error` for that image alone. */
+export interface StreamResult {
+  ref: string | number | null;
+  /** The image's position in the stream, from 0. */
+  seq: number | null;
+  result: Prediction | null;
+  error: InferenceError | null;
 }
 
 export interface ErrorDetails {
@@ -182,6 +196,9 @@ export class Client {
   preprocess(image: ImageInput, overrides?: PredictOverrides): Promise<PreprocessedTensor>;
   /** predict() for each image, `concurrency` at a time (default 4); results in input order. */
   predictMany(images: Iterable<ImageInput>, settings?: PredictOverrides & { concurrency?: number }): Promise<Prediction[]>;
+
+  /** GET /v1/stream (WebSocket): one StreamResult per image, in completion order. */
+  predictStream(images: Iterable<StreamItem> | AsyncIterable<StreamItem>, overrides?: PredictOverrides): AsyncGenerator<StreamResult, void, undefined>;
 
   /** GET /v1/history: one page, newest first. */
   historyPage(args?: { limit?: number; before?: string | null }): Promise<HistoryPage>;

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email.utils
 import io
+import json
 import math
 import os
 import random
@@ -24,7 +25,7 @@ from urllib.parse import quote
 
 import httpx
 
-from clients.python.errors import ConnectionFailed, InferenceError, RateLimited, ServerBusy, error_class
+from clients.python.errors import AuthError, ConnectionFailed, InferenceError, RateLimited, ServerBusy, error_class
 
 #: What `predict` accepts: a path, the encoded bytes, a binary file object, or a PIL image.
 ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Any
@@ -345,3 +346,142 @@ class Exchange:
             return self.call.shape(outcome.content)
         body = read_response(outcome)
         return None if body is None else self.call.shape(body)
+
+
+# -- the WebSocket stream ------------------------------------------------------------------------
+
+STREAM_PATH = "/v1/stream"
+POLICY_VIOLATION = 1008
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One image's outcome on `predict_stream`: `result` (the predict answer) or `error`."""
+
+    ref: Any
+    seq: int | None
+    result: dict[str, Any] | None = None
+    error: InferenceError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> dict[str, Any]:
+        """The result, or raise the image's error."""
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def stream_url(base_url: str) -> str:
+    """ws:// (or wss://) address of the stream for an http(s) base URL."""
+    url = httpx.URL(base_url)
+    scheme = {"http": "ws", "https": "wss"}.get(url.scheme, url.scheme)
+    return str(url.copy_with(scheme=scheme, path=url.path.rstrip("/") + STREAM_PATH, query=None))
+
+
+def stream_frames(item: Any, index: int, overrides: Mapping[str, Any]) -> tuple[str, bytes]:
+    """The JSON header and the image bytes for one item of `predict_stream`. An item is an image, or
+    a mapping {"image": ..., "ref": ..., "options": {...}}; the ref defaults to the item's index."""
+    options = {name: value for name, value in overrides.items() if value is not None}
+    ref: Any = index
+    if isinstance(item, Mapping):
+        if "image" not in item:
+            raise TypeError("a stream item given as a mapping needs an 'image' key")
+        ref = item.get("ref", index)
+        options.update(item.get("options") or {})
+        item = item["image"]
+    data, _ = encode_image(item)  # the server sniffs the bytes itself; this checks them early
+    header: dict[str, Any] = {"ref": ref}
+    if options:
+        header["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    return json.dumps(header, separators=(",", ":")), data
+
+
+def stream_frame(text: str | bytes) -> dict[str, Any]:
+    """A server frame as a dict; a non-JSON frame is an InferenceError."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise InferenceError("invalid_response", "A stream frame from the server is not JSON.") from None
+    if not isinstance(frame, dict) or "type" not in frame:
+        raise InferenceError("invalid_response", "A stream frame from the server has no type.")
+    return frame
+
+
+def stream_result(frame: Mapping[str, Any]) -> StreamResult:
+    """A result or error frame as a StreamResult (the error typed as the HTTP status would be)."""
+    if frame["type"] == "result":
+        return StreamResult(frame.get("ref"), frame.get("seq"), result=frame["result"])
+    return StreamResult(frame.get("ref"), frame.get("seq"), error=stream_error(frame))
+
+
+def stream_error(frame: Mapping[str, Any]) -> InferenceError:
+    status = int(frame.get("status") or 500)
+    error = frame.get("error") or {}
+    cls = error_class(status)
+    kwargs: dict[str, Any] = {"status": status}
+    if issubclass(cls, RateLimited | ServerBusy):
+        kwargs["retry_after"] = frame.get("retry_after")
+    return cls(str(error.get("code", f"http_{status}")), str(error.get("message", "")), **kwargs)
+
+
+def stream_closed(code: int | None, reason: str | None, last_error: InferenceError | None) -> InferenceError:
+    """The error to raise when the server closed the stream before every result came."""
+    if code == POLICY_VIOLATION:
+        if isinstance(last_error, AuthError):
+            return last_error
+        return AuthError(reason or "invalid_token", "The server closed the stream: the token was refused.",
+                         status=401)
+    return ConnectionFailed("connection_closed", f"The stream closed before every result came (code {code}, "
+                                                 f"reason {reason!r}).")
+
+
+class StreamWindow:
+    """Which item to send next and how many results are owed, shared by both clients' loops:
+
+        while True:
+            while window.room(): send(window.next_frames())   # until the window is full or images run out
+            if window.done: break
+            yield window.received(frame)                      # one result per frame read
+
+    `size` is the server's `max_in_flight` (its ready frame), so a well-behaved client never sends
+    an image the server would have to leave unread.
+    """
+
+    def __init__(self, images: Any, overrides: Mapping[str, Any], size: int):
+        self._images = iter(images)
+        self._overrides = overrides
+        self.size = max(1, size)
+        self.pending = 0
+        self.sent = 0
+        self._exhausted = False
+        self._next: Any = None
+
+    def room(self) -> bool:
+        if self._exhausted or self.pending >= self.size:
+            return False
+        try:
+            self._next = next(self._images)
+        except StopIteration:
+            self._exhausted = True
+            return False
+        return True
+
+    def next_frames(self) -> tuple[str, bytes]:
+        frames = stream_frames(self._next, self.sent, self._overrides)
+        self.sent += 1
+        self.pending += 1
+        return frames
+
+    @property
+    def done(self) -> bool:
+        return self._exhausted and self.pending == 0
+
+    def received(self, frame: Mapping[str, Any]) -> StreamResult:
+        result = stream_result(frame)
+        if result.seq is not None:  # a frame about one of our images (not about the stream as a whole)
+            self.pending -= 1
+        return result
