@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sessions.options import COLORS, INTERPOLATIONS
+from sessions.options import COLORS, INTERPOLATIONS, MODEL_VERSION
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -48,6 +48,9 @@ SCHEMAS: dict[str, Any] = {
             "mean": _THREE_NUMBERS,
             "std": _THREE_NUMBERS,
             "top_k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 5},
+            "model_version": {"type": ["string", "null"], "pattern": MODEL_VERSION.pattern,
+                              "description": "Pins the session to this model version (see GET /v1/models); "
+                                             "absent or null: the active version."},
         },
     },
     "Login": {
@@ -122,6 +125,35 @@ SCHEMAS: dict[str, Any] = {
             "options": _ref("Options"),
         },
     },
+    "ModelVersion": {
+        "type": "object",
+        "required": ["version", "sha256", "size", "uploaded_at", "activated_at", "active"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string", "pattern": MODEL_VERSION.pattern},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "size": {"type": "integer", "minimum": 1, "description": "Bytes of the state_dict file."},
+            "uploaded_at": {"type": "string", "format": "date-time"},
+            "activated_at": {"type": ["string", "null"], "format": "date-time",
+                             "description": "The last activation; null if never activated."},
+            "active": {"type": "boolean"},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["models"],
+        "properties": {"models": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "active_version", "serving_version", "versions"],
+            "properties": {
+                "name": {"type": "string"},
+                "active_version": {"type": ["string", "null"],
+                                   "description": "null: no version was activated; the configured weights serve."},
+                "serving_version": {"type": "string", "description": "What the answering replica runs now."},
+                "versions": {"type": "array", "items": _ref("ModelVersion")},
+            },
+        }}},
+    },
     "PlainPrediction": {
         "type": "object",
         "required": ["predicted_class"],
@@ -159,12 +191,23 @@ _OPTION_OVERRIDES = [
         "mean": {"type": "string", "description": "three comma-separated numbers"},
         "std": {"type": "string", "description": "three comma-separated positive numbers"},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+        "model_version": {"type": "string", "pattern": MODEL_VERSION.pattern},
     }.items()
 ]
 
 _AUTH_ERRORS = {"401": _error("Missing, invalid, expired or revoked token."),
                 "503": _error("The session store is unavailable.")}
 _BEARER = [{"bearer": []}]
+_ADMIN = [{"adminApiKey": []}]
+_ADMIN_ERRORS = {"401": _error("Missing or wrong admin API key."),
+                 "403": _error("The admin API is off (auth.admin_api_keys is empty)."),
+                 "404": _error("Another model name, or no such version."),
+                 "503": _error("The store is unavailable.")}
+_VERSION_PARAMETERS = [
+    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+     "description": "The served model's name (GET /v1/models)."},
+    {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": MODEL_VERSION.pattern}},
+]
 
 
 def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
@@ -211,6 +254,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "413": _error("The body is over http.max_body_bytes."),
                           "415": _error("Unsupported Content-Type."),
                           "422": _error("Not a readable image, too many pixels, or bad option override."),
+                          "409": _error("The session's pinned model_version was removed."),
                           "500": _error("The model failed on this image."),
                           "401": _AUTH_ERRORS["401"],
                           "503": _error("Queue full or session store unavailable; see Retry-After.")},
@@ -265,8 +309,46 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json(_ref("HistoryItem"), "The item."),
                           "404": _error("No such item in this session."), **_AUTH_ERRORS},
+        }},
+        "/v1/models": {"get": {
+            "summary": "The served model's versions with their hash, size and activation time.",
+            "security": [{"bearer": []}, {"adminApiKey": []}],
+            "responses": {"200": _json(_ref("ModelList"), "Versions."), **_AUTH_ERRORS},
+        }},
+        "/v1/models/{name}/versions/{version}": {
+            "put": {
+                "summary": "Publish a version: the body is a PyTorch state_dict file (torch.save), checked "
+                           "against X-Content-SHA256, loaded into a copy of the architecture and run once on a "
+                           "fixed input before it is stored. Not active until activated.",
+                "security": _ADMIN,
+                "parameters": [*_VERSION_PARAMETERS,
+                               {"name": "X-Content-SHA256", "in": "header", "required": True,
+                                "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}],
                 "requestBody": {"required": True, "content": {"application/octet-stream": {
                     "schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"201": _json(_ref("ModelVersion"), "Stored and validated."),
+                              "400": _error("Missing or wrong checksum, empty body, bad version name."),
+                              "409": _error("The version exists already (versions are immutable)."),
+                              "413": _error("Over models.max_upload_bytes."),
+                              "422": _error("Not a state_dict for this architecture, or it fails the test forward."),
+                              **_ADMIN_ERRORS},
+            },
+            "delete": {
+                "summary": "Remove a version that is not active; sessions pinned to it get 409 from then on.",
+                "security": _ADMIN,
+                "parameters": _VERSION_PARAMETERS,
+                "responses": {"204": {"description": "Removed."},
+                              "409": _error("The version is active."), **_ADMIN_ERRORS},
+            },
+        },
+        "/v1/models/{name}/versions/{version}:activate": {"post": {
+            "summary": "Serve this version to new requests, on every replica (Redis pub/sub); requests in "
+                       "flight finish on the weights they started with.",
+            "security": _ADMIN,
+            "parameters": _VERSION_PARAMETERS,
+            "responses": {"200": _json(_ref("ModelVersion"), "Active."),
+                          "409": _error("The version's file is missing from the store."),
+                          "422": _error("The stored file no longer loads."), **_ADMIN_ERRORS},
         }},
         "/healthz": {"get": {"summary": "Liveness.", "security": [{}],
                              "responses": {"200": _json(_ref("Health"), "Alive.")}}},
@@ -305,6 +387,8 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                            "description": "The token from POST /v1/sessions."},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "Authorization",
                            "description": "'ApiKey <key>', where auth.api_keys is configured."},
+                "adminApiKey": {"type": "apiKey", "in": "header", "name": "Authorization",
+                                "description": "'ApiKey <key>' with a key listed in auth.admin_api_keys."},
             },
         },
     }

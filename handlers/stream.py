@@ -178,7 +178,8 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             assert self._verified is not None
             session = await self.store.touch(self._verified, cost=1)  # revocation and rate limit, per image
             options = session.options.merged(overrides) if overrides else session.options
-            result, _ = await predict_and_record(self.store, self.runner, session, image, options)
+            result, _ = await predict_and_record(self.store, self.runner, session, image, options,
+                                                 versions=self.model_versions)
             self._send({"type": "result", "ref": ref, "seq": seq, "result": result})
         except InvalidToken as exc:  # logged out or expired since the last image
             self._refuse(exc, ref, seq)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import tornado.web
 from handlers.base import InFlight, NotFoundHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import HistoryHandler, HistoryItemHandler
+from handlers.models import ActivateHandler, ModelsHandler, ModelVersionHandler
 from handlers.predict import PlainPredictHandler, PredictHandler
 from handlers.preprocess import PreprocessHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
@@ -20,6 +22,8 @@ from handlers.web import WebAssetHandler
 from server.config import Config
 from server.observability import log_request
 from server.runner import ModelRunner
+from server.weights import ModelVersions
+from sessions.model_registry import ModelRegistry
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
 
@@ -41,12 +45,18 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/readyz", ReadinessHandler),
     (r"/openapi.json", OpenAPIHandler),
     (r"/metrics", MetricsHandler),
+    (r"/v1/models", ModelsHandler),
+    (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+)", ModelVersionHandler),
+    (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+):activate", ActivateHandler),
 ]
 
 
-def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornado.web.Application:
+def make_app(
+    config: Config, store: SessionStore, runner: ModelRunner, model_versions: ModelVersions | None = None
+) -> tornado.web.Application:
     """Build the Tornado application around a session store and a model runner (whose metrics
-    registry the app shares, so /metrics shows both)."""
+    registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
+    given; the caller starts them following other replicas (`await model_versions.start()`)."""
     if not config.auth.secret_keys:
         raise ValueError("config.auth.secret_keys is empty; the CLI fills it in development mode")
     signer = TokenSigner(config.auth.secret_keys, max_age_seconds=config.sessions.max_lifetime_seconds)
@@ -61,6 +71,7 @@ def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornad
         config=config,
         store=store,
         runner=runner,
+        model_versions=model_versions or ModelVersions(config, ModelRegistry(store.redis), runner),
         signer=signer,
         in_flight=InFlight(),
         metrics=runner.metrics,
@@ -70,8 +81,9 @@ def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornad
 
 
 def route_template(pattern: str) -> str:
-    """`/v1/history/([^/]+)` -> `/v1/history/{id}`: the route as metrics, logs and OpenAPI name it."""
-    return pattern.replace("([^/]+)", "{id}")
+    """`/v1/history/([^/]+)` -> `/v1/history/{id}`, `(?P<name>...)` -> `{name}`: the route as metrics,
+    logs and OpenAPI name it."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("([^/]+)", "{id}")
 
 
 def http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:

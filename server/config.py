@@ -62,6 +62,8 @@ class AuthConfig:
     secret_keys: list[str] = field(default_factory=list)
     # SHA-256 hashes ("sha256:<hex>") of the API keys allowed to log in; empty means anyone may.
     api_keys: list[str] = field(default_factory=list)
+    # SHA-256 hashes of the keys that may publish, activate and remove model versions; empty: nobody may.
+    admin_api_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -95,6 +97,14 @@ class ModelConfig:
 
 
 @dataclass
+class ModelsConfig:
+    # Where published model versions are kept; shared by the replicas in a multi-host deployment.
+    # Empty: <data_dir>/models.
+    store_dir: str = ""
+    max_upload_bytes: int = 512 * 1024 * 1024  # one state_dict file
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -103,6 +113,7 @@ class Config:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
     @property
     def data_path(self) -> Path:
@@ -236,6 +247,9 @@ def validate(config: Config) -> None:
         (config.redis.command_timeout_seconds > 0, "redis.command_timeout_seconds must be positive."),
         (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.api_keys),
          "auth.api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with `python -m server hash-key`."),
+        (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.admin_api_keys),
+         "auth.admin_api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with `python -m server hash-key`."),
+        (config.models.max_upload_bytes >= 1024, "models.max_upload_bytes must be at least 1024."),
         (all(len(k) >= 16 for k in config.auth.secret_keys),
          "auth.secret_keys entries must be at least 16 characters long."),
         (config.sessions.ttl_seconds >= 1, "sessions.ttl_seconds must be at least 1."),

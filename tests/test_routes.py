@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
 from handlers.base import BaseHandler
-from server.app import ROUTES
+from server.app import ROUTES, route_template
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, login
 
 # Changing this set is a security decision: a new public route must be added here on purpose.
@@ -26,7 +26,7 @@ METHODS = ("get", "post", "put", "patch", "delete")
 
 
 def template(pattern: str) -> str:
-    return pattern.replace("([^/]+)", "{id}")
+    return route_template(pattern)
 
 
 def implemented(handler: type[BaseHandler]) -> list[str]:
@@ -48,7 +48,9 @@ def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client)
             response = client.request(method.upper(), path, content=b"{}",
                                       headers={"Content-Type": "application/json"})
             assert response.status_code == 401, (method, path)
-            assert response.json()["error"]["code"] == "missing_token"
+            # Admin routes take an admin API key instead of a session token.
+            expected = "missing_api_key" if getattr(handler, "admin", False) else "missing_token"
+            assert response.json()["error"]["code"] == expected, (method, path)
 
 
 def assert_stream_needs_a_token(url: httpx.URL) -> None:
@@ -137,6 +139,7 @@ def test_real_responses_match_the_documented_schemas(client: httpx.Client, schem
     check(client.post("/v1/preprocess", headers={**auth, "Content-Type": "image/jpeg", "Accept": "application/json"},
                       content=CAT_JPEG), "/v1/preprocess", "post")
     check(client.get("/v1/session", headers=auth), "/v1/session", "get")
+    check(client.get("/v1/models", headers=auth), "/v1/models", "get")
     check(client.get("/v1/session/options", headers=auth), "/v1/session/options", "get")
     check(client.patch("/v1/session/options", headers=auth, json={"top_k": 4}), "/v1/session/options", "patch")
     check(client.patch("/v1/session/options", headers=auth, json={"top_k": 40}), "/v1/session/options", "patch")

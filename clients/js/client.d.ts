@@ -15,6 +15,8 @@ export interface Options {
   std: [number, number, number];
   /** How many classes to return, 1–20 (default 5). */
   top_k: number;
+  /** Pins the session to a model version (GET /v1/models); absent or null: the active version. */
+  model_version?: string | null;
 }
 
 /** Changes to options: any subset (PATCH merges them). */
@@ -102,6 +104,22 @@ export interface ClientSettings {
   fetch?: typeof globalThis.fetch;
   /** A WebSocket class for predictStream() instead of globalThis.WebSocket. */
   WebSocket?: typeof globalThis.WebSocket;
+}
+
+export interface ModelVersion {
+  name?: string;
+  version: string;
+  sha256: string;
+  /** Bytes of the state_dict file. */
+  size: number;
+  uploaded_at: string;
+  /** The last activation (ISO 8601), or null. */
+  activated_at: string | null;
+  active: boolean;
+}
+
+export interface ModelList {
+  models: { name: string; active_version: string | null; serving_version: string; versions: ModelVersion[] }[];
 }
 
 /** One item for predictStream(): an image, or an image with its own ref and option overrides. */
@@ -199,6 +217,15 @@ export class Client {
 
   /** GET /v1/stream (WebSocket): one StreamResult per image, in completion order. */
   predictStream(images: Iterable<StreamItem> | AsyncIterable<StreamItem>, overrides?: PredictOverrides): AsyncGenerator<StreamResult, void, undefined>;
+
+  /** GET /v1/models: the served model's versions (session token, or an admin key). */
+  models(args?: { adminKey?: string }): Promise<ModelList>;
+  /** PUT a state_dict file as a new version (admin key), with its SHA-256. */
+  publishVersion(name: string, version: string, weights: Uint8Array | ArrayBuffer | Blob, args: { adminKey: string }): Promise<ModelVersion>;
+  /** Serve `version` to new requests on every replica (admin key). */
+  activateVersion(name: string, version: string, args: { adminKey: string }): Promise<ModelVersion>;
+  /** Remove a version that is not active (admin key). */
+  removeVersion(name: string, version: string, args: { adminKey: string }): Promise<void>;
 
   /** GET /v1/history: one page, newest first. */
   historyPage(args?: { limit?: number; before?: string | null }): Promise<HistoryPage>;

@@ -148,6 +148,10 @@ function float32FromBase64(text) {
   return values;
 }
 
+function versionPath(name, version) {
+  return `/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}`;
+}
+
 // -- stream helpers ----------------------------------------------------------------------------
 
 function isStreamItem(value) {
@@ -371,6 +375,39 @@ export class Client {
     } finally {
       if (socket.readyState <= 1) socket.close(1000);
     }
+  }
+
+  // -- model versions --------------------------------------------------------------------------
+
+  /** GET /v1/models: versions with their hash, size and activation time (session token, or `adminKey`). */
+  models({ adminKey } = {}) {
+    return this.#request("GET", "/v1/models", { headers: adminKey ? { Authorization: `ApiKey ${adminKey}` } : {} });
+  }
+
+  /**
+   * PUT /v1/models/<name>/versions/<version>: publish a state_dict file (Uint8Array, ArrayBuffer or
+   * Blob) with its SHA-256 (Web Crypto). Needs a key listed in the server's auth.admin_api_keys.
+   */
+  async publishVersion(name, version, weights, { adminKey } = {}) {
+    const bytes = typeof Blob !== "undefined" && weights instanceof Blob
+      ? new Uint8Array(await weights.arrayBuffer())
+      : weights instanceof ArrayBuffer ? new Uint8Array(weights) : weights;
+    const digest = new Uint8Array(await globalThis.crypto.subtle.digest("SHA-256", bytes));
+    const sha256 = Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+    return this.#request("PUT", versionPath(name, version), {
+      body: bytes,
+      headers: { Authorization: `ApiKey ${adminKey}`, "Content-Type": "application/octet-stream", "X-Content-SHA256": sha256 },
+    });
+  }
+
+  /** POST .../versions/<version>:activate: every replica serves it to new requests. */
+  activateVersion(name, version, { adminKey } = {}) {
+    return this.#request("POST", `${versionPath(name, version)}:activate`, { headers: { Authorization: `ApiKey ${adminKey}` } });
+  }
+
+  /** DELETE .../versions/<version> (not the active one). */
+  async removeVersion(name, version, { adminKey } = {}) {
+    await this.#request("DELETE", versionPath(name, version), { headers: { Authorization: `ApiKey ${adminKey}` } });
   }
 
   // -- history ---------------------------------------------------------------------------------

@@ -134,6 +134,22 @@ class AsyncClient(BaseClient):
     async def history_item(self, history_id: str) -> dict[str, Any]:
         return await self._send(protocol.history_item(history_id))
 
+    # -- model versions (admin calls need a key listed in the server's auth.admin_api_keys) ----------
+    async def models(self, admin_key: str | None = None) -> dict[str, Any]:
+        """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
+        return await self._send(protocol.models(admin_key))
+
+    async def publish_version(self, name: str, version: str, weights: Any, *, admin_key: str) -> dict[str, Any]:
+        """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
+        call = await asyncio.to_thread(protocol.publish_version, name, version, weights, admin_key)
+        return await self._send(call)
+
+    async def activate_version(self, name: str, version: str, *, admin_key: str) -> dict[str, Any]:
+        return await self._send(protocol.activate_version(name, version, admin_key))
+
+    async def remove_version(self, name: str, version: str, *, admin_key: str) -> None:
+        await self._send(protocol.remove_version(name, version, admin_key))
+
     # -- life cycle -------------------------------------------------------------------------------
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -9,6 +9,7 @@ construction, and each holds only the I/O that differs between them.
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import io
 import json
 import math
@@ -98,6 +99,41 @@ def npy_array(data: bytes) -> Any:
     import numpy
 
     return numpy.load(io.BytesIO(data), allow_pickle=False)
+
+
+def models(admin_key: str | None = None) -> Call:
+    """GET /v1/models, with the session's token or an admin key."""
+    return Call("GET", "/v1/models", headers=_admin(admin_key) if admin_key else {})
+
+
+def publish_version(name: str, version: str, weights: str | os.PathLike[str] | bytes | IO[bytes],
+                    admin_key: str) -> Call:
+    """PUT a state_dict file (a path, its bytes or a binary file) as a new version, with its SHA-256."""
+    if isinstance(weights, bytes | bytearray | memoryview):
+        data = bytes(weights)
+    elif isinstance(weights, str | os.PathLike):
+        data = Path(weights).read_bytes()
+    else:
+        data = weights.read()
+    return Call("PUT", _version_path(name, version), content=data, headers={
+        **_admin(admin_key), "Content-Type": "application/octet-stream",
+        "X-Content-SHA256": hashlib.sha256(data).hexdigest()})
+
+
+def activate_version(name: str, version: str, admin_key: str) -> Call:
+    return Call("POST", _version_path(name, version) + ":activate", headers=_admin(admin_key))
+
+
+def remove_version(name: str, version: str, admin_key: str) -> Call:
+    return Call("DELETE", _version_path(name, version), headers=_admin(admin_key))
+
+
+def _version_path(name: str, version: str) -> str:
+    return f"/v1/models/{quote(name, safe='')}/versions/{quote(version, safe='')}"
+
+
+def _admin(admin_key: str) -> dict[str, str]:
+    return {"Authorization": f"ApiKey {admin_key}"}
 
 
 def get_options() -> Call:
