@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
                "INFERENCE_MODEL_RUNTIME": "onnxruntime", "INFERENCE_MODEL_WORKERS": "2",
                "INFERENCE_MODEL_INTRA_OP_THREADS": "1", "INFERENCE_MODEL_MAX_QUEUE": "256",
                "INFERENCE_HTTP_STREAM_MAX_IN_FLIGHT": str(args.window),
-               "INFERENCE_HISTORY_MAX_ENTRIES": "100000"}
+               "INFERENCE_HISTORY_MAX_ENTRIES": "100000",
+               # The exported ONNX graph is kept where ./dev serve keeps it, so later runs skip the export.
+               "INFERENCE_MODEL_CACHE_DIR": str(REPO / "data" / "model-cache")}
         spec = ServerSpec("ours-onnx", [sys.executable, "-m", "server", "--port", "{port}"], env, "/v1/predict",
                           ("raw",), "/readyz", sessions=True, data_dir=work / "data")
         server = start_server(spec, work)
