@@ -28,6 +28,7 @@ from sessions.tokens import TokenSigner
 if TYPE_CHECKING:
     from server.config import Config
     from server.runner import ModelRunner
+    from server.weights import ModelVersions
 
 log = logging.getLogger("inference.http")
 
@@ -137,6 +138,10 @@ class BaseHandler(tornado.web.RequestHandler):
     @property
     def runner(self) -> ModelRunner:
         return self.settings["runner"]
+
+    @property
+    def model_versions(self) -> ModelVersions:
+        return self.settings["model_versions"]
 
     @property
     def signer(self) -> TokenSigner:

@@ -255,19 +255,22 @@ async def infer(
     else:
         assert request.tensor is not None
         result = await runner.classify_tensor(request.tensor)
+    labels = result.served.model.labels
     if session is not None:
         # In order, so the history lists a batch's images as sent; one Redis round trip each.
         for row in result.probabilities:
-            await record_prediction(store, runner, session, runner.top_k(row, options.top_k), options)
+            await record_prediction(store, runner, session, runner.top_k(row, options.top_k, labels), options,
+                                    model=result.served.info)
     wanted = request.outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
-    return [_output(runner, result.probabilities, output) for output in wanted]
+    return [_output(runner, result.probabilities, output, labels) for output in wanted]
 
 
-def _output(runner: ModelRunner, probabilities: np.ndarray, requested: RequestedOutput) -> OutputTensor:
+def _output(runner: ModelRunner, probabilities: np.ndarray, requested: RequestedOutput,
+            labels: list[str]) -> OutputTensor:
     batch, classes = probabilities.shape
     if not requested.classification:
         return OutputTensor(requested.name, FP32, [batch, classes], probabilities, requested.binary)
     k = min(requested.classification, classes)
     elements = [f"{score.score:f}:{score.class_index}:{score.label}".encode()
-                for row in probabilities for score in runner.top_k(row, k)]
+                for row in probabilities for score in runner.top_k(row, k, labels)]
     return OutputTensor(requested.name, BYTES, [batch, k], elements, requested.binary)

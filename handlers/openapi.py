@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sessions.options import COLORS, INTERPOLATIONS
+from sessions.options import COLORS, INTERPOLATIONS, MODEL_VERSION
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -48,6 +48,9 @@ SCHEMAS: dict[str, Any] = {
             "mean": _THREE_NUMBERS,
             "std": _THREE_NUMBERS,
             "top_k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 5},
+            "model_version": {"type": ["string", "null"], "pattern": MODEL_VERSION.pattern,
+                              "description": "Pins the session to this model version (see GET /v1/models); "
+                                             "absent or null: the active version."},
         },
     },
     "Login": {
@@ -108,6 +111,48 @@ SCHEMAS: dict[str, Any] = {
             "items": {"type": "array", "items": _ref("HistoryItem")},
             "next": {"type": ["string", "null"]},
         },
+    },
+    "PreprocessedTensor": {
+        "type": "object",
+        "required": ["dtype", "byte_order", "shape", "data", "options"],
+        "properties": {
+            "dtype": {"const": "float32"},
+            "byte_order": {"const": "little"},
+            "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 3, "maxItems": 3,
+                      "description": "(3, crop, crop): channels, height, width."},
+            "data": {"type": "string", "contentEncoding": "base64",
+                     "description": "The tensor's bytes in C order, base64-encoded."},
+            "options": _ref("Options"),
+        },
+    },
+    "ModelVersion": {
+        "type": "object",
+        "required": ["version", "sha256", "size", "uploaded_at", "activated_at", "active"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string", "pattern": MODEL_VERSION.pattern},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "size": {"type": "integer", "minimum": 1, "description": "Bytes of the state_dict file."},
+            "uploaded_at": {"type": "string", "format": "date-time"},
+            "activated_at": {"type": ["string", "null"], "format": "date-time",
+                             "description": "The last activation; null if never activated."},
+            "active": {"type": "boolean"},
+        },
+    },
+    "ModelList": {
+        "type": "object",
+        "required": ["models"],
+        "properties": {"models": {"type": "array", "items": {
+            "type": "object",
+            "required": ["name", "active_version", "serving_version", "versions"],
+            "properties": {
+                "name": {"type": "string"},
+                "active_version": {"type": ["string", "null"],
+                                   "description": "null: no version was activated; the configured weights serve."},
+                "serving_version": {"type": "string", "description": "What the answering replica runs now."},
+                "versions": {"type": "array", "items": _ref("ModelVersion")},
+            },
+        }}},
     },
     "PlainPrediction": {
         "type": "object",
@@ -199,6 +244,7 @@ _OPTION_OVERRIDES = [
         "mean": {"type": "string", "description": "three comma-separated numbers"},
         "std": {"type": "string", "description": "three comma-separated positive numbers"},
         "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+        "model_version": {"type": "string", "pattern": MODEL_VERSION.pattern},
     }.items()
 ]
 
@@ -268,6 +314,16 @@ def _oip_paths(anonymous: bool) -> dict[str, Any]:
 _AUTH_ERRORS = {"401": _error("Missing, invalid, expired or revoked token."),
                 "503": _error("The session store is unavailable.")}
 _BEARER = [{"bearer": []}]
+_ADMIN = [{"adminApiKey": []}]
+_ADMIN_ERRORS = {"401": _error("Missing or wrong admin API key."),
+                 "403": _error("The admin API is off (auth.admin_api_keys is empty)."),
+                 "404": _error("Another model name, or no such version."),
+                 "503": _error("The store is unavailable.")}
+_VERSION_PARAMETERS = [
+    {"name": "name", "in": "path", "required": True, "schema": {"type": "string"},
+     "description": "The served model's name (GET /v1/models)."},
+    {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "pattern": MODEL_VERSION.pattern}},
+]
 
 
 def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
@@ -314,9 +370,41 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "413": _error("The body is over http.max_body_bytes."),
                           "415": _error("Unsupported Content-Type."),
                           "422": _error("Not a readable image, too many pixels, or bad option override."),
+                          "409": _error("The session's pinned model_version was removed."),
                           "500": _error("The model failed on this image."),
                           "401": _AUTH_ERRORS["401"],
                           "503": _error("Queue full or session store unavailable; see Retry-After.")},
+        }},
+        "/v1/preprocess": {"post": {
+            "summary": "The tensor the model would see for this image under the session's options "
+                       "(nothing is classified or recorded).",
+            "security": _BEARER,
+            "parameters": _OPTION_OVERRIDES,
+            "requestBody": _IMAGE_BODY,
+            "responses": {"200": {"description": "The float32 (3, crop, crop) tensor: NumPy .npy by default, "
+                                                 "JSON with a base64 payload for `Accept: application/json`.",
+                                  "content": {"application/x-npy": {"schema": {"type": "string",
+                                                                               "format": "binary"}},
+                                              "application/json": {"schema": _ref("PreprocessedTensor")}}},
+                          "400": _error("Malformed multipart body or no 'image' field."),
+                          "413": _error("The body is over http.max_body_bytes."),
+                          "415": _error("Unsupported Content-Type."),
+                          "422": _error("Not a readable image, too many pixels, or bad option override."),
+                          "401": _AUTH_ERRORS["401"],
+                          "503": _error("Queue full or session store unavailable; see Retry-After.")},
+        }},
+        "/v1/stream": {"get": {
+            "summary": "WebSocket predict stream (upgrade). Authenticate with `Authorization: Bearer <token>` on "
+                       "the upgrade or a first text frame {\"token\": \"<token>\"}; then send images as binary "
+                       "frames, each optionally preceded by a text frame {\"ref\": ..., \"options\": {...}}; "
+                       "one JSON frame comes back per image, in completion order: {\"type\": \"result\", "
+                       "\"ref\", \"seq\", \"result\": Prediction} or {\"type\": \"error\", \"ref\", \"seq\", "
+                       "\"status\", \"error\": {\"code\", \"message\"}}. A missing or bad token closes the socket "
+                       "with code 1008 and the error code as the reason. See README, 'WebSocket predict stream'.",
+            "security": _BEARER,
+            "responses": {"101": {"description": "Switching to the WebSocket protocol."},
+                          "400": {"description": "Not a WebSocket upgrade request."},
+                          "403": {"description": "Cross-origin upgrade from an origin not in http.cors_origins."}},
         }},
         "/v1/history": {"get": {
             "summary": "The session's predictions, newest first.",
@@ -337,6 +425,46 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json(_ref("HistoryItem"), "The item."),
                           "404": _error("No such item in this session."), **_AUTH_ERRORS},
+        }},
+        "/v1/models": {"get": {
+            "summary": "The served model's versions with their hash, size and activation time.",
+            "security": [{"bearer": []}, {"adminApiKey": []}],
+            "responses": {"200": _json(_ref("ModelList"), "Versions."), **_AUTH_ERRORS},
+        }},
+        "/v1/models/{name}/versions/{version}": {
+            "put": {
+                "summary": "Publish a version: the body is a PyTorch state_dict file (torch.save), checked "
+                           "against X-Content-SHA256, loaded into a copy of the architecture and run once on a "
+                           "fixed input before it is stored. Not active until activated.",
+                "security": _ADMIN,
+                "parameters": [*_VERSION_PARAMETERS,
+                               {"name": "X-Content-SHA256", "in": "header", "required": True,
+                                "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}],
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"201": _json(_ref("ModelVersion"), "Stored and validated."),
+                              "400": _error("Missing or wrong checksum, empty body, bad version name."),
+                              "409": _error("The version exists already (versions are immutable)."),
+                              "413": _error("Over models.max_upload_bytes."),
+                              "422": _error("Not a state_dict for this architecture, or it fails the test forward."),
+                              **_ADMIN_ERRORS},
+            },
+            "delete": {
+                "summary": "Remove a version that is not active; sessions pinned to it get 409 from then on.",
+                "security": _ADMIN,
+                "parameters": _VERSION_PARAMETERS,
+                "responses": {"204": {"description": "Removed."},
+                              "409": _error("The version is active."), **_ADMIN_ERRORS},
+            },
+        },
+        "/v1/models/{name}/versions/{version}:activate": {"post": {
+            "summary": "Serve this version to new requests, on every replica (Redis pub/sub); requests in "
+                       "flight finish on the weights they started with.",
+            "security": _ADMIN,
+            "parameters": _VERSION_PARAMETERS,
+            "responses": {"200": _json(_ref("ModelVersion"), "Active."),
+                          "409": _error("The version's file is missing from the store."),
+                          "422": _error("The stored file no longer loads."), **_ADMIN_ERRORS},
         }},
         "/healthz": {"get": {"summary": "Liveness.", "security": [{}],
                              "responses": {"200": _json(_ref("Health"), "Alive.")}}},
@@ -376,6 +504,8 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                            "description": "The token from POST /v1/sessions."},
                 "apiKey": {"type": "apiKey", "in": "header", "name": "Authorization",
                            "description": "'ApiKey <key>', where auth.api_keys is configured."},
+                "adminApiKey": {"type": "apiKey", "in": "header", "name": "Authorization",
+                                "description": "'ApiKey <key>' with a key listed in auth.admin_api_keys."},
             },
         },
     }

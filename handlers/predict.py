@@ -106,7 +106,7 @@ class PredictHandler(ImageUploadHandler):
         overrides = {name: self.get_query_argument(name) for name in self.request.query_arguments}
         options = session.options.with_query(overrides) if overrides else session.options
         result, replayed = await predict_and_record(
-            self.store, self.runner, session, image, options, self.idempotency_key
+            self.store, self.runner, session, image, options, self.idempotency_key, self.model_versions
         )
         if replayed:
             self.set_header("Idempotent-Replayed", "true")

@@ -14,6 +14,7 @@ from sessions.store import Session, SessionStore, iso, now_ms
 
 if TYPE_CHECKING:
     from server.runner import ClassScore, ModelRunner
+    from server.weights import ModelVersions
 
 
 async def predict_and_record(
@@ -23,15 +24,18 @@ async def predict_and_record(
     image: bytes,
     options: Options,
     idempotency_key: str | None = None,
+    versions: ModelVersions | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Classify `image` under `options`, append it to the session's history, return the response
     and whether it is a replay: a request repeating an idempotency key gets the first answer and
     records nothing."""
     if session.replay_of:
         return await _replay(store, session, session.replay_of), True
+    if versions is not None and options.model_version:
+        await versions.ensure(options.model_version)  # a pinned version: loaded here, or 409 if removed
     prediction = await runner.predict(image, options)
     return await record_prediction(store, runner, session, prediction.top_k, options, idempotency_key,
-                                   timing_ms=prediction.timing_ms)
+                                   timing_ms=prediction.timing_ms, model=prediction.model)
 
 
 async def record_prediction(
@@ -43,6 +47,7 @@ async def record_prediction(
     idempotency_key: str | None = None,
     *,
     timing_ms: dict[str, float] | None = None,
+    model: dict[str, str] | None = None,
 ) -> tuple[dict[str, Any], bool]:
     """Append one classified image to the session's history: the one shape every route records."""
     best = top_k[0]
@@ -52,7 +57,7 @@ async def record_prediction(
         "label": best.label,
         "top_k": [score.to_dict() for score in top_k],
         "options": options.to_dict(),
-        "model": runner.model_info,
+        "model": model or runner.model_info,  # the version that ran, even across a swap
     }
     history_id, replayed = await store.record(session, entry, idempotency_key)
     if replayed:  # a retry overtook the first attempt; the first one's answer stands

@@ -4,15 +4,23 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from typing import Any
 
 from handlers.base import BaseHandler
-from sessions.errors import InvalidToken
+from sessions.errors import BadOptions, InvalidToken
 from sessions.options import Options
 
 
 def api_key_hash(key: str) -> str:
     """The form in which auth.api_keys stores a key: 'sha256:<hex>'."""
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+async def check_model_version(handler: BaseHandler, changes: Any) -> None:
+    """Refuse pinning a version that does not exist, when options are set (PATCH or login)."""
+    version = changes.get("model_version") if isinstance(changes, dict) else None
+    if isinstance(version, str) and version and not await handler.model_versions.exists(version):
+        raise BadOptions("model_version", f"No model version {version!r}; see GET /v1/models.")
 
 
 class LoginHandler(BaseHandler):
@@ -24,6 +32,7 @@ class LoginHandler(BaseHandler):
         self._check_api_key()
         body = self.json_object(required=False)
         options = Options().merged(body.get("options") or {})
+        await check_model_version(self, body.get("options"))
         session = await self.store.create(options)
         self.write_json({
             "token": self.signer.issue(session.id),
@@ -68,5 +77,6 @@ class OptionsHandler(BaseHandler):
 
     async def patch(self) -> None:
         changes = self.json_object()
+        await check_model_version(self, changes)
         options = await self.store.update_options(self.current_session.id, changes)
         self.write_json({"options": options.to_dict()})

@@ -13,6 +13,7 @@ import tornado.web
 from handlers.base import InFlight, NotFoundHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import HistoryHandler, HistoryItemHandler
+from handlers.models import ActivateHandler, ModelsHandler, ModelVersionHandler
 from handlers.oip import (
     InferHandler,
     ModelMetadataHandler,
@@ -22,11 +23,15 @@ from handlers.oip import (
     ServerReadyHandler,
 )
 from handlers.predict import PlainPredictHandler, PredictHandler
+from handlers.preprocess import PreprocessHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
+from handlers.stream import StreamHandler
 from handlers.web import WebAssetHandler
 from server.config import Config
 from server.observability import log_request
 from server.runner import ModelRunner
+from server.weights import ModelVersions
+from sessions.model_registry import ModelRegistry
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
 
@@ -39,6 +44,8 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/session", SessionHandler),
     (r"/v1/session/options", OptionsHandler),
     (r"/v1/predict", PredictHandler),
+    (r"/v1/preprocess", PreprocessHandler),
+    (r"/v1/stream", StreamHandler),
     (r"/v1/history", HistoryHandler),
     (r"/v1/history/([^/]+)", HistoryItemHandler),
     (r"/predict", PlainPredictHandler),
@@ -46,6 +53,9 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/readyz", ReadinessHandler),
     (r"/openapi.json", OpenAPIHandler),
     (r"/metrics", MetricsHandler),
+    (r"/v1/models", ModelsHandler),
+    (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+)", ModelVersionHandler),
+    (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+):activate", ActivateHandler),
     # The Open Inference Protocol (KServe V2 / Triton), beside /v1; gRPC in server/grpc_service.py.
     (r"/v2", ServerMetadataHandler),
     (r"/v2/health/live", ServerLiveHandler),
@@ -59,9 +69,12 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
 ]
 
 
-def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornado.web.Application:
+def make_app(
+    config: Config, store: SessionStore, runner: ModelRunner, model_versions: ModelVersions | None = None
+) -> tornado.web.Application:
     """Build the Tornado application around a session store and a model runner (whose metrics
-    registry the app shares, so /metrics shows both)."""
+    registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
+    given; the caller starts them following other replicas (`await model_versions.start()`)."""
     signer = make_signer(config)
     web_routes: list[Any] = [
         (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
@@ -74,6 +87,7 @@ def make_app(config: Config, store: SessionStore, runner: ModelRunner) -> tornad
         config=config,
         store=store,
         runner=runner,
+        model_versions=model_versions or ModelVersions(config, ModelRegistry(store.redis), runner),
         signer=signer,
         in_flight=InFlight(),
         metrics=runner.metrics,
@@ -90,9 +104,9 @@ def make_signer(config: Config) -> TokenSigner:
 
 
 def route_template(pattern: str) -> str:
-    """`/v1/history/([^/]+)` -> `/v1/history/{id}`, `/v2/models/(?P<model>[^/]+)` -> `/v2/models/{model}`:
-    the route as metrics, logs and OpenAPI name it."""
-    return re.sub(r"\(\?P<(\w+)>\[\^/\]\+\)", r"{\1}", pattern).replace("([^/]+)", "{id}")
+    """`/v1/history/([^/]+)` -> `/v1/history/{id}`, `(?P<name>...)` -> `{name}`: the route as metrics,
+    logs and OpenAPI name it."""
+    return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("([^/]+)", "{id}")
 
 
 def http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:

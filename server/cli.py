@@ -111,6 +111,7 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     runner = build_runner(config)
     store = build_store(config, redis_url)
     app = make_app(config, store, runner)
+    await app.settings["model_versions"].start()  # serve the active version, follow activations
     server = http_server(app, config)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
@@ -148,6 +149,7 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     if grpc_stopped is not None:
         await grpc_stopped
     await server.close_all_connections()
+    await app.settings["model_versions"].close()
     runner.close()
     await store.close()
     log.info("stopped")

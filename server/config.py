@@ -42,6 +42,10 @@ class HttpConfig:
     # Production mode refuses to start with legacy_predict on unless this says it is wanted.
     allow_anonymous_in_production: bool = False
     shutdown_grace_seconds: float = 10.0
+    # GET /v1/stream: images being classified at once per WebSocket; beyond it the server stops reading.
+    stream_max_in_flight: int = 8
+    # A stream that has not authenticated within this many seconds is closed (policy violation).
+    stream_auth_timeout_seconds: float = 10.0
 
 
 @dataclass
@@ -65,6 +69,8 @@ class AuthConfig:
     secret_keys: list[str] = field(default_factory=list)
     # SHA-256 hashes ("sha256:<hex>") of the API keys allowed to log in; empty means anyone may.
     api_keys: list[str] = field(default_factory=list)
+    # SHA-256 hashes of the keys that may publish, activate and remove model versions; empty: nobody may.
+    admin_api_keys: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +104,14 @@ class ModelConfig:
 
 
 @dataclass
+class ModelsConfig:
+    # Where published model versions are kept; shared by the replicas in a multi-host deployment.
+    # Empty: <data_dir>/models.
+    store_dir: str = ""
+    max_upload_bytes: int = 512 * 1024 * 1024  # one state_dict file
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -107,6 +121,7 @@ class Config:
     sessions: SessionsConfig = field(default_factory=SessionsConfig)
     history: HistoryConfig = field(default_factory=HistoryConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    models: ModelsConfig = field(default_factory=ModelsConfig)
 
     @property
     def data_path(self) -> Path:
@@ -234,6 +249,8 @@ def validate(config: Config) -> None:
         (0 <= config.grpc.port <= 65535, "grpc.port must be between 1 and 65535, or 0 to turn gRPC off."),
         (config.grpc.port == 0 or config.grpc.port != config.server.port,
          "grpc.port must differ from server.port (HTTP); gRPC needs a port of its own."),
+        (1 <= config.http.stream_max_in_flight <= 256, "http.stream_max_in_flight must be between 1 and 256."),
+        (config.http.stream_auth_timeout_seconds > 0, "http.stream_auth_timeout_seconds must be positive."),
         (config.redis.url == "embedded"
          or config.redis.url.split("://")[0] in {"redis", "rediss", "unix", "redis+cluster", "redis+sentinel"},
          "redis.url must be 'embedded' or start with redis://, rediss://, unix://, redis+cluster:// "
@@ -242,6 +259,9 @@ def validate(config: Config) -> None:
         (config.redis.command_timeout_seconds > 0, "redis.command_timeout_seconds must be positive."),
         (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.api_keys),
          "auth.api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with `python -m server hash-key`."),
+        (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.admin_api_keys),
+         "auth.admin_api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with `python -m server hash-key`."),
+        (config.models.max_upload_bytes >= 1024, "models.max_upload_bytes must be at least 1024."),
         (all(len(k) >= 16 for k in config.auth.secret_keys),
          "auth.secret_keys entries must be at least 16 characters long."),
         (config.sessions.ttl_seconds >= 1, "sessions.ttl_seconds must be at least 1."),

@@ -22,7 +22,7 @@ import numpy as np
 from server import imaging
 from server.model import Backend, LoadedModel, softmax
 from server.observability import Metrics
-from sessions.errors import InferenceFailed, ServiceBusy
+from sessions.errors import Conflict, InferenceFailed, ServiceBusy
 from sessions.options import Options
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,19 @@ class ClassScore:
         return {"class_index": self.class_index, "label": self.label, "score": self.score}
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """A model version and the runtime that runs it; swapped as one reference, so a request that
+    picked one at admission finishes on it whatever is activated meanwhile."""
+
+    model: LoadedModel
+    backend: Backend
+
+    @property
+    def info(self) -> dict[str, str]:
+        return {"name": self.model.name, "version": self.model.version}
+
+
 @dataclass
 class _Pending:
     """A preprocessed image waiting for a batch slot."""
@@ -46,12 +59,14 @@ class _Pending:
     tensor: np.ndarray
     top_k: int
     future: asyncio.Future[tuple[list[ClassScore], int, float]]
+    served: ServedModel | None = None
 
 
 @dataclass(frozen=True)
 class Prediction:
     top_k: list[ClassScore]
     timing_ms: dict[str, float]
+    model: dict[str, str] | None = None  # name and version of the weights that produced it
 
 
 @dataclass(frozen=True)
@@ -60,6 +75,7 @@ class BatchPrediction:
 
     probabilities: np.ndarray  # float32 (N, classes)
     timing_ms: dict[str, float]
+    served: ServedModel  # the model version that produced them (labels, name and version)
 
 
 class ModelRunner:
@@ -75,8 +91,8 @@ class ModelRunner:
         max_batch_delay_ms: float = 0.0,
         metrics: Metrics | None = None,
     ):
-        self.model = model
-        self.backend = backend
+        self._active = ServedModel(model, backend)
+        self._pinned: dict[str, ServedModel] = {}  # versions sessions pinned, other than the active one
         self.workers = workers
         self.max_queue = max_queue
         self.max_image_pixels = max_image_pixels
@@ -95,6 +111,46 @@ class ModelRunner:
     def model_info(self) -> dict[str, str]:
         return {"name": self.model.name, "version": self.model.version}
 
+    # -- model versions: an atomic reference swap; in-flight requests keep the one they started on --
+    @property
+    def model(self) -> LoadedModel:
+        return self._active.model
+
+    @property
+    def backend(self) -> Backend:
+        return self._active.backend
+
+    @backend.setter
+    def backend(self, backend: Backend) -> None:
+        self._active = ServedModel(self._active.model, backend)
+
+    def activate(self, served: ServedModel) -> None:
+        """Serve `served` to every request admitted from now on."""
+        self._pinned.pop(served.model.version, None)
+        self._active = served
+
+    def add_version(self, served: ServedModel) -> None:
+        """Keep `served` loaded for sessions that pin its version."""
+        if served.model.version != self._active.model.version:
+            self._pinned[served.model.version] = served
+
+    def drop_version(self, version: str) -> None:
+        self._pinned.pop(version, None)
+
+    def has_version(self, version: str) -> bool:
+        return version == self._active.model.version or version in self._pinned
+
+    def served(self, version: str | None = None) -> ServedModel:
+        """The active model, or the pinned `version` (409 when this process does not hold it)."""
+        active = self._active
+        if version is None or version == active.model.version:
+            return active
+        pinned = self._pinned.get(version)
+        if pinned is None:
+            raise Conflict(f"Model version {version!r} was removed; unpin it (model_version: null) or pin "
+                           "another version.", code="model_version_removed")
+        return pinned
+
     @property
     def queue_depth(self) -> int:
         """Requests admitted and not yet answered (queued plus running)."""
@@ -102,17 +158,18 @@ class ModelRunner:
 
     async def predict(self, data: bytes, options: Options) -> Prediction:
         """Decode, preprocess and classify one image under `options`."""
+        served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
         if self.max_batch_size <= 1:
             # One executor hop does everything: the lowest latency, and on CPUs batching does not pay.
-            return await self._submit(self._predict_sync, data, options, time.perf_counter())
-        return await self._admitted_call(self._predict_batched(data, options))
+            return await self._submit(self._predict_sync, data, options, time.perf_counter(), served)
+        return await self._admitted_call(self._predict_batched(data, options, served))
 
-    async def _predict_batched(self, data: bytes, options: Options) -> Prediction:
+    async def _predict_batched(self, data: bytes, options: Options, served: ServedModel) -> Prediction:
         submitted = time.perf_counter()
         loop = asyncio.get_running_loop()
         tensor = await loop.run_in_executor(self._executor, self._preprocess, data, options)
         preprocessed = time.perf_counter()
-        pending = _Pending(tensor, options.top_k, loop.create_future())
+        pending = _Pending(tensor, options.top_k, loop.create_future(), served)
         self._ensure_batcher().put_nowait(pending)
         scores, batch_size, inference = await pending.future
         return Prediction(top_k=scores, timing_ms={
@@ -120,10 +177,15 @@ class ModelRunner:
             "inference": _ms(inference),
             "batch_wait": _ms(time.perf_counter() - preprocessed - inference),
             "batch_size": batch_size,
-        })
+        }, model=served.info)
 
     def _preprocess(self, data: bytes, options: Options) -> np.ndarray:
         return imaging.preprocess(data, options, max_pixels=self.max_image_pixels)
+
+    async def preprocess(self, data: bytes, options: Options) -> np.ndarray:
+        """The (3, crop, crop) float32 tensor the model would see under `options`; admitted like a
+        predict, since decoding a large image costs about as much as a forward."""
+        return await self._submit(self._preprocess, data, options)
 
 
     def _ensure_batcher(self) -> asyncio.Queue[_Pending]:
@@ -155,15 +217,16 @@ class ModelRunner:
 
     async def _run_batch(self, batch: list[_Pending], free_workers: asyncio.Semaphore) -> None:
         try:
-            by_shape: dict[tuple[int, ...], list[_Pending]] = {}
-            for item in batch:
-                by_shape.setdefault(item.tensor.shape, []).append(item)
+            by_shape: dict[tuple[Any, ...], list[_Pending]] = {}
+            for item in batch:  # one forward per input shape and model version
+                by_shape.setdefault((item.tensor.shape, id(item.served)), []).append(item)
             for group in by_shape.values():
                 started = time.perf_counter()
+                served = group[0].served or self._active
                 try:
                     stacked = np.stack([item.tensor for item in group])
                     logits = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self._forward, stacked)
+                        self._executor, self._forward, stacked, False, served.backend)
                 except Exception as exc:
                     for item in group:
                         if not item.future.done():
@@ -173,13 +236,14 @@ class ModelRunner:
                 self.metrics.observe_forward(len(group), elapsed)
                 for item, row in zip(group, logits, strict=True):
                     if not item.future.done():  # the caller may have gone
-                        item.future.set_result((self._top_k(row, item.top_k), len(group), elapsed))
+                        item.future.set_result((self._top_k(row, item.top_k, served.model.labels), len(group),
+                                                elapsed))
         finally:
             free_workers.release()
 
-    def _forward(self, batch: np.ndarray, alone: bool = False) -> np.ndarray:
+    def _forward(self, batch: np.ndarray, alone: bool = False, backend: Backend | None = None) -> np.ndarray:
         try:
-            return self.backend.forward(batch, alone=alone)
+            return (backend or self.backend).forward(batch, alone=alone)
         except Exception as exc:
             log.exception("model forward failed")
             raise InferenceFailed("The model failed on this image; the error was logged.") from exc
@@ -200,33 +264,36 @@ class ModelRunner:
         finally:
             self._admitted -= 1
 
-    def _predict_sync(self, data: bytes, options: Options, submitted: float) -> Prediction:
+    def _predict_sync(self, data: bytes, options: Options, submitted: float, served: ServedModel) -> Prediction:
         started = time.perf_counter()
         tensor = self._preprocess(data, options)
         preprocessed = time.perf_counter()
         # Read without a lock: a stale count only picks the other thread layout for one forward.
-        logits = self._forward(tensor[None], alone=self._admitted <= 1)
+        logits = self._forward(tensor[None], self._admitted <= 1, served.backend)
         finished = time.perf_counter()
         self.metrics.preprocess_seconds.observe(preprocessed - started)
         self.metrics.observe_forward(1, finished - preprocessed)
         return Prediction(
-            top_k=self._top_k(logits[0], options.top_k),
+            top_k=self._top_k(logits[0], options.top_k, served.model.labels),
             timing_ms={
                 "queue": _ms(started - submitted),
                 "preprocess": _ms(preprocessed - started),
                 "inference": _ms(finished - preprocessed),
             },
+            model=served.info,
         )
 
-    def _top_k(self, logits: np.ndarray, k: int) -> list[ClassScore]:
-        return self.top_k(softmax(logits.astype(np.float32, copy=False)), k)
+    def _top_k(self, logits: np.ndarray, k: int, labels: list[str] | None = None) -> list[ClassScore]:
+        return self.top_k(softmax(logits.astype(np.float32, copy=False)), k, labels)
 
-    def top_k(self, probabilities: np.ndarray, k: int) -> list[ClassScore]:
-        """The `k` best classes of one probability row, best first (scores rounded like every answer)."""
+    def top_k(self, probabilities: np.ndarray, k: int, labels: list[str] | None = None) -> list[ClassScore]:
+        """The `k` best classes of one probability row, best first (scores rounded like every answer);
+        labels of the active model unless given."""
+        labels = labels or self.model.labels
         k = min(k, probabilities.shape[-1])
         best = np.argpartition(probabilities, -k)[-k:]
         best = best[np.argsort(probabilities[best])[::-1]]
-        return [ClassScore(int(i), self.model.labels[i], round(float(probabilities[i]), 6)) for i in best]
+        return [ClassScore(int(i), labels[i], round(float(probabilities[i]), 6)) for i in best]
 
     # -- whole batches with full probabilities (the Open Inference Protocol) ----------------------
     async def classify_images(self, images: Sequence[bytes], options: Options) -> BatchPrediction:
@@ -236,36 +303,38 @@ class ModelRunner:
         (one hop each, each admitted) and then share one forward. Not micro-batched with other
         requests: a protocol request carries its own batch.
         """
+        served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
         submitted = time.perf_counter()
         if len(images) == 1:
-            return await self._submit(self._classify_one_sync, images[0], options, submitted)
+            return await self._submit(self._classify_one_sync, images[0], options, submitted, served)
         tensors = await asyncio.gather(*(self._submit(self._preprocess, data, options) for data in images))
         preprocessed = time.perf_counter()
-        result = await self.classify_tensor(np.stack(tensors))
+        result = await self.classify_tensor(np.stack(tensors), served)
         return BatchPrediction(result.probabilities, {"preprocess": _ms(preprocessed - submitted),
-                                                      **result.timing_ms})
+                                                      **result.timing_ms}, served)
 
-    async def classify_tensor(self, batch: np.ndarray) -> BatchPrediction:
+    async def classify_tensor(self, batch: np.ndarray, served: ServedModel | None = None) -> BatchPrediction:
         """Classify an already preprocessed float32 NCHW batch in one forward (one admitted hop)."""
-        return await self._submit(self._classify_tensor_sync, batch, time.perf_counter())
+        return await self._submit(self._classify_tensor_sync, batch, time.perf_counter(), served or self._active)
 
-    def _classify_one_sync(self, data: bytes, options: Options, submitted: float) -> BatchPrediction:
+    def _classify_one_sync(self, data: bytes, options: Options, submitted: float,
+                           served: ServedModel) -> BatchPrediction:
         started = time.perf_counter()
         tensor = self._preprocess(data, options)
         preprocessed = time.perf_counter()
         self.metrics.preprocess_seconds.observe(preprocessed - started)
-        result = self._classify_tensor_sync(tensor[None], preprocessed)
+        result = self._classify_tensor_sync(tensor[None], preprocessed, served)
         return BatchPrediction(result.probabilities, {"queue": _ms(started - submitted),
                                                       "preprocess": _ms(preprocessed - started),
-                                                      "inference": result.timing_ms["inference"]})
+                                                      "inference": result.timing_ms["inference"]}, served)
 
-    def _classify_tensor_sync(self, batch: np.ndarray, submitted: float) -> BatchPrediction:
+    def _classify_tensor_sync(self, batch: np.ndarray, submitted: float, served: ServedModel) -> BatchPrediction:
         started = time.perf_counter()
-        logits = self._forward(np.ascontiguousarray(batch, dtype=np.float32), alone=self._admitted <= 1)
+        logits = self._forward(np.ascontiguousarray(batch, dtype=np.float32), self._admitted <= 1, served.backend)
         finished = time.perf_counter()
         self.metrics.observe_forward(len(batch), finished - started)
         return BatchPrediction(softmax(logits.astype(np.float32, copy=False)),
-                               {"queue": _ms(started - submitted), "inference": _ms(finished - started)})
+                               {"queue": _ms(started - submitted), "inference": _ms(finished - started)}, served)
 
     def close(self) -> None:
         if self._batcher is not None and not self._batcher.get_loop().is_closed():

@@ -9,6 +9,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 COLORS = ("rgb", "grayscale")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# A model version's name: what `PUT /v1/models/<name>/versions/<version>` accepts and `model_version` pins.
+MODEL_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
 
 @dataclass(frozen=True)
@@ -30,10 +33,14 @@ class Options:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     top_k: int = 5
+    # Pins the session to one model version; None follows the version activated on the server.
+    model_version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
         data["mean"], data["std"] = list(self.mean), list(self.std)
+        if self.model_version is None:
+            del data["model_version"]  # unpinned sessions read as before versions existed
         return data
 
     def merged(self, changes: Mapping[str, Any]) -> Options:
@@ -55,7 +62,9 @@ class Options:
         return self.merged({name: _parse_text(name, text) for name, text in query.items()})
 
     def to_redis(self) -> dict[str, str]:
-        return {name: json.dumps(value) for name, value in self.to_dict().items()}
+        # model_version is always written, so that unpinning (null) overwrites a stored pin.
+        values = {**self.to_dict(), "model_version": self.model_version}
+        return {name: json.dumps(value) for name, value in values.items()}
 
     @staticmethod
     @functools.lru_cache(maxsize=1024)
@@ -71,6 +80,13 @@ _CHOICES = {"interpolation": INTERPOLATIONS, "color": COLORS}
 
 
 def _check_field(name: str, value: Any) -> Any:
+    if name == "model_version":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not MODEL_VERSION.match(value):
+            raise BadOptions(name, "model_version must be null or a version name: 1 to 64 letters, digits, "
+                                   "'.', '_' or '-', starting with a letter or digit.")
+        return value
     if name in _INT_RANGES:
         low, high = _INT_RANGES[name]
         if isinstance(value, bool) or not isinstance(value, int):

@@ -3,6 +3,7 @@ the truth."""
 
 from __future__ import annotations
 
+import json
 import re
 
 import httpx
@@ -10,6 +11,9 @@ import pytest
 from jsonschema import Draft202012Validator
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+from tornado.websocket import WebSocketHandler
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect as ws_connect
 
 from handlers.base import BaseHandler
 from server.app import ROUTES, route_template
@@ -22,6 +26,9 @@ PUBLIC_ROUTES = {"/v1/sessions", "/predict", "/healthz", "/readyz", "/openapi.js
                  "/v2/models/{model}/versions/{version}/ready"}
 # A token when sent (and then it must be good), anonymous otherwise where anonymous inference is allowed.
 TOKEN_OPTIONAL_ROUTES = {"/v2/models/{model}/infer", "/v2/models/{model}/versions/{version}/infer"}
+# WebSocket routes: a browser cannot send headers on the upgrade, so these authenticate with the
+# first frame instead and close with 1008 without a token (checked below and in test_stream.py).
+WEBSOCKET_ROUTES = {"/v1/stream"}
 METHODS = ("get", "post", "put", "patch", "delete")
 
 
@@ -47,12 +54,28 @@ def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client)
             continue
         if handler.optional_auth:
             assert template(pattern) in TOKEN_OPTIONAL_ROUTES, f"{pattern} takes no token but is not listed"
+            continue  # checked in test_token_optional_routes_refuse_bad_tokens_and_anonymous_calls_where_off
+        if issubclass(handler, WebSocketHandler):
+            assert template(pattern) in WEBSOCKET_ROUTES, f"{pattern} is a WebSocket but not in WEBSOCKET_ROUTES"
+            assert_stream_needs_a_token(client.base_url.copy_with(scheme="ws").join(path))
             continue
         for method in implemented(handler):
             response = client.request(method.upper(), path, content=b"{}",
                                       headers={"Content-Type": "application/json"})
             assert response.status_code == 401, (method, path)
-            assert response.json()["error"]["code"] == "missing_token"
+            # Admin routes take an admin API key instead of a session token.
+            expected = "missing_api_key" if getattr(handler, "admin", False) else "missing_token"
+            assert response.json()["error"]["code"] == expected, (method, path)
+
+
+def assert_stream_needs_a_token(url: httpx.URL) -> None:
+    """Without a token, an image sent on the socket is refused: policy-violation close, no result."""
+    with ws_connect(str(url), open_timeout=10) as socket:
+        socket.send(CAT_JPEG)
+        assert json.loads(socket.recv(timeout=10))["error"]["code"] == "missing_token"
+        with pytest.raises(ConnectionClosed) as closed:
+            socket.recv(timeout=10)
+    assert closed.value.rcvd is not None and closed.value.rcvd.code == 1008
 
 
 def test_token_optional_routes_refuse_bad_tokens_and_anonymous_calls_where_off(client: httpx.Client, serve) -> None:
@@ -150,7 +173,10 @@ def test_real_responses_match_the_documented_schemas(client: httpx.Client, schem
     check(prediction, "/v1/predict", "post")
     check(client.post("/v1/predict", headers={**auth, "Content-Type": "image/png"}, content=b"x"),
           "/v1/predict", "post")
+    check(client.post("/v1/preprocess", headers={**auth, "Content-Type": "image/jpeg", "Accept": "application/json"},
+                      content=CAT_JPEG), "/v1/preprocess", "post")
     check(client.get("/v1/session", headers=auth), "/v1/session", "get")
+    check(client.get("/v1/models", headers=auth), "/v1/models", "get")
     check(client.get("/v1/session/options", headers=auth), "/v1/session/options", "get")
     check(client.patch("/v1/session/options", headers=auth, json={"top_k": 4}), "/v1/session/options", "patch")
     check(client.patch("/v1/session/options", headers=auth, json={"top_k": 40}), "/v1/session/options", "patch")

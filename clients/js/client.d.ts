@@ -15,6 +15,8 @@ export interface Options {
   std: [number, number, number];
   /** How many classes to return, 1–20 (default 5). */
   top_k: number;
+  /** Pins the session to a model version (GET /v1/models); absent or null: the active version. */
+  model_version?: string | null;
 }
 
 /** Changes to options: any subset (PATCH merges them). */
@@ -77,6 +79,18 @@ export interface HistoryPage {
 
 export type ImageInput = Blob | ArrayBuffer | Uint8Array;
 
+/** The answer of preprocess(): the model's input for one image. */
+export interface PreprocessedTensor {
+  dtype: "float32";
+  byte_order: "little";
+  /** [3, crop, crop]: channels, height, width. */
+  shape: [number, number, number];
+  /** The values in C order (channel, then row, then column). */
+  data: Float32Array;
+  /** The options it was made under. */
+  options: Options;
+}
+
 export interface ClientSettings {
   /** A token from an earlier login, to resume a session. */
   token?: string | null;
@@ -88,6 +102,36 @@ export interface ClientSettings {
   backoff?: number;
   /** A fetch implementation to use instead of globalThis.fetch. */
   fetch?: typeof globalThis.fetch;
+  /** A WebSocket class for predictStream() instead of globalThis.WebSocket. */
+  WebSocket?: typeof globalThis.WebSocket;
+}
+
+export interface ModelVersion {
+  name?: string;
+  version: string;
+  sha256: string;
+  /** Bytes of the state_dict file. */
+  size: number;
+  uploaded_at: string;
+  /** The last activation (ISO 8601), or null. */
+  activated_at: string | null;
+  active: boolean;
+}
+
+export interface ModelList {
+  models: { name: string; active_version: string | null; serving_version: string; versions: ModelVersion[] }[];
+}
+
+/** One item for predictStream(): an image, or an image with its own ref and option overrides. */
+export type StreamItem = ImageInput | { image: ImageInput; ref?: string | number; options?: PredictOverrides };
+
+/** One image's outcome on predictStream(): `result`, or `error` for that image alone. */
+export interface StreamResult {
+  ref: string | number | null;
+  /** The image's position in the stream, from 0. */
+  seq: number | null;
+  result: Prediction | null;
+  error: InferenceError | null;
 }
 
 export interface ErrorDetails {
@@ -166,8 +210,22 @@ export class Client {
 
   /** POST /v1/predict with the raw image; `overrides` apply to this request only. */
   predict(image: ImageInput, overrides?: PredictOverrides): Promise<Prediction>;
+  /** POST /v1/preprocess: the float32 tensor the model would see (nothing is classified or recorded). */
+  preprocess(image: ImageInput, overrides?: PredictOverrides): Promise<PreprocessedTensor>;
   /** predict() for each image, `concurrency` at a time (default 4); results in input order. */
   predictMany(images: Iterable<ImageInput>, settings?: PredictOverrides & { concurrency?: number }): Promise<Prediction[]>;
+
+  /** GET /v1/stream (WebSocket): one StreamResult per image, in completion order. */
+  predictStream(images: Iterable<StreamItem> | AsyncIterable<StreamItem>, overrides?: PredictOverrides): AsyncGenerator<StreamResult, void, undefined>;
+
+  /** GET /v1/models: the served model's versions (session token, or an admin key). */
+  models(args?: { adminKey?: string }): Promise<ModelList>;
+  /** PUT a state_dict file as a new version (admin key), with its SHA-256. */
+  publishVersion(name: string, version: string, weights: Uint8Array | ArrayBuffer | Blob, args: { adminKey: string }): Promise<ModelVersion>;
+  /** Serve `version` to new requests on every replica (admin key). */
+  activateVersion(name: string, version: string, args: { adminKey: string }): Promise<ModelVersion>;
+  /** Remove a version that is not active (admin key). */
+  removeVersion(name: string, version: string, args: { adminKey: string }): Promise<void>;
 
   /** GET /v1/history: one page, newest first. */
   historyPage(args?: { limit?: number; before?: string | null }): Promise<HistoryPage>;

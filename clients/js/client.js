@@ -138,6 +138,55 @@ function queryString(params) {
   return text ? `?${text}` : "";
 }
 
+// The server sends little-endian float32; DataView reads it right on any host.
+function float32FromBase64(text) {
+  const binary = atob(text);
+  const view = new DataView(new ArrayBuffer(binary.length));
+  for (let i = 0; i < binary.length; i++) view.setUint8(i, binary.charCodeAt(i));
+  const values = new Float32Array(binary.length / 4);
+  for (let i = 0; i < values.length; i++) values[i] = view.getFloat32(i * 4, true);
+  return values;
+}
+
+function versionPath(name, version) {
+  return `/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}`;
+}
+
+// -- stream helpers ----------------------------------------------------------------------------
+
+function isStreamItem(value) {
+  return value !== null && typeof value === "object" && "image" in value
+    && !(typeof Blob !== "undefined" && value instanceof Blob) && !ArrayBuffer.isView(value);
+}
+
+function parseStreamFrame(data) {
+  try {
+    const frame = JSON.parse(typeof data === "string" ? data : new TextDecoder().decode(data));
+    if (frame && typeof frame.type === "string") return frame;
+  } catch { /* fall through */ }
+  throw new ServerError("A stream frame from the server is not JSON.", { code: "invalid_response" });
+}
+
+function streamFrameError(frame) {
+  const status = frame.status ?? 500;
+  const Kind = errorClass(status);
+  const code = frame.error?.code ?? `http_${status}`;
+  return new Kind(frame.error?.message ?? "The server refused this image.", {
+    code, status, body: frame, retryAfter: frame.retry_after ?? null,
+    field: code === "invalid_options" ? optionField(frame.error) : null,
+  });
+}
+
+// Policy violation (1008): the token was refused; the error frame before the close said why.
+function streamClosedError(event, lastError) {
+  if (event?.code === 1008) {
+    return lastError instanceof AuthError ? lastError
+      : new AuthError("The server closed the stream: the token was refused.", { code: event.reason || "invalid_token", status: 401 });
+  }
+  return new ConnectionFailed(`The stream closed before every result came (code ${event?.code}).`,
+    { code: "connection_closed" });
+}
+
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
 // -- the client --------------------------------------------------------------------------------
@@ -145,12 +194,13 @@ const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 export class Client {
   #fetch;
   #token;
+  #WebSocket;
 
   /**
    * @param {string} baseUrl  server address, e.g. "http://127.0.0.1:8000"; "" = this page's origin
    * @param {object} [settings]  token, timeout (ms per attempt), retries, backoff (ms), fetch
    */
-  constructor(baseUrl = "", { token = null, timeout = 30000, retries = 3, backoff = 250, fetch } = {}) {
+  constructor(baseUrl = "", { token = null, timeout = 30000, retries = 3, backoff = 250, fetch, WebSocket } = {}) {
     this.baseUrl = String(baseUrl ?? "").replace(/\/+$/, "");
     this.#token = token ?? null;
     this.timeout = timeout;
@@ -160,6 +210,7 @@ export class Client {
     if (typeof f !== "function") throw new TypeError("no fetch available: pass {fetch} to the Client");
     // The built-in fetch must be called with the global object as `this` in browsers.
     this.#fetch = fetch ? f : f.bind(globalThis);
+    this.#WebSocket = WebSocket ?? null; // else globalThis.WebSocket, looked up when a stream opens
   }
 
   /** The session token (null before login and after logout); settable to resume a session. */
@@ -209,6 +260,19 @@ export class Client {
   }
 
   /**
+   * POST /v1/preprocess: the tensor the model would see for `image` under the session's options
+   * (`overrides` as in predict). Returns {dtype: "float32", shape: [3, crop, crop], data: Float32Array,
+   * options}; nothing is classified or recorded.
+   */
+  async preprocess(image, overrides = {}) {
+    const [body, contentType] = await imageBody(image);
+    const answer = await this.#request("POST", `/v1/preprocess${queryString(overrides)}`, {
+      body, headers: { "Content-Type": contentType },
+    });
+    return { ...answer, data: float32FromBase64(answer.data) };
+  }
+
+  /**
    * Predict several images, at most `concurrency` at a time; results in input order. Rejects with
    * the first error (no new request starts after it).
    */
@@ -231,6 +295,119 @@ export class Client {
     const workers = Array.from({ length: Math.max(1, Math.min(concurrency, list.length)) }, worker);
     await Promise.all(workers);
     return results;
+  }
+
+  /**
+   * GET /v1/stream: classify `images` (an iterable or async iterable) over one WebSocket. Yields one
+   * {ref, seq, result, error} per image in completion order: `result` is what predict() returns,
+   * `error` an InferenceError for that image alone. An item is an image, or {image, ref, options}
+   * for its own ref and option overrides; `ref` defaults to the item's index. `overrides` apply to
+   * every image. At most the server's `max_in_flight` images are outstanding; every result is
+   * recorded in the history. The token goes in the first frame (browsers cannot set headers on
+   * the upgrade), never in the URL. Not retried: a refused token throws AuthError, a lost
+   * connection ConnectionFailed.
+   *   for await (const { ref, result, error } of client.predictStream(files)) { ... }
+   */
+  async *predictStream(images, overrides = {}) {
+    const WebSocketClass = this.#WebSocket ?? globalThis.WebSocket;
+    if (typeof WebSocketClass !== "function") {
+      throw new InferenceError("No WebSocket implementation: pass {WebSocket} to the Client "
+        + "(Node 20 needs --experimental-websocket; Node 22+ and browsers have one).", { code: "websocket_unavailable" });
+    }
+    const socket = new WebSocketClass(this.#url("/v1/stream").replace(/^http/, "ws"));
+    socket.binaryType = "arraybuffer";
+    const inbox = [];
+    let closed = null;
+    let wake = null;
+    const notify = () => { if (wake) { const resolve = wake; wake = null; resolve(); } };
+    socket.onmessage = (event) => { inbox.push(event.data); notify(); };
+    socket.onclose = (event) => { closed = event; notify(); };
+    socket.onerror = () => {}; // a close event always follows, and says more
+    socket.onopen = notify;
+    const nextFrame = async () => {
+      while (inbox.length === 0) {
+        if (closed) return null;
+        await new Promise((resolve) => { wake = resolve; });
+      }
+      return parseStreamFrame(inbox.shift());
+    };
+    let lastError = null;
+    const closedError = () => streamClosedError(closed, lastError);
+    try {
+      while (socket.readyState === 0 && !closed) await new Promise((resolve) => { wake = resolve; });
+      if (closed) throw closedError();
+      socket.send(JSON.stringify({ token: this.#token ?? "" }));
+      const ready = await nextFrame();
+      if (!ready) throw closedError();
+      if (ready.type !== "ready") {
+        lastError = streamFrameError(ready);
+        throw lastError;
+      }
+      const iterator = images[Symbol.asyncIterator]?.() ?? images[Symbol.iterator]();
+      let pending = 0;
+      let sent = 0;
+      let exhausted = false;
+      for (;;) {
+        while (!exhausted && pending < ready.max_in_flight) {
+          const step = await iterator.next();
+          if (step.done) { exhausted = true; break; }
+          const item = isStreamItem(step.value) ? step.value : { image: step.value };
+          const [body] = await imageBody(item.image);
+          const options = { ...overrides, ...(item.options ?? {}) };
+          const header = { ref: item.ref ?? sent };
+          if (Object.keys(options).length) header.options = options;
+          socket.send(JSON.stringify(header));
+          socket.send(body);
+          pending++;
+          sent++;
+        }
+        if (pending === 0) return;
+        const frame = await nextFrame();
+        if (!frame) throw closedError();
+        if (frame.seq !== null && frame.seq !== undefined) pending--;
+        if (frame.type === "result") {
+          yield { ref: frame.ref, seq: frame.seq, result: frame.result, error: null };
+        } else {
+          lastError = streamFrameError(frame);
+          yield { ref: frame.ref ?? null, seq: frame.seq ?? null, result: null, error: lastError };
+        }
+      }
+    } finally {
+      if (socket.readyState <= 1) socket.close(1000);
+    }
+  }
+
+  // -- model versions --------------------------------------------------------------------------
+
+  /** GET /v1/models: versions with their hash, size and activation time (session token, or `adminKey`). */
+  models({ adminKey } = {}) {
+    return this.#request("GET", "/v1/models", { headers: adminKey ? { Authorization: `ApiKey ${adminKey}` } : {} });
+  }
+
+  /**
+   * PUT /v1/models/<name>/versions/<version>: publish a state_dict file (Uint8Array, ArrayBuffer or
+   * Blob) with its SHA-256 (Web Crypto). Needs a key listed in the server's auth.admin_api_keys.
+   */
+  async publishVersion(name, version, weights, { adminKey } = {}) {
+    const bytes = typeof Blob !== "undefined" && weights instanceof Blob
+      ? new Uint8Array(await weights.arrayBuffer())
+      : weights instanceof ArrayBuffer ? new Uint8Array(weights) : weights;
+    const digest = new Uint8Array(await globalThis.crypto.subtle.digest("SHA-256", bytes));
+    const sha256 = Array.from(digest, (b) => b.toString(16).padStart(2, "0")).join("");
+    return this.#request("PUT", versionPath(name, version), {
+      body: bytes,
+      headers: { Authorization: `ApiKey ${adminKey}`, "Content-Type": "application/octet-stream", "X-Content-SHA256": sha256 },
+    });
+  }
+
+  /** POST .../versions/<version>:activate: every replica serves it to new requests. */
+  activateVersion(name, version, { adminKey } = {}) {
+    return this.#request("POST", `${versionPath(name, version)}:activate`, { headers: { Authorization: `ApiKey ${adminKey}` } });
+  }
+
+  /** DELETE .../versions/<version> (not the active one). */
+  async removeVersion(name, version, { adminKey } = {}) {
+    await this.#request("DELETE", versionPath(name, version), { headers: { Authorization: `ApiKey ${adminKey}` } });
   }
 
   // -- history ---------------------------------------------------------------------------------

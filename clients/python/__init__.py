@@ -25,6 +25,7 @@ from clients.python.errors import (
     UnsupportedMediaType,
     ValidationError,
 )
+from clients.python.protocol import StreamResult
 
 __all__ = [
     "AsyncClient",
@@ -37,6 +38,7 @@ __all__ = [
     "RateLimited",
     "ServerBusy",
     "ServerError",
+    "StreamResult",
     "UnsupportedMediaType",
     "ValidationError",
 ]

@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 
 from clients.python import protocol
-from clients.python.base import BaseClient
-from clients.python.errors import AuthError, InferenceError
+from clients.python.base import USER_AGENT, BaseClient
+from clients.python.errors import AuthError, ConnectionFailed, InferenceError
 from clients.python.protocol import ImageInput
 
 
@@ -62,6 +62,12 @@ class AsyncClient(BaseClient):
         call = await asyncio.to_thread(protocol.predict, image, overrides)
         return await self._send(call)
 
+    async def preprocess(self, image: ImageInput, **overrides: Any) -> Any:
+        """The float32 (3, crop, crop) NumPy array the model would see for `image` under the session's
+        options (keyword arguments override them for this call). Needs NumPy."""
+        call = await asyncio.to_thread(protocol.preprocess, image, overrides)
+        return await self._send(call)
+
     async def predict_many(self, images: Iterable[ImageInput], **overrides: Any) -> list[dict[str, Any]]:
         """Classify several images, `concurrency` at a time; results come in the order of `images`.
         The first failure is raised and the calls still pending are cancelled."""
@@ -80,6 +86,43 @@ class AsyncClient(BaseClient):
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
 
+    async def predict_stream(self, images: Iterable[Any], **overrides: Any) -> AsyncIterator[protocol.StreamResult]:
+        """`Client.predict_stream` for asyncio: `async for result in client.predict_stream(images)`."""
+        from websockets.asyncio.client import connect
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        timeout = self._http.timeout.read
+        try:
+            socket = await connect(protocol.stream_url(self.base_url), additional_headers=headers,
+                                   user_agent_header=USER_AGENT, open_timeout=self._http.timeout.connect)
+        except (OSError, InvalidHandshake, TimeoutError) as error:
+            raise ConnectionFailed("connection_failed", f"GET {protocol.STREAM_PATH} failed: {error}") from error
+        last_error: InferenceError | None = None
+        async with socket:
+            try:
+                ready = protocol.stream_frame(await asyncio.wait_for(socket.recv(), timeout))
+                if ready["type"] != "ready":
+                    last_error = protocol.stream_error(ready)
+                    await asyncio.wait_for(socket.recv(), timeout)  # the close that follows a refusal
+                    raise last_error
+                window = protocol.StreamWindow(images, overrides, ready["max_in_flight"])
+                while True:
+                    while await asyncio.to_thread(window.room):  # next() may read a file: off the loop
+                        header, data = await asyncio.to_thread(window.next_frames)
+                        await socket.send(header)
+                        await socket.send(data)
+                    if window.done:
+                        return
+                    result = window.received(protocol.stream_frame(await asyncio.wait_for(socket.recv(), timeout)))
+                    last_error = result.error
+                    yield result
+            except ConnectionClosed as closed:
+                code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, None)
+                raise protocol.stream_closed(code, reason, last_error) from None
+            except TimeoutError:
+                raise ConnectionFailed("timeout", f"No stream frame within {timeout} s.") from None
+
     async def history(self, limit: int | None = None, *, page_size: int | None = None) -> AsyncIterator[dict[str, Any]]:
         """The session's predictions, newest first, fetched a page at a time as you iterate (all of
         them, or the newest `limit`). Errors surface when iteration reaches the failing page."""
@@ -90,6 +133,22 @@ class AsyncClient(BaseClient):
 
     async def history_item(self, history_id: str) -> dict[str, Any]:
         return await self._send(protocol.history_item(history_id))
+
+    # -- model versions (admin calls need a key listed in the server's auth.admin_api_keys) ----------
+    async def models(self, admin_key: str | None = None) -> dict[str, Any]:
+        """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
+        return await self._send(protocol.models(admin_key))
+
+    async def publish_version(self, name: str, version: str, weights: Any, *, admin_key: str) -> dict[str, Any]:
+        """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
+        call = await asyncio.to_thread(protocol.publish_version, name, version, weights, admin_key)
+        return await self._send(call)
+
+    async def activate_version(self, name: str, version: str, *, admin_key: str) -> dict[str, Any]:
+        return await self._send(protocol.activate_version(name, version, admin_key))
+
+    async def remove_version(self, name: str, version: str, *, admin_key: str) -> None:
+        await self._send(protocol.remove_version(name, version, admin_key))
 
     # -- life cycle -------------------------------------------------------------------------------
     async def aclose(self) -> None:

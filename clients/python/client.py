@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 
 from clients.python import protocol
-from clients.python.base import BaseClient
-from clients.python.errors import AuthError, InferenceError
+from clients.python.base import USER_AGENT, BaseClient
+from clients.python.errors import AuthError, ConnectionFailed, InferenceError
 from clients.python.protocol import ImageInput
 
 
@@ -62,6 +62,11 @@ class Client(BaseClient):
         """Classify one image; keyword arguments override the session's options for this call only."""
         return self._send(protocol.predict(image, overrides))
 
+    def preprocess(self, image: ImageInput, **overrides: Any) -> Any:
+        """The float32 (3, crop, crop) NumPy array the model would see for `image` under the session's
+        options (keyword arguments override them for this call). Needs NumPy."""
+        return self._send(protocol.preprocess(image, overrides))
+
     def predict_many(self, images: Iterable[ImageInput], **overrides: Any) -> list[dict[str, Any]]:
         """Classify several images, `concurrency` at a time; results come in the order of `images`.
         The first failure is raised, and images not yet sent are not sent."""
@@ -77,6 +82,48 @@ class Client(BaseClient):
                     future.cancel()
                 raise
 
+    def predict_stream(self, images: Iterable[Any], **overrides: Any) -> Iterator[protocol.StreamResult]:
+        """Classify `images` over one WebSocket (`GET /v1/stream`), yielding a `StreamResult` per image in
+        completion order: `.ref` (the item's index, or the "ref" of an item given as
+        {"image": ..., "ref": ..., "options": {...}}), `.result` or `.error`. Every result is recorded in
+        the history like `predict`. Keyword arguments override options for every image. At most the
+        server's `max_in_flight` images are outstanding. Not retried: a lost connection raises
+        ConnectionFailed and a refused token AuthError; results already yielded stay recorded."""
+        from websockets.exceptions import ConnectionClosed, InvalidHandshake
+        from websockets.sync.client import connect
+
+        headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
+        timeout = self._http.timeout.read
+        try:
+            socket = connect(protocol.stream_url(self.base_url), additional_headers=headers,
+                             user_agent_header=USER_AGENT, open_timeout=self._http.timeout.connect)
+        except (OSError, InvalidHandshake, TimeoutError) as error:
+            raise ConnectionFailed("connection_failed", f"GET {protocol.STREAM_PATH} failed: {error}") from error
+        last_error: InferenceError | None = None
+        with socket:
+            try:
+                ready = protocol.stream_frame(socket.recv(timeout))
+                if ready["type"] != "ready":
+                    last_error = protocol.stream_error(ready)
+                    socket.recv(timeout)  # the close that follows a refusal
+                    raise last_error
+                window = protocol.StreamWindow(images, overrides, ready["max_in_flight"])
+                while True:
+                    while window.room():
+                        header, data = window.next_frames()
+                        socket.send(header)
+                        socket.send(data)
+                    if window.done:
+                        return
+                    result = window.received(protocol.stream_frame(socket.recv(timeout)))
+                    last_error = result.error
+                    yield result
+            except ConnectionClosed as closed:
+                code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, None)
+                raise protocol.stream_closed(code, reason, last_error) from None
+            except TimeoutError:
+                raise ConnectionFailed("timeout", f"No stream frame within {timeout} s.") from None
+
     def history(self, limit: int | None = None, *, page_size: int | None = None) -> Iterator[dict[str, Any]]:
         """The session's predictions, newest first, fetched a page at a time as you iterate (all of
         them, or the newest `limit`). Errors surface when iteration reaches the failing page."""
@@ -86,6 +133,21 @@ class Client(BaseClient):
 
     def history_item(self, history_id: str) -> dict[str, Any]:
         return self._send(protocol.history_item(history_id))
+
+    # -- model versions (admin calls need a key listed in the server's auth.admin_api_keys) ----------
+    def models(self, admin_key: str | None = None) -> dict[str, Any]:
+        """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
+        return self._send(protocol.models(admin_key))
+
+    def publish_version(self, name: str, version: str, weights: Any, *, admin_key: str) -> dict[str, Any]:
+        """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
+        return self._send(protocol.publish_version(name, version, weights, admin_key))
+
+    def activate_version(self, name: str, version: str, *, admin_key: str) -> dict[str, Any]:
+        return self._send(protocol.activate_version(name, version, admin_key))
+
+    def remove_version(self, name: str, version: str, *, admin_key: str) -> None:
+        self._send(protocol.remove_version(name, version, admin_key))
 
     # -- life cycle -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -9,7 +9,9 @@ construction, and each holds only the I/O that differs between them.
 from __future__ import annotations
 
 import email.utils
+import hashlib
 import io
+import json
 import math
 import os
 import random
@@ -24,7 +26,7 @@ from urllib.parse import quote
 
 import httpx
 
-from clients.python.errors import ConnectionFailed, InferenceError, RateLimited, ServerBusy, error_class
+from clients.python.errors import AuthError, ConnectionFailed, InferenceError, RateLimited, ServerBusy, error_class
 
 #: What `predict` accepts: a path, the encoded bytes, a binary file object, or a PIL image.
 ImageInput = str | os.PathLike[str] | bytes | bytearray | memoryview | IO[bytes] | Any
@@ -55,6 +57,7 @@ class Call:
     content: bytes | None = None
     headers: Mapping[str, str] = field(default_factory=dict)
     shape: Callable[[Any], Any] = _identity
+    raw: bool = False  # a success's body goes to `shape` as bytes instead of parsed JSON
 
     def request(self, token: str | None) -> dict[str, Any]:
         """Keyword arguments for `httpx.Client.request` / `httpx.AsyncClient.request`."""
@@ -82,6 +85,55 @@ def predict(image: ImageInput, overrides: Mapping[str, Any]) -> Call:
     body, content_type = encode_image(image)
     return Call("POST", "/v1/predict", params=query_params(overrides), content=body,
                 headers={"Content-Type": content_type, "Idempotency-Key": str(uuid.uuid4())})
+
+
+def preprocess(image: ImageInput, overrides: Mapping[str, Any]) -> Call:
+    """The preprocess call: the server's model input for this image, as a NumPy array."""
+    body, content_type = encode_image(image)
+    return Call("POST", "/v1/preprocess", params=query_params(overrides), content=body,
+                headers={"Content-Type": content_type, "Accept": "application/x-npy"}, raw=True, shape=npy_array)
+
+
+def npy_array(data: bytes) -> Any:
+    """A NumPy array from .npy bytes. NumPy is imported here, so only callers of preprocess need it."""
+    import numpy
+
+    return numpy.load(io.BytesIO(data), allow_pickle=False)
+
+
+def models(admin_key: str | None = None) -> Call:
+    """GET /v1/models, with the session's token or an admin key."""
+    return Call("GET", "/v1/models", headers=_admin(admin_key) if admin_key else {})
+
+
+def publish_version(name: str, version: str, weights: str | os.PathLike[str] | bytes | IO[bytes],
+                    admin_key: str) -> Call:
+    """PUT a state_dict file (a path, its bytes or a binary file) as a new version, with its SHA-256."""
+    if isinstance(weights, bytes | bytearray | memoryview):
+        data = bytes(weights)
+    elif isinstance(weights, str | os.PathLike):
+        data = Path(weights).read_bytes()
+    else:
+        data = weights.read()
+    return Call("PUT", _version_path(name, version), content=data, headers={
+        **_admin(admin_key), "Content-Type": "application/octet-stream",
+        "X-Content-SHA256": hashlib.sha256(data).hexdigest()})
+
+
+def activate_version(name: str, version: str, admin_key: str) -> Call:
+    return Call("POST", _version_path(name, version) + ":activate", headers=_admin(admin_key))
+
+
+def remove_version(name: str, version: str, admin_key: str) -> Call:
+    return Call("DELETE", _version_path(name, version), headers=_admin(admin_key))
+
+
+def _version_path(name: str, version: str) -> str:
+    return f"/v1/models/{quote(name, safe='')}/versions/{quote(version, safe='')}"
+
+
+def _admin(admin_key: str) -> dict[str, str]:
+    return {"Authorization": f"ApiKey {admin_key}"}
 
 
 def get_options() -> Call:
@@ -326,5 +378,146 @@ class Exchange:
             raise ConnectionFailed("connection_failed",
                                    f"{self.call.method} {self.call.path} got no answer{tries}: "
                                    f"{outcome or type(outcome).__name__}") from outcome
+        if self.call.raw and outcome.is_success:
+            return self.call.shape(outcome.content)
         body = read_response(outcome)
         return None if body is None else self.call.shape(body)
+
+
+# -- the WebSocket stream ------------------------------------------------------------------------
+
+STREAM_PATH = "/v1/stream"
+POLICY_VIOLATION = 1008
+
+
+@dataclass(frozen=True)
+class StreamResult:
+    """One image's outcome on `predict_stream`: `result` (the predict answer) or `error`."""
+
+    ref: Any
+    seq: int | None
+    result: dict[str, Any] | None = None
+    error: InferenceError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def unwrap(self) -> dict[str, Any]:
+        """The result, or raise the image's error."""
+        if self.error is not None:
+            raise self.error
+        assert self.result is not None
+        return self.result
+
+
+def stream_url(base_url: str) -> str:
+    """ws:// (or wss://) address of the stream for an http(s) base URL."""
+    url = httpx.URL(base_url)
+    scheme = {"http": "ws", "https": "wss"}.get(url.scheme, url.scheme)
+    return str(url.copy_with(scheme=scheme, path=url.path.rstrip("/") + STREAM_PATH, query=None))
+
+
+def stream_frames(item: Any, index: int, overrides: Mapping[str, Any]) -> tuple[str, bytes]:
+    """The JSON header and the image bytes for one item of `predict_stream`. An item is an image, or
+    a mapping {"image": ..., "ref": ..., "options": {...}}; the ref defaults to the item's index."""
+    options = {name: value for name, value in overrides.items() if value is not None}
+    ref: Any = index
+    if isinstance(item, Mapping):
+        if "image" not in item:
+            raise TypeError("a stream item given as a mapping needs an 'image' key")
+        ref = item.get("ref", index)
+        options.update(item.get("options") or {})
+        item = item["image"]
+    data, _ = encode_image(item)  # the server sniffs the bytes itself; this checks them early
+    header: dict[str, Any] = {"ref": ref}
+    if options:
+        header["options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in options.items()}
+    return json.dumps(header, separators=(",", ":")), data
+
+
+def stream_frame(text: str | bytes) -> dict[str, Any]:
+    """A server frame as a dict; a non-JSON frame is an InferenceError."""
+    try:
+        frame = json.loads(text)
+    except ValueError:
+        raise InferenceError("invalid_response", "A stream frame from the server is not JSON.") from None
+    if not isinstance(frame, dict) or "type" not in frame:
+        raise InferenceError("invalid_response", "A stream frame from the server has no type.")
+    return frame
+
+
+def stream_result(frame: Mapping[str, Any]) -> StreamResult:
+    """A result or error frame as a StreamResult (the error typed as the HTTP status would be)."""
+    if frame["type"] == "result":
+        return StreamResult(frame.get("ref"), frame.get("seq"), result=frame["result"])
+    return StreamResult(frame.get("ref"), frame.get("seq"), error=stream_error(frame))
+
+
+def stream_error(frame: Mapping[str, Any]) -> InferenceError:
+    status = int(frame.get("status") or 500)
+    error = frame.get("error") or {}
+    cls = error_class(status)
+    kwargs: dict[str, Any] = {"status": status}
+    if issubclass(cls, RateLimited | ServerBusy):
+        kwargs["retry_after"] = frame.get("retry_after")
+    return cls(str(error.get("code", f"http_{status}")), str(error.get("message", "")), **kwargs)
+
+
+def stream_closed(code: int | None, reason: str | None, last_error: InferenceError | None) -> InferenceError:
+    """The error to raise when the server closed the stream before every result came."""
+    if code == POLICY_VIOLATION:
+        if isinstance(last_error, AuthError):
+            return last_error
+        return AuthError(reason or "invalid_token", "The server closed the stream: the token was refused.",
+                         status=401)
+    return ConnectionFailed("connection_closed", f"The stream closed before every result came (code {code}, "
+                                                 f"reason {reason!r}).")
+
+
+class StreamWindow:
+    """Which item to send next and how many results are owed, shared by both clients' loops:
+
+        while True:
+            while window.room(): send(window.next_frames())   # until the window is full or images run out
+            if window.done: break
+            yield window.received(frame)                      # one result per frame read
+
+    `size` is the server's `max_in_flight` (its ready frame), so a well-behaved client never sends
+    an image the server would have to leave unread.
+    """
+
+    def __init__(self, images: Any, overrides: Mapping[str, Any], size: int):
+        self._images = iter(images)
+        self._overrides = overrides
+        self.size = max(1, size)
+        self.pending = 0
+        self.sent = 0
+        self._exhausted = False
+        self._next: Any = None
+
+    def room(self) -> bool:
+        if self._exhausted or self.pending >= self.size:
+            return False
+        try:
+            self._next = next(self._images)
+        except StopIteration:
+            self._exhausted = True
+            return False
+        return True
+
+    def next_frames(self) -> tuple[str, bytes]:
+        frames = stream_frames(self._next, self.sent, self._overrides)
+        self.sent += 1
+        self.pending += 1
+        return frames
+
+    @property
+    def done(self) -> bool:
+        return self._exhausted and self.pending == 0
+
+    def received(self, frame: Mapping[str, Any]) -> StreamResult:
+        result = stream_result(frame)
+        if result.seq is not None:  # a frame about one of our images (not about the stream as a whole)
+            self.pending -= 1
+        return result

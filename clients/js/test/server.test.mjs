@@ -1,59 +1,16 @@
 // The client against a real server: `python -m server --port 0` with its embedded Redis, started
-// once for this file with an API key and one CORS origin. The exported ONNX model is cached in a
-// fixed temporary folder, so only the first run on a machine pays for the export.
+// once for this file with an API key and one CORS origin (see server-process.mjs).
 import assert from "node:assert/strict";
-import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdtemp, readFile, rm } from "node:fs/promises";
-import os from "node:os";
+import { readFile } from "node:fs/promises";
 import path from "node:path";
 import { after, before, describe, test } from "node:test";
-import { fileURLToPath } from "node:url";
 
 import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError } from "../client.js";
+import { CAT_CLASSES, COFFEE_CLASSES, REPO, startServer } from "./server-process.mjs";
 
-const CLIENT_DIR = path.resolve(path.dirname(fileURLToPath(import.meta.url)), "..");
-const REPO = path.resolve(CLIENT_DIR, "../..");
-const PYTHON = process.env.TEST_SERVER_PYTHON ?? "../../.venv/bin/python"; // relative to clients/js
-const MODEL_CACHE = path.join(os.tmpdir(), "session-inference-js-test-model-cache");
 const API_KEY = "js-client-test-key";
 const ALLOWED_ORIGIN = "http://example.test";
-const CAT_CLASSES = [281, 282, 285]; // tabby, tiger cat, Egyptian cat
-const COFFEE_CLASSES = [967, 968, 504]; // espresso, cup, coffee mug
-
-/** Start `python -m server --port 0`; resolve {url, stop} once it logs its ready line. */
-async function startServer(env) {
-  const dataDir = await mkdtemp(path.join(os.tmpdir(), "js-client-test-data-"));
-  const python = PYTHON.includes("/") ? path.resolve(CLIENT_DIR, PYTHON) : PYTHON;
-  const child = spawn(python, ["-m", "server", "--port", "0"], {
-    cwd: REPO,
-    env: { ...process.env, INFERENCE_SERVER_DATA_DIR: dataDir, INFERENCE_MODEL_CACHE_DIR: MODEL_CACHE, ...env },
-    stdio: ["ignore", "pipe", "pipe"],
-  });
-  const exited = new Promise((resolve) => child.once("exit", resolve));
-  let log = "";
-  const url = await new Promise((resolve, reject) => {
-    const timer = setTimeout(() => reject(new Error(`server not ready after 180 s:\n${log}`)), 180_000);
-    const onData = (chunk) => {
-      log += chunk;
-      const match = /ready on (http:\/\/\S+)/.exec(log);
-      if (match) {
-        clearTimeout(timer);
-        resolve(match[1]);
-      }
-    };
-    child.stdout.on("data", onData);
-    child.stderr.on("data", onData);
-    child.once("error", (error) => { clearTimeout(timer); reject(error); });
-    child.once("exit", (code) => { clearTimeout(timer); reject(new Error(`server exited (${code}):\n${log}`)); });
-  });
-  const stop = async () => {
-    if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
-    await exited;
-    await rm(dataDir, { recursive: true, force: true });
-  };
-  return { url, stop, log: () => log };
-}
 
 let server;
 let cat;
@@ -167,6 +124,25 @@ describe("predictions", () => {
     const client = await loggedIn();
     await assert.rejects(client.predict(new TextEncoder().encode("hello")),
       (e) => e instanceof UnsupportedMediaType && e.code === "unsupported_media_type" && e.status === 415);
+  });
+});
+
+describe("preprocess", () => {
+  test("preprocess returns the float32 tensor under the session's options and overrides", async () => {
+    const client = await loggedIn();
+    await client.setOptions({ resize: 160, crop: 128 });
+    const tensor = await client.preprocess(cat);
+    assert.equal(tensor.dtype, "float32");
+    assert.deepEqual(tensor.shape, [3, 128, 128]);
+    assert.ok(tensor.data instanceof Float32Array);
+    assert.equal(tensor.data.length, 3 * 128 * 128);
+    assert.ok(tensor.data.every(Number.isFinite));
+    const gray = await client.preprocess(cat, { color: "grayscale", crop: 64, mean: [0.5, 0.5, 0.5], std: [0.25, 0.25, 0.25] });
+    assert.deepEqual(gray.shape, [3, 64, 64]);
+    const plane = 64 * 64;
+    assert.deepEqual(gray.data.subarray(0, plane), gray.data.subarray(plane, 2 * plane)); // one plane, 3 times
+    assert.equal((await client.session()).predictions, 0);
+    await assert.rejects(client.preprocess(cat, { crop: 4096 }), (e) => e instanceof ValidationError);
   });
 });
 

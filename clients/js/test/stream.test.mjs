@@ -1,0 +1,105 @@
+// predictStream against a real server (GET /v1/stream). Node 20 has WebSocket only behind
+// --experimental-websocket: there this file runs itself again with the flag, as one test.
+import assert from "node:assert/strict";
+import { spawn } from "node:child_process";
+import { readFile } from "node:fs/promises";
+import path from "node:path";
+import { after, before, describe, test } from "node:test";
+import { fileURLToPath } from "node:url";
+
+import { AuthError, Client, ValidationError } from "../client.js";
+import { CAT_CLASSES, COFFEE_CLASSES, REPO, startServer } from "./server-process.mjs";
+
+const top3 = (result) => result.top_k.slice(0, 3).map((score) => score.class_index);
+const hasAny = (classes, wanted) => classes.some((index) => wanted.includes(index));
+
+async function collect(iterable) {
+  const items = [];
+  for await (const item of iterable) items.push(item);
+  return items;
+}
+
+if (typeof globalThis.WebSocket !== "function") {
+  test("predictStream tests, run again under --experimental-websocket", { timeout: 400_000 }, async () => {
+    // Without the runner's NODE_TEST_CONTEXT the child runs its tests itself and reports them as TAP.
+    const { NODE_TEST_CONTEXT: _context, ...env } = process.env;
+    const child = spawn(process.execPath, ["--experimental-websocket", fileURLToPath(import.meta.url)],
+      { env, stdio: ["ignore", "pipe", "pipe"] });
+    let output = "";
+    child.stdout.on("data", (chunk) => { output += chunk; });
+    child.stderr.on("data", (chunk) => { output += chunk; });
+    const code = await new Promise((resolve) => child.once("exit", resolve));
+    assert.equal(code, 0, output);
+    assert.match(output, /# pass [1-9]/);
+    assert.match(output, /# fail 0/);
+  });
+} else {
+  let server;
+  let cat;
+  let coffee;
+
+  before(async () => {
+    [cat, coffee] = await Promise.all([
+      readFile(path.join(REPO, "tests/data/cat.jpg")), readFile(path.join(REPO, "tests/data/coffee.jpg")),
+    ]);
+    server = await startServer({ INFERENCE_HTTP_STREAM_MAX_IN_FLIGHT: "2" });
+  }, { timeout: 200_000 });
+
+  after(async () => {
+    await server?.stop();
+  });
+
+  describe("predictStream", () => {
+    test("results carry their refs and are recorded in the history", async () => {
+      const client = new Client(server.url);
+      await client.login();
+      const items = [{ image: cat, ref: "a" }, { image: coffee, ref: "b", options: { top_k: 2 } }, cat, coffee];
+      const results = await collect(client.predictStream(items, { top_k: 3 }));
+      assert.equal(results.length, 4);
+      const byRef = Object.fromEntries(results.map((item) => [item.ref, item]));
+      assert.deepEqual(Object.keys(byRef).sort(), ["2", "3", "a", "b"]); // index refs for plain images
+      for (const item of results) assert.equal(item.error, null);
+      assert.ok(hasAny(top3(byRef.a.result), CAT_CLASSES));
+      assert.ok(hasAny(top3(byRef.b.result), COFFEE_CLASSES));
+      assert.equal(byRef.b.result.top_k.length, 2); // the item's own options win over the call's
+      assert.equal(byRef.a.result.top_k.length, 3);
+      assert.deepEqual(results.map((item) => item.seq).sort(), [0, 1, 2, 3]);
+
+      const history = await collect(client.history({ limit: 10 }));
+      assert.deepEqual(history.map((item) => item.id).sort(), results.map((item) => item.result.id).sort());
+      const { timing_ms: _timings, ...recorded } = byRef.a.result;
+      assert.deepEqual(await client.historyItem(recorded.id), recorded);
+    });
+
+    test("a bad image is an error item and the stream goes on; an async iterable works", async () => {
+      const client = new Client(server.url);
+      await client.login();
+      async function* images() {
+        yield { image: cat, ref: "good" };
+        yield { image: new Uint8Array([0xff, 0xd8, 0xff, 0x00, 1, 2, 3]), ref: "broken" };
+        yield { image: cat, ref: "bad-option", options: { top_k: 99 } };
+        yield { image: coffee, ref: "last" };
+      }
+      const results = Object.fromEntries((await collect(client.predictStream(images()))).map((r) => [r.ref, r]));
+      assert.ok(results.good.result && results.last.result);
+      assert.ok(results.broken.error instanceof ValidationError);
+      assert.equal(results.broken.error.code, "invalid_image");
+      assert.equal(results.broken.error.status, 422);
+      assert.equal(results["bad-option"].error.code, "invalid_options");
+      assert.equal(results["bad-option"].error.field, "top_k");
+      assert.equal((await client.session()).predictions, 2);
+    });
+
+    test("a refused token throws AuthError", async () => {
+      const stranger = new Client(server.url, { token: "not-a-token" });
+      await assert.rejects(collect(stranger.predictStream([cat])),
+        (e) => e instanceof AuthError && e.code === "malformed_token");
+      const client = new Client(server.url);
+      await client.login();
+      const token = client.token;
+      await client.logout();
+      await assert.rejects(collect(new Client(server.url, { token }).predictStream([cat])),
+        (e) => e instanceof AuthError && e.code === "session_revoked");
+    });
+  });
+}

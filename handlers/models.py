@@ -1,0 +1,166 @@
+"""Model versions: training jobs publish weights, an operator activates them, anyone logged in lists them.
+
+    GET    /v1/models                                      versions, hashes, sizes, activation times
+    PUT    /v1/models/<name>/versions/<version>            upload a state_dict (admin)
+    DELETE /v1/models/<name>/versions/<version>            remove a version that is not active (admin)
+    POST   /v1/models/<name>/versions/<version>:activate   serve it from now on, on every replica (admin)
+
+Admin routes take `Authorization: ApiKey <key>` with a key whose hash is in `auth.admin_api_keys`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from pathlib import Path
+from typing import IO
+
+import tornado.web
+
+from handlers.base import BaseHandler
+from handlers.sessions import api_key_hash
+from sessions.errors import BadRequest, Forbidden, InvalidToken, PayloadTooLarge, ServiceError
+
+_SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
+CHECKSUM_HEADER = "X-Content-SHA256"
+
+
+def check_admin_key(handler: BaseHandler) -> None:
+    """`Authorization: ApiKey <key>` with a key listed (hashed) in auth.admin_api_keys, compared in
+    constant time against every entry."""
+    scheme, _, key = handler.request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "apikey" or not key.strip():
+        raise InvalidToken("This route needs an 'Authorization: ApiKey <admin key>' header.", code="missing_api_key")
+    allowed = handler.config.auth.admin_api_keys
+    if not allowed:
+        raise Forbidden("The admin API is off on this server; list key hashes in auth.admin_api_keys.",
+                        code="admin_api_disabled")
+    presented = api_key_hash(key.strip())
+    matches = [hmac.compare_digest(presented, stored) for stored in allowed]
+    if not any(matches):
+        raise InvalidToken("The admin API key is not valid.", code="invalid_api_key")
+
+
+class AdminHandler(BaseHandler):
+    """Routes for training jobs and operators: an admin API key instead of a session."""
+
+    admin = True
+
+    async def prepare(self) -> None:
+        self.in_flight.enter()
+        self._counted = True
+        if self.request.method != "OPTIONS":
+            check_admin_key(self)
+
+
+class ModelsHandler(BaseHandler):
+    """GET /v1/models: with a session token (to choose a version to pin) or an admin key."""
+
+    async def prepare(self) -> None:
+        if self.request.headers.get("Authorization", "").lower().startswith("apikey "):
+            self.in_flight.enter()
+            self._counted = True
+            check_admin_key(self)
+            return
+        await super().prepare()
+
+    async def get(self) -> None:
+        self.write_json(await self.model_versions.listing())
+
+
+@tornado.web.stream_request_body
+class ModelVersionHandler(AdminHandler):
+    """PUT (upload, streamed to a file in the store while it is hashed) and DELETE of one version."""
+
+    _refusal: ServiceError | None = None
+    _file: IO[bytes] | None = None
+    _path: Path | None = None
+
+    async def prepare(self) -> None:
+        self._received = 0
+        self._digest = hashlib.sha256()
+        self._limit = self.config.models.max_upload_bytes
+        uploading = self.request.method == "PUT"
+        if uploading:
+            self.request.connection.set_max_body_size(self._limit * 2)  # up to twice is drained, then cut
+            declared = self.request.headers.get("Content-Length", "")
+            if declared.isdigit() and int(declared) > self._limit * 2:
+                self._refuse_oversized()
+        try:
+            await super().prepare()
+            if not uploading:
+                return
+            name, version = self.path_kwargs["name"], self.path_kwargs["version"]
+            self.model_versions.check_name(name, version)
+            if not _SHA256_HEX.match(self.request.headers.get(CHECKSUM_HEADER, "")):
+                raise BadRequest(f"Send the file's SHA-256 as 64 hex digits in the {CHECKSUM_HEADER} header.",
+                                 code="missing_checksum")
+            self._path = self.model_versions.upload_path()
+            self._file = self._path.open("wb")
+        except ServiceError as exc:
+            # Answered once the body is drained (any method: this handler streams every body), so the
+            # client reads the error instead of a reset connection.
+            self._refusal = exc
+
+    def data_received(self, chunk: bytes) -> None:
+        self._received += len(chunk)
+        if self._refusal or self._file is None or self._received > self._limit:
+            return
+        self._digest.update(chunk)
+        self._file.write(chunk)  # chunks of ~64 KB to a local file: short enough for the IOLoop
+
+    def on_finish(self) -> None:
+        self._discard_upload()
+        super().on_finish()
+
+    def on_connection_close(self) -> None:
+        self._discard_upload()
+        super().on_connection_close()
+
+    def _discard_upload(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)  # published files were renamed away already
+
+    def _refuse_oversized(self) -> None:
+        self.set_header("Connection", "close")
+        raise PayloadTooLarge(f"The file is larger than models.max_upload_bytes ({self._limit} bytes).")
+
+    async def put(self, name: str, version: str) -> None:
+        if self._refusal:
+            raise self._refusal
+        if self._received > self._limit:
+            self._refuse_oversized()
+        assert self._file is not None and self._path is not None
+        self._file.close()
+        self._file = None
+        expected = self.request.headers[CHECKSUM_HEADER].lower()
+        if not hmac.compare_digest(self._digest.hexdigest(), expected):
+            raise BadRequest(f"The body's SHA-256 is {self._digest.hexdigest()}, not the {expected} that "
+                             f"{CHECKSUM_HEADER} says; the upload was damaged or the header is wrong.",
+                             code="checksum_mismatch")
+        if self._received == 0:
+            raise BadRequest("The body is empty; send the state_dict file.", code="missing_body")
+        record = await self.model_versions.publish(version, self._path, expected, self._received)
+        self.write_json({"name": name, **record.to_dict(active=False)}, status=201)
+
+    async def delete(self, name: str, version: str) -> None:
+        if self._refusal:
+            raise self._refusal
+        self.model_versions.check_name(name, version)
+        await self.model_versions.remove(version)
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.finish()
+
+
+class ActivateHandler(AdminHandler):
+    """POST /v1/models/<name>/versions/<version>:activate"""
+
+    async def post(self, name: str, version: str) -> None:
+        self.model_versions.check_name(name, version)
+        record = await self.model_versions.activate(version)
+        self.write_json({"name": name, **record.to_dict(active=True)})

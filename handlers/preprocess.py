@@ -1,0 +1,67 @@
+"""`POST /v1/preprocess`: the tensor the model would see, without running the model.
+
+Useful for debugging a client's own pipeline against the server's and for feeding the server's
+preprocessing into a model run elsewhere. Nothing is recorded in the history and no rate-limit
+token is taken (no prediction is made), but decoding is admitted by the runner like a predict.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+
+from handlers.predict import ImageUploadHandler
+
+NPY_MEDIA_TYPE = "application/x-npy"
+JSON_MEDIA_TYPE = "application/json"
+
+
+def wants_json(accept: str) -> bool:
+    """True when the Accept header prefers JSON over .npy (the default when both or neither are named)."""
+    quality: dict[str, float] = {}
+    for part in accept.split(","):
+        media, *params = (item.strip() for item in part.split(";"))
+        q = 1.0
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        quality[media.lower()] = max(q, quality.get(media.lower(), 0.0))
+    return quality.get(JSON_MEDIA_TYPE, 0.0) > quality.get(NPY_MEDIA_TYPE, 0.0)
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    """The array in NumPy's .npy format (version 1.0 header: dtype, shape, C order, then the data)."""
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, np.ascontiguousarray(array), allow_pickle=False)
+    return buffer.getvalue()
+
+
+class PreprocessHandler(ImageUploadHandler):
+    """POST /v1/preprocess: same inputs as /v1/predict; `.npy` back, or JSON with `Accept: application/json`."""
+
+    async def post(self) -> None:
+        image = self.uploaded_image()
+        session = self.current_session
+        overrides = {name: self.get_query_argument(name) for name in self.request.query_arguments}
+        options = session.options.with_query(overrides) if overrides else session.options
+        tensor = await self.runner.preprocess(image, options)
+        # Little-endian float32 whatever the host: the JSON form promises it, and .npy states it.
+        tensor = tensor.astype("<f4", copy=False)
+        self.add_header("Vary", "Accept")
+        if wants_json(self.request.headers.get("Accept", "")):
+            self.write_json({
+                "dtype": "float32",
+                "byte_order": "little",
+                "shape": list(tensor.shape),
+                "data": base64.b64encode(np.ascontiguousarray(tensor).tobytes()).decode("ascii"),
+                "options": options.to_dict(),
+            })
+            return
+        self.set_header("Content-Type", NPY_MEDIA_TYPE)
+        self.finish(npy_bytes(tensor))

@@ -1,0 +1,231 @@
+"""`GET /v1/stream`: many predictions over one WebSocket (Tornado's own).
+
+Frames (JSON frames are text, images are binary):
+
+    client -> {"token": "<token>"}                   first frame, unless the upgrade carried
+                                                     `Authorization: Bearer <token>` (never the URL)
+    server -> {"type": "ready", "session_id": "...", "max_in_flight": N}
+    client -> {"ref": "a1", "options": {"top_k": 3}}  optional, describes the next image only
+    client -> <binary frame: the image bytes>
+    server -> {"type": "result", "ref": "a1", "seq": 0, "result": {...as POST /v1/predict...}}
+           or {"type": "error", "ref": "a1", "seq": 0, "status": 422, "error": {"code", "message"}}
+
+Results come in completion order; `seq` counts the stream's images from 0 and `ref` echoes the
+client's. Each image goes through the same steps as `POST /v1/predict`: the session is read (so a
+logout or an options change made elsewhere applies to the next image), the rate limit is charged,
+the model runs and the result is recorded in the history before it is sent. Per-image failures
+are error frames and the stream stays open; a missing, bad or revoked token closes it with 1008
+(policy violation) and the error's code as the reason. Back-pressure: at most
+`http.stream_max_in_flight` images per connection are being classified; at that limit the handler
+stops reading frames (Tornado delivers no further message while `on_message` is pending), so TCP
+flow control holds the client back instead of the server buffering without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from typing import Any
+
+import tornado.websocket
+
+from handlers.base import BaseHandler
+from handlers.predictions import predict_and_record
+from sessions.errors import BadRequest, InvalidToken, ServiceError
+from sessions.tokens import VerifiedToken
+
+log = logging.getLogger("inference.stream")
+
+POLICY_VIOLATION = 1008
+_MAX_REF_LENGTH = 128
+_HEADER_KEYS = frozenset({"ref", "options"})
+
+
+class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
+    """The WebSocket predict stream; authenticated by its first frame or the upgrade's header."""
+
+    _verified: VerifiedToken | None = None
+    _auth_refusal: InvalidToken | None = None
+
+    # -- upgrade --------------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        # Counted in flight until the upgrade is answered (Tornado finishes the request then); each
+        # image is counted again while it is classified, so shutdown waits for those.
+        self.in_flight.enter()
+        self._counted = True
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._pending_header: dict[str, Any] | None = None
+        self._seq = 0
+        self._auth_timer: asyncio.TimerHandle | None = None
+        if self.request.headers.get("Authorization"):
+            try:
+                self._verified = self._verify_header()
+            except InvalidToken as exc:
+                self._auth_refusal = exc  # told after the upgrade, as a policy-violation close
+
+    def _verify_header(self) -> VerifiedToken:
+        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise InvalidToken("The Authorization header must be 'Bearer <token>'.", code="malformed_token")
+        return self.signer.verify(token.strip())
+
+    def check_origin(self, origin: str) -> bool:
+        # Browsers on the listed origins may stream too (the token still has to be presented).
+        return origin in self.config.http.cors_origins or super().check_origin(origin)
+
+    @property
+    def max_message_size(self) -> int:
+        return self.config.http.max_body_bytes
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.config.http.stream_max_in_flight
+
+    # -- life cycle -----------------------------------------------------------------------------
+    async def open(self, *args: str) -> None:
+        if self._auth_refusal is not None:
+            self._refuse(self._auth_refusal)
+        elif self._verified is not None:
+            await self._start_session(self._verified)
+        else:
+            timeout = self.config.http.stream_auth_timeout_seconds
+            self._auth_timer = asyncio.get_running_loop().call_later(timeout, self._auth_timed_out)
+
+    def _auth_timed_out(self) -> None:
+        if self._verified is None:
+            self._refuse(InvalidToken("Send {\"token\": \"<token>\"} as the first frame.", code="missing_token"))
+
+    async def _start_session(self, verified: VerifiedToken) -> None:
+        try:
+            session = await self.store.touch(verified)
+        except InvalidToken as exc:
+            self._refuse(exc)
+            return
+        except ServiceError as exc:
+            self._send(self._error_frame(exc, None, None))
+            self.close(1011, exc.code)  # server error: the client may reconnect later
+            return
+        self._verified = verified
+        self._send({"type": "ready", "session_id": session.id, "max_in_flight": self.max_in_flight})
+
+    def on_close(self) -> None:
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        # Images already read keep running and are recorded, like a POST whose client went away.
+
+    # -- frames ---------------------------------------------------------------------------------
+    async def on_message(self, message: str | bytes) -> None:
+        if self._verified is None:
+            await self._authenticate_frame(message)
+            return
+        if isinstance(message, str):
+            self._read_header(message)
+            return
+        header, self._pending_header = self._pending_header or {}, None
+        if len(self._tasks) >= self.max_in_flight:
+            # At the limit: returning only when a slot frees keeps Tornado from reading more frames.
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+        seq, self._seq = self._seq, self._seq + 1
+        task = asyncio.get_running_loop().create_task(
+            self._classify(seq, header.get("ref"), header.get("options") or {}, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _authenticate_frame(self, message: str | bytes) -> None:
+        token = None
+        if isinstance(message, str):
+            try:
+                frame = json.loads(message)
+            except ValueError:
+                frame = None
+            if isinstance(frame, dict) and isinstance(frame.get("token"), str):
+                token = frame["token"].strip()
+        if not token:
+            self._refuse(InvalidToken("The first frame must be {\"token\": \"<token>\"} (or send "
+                                      "'Authorization: Bearer <token>' with the upgrade).", code="missing_token"))
+            return
+        try:
+            verified = self.signer.verify(token)
+        except InvalidToken as exc:
+            self._refuse(exc)
+            return
+        if self._auth_timer is not None:
+            self._auth_timer.cancel()
+        await self._start_session(verified)
+
+    def _read_header(self, message: str) -> None:
+        try:
+            header = json.loads(message)
+        except ValueError as exc:
+            self._send(self._error_frame(BadRequest(f"A text frame is not valid JSON ({exc}).",
+                                                    code="malformed_json"), None, None))
+            return
+        problem = _header_problem(header)
+        if problem:
+            self._send(self._error_frame(BadRequest(problem, code="invalid_frame"), None, None))
+            return
+        if self._pending_header is not None:
+            ref = self._pending_header.get("ref")
+            self._send(self._error_frame(BadRequest("Two JSON frames in a row: the first one's image never came.",
+                                                    code="missing_image"), ref, None))
+        self._pending_header = header
+
+    async def _classify(self, seq: int, ref: Any, overrides: dict[str, Any], image: bytes) -> None:
+        self.in_flight.enter()
+        try:
+            assert self._verified is not None
+            session = await self.store.touch(self._verified, cost=1)  # revocation and rate limit, per image
+            options = session.options.merged(overrides) if overrides else session.options
+            result, _ = await predict_and_record(self.store, self.runner, session, image, options,
+                                                 versions=self.model_versions)
+            self._send({"type": "result", "ref": ref, "seq": seq, "result": result})
+        except InvalidToken as exc:  # logged out or expired since the last image
+            self._refuse(exc, ref, seq)
+        except ServiceError as exc:
+            self._send(self._error_frame(exc, ref, seq))
+        except Exception:
+            log.exception("stream %s: image %d failed", self.request_id, seq)
+            failed = ServiceError("The server failed on this image; it was logged.", code="internal_error")
+            self._send(self._error_frame(failed, ref, seq))
+        finally:
+            self.in_flight.leave()
+
+    # -- replies --------------------------------------------------------------------------------
+    @staticmethod
+    def _error_frame(exc: ServiceError, ref: Any, seq: int | None) -> dict[str, Any]:
+        frame: dict[str, Any] = {"type": "error", "ref": ref, "seq": seq, "status": exc.status,
+                                 "error": {"code": exc.code, "message": exc.message}}
+        if "Retry-After" in exc.headers:
+            frame["retry_after"] = int(exc.headers["Retry-After"])
+        return frame
+
+    def _send(self, frame: dict[str, Any]) -> None:
+        # If the client went away, a result it never reads is still in its history.
+        with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+            self.write_message(json.dumps(frame, separators=(",", ":")))
+
+    def _refuse(self, exc: InvalidToken, ref: Any = None, seq: int | None = None) -> None:
+        """An error frame with the full message, then a policy-violation close whose reason is the
+        error's code (a close reason holds at most 123 bytes)."""
+        log.info("stream %s refused: %s", self.request_id, exc.code)
+        self._send(self._error_frame(exc, ref, seq))
+        self.close(POLICY_VIOLATION, exc.code)
+
+
+def _header_problem(header: Any) -> str | None:
+    """Why a JSON frame is not a valid image header, or None."""
+    if not isinstance(header, dict):
+        return "A JSON frame must be an object: {\"ref\": ..., \"options\": {...}}."
+    unknown = set(header) - _HEADER_KEYS
+    if unknown:
+        return f"Unknown field(s) {', '.join(sorted(unknown))} in a JSON frame; known: ref, options."
+    ref = header.get("ref")
+    if ref is not None and not (isinstance(ref, str | int) and not isinstance(ref, bool)):
+        return "ref must be a string or an integer."
+    if isinstance(ref, str) and len(ref) > _MAX_REF_LENGTH:
+        return f"ref must be at most {_MAX_REF_LENGTH} characters."
+    if header.get("options") is not None and not isinstance(header["options"], dict):
+        return "options must be an object."
+    return None

@@ -1,0 +1,270 @@
+"""Weights pushed from training: validated, stored, activated on every replica.
+
+A version's file lives in `models.store_dir` (in a multi-host deployment, a volume the replicas
+share) as `<name>/<version>.<sha256 prefix>.pt`; its metadata and the active version live in Redis
+(`sessions.model_registry`). Activation is a reference swap in the runner: requests admitted before
+it finish on the weights they started with. Every replica follows activations and removals over
+Redis pub/sub, and re-reads the active version whenever it (re)subscribes, so one that was cut off
+catches up.
+
+Loading and checking weights run on this module's own thread, never on the runner's workers or the
+IOLoop, so serving goes on at full speed while a version is validated or loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+
+from server.config import Config
+from server.model import LoadedModel, ModelLoadError, load_model
+from server.runner import ModelRunner, ServedModel
+from server.runtime import build_backend
+from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
+from sessions.model_registry import ModelEvent, ModelRegistry, VersionRecord
+from sessions.options import MODEL_VERSION
+from sessions.store import now_ms
+
+log = logging.getLogger("inference.weights")
+T = TypeVar("T")
+
+# The fixed input of the validation forward: a deterministic ramp rather than zeros, so that every
+# layer sees varied values.
+_CHECK_SHAPE = (1, 3, 224, 224)
+
+
+class BadWeights(ServiceError):
+    status = 422
+    code = "invalid_weights"
+
+
+class ModelVersions:
+    """Publishes, activates, removes and follows model versions for this process's runner."""
+
+    def __init__(self, config: Config, registry: ModelRegistry, runner: ModelRunner):
+        self.config = config
+        self.registry = registry
+        self.runner = runner
+        self.name = runner.model.name
+        self.base_version = runner.model.version  # the weights the config names, served until an activation
+        self._base = runner.served()  # kept so that sessions may pin the configured weights too
+        store_dir = Path(config.models.store_dir) if config.models.store_dir else config.data_path / "models"
+        self.model_dir = store_dir.expanduser().resolve() / self.name
+        self._loader = ThreadPoolExecutor(1, thread_name_prefix="weights")
+        self._lock = asyncio.Lock()  # one load-and-swap at a time in this process
+        self._prepared: dict[str, ServedModel] = {}  # the last validated upload, ready to activate
+        self._follower: asyncio.Task[None] | None = None
+
+    # -- publishing -------------------------------------------------------------------------------
+    def check_name(self, name: str, version: str | None = None) -> None:
+        if name != self.name:
+            raise NotFound(f"This server serves the model {self.name!r}, not {name!r}.", code="model_not_found")
+        if version is not None and not MODEL_VERSION.match(version):
+            raise BadRequest("A version name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
+                             "or digit.", code="invalid_version")
+
+    def upload_path(self) -> Path:
+        """A fresh temporary file in the store, next to where the version will live (same filesystem,
+        so publishing it is a rename)."""
+        self.model_dir.mkdir(parents=True, exist_ok=True)
+        return self.model_dir / f".upload-{uuid.uuid4().hex}.partial"
+
+    def path_for(self, record: VersionRecord) -> Path:
+        # The hash in the name keeps two uploads racing for one version name from overwriting each other.
+        return self.model_dir / f"{record.version}.{record.sha256[:16]}.pt"
+
+    async def publish(self, version: str, upload: Path, sha256: str, size: int) -> VersionRecord:
+        """Validate the uploaded state_dict and record it as `version` (not yet active)."""
+        try:
+            await self._ensure_new(version)
+            model = await self._off_path(self._load_checked, upload, version, sha256)
+            served = await self._off_path(self._serve, model)  # exports for ONNX Runtime now, not at activation
+            record = VersionRecord(self.name, version, sha256, size, now_ms())
+            final = self.path_for(record)
+            os.replace(upload, final)
+            if not await self.registry.add(record):  # another upload took the name meanwhile
+                winner = await self.registry.get(self.name, version)
+                if winner is None or winner.sha256 != sha256:
+                    final.unlink(missing_ok=True)
+                raise Conflict(f"Version {version!r} of {self.name} already exists; versions are immutable, "
+                               "publish under a new name.", code="version_exists")
+        finally:
+            upload.unlink(missing_ok=True)
+        self._prepared = {version: served}
+        log.info("published %s version %s (sha256 %s, %d bytes)", self.name, version, sha256[:12], size)
+        return record
+
+    async def _ensure_new(self, version: str) -> None:
+        if version == self.base_version or await self.registry.get(self.name, version) is not None:
+            raise Conflict(f"Version {version!r} of {self.name} already exists; versions are immutable, publish "
+                           "under a new name.", code="version_exists")
+
+    def _load_checked(self, path: Path, version: str, sha256: str | None = None) -> LoadedModel:
+        """A fresh copy of the architecture with these weights, checked by one forward on a fixed input."""
+        try:
+            model = load_model(self.config.model.name, str(path))  # torch.load(weights_only=True): no pickle code
+        except ModelLoadError as exc:
+            raise BadWeights(str(exc).replace(str(path), "the uploaded file")) from None
+        if sha256 is not None and model.weights_sha256 != sha256:
+            raise BadWeights("The file changed while it was read; upload it again.")
+        example = torch.linspace(-2.0, 2.0, steps=int(torch.tensor(_CHECK_SHAPE).prod())).reshape(_CHECK_SHAPE)
+        try:
+            with torch.inference_mode():
+                logits = model.module(example)
+        except Exception as exc:
+            raise BadWeights(f"The model failed on a test input with these weights ({type(exc).__name__}).") from None
+        expected = (1, len(model.labels))
+        if tuple(logits.shape) != expected:
+            raise BadWeights(f"The model gives {tuple(logits.shape)} logits on one image, not {expected}.")
+        if not bool(torch.isfinite(logits).all()):
+            raise BadWeights("The model gives NaN or infinite logits with these weights.")
+        return dataclasses.replace(model, version=version)
+
+    def _serve(self, model: LoadedModel) -> ServedModel:
+        return ServedModel(model, build_backend(self.config, model))
+
+    # -- activating, pinning, removing ------------------------------------------------------------
+    async def activate(self, version: str) -> VersionRecord:
+        """Load `version` here, mark it active in Redis (which tells the other replicas), swap it in."""
+        async with self._lock:
+            record = await self._record(version)
+            served = self._prepared.pop(version, None)
+            if served is None:
+                served = self.runner.served(version) if self.runner.has_version(version) else await self._load(record)
+            if not await self.registry.activate(self.name, version, now_ms()):
+                raise NotFound(f"Version {version!r} was removed meanwhile.", code="model_version_not_found")
+            self.runner.activate(served)
+        log.info("activated %s version %s", self.name, version)
+        return await self._record(version)
+
+    async def ensure(self, version: str | None) -> None:
+        """Make a pinned `version` available to the runner; 409 when it was removed."""
+        if version is None or self.runner.has_version(version):
+            return
+        async with self._lock:
+            if self.runner.has_version(version):
+                return
+            if version == self.base_version:
+                self.runner.add_version(self._base)
+                return
+            record = await self.registry.get(self.name, version)
+            if record is None:
+                raise Conflict(f"Model version {version!r} was removed (or never published); set the session's "
+                               "model_version to null or to a version listed by GET /v1/models.",
+                               code="model_version_removed")
+            self.runner.add_version(await self._load(record))
+
+    async def exists(self, version: str) -> bool:
+        if version == self.base_version or self.runner.has_version(version):
+            return True
+        return await self.registry.get(self.name, version) is not None
+
+    async def remove(self, version: str) -> None:
+        record = await self._record(version)
+        outcome = await self.registry.remove(self.name, version)
+        if outcome == "active":
+            raise Conflict(f"Version {version!r} is active; activate another one first.", code="version_active")
+        if outcome == "missing":
+            raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
+        self.runner.drop_version(version)
+        self._prepared.pop(version, None)
+        self.path_for(record).unlink(missing_ok=True)
+        log.info("removed %s version %s", self.name, version)
+
+    async def listing(self) -> dict[str, Any]:
+        records, active = await self.registry.versions(self.name)
+        return {"models": [{
+            "name": self.name,
+            "active_version": active,  # null: the weights named in the config
+            "serving_version": self.runner.model.version,  # what this replica runs now
+            "versions": [record.to_dict(active=record.version == active) for record in records],
+        }]}
+
+    async def _record(self, version: str) -> VersionRecord:
+        record = await self.registry.get(self.name, version)
+        if record is None:
+            raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
+        return record
+
+    async def _load(self, record: VersionRecord) -> ServedModel:
+        path = self.path_for(record)
+        if not path.is_file():
+            raise Conflict(f"The file of version {record.version!r} is missing from models.store_dir.",
+                           code="model_version_removed")
+        model = await self._off_path(self._load_checked, path, record.version, record.sha256)
+        return await self._off_path(self._serve, model)
+
+    async def _off_path(self, fn: Any, *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
+
+    # -- following the other replicas --------------------------------------------------------------
+    async def start(self) -> None:
+        """Serve the active version, then follow activations and removals until close(). A replica
+        that starts after an activation so never answers with the older weights; one that starts
+        while Redis is down serves the configured weights and catches up once it is back."""
+        try:
+            await self._catch_up()
+        except ServiceError as exc:
+            log.warning("could not read the active model version (%s); serving %s until Redis answers",
+                        exc.message, self.runner.model.version)
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+        self._loader.shutdown(wait=False, cancel_futures=True)
+
+    async def _follow(self) -> None:
+        delay, failing = 0.25, False
+        while True:
+            try:
+                async for event in self.registry.events():
+                    if event.event == "subscribed":
+                        await self._catch_up()  # whatever happened while we were not listening
+                    else:
+                        await self._apply(event)
+                    delay, failing = 0.25, False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down or restarted: keep serving, resubscribe later
+                if not failing:
+                    log.warning("not following model versions (%s); retrying", exc)
+                failing = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _catch_up(self) -> None:
+        active = await self.registry.active(self.name)
+        if active and active != self.runner.model.version:
+            await self._apply(ModelEvent("activated", self.name, active))
+
+    async def _apply(self, event: ModelEvent) -> None:
+        if event.name != self.name:
+            return
+        if event.event == "removed":
+            self.runner.drop_version(event.version)
+            self._prepared.pop(event.version, None)
+            return
+        if event.event != "activated" or event.version == self.runner.model.version:
+            return
+        async with self._lock:
+            record = await self.registry.get(self.name, event.version)
+            if record is None or await self.registry.active(self.name) != event.version:
+                return  # superseded or removed since: the later event will say what to do
+            try:
+                served = self._prepared.pop(event.version, None) or await self._load(record)
+            except ServiceError as exc:
+                log.error("cannot load %s version %s (%s); still serving %s", self.name, event.version,
+                          exc.message, self.runner.model.version)
+                return
+            self.runner.activate(served)
+        log.info("following activation: now serving %s version %s", self.name, event.version)

@@ -1,0 +1,147 @@
+"""Model versions in Redis: their metadata, which one is active, and the channel announcing changes.
+
+Beside the session store, this is the only code that knows these Redis keys. Layout, per model
+name, under one hash tag so that each script's keys share a Redis Cluster slot:
+    model:{<name>}:versions    hash: version -> JSON {sha256, size, uploaded_at} (set once)
+    model:{<name>}:activated   hash: version -> last activation time (ms)
+    model:{<name>}:active      string: the active version (absent: the weights in the config)
+and the pub/sub channel `model-events`, carrying JSON {"event": "activated" | "removed", "name",
+"version"}. Activating or removing changes the keys and publishes in one Lua script, so no replica
+can see the change without the message being sent.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from sessions.store import _store_errors, iso
+
+EVENTS_CHANNEL = "model-events"
+
+_ACTIVATE_SCRIPT = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[1])
+redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+_REMOVE_SCRIPT = """
+if redis.call('GET', KEYS[3]) == ARGV[1] then return 'active' end
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 'missing' end
+redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 'removed'
+"""
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    name: str
+    version: str
+    sha256: str
+    size: int
+    uploaded_at_ms: int
+    activated_at_ms: int | None = None
+
+    def to_dict(self, active: bool = False) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "sha256": self.sha256,
+            "size": self.size,
+            "uploaded_at": iso(self.uploaded_at_ms),
+            "activated_at": iso(self.activated_at_ms) if self.activated_at_ms else None,
+            "active": active,
+        }
+
+
+@dataclass(frozen=True)
+class ModelEvent:
+    event: str  # "activated" | "removed" (published) | "subscribed" (local: listening from now on)
+    name: str
+    version: str
+
+
+class ModelRegistry:
+    def __init__(self, client: aioredis.Redis | RedisCluster):
+        self.redis = client
+        self._activate = client.register_script(_ACTIVATE_SCRIPT)
+        self._remove = client.register_script(_REMOVE_SCRIPT)
+
+    @staticmethod
+    def _keys(name: str) -> tuple[str, str, str]:
+        base = f"model:{{{name}}}"
+        return f"{base}:versions", f"{base}:activated", f"{base}:active"
+
+    @_store_errors
+    async def add(self, record: VersionRecord) -> bool:
+        """Record a new version; False if the name is taken (versions are immutable)."""
+        versions, _, _ = self._keys(record.name)
+        meta = {"sha256": record.sha256, "size": record.size, "uploaded_at": record.uploaded_at_ms}
+        return bool(await self.redis.hsetnx(versions, record.version, json.dumps(meta)))
+
+    @_store_errors
+    async def get(self, name: str, version: str) -> VersionRecord | None:
+        versions, activated, _ = self._keys(name)
+        meta = await self.redis.hget(versions, version)
+        if meta is None:
+            return None
+        return _record(name, version, meta, await self.redis.hget(activated, version))
+
+    @_store_errors
+    async def versions(self, name: str) -> tuple[list[VersionRecord], str | None]:
+        """Every version of `name` (oldest upload first) and the active one."""
+        versions, activated, active = self._keys(name)
+        metas = await self.redis.hgetall(versions)
+        times = await self.redis.hgetall(activated)
+        records = [_record(name, version, meta, times.get(version)) for version, meta in metas.items()]
+        records.sort(key=lambda record: (record.uploaded_at_ms, record.version))
+        return records, await self.redis.get(active)
+
+    @_store_errors
+    async def active(self, name: str) -> str | None:
+        return await self.redis.get(self._keys(name)[2])
+
+    @_store_errors
+    async def activate(self, name: str, version: str, at_ms: int) -> bool:
+        """Make `version` the active one and tell every replica; False if there is no such version."""
+        message = json.dumps({"event": "activated", "name": name, "version": version})
+        return bool(await self._activate(keys=list(self._keys(name)), args=[version, at_ms, EVENTS_CHANNEL, message]))
+
+    @_store_errors
+    async def remove(self, name: str, version: str) -> str:
+        """'removed', 'missing', or 'active' (the active version is not removed)."""
+        message = json.dumps({"event": "removed", "name": name, "version": version})
+        return await self._remove(keys=list(self._keys(name)), args=[version, EVENTS_CHANNEL, message])
+
+    async def events(self) -> AsyncIterator[ModelEvent]:
+        """Activations and removals as they are published. Ends with an exception when the connection
+        is lost (the caller resubscribes, and re-reads the active version to cover what it missed)."""
+        pubsub = self.redis.pubsub()
+        try:
+            await pubsub.subscribe(EVENTS_CHANNEL)
+            # Tells the caller it now hears every change, so it can read the current state once.
+            yield ModelEvent("subscribed", "", "")
+            while True:
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                if message is None or message.get("type") != "message":
+                    continue
+                try:
+                    data = json.loads(message["data"])
+                    yield ModelEvent(str(data["event"]), str(data["name"]), str(data["version"]))
+                except (ValueError, KeyError, TypeError):
+                    continue  # not ours: ignore
+        finally:
+            await pubsub.aclose()
+
+
+def _record(name: str, version: str, meta: str, activated: str | None) -> VersionRecord:
+    data = json.loads(meta)
+    return VersionRecord(name, version, data["sha256"], int(data["size"]), int(data["uploaded_at"]),
+                         int(activated) if activated else None)

@@ -1,0 +1,258 @@
+"""`GET /v1/stream`: WebSocket predictions, authentication, per-image errors, back-pressure, clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection
+from websockets.sync.client import connect as ws_connect
+
+from clients.python import AsyncClient, AuthError, Client, ValidationError
+from server.runtime import build_runner
+from sessions.tokens import TokenSigner
+from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, login, make_config
+
+TIMEOUT = 30
+
+
+def stream_url(server) -> str:
+    return server.url.replace("http://", "ws://") + "/v1/stream"
+
+
+def frame(socket: ClientConnection) -> dict[str, Any]:
+    return json.loads(socket.recv(timeout=TIMEOUT))
+
+
+def close_code(socket: ClientConnection) -> tuple[int, str]:
+    """Read until the server closes; its close code and reason."""
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            socket.recv(timeout=TIMEOUT)
+    assert closed.value.rcvd is not None
+    return closed.value.rcvd.code, closed.value.rcvd.reason
+
+
+@contextmanager
+def open_stream(server, auth: dict[str, str]) -> Iterator[ClientConnection]:
+    with ws_connect(stream_url(server), additional_headers=auth, open_timeout=TIMEOUT) as socket:
+        ready = frame(socket)
+        assert ready["type"] == "ready", ready
+        yield socket
+
+
+def test_stream_results_equal_post_and_are_recorded_in_the_history(server, client: httpx.Client) -> None:
+    auth = login(client, top_k=3)
+    posted = {
+        name: client.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=image).json()
+        for name, image in (("cat", CAT_JPEG), ("coffee", COFFEE_JPEG))
+    }
+    with open_stream(server, auth) as socket:
+        socket.send(json.dumps({"ref": "cat-1"}))
+        socket.send(CAT_JPEG)
+        socket.send(COFFEE_JPEG)  # no JSON frame: ref is null, seq says which image
+        socket.send(json.dumps({"ref": 7, "options": {"top_k": 1}}))
+        socket.send(CAT_JPEG)
+        results = [frame(socket) for _ in range(3)]
+    assert all(item["type"] == "result" for item in results), results
+    by_seq = {item["seq"]: item for item in results}
+    assert (by_seq[0]["ref"], by_seq[1]["ref"], by_seq[2]["ref"]) == ("cat-1", None, 7)
+    for seq, name in ((0, "cat"), (1, "coffee")):
+        streamed, post = by_seq[seq]["result"], posted[name]
+        assert [s["class_index"] for s in streamed["top_k"]] == [s["class_index"] for s in post["top_k"]]
+        assert streamed["options"] == post["options"] and streamed["model"] == post["model"]
+    assert len(by_seq[2]["result"]["top_k"]) == 1
+
+    history = client.get("/v1/history", headers=auth, params={"limit": 10}).json()["items"]
+    assert len(history) == 5
+    for item in results:
+        recorded = client.get(f"/v1/history/{item['result']['id']}", headers=auth).json()
+        assert recorded == {k: v for k, v in item["result"].items() if k != "timing_ms"}
+    assert client.get("/v1/session", headers=auth).json()["predictions"] == 5
+
+
+def test_first_frame_authentication_and_never_the_query_string(server, client: httpx.Client) -> None:
+    token = login(client)["Authorization"].removeprefix("Bearer ")
+    with ws_connect(stream_url(server), open_timeout=TIMEOUT) as socket:
+        socket.send(json.dumps({"token": token}))
+        assert frame(socket)["type"] == "ready"
+        socket.send(COFFEE_JPEG)
+        assert set(frame(socket)["result"]["top_k"][0]) == {"class_index", "label", "score"}
+    # A token in the URL is ignored (URLs end up in logs): the stream still waits for a token frame.
+    with ws_connect(f"{stream_url(server)}?token={token}", open_timeout=TIMEOUT) as socket:
+        socket.send(CAT_JPEG)
+        assert frame(socket)["error"]["code"] == "missing_token"
+        assert close_code(socket) == (1008, "missing_token")
+
+
+FORGED = "forged"  # stands for a well-formed token signed with another server's secret
+
+
+@pytest.mark.parametrize(("header", "first_frame", "code"), [
+    ({"Authorization": "Bearer not-a-token"}, None, "malformed_token"),
+    ({"Authorization": "Bearer x.y.z"}, None, "invalid_signature"),
+    ({"Authorization": "Basic abc"}, None, "malformed_token"),
+    ({}, {"token": FORGED}, "invalid_signature"),
+    ({}, {"hello": 1}, "missing_token"),
+    ({}, "not json", "missing_token"),
+])
+def test_a_bad_token_closes_the_stream_with_policy_violation(server, header, first_frame, code) -> None:
+    if first_frame == {"token": FORGED}:
+        other = TokenSigner(["another-servers-secret-0123456789"], max_age_seconds=3600)
+        first_frame = {"token": other.issue(uuid.uuid4().hex)}
+    with ws_connect(stream_url(server), additional_headers=header, open_timeout=TIMEOUT) as socket:
+        if first_frame is not None:
+            socket.send(first_frame if isinstance(first_frame, str) else json.dumps(first_frame))
+        refusal = frame(socket)
+        assert refusal["type"] == "error" and refusal["status"] == 401
+        assert refusal["error"]["code"] == code
+        assert close_code(socket) == (1008, code)
+
+
+def test_logout_mid_stream_refuses_the_next_image_and_closes(server, client: httpx.Client) -> None:
+    auth = login(client)
+    with open_stream(server, auth) as socket:
+        socket.send(CAT_JPEG)
+        assert frame(socket)["type"] == "result"
+        assert client.delete("/v1/session", headers=auth).status_code == 204
+        socket.send(json.dumps({"ref": "after-logout"}))
+        socket.send(CAT_JPEG)
+        refusal = frame(socket)
+        assert (refusal["ref"], refusal["seq"], refusal["error"]["code"]) == ("after-logout", 1, "session_revoked")
+        assert close_code(socket) == (1008, "session_revoked")
+
+
+def test_errors_per_image_come_back_as_frames_and_the_stream_stays_open(server, client: httpx.Client) -> None:
+    auth = login(client)
+    with open_stream(server, auth) as socket:
+        socket.send(json.dumps({"ref": "broken"}))
+        socket.send(b"\x89PNG\r\n\x1a\nnot really")
+        socket.send(json.dumps({"ref": "bad-option", "options": {"top_k": 99}}))
+        socket.send(CAT_JPEG)
+        socket.send("{not json")
+        socket.send(json.dumps({"ref": "x", "colour": "red"}))
+        socket.send(json.dumps({"ref": "orphan"}))
+        socket.send(json.dumps({"ref": "good", "options": {"crop": 192}}))
+        socket.send(COFFEE_JPEG)
+        frames = [frame(socket) for _ in range(6)]
+    by_ref: dict[Any, list[dict[str, Any]]] = {}
+    for item in frames:
+        by_ref.setdefault(item["ref"], []).append(item)
+    assert by_ref["broken"][0]["error"]["code"] == "invalid_image" and by_ref["broken"][0]["status"] == 422
+    assert by_ref["bad-option"][0]["error"]["code"] == "invalid_options"
+    assert sorted(item["error"]["code"] for item in by_ref[None]) == ["invalid_frame", "malformed_json"]
+    assert all(item["seq"] is None for item in by_ref[None])  # about the stream, not an image
+    assert by_ref["orphan"][0]["error"]["code"] == "missing_image"
+    good = by_ref["good"][0]
+    assert good["type"] == "result" and good["seq"] == 2 and good["result"]["options"]["crop"] == 192
+    assert client.get("/v1/session", headers=auth).json()["predictions"] == 1
+
+
+class GatedBackend:
+    """Holds every forward until released; counts the forwards that started."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.name = inner, inner.name
+        self.started = 0
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+
+    def forward(self, batch: Any, *, alone: bool = False) -> Any:
+        with self.lock:
+            self.started += 1
+        assert self.release.wait(TIMEOUT)
+        return self.inner.forward(batch, alone=alone)
+
+
+def test_backpressure_bounds_the_images_in_flight_per_connection(serve, default_model) -> None:
+    config = make_config(http={"stream_max_in_flight": 3}, model={"workers": 2, "max_queue": 64})
+    runner = build_runner(config, default_model)
+    gate = GatedBackend(runner.backend)
+    runner.backend = gate
+    try:
+        with serve(config, runner=runner) as running, running.client() as http:
+            socket = ws_connect(stream_url(running), additional_headers=login(http), open_timeout=TIMEOUT)
+            with socket:
+                ready = frame(socket)
+                assert ready["type"] == "ready" and ready["max_in_flight"] == 3
+                for index in range(10):  # more than the limit, sent without waiting
+                    socket.send(json.dumps({"ref": index}))
+                    socket.send(CAT_JPEG)
+                deadline = time.monotonic() + TIMEOUT
+                while gate.started < 2 and time.monotonic() < deadline:
+                    time.sleep(0.02)
+                time.sleep(0.5)  # time enough for more frames to be read, if the server read them
+                assert gate.started == 2  # both workers busy
+                assert runner.queue_depth == 3  # the stream's limit: the 4th image is not read yet
+                gate.release.set()
+                results = [frame(socket) for _ in range(10)]
+            assert sorted(item["ref"] for item in results) == list(range(10))
+            assert all(item["type"] == "result" for item in results)
+    finally:
+        gate.release.set()
+        runner.close()
+
+
+def test_python_client_predict_stream(server) -> None:
+    items = [CAT_JPEG, {"image": COFFEE_JPEG, "ref": "coffee", "options": {"top_k": 2}}, b"GIF89a broken", CAT_JPEG]
+    with Client(server.url) as api:
+        api.login()
+        results = list(api.predict_stream(items, top_k=3))
+        assert sorted(str(r.ref) for r in results) == ["0", "2", "3", "coffee"]
+        by_ref = {r.ref: r for r in results}
+        assert {c["class_index"] for c in by_ref[0].unwrap()["top_k"]} & CAT_CLASSES
+        assert len(by_ref[0].result["top_k"]) == 3
+        assert {c["class_index"] for c in by_ref["coffee"].unwrap()["top_k"]} & COFFEE_CLASSES
+        assert len(by_ref["coffee"].result["top_k"]) == 2
+        assert not by_ref[2].ok and isinstance(by_ref[2].error, ValidationError)
+        with pytest.raises(ValidationError):
+            by_ref[2].unwrap()
+        assert api.session()["predictions"] == 3
+        ids = {r.result["id"] for r in results if r.ok}
+        assert {item["id"] for item in api.history(limit=10)} == ids
+        assert list(api.predict_stream([])) == []
+
+    with Client(server.url, token="not-a-token") as stranger, pytest.raises(AuthError) as refused:
+        list(stranger.predict_stream([CAT_JPEG]))
+    assert refused.value.code == "malformed_token"
+
+
+def test_python_client_stream_raises_auth_error_after_logout(server) -> None:
+    with Client(server.url) as api, server.client() as http:
+        api.login()
+
+        def images():
+            yield CAT_JPEG
+            # Asked for the second image: log out first, so it (and maybe the first) is refused.
+            assert http.delete("/v1/session", headers={"Authorization": f"Bearer {api.token}"}).status_code == 204
+            yield CAT_JPEG
+
+        seen = []
+        with pytest.raises(AuthError) as refused:
+            for item in api.predict_stream(images()):
+                seen.append(item)
+        assert refused.value.code == "session_revoked"
+        assert seen and seen[-1].error is not None and seen[-1].error.code == "session_revoked"
+        assert all(item.ok for item in seen[:-1])
+
+
+def test_async_client_predict_stream(server) -> None:
+    async def run() -> list[Any]:
+        async with AsyncClient(server.url) as api:
+            await api.login(options={"top_k": 1})
+            return [item async for item in api.predict_stream([CAT_JPEG, COFFEE_JPEG, CAT_JPEG])]
+
+    results = {r.ref: r for r in asyncio.run(run())}
+    assert sorted(results) == [0, 1, 2]
+    assert all(r.ok and len(r.result["top_k"]) == 1 for r in results.values())
+    top1 = {ref: r.result["predicted_class"] for ref, r in results.items()}
+    assert top1[0] == top1[2] != top1[1]  # the same photo twice, then another
