@@ -19,8 +19,8 @@ from typing import IO
 import tornado.web
 
 from handlers.base import BaseHandler
-from handlers.sessions import api_key_hash
-from sessions.errors import BadRequest, Forbidden, InvalidToken, PayloadTooLarge, ServiceError
+from handlers.sessions import check_api_key, presented_api_key
+from sessions.errors import BadRequest, Forbidden, PayloadTooLarge, ServiceError
 
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 CHECKSUM_HEADER = "X-Content-SHA256"
@@ -29,17 +29,12 @@ CHECKSUM_HEADER = "X-Content-SHA256"
 def check_admin_key(handler: BaseHandler) -> None:
     """`Authorization: ApiKey <key>` with a key listed (hashed) in auth.admin_api_keys, compared in
     constant time against every entry."""
-    scheme, _, key = handler.request.headers.get("Authorization", "").partition(" ")
-    if scheme.lower() != "apikey" or not key.strip():
-        raise InvalidToken("This route needs an 'Authorization: ApiKey <admin key>' header.", code="missing_api_key")
+    key = presented_api_key(handler, missing="This route needs an 'Authorization: ApiKey <admin key>' header.")
     allowed = handler.config.auth.admin_api_keys
     if not allowed:
         raise Forbidden("The admin API is off on this server; list key hashes in auth.admin_api_keys.",
                         code="admin_api_disabled")
-    presented = api_key_hash(key.strip())
-    matches = [hmac.compare_digest(presented, stored) for stored in allowed]
-    if not any(matches):
-        raise InvalidToken("The admin API key is not valid.", code="invalid_api_key")
+    check_api_key(key, allowed, invalid="The admin API key is not valid.")
 
 
 class AdminHandler(BaseHandler):

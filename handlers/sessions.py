@@ -16,6 +16,23 @@ def api_key_hash(key: str) -> str:
     return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
 
 
+def presented_api_key(handler: BaseHandler, *, missing: str) -> str:
+    """The key of an `Authorization: ApiKey <key>` header (401 `missing_api_key` without one)."""
+    scheme, _, key = handler.request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "apikey" or not key.strip():
+        raise InvalidToken(missing, code="missing_api_key")
+    return key.strip()
+
+
+def check_api_key(key: str, allowed: list[str], *, invalid: str) -> None:
+    """401 `invalid_api_key` unless the key's hash is one of `allowed`. Compared against every entry
+    in constant time, so the time taken does not tell which one matched."""
+    presented = api_key_hash(key)
+    matches = [hmac.compare_digest(presented, stored) for stored in allowed]
+    if not any(matches):
+        raise InvalidToken(invalid, code="invalid_api_key")
+
+
 async def check_model_version(handler: BaseHandler, changes: Any) -> None:
     """Refuse pinning a version that does not exist, when options are set (PATCH or login)."""
     version = changes.get("model_version") if isinstance(changes, dict) else None
@@ -42,18 +59,9 @@ class LoginHandler(BaseHandler):
         }, status=201)
 
     def _check_api_key(self) -> None:
-        allowed = self.config.auth.api_keys
-        if not allowed:
-            return
-        scheme, _, key = self.request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "apikey" or not key.strip():
-            raise InvalidToken("Logging in needs an 'Authorization: ApiKey <key>' header.",
-                               code="missing_api_key")
-        presented = api_key_hash(key.strip())
-        # Compare against every key so the time taken does not tell which one matched.
-        matches = [hmac.compare_digest(presented, stored) for stored in allowed]
-        if not any(matches):
-            raise InvalidToken("The API key is not valid.", code="invalid_api_key")
+        if self.config.auth.api_keys:  # none configured: anyone may log in
+            key = presented_api_key(self, missing="Logging in needs an 'Authorization: ApiKey <key>' header.")
+            check_api_key(key, self.config.auth.api_keys, invalid="The API key is not valid.")
 
 
 class SessionHandler(BaseHandler):

@@ -61,8 +61,8 @@ def predict(http: httpx.Client, auth: dict[str, str]) -> httpx.Response:
     return http.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
 
 
-def weights_config(redis_url: str, store_dir: Path, **model: Any):
-    return make_config(f"{redis_url.rsplit('/', 1)[0]}/{WEIGHTS_DB}", model={"runtime": "torch", **model},
+def weights_config(redis_url: str, store_dir: Path, db: int = WEIGHTS_DB, **model: Any):
+    return make_config(f"{redis_url.rsplit('/', 1)[0]}/{db}", model={"runtime": "torch", **model},
                        auth={"admin_api_keys": [api_key_hash(ADMIN_KEY)]},
                        models={"store_dir": str(store_dir), "max_upload_bytes": 32 * 1024 * 1024})
 
@@ -310,3 +310,20 @@ def test_two_processes_follow_an_activation_within_a_second(tmp_path: Path, cock
             assert predict(c, login(c)).json()["model"]["version"] == version
     finally:
         store.stop()
+
+
+def test_the_default_onnx_runtime_serves_an_activated_version(serve, redis_server, cock, tmp_path: Path) -> None:
+    """The default runtime exports each version to ONNX once (at upload) and serves it after the swap."""
+    onnx_db = WEIGHTS_DB + 1  # its own database: the torch-runtime servers above must not follow it
+    redis.Redis(port=redis_server.port, db=onnx_db).flushdb()
+    config = weights_config(redis_server.url, tmp_path / "store", db=onnx_db, runtime="onnxruntime")
+    with serve(config) as running, running.client() as http:
+        auth = login(http)
+        assert running.runner.backend.name == "onnxruntime"
+        assert predict(http, auth).json()["predicted_class"] in CAT_CLASSES
+        version = version_name("onnx")
+        assert put_version(http, version, cock).status_code == 201
+        assert activate(http, version).status_code == 200
+        answer = predict(http, auth).json()
+        assert answer["predicted_class"] == 7 and answer["model"]["version"] == version
+        assert running.runner.backend.name == "onnxruntime"
