@@ -157,5 +157,4 @@ class ActivateHandler(AdminHandler):
 
     async def post(self, name: str, version: str) -> None:
         self.model_versions.check_name(name, version)
-        record = await self.model_versions.activate(version)
-        self.write_json({"name": name, **record.to_dict(active=True)})
+        self.write_json({"name": name, **await self.model_versions.activate(version)})

@@ -139,6 +139,19 @@ SCHEMAS: dict[str, Any] = {
             "active": {"type": "boolean"},
         },
     },
+    "ConfiguredWeights": {
+        "type": "object",
+        "description": "The weights named in the config, active again on every replica (a rollback).",
+        "required": ["version", "sha256", "configured", "activated_at", "active"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "configured": {"const": True},
+            "activated_at": {"type": "string", "format": "date-time"},
+            "active": {"const": True},
+        },
+    },
     "ModelList": {
         "type": "object",
         "required": ["models"],
@@ -459,10 +472,12 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         },
         "/v1/models/{name}/versions/{version}:activate": {"post": {
             "summary": "Serve this version to new requests, on every replica (Redis pub/sub); requests in "
-                       "flight finish on the weights they started with.",
+                       "flight finish on the weights they started with. The configured weights' version "
+                       "rolls back to them.",
             "security": _ADMIN,
             "parameters": _VERSION_PARAMETERS,
-            "responses": {"200": _json(_ref("ModelVersion"), "Active."),
+            "responses": {"200": _json({"oneOf": [_ref("ModelVersion"), _ref("ConfiguredWeights")]},
+                                       "Active: a published version, or the configured weights again."),
                           "409": _error("The version's file is missing from the store."),
                           "422": _error("The stored file no longer loads."), **_ADMIN_ERRORS},
         }},

@@ -31,7 +31,7 @@ from server.runtime import build_backend
 from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
 from sessions.model_registry import ModelEvent, ModelRegistry, VersionRecord
 from sessions.options import MODEL_VERSION
-from sessions.store import now_ms
+from sessions.store import iso, now_ms
 
 log = logging.getLogger("inference.weights")
 T = TypeVar("T")
@@ -132,8 +132,16 @@ class ModelVersions:
         return ServedModel(model, build_backend(self.config, model))
 
     # -- activating, pinning, removing ------------------------------------------------------------
-    async def activate(self, version: str) -> VersionRecord:
-        """Load `version` here, mark it active in Redis (which tells the other replicas), swap it in."""
+    async def activate(self, version: str) -> dict[str, Any]:
+        """Load `version` here, mark it active in Redis (which tells the other replicas), swap it in.
+        The configured weights' version rolls every replica back to them."""
+        if version == self.base_version:
+            async with self._lock:
+                await self.registry.restore_configured(self.name)
+                self.runner.activate(self._base)
+            log.info("activated %s's configured weights (%s)", self.name, version)
+            return {"version": version, "sha256": self._base.model.weights_sha256, "configured": True,
+                    "activated_at": iso(now_ms()), "active": True}
         async with self._lock:
             record = await self._record(version)
             served = self._prepared.pop(version, None)
@@ -143,7 +151,7 @@ class ModelVersions:
                 raise NotFound(f"Version {version!r} was removed meanwhile.", code="model_version_not_found")
             self.runner.activate(served)
         log.info("activated %s version %s", self.name, version)
-        return await self._record(version)
+        return (await self._record(version)).to_dict(active=True)
 
     async def ensure(self, version: str | None) -> None:
         """Make a pinned `version` available to the runner; 409 when it was removed."""
@@ -244,8 +252,8 @@ class ModelVersions:
 
     async def _catch_up(self) -> None:
         active = await self.registry.active(self.name)
-        if active and active != self.runner.model.version:
-            await self._apply(ModelEvent("activated", self.name, active))
+        if (active or self.base_version) != self.runner.model.version:
+            await self._apply(ModelEvent("activated", self.name, active or ""))
 
     async def _apply(self, event: ModelEvent) -> None:
         if event.name != self.name:
@@ -255,6 +263,12 @@ class ModelVersions:
             self._prepared.pop(event.version, None)
             return
         if event.event != "activated" or event.version == self.runner.model.version:
+            return
+        if not event.version:  # back to the configured weights, unless something newer was activated
+            async with self._lock:
+                if await self.registry.active(self.name) is None:
+                    self.runner.activate(self._base)
+            log.info("following activation: now serving %s's configured weights", self.name)
             return
         async with self._lock:
             record = await self.registry.get(self.name, event.version)

@@ -6,8 +6,9 @@ name, under one hash tag so that each script's keys share a Redis Cluster slot:
     model:{<name>}:activated   hash: version -> last activation time (ms)
     model:{<name>}:active      string: the active version (absent: the weights in the config)
 and the pub/sub channel `model-events`, carrying JSON {"event": "activated" | "removed", "name",
-"version"}. Activating or removing changes the keys and publishes in one Lua script, so no replica
-can see the change without the message being sent.
+"version"}; an activation of "" means back to the weights in the config. Activating or removing
+changes the keys and publishes in one Lua script, so no replica can see the change without the
+message being sent.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[1])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
+return 1
+"""
+
+# Back to the weights named in the config: no active version, announced as an activation of "".
+_RESTORE_SCRIPT = """
+redis.call('DEL', KEYS[1])
+redis.call('PUBLISH', ARGV[1], ARGV[2])
 return 1
 """
 
@@ -73,6 +81,7 @@ class ModelRegistry:
         self.redis = client
         self._activate = client.register_script(_ACTIVATE_SCRIPT)
         self._remove = client.register_script(_REMOVE_SCRIPT)
+        self._restore = client.register_script(_RESTORE_SCRIPT)
 
     @staticmethod
     def _keys(name: str) -> tuple[str, str, str]:
@@ -113,6 +122,12 @@ class ModelRegistry:
         """Make `version` the active one and tell every replica; False if there is no such version."""
         message = json.dumps({"event": "activated", "name": name, "version": version})
         return bool(await self._activate(keys=list(self._keys(name)), args=[version, at_ms, EVENTS_CHANNEL, message]))
+
+    @_store_errors
+    async def restore_configured(self, name: str) -> None:
+        """Serve the configured weights again on every replica (the event's version is "")."""
+        message = json.dumps({"event": "activated", "name": name, "version": ""})
+        await self._restore(keys=[self._keys(name)[2]], args=[EVENTS_CHANNEL, message])
 
     @_store_errors
     async def remove(self, name: str, version: str) -> str:

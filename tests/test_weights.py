@@ -86,6 +86,16 @@ def hen(default_model) -> bytes:
     return boosted_weights(default_model, 8)  # class 8: "hen"
 
 
+def wait_until(check: Any, timeout: float = 5.0) -> bool:
+    """Poll `check` (bounded) until it holds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
 def version_name(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -281,7 +291,7 @@ def test_python_client_publishes_activates_and_lists(weights_server, cock, tmp_p
             api.set_options(model_version="nope-not-here")
 
 
-def test_two_processes_follow_an_activation_within_a_second(tmp_path: Path, cock) -> None:
+def test_two_processes_follow_an_activation_within_a_second(tmp_path: Path, cock, default_model) -> None:
     store = RedisServer(tmp_path / "redis").start()
     shared = {"INFERENCE_REDIS_URL": store.url, "INFERENCE_AUTH_SECRET_KEYS": "replica-secret-0123456789",
               "INFERENCE_AUTH_ADMIN_API_KEYS": api_key_hash(ADMIN_KEY), "INFERENCE_MODEL_RUNTIME": "torch",
@@ -304,6 +314,13 @@ def test_two_processes_follow_an_activation_within_a_second(tmp_path: Path, cock
             assert followed_after < 1.0, f"replica b switched after {followed_after:.2f} s"
             result = predict(b, auth).json()
             assert result["predicted_class"] == 7 and result["model"]["version"] == version
+            # Rolling back to the configured weights on one replica reaches the other the same way.
+            assert activate(a, default_model.version).json()["configured"] is True
+            assert wait_until(lambda: b.get("/v1/models", headers=ADMIN).json()["models"][0]["serving_version"]
+                              == default_model.version)
+            assert predict(b, auth).json()["predicted_class"] in CAT_CLASSES
+            assert activate(a, version).status_code == 200  # and forward again, for the replica below
+            assert wait_until(lambda: predict(b, auth).json()["model"]["version"] == version)
         # A replica started after the activation serves the active version from its start.
         with server_process(tmp_path / "c", **shared) as (url_c, _), httpx.Client(base_url=url_c, timeout=60) as c:
             assert c.get("/v1/models", headers=ADMIN).json()["models"][0]["serving_version"] == version
@@ -327,3 +344,20 @@ def test_the_default_onnx_runtime_serves_an_activated_version(serve, redis_serve
         answer = predict(http, auth).json()
         assert answer["predicted_class"] == 7 and answer["model"]["version"] == version
         assert running.runner.backend.name == "onnxruntime"
+
+
+def test_activating_the_configured_version_rolls_back_to_the_configured_weights(
+        weights_server, default_model, cock) -> None:
+    with weights_server.client() as http:
+        auth = login(http)
+        version = version_name("rollback")
+        assert put_version(http, version, cock).status_code == 201
+        assert activate(http, version).status_code == 200
+        assert predict(http, auth).json()["predicted_class"] == 7
+        rollback = activate(http, default_model.version)
+        assert rollback.status_code == 200, rollback.text
+        assert rollback.json()["configured"] is True and rollback.json()["active"] is True
+        answer = predict(http, auth).json()
+        assert answer["predicted_class"] in CAT_CLASSES and answer["model"]["version"] == default_model.version
+        listing = http.get("/v1/models", headers=ADMIN).json()["models"][0]
+        assert listing["active_version"] is None and listing["serving_version"] == default_model.version
