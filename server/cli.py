@@ -14,6 +14,8 @@ import socket
 import sys
 from pathlib import Path
 
+import tornado.httpserver
+import tornado.iostream
 import tornado.netutil
 
 from handlers.base import InFlight
@@ -141,6 +143,7 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     await stop.wait()
 
     log.info("shutting down: no new connections, finishing requests in flight")
+    _serve_backlog(server, sockets)
     server.stop()
     # gRPC stops taking calls now and gets the same grace for those in flight as HTTP requests.
     grpc_stopped = (asyncio.ensure_future(grpc_server.stop(config.http.shutdown_grace_seconds))
@@ -212,10 +215,37 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
     return 1 if failed else 0
 
 
+def _serve_backlog(server: tornado.httpserver.HTTPServer, sockets: list[socket.socket]) -> None:
+    """Take the connections the kernel has already completed for the listening sockets.
+
+    Their clients were told "connected" and have sent their requests; closing the sockets would
+    reset them. Handed to the server, they are answered like every request in flight. (With
+    --processes, a sibling may take some of them: it serves them the same way.)
+    """
+    for listening in sockets:
+        while True:
+            try:
+                connection, address = listening.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                break
+            connection.setblocking(False)
+            server.handle_stream(tornado.iostream.IOStream(connection), address)
+
+
 async def _drain(in_flight: InFlight, grace_seconds: float) -> None:
-    deadline = asyncio.get_running_loop().time() + grace_seconds
-    while in_flight.count > 0 and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.05)
+    """Wait until no request has been in flight for a moment (connections just taken from the
+    backlog need a few milliseconds to have their requests read), or the grace runs out."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_seconds
+    quiet_since = None
+    while loop.time() < deadline:
+        if in_flight.count > 0:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = loop.time()
+        elif loop.time() - quiet_since >= 0.2:
+            break
+        await asyncio.sleep(0.02)
     if in_flight.count:
         log.warning("%d requests still in flight after %.0fs; closing them", in_flight.count, grace_seconds)
 
