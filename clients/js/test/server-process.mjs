@@ -2,7 +2,7 @@
 // The exported ONNX model is cached in a fixed temporary folder, so only the first run on a machine
 // pays for the export.
 import { spawn } from "node:child_process";
-import { mkdtemp, rm } from "node:fs/promises";
+import { mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
@@ -13,6 +13,11 @@ const PYTHON = process.env.TEST_SERVER_PYTHON ?? "../../.venv/bin/python"; // re
 const MODEL_CACHE = path.join(os.tmpdir(), "session-inference-js-test-model-cache");
 export const CAT_CLASSES = [281, 282, 285]; // tabby, tiger cat, Egyptian cat
 export const COFFEE_CLASSES = [967, 968, 504]; // espresso, cup, coffee mug
+
+/** The test photos' bytes: [cat, coffee]. */
+export function readTestPhotos() {
+  return Promise.all(["cat.jpg", "coffee.jpg"].map((name) => readFile(path.join(REPO, "tests/data", name))));
+}
 
 /** Start `python -m server --port 0`; resolve {url, stop} once it logs its ready line. */
 export async function startServer(env) {

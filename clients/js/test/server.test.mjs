@@ -2,12 +2,10 @@
 // once for this file with an API key and one CORS origin (see server-process.mjs).
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { readFile } from "node:fs/promises";
-import path from "node:path";
 import { after, before, describe, test } from "node:test";
 
 import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError } from "../client.js";
-import { CAT_CLASSES, COFFEE_CLASSES, REPO, startServer } from "./server-process.mjs";
+import { CAT_CLASSES, COFFEE_CLASSES, readTestPhotos, startServer } from "./server-process.mjs";
 
 const API_KEY = "js-client-test-key";
 const ALLOWED_ORIGIN = "http://example.test";
@@ -17,9 +15,7 @@ let cat;
 let coffee;
 
 before(async () => {
-  [cat, coffee] = await Promise.all([
-    readFile(path.join(REPO, "tests/data/cat.jpg")), readFile(path.join(REPO, "tests/data/coffee.jpg")),
-  ]);
+  [cat, coffee] = await readTestPhotos();
   server = await startServer({
     INFERENCE_AUTH_API_KEYS: `sha256:${createHash("sha256").update(API_KEY).digest("hex")}`,
     INFERENCE_HTTP_CORS_ORIGINS: `${ALLOWED_ORIGIN},http://other.test`,

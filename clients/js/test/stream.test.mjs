@@ -2,13 +2,11 @@
 // --experimental-websocket: there this file runs itself again with the flag, as one test.
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
-import { readFile } from "node:fs/promises";
-import path from "node:path";
 import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 
 import { AuthError, Client, ValidationError } from "../client.js";
-import { CAT_CLASSES, COFFEE_CLASSES, REPO, startServer } from "./server-process.mjs";
+import { CAT_CLASSES, COFFEE_CLASSES, readTestPhotos, startServer } from "./server-process.mjs";
 
 const top3 = (result) => result.top_k.slice(0, 3).map((score) => score.class_index);
 const hasAny = (classes, wanted) => classes.some((index) => wanted.includes(index));
@@ -39,9 +37,7 @@ if (typeof globalThis.WebSocket !== "function") {
   let coffee;
 
   before(async () => {
-    [cat, coffee] = await Promise.all([
-      readFile(path.join(REPO, "tests/data/cat.jpg")), readFile(path.join(REPO, "tests/data/coffee.jpg")),
-    ]);
+    [cat, coffee] = await readTestPhotos();
     server = await startServer({ INFERENCE_HTTP_STREAM_MAX_IN_FLIGHT: "2" });
   }, { timeout: 200_000 });
 
