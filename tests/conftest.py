@@ -40,6 +40,16 @@ TEST_SECRET = "test-secret-key-0123456789"
 T = TypeVar("T")
 
 
+def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 0.1) -> bool:
+    """Poll `check` until it holds or `timeout` seconds pass (bounded; the caller asserts the result)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(interval)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

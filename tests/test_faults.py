@@ -17,17 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CAT_JPEG, COFFEE_JPEG, RedisServer, error_code, free_port, login, make_config
+from tests.conftest import CAT_JPEG, COFFEE_JPEG, RedisServer, error_code, free_port, login, make_config, wait_for
 from tests.test_cli import ROOT, server_env
-
-
-def wait_for(check, timeout: float = 15.0, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(interval)
-    return False
 
 
 def raw_predict(client: httpx.Client, auth: dict[str, str], **headers: str) -> httpx.Response:

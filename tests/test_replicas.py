@@ -22,7 +22,7 @@ import pytest
 import redis
 
 from server.embedded_redis import redis_server_binary
-from tests.conftest import CAT_JPEG, RedisServer, error_code
+from tests.conftest import CAT_JPEG, RedisServer, error_code, wait_for
 from tests.test_cli import ROOT, server_env
 
 
@@ -115,11 +115,11 @@ class RedisCluster:
                  "--cluster-config-file", "nodes.conf", "--save", "", "--appendonly", "no"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         for port in self.ports:
-            assert _wait(lambda port=port: _pings(port))
+            assert wait_for(lambda port=port: _pings(port), timeout=10)
         cli = str(Path(binary).with_name("redis-cli"))
         subprocess.run([cli, "--cluster", "create", *[f"127.0.0.1:{p}" for p in self.ports],
                         "--cluster-replicas", "0", "--cluster-yes"], check=True, capture_output=True, timeout=60)
-        assert _wait(lambda: all(_cluster_ok(p) for p in self.ports), timeout=30)
+        assert wait_for(lambda: all(_cluster_ok(p) for p in self.ports), timeout=30)
         return self
 
     @property
@@ -145,15 +145,6 @@ def cluster_port() -> int:
             continue
         return port
     raise RuntimeError("no free port pair for a Redis Cluster node")
-
-
-def _wait(check, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def _pings(port: int) -> bool:
@@ -219,7 +210,7 @@ class RedisSentinelSet:
                         f"sentinel failover-timeout {self.SERVICE} 5000\n")
         self.process = subprocess.Popen([redis_server_binary(), str(conf), "--sentinel"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        assert _wait(lambda: _pings(self.port) and self.replica_count() == 1, timeout=20)
+        assert wait_for(lambda: _pings(self.port) and self.replica_count() == 1, timeout=20)
         return self
 
     def sentinel(self) -> redis.Redis:
@@ -256,13 +247,13 @@ def test_sessions_survive_a_sentinel_failover(serve, tmp_path: Path) -> None:
             assert first.status_code == 200
             old_master = sentinels.master_port()
             # Wait until the replica holds what the master acknowledged, then fail over.
-            assert _wait(lambda: redis.Redis(port=sentinels.replica.port).exists(
-                f"sess:{{{login.json()['session_id']}}}:history") == 1)
+            assert wait_for(lambda: redis.Redis(port=sentinels.replica.port).exists(
+                f"sess:{{{login.json()['session_id']}}}:history") == 1, timeout=10)
             sentinels.sentinel().execute_command("SENTINEL", "FAILOVER", sentinels.SERVICE)
-            assert _wait(lambda: sentinels.master_port() == sentinels.replica.port, timeout=20)
+            assert wait_for(lambda: sentinels.master_port() == sentinels.replica.port, timeout=20)
             assert old_master != sentinels.master_port()
             # The client follows the new master: the session, its token and its history are there.
-            assert _wait(lambda: predict(client, auth).status_code == 200, timeout=20)
+            assert wait_for(lambda: predict(client, auth).status_code == 200, timeout=20)
             items = client.get("/v1/history", headers=auth).json()["items"]
             assert first.json()["id"] in [item["id"] for item in items]
     finally:

@@ -26,7 +26,7 @@ import torchvision
 from clients.python import AuthError, Client, ValidationError
 from handlers.sessions import api_key_hash
 from server.runtime import build_runner
-from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config
+from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config, wait_for
 from tests.test_replicas import server_process
 
 ADMIN_KEY = "training-job-admin-key"
@@ -84,16 +84,6 @@ def cock(default_model) -> bytes:
 @pytest.fixture(scope="module")
 def hen(default_model) -> bytes:
     return boosted_weights(default_model, 8)  # class 8: "hen"
-
-
-def wait_until(check: Any, timeout: float = 5.0) -> bool:
-    """Poll `check` (bounded) until it holds."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def version_name(prefix: str) -> str:
@@ -316,11 +306,11 @@ def test_two_processes_follow_an_activation_within_a_second(tmp_path: Path, cock
             assert result["predicted_class"] == 7 and result["model"]["version"] == version
             # Rolling back to the configured weights on one replica reaches the other the same way.
             assert activate(a, default_model.version).json()["configured"] is True
-            assert wait_until(lambda: b.get("/v1/models", headers=ADMIN).json()["models"][0]["serving_version"]
-                              == default_model.version)
+            assert wait_for(lambda: b.get("/v1/models", headers=ADMIN).json()["models"][0]["serving_version"]
+                            == default_model.version, timeout=5, interval=0.05)
             assert predict(b, auth).json()["predicted_class"] in CAT_CLASSES
             assert activate(a, version).status_code == 200  # and forward again, for the replica below
-            assert wait_until(lambda: predict(b, auth).json()["model"]["version"] == version)
+            assert wait_for(lambda: predict(b, auth).json()["model"]["version"] == version, timeout=5, interval=0.05)
         # A replica started after the activation serves the active version from its start.
         with server_process(tmp_path / "c", **shared) as (url_c, _), httpx.Client(base_url=url_c, timeout=60) as c:
             assert c.get("/v1/models", headers=ADMIN).json()["models"][0]["serving_version"] == version
