@@ -187,7 +187,6 @@ class ModelRunner:
         predict, since decoding a large image costs about as much as a forward."""
         return await self._submit(self._preprocess, data, options)
 
-
     def _ensure_batcher(self) -> asyncio.Queue[_Pending]:
         if self._batch_queue is None:
             self._batch_queue = asyncio.Queue()

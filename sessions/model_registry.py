@@ -21,7 +21,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from sessions.store import _store_errors, iso
+from sessions.store import iso, store_errors
 
 EVENTS_CHANNEL = "model-events"
 
@@ -88,14 +88,14 @@ class ModelRegistry:
         base = f"model:{{{name}}}"
         return f"{base}:versions", f"{base}:activated", f"{base}:active"
 
-    @_store_errors
+    @store_errors
     async def add(self, record: VersionRecord) -> bool:
         """Record a new version; False if the name is taken (versions are immutable)."""
         versions, _, _ = self._keys(record.name)
         meta = {"sha256": record.sha256, "size": record.size, "uploaded_at": record.uploaded_at_ms}
         return bool(await self.redis.hsetnx(versions, record.version, json.dumps(meta)))
 
-    @_store_errors
+    @store_errors
     async def get(self, name: str, version: str) -> VersionRecord | None:
         versions, activated, _ = self._keys(name)
         meta = await self.redis.hget(versions, version)
@@ -103,7 +103,7 @@ class ModelRegistry:
             return None
         return _record(name, version, meta, await self.redis.hget(activated, version))
 
-    @_store_errors
+    @store_errors
     async def versions(self, name: str) -> tuple[list[VersionRecord], str | None]:
         """Every version of `name` (oldest upload first) and the active one."""
         versions, activated, active = self._keys(name)
@@ -113,23 +113,23 @@ class ModelRegistry:
         records.sort(key=lambda record: (record.uploaded_at_ms, record.version))
         return records, await self.redis.get(active)
 
-    @_store_errors
+    @store_errors
     async def active(self, name: str) -> str | None:
         return await self.redis.get(self._keys(name)[2])
 
-    @_store_errors
+    @store_errors
     async def activate(self, name: str, version: str, at_ms: int) -> bool:
         """Make `version` the active one and tell every replica; False if there is no such version."""
         message = json.dumps({"event": "activated", "name": name, "version": version})
         return bool(await self._activate(keys=list(self._keys(name)), args=[version, at_ms, EVENTS_CHANNEL, message]))
 
-    @_store_errors
+    @store_errors
     async def restore_configured(self, name: str) -> None:
         """Serve the configured weights again on every replica (the event's version is "")."""
         message = json.dumps({"event": "activated", "name": name, "version": ""})
         await self._restore(keys=[self._keys(name)[2]], args=[EVENTS_CHANNEL, message])
 
-    @_store_errors
+    @store_errors
     async def remove(self, name: str, version: str) -> str:
         """'removed', 'missing', or 'active' (the active version is not removed)."""
         message = json.dumps({"event": "removed", "name": name, "version": version})

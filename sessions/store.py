@@ -147,7 +147,7 @@ class Session:
         }
 
 
-def _store_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def store_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Turn a lost or slow Redis into one domain error (503 with Retry-After)."""
 
     @functools.wraps(method)
@@ -213,7 +213,7 @@ def _multi_host_url(url: str, scheme: str) -> tuple[str | None, list[tuple[str, 
     """`scheme[:password@]h1:p1,h2:p2/path` -> (password, [(host, port)...], path)."""
     location, _, path = url.removeprefix(scheme).partition("/")
     credentials, _, hosts = location.rpartition("@")
-    password = unquote(credentials.partition(":")[2]) or None if credentials else None
+    password = unquote(credentials.partition(":")[2]) or None  # "[user]:password@"; none without "@"
     nodes = []
     for address in hosts.split(","):
         host, _, port = address.strip().rpartition(":")
@@ -256,7 +256,7 @@ class SessionStore:
         """Sliding idle expiry, never past the session's hard deadline."""
         return min(now_ms() + self.ttl_ms, deadline_ms)
 
-    @_store_errors
+    @store_errors
     @_retried_once
     async def ping(self) -> None:
         await self.redis.ping()
@@ -264,7 +264,7 @@ class SessionStore:
     async def close(self) -> None:
         await self.redis.aclose()
 
-    @_store_errors
+    @store_errors
     async def count_sessions(self, limit: int = 100_000) -> int:
         """Session hashes in Redis, counted with SCAN (non-blocking); stops counting at `limit`."""
         count = 0
@@ -274,7 +274,7 @@ class SessionStore:
                 break
         return count
 
-    @_store_errors
+    @store_errors
     async def create(self, options: Options) -> Session:
         session_id = new_session_id()
         created = now_ms()
@@ -286,7 +286,7 @@ class SessionStore:
         await self._create(keys=[key], args=[expires, *_flatten(fields)])
         return Session(session_id, created, expires, deadline, options, 0)
 
-    @_store_errors
+    @store_errors
     @_retried_once
     async def touch(
         self, token: VerifiedToken, *, cost: int = 0, idempotency_key: str | None = None
@@ -326,7 +326,7 @@ class SessionStore:
             replay_of=fields.get("__replay"),
         )
 
-    @_store_errors
+    @store_errors
     async def update_options(self, session_id: str, changes: dict[str, Any]) -> Options:
         """Merge `changes` into the session's options, validated against the current values."""
         key, _, _ = self._keys(session_id)
@@ -344,12 +344,12 @@ class SessionStore:
                 raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
             # Another writer changed the options first: re-read and re-validate.
 
-    @_store_errors
+    @store_errors
     async def delete(self, session: Session) -> None:
         """Log out: remove the session and leave a tombstone so its token reads as revoked."""
         await self._delete(keys=list(self._keys(session.id)), args=[max(session.deadline_ms, now_ms() + 1000)])
 
-    @_store_errors
+    @store_errors
     async def record(
         self, session: Session, entry: dict[str, Any], idempotency_key: str | None = None
     ) -> tuple[str, bool]:
@@ -366,7 +366,7 @@ class SessionStore:
         history_id, replayed = reply
         return history_id, bool(replayed)
 
-    @_store_errors
+    @store_errors
     @_retried_once
     async def history(
         self, session_id: str, *, limit: int, before: str | None = None
@@ -386,7 +386,7 @@ class SessionStore:
         next_id = items[-1]["id"] if len(rows) > limit else None
         return items, next_id
 
-    @_store_errors
+    @store_errors
     @_retried_once
     async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]:
         _, history_key, _ = self._keys(session_id)
