@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from server.observability import JsonFormatter, session_hash
-from tests.conftest import CAT_JPEG, login
+from tests.conftest import CAT_JPEG, login, wait_for
 
 
 def scrape(client: httpx.Client) -> dict[str, float]:
@@ -63,7 +63,12 @@ def test_json_request_log_lines(client: httpx.Client, caplog: pytest.LogCaptureF
     session_id = response.json()["session_id"]
     client.get("/v1/session", headers={"Authorization": f"Bearer {response.json()['token']}",
                                        "X-Request-ID": "json-log-1"})
-    record = next(r for r in caplog.records if getattr(r, "request_id", None) == "json-log-1")
+    # Tornado logs a request after it has sent the response, so the line can land just after the reply.
+    def logged() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if getattr(r, "request_id", None) == "json-log-1"]
+
+    assert wait_for(logged, timeout=5)
+    record = logged()[0]
     line = json.loads(JsonFormatter().format(record))
     assert line["route"] == "/v1/session" and line["status"] == 200 and line["method"] == "GET"
     assert line["session"] == session_hash(session_id) and session_id not in json.dumps(line)
