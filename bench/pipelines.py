@@ -52,7 +52,7 @@ def fast_preprocess(data: bytes) -> np.ndarray:
 
 
 def load_torch_module() -> Any:
-    from server.model import load_model
+    from server.torch_model import load_model
 
     return load_model(MODEL_NAME, "default").module
 

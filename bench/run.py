@@ -64,7 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=float, help="warm-up seconds per point (default 3, --quick 1)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--servers", nargs="+", help="subset of: ours-onnx ours-torch ours-oip flask "
-                        "litserve-torch litserve-onnx, or ours-onnx-2proc (--processes 2; not in the default set) "
+                        "litserve-torch litserve-onnx, or the layouts ours-onnx-1proc and ours-onnx-2x1 "
+                        "(not in the default set) "
                         "(default: all; --quick drops ours-torch). ours-oip: the Open Inference Protocol, "
                         "REST binary (wrk) and gRPC (bench.grpc_load), compared with ours-onnx's raw /v1/predict")
     parser.add_argument("--inprocess-duration", type=float, help="seconds per in-process measurement")
@@ -159,6 +160,14 @@ def run_inprocess(images: dict[str, Path], onnx: Path, cache_dir: Path, duration
 # ---------------------------------------------------------------- servers
 
 
+# Our server as config.toml sets it up (ours-onnx: one process per core), and the layouts it is
+# compared with: threads in one process (the layout torch uses), and fewer threads per process.
+OUR_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "ours-onnx-1proc": (["--processes", "1"], {}),
+    "ours-onnx-2x1": (["--processes", "2"], {"INFERENCE_MODEL_WORKERS": "1"}),
+}
+
+
 def server_spec(name: str, settings: Settings, onnx: Path, work: Path) -> ServerSpec:
     if name.startswith("ours-"):
         data_dir = work / f"{name}-data"
@@ -166,16 +175,14 @@ def server_spec(name: str, settings: Settings, onnx: Path, work: Path) -> Server
         env = {"INFERENCE_SERVER_DATA_DIR": str(data_dir),
                "INFERENCE_REDIS_URL": settings.redis_url or "embedded",
                "INFERENCE_MODEL_RUNTIME": "torch" if name == "ours-torch" else "onnxruntime",
-               "INFERENCE_MODEL_WORKERS": "2", "INFERENCE_MODEL_INTRA_OP_THREADS": "1",
                "INFERENCE_MODEL_MAX_QUEUE": "256",
                "INFERENCE_MODEL_CACHE_DIR": str(work / "model-cache")}  # reuse the in-process run's export
         command = [PYTHON, "-m", "server", "--port", "{port}"]
         payloads: tuple[str, ...] = ("raw", "multipart")
         grpc_port = None
-        if name == "ours-onnx-2proc":  # processes instead of threads: 2 processes x 1 worker (raw only)
-            command += ["--processes", "2"]
-            env["INFERENCE_MODEL_WORKERS"] = "1"
-            payloads = ("raw",)
+        extra_args, extra_env = OUR_VARIANTS.get(name, ([], {}))
+        command += extra_args
+        env.update(extra_env)
         if name == "ours-oip":  # the ours-onnx configuration, driven over the Open Inference Protocol
             grpc_port = free_port()
             env["INFERENCE_GRPC_PORT"] = str(grpc_port)
@@ -309,8 +316,8 @@ def litserve_importable() -> str | None:
 
 
 def count_points(settings: Settings, images: dict[str, Path]) -> int:
-    payloads = {"ours-onnx": 2, "ours-torch": 2, "ours-oip": 2}
-    return sum(payloads.get(s, 1) for s in settings.servers) * len(images) * len(settings.concurrencies)
+    return sum(2 if name.startswith("ours-") else 1 for name in settings.servers) * len(images) * len(
+        settings.concurrencies)
 
 
 def progress_labels(total: int) -> Iterator[str]:

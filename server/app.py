@@ -27,6 +27,7 @@ from handlers.preprocess import PreprocessHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
 from handlers.stream import StreamHandler
 from handlers.web import WebAssetHandler
+from server.balance import BalancedHTTPServer, SharedCounts
 from server.config import Config
 from server.observability import log_request
 from server.runner import ModelRunner
@@ -109,9 +110,14 @@ def route_template(pattern: str) -> str:
     return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("([^/]+)", "{id}")
 
 
-def http_server(app: tornado.web.Application, config: Config) -> tornado.httpserver.HTTPServer:
+def http_server(app: tornado.web.Application, config: Config, counts: SharedCounts | None = None,
+                slot: int = 0) -> tornado.httpserver.HTTPServer:
+    """The HTTP server for `app`; with `counts` (one of several processes on a shared socket) it
+    accepts so that connections spread evenly over the processes."""
     # Upload routes stream their bodies and set their own limit; this bounds every other route.
-    return tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes)
+    if counts is None:
+        return tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes)
+    return BalancedHTTPServer(app, max_body_size=config.http.max_body_bytes, counts=counts, slot=slot)
 
 
 def listen(

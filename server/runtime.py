@@ -5,36 +5,62 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import torch
-
 from server.config import Config
-from server.model import Backend, LoadedModel, OnnxBackend, TorchBackend, load_model
-from server.runner import ModelRunner
+from server.model import Backend, LoadedModel, OnnxBackend, load_exported
+from server.runner import ModelRunner, SiblingLoad
 from sessions.store import SessionStore, connect
 
 log = logging.getLogger(__name__)
 
 
+def onnx_cache_dir(config: Config) -> Path:
+    return Path(config.model.cache_dir) if config.model.cache_dir else config.data_path / "model-cache"
+
+
+def onnx_backend(config: Config, path: Path) -> OnnxBackend:
+    return OnnxBackend(path, intra_op_threads=config.model.intra_op_threads,
+                       idle_intra_op_threads=config.model.idle_intra_op_threads, device=config.model.device)
+
+
 def build_backend(config: Config, model: LoadedModel) -> Backend:
+    """The configured runtime for a model loaded with torch (exported first for ONNX Runtime)."""
+    from server import torch_model  # imported here: the torch-free ONNX path never needs it
+
     if config.model.runtime == "onnxruntime":
-        cache_dir = Path(config.model.cache_dir) if config.model.cache_dir else config.data_path / "model-cache"
-        return OnnxBackend(model, cache_dir, intra_op_threads=config.model.intra_op_threads,
-                           idle_intra_op_threads=config.model.idle_intra_op_threads, device=config.model.device)
-    torch.set_num_threads(config.model.intra_op_threads)
-    return TorchBackend(model.module, config.model.device)
+        return onnx_backend(config, torch_model.export_onnx(model, onnx_cache_dir(config)))
+    return torch_model.TorchBackend(model.module, config.model.device, intra_op_threads=config.model.intra_op_threads)
 
 
-def build_runner(config: Config, model: LoadedModel | None = None) -> ModelRunner:
-    """Load the model (unless given) and wrap it in a runner; raises ModelLoadError."""
-    model = model or load_model(config.model.name, config.model.weights)
+def prepare_model(config: Config) -> None:
+    """Export the configured model for ONNX Runtime unless it is cached (a parent does this before
+    forking its serving processes); raises ModelLoadError. Nothing to prepare for torch."""
+    if config.model.runtime == "onnxruntime":
+        load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
+
+
+def build_runner(config: Config, model: LoadedModel | None = None, siblings: SiblingLoad | None = None) -> ModelRunner:
+    """Load the model (unless given) and wrap it in a runner; raises ModelLoadError.
+
+    With ONNX Runtime and no model given, this process loads the cached export only and never
+    imports torch (see server.model)."""
+    if model is None and config.model.runtime == "onnxruntime":
+        model, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
+        backend = onnx_backend(config, path)
+    else:
+        if model is None:
+            from server.torch_model import load_model
+
+            model = load_model(config.model.name, config.model.weights)
+        backend = build_backend(config, model)
     return ModelRunner(
         model,
-        build_backend(config, model),
+        backend,
         workers=config.model.workers,
         max_queue=config.model.max_queue,
         max_image_pixels=config.model.max_image_pixels,
         max_batch_size=config.model.max_batch_size,
         max_batch_delay_ms=config.model.max_batch_delay_ms,
+        siblings=siblings,
     )
 
 

@@ -22,10 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-import torch
-
 from server.config import Config
-from server.model import LoadedModel, ModelLoadError, load_model
+from server.model import LoadedModel, ModelLoadError
 from server.runner import ModelRunner, ServedModel
 from server.runtime import build_backend
 from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
@@ -109,6 +107,12 @@ class ModelVersions:
 
     def _load_checked(self, path: Path, version: str, sha256: str | None = None) -> LoadedModel:
         """A fresh copy of the architecture with these weights, checked by one forward on a fixed input."""
+        # Imported on the first upload or version load only, so a process that never gets one
+        # stays torch-free on ONNX Runtime (see server.model).
+        import torch
+
+        from server.torch_model import load_model
+
         try:
             model = load_model(self.config.model.name, str(path))  # torch.load(weights_only=True): no pickle code
         except ModelLoadError as exc:

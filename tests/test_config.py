@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -72,3 +73,15 @@ def test_production_mode_starts_with_a_secret_and_no_anonymous_route(tmp_path: P
     assert load_config(write(tmp_path, "[http]\nlegacy_predict = false\n"), env=env).server.mode == "production"
     allowed = load_config(write(tmp_path, "[http]\nallow_anonymous_in_production = true\n"), env=env)
     assert allowed.http.legacy_predict
+
+
+def test_default_processes_are_one_per_core_on_the_onnx_cpu_path_else_one() -> None:
+    config = Config()
+    assert config.server.processes == 0 and config.model.runtime == "onnxruntime"
+    assert config.serving_processes == len(os.sched_getaffinity(0))
+    config.model.runtime = "torch"  # a torch process is ~1 GB: threads in one process instead
+    assert config.serving_processes == 1
+    config.model.runtime, config.model.device = "onnxruntime", "cuda"  # one copy of the model on the GPU
+    assert config.serving_processes == 1
+    config.server.processes = 3
+    assert config.serving_processes == 3

@@ -10,7 +10,8 @@ import torch
 import torchvision
 
 from server.imaging import preprocess
-from server.model import ModelLoadError, TorchBackend, imagenet_labels, load_model, softmax
+from server.model import ModelLoadError, softmax
+from server.torch_model import TorchBackend, imagenet_labels, load_model
 from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG
 

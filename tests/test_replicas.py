@@ -97,6 +97,25 @@ def test_processes_share_one_port(tmp_path: Path) -> None:
         assert client.get("/v1/session", headers=auth).json()["predictions"] == 4
 
 
+def test_connections_spread_evenly_over_processes(tmp_path: Path) -> None:
+    """Keep-alive clients stay on the process that accepted them, so an uneven split would idle a
+    core: four clients on two processes get two each. Each client reads its own process's
+    `inference_open_connections` over its own connection."""
+    with server_process(tmp_path, "--processes", "2", ready_lines=2) as (url, _):
+        clients = [httpx.Client(base_url=url, timeout=60) for _ in range(4)]
+        try:
+            for client in clients:
+                assert client.get("/healthz").status_code == 200  # connects, and keeps the connection
+            seen = []
+            for client in clients:
+                metrics = client.get("/metrics").text
+                seen.append(float(re.search(r"^inference_open_connections (\S+)$", metrics, re.M).group(1)))
+            assert seen == [2.0, 2.0, 2.0, 2.0]
+        finally:
+            for client in clients:
+                client.close()
+
+
 class RedisCluster:
     """Three masters from the suite's redis-server binary: cluster mode, free ports, temp folder."""
 

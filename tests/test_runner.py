@@ -84,3 +84,40 @@ def test_forward_failure_is_inference_failed(default_model) -> None:
     with pytest.raises(InferenceFailed):
         asyncio.run(runner.predict(CAT_JPEG, Options()))
     runner.close()
+
+
+def test_a_lone_request_gets_every_core_only_when_sibling_processes_are_idle(default_model) -> None:
+    """The wide (every-core) forward is for a request alone on the machine: with work in flight in
+    another serving process, it would oversubscribe the cores. The runner also tells the siblings
+    what it has in flight."""
+
+    class Siblings:
+        def __init__(self, others: int):
+            self.in_flight_others, self.published = others, []
+
+        def publish(self, in_flight: int) -> None:
+            self.published.append(in_flight)
+
+        def others(self) -> int:
+            return self.in_flight_others
+
+    class Recording:
+        name = "recording"
+
+        def __init__(self, inner):
+            self.inner, self.alone = inner, []
+
+        def forward(self, batch, alone=False):
+            self.alone.append(alone)
+            return self.inner.forward(batch, alone=alone)
+
+    for others, expected in ((0, True), (2, False)):
+        siblings = Siblings(others)
+        runner = build_runner(make_config(), default_model, siblings=siblings)
+        runner.backend = recording = Recording(runner.backend)
+        try:
+            asyncio.run(runner.predict(CAT_JPEG, Options()))
+        finally:
+            runner.close()
+        assert recording.alone == [expected]
+        assert siblings.published == [1, 0]

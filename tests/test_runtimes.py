@@ -4,6 +4,9 @@ keeps the answer, micro-batching gives every caller its own result."""
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -13,10 +16,11 @@ import torch
 import torchvision
 
 from server.imaging import preprocess
-from server.model import OnnxBackend, TorchBackend, export_onnx, load_model, softmax
+from server.model import ModelLoadError, OnnxBackend, load_exported, manifest_path, softmax
 from server.runtime import build_runner
+from server.torch_model import TorchBackend, export_onnx, load_model
 from sessions.options import Options
-from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, MODEL_CACHE, make_config
+from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, DATA, MODEL_CACHE, make_config
 
 PHOTOS = {"cat": CAT_JPEG, "coffee": COFFEE_JPEG}
 
@@ -35,7 +39,7 @@ def assert_same_top_k(torch_backend, onnx_backend, options: Options, k: int = 5)
 
 @pytest.mark.parametrize("options", [Options(), Options(resize=320, crop=288), Options(crop=160, color="grayscale")])
 def test_onnxruntime_matches_torch_on_the_default_model(default_model, options: Options) -> None:
-    assert_same_top_k(TorchBackend(default_model.module), OnnxBackend(default_model, MODEL_CACHE), options)
+    assert_same_top_k(TorchBackend(default_model.module), OnnxBackend(export_onnx(default_model, MODEL_CACHE)), options)
 
 
 def test_onnxruntime_matches_torch_on_a_torchvision_model(tmp_path: Path) -> None:
@@ -43,7 +47,7 @@ def test_onnxruntime_matches_torch_on_a_torchvision_model(tmp_path: Path) -> Non
     path = tmp_path / "resnet18.pt"
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), path)
     model = load_model("resnet18", str(path))
-    assert_same_top_k(TorchBackend(model.module), OnnxBackend(model, tmp_path / "cache"), Options())
+    assert_same_top_k(TorchBackend(model.module), OnnxBackend(export_onnx(model, tmp_path / "cache")), Options())
 
 
 def test_export_is_cached_by_weights_and_settings(default_model, tmp_path: Path) -> None:
@@ -58,7 +62,7 @@ def test_draft_decode_keeps_the_top_1(default_model) -> None:
 
     from PIL import Image
 
-    backend = OnnxBackend(default_model, MODEL_CACHE)
+    backend = OnnxBackend(export_onnx(default_model, MODEL_CACHE))
     for image in PHOTOS.values():
         # A 12-megapixel version of the photo: draft decoding reads it at 1/8 scale.
         big = BytesIO()
@@ -94,7 +98,46 @@ def test_micro_batching_gives_each_caller_its_own_result(default_model) -> None:
 
 
 def test_the_idle_two_thread_forward_gives_the_same_answer(default_model) -> None:
-    backend = OnnxBackend(default_model, MODEL_CACHE, intra_op_threads=1, idle_intra_op_threads=2)
+    backend = OnnxBackend(export_onnx(default_model, MODEL_CACHE), intra_op_threads=1, idle_intra_op_threads=2)
     assert backend.idle_session is not backend.session
     batch = preprocess(CAT_JPEG, Options(), max_pixels=10**8)[None]
     assert np.allclose(backend.forward(batch, alone=True), backend.forward(batch), atol=1e-4)
+
+
+def test_an_onnx_serving_process_never_imports_torch(default_model) -> None:
+    """The serving process reads the cached export and its manifest; the export itself (and torch)
+    runs in a child process that exits, so each serving process stays small."""
+    script = f"""
+import json, sys
+import server.app, server.cli  # everything a serving process imports
+from server.config import Config
+from server.imaging import preprocess
+from server.runtime import build_runner
+from sessions.options import Options
+
+config = Config()
+config.model.cache_dir = {str(MODEL_CACHE)!r}
+runner = build_runner(config)
+image = open({str(DATA / 'cat.jpg')!r}, "rb").read()
+logits = runner.backend.forward(preprocess(image, Options(), max_pixels=10**8)[None])
+print(json.dumps({{"version": runner.model.version, "labels": runner.model.labels, "top1": int(logits.argmax()),
+                  "torch": "torch" in sys.modules}}))
+"""
+    manifest = manifest_path("efficientnet_lite0", "default", MODEL_CACHE)
+    manifest.unlink(missing_ok=True)
+    written: list[int] = []
+    for _start in ("first start: exports in a child", "second start: reads the cache"):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                              cwd=Path(__file__).parent.parent)
+        assert done.returncode == 0, done.stderr
+        served = json.loads(done.stdout)
+        assert served["torch"] is False
+        assert served["version"] == default_model.version and served["labels"] == default_model.labels
+        assert served["top1"] in CAT_CLASSES
+        written.append(manifest.stat().st_mtime_ns)
+    assert written[0] == written[1]  # the second start exported nothing
+
+
+def test_a_failed_export_says_why(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="neither a file nor a known weights name"):
+        load_exported("efficientnet_lite0", str(tmp_path / "missing.pt"), tmp_path / "cache")

@@ -25,7 +25,14 @@ export async function startServer(env) {
   const python = PYTHON.includes("/") ? path.resolve(CLIENT_DIR, PYTHON) : PYTHON;
   const child = spawn(python, ["-m", "server", "--port", "0"], {
     cwd: REPO,
-    env: { ...process.env, INFERENCE_SERVER_DATA_DIR: dataDir, INFERENCE_MODEL_CACHE_DIR: MODEL_CACHE, ...env },
+    // One serving process unless a test asks for more (the default, one per core, depends on the machine).
+    env: {
+      ...process.env,
+      INFERENCE_SERVER_DATA_DIR: dataDir,
+      INFERENCE_MODEL_CACHE_DIR: MODEL_CACHE,
+      INFERENCE_SERVER_PROCESSES: "1",
+      ...env,
+    },
     stdio: ["ignore", "pipe", "pipe"],
   });
   const exited = new Promise((resolve) => child.once("exit", resolve));
