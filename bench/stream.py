@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
                "INFERENCE_MODEL_INTRA_OP_THREADS": "1", "INFERENCE_MODEL_MAX_QUEUE": "256",
                "INFERENCE_HTTP_STREAM_MAX_IN_FLIGHT": str(args.window),
                "INFERENCE_HISTORY_MAX_ENTRIES": "100000",
+               # One process: a stream is one connection, so it stays on one process, while POSTs
+               # would spread over several; one process compares the protocols, not the layouts.
+               "INFERENCE_SERVER_PROCESSES": "1",
                # The exported ONNX graph is kept where ./dev serve keeps it, so later runs skip the export.
                "INFERENCE_MODEL_CACHE_DIR": str(REPO / "data" / "model-cache")}
         spec = ServerSpec("ours-onnx", [sys.executable, "-m", "server", "--port", "{port}"], env, "/v1/predict",
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows[name] = row
         finally:
             stop_server(server)
-    result = {"server": "ours-onnx (python -m server, 2 workers x 1 thread, embedded Redis)",
+    result = {"server": "ours-onnx (python -m server --processes 1, 2 workers x 1 thread, embedded Redis)",
               "client": "clients.python.Client in this process (httpx for POST, websockets for the stream)",
               "images": {name: str(path.relative_to(REPO)) for name, path in IMAGES.items()}, "rows": rows}
     (args.out / "stream.json").write_text(json.dumps(result, indent=2))
