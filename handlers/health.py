@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from handlers.base import BaseHandler
 from handlers.openapi import openapi_document
@@ -59,4 +59,4 @@ class MetricsHandler(BaseHandler):
         with contextlib.suppress(ServiceError):  # Redis down: the gauge keeps its last value
             metrics.active_sessions.set(await self.store.count_sessions())
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(generate_latest(metrics.registry))
+        self.finish(metrics.exposition())

@@ -117,7 +117,8 @@ def http_server(app: tornado.web.Application, config: Config, counts: SharedCoun
     # Upload routes stream their bodies and set their own limit; this bounds every other route.
     if counts is None:
         return tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes)
-    return BalancedHTTPServer(app, max_body_size=config.http.max_body_bytes, counts=counts, slot=slot)
+    return BalancedHTTPServer(app, max_body_size=config.http.max_body_bytes, counts=counts, slot=slot,
+                              on_connections=app.settings["metrics"].open_connections.set)
 
 
 def listen(

@@ -19,6 +19,7 @@ from __future__ import annotations
 import ctypes
 import multiprocessing
 import socket
+from collections.abc import Callable
 from typing import Any
 
 import tornado.httpserver
@@ -72,9 +73,12 @@ class SiblingView:
 class BalancedHTTPServer(tornado.httpserver.HTTPServer):
     """An HTTPServer that counts its open connections and accepts as described above."""
 
-    def initialize(self, *args: Any, counts: SharedCounts, slot: int, **kwargs: Any) -> None:
+    def initialize(self, *args: Any, counts: SharedCounts, slot: int,
+                   on_connections: Callable[[int], None] | None = None, **kwargs: Any) -> None:
+        """`on_connections` hears this process's count of open connections when it changes."""
         super().initialize(*args, **kwargs)
         self.counts, self.slot = counts, slot
+        self._on_connections = on_connections or (lambda _count: None)
         self._accepts: list[_BalancedAccept] = []
 
     def add_sockets(self, sockets: list[socket.socket]) -> None:
@@ -90,12 +94,16 @@ class BalancedHTTPServer(tornado.httpserver.HTTPServer):
         super().stop()
 
     def handle_stream(self, stream: tornado.iostream.IOStream, address: Any) -> None:
-        self.counts.add_connection(self.slot, 1)
+        self._count_connection(1)
         super().handle_stream(stream, address)
 
     def on_close(self, server_conn: object) -> None:
-        self.counts.add_connection(self.slot, -1)
+        self._count_connection(-1)
         super().on_close(server_conn)
+
+    def _count_connection(self, delta: int) -> None:
+        self.counts.add_connection(self.slot, delta)
+        self._on_connections(self.counts.connections(self.slot))
 
 
 class _BalancedAccept:

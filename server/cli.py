@@ -9,6 +9,7 @@ import getpass
 import logging
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -25,7 +26,7 @@ from server.balance import SharedCounts
 from server.config import Config, ConfigError, load_config, validate
 from server.embedded_redis import EmbeddedRedis
 from server.model import ModelLoadError
-from server.observability import configure_logging
+from server.observability import configure_logging, forget_process_metrics, share_metrics_across_processes
 from server.runtime import build_runner, build_store, prepare_model
 
 log = logging.getLogger("inference.server")
@@ -121,7 +122,6 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     store = build_store(config, redis_url)
     app = make_app(config, store, runner)
     await app.settings["model_versions"].start()  # serve the active version, follow activations
-    runner.metrics.open_connections.set_function(lambda: counts.connections(slot))
     server = http_server(app, config, counts, slot)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
@@ -176,6 +176,9 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
     counts = SharedCounts(config.serving_processes)  # shared with the children: made before fork
+    metrics_dir = config.data_path / "metrics"  # every child's metrics, so that any one reports all
+    shutil.rmtree(metrics_dir, ignore_errors=True)  # counts of an earlier run would add up
+    metrics_dir.mkdir(parents=True)
 
     def start(slot: int) -> None:
         pid = os.fork()
@@ -186,6 +189,7 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
             signal.signal(signal.SIGINT, _exit_at_once)
             code = 1
             try:
+                share_metrics_across_processes(metrics_dir)
                 code = asyncio.run(serve(config, sockets, redis_url, store_text, counts, slot))
             except ModelLoadError as exc:
                 log.error("%s", exc)
@@ -212,6 +216,7 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
         except ChildProcessError:
             break
         slot = children.pop(pid, None)
+        forget_process_metrics(metrics_dir, pid)
         code = os.waitstatus_to_exitcode(status)
         if slot is None or stopping:
             failed |= code != 0

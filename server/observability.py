@@ -5,27 +5,52 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import time
+from pathlib import Path
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 access_log = logging.getLogger("inference.access")
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+_SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def share_metrics_across_processes(directory: Path) -> None:
+    """Make every metric this process creates from now on write to `directory` (prometheus_client's
+    multiprocess mode), so that a scrape of any serving process reports all of them. Called in each
+    serving process right after fork, before its Metrics exist; the parent empties the folder first.
+    prometheus_client reads the variable when it is imported, which here is before the fork: hence
+    the value class is set too."""
+    os.environ[_SHARED_DIR_ENV] = str(directory)
+    values.ValueClass = values.MultiProcessValue()
+
+
+def forget_process_metrics(directory: Path, pid: int) -> None:
+    """A serving process exited: drop its live gauges (its counters still count)."""
+    multiprocess.mark_process_dead(pid, str(directory))
+
+
 class Metrics:
-    """The server's collectors, in a registry of its own (tests build several apps per process)."""
+    """The server's collectors, in a registry of its own (tests build several apps per process).
+
+    Gauges say how to combine processes when metrics are shared (see above): queue depth and open
+    connections are per process (a `pid` label), the session count is Redis's, read by whichever
+    process was scraped last."""
 
     def __init__(self) -> None:
+        self.shared_dir = os.environ.get(_SHARED_DIR_ENV)
         self.registry = CollectorRegistry()
         self.requests = Counter("inference_http_requests", "HTTP requests by route, method and status.",
                                 ["route", "method", "status"], registry=self.registry)
         self.latency = Histogram("inference_http_request_duration_seconds", "Time to answer, by route.",
                                  ["route"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.queue_depth = Gauge("inference_queue_depth", "Images admitted to the model runner, not yet answered.",
-                                 registry=self.registry)
+                                 multiprocess_mode="liveall", registry=self.registry)
         self.batch_size = Histogram("inference_batch_size", "Images per model forward.",
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=self.registry)
         self.forward_seconds = Histogram("inference_model_forward_seconds", "Time of one model forward.",
@@ -38,14 +63,23 @@ class Metrics:
                                       "by method.", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.store_errors = Counter("inference_store_errors", "Requests that failed because Redis did.",
                                     registry=self.registry)
-        self.open_connections = Gauge("inference_open_connections", "HTTP connections open in this process.",
-                                      registry=self.registry)
+        self.open_connections = Gauge("inference_open_connections", "HTTP connections open, per process.",
+                                      multiprocess_mode="liveall", registry=self.registry)
         self.active_sessions = Gauge("inference_active_sessions",
-                                     "Sessions in Redis (approximate: counted when scraped).", registry=self.registry)
+                                     "Sessions in Redis (approximate: counted when scraped).",
+                                     multiprocess_mode="livemostrecent", registry=self.registry)
 
     def observe_forward(self, batch_size: int, seconds: float) -> None:
         self.batch_size.observe(batch_size)
         self.forward_seconds.observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text of this process, or of every serving process when they share metrics."""
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        combined = CollectorRegistry()
+        multiprocess.MultiProcessCollector(combined, path=self.shared_dir)
+        return generate_latest(combined)
 
 
 class JsonFormatter(logging.Formatter):

@@ -121,7 +121,6 @@ class ModelRunner:
         self._admitted = 0  # touched only on the event loop thread
         self._siblings = siblings or _NoSiblings()
         self.metrics = metrics or Metrics()
-        self.metrics.queue_depth.set_function(lambda: self._admitted)
         # Micro-batching state, created on first use inside the running loop.
         self._batch_queue: asyncio.Queue[_Pending] | None = None
         self._batcher: asyncio.Task[None] | None = None
@@ -278,12 +277,16 @@ class ModelRunner:
             raise ServiceBusy(f"The server is at its limit of {self.max_queue} queued images; retry shortly.",
                               retry_after=1)
         self._admitted += 1
-        self._siblings.publish(self._admitted)
+        self._admission_changed()
         try:
             return await work
         finally:
             self._admitted -= 1
-            self._siblings.publish(self._admitted)
+            self._admission_changed()
+
+    def _admission_changed(self) -> None:
+        self._siblings.publish(self._admitted)
+        self.metrics.queue_depth.set(self._admitted)
 
     def _alone(self) -> bool:
         """No other image in flight on this machine: a forward may use every core. Read without a

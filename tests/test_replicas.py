@@ -97,20 +97,22 @@ def test_processes_share_one_port(tmp_path: Path) -> None:
         assert client.get("/v1/session", headers=auth).json()["predictions"] == 4
 
 
-def test_connections_spread_evenly_over_processes(tmp_path: Path) -> None:
+def test_connections_spread_evenly_over_processes_and_metrics_add_up(tmp_path: Path) -> None:
     """Keep-alive clients stay on the process that accepted them, so an uneven split would idle a
-    core: four clients on two processes get two each. Each client reads its own process's
-    `inference_open_connections` over its own connection."""
-    with server_process(tmp_path, "--processes", "2", ready_lines=2) as (url, _):
+    core: four clients on two processes get two each. Any process's /metrics reports both."""
+    with server_process(tmp_path, "--processes", "2", ready_lines=2) as (url, ready):
+        pids = {re.search(r"pid=(\d+)", line).group(1) for line in ready}
         clients = [httpx.Client(base_url=url, timeout=60) for _ in range(4)]
         try:
             for client in clients:
                 assert client.get("/healthz").status_code == 200  # connects, and keeps the connection
-            seen = []
-            for client in clients:
+            for client in clients:  # each scrape is answered by the process that holds that connection
                 metrics = client.get("/metrics").text
-                seen.append(float(re.search(r"^inference_open_connections (\S+)$", metrics, re.M).group(1)))
-            assert seen == [2.0, 2.0, 2.0, 2.0]
+                per_process = dict(re.findall(r'^inference_open_connections\{pid="(\d+)"\} (\S+)$', metrics, re.M))
+                assert set(per_process) == pids and [float(v) for v in per_process.values()] == [2.0, 2.0]
+                healthz = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                           if line.startswith("inference_http_requests_total{") and 'route="/healthz"' in line]
+                assert healthz == [4.0]  # two requests on each process, counted together
         finally:
             for client in clients:
                 client.close()
