@@ -110,14 +110,20 @@ def route_template(pattern: str) -> str:
     return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("([^/]+)", "{id}")
 
 
+# Socket reads of 256 KB instead of Tornado's 64 KB: a 3.6 MB photo then costs the event loop about
+# 3 ms of CPU instead of 4.5 (fewer reads, chunks and copies); small requests are unaffected (bench/).
+READ_CHUNK_BYTES = 256 * 1024
+
+
 def http_server(app: tornado.web.Application, config: Config, counts: SharedCounts | None = None,
                 slot: int = 0) -> tornado.httpserver.HTTPServer:
     """The HTTP server for `app`; with `counts` (one of several processes on a shared socket) it
     accepts so that connections spread evenly over the processes."""
     # Upload routes stream their bodies and set their own limit; this bounds every other route.
+    limits = {"max_body_size": config.http.max_body_bytes, "chunk_size": READ_CHUNK_BYTES}
     if counts is None:
-        return tornado.httpserver.HTTPServer(app, max_body_size=config.http.max_body_bytes)
-    return BalancedHTTPServer(app, max_body_size=config.http.max_body_bytes, counts=counts, slot=slot,
+        return tornado.httpserver.HTTPServer(app, **limits)
+    return BalancedHTTPServer(app, **limits, counts=counts, slot=slot,
                               on_connections=app.settings["metrics"].open_connections.set)
 
 

@@ -37,10 +37,14 @@ class Options:
     model_version: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["mean"], data["std"] = list(self.mean), list(self.std)
-        if self.model_version is None:
-            del data["model_version"]  # unpinned sessions read as before versions existed
+        # Spelled out rather than dataclasses.asdict, which deep-copies field by field: this runs
+        # on the event loop for every prediction recorded.
+        data: dict[str, Any] = {
+            "resize": self.resize, "crop": self.crop, "interpolation": self.interpolation, "color": self.color,
+            "mean": list(self.mean), "std": list(self.std), "top_k": self.top_k,
+        }
+        if self.model_version is not None:  # unpinned sessions read as before versions existed
+            data["model_version"] = self.model_version
         return data
 
     def merged(self, changes: Mapping[str, Any]) -> Options:

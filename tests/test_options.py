@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from sessions.errors import BadOptions
@@ -14,6 +16,12 @@ def test_defaults_and_round_trip_through_redis_fields() -> None:
     stored = tuple(options.to_redis().items())
     assert Options.from_redis(stored) == options
     assert hash(options) == hash(Options.from_redis(stored))
+
+
+def test_to_dict_names_every_field_as_json_values() -> None:
+    pinned = Options(model_version="v2", top_k=3)
+    assert pinned.to_dict() == {**dataclasses.asdict(pinned), "mean": list(pinned.mean), "std": list(pinned.std)}
+    assert "model_version" not in Options().to_dict()  # unpinned sessions read as before versions existed
 
 
 @pytest.mark.parametrize("changes, field", [
