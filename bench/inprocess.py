@@ -66,24 +66,27 @@ def onnx_runtime(onnx_path: Path, intra: int, cache_dir: Path | None) -> tuple[p
     return pipelines.onnx_forward(onnx_path, intra), "bench export (TorchScript exporter, opset 17)"
 
 
-def workloads(images: list[Path], onnx_path: Path, intra: int,
-              cache_dir: Path | None) -> tuple[dict[tuple[str, str], Work], str]:
-    """(pipeline, image) -> a zero-argument callable doing one image end to end; and the ONNX source."""
+def workloads(images: list[Path], onnx_path: Path, intra: int, cache_dir: Path | None,
+              fast_only: bool = False) -> tuple[dict[tuple[str, str], Work], str]:
+    """(pipeline, image) -> a zero-argument callable doing one image end to end; and the ONNX source.
+    `fast_only`: just the fast pipeline per image (no torch import: a quick re-measure of the limit)."""
     import numpy as np
-    import torch
 
-    torch.set_num_threads(intra)
-    transform = pipelines.seed_transform()
-    torch_fw = pipelines.torch_forward(pipelines.load_torch_module())
     onnx_fw, onnx_source = onnx_runtime(onnx_path, intra, cache_dir)
-    zeros = np.zeros((1, 3, 224, 224), dtype=np.float32)
-    work: dict[tuple[str, str], Work] = {
-        ("forward-torch", "-"): lambda: torch_fw(zeros),
-        ("forward-onnx", "-"): lambda: onnx_fw(zeros),
-    }
+    work: dict[tuple[str, str], Work] = {}
+    if not fast_only:
+        import torch
+
+        torch.set_num_threads(intra)
+        transform = pipelines.seed_transform()
+        torch_fw = pipelines.torch_forward(pipelines.load_torch_module())
+        zeros = np.zeros((1, 3, 224, 224), dtype=np.float32)
+        work[("forward-torch", "-")] = lambda: torch_fw(zeros)
+        work[("forward-onnx", "-")] = lambda: onnx_fw(zeros)
     for path in images:
         data = path.read_bytes()
-        work[("seed", path.stem)] = lambda d=data: torch_fw(pipelines.seed_preprocess(d, transform)[None])
+        if not fast_only:
+            work[("seed", path.stem)] = lambda d=data: torch_fw(pipelines.seed_preprocess(d, transform)[None])
         work[("fast", path.stem)] = lambda d=data: onnx_fw(pipelines.fast_preprocess(d)[None])
     return work, onnx_source
 
@@ -105,9 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--intra", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--fast-only", action="store_true", help="only the fast pipeline (no torch)")
     args = parser.parse_args(argv)
     rows = []
-    work_items, onnx_source = workloads(args.images, args.onnx, args.intra, args.cache_dir)
+    work_items, onnx_source = workloads(args.images, args.onnx, args.intra, args.cache_dir, args.fast_only)
     for (pipeline, image), work in work_items.items():
         stats = measure(work, args.threads, args.duration, args.warmup)
         rows.append({"pipeline": pipeline, "label": PIPELINE_LABELS[pipeline], "image": image,

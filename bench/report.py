@@ -43,6 +43,8 @@ def add_ratios(points: list[Row], inprocess: list[Row]) -> None:
     for p in points:
         limit = best.get(p["image"])
         p["ratio_to_limit"] = p["img_s"] / limit["img_s"] if limit and limit["img_s"] else None
+        after = p.get("limit_after")  # the limit measured again right after this point (bench.run)
+        p["ratio_to_limit_after"] = p["img_s"] / after["img_s"] if after and after["img_s"] else None
         # Protocol rows (oip-rest, oip-grpc) compare with /v1/predict's raw body: the same image bytes.
         fallback = "raw" if p["payload"].startswith("oip") else "multipart"
         ref = find(points, ours, p["image"], p["payload"], p["concurrency"]) or find(
@@ -82,12 +84,18 @@ def verdict(points: list[Row], inprocess: list[Row]) -> list[Row]:
     best = limits(inprocess)
     checks = []
 
+    # Where the point has a limit measured right after it, that one counts: the machine's speed
+    # drifts over the minutes between the run-start limit and the point (both ratios are shown).
     oks, notes = [], []
     for p in mine:
         if p["concurrency"] in (4, 16) and p["image"] in best:
-            oks.append(p["img_s"] >= 0.9 * best[p["image"]]["img_s"])
-            notes.append(f"{p['image']} {p['payload']} c{p['concurrency']}: {p['ratio_to_limit']:.2f}")
-    checks.append(_check("c4 and c16 >= 0.9 x best in-process pipeline", _all(oks), ", ".join(notes) or "no data"))
+            after = p.get("ratio_to_limit_after")
+            ratio = after if after is not None else p["ratio_to_limit"]
+            oks.append(ratio >= 0.9)
+            notes.append(f"{p['image']} {p['payload']} c{p['concurrency']}: {ratio:.2f}"
+                         + (f" (run-start limit: {p['ratio_to_limit']:.2f})" if after is not None else ""))
+    checks.append(_check("c4 and c16 >= 0.9 x best in-process pipeline (the limit measured right after the "
+                         "point where it was)", _all(oks), ", ".join(notes) or "no data"))
 
     checks.append(_ratio_vs_peer(points, "litserve-torch", 2.0, "LitServe-torch"))
     checks.append(_ratio_vs_peer(points, "litserve-onnx", 1.0, "LitServe-onnx"))
@@ -96,10 +104,13 @@ def verdict(points: list[Row], inprocess: list[Row]) -> list[Row]:
     oks, notes = [], []
     for p in mine:
         if p["concurrency"] == 1 and p["image"] in best:
-            ref = single_image_latency(inprocess, p["image"], best[p["image"]]["pipeline"])
+            start = single_image_latency(inprocess, p["image"], best[p["image"]]["pipeline"])
+            ref = p["limit_after"]["p50_ms"] if p.get("limit_after") else start
             oks.append(p["p50_ms"] <= ref + 3.0)
-            notes.append(f"{p['image']} {p['payload']}: {p['p50_ms']:.1f} vs {ref:.1f}+3 ms")
-    checks.append(_check("c1 p50 <= in-process single-image p50 + 3 ms", _all(oks), ", ".join(notes) or "no data"))
+            notes.append(f"{p['image']} {p['payload']}: {p['p50_ms']:.1f} vs {ref:.1f}+3 ms"
+                         + (f" (run-start: {start:.1f})" if p.get("limit_after") else ""))
+    checks.append(_check("c1 p50 <= in-process single-image p50 + 3 ms (measured right after the point where "
+                         "it was)", _all(oks), ", ".join(notes) or "no data"))
 
     oks, notes, inconclusive = [], [], []
     for p in mine:
@@ -187,6 +198,8 @@ def markdown(results: Row) -> str:
     sources = sorted({r["onnx_model"] for r in results["inprocess"] if r.get("onnx_model")})
     if sources:
         lines += ["", f"In-process ONNX model: {', '.join(sources)}."]
+    lines += ["", "x limit: img/s over the run-start in-process limit; in brackets, over the limit measured again "
+              "right after the point (where it was), which the verdict uses."]
     for image in results["images"]:
         lines += ["", f"## {image} ({results['images'][image]['description']})", "",
                   "| server | payload | c | img/s | p50 ms | p95 ms | p99 ms | errors | RSS MB "
@@ -196,7 +209,7 @@ def markdown(results: Row) -> str:
             lines.append(
                 f"| {p['server']} | {p['payload']} | {p['concurrency']} | {_fmt(p['img_s'])} | {_fmt(p['p50_ms'])} | "
                 f"{_fmt(p['p95_ms'])} | {_fmt(p['p99_ms'])} | {p['errors']} | {_fmt(p['peak_rss_mb'], 0)} | "
-                f"{_redis(p)} | {_fmt(p['ratio_to_limit'], 2)} | "
+                f"{_redis(p)} | {_limit_cell(p)} | "
                 f"{_fmt(p['ratio_to_ours'], 2)} |")
     lines += oip_section(results)
     lines += ["", "## Verdict", ""]
@@ -206,6 +219,11 @@ def markdown(results: Row) -> str:
     if results["notes"]:
         lines += ["", "## Notes", ""] + [f"- {note}" for note in results["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _limit_cell(point: Row) -> str:
+    after = point.get("ratio_to_limit_after")
+    return _fmt(point["ratio_to_limit"], 2) + (f" ({after:.2f})" if after is not None else "")
 
 
 def _versus(point: Row | None, reference: Row | None) -> list[str]:

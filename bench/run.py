@@ -8,6 +8,7 @@ chart.png into --out. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,6 +158,26 @@ def run_inprocess(images: dict[str, Path], onnx: Path, cache_dir: Path, duration
     return rows
 
 
+# The limit measured again right after each of our server's points that a target compares with it:
+# this machine's speed drifts by 10-20 % within minutes (two identical runs a minute apart: 98 and
+# 82 img/s), so a ratio to a limit measured once at the start measures the drift as much as the server.
+PAIRED_CONCURRENCIES = (1, 4, 16)
+PAIRED_DURATION_S = 3.0
+
+
+def paired_limit(image: Path, onnx: Path, cache_dir: Path) -> Row:
+    """The fast pipeline on `image` in both thread layouts, now: the best img/s and the lowest p50."""
+    rows: list[Row] = []
+    for threads, intra in ((2, 1), (1, 2)):
+        command = [PYTHON, "-m", "bench.inprocess", "--fast-only", "--onnx", str(onnx), "--cache-dir",
+                   str(cache_dir), "--threads", str(threads), "--intra", str(intra),
+                   "--duration", str(PAIRED_DURATION_S), "--warmup", "0.5", str(image)]
+        out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    return {"img_s": max(r["img_s"] for r in rows), "p50_ms": min(r["p50_ms"] for r in rows),
+            "layouts": {f"{r['threads']}x{r['intra_op_threads']}": round(r["img_s"], 1) for r in rows}}
+
+
 # ---------------------------------------------------------------- servers
 
 
@@ -280,8 +301,11 @@ def measure_point(server: RunningServer, body: loadgen.Body, concurrency: int, s
 
 
 def run_server(spec: ServerSpec, images: dict[str, Path], bodies: dict[str, dict[str, loadgen.Body]],
-               settings: Settings, work: Path, progress: Iterator[str]) -> tuple[list[Row], Row]:
-    """Start one server, measure all its points, stop it. Returns (points, info about the server)."""
+               settings: Settings, work: Path, progress: Iterator[str],
+               limit_after: Callable[[Path], Row] | None = None) -> tuple[list[Row], Row]:
+    """Start one server, measure all its points, stop it. Returns (points, info about the server).
+    `limit_after`: re-measure the in-process limit after each point in PAIRED_CONCURRENCIES (the
+    server idles meanwhile), for the ratios the targets use."""
     server = start_server(spec, work)
     try:
         info: Row = {"ready_line": ready_line(server), "port": server.port}
@@ -304,6 +328,10 @@ def run_server(spec: ServerSpec, images: dict[str, Path], bodies: dict[str, dict
                           + (f" redis {redis:.2f} cmd/pred, {row['redis_reads_per_predict'] or 0:.2f} reads/pred"
                              if redis is not None else "")
                           + (f" client cpu {row['client_cpu_pct']}%" if "client_cpu_pct" in row else ""), flush=True)
+                    if limit_after is not None and c in PAIRED_CONCURRENCIES:
+                        row["limit_after"] = limit_after(images[image])
+                        print(f"    in-process limit right after: {row['limit_after']['img_s']:.1f} img/s, "
+                              f"p50 {row['limit_after']['p50_ms']:.1f} ms", flush=True)
         info["peak_rss_mb"] = max((p["peak_rss_mb"] for p in points), default=None)
         return points, info
     finally:
@@ -338,8 +366,10 @@ def run_all_servers(settings: Settings, images: dict[str, Path], onnx: Path, wor
             print(f"skip {name}: {litserve_error}", flush=True)
             continue
         spec = server_spec(name, settings, onnx, work)
+        limit_after = functools.partial(paired_limit, onnx=onnx, cache_dir=work / "model-cache") \
+            if name == report.PRIMARY else None
         try:
-            got, info = run_server(spec, images, bodies, settings, work, progress)
+            got, info = run_server(spec, images, bodies, settings, work, progress, limit_after)
         except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
             first = str(exc).splitlines()[0]
             notes.append(f"{name} failed: {first}")
@@ -348,7 +378,7 @@ def run_all_servers(settings: Settings, images: dict[str, Path], onnx: Path, wor
                 continue
             notes.append("ours-onnx fell back to runtime=torch (as row 'ours-onnx').")
             spec.env["INFERENCE_MODEL_RUNTIME"] = "torch"
-            got, info = run_server(spec, images, bodies, settings, work, progress)
+            got, info = run_server(spec, images, bodies, settings, work, progress, limit_after)
         if name == "ours-onnx" and info["ready_line"] and "runtime=onnxruntime" not in info["ready_line"]:
             notes.append(f"ours-onnx did not report runtime=onnxruntime: {info['ready_line']}")
         points += got
