@@ -140,7 +140,13 @@ class _BalancedAccept:
             return  # a sibling took it, or the client gave up while queued
         except OSError:
             return  # the socket was closed: shutting down
-        connection.setblocking(False)
-        stream = tornado.iostream.IOStream(connection, max_buffer_size=self.server.max_buffer_size,
-                                           read_chunk_size=self.server.read_chunk_size)
-        self.server.handle_stream(stream, address)
+        adopt_connection(self.server, connection, address)
+
+
+def adopt_connection(server: tornado.httpserver.HTTPServer, connection: socket.socket, address: Any) -> None:
+    """Serve a connection accepted outside the server's own accept loop the way that loop would:
+    non-blocking, with the server's buffer limit and read size."""
+    connection.setblocking(False)
+    stream = tornado.iostream.IOStream(connection, max_buffer_size=server.max_buffer_size,
+                                       read_chunk_size=server.read_chunk_size)
+    server.handle_stream(stream, address)

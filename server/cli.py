@@ -16,13 +16,12 @@ import sys
 from pathlib import Path
 
 import tornado.httpserver
-import tornado.iostream
 import tornado.netutil
 
 from handlers.base import InFlight
 from handlers.sessions import api_key_hash
 from server.app import http_server, make_app
-from server.balance import SharedCounts
+from server.balance import SharedCounts, adopt_connection
 from server.config import Config, ConfigError, load_config, validate
 from server.embedded_redis import EmbeddedRedis
 from server.model import ModelLoadError
@@ -250,8 +249,7 @@ def _serve_backlog(server: tornado.httpserver.HTTPServer, sockets: list[socket.s
                 connection, address = listening.accept()
             except OSError:  # BlockingIOError: the backlog is empty
                 break
-            connection.setblocking(False)
-            server.handle_stream(tornado.iostream.IOStream(connection), address)
+            adopt_connection(server, connection, address)
 
 
 async def _drain(in_flight: InFlight, grace_seconds: float) -> None:
