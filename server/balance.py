@@ -48,6 +48,12 @@ class SharedCounts:
     def busier_than_a_sibling(self, slot: int) -> bool:
         return self._connections[slot] > min(self._connections)
 
+    def set_in_flight(self, slot: int, images: int) -> None:
+        self._in_flight[slot] = images
+
+    def in_flight_elsewhere(self, slot: int) -> int:
+        return sum(self._in_flight) - self._in_flight[slot]
+
     def reset(self, slot: int) -> None:
         """Forget a process that exited: its connections and work went with it."""
         self._connections[slot] = 0
@@ -61,13 +67,13 @@ class SiblingView:
     """One process's view of the others' work: a runner.SiblingLoad."""
 
     def __init__(self, counts: SharedCounts, slot: int):
-        self._in_flight, self._slot = counts._in_flight, slot
+        self._counts, self._slot = counts, slot
 
     def publish(self, in_flight: int) -> None:
-        self._in_flight[self._slot] = in_flight
+        self._counts.set_in_flight(self._slot, in_flight)
 
     def others(self) -> int:
-        return sum(self._in_flight) - self._in_flight[self._slot]
+        return self._counts.in_flight_elsewhere(self._slot)
 
 
 class BalancedHTTPServer(tornado.httpserver.HTTPServer):
