@@ -143,15 +143,24 @@ def export_onnx(work: Path) -> Path:
     return path
 
 
+THREAD_LAYOUTS = ((2, 1), (1, 2))  # (Python threads, intra-op threads) of the in-process limit
+
+
+def inprocess_rows(images: list[Path], onnx: Path, cache_dir: Path, threads: int, intra: int, duration: float,
+                   *options: str, timeout: float = 1200) -> list[Row]:
+    """One `bench.inprocess` subprocess (one thread layout per process: torch's is process-wide)."""
+    command = [PYTHON, "-m", "bench.inprocess", "--onnx", str(onnx), "--cache-dir", str(cache_dir),
+               "--threads", str(threads), "--intra", str(intra), "--duration", str(duration), *options,
+               *map(str, images)]
+    out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=timeout)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def run_inprocess(images: dict[str, Path], onnx: Path, cache_dir: Path, duration: float) -> list[Row]:
     rows: list[Row] = []
-    for threads, intra in ((2, 1), (1, 2)):
+    for threads, intra in THREAD_LAYOUTS:
         print(f"[in-process] {threads} thread(s) x {intra} intra-op: seed, fast, forward-only ...", flush=True)
-        command = [PYTHON, "-m", "bench.inprocess", "--onnx", str(onnx), "--cache-dir", str(cache_dir),
-                   "--threads", str(threads),
-                   "--intra", str(intra), "--duration", str(duration), *map(str, images.values())]
-        out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=1200)
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
+        rows += inprocess_rows(list(images.values()), onnx, cache_dir, threads, intra, duration)
     for row in rows:
         print(f"    {row['label']:<52} {row['image']:<9} {row['threads']}x{row['intra_op_threads']} "
               f"{row['img_s']:7.1f} img/s  p50 {row['p50_ms']:6.1f} ms", flush=True)
@@ -167,13 +176,9 @@ PAIRED_DURATION_S = 3.0
 
 def paired_limit(image: Path, onnx: Path, cache_dir: Path) -> Row:
     """The fast pipeline on `image` in both thread layouts, now: the best img/s and the lowest p50."""
-    rows: list[Row] = []
-    for threads, intra in ((2, 1), (1, 2)):
-        command = [PYTHON, "-m", "bench.inprocess", "--fast-only", "--onnx", str(onnx), "--cache-dir",
-                   str(cache_dir), "--threads", str(threads), "--intra", str(intra),
-                   "--duration", str(PAIRED_DURATION_S), "--warmup", "0.5", str(image)]
-        out = subprocess.run(command, cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
-        rows += json.loads(out.stdout.strip().splitlines()[-1])
+    rows = [row for threads, intra in THREAD_LAYOUTS
+            for row in inprocess_rows([image], onnx, cache_dir, threads, intra, PAIRED_DURATION_S,
+                                      "--fast-only", "--warmup", "0.5", timeout=300)]
     return {"img_s": max(r["img_s"] for r in rows), "p50_ms": min(r["p50_ms"] for r in rows),
             "layouts": {f"{r['threads']}x{r['intra_op_threads']}": round(r["img_s"], 1) for r in rows}}
 
