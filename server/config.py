@@ -253,7 +253,7 @@ def validate(config: Config) -> None:
         (config.server.mode in {"development", "production"},
          "server.mode must be 'development' or 'production'."),
         (0 <= config.server.port <= 65535, "server.port must be between 0 and 65535."),
-        (0 <= config.server.processes <= 64, "server.processes must be between 1 and 64 (0: one per CPU core)."),
+        (0 <= config.server.processes <= 64, "server.processes must be between 0 and 64 (0: one per CPU core)."),
         (config.server.log_level.lower() in {"debug", "info", "warning", "error"},
          "server.log_level must be debug, info, warning or error."),
         (config.server.log_format in {"text", "json"}, "server.log_format must be 'text' or 'json'."),
