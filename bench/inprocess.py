@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import threading
@@ -23,7 +24,8 @@ Work = Callable[[], Any]
 
 
 def measure(work: Work, threads: int, duration: float, warmup: float) -> dict[str, float]:
-    """Call `work` from `threads` threads for `duration` s (after `warmup` s); img/s and p50 latency."""
+    """Call `work` from `threads` threads for `duration` s (after `warmup` s); img/s, p50 latency, and
+    the process's CPU per image inside the window (what one image costs when nothing else runs)."""
     latencies: list[list[float]] = [[] for _ in range(threads)]
     start_barrier = threading.Barrier(threads + 1)
     bounds: dict[str, float] = {}
@@ -41,6 +43,10 @@ def measure(work: Work, threads: int, duration: float, warmup: float) -> dict[st
     t0 = time.perf_counter()
     bounds.update(start=t0 + warmup, end=t0 + warmup + duration)
     start_barrier.wait()
+    time.sleep(max(0.0, bounds["start"] - time.perf_counter()))
+    cpu_start = _process_cpu_s()
+    time.sleep(max(0.0, bounds["end"] - time.perf_counter()))
+    cpu_s = _process_cpu_s() - cpu_start
     for thread in pool:
         thread.join(timeout=warmup + duration + 120)
     flat = [x for per_thread in latencies for x in per_thread]
@@ -48,7 +54,13 @@ def measure(work: Work, threads: int, duration: float, warmup: float) -> dict[st
         "img_s": len(flat) / duration,
         "p50_ms": statistics.median(flat) * 1000 if flat else float("nan"),
         "count": len(flat),
+        "cpu_ms_per_image": cpu_s * 1000 / len(flat) if flat else float("nan"),
     }
+
+
+def _process_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def onnx_runtime(onnx_path: Path, intra: int, cache_dir: Path | None) -> tuple[pipelines.Forward, str]:
