@@ -122,7 +122,7 @@ def run_variant(name: str, images: dict[str, Path], args: argparse.Namespace, wo
     data_dir.mkdir()
     env = {"INFERENCE_SERVER_DATA_DIR": str(data_dir), "INFERENCE_REDIS_URL": "embedded",
            "INFERENCE_MODEL_RUNTIME": "onnxruntime", "INFERENCE_MODEL_MAX_QUEUE": "256",
-           "INFERENCE_MODEL_CACHE_DIR": str(args.cache_dir), "INFERENCE_SERVER_LOG_LEVEL": "warning"}
+           "INFERENCE_MODEL_CACHE_DIR": str(args.cache_dir)}  # bench.run's ours-onnx, access log included
     spec = ServerSpec(name, VARIANTS[name], env, "/v1/predict", ("raw",), "/readyz", sessions=True,
                       data_dir=data_dir)
     print(f"[{name}] starting (the first start exports the model, ~20 s) ...", flush=True)
