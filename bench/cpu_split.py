@@ -10,7 +10,7 @@ can reach with that overhead (if its pipeline costs what it does in-process), an
 window's split, it does not move with the machine's speed the way two img/s measured a minute
 apart do. The table shows what each part costs.
 
-Per point: wrk drives `POST /v1/predict` (raw body, one session per connection) while the CPU time
+Per point: wrk drives `POST /v1/predict` (--payloads, one session per connection) while the CPU time
 of every thread of the server's process tree, of its Redis and of wrk is read at the window's
 edges; then the fast pipeline runs in-process (2 threads x 1 intra-op thread, 3 s).
 
@@ -54,6 +54,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_split", description=__doc__.split("\n\n")[0])
     parser.add_argument("--images", nargs="+", choices=("coffee", "12mp"), default=["coffee"])
     parser.add_argument("--concurrency", nargs="+", type=int, default=[4, 16])
+    parser.add_argument("--payloads", nargs="+", choices=("raw", "multipart"), default=["raw"])
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--free-store", action="store_true", help="also run bench.free_store (Redis calls free)")
@@ -123,7 +124,7 @@ def run_variant(name: str, images: dict[str, Path], args: argparse.Namespace, wo
     env = {"INFERENCE_SERVER_DATA_DIR": str(data_dir), "INFERENCE_REDIS_URL": "embedded",
            "INFERENCE_MODEL_RUNTIME": "onnxruntime", "INFERENCE_MODEL_MAX_QUEUE": "256",
            "INFERENCE_MODEL_CACHE_DIR": str(args.cache_dir)}  # bench.run's ours-onnx, access log included
-    spec = ServerSpec(name, VARIANTS[name], env, "/v1/predict", ("raw",), "/readyz", sessions=True,
+    spec = ServerSpec(name, VARIANTS[name], env, "/v1/predict", tuple(args.payloads), "/readyz", sessions=True,
                       data_dir=data_dir)
     print(f"[{name}] starting (the first start exports the model, ~20 s) ...", flush=True)
     server = start_server(spec, work)
@@ -131,15 +132,17 @@ def run_variant(name: str, images: dict[str, Path], args: argparse.Namespace, wo
     try:
         tokens = loadgen.create_tokens(server.base_url, max(args.concurrency), work / f"{name}.tokens")
         for image, path in images.items():
-            body = loadgen.make_bodies(path, work)["raw"]
-            for concurrency in args.concurrency:
-                row = measure(server, body, concurrency, tokens, args.warmup, args.duration)
-                # The in-process pipeline right after, with the server idle: the machine's speed drifts.
-                inprocess = inprocess_rows([path], work / "unused.onnx", args.cache_dir, 2, 1, 3.0,
-                                           "--fast-only", "--warmup", "0.5", timeout=300)[0]
-                row.update(server=name, image=image, concurrency=concurrency, inprocess=inprocess)
-                rows.append(row)
-                print_row(row)
+            bodies = loadgen.make_bodies(path, work)
+            for payload in spec.payloads:
+                for concurrency in args.concurrency:
+                    row = measure(server, bodies[payload], concurrency, tokens, args.warmup, args.duration)
+                    # The in-process pipeline right after, with the server idle: the machine's speed drifts.
+                    inprocess = inprocess_rows([path], work / "unused.onnx", args.cache_dir, 2, 1, 3.0,
+                                               "--fast-only", "--warmup", "0.5", timeout=300)[0]
+                    row.update(server=name, image=image, payload=payload, concurrency=concurrency,
+                               inprocess=inprocess)
+                    rows.append(row)
+                    print_row(row)
     finally:
         stop_server(server)
     return rows
@@ -148,7 +151,7 @@ def run_variant(name: str, images: dict[str, Path], args: argparse.Namespace, wo
 def print_row(row: Row) -> None:
     inprocess = row["inprocess"]
     total = row["cpu_ms_per_image_total"]
-    print(f"\n{row['server']} {row['image']} c{row['concurrency']}: {row['img_s']:.1f} img/s "
+    print(f"\n{row['server']} {row['image']} {row['payload']} c{row['concurrency']}: {row['img_s']:.1f} img/s "
           f"(in-process right after: {inprocess['img_s']:.1f}, ratio {row['img_s'] / inprocess['img_s']:.2f}), "
           f"errors {row['errors']}")
     for role, ms in row["cpu_ms_per_image"].items():

@@ -13,6 +13,7 @@ from sessions.options import Options
 from sessions.store import Session, SessionStore, iso, now_ms
 
 if TYPE_CHECKING:
+    from handlers.predict import ImageUpload
     from server.runner import ClassScore, ModelRunner
     from server.weights import ModelVersions
 
@@ -21,7 +22,7 @@ async def predict_and_record(
     store: SessionStore,
     runner: ModelRunner,
     session: Session,
-    image: bytes,
+    image: bytes | ImageUpload,
     options: Options,
     idempotency_key: str | None = None,
     versions: ModelVersions | None = None,

@@ -1,7 +1,8 @@
 """The model runner: the only code that knows threads and batches.
 
-Callers hand it plain data (image bytes and an Options value) and await a Prediction. Decoding,
-preprocessing and the forward pass all run on the runner's own thread pool, never on the IOLoop.
+Callers hand it plain data (image bytes, or an upload to read them from, and an Options value) and
+await a Prediction. Reading the upload, decoding, preprocessing and the forward pass all run on the
+runner's own thread pool, never on the IOLoop.
 A bounded count of admitted requests keeps the backlog finite: beyond it callers get a fast 503.
 With `max_batch_size > 1`, preprocessed images wait up to `max_batch_delay_ms` to share a forward
 (useful on GPUs; on this CPU it measured no gain, so it is off by default).
@@ -37,6 +38,14 @@ class SiblingLoad(Protocol):
 
     def others(self) -> int:
         """Images in flight in the other processes."""
+
+
+class ImageSource(Protocol):
+    """An upload the runner reads into image bytes on its own threads, not on the IOLoop (a handler
+    passes handlers.predict.ImageUpload: joining and splitting a large body is GIL-held copying)."""
+
+    def image_bytes(self) -> bytes:
+        """The image file's bytes; raises a ServiceError (400) for a malformed body."""
 
 
 class _NoSiblings:
@@ -175,7 +184,7 @@ class ModelRunner:
         """Requests admitted and not yet answered (queued plus running)."""
         return self._admitted
 
-    async def predict(self, data: bytes, options: Options) -> Prediction:
+    async def predict(self, data: bytes | ImageSource, options: Options) -> Prediction:
         """Decode, preprocess and classify one image under `options`."""
         served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
         if self.max_batch_size <= 1:
@@ -183,7 +192,7 @@ class ModelRunner:
             return await self._submit(self._predict_sync, data, options, time.perf_counter(), served)
         return await self._admitted_call(self._predict_batched(data, options, served))
 
-    async def _predict_batched(self, data: bytes, options: Options, served: ServedModel) -> Prediction:
+    async def _predict_batched(self, data: bytes | ImageSource, options: Options, served: ServedModel) -> Prediction:
         submitted = time.perf_counter()
         loop = asyncio.get_running_loop()
         tensor = await loop.run_in_executor(self._executor, self._preprocess, data, options)
@@ -198,10 +207,12 @@ class ModelRunner:
             "batch_size": batch_size,
         }, model=served.info)
 
-    def _preprocess(self, data: bytes, options: Options) -> np.ndarray:
+    def _preprocess(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
+        if not isinstance(data, bytes):
+            data = data.image_bytes()
         return imaging.preprocess(data, options, max_pixels=self.max_image_pixels)
 
-    async def preprocess(self, data: bytes, options: Options) -> np.ndarray:
+    async def preprocess(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
         """The (3, crop, crop) float32 tensor the model would see under `options`; admitted like a
         predict, since decoding a large image costs about as much as a forward."""
         return await self._submit(self._preprocess, data, options)
@@ -293,7 +304,8 @@ class ModelRunner:
         lock: a stale count only picks the other thread layout for one forward."""
         return self._admitted <= 1 and self._siblings.others() == 0
 
-    def _predict_sync(self, data: bytes, options: Options, submitted: float, served: ServedModel) -> Prediction:
+    def _predict_sync(self, data: bytes | ImageSource, options: Options, submitted: float,
+                      served: ServedModel) -> Prediction:
         started = time.perf_counter()
         tensor = self._preprocess(data, options)
         preprocessed = time.perf_counter()

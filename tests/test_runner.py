@@ -7,9 +7,10 @@ import threading
 
 import pytest
 
+from handlers.predict import ImageUpload
 from server.runner import ModelRunner
 from server.runtime import build_runner
-from sessions.errors import BadImage, InferenceFailed, ServiceBusy
+from sessions.errors import BadImage, BadRequest, InferenceFailed, ServiceBusy
 from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config
 
@@ -34,6 +35,31 @@ def test_each_caller_gets_its_own_result_and_options(runner: ModelRunner) -> Non
     assert len(coffee.top_k) == 1 and coffee.top_k[0].class_index in COFFEE_CLASSES
     assert len(gray_cat.top_k) == 7
     assert cat.top_k[0].score >= cat.top_k[1].score >= cat.top_k[2].score
+    assert runner.queue_depth == 0
+
+
+class ThreadRecordingUpload(ImageUpload):
+    def image_bytes(self) -> bytes:
+        object.__setattr__(self, "read_on", threading.current_thread().name)
+        return super().image_bytes()
+
+
+@pytest.mark.parametrize("batching", [1, 4])
+def test_an_upload_is_read_on_the_runners_threads_not_the_loops(default_model, batching: int) -> None:
+    runner = build_runner(make_config(model={"max_batch_size": batching}), default_model)
+    boundary = "b0undary"
+    multipart = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"c.jpg\"\r\n"
+                 f"Content-Type: image/jpeg\r\n\r\n").encode() + COFFEE_JPEG + f"\r\n--{boundary}--\r\n".encode()
+    upload = ThreadRecordingUpload((multipart[:1000], multipart[1000:]), f"multipart/form-data; boundary={boundary}")
+    malformed = ImageUpload((b"--b0undary\r\nbroken",), f"multipart/form-data; boundary={boundary}")
+    try:
+        prediction = asyncio.run(runner.predict(upload, Options(top_k=1)))
+        with pytest.raises(BadRequest):
+            asyncio.run(runner.predict(malformed, Options()))
+    finally:
+        runner.close()
+    assert prediction.top_k[0].class_index in COFFEE_CLASSES
+    assert upload.read_on.startswith("model")  # the runner's executor, not the event loop's thread
     assert runner.queue_depth == 0
 
 
