@@ -58,6 +58,17 @@ def measure(work: Work, threads: int, duration: float, warmup: float) -> dict[st
     }
 
 
+def server_process_settings() -> None:
+    """The server's own process settings (server.malloc), so that the limit runs the pipeline the
+    way the server does; nothing on a checkout that predates them."""
+    try:
+        from server.config import load_config
+        from server.malloc import keep_freed_memory
+    except ImportError:
+        return
+    keep_freed_memory(load_config().server.malloc_keep_mb)
+
+
 def _process_cpu_s() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--fast-only", action="store_true", help="only the fast pipeline (no torch)")
     args = parser.parse_args(argv)
+    server_process_settings()
     rows = []
     work_items, onnx_source = workloads(args.images, args.onnx, args.intra, args.cache_dir, args.fast_only)
     for (pipeline, image), work in work_items.items():

@@ -24,6 +24,7 @@ from server.app import http_server, make_app
 from server.balance import SharedCounts, adopt_connection
 from server.config import Config, ConfigError, load_config, validate
 from server.embedded_redis import EmbeddedRedis
+from server.malloc import keep_freed_memory
 from server.model import ModelLoadError
 from server.observability import configure_logging, forget_process_metrics, share_metrics_across_processes
 from server.runtime import build_runner, build_store, prepare_model
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.server.log_level, config.server.log_format)
+    keep_freed_memory(config.server.malloc_keep_mb)  # once, before serving: forked children inherit it
     try:
         return run(config)
     except (ModelLoadError, ConfigError) as exc:

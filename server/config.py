@@ -33,6 +33,9 @@ class ServerConfig:
     processes: int = 0
     log_level: str = "info"
     log_format: str = "text"  # "json": one JSON object per line (production); "text" for development
+    # glibc: buffers under this size reuse freed heap memory instead of fresh pages (server.malloc);
+    # up to this much freed memory stays in each heap. 0: the C library's defaults.
+    malloc_keep_mb: int = 32
 
 
 @dataclass
@@ -257,6 +260,7 @@ def validate(config: Config) -> None:
         (config.server.log_level.lower() in {"debug", "info", "warning", "error"},
          "server.log_level must be debug, info, warning or error."),
         (config.server.log_format in {"text", "json"}, "server.log_format must be 'text' or 'json'."),
+        (0 <= config.server.malloc_keep_mb <= 1024, "server.malloc_keep_mb must be between 0 and 1024."),
         (config.http.max_body_bytes >= 1024, "http.max_body_bytes must be at least 1024."),
         (config.http.shutdown_grace_seconds >= 0, "http.shutdown_grace_seconds must not be negative."),
         (0 <= config.grpc.port <= 65535, "grpc.port must be between 1 and 65535, or 0 to turn gRPC off."),
