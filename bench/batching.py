@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 
 from bench.run import COFFEE, REPO
-from server.config import Config
-from server.runtime import build_backend, build_runner
+from server.config import Config, load_config
+from server.runtime import build_backend, build_runner, onnx_cache_dir
 from server.torch_model import load_model
 from sessions.options import Options
 
@@ -45,7 +45,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--delay-ms", type=float, default=2.0, help="model.max_batch_delay_ms")
     parser.add_argument("--duration", type=float, default=4.0, help="measured seconds per runner point")
     parser.add_argument("--image", type=Path, default=COFFEE)
-    parser.add_argument("--cache-dir", type=Path, default=REPO / "data" / "model-cache")
+    parser.add_argument("--cache-dir", type=Path, default=onnx_cache_dir(load_config()))
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return parser.parse_args(argv)
 

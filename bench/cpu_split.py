@@ -34,6 +34,8 @@ import psutil
 from bench import loadgen
 from bench.run import COFFEE, PYTHON, REPO, inprocess_rows, make_images, sleep_until
 from bench.servers import RunningServer, ServerSpec, start_server, stop_server, wait_idle
+from server.config import load_config
+from server.runtime import onnx_cache_dir
 
 Row = dict[str, Any]
 
@@ -58,7 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
     parser.add_argument("--warmup", type=float, default=2.0)
     parser.add_argument("--free-store", action="store_true", help="also run bench.free_store (Redis calls free)")
-    parser.add_argument("--cache-dir", type=Path, default=REPO / "data" / "model-cache",
+    parser.add_argument("--cache-dir", type=Path, default=onnx_cache_dir(load_config()),
                         help="the exported model's cache (default: the one `python -m server` uses)")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     return parser.parse_args(argv)
