@@ -14,18 +14,15 @@ import numpy as np
 import pytest
 import torch
 
-from server.imaging import preprocess
-from server.model import softmax
 from server.runtime import build_runner
 from server.torch_model import TorchBackend, load_model
 from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config
 from tests.test_cli import running_server
+from tests.test_runtimes import PHOTOS, probabilities
 
 DEVICE = "cuda"
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU visible")
-
-PHOTOS = {"cat": CAT_JPEG, "coffee": COFFEE_JPEG}
 
 
 @pytest.mark.parametrize("options", [Options(), Options(resize=320, crop=288)])
@@ -34,8 +31,7 @@ def test_the_gpu_gives_the_cpus_answer(options: Options) -> None:
     cpu = TorchBackend(load_model("efficientnet_lite0", "default").module, "cpu")
     gpu = TorchBackend(load_model("efficientnet_lite0", "default").module, DEVICE)
     for name, image in PHOTOS.items():
-        batch = preprocess(image, options, max_pixels=10**8)[None]
-        expected, got = softmax(cpu.forward(batch))[0], softmax(gpu.forward(batch))[0]
+        expected, got = probabilities(cpu, image, options), probabilities(gpu, image, options)
         # cuDNN's kernels round differently: the same top 3 and probabilities within 2e-3 (an H200
         # measured at most 4e-4); lower ranks may swap where two classes are nearly tied.
         assert list(np.argsort(got)[-3:]) == list(np.argsort(expected)[-3:]), name
