@@ -42,6 +42,17 @@ CORS_EXPOSED_HEADERS = ("X-Request-ID", "Retry-After", "Content-Type", "Idempote
                         "Inference-Header-Content-Length")
 
 
+def parse_json(data: bytes | str, what: str = "The body") -> Any:
+    """`data` parsed as JSON, or 400 `malformed_json` saying why. Nesting deep enough to exhaust
+    the parser's recursion (`[` repeated 100,000 times) is malformed input too, not a server error."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise BadRequest(f"{what} nests JSON arrays or objects too deeply.", code="malformed_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"{what} is not valid JSON ({exc}).", code="malformed_json") from None
+
+
 def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: list[str]) -> None:
     """Let listed browser origins read the response (and the headers the clients need)."""
     handler.set_header("Vary", "Origin")
@@ -222,10 +233,7 @@ class BaseHandler(tornado.web.RequestHandler):
         content_type = self.request.headers.get("Content-Type", "application/json")
         if content_type.split(";")[0].strip().lower() != "application/json":
             raise UnsupportedMediaType("Send the body as application/json.")
-        try:
-            return json.loads(body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise BadRequest(f"The body is not valid JSON ({exc}).", code="malformed_json") from None
+        return parse_json(body)
 
     def json_object(self, *, required: bool = True) -> dict[str, Any]:
         body = self.json_body(required=required)
