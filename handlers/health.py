@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from handlers.base import BaseHandler
@@ -56,7 +54,5 @@ class MetricsHandler(BaseHandler):
 
     async def get(self) -> None:
         metrics = self.settings["metrics"]
-        with contextlib.suppress(ServiceError):  # Redis down: the gauge keeps its last value
-            metrics.active_sessions.set(await self.store.count_sessions())
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
         self.finish(metrics.exposition())

@@ -77,13 +77,21 @@ class ModelVersionHandler(AdminHandler):
         self._digest = hashlib.sha256()
         self._limit = self.config.models.max_upload_bytes
         uploading = self.request.method == "PUT"
+        declared = self.request.headers.get("Content-Length", "")
+        try:
+            # The admin key first: only its holder may send a body past http.max_body_bytes.
+            await super().prepare()
+        except ServiceError as exc:
+            if declared.isdigit() and int(declared) > self.config.http.max_body_bytes:
+                self.set_header("Connection", "close")
+                raise  # too large to drain for a caller without the key: answered now
+            self._refusal = exc  # answered once the (small) body is drained, as below
+            return
         if uploading:
             self.request.connection.set_max_body_size(self._limit * 2)  # up to twice is drained, then cut
-            declared = self.request.headers.get("Content-Length", "")
             if declared.isdigit() and int(declared) > self._limit * 2:
                 self._refuse_oversized()
         try:
-            await super().prepare()
             if not uploading:
                 return
             name, version = self.path_kwargs["name"], self.path_kwargs["version"]

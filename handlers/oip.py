@@ -14,7 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from handlers.base import BaseHandler
+from handlers.base import BaseHandler, parse_json
 from handlers.oip_protocol import (
     BYTES,
     InferenceRequest,
@@ -150,10 +150,7 @@ def _parse_body(body: bytes, header_length: str | None, encoding: str | None) ->
                              f"{len(body)}; got {header_length!r}.", code="invalid_header_length")
         split = int(header_length)
         head, binary = body[:split], memoryview(body)[split:]
-    try:
-        document = json.loads(head)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"The inference request is not valid JSON ({exc}).", code="malformed_json") from None
+    document = parse_json(head, "The inference request")
     if not isinstance(document, dict):
         raise BadRequest("The inference request must be a JSON object.", code="malformed_json")
     parameters = _object(document.get("parameters"), "parameters")
@@ -196,20 +193,29 @@ def _input(item: dict[str, Any], binary: memoryview, offset: int) -> tuple[RawIn
     if "data" not in item:
         raise BadRequest(f"Input {name!r} has neither data nor the binary_data_size parameter.",
                          code="invalid_tensor")
-    data = _flatten(item["data"])
+    data = _flatten(item["data"], name)
     if datatype == BYTES:
         # JSON cannot carry raw bytes: each element of a BYTES input is its base64 text.
         data = [_base64(element, name) for element in data]
     return RawInput(name, datatype, shape, elements=data), offset
 
 
-def _flatten(data: Any) -> list[Any]:
-    """The JSON form's data may be flat or nested row-major lists."""
-    if not isinstance(data, list):
-        return [data]
+_MAX_DATA_DEPTH = 8  # a tensor's rank is at most 4; deeper nesting is a malformed request
+
+
+def _flatten(data: Any, name: str) -> list[Any]:
+    """The JSON form's data may be flat or nested row-major lists (at most _MAX_DATA_DEPTH deep)."""
     flat: list[Any] = []
-    for element in data:
-        flat.extend(_flatten(element) if isinstance(element, list) else [element])
+    stack: list[tuple[Any, int]] = [(data, 0)]
+    while stack:  # iterative: nesting depth must not become Python recursion
+        element, depth = stack.pop()
+        if not isinstance(element, list):
+            flat.append(element)
+        elif depth >= _MAX_DATA_DEPTH:
+            raise BadRequest(f"Input {name!r}: data nests lists more than {_MAX_DATA_DEPTH} deep.",
+                             code="invalid_tensor")
+        else:
+            stack.extend((item, depth + 1) for item in reversed(element))
     return flat
 
 

@@ -339,6 +339,15 @@ _VERSION_PARAMETERS = [
 ]
 
 
+def _document_malformed_requests(paths: dict[str, Any]) -> None:
+    """Any request can be malformed at the HTTP layer (a bad Content-Length, a header that does not
+    parse): every operation documents the 400 the server then answers."""
+    for path, item in paths.items():
+        error = _oip_error if path.startswith("/v2") else _error
+        for operation in item.values():
+            operation["responses"].setdefault("400", error("Malformed HTTP request."))
+
+
 def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
     paths: dict[str, Any] = {
         "/v1/sessions": {"post": {
@@ -506,6 +515,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "422": _error("Not a readable image."),
                           "503": _error("Queue full.")},
         }}
+    _document_malformed_requests(paths)
     return {
         "openapi": "3.1.0",
         "info": {"title": "Session-aware inference server", "version": "1.0.0",

@@ -1,8 +1,9 @@
 """`POST /v1/preprocess`: the tensor the model would see, without running the model.
 
 Useful for debugging a client's own pipeline against the server's and for feeding the server's
-preprocessing into a model run elsewhere. Nothing is recorded in the history and no rate-limit
-token is taken (no prediction is made), but decoding is admitted by the runner like a predict.
+preprocessing into a model run elsewhere. Nothing is recorded in the history, but it costs what a
+predict costs to decode and preprocess: it takes one from the session's rate limit and is admitted
+by the runner like a predict.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 class PreprocessHandler(ImageUploadHandler):
     """POST /v1/preprocess: same inputs as /v1/predict; `.npy` back, or JSON with `Accept: application/json`."""
+
+    rate_limit_cost = 1
 
     async def post(self) -> None:
         image = self.uploaded_image()

@@ -46,7 +46,7 @@ class LoginHandler(BaseHandler):
     public = True
 
     async def post(self) -> None:
-        self._check_api_key()
+        await self._take_login()
         body = self.json_object(required=False)
         options = Options().merged(body.get("options") or {})
         await check_model_version(self, body.get("options"))
@@ -58,10 +58,22 @@ class LoginHandler(BaseHandler):
             "options": options.to_dict(),
         }, status=201)
 
-    def _check_api_key(self) -> None:
-        if self.config.auth.api_keys:  # none configured: anyone may log in
-            key = presented_api_key(self, missing="Logging in needs an 'Authorization: ApiKey <key>' header.")
+    async def _take_login(self) -> None:
+        """Check the API key (where keys are configured) and charge the login rate limit: per valid key,
+        else per client address, so that wrong keys are throttled too and a fresh login never
+        escapes a session's rate limit for long."""
+        per_minute = self.config.sessions.login_rate_limit_per_minute
+        address = f"address:{self.request.remote_ip}"
+        if not self.config.auth.api_keys:  # none configured: anyone may log in
+            await self.store.take_login(address, per_minute)
+            return
+        key = presented_api_key(self, missing="Logging in needs an 'Authorization: ApiKey <key>' header.")
+        try:
             check_api_key(key, self.config.auth.api_keys, invalid="The API key is not valid.")
+        except InvalidToken:
+            await self.store.take_login(address, per_minute)
+            raise
+        await self.store.take_login(api_key_hash(key), per_minute)
 
 
 class SessionHandler(BaseHandler):

@@ -26,7 +26,12 @@ from server.config import Config, ConfigError, load_config, validate
 from server.embedded_redis import EmbeddedRedis
 from server.malloc import keep_freed_memory
 from server.model import ModelLoadError
-from server.observability import configure_logging, forget_process_metrics, share_metrics_across_processes
+from server.observability import (
+    configure_logging,
+    count_sessions_forever,
+    forget_process_metrics,
+    share_metrics_across_processes,
+)
 from server.runtime import build_runner, build_store, prepare_model
 
 log = logging.getLogger("inference.server")
@@ -123,6 +128,9 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     store = build_store(config, redis_url)
     app = make_app(config, store, runner)
     await app.settings["model_versions"].start()  # serve the active version, follow activations
+    # One process counts the sessions for the gauge (a keyspace scan), in the background.
+    session_counter = asyncio.ensure_future(count_sessions_forever(store, runner.metrics.active_sessions)) \
+        if slot == 0 else None
     server = http_server(app, config, counts, slot)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
@@ -161,6 +169,8 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     if grpc_stopped is not None:
         await grpc_stopped
     await server.close_all_connections()
+    if session_counter is not None:
+        session_counter.cancel()
     await app.settings["model_versions"].close()
     runner.close()
     await store.close()

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
+
+from sessions.errors import ServiceError
 
 access_log = logging.getLogger("inference.access")
 
@@ -18,6 +22,9 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 _SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# Label values come from fixed sets: a made-up method must not become a new time series.
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+SESSION_COUNT_INTERVAL_SECONDS = 30.0
 
 
 def share_metrics_across_processes(directory: Path) -> None:
@@ -33,6 +40,10 @@ def share_metrics_across_processes(directory: Path) -> None:
 def forget_process_metrics(directory: Path, pid: int) -> None:
     """A serving process exited: drop its live gauges (its counters still count)."""
     multiprocess.mark_process_dead(pid, str(directory))
+
+
+class SessionCounter(Protocol):
+    async def count_sessions(self) -> int: ...
 
 
 class Metrics:
@@ -66,7 +77,8 @@ class Metrics:
         self.open_connections = Gauge("inference_open_connections", "HTTP connections open, per process.",
                                       multiprocess_mode="liveall", registry=self.registry)
         self.active_sessions = Gauge("inference_active_sessions",
-                                     "Sessions in Redis (approximate: counted when scraped).",
+                                     "Sessions in Redis (approximate: counted in the background every "
+                                     f"{SESSION_COUNT_INTERVAL_SECONDS:.0f} s).",
                                      multiprocess_mode="livemostrecent", registry=self.registry)
 
     def observe_forward(self, batch_size: int, seconds: float) -> None:
@@ -80,6 +92,16 @@ class Metrics:
         combined = CollectorRegistry()
         multiprocess.MultiProcessCollector(combined, path=self.shared_dir)
         return generate_latest(combined)
+
+
+async def count_sessions_forever(store: SessionCounter, gauge: Gauge,
+                                 interval: float = SESSION_COUNT_INTERVAL_SECONDS) -> None:
+    """Keep `gauge` at the store's session count. Counting scans the keyspace, so it runs here, once
+    per interval, and never on the path of a scrape of the public /metrics."""
+    while True:
+        with contextlib.suppress(ServiceError):  # Redis down: the gauge keeps its last value
+            gauge.set(await store.count_sessions())
+        await asyncio.sleep(interval)
 
 
 class JsonFormatter(logging.Formatter):
@@ -124,7 +146,8 @@ def log_request(handler: Any) -> None:
     seconds = request.request_time()
     metrics: Metrics | None = handler.application.settings.get("metrics")
     if metrics is not None:
-        metrics.requests.labels(route, request.method, str(status)).inc()
+        method = request.method if request.method in _METHODS else "OTHER"
+        metrics.requests.labels(route, method, str(status)).inc()
         metrics.latency.labels(route).observe(seconds)
         if getattr(handler, "error_code", None) == "store_unavailable":
             metrics.store_errors.inc()

@@ -3,7 +3,8 @@
 Layout, per session, all under one hash tag so a session's keys share a Redis Cluster slot:
     sess:{<id>}            hash: created_at, deadline (ms), predictions, opt:<name> (JSON per option)
     sess:{<id>}:history    stream: one entry per prediction, newest last, capped with MAXLEN
-    sess:{<id>}:revoked    tombstone left by logout until the session's deadline
+    sess:{<id>}:revoked    tombstone left by logout for as long as the session could still have been used
+    login:{<who>}          token bucket of logins for one API key or client address
 
 Every write is atomic on the server (HSET, HINCRBY, XADD, a Lua script, or WATCH/MULTI), never a
 read-modify-write of a blob, so concurrent requests on one session cannot lose each other's work.
@@ -12,7 +13,9 @@ read-modify-write of a blob, so concurrent requests on one session cannot lose e
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -26,11 +29,12 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable
 from sessions.options import Options
 from sessions.tokens import VerifiedToken, new_session_id
+
+log = logging.getLogger(__name__)
 
 HISTORY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 _OPTION_PREFIX = "opt:"
@@ -94,11 +98,31 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
 
-# Log out: drop the session and its history, leave a tombstone until the session's deadline.
+# Log out: drop the session and its history, and leave a tombstone that lives exactly as long as
+# the session key would have (its remaining idle time): after that the token reads as expired anyway,
+# so no key outlives what it protects.
 _DELETE_SCRIPT = """
+local remaining = redis.call('PTTL', KEYS[1])
 redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SET', KEYS[3], 1, 'PXAT', ARGV[1])
+if remaining > 0 then redis.call('SET', KEYS[3], 1, 'PX', remaining) end
 return 1
+"""
+
+# Take one login from a token bucket of ARGV[1] per minute (full when new); the key expires once the
+# bucket would be full again. Returns 0, or the milliseconds until a login is allowed.
+_LOGIN_SCRIPT = """
+local per_minute = tonumber(ARGV[1])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local per_ms = per_minute / 60000
+local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
+local tokens = tonumber(bucket[1]) or per_minute
+local stamp = tonumber(bucket[2]) or now
+tokens = math.min(per_minute, tokens + math.max(0, now - stamp) * per_ms)
+if tokens < 1 then return math.ceil((1 - tokens) / per_ms) end
+redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'stamp', tostring(now))
+redis.call('PEXPIRE', KEYS[1], math.ceil((per_minute - tokens + 1) / per_ms))
+return 0
 """
 
 # Write options only if nobody changed them since they were read (compare-and-set on a version
@@ -147,17 +171,20 @@ class Session:
         }
 
 
+STORE_UNAVAILABLE_MESSAGE = "The session store is unavailable; retry shortly."
+
+
 def store_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn a lost or slow Redis into one domain error (503 with Retry-After)."""
+    """Turn a lost, slow or failing Redis into one domain error (503 with Retry-After). Clients get a
+    fixed sentence: Redis' own text (addresses, paths, OOM details) goes only to the log."""
 
     @functools.wraps(method)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await method(*args, **kwargs)
-        except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-            raise StoreUnavailable(f"The session store is unavailable ({type(exc).__name__}).") from exc
-        except RedisError as exc:
-            raise StoreUnavailable(f"The session store failed: {exc}.") from exc
+        except (RedisError, OSError) as exc:
+            log.warning("session store call %s failed: %s: %s", method.__qualname__, type(exc).__name__, exc)
+            raise StoreUnavailable(STORE_UNAVAILABLE_MESSAGE) from exc
 
     return wrapper
 
@@ -241,6 +268,7 @@ class SessionStore:
         self._create = client.register_script(_CREATE_SCRIPT)
         self._delete = client.register_script(_DELETE_SCRIPT)
         self._set_options = client.register_script(_SET_OPTIONS_SCRIPT)
+        self._login = client.register_script(_LOGIN_SCRIPT)
 
     @staticmethod
     def _keys(session_id: str) -> tuple[str, str, str]:
@@ -273,6 +301,21 @@ class SessionStore:
             if count >= limit:
                 break
         return count
+
+    @store_errors
+    @_retried_once
+    async def take_login(self, who: str, per_minute: int) -> None:
+        """Take one login from the bucket of `who` (an API key's hash or a client address), shared by
+        every replica; RateLimited (429) when it is empty. 0 per minute: unlimited."""
+        if per_minute <= 0:
+            return
+        key = "login:{" + hashlib.sha256(who.encode()).hexdigest()[:32] + "}"
+        wait_ms = await self._login(keys=[key], args=[per_minute])
+        if wait_ms:
+            wait = max(1, -(-int(wait_ms) // 1000))
+            raise RateLimited(f"Too many logins: the limit is {per_minute} a minute "
+                              f"(sessions.login_rate_limit_per_minute); retry in {wait} s.",
+                              code="login_rate_limited", retry_after=wait)
 
     @store_errors
     async def create(self, options: Options) -> Session:
@@ -347,7 +390,7 @@ class SessionStore:
     @store_errors
     async def delete(self, session: Session) -> None:
         """Log out: remove the session and leave a tombstone so its token reads as revoked."""
-        await self._delete(keys=list(self._keys(session.id)), args=[max(session.deadline_ms, now_ms() + 1000)])
+        await self._delete(keys=list(self._keys(session.id)))
 
     @store_errors
     async def record(

@@ -114,6 +114,8 @@ def make_config(redis_url: str = "", **sections: dict[str, Any]) -> Config:
     config.auth.secret_keys = [TEST_SECRET]
     config.model.cache_dir = str(MODEL_CACHE)
     config.redis.url = redis_url or "redis://unused"
+    # Tests log in far more often than a person; the login limit's own tests turn it back on.
+    config.sessions.login_rate_limit_per_minute = 0
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(config, section), key, value)
