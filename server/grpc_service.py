@@ -20,6 +20,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -210,18 +211,49 @@ def _parse(request: pb.ModelInferRequest) -> InferenceRequest:
 async def start_grpc_server(
     config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner, *, host: str, port: int
 ) -> tuple[aio.Server, int]:
-    """Serve the protocol on host:port on the running event loop; return the server and the bound port."""
-    # Message size follows the HTTP body limit (plus room for the protobuf framing around the tensors).
-    limit = config.http.max_body_bytes + 64 * 1024
-    server = aio.server(options=[("grpc.max_receive_message_length", limit),
-                                 ("grpc.max_send_message_length", max(limit, 4 * 1024 * 1024))])
+    """Serve the protocol on host:port on the running event loop (over TLS when grpc.tls_cert_file and
+    grpc.tls_key_file are set); return the server and the bound port. Raises OSError, in one sentence,
+    for a port that cannot be bound or a certificate that cannot be read or used."""
+    settings = config.grpc
+    credentials = _tls_credentials(settings.tls_cert_file, settings.tls_key_file) if settings.tls_cert_file else None
+    # grpc enforces both bounds itself, before the handler (and so the token check) runs: past either
+    # the client gets RESOURCE_EXHAUSTED. The send limit only has to fit our own responses.
+    server = aio.server(
+        options=[("grpc.max_receive_message_length", settings.max_message_bytes),
+                 ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024))],
+        maximum_concurrent_rpcs=settings.max_concurrent_calls,
+    )
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(config, store, runner, signer), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(address)
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
     except RuntimeError as exc:
-        raise OSError(f"Could not bind gRPC to {address} ({exc}); set grpc.port to a free port.") from None
+        bound, failure = 0, f" ({exc})"
+    else:
+        failure = ""
+    if not bound and credentials is not None:  # grpc does not say which: a rejected key pair, or the port
+        raise OSError(f"Could not serve gRPC over TLS on {address}; grpc.tls_cert_file and grpc.tls_key_file must be "
+                      "a PEM certificate chain and its unencrypted private key, and grpc.port a free port.")
     if not bound:
-        raise OSError(f"Could not bind gRPC to {address}; set grpc.port to a free port.")
+        raise OSError(f"Could not bind gRPC to {address}{failure}; set grpc.port to a free port.")
     await server.start()
     return server, bound
+
+
+def _tls_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
+    """Server credentials from PEM files, read now so that a missing or wrong file stops startup with its name."""
+    pems = []
+    for setting, name, kind, marker in (
+        ("grpc.tls_cert_file", cert_file, "certificate", b"-----BEGIN CERTIFICATE-----"),
+        ("grpc.tls_key_file", key_file, "private key", b"PRIVATE KEY-----"),
+    ):
+        try:
+            pem = Path(name).expanduser().read_bytes()
+        except OSError as exc:
+            raise OSError(f"Could not read {setting} {name!r} ({exc.strerror or exc}).") from None
+        if marker not in pem:
+            raise OSError(f"{setting} {name!r} holds no PEM {kind}; give the PEM file of the {kind}.")
+        pems.append(pem)
+    certificate, key = pems
+    return grpc.ssl_server_credentials([(key, certificate)])

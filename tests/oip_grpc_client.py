@@ -2,7 +2,8 @@
 
 The tests run it in a child process: tritonclient.grpc's generated messages and the server's claim
 the same protobuf names (`inference.*`) in the default descriptor pool, so one process cannot hold
-both. Usage: python -m tests.oip_grpc_client HOST:PORT STEPS.json  (a list of steps, see `run_step`).
+both. Usage: python -m tests.oip_grpc_client HOST:PORT STEPS.json [ROOT_CERT.pem]  (a list of steps, see
+`run_step`; with a PEM certificate to trust, the client connects over TLS).
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ def run_step(client: grpcclient.InferenceServerClient, step: dict[str, Any]) -> 
 
 def main() -> int:
     address, steps_file = sys.argv[1], sys.argv[2]
+    root_certificates = sys.argv[3] if len(sys.argv) > 3 else None
     results = []
-    with grpcclient.InferenceServerClient(address) as client:
+    with grpcclient.InferenceServerClient(address, ssl=root_certificates is not None,
+                                          root_certificates=root_certificates) as client:
         for step in json.loads(Path(steps_file).read_text()):
             try:
                 results.append({"ok": True, "value": run_step(client, step)})

@@ -4,7 +4,10 @@ event loop as the HTTP app and sharing its store and runner."""
 
 from __future__ import annotations
 
+import copy
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,19 +28,25 @@ from server.grpc_service import grpc_status, start_grpc_server
 from server.imaging import preprocess
 from server.oip_grpc import grpc_predict_v2_pb2 as pb
 from server.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from server.runtime import build_runner
 from sessions.errors import BadImage, InvalidToken, NotFound, RateLimited, ServiceBusy, StoreUnavailable
 from sessions.options import Options
 from sessions.tokens import new_session_id
-from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_JPEG, DATA, free_port, login, make_config
+from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_JPEG, DATA, free_port, login, make_config, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "efficientnet_lite0"
 
 
-def start_grpc(loop_thread, running) -> tuple[Any, str]:
-    """The gRPC service for a test server (its store and runner), on the loop that serves its HTTP."""
+def start_grpc(loop_thread, running, **grpc_settings: Any) -> tuple[Any, str]:
+    """The gRPC service for a test server (its store and runner), on the loop that serves its HTTP;
+    `grpc_settings` override the server's grpc section for this service only."""
+    config = copy.deepcopy(running.config)
+    for key, value in grpc_settings.items():
+        setattr(config.grpc, key, value)
+
     async def start() -> tuple[Any, int]:
-        return await start_grpc_server(running.config, running.store, running.runner, make_signer(running.config),
+        return await start_grpc_server(config, running.store, running.runner, make_signer(config),
                                        host="127.0.0.1", port=0)
 
     server, port = loop_thread.run(start())
@@ -51,10 +60,12 @@ def grpc_address(server, loop_thread) -> Iterator[str]:
     loop_thread.run(grpc_server.stop(0))
 
 
-def tritonclient_grpc(address: str, steps: list[dict[str, Any]], tmp_path: Path) -> list[dict[str, Any]]:
+def tritonclient_grpc(address: str, steps: list[dict[str, Any]], tmp_path: Path,
+                      root_certificate: Path | None = None) -> list[dict[str, Any]]:
     steps_file = tmp_path / "steps.json"
     steps_file.write_text(json.dumps(steps))
-    out = subprocess.run([sys.executable, "-m", "tests.oip_grpc_client", address, str(steps_file)], cwd=ROOT,
+    tls = [str(root_certificate)] if root_certificate else []
+    out = subprocess.run([sys.executable, "-m", "tests.oip_grpc_client", address, str(steps_file), *tls], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -279,3 +290,148 @@ def test_every_process_serves_grpc(tmp_path: Path) -> None:
         for _ in range(4):  # a new connection each time: the kernel spreads them over the processes
             response = infer_cat(f"127.0.0.1:{port}")
             assert isinstance(response, pb.ModelInferResponse), response
+
+
+class GatedBackend:
+    """Holds every forward until released; counts the forwards that started."""
+
+    def __init__(self, inner: Any):
+        self.inner, self.name = inner, inner.name
+        self.started, self.lock, self.release = 0, threading.Lock(), threading.Event()
+
+    def forward(self, batch: Any, *, alone: bool = False) -> Any:
+        with self.lock:
+            self.started += 1
+        assert self.release.wait(60)
+        return self.inner.forward(batch, alone=alone)
+
+
+def server_live(address: str) -> grpc.RpcError | pb.ServerLiveResponse:
+    with grpc.insecure_channel(address) as channel:
+        try:
+            return pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+        except grpc.RpcError as exc:
+            return exc
+
+
+def test_calls_beyond_max_concurrent_calls_are_refused_before_authentication(serve, loop_thread,
+                                                                            default_model) -> None:
+    config = make_config(grpc={"max_concurrent_calls": 2}, model={"workers": 2, "max_queue": 16})
+    runner = build_runner(config, default_model)
+    gate = GatedBackend(runner.backend)
+    runner.backend = gate
+    forged = "Bearer forged.token.here"
+    try:
+        with serve(config, runner=runner) as running:
+            grpc_server, address = start_grpc(loop_thread, running)
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    stub = pb_grpc.GRPCInferenceServiceStub(channel)
+                    held = [stub.ModelInfer.future(batch_request(CAT_JPEG, 1), timeout=60) for _ in range(2)]
+                    assert wait_for(lambda: gate.started == 2), "both calls should be in the model"
+                    # The bound is full: any further call is refused at once, whatever its token, and never
+                    # reaches the runner (admitted, the anonymous one would wait for the gate).
+                    for refused in (infer_cat(address), infer_cat(address, forged), server_live(address)):
+                        assert isinstance(refused, grpc.RpcError), refused
+                        assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, refused
+                    assert runner.queue_depth == 2
+                    gate.release.set()
+                    for call in held:
+                        assert list(call.result().outputs[0].shape) == [1, 1000]
+                # Slots free again once the held calls end (the count drops as grpc finishes each call).
+                assert wait_for(lambda: isinstance(server_live(address), pb.ServerLiveResponse), timeout=10)
+                assert infer_cat(address, forged).code() == grpc.StatusCode.UNAUTHENTICATED
+            finally:
+                gate.release.set()
+                loop_thread.run(grpc_server.stop(0))
+    finally:
+        gate.release.set()
+        runner.close()
+
+
+def test_a_message_over_max_message_bytes_is_refused_before_authentication(server, loop_thread) -> None:
+    limit = 64 * 1024  # far below http.max_body_bytes: the gRPC bound is its own
+    assert server.config.http.max_body_bytes > 2 * len(CAT_JPEG) + limit
+    grpc_server, address = start_grpc(loop_thread, server, max_message_bytes=limit)
+    try:
+        with grpc.insecure_channel(address) as channel:
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            for metadata in ((), (("authorization", "Bearer forged.token.here"),)):
+                request = batch_request(CAT_JPEG, 2)
+                assert request.ByteSize() > limit
+                with pytest.raises(grpc.RpcError) as caught:
+                    stub.ModelInfer(request, metadata=metadata, timeout=60)
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, caught.value
+        # The same server keeps serving messages within the bound.
+        response = infer_cat(address)
+        assert isinstance(response, pb.ModelInferResponse), response
+        assert int(np.argmax(np.frombuffer(response.raw_output_contents[0], "<f4"))) in CAT_CLASSES
+    finally:
+        loop_thread.run(grpc_server.stop(0))
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A PEM certificate for 127.0.0.1 and localhost, and its key, made with the openssl command."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is needed to make a test certificate")
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
+                    "-nodes", "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"], check=True, capture_output=True,
+                   timeout=60)
+    return cert, key
+
+
+def test_tls_serves_trusting_clients_and_refuses_plaintext(server, loop_thread, client: httpx.Client,
+                                                           tmp_path: Path) -> None:
+    cert, key = self_signed_certificate(tmp_path)
+    grpc_server, address = start_grpc(loop_thread, server, tls_cert_file=str(cert), tls_key_file=str(key))
+    try:
+        token = login(client, top_k=3)["Authorization"]
+        image = {"name": "image", "datatype": "BYTES", "files": [str(DATA / "cat.jpg")]}
+        results = tritonclient_grpc(address, [
+            {"op": "live"},
+            {"op": "infer", "input": image, "outputs": [{"name": "probabilities", "class_count": 3}],
+             "authorization": token},
+        ], tmp_path, root_certificate=cert)
+        assert results[0] == {"ok": True, "value": True}, results
+        assert results[1]["ok"] and {index for index, _ in labels(results[1]["value"])[0]} & CAT_CLASSES, results
+
+        trusting = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
+        with grpc.secure_channel(address, trusting) as channel:
+            assert pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10).live
+        # A plaintext client, or one that does not trust the certificate, gets no answer from the service.
+        refused = server_live(address)
+        assert isinstance(refused, grpc.RpcError) and refused.code() == grpc.StatusCode.UNAVAILABLE, refused
+        with grpc.secure_channel(address, grpc.ssl_channel_credentials()) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest(), timeout=10)
+            assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        loop_thread.run(grpc_server.stop(0))
+
+
+def test_unusable_tls_files_stop_startup_with_one_sentence(server, loop_thread, tmp_path: Path) -> None:
+    from tests.test_cli import server_env
+
+    cert, key = self_signed_certificate(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = self_signed_certificate(tmp_path / "other")  # a valid key, not the certificate's
+    missing = tmp_path / "missing.pem"
+    for cert_file, key_file, message in (
+        (missing, key, re.escape(f"Could not read grpc.tls_cert_file '{missing}' (No such file or directory).")),
+        (cert, tmp_path, "Could not read grpc.tls_key_file"),
+        (key, key, "grpc.tls_cert_file .* holds no PEM certificate"),
+        (cert, cert, "grpc.tls_key_file .* holds no PEM private key"),
+        (cert, other_key, "Could not serve gRPC over TLS on 127.0.0.1:0; grpc.tls_cert_file and grpc.tls_key_file"),
+    ):
+        with pytest.raises(OSError, match=message):
+            start_grpc(loop_thread, server, tls_cert_file=str(cert_file), tls_key_file=str(key_file))
+    # The CLI turns it into one line and a failed start (the sentence, not a traceback).
+    port = free_port()
+    out = subprocess.run([sys.executable, "-m", "server", "--port", "0"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=180, env=server_env(tmp_path / "data", INFERENCE_GRPC_PORT=str(port),
+                                                     INFERENCE_GRPC_TLS_CERT_FILE=str(missing),
+                                                     INFERENCE_GRPC_TLS_KEY_FILE=str(key)))
+    assert out.returncode == 1, out.stderr[-3000:]
+    assert "Could not read grpc.tls_cert_file" in out.stderr and "Traceback" not in out.stderr, out.stderr[-3000:]
