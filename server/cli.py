@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
+import errno
+import fcntl
 import getpass
 import logging
 import os
@@ -13,6 +16,9 @@ import shutil
 import signal
 import socket
 import sys
+import tempfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import tornado.httpserver
@@ -23,7 +29,7 @@ from handlers.sessions import api_key_hash
 from server.app import http_server, make_app
 from server.balance import SharedCounts, adopt_connection
 from server.config import Config, ConfigError, load_config, validate
-from server.embedded_redis import EmbeddedRedis
+from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.malloc import keep_freed_memory
 from server.model import ModelLoadError
 from server.observability import (
@@ -35,8 +41,14 @@ from server.observability import (
 from server.runtime import build_runner, build_store, prepare_model
 
 log = logging.getLogger("inference.server")
-_MAX_RESTARTS = 5
 _EXIT_MODEL_LOAD_FAILED = 3  # a child that cannot load the model is not restarted: it would fail again
+_EXIT_DATA_DIR_IN_USE = 2
+_MIN_SECRET_CHARS = 32
+_POLL_SECONDS = 0.05  # while a restart waits out its pause: how soon a stop or another exit is seen
+
+
+class DataDirInUse(Exception):
+    """Another server holds the data folder's lock; the message names its pid."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
     keep_freed_memory(config.server.malloc_keep_mb)  # once, before serving: forked children inherit it
     try:
         return run(config)
-    except (ModelLoadError, ConfigError) as exc:
+    except DataDirInUse as exc:
+        log.error("%s", exc)
+        return _EXIT_DATA_DIR_IN_USE
+    except (ModelLoadError, ConfigError, EmbeddedRedisError) as exc:
         log.error("%s", exc)
         return 1
 
@@ -88,27 +103,94 @@ def _hash_key(key: str | None) -> int:
 
 
 def development_secret(data_dir: Path) -> str:
-    """A random signing key made once and kept in the data folder, so a restart keeps sessions."""
+    """A random signing key made once and kept in the data folder (0600), so a restart keeps sessions.
+    One too short to be a key (an empty or truncated file) is replaced."""
     path = data_dir / "secret_key"
-    if not path.exists():
-        data_dir.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(secrets.token_urlsafe(48))
-    return path.read_text().strip()
+    try:
+        secret = path.read_text().strip()
+    except FileNotFoundError:
+        secret = None
+    except UnicodeDecodeError:
+        secret = ""
+    if secret is not None and len(secret) >= _MIN_SECRET_CHARS:
+        _owner_only(path, 0o600)
+        return secret
+    if secret is not None:
+        log.warning("%s holds no usable secret (%d characters, at least %d needed); writing a new one: sessions "
+                    "signed with the old one end", path, len(secret), _MIN_SECRET_CHARS)
+    secret = secrets.token_urlsafe(48)
+    _write_private(path, secret)
+    return secret
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write `path` whole or not at all (a crash leaves the old file or none), readable by its owner only."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "w") as file:
+            file.write(text)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+
+
+def _owner_only(path: Path, mode: int) -> None:
+    """Take group and other access off `path` when this user owns it (made before it was kept private)."""
+    info = path.stat()
+    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
+        path.chmod(mode)
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Lock the data folder for this server's life and return the lock's descriptor.
+
+    Two servers on one folder would run two Redis servers on one set of files and empty each other's
+    metrics. The lock is an flock on `server.lock` (holding the pid): the kernel drops it when the
+    last process holding the descriptor exits (the forked serving processes and the embedded Redis
+    inherit it), so a server killed hard leaves nothing to clean up."""
+    path = data_dir / "server.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise ConfigError(f"Cannot lock {path}: {exc.strerror}; server.data_dir must support file locks.") from None
+        raise DataDirInUse(
+            f"The data folder {data_dir} is in use by another server (pid {holder}, or the redis-server it started, "
+            f"still shutting down); stop it, or start this one with its own server.data_dir (and a redis.url "
+            f"shared with the other if both should serve the same sessions)."
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _owner_only(path, 0o600)
+    return fd
 
 
 def run(config: Config) -> int:
-    """Start the store and bind the port once, then serve in this process or in `processes` forks."""
+    """Lock the data folder, start the store and bind the port once, then serve in this process or in
+    `processes` forks."""
     data_dir = config.data_path
-    if not config.auth.secret_keys:  # production mode refuses this in config validation
-        config.auth.secret_keys = [development_secret(data_dir)]
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # sessions, the secret: this user's only
+    _owner_only(data_dir, 0o700)
+    lock = lock_data_dir(data_dir)  # before anything in the folder is written
     embedded: EmbeddedRedis | None = None
-    redis_url = config.redis.url
-    if redis_url == "embedded":
-        embedded = EmbeddedRedis(data_dir)
-        redis_url = embedded.start()
-    store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
     try:
+        if not config.auth.secret_keys:  # production mode refuses this in config validation
+            config.auth.secret_keys = [development_secret(data_dir)]
+        redis_url = config.redis.url
+        if redis_url == "embedded":
+            embedded = EmbeddedRedis(data_dir, binary=config.redis.embedded_binary,
+                                     maxmemory_mb=config.redis.embedded_maxmemory_mb,
+                                     production=config.server.mode == "production")
+            redis_url = embedded.start(pass_fds=(lock,))
+        store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
         sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
         if config.serving_processes == 1:
             return asyncio.run(serve(config, sockets, redis_url, store_text))
@@ -117,6 +199,7 @@ def run(config: Config) -> int:
     finally:
         if embedded:
             embedded.stop()
+        os.close(lock)
 
 
 async def serve(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str,
@@ -178,11 +261,51 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     return 0
 
 
+class RestartBudget:
+    """How many crashed serving processes the supervisor restarts, and after what pause.
+
+    At most `max_restarts` restarts (of any slot) per sliding `window` seconds: crashes spread over
+    days (an OOM kill now and then) are all restarted, a crash loop stops the server. Each slot's
+    pause doubles from `first_pause` up to `max_pause` while it keeps crashing, and starts over once
+    it has run a whole window without crashing."""
+
+    def __init__(self, max_restarts: int, window: float, first_pause: float = 0.5, max_pause: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.max_restarts, self.window = max_restarts, window
+        self.first_pause, self.max_pause = first_pause, max_pause
+        self.clock = clock
+        self._restarts: collections.deque[float] = collections.deque()  # when, within the window
+        self._last: dict[int, tuple[float, float]] = {}  # slot -> (last crash, its pause)
+
+    @property
+    def recent(self) -> int:
+        """Restarts within the window up to now."""
+        self._forget(self.clock())
+        return len(self._restarts)
+
+    def pause(self, slot: int) -> float | None:
+        """A process of `slot` crashed: the seconds to wait before starting another, or None when the
+        budget is spent (the server should stop)."""
+        now = self.clock()
+        self._forget(now)
+        if len(self._restarts) >= self.max_restarts:
+            return None
+        self._restarts.append(now)
+        last = self._last.get(slot)
+        pause = self.first_pause if last is None or now - last[0] >= self.window else min(last[1] * 2, self.max_pause)
+        self._last[slot] = (now, pause)
+        return pause
+
+    def _forget(self, now: float) -> None:
+        while self._restarts and now - self._restarts[0] >= self.window:
+            self._restarts.popleft()
+
+
 def supervise(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str) -> int:
     """Fork `config.serving_processes` children that share the listening sockets; each loads the model once.
 
-    The parent only forwards SIGTERM/SIGINT and restarts a child that crashes (a few times), so a
-    load balancer in front sees one port. Forking happens before any model or event loop exists.
+    The parent only forwards SIGTERM/SIGINT and restarts a child that crashes (within a RestartBudget),
+    so a load balancer in front sees one port. Forking happens before any model or event loop exists.
     """
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
@@ -208,6 +331,8 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
             finally:
                 os._exit(code)
         children[pid] = slot
+        if stopping:  # the stop came while forking: forward() did not see this one
+            os.kill(pid, signal.SIGTERM)
 
     def forward(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -220,10 +345,28 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
     signal.signal(signal.SIGINT, forward)
     for slot in range(config.serving_processes):
         start(slot)
-    restarts, failed = 0, False
-    while children:
+    budget = RestartBudget(config.server.max_restarts, config.server.restart_window_seconds)
+    pending: dict[int, float] = {}  # slot -> when its next process starts (a crashed one's pause)
+    failed = False
+    while True:
+        if stopping:
+            pending.clear()
+        for slot, due in list(pending.items()):
+            if due <= time.monotonic():
+                del pending[slot]
+                start(slot)
+        if not children and not pending:
+            break
         try:
-            pid, status = os.wait()
+            if pending:
+                # A pause is running: poll, so that a stop, another exit or the end of the pause is
+                # seen within _POLL_SECONDS.
+                pid, status = os.waitpid(-1, os.WNOHANG) if children else (0, 0)
+                if pid == 0:
+                    time.sleep(_POLL_SECONDS)
+                    continue
+            else:
+                pid, status = os.wait()
         except ChildProcessError:
             break
         slot = children.pop(pid, None)
@@ -232,15 +375,19 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
         if slot is None or stopping:
             failed |= code != 0
             continue
-        if code not in (0, _EXIT_MODEL_LOAD_FAILED) and restarts < _MAX_RESTARTS:
-            restarts += 1
-            log.warning("worker process %d exited with %d; starting another (%d/%d)", pid, code, restarts,
-                        _MAX_RESTARTS)
+        if code not in (0, _EXIT_MODEL_LOAD_FAILED):
             counts.reset(slot)  # the crashed process's connections and work are gone with it
-            start(slot)
-        else:
-            failed = True
-            forward(signal.SIGTERM, None)
+            pause = budget.pause(slot)
+            if pause is not None:
+                log.warning("worker process %d exited with %d; starting another in %.1fs (restart %d of at most "
+                            "%d per %gs)", pid, code, pause, budget.recent, budget.max_restarts, budget.window)
+                pending[slot] = time.monotonic() + pause
+                continue
+            log.error("worker process %d exited with %d after %d restarts within %gs (server.max_restarts per "
+                      "server.restart_window_seconds); stopping the server rather than crash-looping", pid, code,
+                      budget.recent, budget.window)
+        failed = True
+        forward(signal.SIGTERM, None)
     return 1 if failed else 0
 
 

@@ -1,12 +1,15 @@
-"""`python -m server` as a user runs it: embedded Redis, restart keeps everything, clear start-up errors."""
+"""`python -m server` as a user runs it: embedded Redis, restart keeps everything, clear start-up errors,
+one server per data folder, crashed serving processes restarted within a budget."""
 
 from __future__ import annotations
 
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from server.cli import DataDirInUse, RestartBudget, development_secret, lock_data_dir
+from server.embedded_redis import redis_server_binary, redis_server_version
 from tests.conftest import CAT_CLASSES, CAT_JPEG, MODEL_CACHE
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,28 +33,82 @@ def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
                   "INFERENCE_SERVER_PROCESSES": "1", "PYTHONUNBUFFERED": "1"} | extra
 
 
+class ServerProcess:
+    """`python -m server --port 0` with its log read on a thread, so that a test can wait for any line."""
+
+    def __init__(self, data_dir: Path, **extra: str):
+        self.process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0"], cwd=ROOT,
+                                        env=server_env(data_dir, **extra), stdout=subprocess.PIPE,
+                                        stderr=subprocess.STDOUT, text=True)
+        self.lines: list[str] = []
+        self._changed = threading.Condition()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            with self._changed:
+                self.lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self.lines.append("")  # end of output
+            self._changed.notify_all()
+
+    def wait_for(self, pattern: str, after: int = 0, timeout: float = 120) -> re.Match[str]:
+        """The first line from index `after` on that matches `pattern`; fails with the log if none comes."""
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self.lines[after:]:
+                    if match := re.search(pattern, line):
+                        return match
+                if (self.lines and self.lines[-1] == "") or time.monotonic() > deadline:
+                    pytest.fail(f"no line matching {pattern!r} in the server's log:\n" + "".join(self.lines))
+                self._changed.wait(0.1)
+
+    def ready_pids(self, count: int, after: int = 0) -> list[int]:
+        """Wait until `count` serving processes have said "ready" (from line `after` on); their pids."""
+        deadline = time.monotonic() + 120
+        while True:
+            pids = [int(m.group(1)) for line in self.lines[after:] if (m := re.search(r"ready on .* pid=(\d+)", line))]
+            if len(pids) >= count:
+                return pids
+            self.wait_for(r"ready on", after=len(self.lines), timeout=max(0.0, deadline - time.monotonic()))
+
+    @property
+    def url(self) -> str:
+        return self.wait_for(r"ready on (http://\S+) ").group(1)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
 @contextmanager
 def running_server(data_dir: Path, **extra: str) -> Iterator[str]:
-    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0"], cwd=ROOT,
-                               env=server_env(data_dir, **extra), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    url, lines = None, []
-    deadline = time.monotonic() + 120
-    assert process.stdout is not None
-    while url is None and time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        match = re.search(r"ready on (http://\S+) model=(\S+) .* store=(.+)$", line)
-        if match:
-            url = match.group(1)
-    assert url, "server did not get ready:\n" + "".join(lines)
+    server = ServerProcess(data_dir, **extra)
+    try:
+        url = server.url
+    except BaseException:
+        server.process.kill()
+        server.process.wait(30)
+        raise
     try:
         yield url
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        assert server.stop() == 0
+
+
+def requests_counted(client: httpx.Client) -> float:
+    """inference_http_requests_total over all labels, as /metrics reports it."""
+    text = client.get("/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("inference_http_requests_total{"))
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
 
 
 def test_first_run_and_restart_keep_sessions_tokens_and_history(tmp_path: Path) -> None:
@@ -90,3 +149,135 @@ def test_hash_key_helper_prints_a_config_entry() -> None:
     from handlers.sessions import api_key_hash
 
     assert f'"{api_key_hash("my-key")}"' in result.stdout
+
+
+def test_restart_budget_counts_per_sliding_window_and_pauses_grow_per_slot() -> None:
+    now = [0.0]
+    budget = RestartBudget(max_restarts=3, window=60, first_pause=0.5, max_pause=3, clock=lambda: now[0])
+    assert budget.pause(0) == 0.5
+    now[0] = 1
+    assert budget.pause(0) == 1.0  # the same slot again: twice the pause
+    now[0] = 2
+    assert budget.pause(1) == 0.5  # another slot: a pause of its own, the same budget
+    now[0] = 3
+    assert budget.pause(0) is None and budget.recent == 3  # a 4th within 60 s: stop
+    now[0] = 60.5
+    assert budget.pause(0) == 2.0  # the restart at 0 has left the window
+    now[0] = 61.5
+    assert budget.pause(0) == 3.0  # capped
+    now[0] = 61.6
+    assert budget.pause(1) is None
+    now[0] = 200
+    assert budget.pause(0) == 0.5 and budget.recent == 1  # quiet for a whole window: all starts over
+
+
+def test_the_development_secret_is_private_and_one_too_short_is_replaced(tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "secret_key"
+    secret = development_secret(tmp_path)
+    assert len(secret) >= 32 and path.read_text() == secret and mode(path) == 0o600
+    assert development_secret(tmp_path) == secret  # kept: a restart keeps sessions
+    path.chmod(0o644)  # as an earlier version left it
+    assert development_secret(tmp_path) == secret and mode(path) == 0o600
+    assert not caplog.records
+    for unusable in ["", "\n", "x" * 31, "\udcff"]:
+        path.write_bytes(unusable.encode(errors="surrogateescape"))
+        caplog.clear()
+        replaced = development_secret(tmp_path)
+        assert len(replaced) >= 32 and path.read_text() == replaced and mode(path) == 0o600
+        assert "sessions signed with the old one end" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["secret_key"]  # no temporary file left behind
+
+
+def test_the_data_dir_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> None:
+    lock = lock_data_dir(tmp_path)
+    try:
+        with pytest.raises(DataDirInUse, match=rf"in use by another server \(pid {os.getpid()},"):
+            lock_data_dir(tmp_path)
+        assert (tmp_path / "server.lock").read_text() == f"{os.getpid()}\n" and mode(tmp_path / "server.lock") == 0o600
+    finally:
+        os.close(lock)
+    os.close(lock_data_dir(tmp_path))  # free again once its holder has let go
+
+
+def test_a_second_server_on_the_same_data_dir_exits_and_the_first_keeps_serving(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    (data_dir / "redis").mkdir(parents=True)
+    for folder in (data_dir, data_dir / "redis"):
+        folder.chmod(0o755)  # as an earlier version left them
+    first = ServerProcess(data_dir, INFERENCE_SERVER_PROCESSES="2")  # shared metrics: a folder to protect
+    try:
+        first.ready_pids(2)
+        with httpx.Client(base_url=first.url, timeout=60) as client:
+            auth = {"Authorization": f"Bearer {client.post('/v1/sessions').json()['token']}"}
+            predict = client.post("/v1/predict", headers=auth, files={"image": ("cat.jpg", CAT_JPEG, "image/jpeg")})
+            assert predict.status_code == 200
+            counted = requests_counted(client)
+            assert counted >= 2
+
+            second = subprocess.run([sys.executable, "-m", "server", "--port", "0"], cwd=ROOT, capture_output=True,
+                                    text=True, env=server_env(data_dir, INFERENCE_SERVER_PROCESSES="2"), timeout=60)
+            assert second.returncode == 2, second.stderr
+            assert f"in use by another server (pid {first.process.pid}," in second.stderr
+            assert "server.data_dir" in second.stderr and "Traceback" not in second.stderr
+
+            # The first one's Redis (socket, files), sessions and metrics are untouched.
+            assert client.get("/v1/session", headers=auth).json()["predictions"] == 1
+            assert requests_counted(client) >= counted + 1
+        binary = redis_server_binary()
+        first.wait_for(rf"embedded redis-server {re.escape(str(redis_server_version(binary)))} "
+                       rf"\({re.escape(binary)}, pid \d+\)")
+        assert mode(data_dir) == 0o700 and mode(data_dir / "secret_key") == 0o600
+        assert mode(data_dir / "server.lock") == 0o600
+        redis_files = [data_dir / "redis", *(data_dir / "redis").rglob("*")]
+        assert len(redis_files) >= 3  # the folder, its log, the append-only file(s)
+        assert {path.name: oct(mode(path)) for path in redis_files if mode(path) & 0o077} == {}
+    finally:
+        assert first.stop() == 0
+
+
+def test_crashed_workers_are_restarted_within_a_budget_per_window(tmp_path: Path) -> None:
+    window = 3.0
+    server = ServerProcess(tmp_path, INFERENCE_SERVER_PROCESSES="2", INFERENCE_SERVER_MAX_RESTARTS="1",
+                           INFERENCE_SERVER_RESTART_WINDOW_SECONDS=str(window))
+    try:
+        crashing, other = server.ready_pids(2)
+        mark = len(server.lines)
+        os.kill(crashing, signal.SIGKILL)
+        crashed_at = time.monotonic()
+        server.wait_for(rf"worker process {crashing} exited with -9; starting another in 0\.5s "
+                        r"\(restart 1 of at most 1 per 3s\)", after=mark)
+        [replacement] = server.ready_pids(1, after=mark)
+
+        # Once that restart has left the window, another crash is restarted (a budget for the server's
+        # whole life would stop here), with the first pause again: the slot was quiet for a window.
+        time.sleep(max(0.0, crashed_at + window + 0.2 - time.monotonic()))
+        mark = len(server.lines)
+        os.kill(replacement, signal.SIGKILL)
+        server.wait_for(rf"worker process {replacement} exited with -9; starting another in 0\.5s "
+                        r"\(restart 1 of at most 1", after=mark)
+
+        os.kill(other, signal.SIGKILL)  # a second crash within the window: past the budget
+        server.wait_for(rf"worker process {other} exited with -9 after 1 restarts within 3s .*stopping the server",
+                        after=mark)
+        assert server.process.wait(30) == 1
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(30)
+
+
+def test_a_stop_during_a_restart_pause_ends_the_server_at_once(tmp_path: Path) -> None:
+    server = ServerProcess(tmp_path, INFERENCE_SERVER_PROCESSES="2")
+    try:
+        crashing, _ = server.ready_pids(2)
+        mark = len(server.lines)
+        os.kill(crashing, signal.SIGKILL)
+        server.wait_for(r"starting another in 0\.5s", after=mark)
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(15) == 0
+        server.wait_for(r"stopped", after=mark)  # the other worker drained and stopped as usual
+    finally:
+        if server.process.poll() is None:
+            server.process.kill()
+            server.process.wait(30)
