@@ -31,11 +31,13 @@ def test_deeply_nested_json_is_malformed_not_a_server_error(client: httpx.Client
     assert infer.status_code == 400 and "too deeply" in infer.json()["error"]
     # Nesting the parser accepts but no tensor has: refused by the protocol's own rule.
     nested = "[" * 500 + "1" + "]" * 500
-    body = '{"inputs": [{"name": "preprocessed", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": %s}]}' % nested
+    tensor = '{"name": "preprocessed", "datatype": "FP32", "shape": [1, 3, 32, 32], "data": ' + nested + "}"
+    body = '{"inputs": [' + tensor + "]}"
     deep_data = client.post("/v2/models/efficientnet_lite0/infer", content=body, headers=json_type)
     assert deep_data.status_code == 400 and "nests lists" in deep_data.json()["error"]
     # A deep value in options is an invalid option, not a crash while describing it.
-    deep_option = client.patch("/v1/session/options", content='{"top_k": %s}' % nested, headers={**auth, **json_type})
+    deep_option = client.patch("/v1/session/options", content='{"top_k": ' + nested + "}",
+                               headers={**auth, **json_type})
     assert deep_option.status_code in (400, 422), deep_option.text
 
 
