@@ -12,6 +12,9 @@ The model takes one of two inputs per request:
 - `preprocessed`: FP32 `[N, 3, H, W]`, already normalized, fed to the model as is.
 It answers `probabilities`: FP32 `[N, classes]`, or with the `classification: k` parameter on the
 requested output, BYTES `[N, k]` elements `"<score>:<index>:<label>"`, best first.
+What a request gives the model is bounded: N x crop x crop (N x H x W for `preprocessed`) at most
+`model.max_request_pixels`, checked by the runner before any image is decoded (422
+`request_too_large`); it runs larger batches as forwards of at most `model.max_forward_pixels`.
 """
 
 from __future__ import annotations

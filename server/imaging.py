@@ -3,6 +3,11 @@
 Pure functions with no threads: the model runner calls them from its own executor. The steps
 match torchvision's Resize(shorter side) -> CenterCrop -> ToTensor -> Normalize, done with PIL and
 NumPy so that one pass yields the array that either runtime takes without further copies.
+
+The work is bounded by what the model sees, not by the image's shape: the centre crop is located in
+source pixels first and a long side is resampled only where the crop covers it (`plan_resize`), and an
+image whose shape is absurd for a crop (a 1x8000 strip, one pixel under resize=1024) is refused from
+its header.
 """
 
 from __future__ import annotations
@@ -14,8 +19,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+import PIL
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from server.config import ModelConfig
 from sessions.errors import BadImage
 from sessions.options import Options
 
@@ -25,33 +32,74 @@ _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
 }
 
+#: The formats the API promises, as Pillow names them. Pillow tries only these, so a TIFF, ICO or PSD
+#: is refused from its signature whatever Content-Type it came with; some other plugins decode while
+#: opening (an ICO decodes its largest entry), before any size check could run. For these five the
+#: size read from the header is that of the frame `load()` decodes (for a GIF, Pillow folds the first
+#: frame's bounds into it); a JPEG may decode smaller (draft).
+FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP"
+
+#: The filters' support radius in source pixels at scale 1 (Pillow's libImaging/Resample.c); nearest
+#: reads only the pixel under each sample.
+_SUPPORT = {Image.Resampling.NEAREST: 0.0, Image.Resampling.BILINEAR: 1.0, Image.Resampling.BICUBIC: 2.0}
+
+#: A side at most this many times the short one is resampled whole and then cropped, which is exactly
+#: what Resize -> CenterCrop computes; a longer one (a strip) is resampled only over the crop's span,
+#: equal up to the float32 precision Pillow keeps that span in (an 8-bit level or two).
+_WHOLE_SIDE_RATIO = 4
+
+# Pillow 13 runs the vertical pass first when the height shrinks more than twice as much as the width
+# (libImaging/Resample.c); earlier versions always start with the horizontal one. The passes here run
+# in the order a whole-image resize would use, since each rounds to 8 bits in between.
+_PILLOW_ORDERS_PASSES = int(PIL.__version__.split(".")[0]) >= 13
+
 
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Read the header only, refusing non-images and oversized images before any pixel is decoded."""
+    """Read the header only, refusing non-images, other formats and oversized images before any pixel
+    is decoded."""
     if not data:
         raise BadImage("The image is empty (0 bytes).", code="empty_image")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError:
-        raise BadImage(f"The image has more pixels than the limit of {max_pixels}.", code="image_too_large") from None
+        raise BadImage(f"The image has more pixels than the limit of {max_pixels} (model.max_image_pixels).",
+                       code="image_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise BadImage("The body is not an image in a format the server reads "
-                       "(JPEG, PNG, WebP, GIF, BMP).", code="invalid_image") from None
+        raise BadImage(f"The body is not an image in a format the server reads ({_FORMAT_NAMES}).",
+                       code="invalid_image") from None
     width, height = image.size
     if width < 1 or height < 1:
         raise BadImage("The image has no pixels.", code="invalid_image")
     if width * height > max_pixels:
-        raise BadImage(f"The image is {width}x{height} pixels; the limit is {max_pixels} pixels.",
-                       code="image_too_large")
+        raise BadImage(f"The image is {width}x{height} pixels; the limit is {max_pixels} pixels "
+                       "(model.max_image_pixels).", code="image_too_large")
     return image
+
+
+def check_shape(width: int, height: int, resize: int, *, max_aspect_ratio: float, max_upscale: float) -> None:
+    """Refuse (422) a shape no crop makes sense of: far longer than wide, or so small that reaching
+    `resize` means inventing nearly every pixel. Needs the header's size only."""
+    short, long = min(width, height), max(width, height)
+    if long > short * max_aspect_ratio:
+        raise BadImage(f"The image is {width}x{height} pixels: its long side is {long / short:.4g} times its short "
+                       f"side; the limit is {max_aspect_ratio:g} (model.max_aspect_ratio).",
+                       code="image_aspect_ratio_too_large")
+    if resize > short * max_upscale:
+        raise BadImage(f"The image is {width}x{height} pixels: reaching resize={resize} would scale it up "
+                       f"{resize / short:.4g} times; the limit is {max_upscale:g} (model.max_upscale).",
+                       code="image_too_small")
 
 
 def decode(data: bytes, *, max_pixels: int, min_short_side: int | None = None) -> Image.Image:
     """Decode to 8-bit RGB or L. With `min_short_side`, JPEGs decode at the smallest DCT scale
     (1/2, 1/4, 1/8) whose shorter side still covers it: a 12 MP photo decodes ~8x faster.
     """
-    image = open_image(data, max_pixels)
-    if min_short_side and image.format == "JPEG":
+    return _load(open_image(data, max_pixels), min_short_side)
+
+
+def _load(image: Image.Image, min_short_side: int | None) -> Image.Image:
+    if min_short_side and isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO (phones' JPEGs) included
         width, height = image.size
         scale = min_short_side / min(width, height)
         if scale < 1:
@@ -87,6 +135,92 @@ def _to_8bit(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
 
 
+# -- Resize(shorter side) -> CenterCrop, resampling a strip only where the crop covers it ----------
+@dataclass(frozen=True)
+class Axis:
+    """One axis of Resize(shorter side to `resize`) -> CenterCrop(`crop`)."""
+
+    size: int  # source pixels
+    scaled: int  # pixels after Resize
+    start: int  # where the crop starts, in scaled pixels
+    crop: int
+    whole: bool  # resampled whole and cropped after (Resize's own pixels), else only over `span`
+
+    @property
+    def span(self) -> tuple[float, float]:
+        """The source interval the crop covers: Resize maps scaled pixel i to source i * size / scaled."""
+        step = self.size / self.scaled
+        return self.start * step, min((self.start + self.crop) * step, float(self.size))
+
+    def reads(self, resample: Image.Resampling) -> tuple[int, int]:
+        """The source pixels that resampling the span reads: the filter's support either side, plus one."""
+        low, high = self.span
+        support = _SUPPORT[resample] * max((high - low) / self.crop, 1.0)
+        return max(0, math.floor(low - support) - 1), min(self.size, math.ceil(high + support) + 1)
+
+
+@dataclass(frozen=True)
+class ResizePlan:
+    """Both axes, and which one a whole-image resize would resample first."""
+
+    x: Axis
+    y: Axis
+    horizontal_first: bool
+
+
+def plan_resize(width: int, height: int, resize: int, crop: int) -> ResizePlan:
+    """Where Resize(`resize`) -> CenterCrop(`crop`) takes its pixels from a width x height source."""
+    # torchvision's sizes and offsets: the long side truncated, the crop's start rounded.
+    scaled_w, scaled_h = (resize, int(resize * height / width)) if width <= height else \
+        (int(resize * width / height), resize)
+    longest_whole = _WHOLE_SIDE_RATIO * resize
+    shrink_x, shrink_y = width - scaled_w, height - scaled_h
+    return ResizePlan(
+        Axis(width, scaled_w, round((scaled_w - crop) / 2.0), crop, whole=scaled_w <= longest_whole),
+        Axis(height, scaled_h, round((scaled_h - crop) / 2.0), crop, whole=scaled_h <= longest_whole),
+        horizontal_first=not (_PILLOW_ORDERS_PASSES and shrink_y > 0 and shrink_y > 2 * shrink_x),
+    )
+
+
+def resize_and_crop(image: Image.Image, resize: int, crop: int, resample: Image.Resampling) -> Image.Image:
+    """Resize(shorter side) -> CenterCrop as two one-axis passes. A strip's long side is resampled only
+    over the crop's span, and the other pass runs only on the source lines that span reads: whatever the
+    aspect ratio, no image made here is larger than the decoded source or _WHOLE_SIDE_RATIO x resize^2."""
+    plan = plan_resize(*image.size, resize, crop)
+    (first, first_axis), (second, second_axis) = [(0, plan.x), (1, plan.y)][:: 1 if plan.horizontal_first else -1]
+    origin = 0
+    if not second_axis.whole:  # the first pass runs only on the lines the second one reads
+        origin, stop = second_axis.reads(resample)
+        image = _cut(image, second, origin, stop)
+    image = _one_pass(image, first, first_axis, 0, resample)
+    return _one_pass(image, second, second_axis, origin, resample)
+
+
+def _one_pass(image: Image.Image, axis: int, spec: Axis, origin: int, resample: Image.Resampling) -> Image.Image:
+    """Resample along `axis` alone, as `spec` says; `origin`: the source pixel where `image` starts on it."""
+    if spec.whole:
+        if spec.scaled != spec.size:  # Resize leaves an axis that already has its length alone
+            image = _resample(image, axis, 0, spec.size, spec.scaled, resample)
+        return _cut(image, axis, spec.start, spec.start + spec.crop)
+    low, high = spec.span
+    return _resample(image, axis, low - origin, high - origin, spec.crop, resample)
+
+
+def _resample(image: Image.Image, axis: int, low: float, high: float, length: int,
+              resample: Image.Resampling) -> Image.Image:
+    width, height = image.size
+    if axis == 0:
+        return image.resize((length, height), resample, box=(low, 0, high, height))
+    return image.resize((width, length), resample, box=(0, low, width, high))
+
+
+def _cut(image: Image.Image, axis: int, start: int, stop: int) -> Image.Image:
+    width, height = image.size
+    if (start, stop) == (0, image.size[axis]):
+        return image
+    return image.crop((start, 0, stop, height) if axis == 0 else (0, start, width, stop))
+
+
 @dataclass(frozen=True)
 class Pipeline:
     """Resize, crop and normalize under one option set; built once per distinct Options."""
@@ -102,8 +236,7 @@ class Pipeline:
             image = ImageOps.grayscale(image)
         elif not gray and image.mode != "RGB":
             image = image.convert("RGB")
-        image = _resize_shorter(image, opts.resize, _RESAMPLING[opts.interpolation])
-        image = _center_crop(image, opts.crop)
+        image = resize_and_crop(image, opts.resize, opts.crop, _RESAMPLING[opts.interpolation])
         pixels = np.asarray(image, dtype=np.float32)
         if gray:  # grayscale is fed as three equal channels
             pixels = np.repeat(pixels[:, :, None], 3, axis=2)
@@ -114,21 +247,6 @@ class Pipeline:
         return chw
 
 
-def _resize_shorter(image: Image.Image, size: int, resample: Image.Resampling) -> Image.Image:
-    width, height = image.size
-    new_size = (size, int(size * height / width)) if width <= height else (int(size * width / height), size)
-    if new_size == image.size:
-        return image
-    return image.resize(new_size, resample)
-
-
-def _center_crop(image: Image.Image, crop: int) -> Image.Image:
-    width, height = image.size
-    left = round((width - crop) / 2.0)
-    top = round((height - crop) / 2.0)
-    return image.crop((left, top, left + crop, top + crop))
-
-
 @functools.lru_cache(maxsize=256)
 def pipeline_for(options: Options) -> Callable[[Image.Image], np.ndarray]:
     mean = np.asarray(options.mean, dtype=np.float32).reshape(3, 1, 1)
@@ -136,7 +254,10 @@ def pipeline_for(options: Options) -> Callable[[Image.Image], np.ndarray]:
     return Pipeline(options, scale=1.0 / (255.0 * std), shift=-mean / std)
 
 
-def preprocess(data: bytes, options: Options, *, max_pixels: int, draft: bool = True) -> np.ndarray:
+def preprocess(data: bytes, options: Options, *, max_pixels: int, draft: bool = True,
+               max_aspect_ratio: float = ModelConfig.max_aspect_ratio,
+               max_upscale: float = ModelConfig.max_upscale) -> np.ndarray:
     """Bytes to the (3, crop, crop) float32 array the model sees under `options`."""
-    image = decode(data, max_pixels=max_pixels, min_short_side=options.resize if draft else None)
-    return pipeline_for(options)(image)
+    image = open_image(data, max_pixels)
+    check_shape(*image.size, options.resize, max_aspect_ratio=max_aspect_ratio, max_upscale=max_upscale)
+    return pipeline_for(options)(_load(image, options.resize if draft else None))

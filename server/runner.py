@@ -6,6 +6,9 @@ runner's own thread pool, never on the IOLoop.
 A bounded count of admitted requests keeps the backlog finite: beyond it callers get a fast 503.
 With `max_batch_size > 1`, preprocessed images wait up to `max_batch_delay_ms` to share a forward
 (useful on GPUs; on this CPU it measured no gain, so it is off by default).
+A forward takes at most `max_forward_pixels` (images x crop x crop, one image at least; a model's
+activations grow with it): larger batches run as several forwards, and a request carrying more than
+`max_request_pixels` is refused (422) before anything is decoded.
 """
 
 from __future__ import annotations
@@ -21,9 +24,10 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from server import imaging
+from server.config import ModelConfig
 from server.model import Backend, LoadedModel, softmax
 from server.observability import Metrics
-from sessions.errors import Conflict, InferenceFailed, ServiceBusy
+from sessions.errors import BadImage, Conflict, InferenceFailed, ServiceBusy
 from sessions.options import Options
 
 log = logging.getLogger(__name__)
@@ -88,6 +92,10 @@ class _Pending:
     future: asyncio.Future[tuple[list[ClassScore], int, float]]
     served: ServedModel | None = None
 
+    @property
+    def pixels(self) -> int:
+        return self.tensor.shape[-2] * self.tensor.shape[-1]
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -116,6 +124,10 @@ class ModelRunner:
         max_image_pixels: int,
         max_batch_size: int = 1,
         max_batch_delay_ms: float = 0.0,
+        max_aspect_ratio: float = ModelConfig.max_aspect_ratio,
+        max_upscale: float = ModelConfig.max_upscale,
+        max_request_pixels: int = ModelConfig.max_request_pixels,
+        max_forward_pixels: int = ModelConfig.max_forward_pixels,
         metrics: Metrics | None = None,
         siblings: SiblingLoad | None = None,
     ):
@@ -126,6 +138,10 @@ class ModelRunner:
         self.max_image_pixels = max_image_pixels
         self.max_batch_size = max_batch_size
         self.max_batch_delay = max_batch_delay_ms / 1000.0
+        self.max_aspect_ratio = max_aspect_ratio
+        self.max_upscale = max_upscale
+        self.max_request_pixels = max_request_pixels
+        self.max_forward_pixels = max_forward_pixels
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="model")
         self._admitted = 0  # touched only on the event loop thread
         self._siblings = siblings or _NoSiblings()
@@ -210,7 +226,8 @@ class ModelRunner:
     def _preprocess(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
         if not isinstance(data, bytes):
             data = data.image_bytes()
-        return imaging.preprocess(data, options, max_pixels=self.max_image_pixels)
+        return imaging.preprocess(data, options, max_pixels=self.max_image_pixels,
+                                  max_aspect_ratio=self.max_aspect_ratio, max_upscale=self.max_upscale)
 
     async def preprocess(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
         """The (3, crop, crop) float32 tensor the model would see under `options`; admitted like a
@@ -224,22 +241,30 @@ class ModelRunner:
         return self._batch_queue
 
     async def _batch_loop(self, queue: asyncio.Queue[_Pending]) -> None:
-        """Collect up to max_batch_size tensors, waiting at most max_batch_delay after the first,
-        and only while no worker is free; then run them as one forward per tensor shape."""
+        """Collect up to max_batch_size tensors and max_forward_pixels, waiting at most max_batch_delay
+        after the first, and only while no worker is free; then run them as one forward per tensor shape."""
         free_workers = asyncio.Semaphore(self.workers)
         loop = asyncio.get_running_loop()
+        held: _Pending | None = None  # taken from the queue but past the pixel bound: it opens the next batch
         while True:
-            batch = [await queue.get()]
+            batch = [held or await queue.get()]
+            held = None
+            pixels = batch[0].pixels
             deadline = loop.time() + self.max_batch_delay
             await free_workers.acquire()
-            while len(batch) < self.max_batch_size:
+            while len(batch) < self.max_batch_size and pixels < self.max_forward_pixels:
                 timeout = deadline - loop.time()
                 if timeout <= 0 and queue.empty():
                     break
                 try:
-                    batch.append(await asyncio.wait_for(queue.get(), max(timeout, 0)))
+                    item = await asyncio.wait_for(queue.get(), max(timeout, 0))
                 except TimeoutError:
                     break
+                if pixels + item.pixels > self.max_forward_pixels:
+                    held = item
+                    break
+                batch.append(item)
+                pixels += item.pixels
             task = loop.create_task(self._run_batch(batch, free_workers))
             self._running_batches.add(task)  # keep a reference until it finishes
             task.add_done_callback(self._running_batches.discard)
@@ -337,25 +362,42 @@ class ModelRunner:
 
     # -- whole batches with full probabilities (the Open Inference Protocol) ----------------------
     async def classify_images(self, images: Sequence[bytes], options: Options) -> BatchPrediction:
-        """Decode and preprocess each image under `options`, then classify them in one forward.
+        """Decode and preprocess each image under `options`, then classify them together.
 
         One image takes one executor hop, like `predict`; several are preprocessed in parallel
-        (one hop each, each admitted) and then share one forward. Not micro-batched with other
-        requests: a protocol request carries its own batch.
+        (one hop each, each admitted) and then share one hop of forwards of at most
+        max_forward_pixels each. Not micro-batched with other requests: a protocol request carries
+        its own batch. Refused (422) before any decoding past max_request_pixels.
         """
+        self.check_request(len(images), options.crop, options.crop)
         served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
         submitted = time.perf_counter()
         if len(images) == 1:
             return await self._submit(self._classify_one_sync, images[0], options, submitted, served)
         tensors = await asyncio.gather(*(self._submit(self._preprocess, data, options) for data in images))
         preprocessed = time.perf_counter()
-        result = await self.classify_tensor(np.stack(tensors), served)
+        result = await self._submit(self._classify_tensor_sync, list(tensors), preprocessed, served)
         return BatchPrediction(result.probabilities, {"preprocess": _ms(preprocessed - submitted),
                                                       **result.timing_ms}, served)
 
     async def classify_tensor(self, batch: np.ndarray, served: ServedModel | None = None) -> BatchPrediction:
-        """Classify an already preprocessed float32 NCHW batch in one forward (one admitted hop)."""
+        """Classify an already preprocessed float32 NCHW batch (one admitted hop, forwards of at most
+        max_forward_pixels each); refused (422) past max_request_pixels."""
+        self.check_request(len(batch), batch.shape[-2], batch.shape[-1])
         return await self._submit(self._classify_tensor_sync, batch, time.perf_counter(), served or self._active)
+
+    def check_request(self, images: int, height: int, width: int) -> None:
+        """Refuse (422) a request that gives the model more than max_request_pixels in all."""
+        pixels = images * height * width
+        if pixels > self.max_request_pixels:
+            raise BadImage(f"The request gives the model {images} images of {width}x{height}, {pixels} pixels; "
+                           f"the limit is {self.max_request_pixels} pixels per request (model.max_request_pixels). "
+                           "Send fewer images per request or use a smaller crop.", code="request_too_large")
+
+    def forward_batches(self, images: int, height: int, width: int) -> list[range]:
+        """The images each forward takes: as many as fit in max_forward_pixels, at least one."""
+        step = max(1, self.max_forward_pixels // (height * width))
+        return [range(start, min(start + step, images)) for start in range(0, images, step)]
 
     def _classify_one_sync(self, data: bytes, options: Options, submitted: float,
                            served: ServedModel) -> BatchPrediction:
@@ -368,12 +410,22 @@ class ModelRunner:
                                                       "preprocess": _ms(preprocessed - started),
                                                       "inference": result.timing_ms["inference"]}, served)
 
-    def _classify_tensor_sync(self, batch: np.ndarray, submitted: float, served: ServedModel) -> BatchPrediction:
+    def _classify_tensor_sync(self, batch: np.ndarray | list[np.ndarray], submitted: float,
+                              served: ServedModel) -> BatchPrediction:
+        """`batch`: an NCHW array, or the CHW tensors of one request (stacked a forward at a time, never
+        copied into one large array)."""
         started = time.perf_counter()
-        logits = self._forward(np.ascontiguousarray(batch, dtype=np.float32), self._alone(), served.backend)
+        alone = self._alone()
+        height, width = batch[0].shape[-2:]
+        logits = []
+        for part in self.forward_batches(len(batch), height, width):
+            began = time.perf_counter()
+            chunk = batch[part.start:part.stop]
+            inputs = np.stack(chunk) if isinstance(chunk, list) else np.ascontiguousarray(chunk, dtype=np.float32)
+            logits.append(self._forward(inputs, alone, served.backend).astype(np.float32, copy=False))
+            self.metrics.observe_forward(len(part), time.perf_counter() - began)
         finished = time.perf_counter()
-        self.metrics.observe_forward(len(batch), finished - started)
-        return BatchPrediction(softmax(logits.astype(np.float32, copy=False)),
+        return BatchPrediction(softmax(logits[0] if len(logits) == 1 else np.concatenate(logits)),
                                {"queue": _ms(started - submitted), "inference": _ms(finished - started)}, served)
 
     def close(self) -> None:

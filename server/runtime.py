@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from PIL import Image
+
 from server.config import Config
 from server.model import Backend, LoadedModel, OnnxBackend, load_exported
 from server.runner import ModelRunner, SiblingLoad
@@ -52,6 +54,10 @@ def build_runner(config: Config, model: LoadedModel | None = None, siblings: Sib
 
             model = load_model(config.model.name, config.model.weights)
         backend = build_backend(config, model)
+    # Pillow's own decompression-bomb check is process-wide and also runs on images it opens by itself
+    # (nested in a container) before any size reaches imaging.open_image; at its default (~89 MP,
+    # refused at twice that) it would let far more through than the configured limit.
+    Image.MAX_IMAGE_PIXELS = config.model.max_image_pixels
     return ModelRunner(
         model,
         backend,
@@ -60,6 +66,10 @@ def build_runner(config: Config, model: LoadedModel | None = None, siblings: Sib
         max_image_pixels=config.model.max_image_pixels,
         max_batch_size=config.model.max_batch_size,
         max_batch_delay_ms=config.model.max_batch_delay_ms,
+        max_aspect_ratio=config.model.max_aspect_ratio,
+        max_upscale=config.model.max_upscale,
+        max_request_pixels=config.model.max_request_pixels,
+        max_forward_pixels=config.model.max_forward_pixels,
         siblings=siblings,
     )
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import threading
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from handlers.predict import ImageUpload
+from server.model import LoadedModel
 from server.runner import ModelRunner
 from server.runtime import build_runner
 from sessions.errors import BadImage, BadRequest, InferenceFailed, ServiceBusy
@@ -147,3 +151,84 @@ def test_a_lone_request_gets_every_core_only_when_sibling_processes_are_idle(def
             runner.close()
         assert recording.alone == [expected]
         assert siblings.published == [1, 0]
+
+
+# -- pixels per forward and per request (issue #15) -------------------------------------------------
+class ShapeRecorder:
+    """A backend that records each forward's batch shape; row i's logits peak at the class its pixels
+    hold (tensors filled with i), so the order of the rows can be checked."""
+
+    name = "recording"
+
+    def __init__(self, classes: int = 10):
+        self.classes, self.shapes = classes, []
+
+    def forward(self, batch, alone=False):
+        self.shapes.append(batch.shape)
+        logits = np.zeros((len(batch), self.classes), np.float32)
+        logits[np.arange(len(batch)), batch[:, 0, 0, 0].astype(int) % self.classes] = 10.0
+        return logits
+
+
+SIDE = 64
+SMALL = Options(resize=SIDE, crop=SIDE)
+
+
+def recording_runner(**limits) -> tuple[ModelRunner, ShapeRecorder]:
+    backend = ShapeRecorder()
+    model = LoadedModel("fake", "1", None, [f"class {i}" for i in range(backend.classes)], "0" * 64)
+    return ModelRunner(model, backend, workers=2, max_queue=64, max_image_pixels=1_000_000, **limits), backend
+
+
+def png(side: int = SIDE) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (side, side), (90, 140, 200)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_a_large_batch_runs_as_forwards_within_the_pixel_bound() -> None:
+    runner, backend = recording_runner(max_forward_pixels=2 * SIDE * SIDE)
+    try:
+        batch = np.repeat(np.arange(5, dtype=np.float32), 3 * SIDE * SIDE).reshape(5, 3, SIDE, SIDE)
+        result = asyncio.run(runner.classify_tensor(batch))
+        assert [shape[0] for shape in backend.shapes] == [2, 2, 1]
+        assert all(shape[1:] == (3, SIDE, SIDE) for shape in backend.shapes)
+        assert list(result.probabilities.argmax(axis=1)) == [0, 1, 2, 3, 4]  # rows in the order sent
+        backend.shapes.clear()
+        images = asyncio.run(runner.classify_images([png()] * 5, SMALL))
+        assert [shape[0] for shape in backend.shapes] == [2, 2, 1] and images.probabilities.shape == (5, 10)
+    finally:
+        runner.close()
+    assert runner.queue_depth == 0
+
+
+def test_a_request_past_the_pixel_bound_is_refused_before_decoding() -> None:
+    runner, backend = recording_runner(max_request_pixels=5 * SIDE * SIDE)
+    try:
+        with pytest.raises(BadImage) as images:  # not images at all: decoding first would say invalid_image
+            asyncio.run(runner.classify_images([b"nope"] * 6, SMALL))
+        with pytest.raises(BadImage) as tensor:
+            asyncio.run(runner.classify_tensor(np.zeros((6, 3, SIDE, SIDE), np.float32)))
+        served = asyncio.run(runner.classify_images([png()] * 5, SMALL))
+    finally:
+        runner.close()
+    for refused in (images.value, tensor.value):
+        assert refused.code == "request_too_large" and refused.status == 422
+        assert "model.max_request_pixels" in refused.message and str(5 * SIDE * SIDE) in refused.message
+    assert sum(shape[0] for shape in backend.shapes) == 5 and served.probabilities.shape == (5, 10)
+
+
+def test_micro_batches_stay_within_the_pixel_bound() -> None:
+    runner, backend = recording_runner(max_batch_size=8, max_batch_delay_ms=200, max_forward_pixels=3 * SIDE * SIDE)
+    image = png()
+
+    async def main():
+        return await asyncio.gather(*(runner.predict(image, SMALL) for _ in range(8)))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        runner.close()
+    sizes = [shape[0] for shape in backend.shapes]
+    assert sum(sizes) == 8 and max(sizes) == 3  # batches formed, none over three 64x64 images
+    assert all(len(result.top_k) == 5 for result in results)
