@@ -15,10 +15,21 @@ client's. Each image goes through the same steps as `POST /v1/predict`: the sess
 logout or an options change made elsewhere applies to the next image), the rate limit is charged,
 the model runs and the result is recorded in the history before it is sent. Per-image failures
 are error frames and the stream stays open; a missing, bad or revoked token closes it with 1008
-(policy violation) and the error's code as the reason. Back-pressure: at most
-`http.stream_max_in_flight` images per connection are being classified; at that limit the handler
-stops reading frames (Tornado delivers no further message while `on_message` is pending), so TCP
-flow control holds the client back instead of the server buffering without limit.
+(policy violation) and the error's code as the reason.
+
+Limits, so that one client cannot make the server hold without bound:
+- back-pressure: at most `http.stream_max_in_flight` images per connection are being classified; at
+  that limit the handler stops reading frames (Tornado delivers no further message while
+  `on_message` is pending), so TCP flow control holds the client back;
+- the same holds for answers: while frames written to the client are still waiting for it to read
+  them, no further frame is read, so for a client that sends and never reads, the server holds
+  beyond the socket buffers at most one frame's answers and the results of its images in flight
+  (and drops it after `http.write_timeout_seconds`, server.balance);
+- protocol errors (a frame that is not JSON, not a header, or a header after a header) are error
+  frames; the `http.stream_max_errors`-th is followed by a `too_many_errors` error frame and a 1008
+  close with that reason. Per-image errors (a bad image, bad options) are not counted;
+- a stream is pinged every `http.stream_ping_interval_seconds` (0: never); one that does not answer
+  within `http.stream_ping_timeout_seconds` is closed.
 """
 
 from __future__ import annotations
@@ -31,7 +42,7 @@ from typing import Any
 
 import tornado.websocket
 
-from handlers.base import BaseHandler
+from handlers.base import BaseHandler, parse_json
 from handlers.predictions import predict_and_record
 from sessions.errors import BadRequest, InvalidToken, ServiceError
 from sessions.tokens import VerifiedToken
@@ -41,6 +52,7 @@ log = logging.getLogger("inference.stream")
 POLICY_VIOLATION = 1008
 _MAX_REF_LENGTH = 128
 _HEADER_KEYS = frozenset({"ref", "options"})
+_NAMES_SHOWN, _NAME_CHARS_SHOWN = 5, 40  # of unknown fields, in an error message (not an echo of the frame)
 
 
 class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
@@ -58,6 +70,8 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_header: dict[str, Any] | None = None
         self._seq = 0
+        self._errors = 0
+        self._last_write: asyncio.Future[None] | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
         if self.request.headers.get("Authorization"):
             try:
@@ -82,6 +96,16 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
     @property
     def max_in_flight(self) -> int:
         return self.config.http.stream_max_in_flight
+
+    @property
+    def ping_interval(self) -> float | None:
+        return self.config.http.stream_ping_interval_seconds or None
+
+    @property
+    def ping_timeout(self) -> float | None:
+        # Tornado caps the timeout at the interval (and warns); capped here, it stays quiet.
+        interval = self.config.http.stream_ping_interval_seconds
+        return min(self.config.http.stream_ping_timeout_seconds, interval) if interval else None
 
     # -- life cycle -----------------------------------------------------------------------------
     async def open(self, *args: str) -> None:
@@ -117,6 +141,16 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     # -- frames ---------------------------------------------------------------------------------
     async def on_message(self, message: str | bytes) -> None:
+        if self.ws_connection is None or self.ws_connection.is_closing():
+            return  # frames the client sent before it saw our close: nothing more is done for them
+        await self._handle_frame(message)
+        # Not reading the next frame while the client has not read ours bounds what is buffered for
+        # it. Frames go out in order, so the last one written being out means all of them are.
+        if self._last_write is not None and not self._last_write.done():
+            with contextlib.suppress(tornado.websocket.WebSocketClosedError):
+                await self._last_write
+
+    async def _handle_frame(self, message: str | bytes) -> None:
         if self._verified is None:
             await self._authenticate_frame(message)
             return
@@ -137,8 +171,8 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         token = None
         if isinstance(message, str):
             try:
-                frame = json.loads(message)
-            except ValueError:
+                frame = parse_json(message, "The first frame")
+            except BadRequest:
                 frame = None
             if isinstance(frame, dict) and isinstance(frame.get("token"), str):
                 token = frame["token"].strip()
@@ -157,20 +191,33 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     def _read_header(self, message: str) -> None:
         try:
-            header = json.loads(message)
-        except ValueError as exc:
-            self._send(self._error_frame(BadRequest(f"A text frame is not valid JSON ({exc}).",
-                                                    code="malformed_json"), None, None))
+            header = parse_json(message, "A text frame")
+        except BadRequest as exc:
+            self._protocol_error(exc)
             return
         problem = _header_problem(header)
         if problem:
-            self._send(self._error_frame(BadRequest(problem, code="invalid_frame"), None, None))
+            self._protocol_error(BadRequest(problem, code="invalid_frame"))
             return
         if self._pending_header is not None:
             ref = self._pending_header.get("ref")
-            self._send(self._error_frame(BadRequest("Two JSON frames in a row: the first one's image never came.",
-                                                    code="missing_image"), ref, None))
+            self._pending_header = None
+            self._protocol_error(BadRequest("Two JSON frames in a row: the first one's image never came.",
+                                            code="missing_image"), ref)
+            if self.ws_connection is None:  # that was one error too many: closed
+                return
         self._pending_header = header
+
+    def _protocol_error(self, exc: BadRequest, ref: Any = None) -> None:
+        """An error frame about the stream rather than an image; too many of them close it."""
+        self._send(self._error_frame(exc, ref, None))
+        self._errors += 1
+        if self._errors >= self.config.http.stream_max_errors:
+            log.info("stream %s closed after %d protocol errors", self.request_id, self._errors)
+            self._send(self._error_frame(BadRequest(
+                f"{self._errors} protocol errors on this stream, the limit (http.stream_max_errors); closing.",
+                code="too_many_errors"), None, None))
+            self.close(POLICY_VIOLATION, "too_many_errors")
 
     async def _classify(self, seq: int, ref: Any, overrides: dict[str, Any], image: bytes) -> None:
         self.in_flight.enter()
@@ -204,7 +251,9 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
     def _send(self, frame: dict[str, Any]) -> None:
         # If the client went away, a result it never reads is still in its history.
         with contextlib.suppress(tornado.websocket.WebSocketClosedError):
-            self.write_message(json.dumps(frame, separators=(",", ":")))
+            self._last_write = self.write_message(json.dumps(frame, separators=(",", ":")))
+            # Fails with WebSocketClosedError if the stream closes first; nobody need hear of it.
+            self._last_write.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     def _refuse(self, exc: InvalidToken, ref: Any = None, seq: int | None = None) -> None:
         """An error frame with the full message, then a policy-violation close whose reason is the
@@ -220,7 +269,10 @@ def _header_problem(header: Any) -> str | None:
         return "A JSON frame must be an object: {\"ref\": ..., \"options\": {...}}."
     unknown = set(header) - _HEADER_KEYS
     if unknown:
-        return f"Unknown field(s) {', '.join(sorted(unknown))} in a JSON frame; known: ref, options."
+        names = [name if len(name) <= _NAME_CHARS_SHOWN else name[:_NAME_CHARS_SHOWN] + "..."
+                 for name in sorted(unknown)[:_NAMES_SHOWN]]
+        more = f" and {len(unknown) - _NAMES_SHOWN} more" if len(unknown) > _NAMES_SHOWN else ""
+        return f"Unknown field(s) {', '.join(names)}{more} in a JSON frame; known: ref, options."
     ref = header.get("ref")
     if ref is not None and not (isinstance(ref, str | int) and not isinstance(ref, bool)):
         return "ref must be a string or an integer."

@@ -6,7 +6,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
@@ -27,7 +26,7 @@ from handlers.preprocess import PreprocessHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
 from handlers.stream import StreamHandler
 from handlers.web import WebAssetHandler
-from server.balance import BalancedHTTPServer, SharedCounts
+from server.balance import BalancedHTTPServer, GuardedHTTPServer, SharedCounts
 from server.config import Config
 from server.observability import log_request
 from server.runner import ModelRunner
@@ -116,20 +115,32 @@ READ_CHUNK_BYTES = 256 * 1024
 
 
 def http_server(app: tornado.web.Application, config: Config, counts: SharedCounts | None = None,
-                slot: int = 0) -> tornado.httpserver.HTTPServer:
-    """The HTTP server for `app`; with `counts` (one of several processes on a shared socket) it
-    accepts so that connections spread evenly over the processes."""
-    # Upload routes stream their bodies and set their own limit; this bounds every other route.
-    limits = {"max_body_size": config.http.max_body_bytes, "chunk_size": READ_CHUNK_BYTES}
+                slot: int = 0) -> GuardedHTTPServer:
+    """The HTTP server for `app`, with the limits of config.http (server.balance); with `counts` (one
+    of several processes on a shared socket) it accepts so that connections spread evenly over the
+    processes."""
+    http = config.http
+    settings: dict[str, Any] = {
+        # Upload routes stream their bodies and set their own limit; this bounds every other route.
+        "max_body_size": http.max_body_bytes,
+        "chunk_size": READ_CHUNK_BYTES,
+        # Tornado waits for a request's headers in one read with one timeout: the keep-alive idle
+        # time before a request and slow headers alike.
+        "idle_connection_timeout": http.idle_timeout_seconds,
+        "body_timeout": http.body_timeout_seconds,
+        "xheaders": http.xheaders,
+        "max_connections": http.max_connections,
+        "write_timeout": http.write_timeout_seconds,
+        "on_connections": app.settings["metrics"].open_connections.set,
+    }
     if counts is None:
-        return tornado.httpserver.HTTPServer(app, **limits)
-    return BalancedHTTPServer(app, **limits, counts=counts, slot=slot,
-                              on_connections=app.settings["metrics"].open_connections.set)
+        return GuardedHTTPServer(app, **settings)
+    return BalancedHTTPServer(app, **settings, counts=counts, slot=slot)
 
 
 def listen(
     app: tornado.web.Application, config: Config, host: str, port: int
-) -> tuple[tornado.httpserver.HTTPServer, int]:
+) -> tuple[GuardedHTTPServer, int]:
     """Serve `app` on host:port (0 picks a free port); return the server and the bound port."""
     server = http_server(app, config)
     sockets = tornado.netutil.bind_sockets(port, host)

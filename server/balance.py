@@ -12,13 +12,26 @@ takes the connection anyway if no sibling did (a sibling may be busy or gone).
 The images in flight in each process are shared too: a runner gives a lone request every core
 (a wider forward) only when no sibling is working either; otherwise the processes would run more
 runtime threads than there are cores, which measured ~20 % slower at 4 clients on 2 cores.
+
+Every serving process, one or several, also guards its connections (GuardedHTTPServer): past
+`http.max_connections` open ones a new connection is answered with a short 503 and closed, and a
+write the peer does not take within `http.write_timeout_seconds` drops its connection, so a client
+that never reads cannot make the server hold its answers. A connection is counted from accept to
+the close of its socket, WebSocket streams included (they leave Tornado's HTTP bookkeeping at the
+upgrade).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
+import json
+import logging
 import multiprocessing
 import socket
+import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -26,8 +39,12 @@ import tornado.httpserver
 import tornado.ioloop
 import tornado.iostream
 
+log = logging.getLogger("inference.http")
+
 _STEP_ASIDE_SECONDS = 0.002
 _MAX_STEPS_ASIDE = 10  # then accept: a connection waits at most ~20 ms for a less loaded process
+_REFUSED_LOG_SECONDS = 10.0  # refusals past the cap are logged at most this often, with their count
+_DRAIN_ON_REFUSAL_BYTES = 64 * 1024
 
 
 class SharedCounts:
@@ -76,15 +93,60 @@ class SiblingView:
         return self._counts.in_flight_elsewhere(self._slot)
 
 
-class BalancedHTTPServer(tornado.httpserver.HTTPServer):
-    """An HTTPServer that counts its open connections and accepts as described above."""
+class GuardedHTTPServer(tornado.httpserver.HTTPServer):
+    """An HTTPServer with a cap on its open connections and a deadline on each write (see above).
 
-    def initialize(self, *args: Any, counts: SharedCounts, slot: int,
+    Connections come in through `adopt`: from Tornado's accept loop, or from an accept made
+    elsewhere (adopt_connection)."""
+
+    def initialize(self, *args: Any, max_connections: int, write_timeout: float,
                    on_connections: Callable[[int], None] | None = None, **kwargs: Any) -> None:
         """`on_connections` hears this process's count of open connections when it changes."""
         super().initialize(*args, **kwargs)
-        self.counts, self.slot = counts, slot
+        if self.ssl_options is not None:
+            raise ValueError("GuardedHTTPServer serves plain HTTP; terminate TLS in front of it")
+        self.max_connections, self.write_timeout = max_connections, write_timeout
+        self.open_connections = 0
         self._on_connections = on_connections or (lambda _count: None)
+        self._refused = 0
+        self._refused_logged_at = -_REFUSED_LOG_SECONDS
+
+    def _handle_connection(self, connection: socket.socket, address: Any) -> None:
+        # TCPServer's accept callback: its own version wraps the socket in a plain IOStream.
+        self.adopt(connection, address)
+
+    def adopt(self, connection: socket.socket, address: Any) -> None:
+        """Serve an accepted connection, or refuse it when this process is at its cap."""
+        connection.setblocking(False)
+        if self.open_connections >= self.max_connections:
+            self._refuse(connection)
+            return
+        stream = _GuardedIOStream(connection, on_close=lambda: self._count_connection(-1),
+                                  write_timeout=self.write_timeout, max_buffer_size=self.max_buffer_size,
+                                  read_chunk_size=self.read_chunk_size)
+        self._count_connection(1)
+        self.handle_stream(stream, address)
+
+    def _refuse(self, connection: socket.socket) -> None:
+        refuse_connection(connection, self.max_connections)
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged_at >= _REFUSED_LOG_SECONDS:
+            log.warning("refused %d connection(s): %d open, the limit (http.max_connections)",
+                        self._refused, self.open_connections)
+            self._refused, self._refused_logged_at = 0, now
+
+    def _count_connection(self, delta: int) -> None:
+        self.open_connections += delta
+        self._on_connections(self.open_connections)
+
+
+class BalancedHTTPServer(GuardedHTTPServer):
+    """A GuardedHTTPServer that shares its count of open connections and accepts as described above."""
+
+    def initialize(self, *args: Any, counts: SharedCounts, slot: int, **kwargs: Any) -> None:
+        self.counts, self.slot = counts, slot
+        super().initialize(*args, **kwargs)
         self._accepts: list[_BalancedAccept] = []
 
     def add_sockets(self, sockets: list[socket.socket]) -> None:
@@ -99,17 +161,63 @@ class BalancedHTTPServer(tornado.httpserver.HTTPServer):
             accept.stop()
         super().stop()
 
-    def handle_stream(self, stream: tornado.iostream.IOStream, address: Any) -> None:
-        self._count_connection(1)
-        super().handle_stream(stream, address)
-
-    def on_close(self, server_conn: object) -> None:
-        self._count_connection(-1)
-        super().on_close(server_conn)
-
     def _count_connection(self, delta: int) -> None:
         self.counts.add_connection(self.slot, delta)
-        self._on_connections(self.counts.connections(self.slot))
+        super()._count_connection(delta)
+
+
+class _GuardedIOStream(tornado.iostream.IOStream):
+    """An IOStream that reports its close, and drops its connection when a write waits too long.
+
+    Tornado reads a connection's next request only once the previous response is flushed, and a
+    WebSocket stream stops reading while its writes are pending (handlers/stream.py), so the
+    writes waiting here belong to one answer at a time."""
+
+    def __init__(self, connection: socket.socket, *, on_close: Callable[[], None], write_timeout: float,
+                 **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        self._on_close, self._write_timeout = on_close, write_timeout
+
+    def write(self, data: bytes | memoryview) -> asyncio.Future[None]:
+        future = super().write(data)
+        if not future.done():  # the socket's buffer is full: the peer has to read for this to finish
+            timer = self.io_loop.call_later(self._write_timeout, self._write_timed_out, future)
+            future.add_done_callback(lambda _done: self.io_loop.remove_timeout(timer))
+        return future
+
+    def _write_timed_out(self, future: asyncio.Future[None]) -> None:
+        if future.done() or self.closed():
+            return
+        log.info("dropped a connection that did not read its answer within %g s (http.write_timeout_seconds)",
+                 self._write_timeout)
+        # An abortive close (reset): the kernel drops what it still holds for the peer, too.
+        with contextlib.suppress(OSError):
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.close()
+
+    def close_fd(self) -> None:
+        # Called once, when the stream closes (by either side, or at a timeout).
+        super().close_fd()
+        self._on_close()
+
+
+def refuse_connection(connection: socket.socket, limit: int) -> None:
+    """Answer a connection over the cap with a 503 `too_many_connections` and close it, without
+    blocking: the answer fits in a fresh socket's send buffer. What the client already sent is read
+    first, so that the close is a FIN rather than a reset, which could discard the answer."""
+    body = json.dumps({"error": {"code": "too_many_connections", "message": f"This server process has {limit} "
+                                 "open connections, its limit (http.max_connections); retry shortly."}})
+    answer = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=UTF-8\r\n"
+              f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}")
+    with contextlib.suppress(OSError):
+        connection.send(answer.encode())
+        drained = 0
+        while drained < _DRAIN_ON_REFUSAL_BYTES:
+            chunk = connection.recv(_DRAIN_ON_REFUSAL_BYTES)
+            if not chunk:
+                break
+            drained += len(chunk)
+    connection.close()
 
 
 class _BalancedAccept:
@@ -146,12 +254,15 @@ class _BalancedAccept:
             return  # a sibling took it, or the client gave up while queued
         except OSError:
             return  # the socket was closed: shutting down
-        adopt_connection(self.server, connection, address)
+        self.server.adopt(connection, address)
 
 
 def adopt_connection(server: tornado.httpserver.HTTPServer, connection: socket.socket, address: Any) -> None:
     """Serve a connection accepted outside the server's own accept loop the way that loop would:
-    non-blocking, with the server's buffer limit and read size."""
+    non-blocking, with the server's limits, buffer size and read size."""
+    if isinstance(server, GuardedHTTPServer):
+        server.adopt(connection, address)
+        return
     connection.setblocking(False)
     stream = tornado.iostream.IOStream(connection, max_buffer_size=server.max_buffer_size,
                                        read_chunk_size=server.read_chunk_size)

@@ -1,9 +1,16 @@
-"""`GET /v1/stream`: WebSocket predictions, authentication, per-image errors, back-pressure, clients."""
+"""`GET /v1/stream`: WebSocket predictions, authentication, per-image errors, back-pressure, limits
+(protocol errors, unread answers, pings), clients."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import os
+import re
+import socket
+import struct
 import threading
 import time
 import uuid
@@ -18,9 +25,11 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from clients.python import AsyncClient, AuthError, Client, ValidationError
+from handlers.stream import StreamHandler
+from server.balance import GuardedHTTPServer
 from server.runtime import build_runner
 from sessions.tokens import TokenSigner
-from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, login, make_config
+from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, login, make_config, wait_for
 
 TIMEOUT = 30
 
@@ -256,3 +265,174 @@ def test_async_client_predict_stream(server) -> None:
     assert all(r.ok and len(r.result["top_k"]) == 1 for r in results.values())
     top1 = {ref: r.result["predicted_class"] for ref, r in results.items()}
     assert top1[0] == top1[2] != top1[1]  # the same photo twice, then another
+
+
+# -- limits -------------------------------------------------------------------------------------
+def test_protocol_errors_past_the_limit_close_the_stream_with_1008(serve, server, client: httpx.Client) -> None:
+    auth = login(client)
+    with serve(make_config(http={"stream_max_errors": 3}), runner=server.runner) as running, \
+            open_stream(running, auth) as socket:
+        for _ in range(3):  # errors about an image are not protocol errors: not counted
+            socket.send(b"GIF89a broken")
+        assert [frame(socket)["error"]["code"] for _ in range(3)] == ["invalid_image"] * 3
+        socket.send(CAT_JPEG)
+        assert frame(socket)["type"] == "result"
+        socket.send("{not json")
+        socket.send(json.dumps({"colour": "red"}))
+        socket.send(json.dumps({"ref": "a"}))
+        socket.send(json.dumps({"ref": "b"}))  # the third: "a" never got its image
+        with contextlib.suppress(ConnectionClosed):
+            socket.send(CAT_JPEG)  # sent before the close was seen: not classified
+        errors = [frame(socket) for _ in range(4)]
+        assert [(item["ref"], item["error"]["code"]) for item in errors] == [
+            (None, "malformed_json"), (None, "invalid_frame"), ("a", "missing_image"), (None, "too_many_errors")]
+        assert errors[-1]["status"] == 400 and "3 protocol errors" in errors[-1]["error"]["message"]
+        assert close_code(socket) == (1008, "too_many_errors")
+    assert client.get("/v1/session", headers=auth).json()["predictions"] == 1
+
+
+def test_deeply_nested_json_is_a_malformed_json_frame_not_a_crash(server, client: httpx.Client) -> None:
+    nested = "[" * 100_000
+    with open_stream(server, login(client)) as socket:
+        socket.send(nested)
+        error = frame(socket)
+        assert (error["type"], error["error"]["code"], error["seq"]) == ("error", "malformed_json", None)
+        socket.send(CAT_JPEG)  # the stream goes on
+        assert frame(socket)["type"] == "result"
+    with ws_connect(stream_url(server), open_timeout=TIMEOUT) as socket:  # as the token frame
+        socket.send(nested)
+        assert frame(socket)["error"]["code"] == "missing_token"
+        assert close_code(socket) == (1008, "missing_token")
+
+
+def client_frame(payload: str | bytes) -> bytes:
+    """A whole text (str) or binary frame as a client sends it: masked."""
+    opcode, data = (1, payload.encode()) if isinstance(payload, str) else (2, payload)
+    mask = os.urandom(4)
+    length = (struct.pack("!B", 0x80 | len(data)) if len(data) < 126
+              else struct.pack("!BH", 0x80 | 126, len(data)) if len(data) < 65536
+              else struct.pack("!BQ", 0x80 | 127, len(data)))
+    masked = bytes(byte ^ mask[index % 4] for index, byte in enumerate(data))
+    return struct.pack("!B", 0x80 | opcode) + length + mask + masked
+
+
+class RawStream:
+    """A WebSocket client on a plain socket that does only what it is told: it reads when asked and
+    answers no ping (the `websockets` client answers pings on its own)."""
+
+    def __init__(self, url: str, headers: dict[str, str], receive_buffer: int | None = None):
+        host, port = url.removeprefix("ws://").split("/")[0].split(":")
+        self.sock = socket.socket()
+        if receive_buffer is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+        self.sock.settimeout(TIMEOUT)
+        self.sock.connect((host, int(port)))
+        key = base64.b64encode(os.urandom(16)).decode()
+        lines = ["GET /v1/stream HTTP/1.1", f"Host: {host}:{port}", "Upgrade: websocket", "Connection: Upgrade",
+                 f"Sec-WebSocket-Key: {key}", "Sec-WebSocket-Version: 13", *(f"{k}: {v}" for k, v in headers.items())]
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buffer = b""
+        while b"\r\n\r\n" not in self.buffer:
+            self.buffer += self._recv()
+        head, _, self.buffer = self.buffer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101"), head
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("closed by the server")
+        return chunk
+
+    def _take(self, size: int) -> bytes:
+        while len(self.buffer) < size:
+            self.buffer += self._recv()
+        data, self.buffer = self.buffer[:size], self.buffer[size:]
+        return data
+
+    def send(self, payload: str | bytes) -> None:
+        self.sock.sendall(client_frame(payload))
+
+    def recv(self) -> tuple[int, bytes]:
+        """The next frame from the server: (opcode, payload); 1 text, 8 close, 9 ping."""
+        first, second = self._take(2)
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack("!H", self._take(2))[0]
+        elif length == 127:
+            length = struct.unpack("!Q", self._take(8))[0]
+        return first & 0x0F, self._take(length)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def open_connections(url: str) -> float:
+    """The server's inference_open_connections, asked on a connection of its own (counted too)."""
+    with httpx.Client(base_url=url, timeout=TIMEOUT) as http:
+        text = http.get("/metrics").text
+    return float(re.search(r"^inference_open_connections(?:\{[^}]*\})? (\S+)$", text, re.M).group(1))
+
+
+def test_a_client_that_sends_and_never_reads_stops_being_read_then_is_dropped(
+        serve, server, client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small socket buffers on both ends, so that the server's answers back up after a few frames.
+    adopt = GuardedHTTPServer.adopt
+
+    def adopt_with_small_send_buffer(self: GuardedHTTPServer, connection: socket.socket, address: Any) -> None:
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        adopt(self, connection, address)
+
+    written: list[int] = []  # what the server wrote to the stream (into its buffers), frame by frame
+    write_message = StreamHandler.write_message
+
+    def counted(self: StreamHandler, message: Any, binary: bool = False) -> Any:
+        written.append(len(message))
+        return write_message(self, message, binary)
+
+    monkeypatch.setattr(GuardedHTTPServer, "adopt", adopt_with_small_send_buffer)
+    monkeypatch.setattr(StreamHandler, "write_message", counted)
+    config = make_config(http={"stream_max_errors": 10_000, "write_timeout_seconds": 0.5})
+    with serve(config, runner=server.runner) as running:
+        stream = RawStream(stream_url(running), login(client), receive_buffer=4096)
+        try:
+            assert json.loads(stream.recv()[1])["type"] == "ready"
+            sent = 3000  # each answered by an error frame several times its size
+            stream.sock.sendall(b"".join(client_frame(json.dumps({"colour": index})) for index in range(sent)))
+
+            def settled() -> bool:  # answers were written, and no more are coming
+                before = len(written)
+                time.sleep(0.1)
+                return 1 < before == len(written)
+
+            assert wait_for(settled, timeout=TIMEOUT, interval=0)
+            assert 1 < len(written) < sent // 3  # it stopped reading while its answers waited
+            # ... and dropped the connection when they were not read in time: what the client then
+            # reads ends in a reset, short of the answers to all it sent.
+            assert wait_for(lambda: open_connections(running.url) == 1, timeout=TIMEOUT, interval=0.05)
+            answers = 0
+            with pytest.raises(ConnectionError):
+                while True:
+                    answers += stream.recv()[0] == 1
+            assert answers < sent // 3 and len(written) < sent // 3
+        finally:
+            stream.close()
+
+
+def test_a_stream_that_does_not_answer_pings_is_closed(serve, server, client: httpx.Client) -> None:
+    config = make_config(http={"stream_ping_interval_seconds": 0.2, "stream_ping_timeout_seconds": 0.2})
+    with serve(config, runner=server.runner) as running:
+        auth = login(client)
+        with open_stream(running, auth) as answering:  # websockets answers pings: the stream stays
+            time.sleep(0.6)  # three pings
+            answering.send(CAT_JPEG)
+            assert frame(answering)["type"] == "result"
+        silent = RawStream(stream_url(running), auth)
+        try:
+            assert json.loads(silent.recv()[1])["type"] == "ready"
+            started = time.monotonic()
+            assert silent.recv()[0] == 9  # a ping, not answered
+            opcode, payload = silent.recv()
+            assert opcode == 8 and payload[2:] == b"ping timed out"
+            assert time.monotonic() - started < TIMEOUT / 2
+        finally:
+            silent.close()
