@@ -89,6 +89,7 @@ class ModelVersionHandler(AdminHandler):
             return
         if uploading:
             self.request.connection.set_max_body_size(self._limit * 2)  # up to twice is drained, then cut
+            self.request.connection.set_body_timeout(self.config.models.upload_timeout_seconds)
             if declared.isdigit() and int(declared) > self._limit * 2:
                 self._refuse_oversized()
         try:

@@ -341,11 +341,17 @@ _VERSION_PARAMETERS = [
 
 def _document_malformed_requests(paths: dict[str, Any]) -> None:
     """Any request can be malformed at the HTTP layer (a bad Content-Length, a header that does not
-    parse): every operation documents the 400 the server then answers."""
+    parse): every operation documents the 400 the server then answers. That answer comes before the
+    route is known, so under /v2 it may have the /v1 error shape instead of the protocol's."""
     for path, item in paths.items():
-        error = _oip_error if path.startswith("/v2") else _error
         for operation in item.values():
-            operation["responses"].setdefault("400", error("Malformed HTTP request."))
+            responses = operation["responses"]
+            if not path.startswith("/v2"):
+                responses.setdefault("400", _error("Malformed HTTP request."))
+                continue
+            description = responses.get("400", {}).get("description", "Malformed request.")
+            responses["400"] = _json({"oneOf": [_ref("OipError"), _ref("Error")]},
+                                     f"{description} A request that is not valid HTTP gets the /v1 error shape.")
 
 
 def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:

@@ -94,7 +94,7 @@ class SiblingView:
 
 
 class GuardedHTTPServer(tornado.httpserver.HTTPServer):
-    """An HTTPServer with a cap on its open connections and a deadline on each write (see above).
+    """An HTTPServer with a cap on its open connections and a deadline on writes that make no progress (see above).
 
     Connections come in through `adopt`: from Tornado's accept loop, or from an accept made
     elsewhere (adopt_connection)."""
@@ -166,8 +166,19 @@ class BalancedHTTPServer(GuardedHTTPServer):
         super()._count_connection(delta)
 
 
+# A request that is not valid HTTP/1.1 (a garbage Content-Length, a header that does not parse) is
+# answered by Tornado itself with these bytes, before any handler exists; clients get the JSON error
+# every other answer carries instead (the route is unknown, so it has the /v1 shape).
+_TORNADO_MALFORMED_ANSWER = b"HTTP/1.1 400 Bad Request\r\n\r\n"
+_MALFORMED_BODY = json.dumps({"error": {"code": "malformed_request",
+                                        "message": "The request is not valid HTTP/1.1."}}).encode()
+_MALFORMED_ANSWER = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=UTF-8\r\n"
+                     b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_MALFORMED_BODY) + _MALFORMED_BODY)
+
+
 class _GuardedIOStream(tornado.iostream.IOStream):
-    """An IOStream that reports its close, and drops its connection when a write waits too long.
+    """An IOStream that reports its close, and drops its connection when a write makes no progress
+    for the write timeout (a slow reader keeps its connection; one that stopped reading does not).
 
     Tornado reads a connection's next request only once the previous response is flushed, and a
     WebSocket stream stops reading while its writes are pending (handlers/stream.py), so the
@@ -179,14 +190,23 @@ class _GuardedIOStream(tornado.iostream.IOStream):
         self._on_close, self._write_timeout = on_close, write_timeout
 
     def write(self, data: bytes | memoryview) -> asyncio.Future[None]:
+        if data == _TORNADO_MALFORMED_ANSWER:
+            data = _MALFORMED_ANSWER
         future = super().write(data)
         if not future.done():  # the socket's buffer is full: the peer has to read for this to finish
-            timer = self.io_loop.call_later(self._write_timeout, self._write_timed_out, future)
-            future.add_done_callback(lambda _done: self.io_loop.remove_timeout(timer))
+            self._arm_write_timer(future)
         return future
 
-    def _write_timed_out(self, future: asyncio.Future[None]) -> None:
+    def _arm_write_timer(self, future: asyncio.Future[None]) -> None:
+        written = self._total_write_done_index
+        timer = self.io_loop.call_later(self._write_timeout, self._write_timed_out, future, written)
+        future.add_done_callback(lambda _done: self.io_loop.remove_timeout(timer))
+
+    def _write_timed_out(self, future: asyncio.Future[None], written: int) -> None:
         if future.done() or self.closed():
+            return
+        if self._total_write_done_index > written:  # the peer reads, only slowly: give it another period
+            self._arm_write_timer(future)
             return
         log.info("dropped a connection that did not read its answer within %g s (http.write_timeout_seconds)",
                  self._write_timeout)

@@ -158,6 +158,8 @@ class ModelsConfig:
     # Empty: <data_dir>/models.
     store_dir: str = ""
     max_upload_bytes: int = 512 * 1024 * 1024  # one state_dict file
+    # The body timeout of an authenticated weights upload (http.body_timeout_seconds for everything else).
+    upload_timeout_seconds: float = 600.0
 
 
 @dataclass
@@ -339,6 +341,7 @@ def validate(config: Config) -> None:
         (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.admin_api_keys),
          "auth.admin_api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with `python -m server hash-key`."),
         (config.models.max_upload_bytes >= 1024, "models.max_upload_bytes must be at least 1024."),
+        (config.models.upload_timeout_seconds > 0, "models.upload_timeout_seconds must be positive."),
         (all(len(k) >= 16 for k in config.auth.secret_keys),
          "auth.secret_keys entries must be at least 16 characters long."),
         (config.sessions.ttl_seconds >= 1, "sessions.ttl_seconds must be at least 1."),

@@ -74,7 +74,8 @@ class Metrics:
                                       "by method.", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.store_errors = Counter("inference_store_errors", "Requests that failed because Redis did.",
                                     registry=self.registry)
-        self.open_connections = Gauge("inference_open_connections", "HTTP connections open, per process.",
+        self.open_connections = Gauge("inference_open_connections",
+                                      "Open HTTP connections (WebSocket streams included), per process.",
                                       multiprocess_mode="liveall", registry=self.registry)
         self.active_sessions = Gauge("inference_active_sessions",
                                      "Sessions in Redis (approximate: counted in the background every "

@@ -39,10 +39,14 @@ log = logging.getLogger(__name__)
 HISTORY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 _OPTION_PREFIX = "opt:"
 
-# Append a prediction only if the session still exists (a logout may race the predict). With an
+# Append a prediction only if the session still exists (a logout may race the predict: then the
+# tombstone says so). With an
 # idempotency key (ARGV[4] == '1'), a retry that raced the first attempt gets the first's id.
 _RECORD_SCRIPT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if redis.call('EXISTS', KEYS[1]) == 0 then
+    if redis.call('EXISTS', KEYS[4]) == 1 then return 'revoked' end
+    return false
+end
 if ARGV[4] == '1' then
     local first = redis.call('GET', KEYS[3])
     if first then return {first, 1} end
@@ -398,14 +402,16 @@ class SessionStore:
     ) -> tuple[str, bool]:
         """Append one prediction to the history (atomically, capped). Return its id, and whether
         it is an earlier request's id (a retry with the same idempotency key raced the first)."""
-        key, history_key, _ = self._keys(session.id)
+        key, history_key, revoked_key = self._keys(session.id)
         reply = await self._record(
-            keys=[key, history_key, self._idempotency_key(session.id, idempotency_key)],
+            keys=[key, history_key, self._idempotency_key(session.id, idempotency_key), revoked_key],
             args=[json.dumps(entry, separators=(",", ":")), self.history_max_entries,
                   self._expiry(session.deadline_ms), "1" if idempotency_key else "0"],
         )
+        if reply == "revoked":  # a logout overtook this request while its image was classified
+            raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
         if reply is None:
-            raise InvalidToken("This session was logged out or expired.", code="session_not_found")
+            raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
         history_id, replayed = reply
         return history_id, bool(replayed)
 

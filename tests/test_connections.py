@@ -245,6 +245,42 @@ def test_a_client_that_never_reads_its_answer_is_dropped_after_the_write_timeout
         assert length > 12_000_000 and len(body) < length
 
 
+def test_a_slow_reader_keeps_its_connection_while_it_makes_progress(serve: Callable[..., Any],
+                                                                   runner: ModelRunner) -> None:
+    # The 12.6 MB answer is read a megabyte at a time with pauses shorter than the write timeout: the
+    # whole takes far longer than the timeout, but no pause does.
+    with serve(make_config(http={"write_timeout_seconds": 0.6}), runner=runner) as running:
+        with running.client() as http:
+            auth = login(http)
+        with connect(running.url, receive_buffer=65536) as slow:
+            slow.sendall("\r\n".join([
+                "POST /v1/preprocess?resize=1024&crop=1024 HTTP/1.1", "Host: test", "Content-Type: image/jpeg",
+                f"Authorization: {auth['Authorization']}", f"Content-Length: {len(CAT_JPEG)}", "", "",
+            ]).encode() + CAT_JPEG)
+            received, since_pause = b"", 0
+            while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < 12_582_528:
+                chunk = slow.recv(65536)
+                assert chunk, f"dropped after {len(received)} bytes"
+                received += chunk
+                since_pause += len(chunk)
+                if since_pause >= 1 << 20:
+                    time.sleep(0.3)
+                    since_pause = 0
+        head = received.partition(b"\r\n\r\n")[0]
+        assert head.startswith(b"HTTP/1.1 200")
+
+
+def test_a_request_that_is_not_valid_http_gets_a_json_400(serve: Callable[..., Any], runner: ModelRunner) -> None:
+    with serve(make_config(), runner=runner) as running, connect(running.url) as raw:
+        raw.sendall(b"POST /v1/sessions HTTP/1.1\r\nHost: test\r\nContent-Length: twelve\r\n\r\n")
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"application/json" in head
+    assert json.loads(body)["error"]["code"] == "malformed_request"
+
+
 # -- behind a proxy ------------------------------------------------------------------------------
 def test_xheaders_take_the_client_address_from_x_real_ip(serve: Callable[..., Any], runner: ModelRunner) -> None:
     config = make_config(http={"xheaders": True}, sessions={"login_rate_limit_per_minute": 1})

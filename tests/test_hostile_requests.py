@@ -3,9 +3,11 @@ nothing that the server keeps grows without a bound. Real app, real Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import tempfile
+import time
 from pathlib import Path
 
 import httpx
@@ -171,3 +173,24 @@ def test_every_operation_documents_a_malformed_request() -> None:
     for path, item in openapi_document().get("paths", {}).items():
         for method, operation in item.items():
             assert "400" in operation["responses"], f"{method.upper()} {path}"
+
+
+def test_an_admin_upload_gets_the_upload_timeout_not_the_body_timeout(serve, tmp_path: Path) -> None:
+    config = make_config(http={"body_timeout_seconds": 0.3}, models={"store_dir": str(tmp_path)},
+                         auth={"admin_api_keys": [api_key_hash("admin-key-0123456789")]})
+    with serve(config) as server:
+        port = int(server.url.rsplit(":", 1)[1])
+        for key, status in (("admin-key-0123456789", "400"), (None, None)):
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+                authorization = f"Authorization: ApiKey {key}\r\n" if key else ""
+                raw.sendall(("PUT /v1/models/efficientnet_lite0/versions/slow HTTP/1.1\r\nHost: x\r\n"
+                             f"{authorization}X-Content-SHA256: {'0' * 64}\r\nContent-Length: 2048\r\n\r\n").encode()
+                            + b"x" * 1024)
+                time.sleep(1.0)  # over the body timeout, well within the upload timeout
+                with contextlib.suppress(OSError):
+                    raw.sendall(b"x" * 1024)
+                head = raw.recv(65536).decode("latin-1")
+            if status:  # the whole body arrived: the upload is judged (a wrong checksum here)
+                assert head.startswith(f"HTTP/1.1 {status}") and "checksum_mismatch" in head, head
+            else:  # without the key the body timeout holds: cut off
+                assert head == "", head

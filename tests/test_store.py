@@ -106,8 +106,9 @@ def test_logout_revokes_and_blocks_late_records(redis_server) -> None:
         with pytest.raises(InvalidToken) as caught:
             await store.touch(token)
         assert caught.value.code == "session_revoked"
-        with pytest.raises(InvalidToken):
+        with pytest.raises(InvalidToken) as late:
             await store.record(session, entry(1))  # a predict racing the logout records nothing
+        assert late.value.code == "session_revoked"  # and says why, as the next request would
         items, _ = await store.history(session.id, limit=10)
         assert items == []
 
