@@ -428,7 +428,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                        "one JSON frame comes back per image, in completion order: {\"type\": \"result\", "
                        "\"ref\", \"seq\", \"result\": Prediction} or {\"type\": \"error\", \"ref\", \"seq\", "
                        "\"status\", \"error\": {\"code\", \"message\"}}. A missing or bad token closes the socket "
-                       "with code 1008 and the error code as the reason. See README, 'WebSocket predict stream'.",
+                       "with code 1008 and the error code as the reason. See docs/streaming.md.",
             "security": _BEARER,
             "responses": {"101": {"description": "Switching to the WebSocket protocol."},
                           "400": {"description": "Not a WebSocket upgrade request."},

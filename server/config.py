@@ -28,7 +28,7 @@ class ServerConfig:
     port: int = 8000
     mode: str = "development"  # development | production
     data_dir: str = "data"
-    # Serving processes sharing the port, each with its own model (see README). 0: one per CPU core
+    # Serving processes sharing the port, each with its own model (docs/operations.md). 0: one per CPU core
     # on ONNX Runtime on the CPU (each process is torch-free, ~0.2 GB), else one.
     processes: int = 0
     log_level: str = "info"

@@ -3,9 +3,8 @@
 By default glibc hands a freed block of more than ~128 KB back to the kernel (munmap, or trimming
 the top of a heap, which thread arenas do eagerly), so the next request's buffers of that size
 start on fresh pages and every 4 KB page costs a page fault. A 12 MP upload is copied a few times
-per request (joined from its chunks, split out of its multipart body), and on this project's
-machine that was ~2,600 faults and ~9 ms of CPU per multipart body in a worker thread, against
-~60 faults and ~1.5 ms with the settings below (see bench/README.md). Both settings are needed:
+per request (joined from its chunks, split out of its multipart body): thousands of page faults
+per body, nearly none with the settings below (measured in bench/RESULTS.md). Both settings are needed:
 fixing only the trim threshold also fixes glibc's adaptive mmap threshold at its 128 KB start.
 """
 

@@ -1,4 +1,4 @@
-"""Python client for the session-aware inference server (see README.md, "Python client").
+"""Python client for the session-aware inference server (see docs/clients.md).
 
     from clients.python import Client
 
