@@ -215,17 +215,22 @@ def test_a_websocket_stream_counts_until_it_closes(serve: Callable[..., Any], ru
 
 
 # -- the write side ------------------------------------------------------------------------------
+def ask_for_a_large_answer(sock: socket.socket, auth: dict[str, str]) -> None:
+    """Send a preprocess whose answer, the .npy of a 1024 x 1024 crop (12.6 MB), is far more than the
+    socket buffers hold."""
+    sock.sendall("\r\n".join([
+        "POST /v1/preprocess?resize=1024&crop=1024 HTTP/1.1", "Host: test", "Content-Type: image/jpeg",
+        f"Authorization: {auth['Authorization']}", f"Content-Length: {len(CAT_JPEG)}", "", "",
+    ]).encode() + CAT_JPEG)
+
+
 def test_a_client_that_never_reads_its_answer_is_dropped_after_the_write_timeout(serve: Callable[..., Any],
                                                                                    runner: ModelRunner) -> None:
     with serve(make_config(http={"write_timeout_seconds": SHORT}), runner=runner) as running:
         with running.client() as http:
             auth = login(http)
         with connect(running.url, receive_buffer=4096) as stalled:
-            # The .npy of a 1024 x 1024 crop is 12.6 MB: far more than the socket buffers hold.
-            stalled.sendall("\r\n".join([
-                "POST /v1/preprocess?resize=1024&crop=1024 HTTP/1.1", "Host: test", "Content-Type: image/jpeg",
-                f"Authorization: {auth['Authorization']}", f"Content-Length: {len(CAT_JPEG)}", "", "",
-            ]).encode() + CAT_JPEG)
+            ask_for_a_large_answer(stalled, auth)
             with running.client() as http:  # others are served meanwhile
                 assert http.get("/healthz").status_code == 200
             # Dropped: only the connection asking is open.
@@ -254,10 +259,7 @@ def test_a_slow_reader_keeps_its_connection_while_it_makes_progress(serve: Calla
         with running.client() as http:
             auth = login(http)
         with connect(running.url, receive_buffer=65536) as slow:
-            slow.sendall("\r\n".join([
-                "POST /v1/preprocess?resize=1024&crop=1024 HTTP/1.1", "Host: test", "Content-Type: image/jpeg",
-                f"Authorization: {auth['Authorization']}", f"Content-Length: {len(CAT_JPEG)}", "", "",
-            ]).encode() + CAT_JPEG)
+            ask_for_a_large_answer(slow, auth)
             received, since_pause = b"", 0
             while b"\r\n\r\n" not in received or len(received.partition(b"\r\n\r\n")[2]) < 12_582_528:
                 chunk = slow.recv(65536)
