@@ -108,12 +108,12 @@ class InferHandler(BaseHandler):
     async def post(self, model: str, version: str | None = None) -> None:
         check_model(self.runner, model, version)
         parsed = self.parsed()
-        outputs = await infer(self.runner, self.store, self.session, parsed.request)
-        header: dict[str, Any] = {"model_name": self.runner.model.name, "model_version": self.runner.model.version}
+        result = await infer(self.runner, self.store, self.session, parsed.request, versions=self.model_versions)
+        header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
         if parsed.request.id:
             header["id"] = parsed.request.id
         described, chunks = [], []
-        for output in outputs:
+        for output in result.outputs:
             tensor: dict[str, Any] = {"name": output.name, "datatype": output.datatype, "shape": output.shape}
             if output.binary if output.binary is not None else parsed.binary_output:
                 raw = output.raw()

@@ -15,6 +15,8 @@ requested output, BYTES `[N, k]` elements `"<score>:<index>:<label>"`, best firs
 What a request gives the model is bounded: N x crop x crop (N x H x W for `preprocessed`) at most
 `model.max_request_pixels`, checked by the runner before any image is decoded (422
 `request_too_large`); it runs larger batches as forwards of at most `model.max_forward_pixels`.
+A session pinned to a model version (the `model_version` option) is answered by that version, on
+either input, as on /v1, and the response's `model_version` names the version that answered.
 """
 
 from __future__ import annotations
@@ -27,13 +29,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from handlers.predictions import record_prediction
+from handlers.predictions import ensure_pinned_version, record_prediction
 from sessions.errors import BadRequest, NotFound
 from sessions.options import Options
 from sessions.store import Session, SessionStore
 
 if TYPE_CHECKING:
     from server.runner import ModelRunner
+    from server.weights import ModelVersions
 
 SERVER_NAME = "session-inference-server"
 SERVER_VERSION = "0.1.0"
@@ -247,17 +250,36 @@ class OutputTensor:
         return [element.decode() for element in self.values]
 
 
+@dataclass(frozen=True)
+class InferenceResult:
+    """The outputs and the model version that produced them: a pinned session's version, which need
+    not be the active one (`runner.model`), so each transport names this one in its response."""
+
+    model_name: str
+    model_version: str
+    outputs: list[OutputTensor]
+
+
 async def infer(
-    runner: ModelRunner, store: SessionStore, session: Session | None, request: InferenceRequest
-) -> list[OutputTensor]:
-    """Classify the request's batch, record each image in the session's history (before answering,
-    like `POST /v1/predict`: an answer means recorded), and build the requested outputs."""
+    runner: ModelRunner,
+    store: SessionStore,
+    session: Session | None,
+    request: InferenceRequest,
+    *,
+    versions: ModelVersions | None,
+) -> InferenceResult:
+    """Classify the request's batch with the session's model version (loaded here first when pinned,
+    as `POST /v1/predict` does; `versions` None: only versions this process already holds), record
+    each image in the session's history (before answering, like `POST /v1/predict`: an answer means
+    recorded), and build the requested outputs."""
     options = session.options if session is not None else Options()
+    await ensure_pinned_version(versions, options)
     if request.images is not None:
         result = await runner.classify_images(request.images, options)
     else:
         assert request.tensor is not None
-        result = await runner.classify_tensor(request.tensor)
+        # Preprocessing options do not apply to a tensor, but the pinned version does.
+        result = await runner.classify_tensor(request.tensor, runner.served(options.model_version))
     labels = result.served.model.labels
     if session is not None:
         # In order, so the history lists a batch's images as sent; one Redis round trip each.
@@ -265,7 +287,8 @@ async def infer(
             await record_prediction(store, runner, session, runner.top_k(row, options.top_k, labels), options,
                                     model=result.served.info)
     wanted = request.outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
-    return [_output(runner, result.probabilities, output, labels) for output in wanted]
+    return InferenceResult(result.served.model.name, result.served.model.version,
+                           [_output(runner, result.probabilities, output, labels) for output in wanted])
 
 
 def _output(runner: ModelRunner, probabilities: np.ndarray, requested: RequestedOutput,

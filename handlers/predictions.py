@@ -32,11 +32,19 @@ async def predict_and_record(
     records nothing."""
     if session.replay_of:
         return await _replay(store, session, session.replay_of), True
-    if versions is not None and options.model_version:
-        await versions.ensure(options.model_version)  # a pinned version: loaded here, or 409 if removed
+    await ensure_pinned_version(versions, options)
     prediction = await runner.predict(image, options)
     return await record_prediction(store, runner, session, prediction.top_k, options, idempotency_key,
                                    timing_ms=prediction.timing_ms, model=prediction.model)
+
+
+async def ensure_pinned_version(versions: ModelVersions | None, options: Options) -> None:
+    """Load the model version `options` pins into this process before the runner looks for it; 409
+    `model_version_removed` when it was removed. Every route that classifies calls this (/v1, the
+    stream, the Open Inference Protocol over REST and gRPC): a process loads a pinned version on first
+    use, so whichever serving process or transport takes a request, the session gets the same answer."""
+    if versions is not None and options.model_version:
+        await versions.ensure(options.model_version)
 
 
 async def record_prediction(

@@ -225,7 +225,8 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
 
         try:
             grpc_server, grpc_port = await start_grpc_server(config, store, runner, app.settings["signer"],
-                                                             host=config.server.host, port=config.grpc.port)
+                                                             host=config.server.host, port=config.grpc.port,
+                                                             model_versions=app.settings["model_versions"])
         except OSError as exc:  # the port is taken: one sentence, like any bad setting
             server.stop()
             runner.close()

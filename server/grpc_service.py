@@ -6,8 +6,9 @@ transport a client uses. This module maps protobuf messages to the transport-neu
 `handlers/oip_protocol.py` and back; validation, inference, recording and outputs live there.
 
 Errors: a bad or missing token is UNAUTHENTICATED, bad input INVALID_ARGUMENT, an unknown model or
-version NOT_FOUND, a full queue or the rate limit RESOURCE_EXHAUSTED, Redis down UNAVAILABLE, and
-anything unexpected INTERNAL with a fixed message (the traceback goes to the log, never the client).
+version NOT_FOUND, a session pinned to a removed model version FAILED_PRECONDITION, a full queue or
+the rate limit RESOURCE_EXHAUSTED, Redis down UNAVAILABLE, and anything unexpected INTERNAL with a
+fixed message (the traceback goes to the log, never the client).
 
 The generated messages register the protocol's names (`inference.*`) in protobuf's default pool, so
 a process cannot also import tritonclient.grpc (its copy claims the same names): import this module
@@ -21,7 +22,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc import aio
@@ -46,6 +47,9 @@ from sessions.errors import BadRequest, NotFound, ServiceBusy, ServiceError, Sto
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
 
+if TYPE_CHECKING:
+    from server.weights import ModelVersions
+
 log = logging.getLogger("inference.grpc")
 
 Message = TypeVar("Message")
@@ -56,7 +60,7 @@ _STATUS_BY_HTTP = {
     401: grpc.StatusCode.UNAUTHENTICATED,
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
-    409: grpc.StatusCode.ALREADY_EXISTS,
+    409: grpc.StatusCode.FAILED_PRECONDITION,  # the session's state (a removed pinned version), not a duplicate
     413: grpc.StatusCode.INVALID_ARGUMENT,
     415: grpc.StatusCode.INVALID_ARGUMENT,
     422: grpc.StatusCode.INVALID_ARGUMENT,
@@ -104,8 +108,10 @@ def _answering(method: _Handler[Message]) -> _Handler[Message]:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner):
+    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,
+                 model_versions: ModelVersions | None = None):
         self.config, self.store, self.runner, self.signer = config, store, runner, signer
+        self.model_versions = model_versions  # loads a session's pinned version, as for HTTP
 
     @_answering
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -159,14 +165,14 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                                          cost=batch_size)
         check_model(self.runner, request.model_name, request.model_version)
         batch_size()
-        outputs = await infer(self.runner, self.store, session, parsed[0])
+        result = await infer(self.runner, self.store, session, parsed[0], versions=self.model_versions)
         return pb.ModelInferResponse(
-            model_name=self.runner.model.name,
-            model_version=self.runner.model.version,
+            model_name=result.model_name,
+            model_version=result.model_version,
             id=request.id,
             outputs=[pb.ModelInferResponse.InferOutputTensor(name=o.name, datatype=o.datatype, shape=o.shape)
-                     for o in outputs],
-            raw_output_contents=[output.raw() for output in outputs],
+                     for o in result.outputs],
+            raw_output_contents=[output.raw() for output in result.outputs],
         )
 
 
@@ -209,11 +215,20 @@ def _parse(request: pb.ModelInferRequest) -> InferenceRequest:
 
 
 async def start_grpc_server(
-    config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner, *, host: str, port: int
+    config: Config,
+    store: SessionStore,
+    runner: ModelRunner,
+    signer: TokenSigner,
+    *,
+    host: str,
+    port: int,
+    model_versions: ModelVersions | None = None,
 ) -> tuple[aio.Server, int]:
     """Serve the protocol on host:port on the running event loop (over TLS when grpc.tls_cert_file and
     grpc.tls_key_file are set); return the server and the bound port. Raises OSError, in one sentence,
-    for a port that cannot be bound or a certificate that cannot be read or used."""
+    for a port that cannot be bound or a certificate that cannot be read or used. `model_versions`: the
+    HTTP app's (app.settings["model_versions"]), so that a session's pinned version is loaded on first
+    use here too; without it only versions this process already holds answer (409 otherwise)."""
     settings = config.grpc
     credentials = _tls_credentials(settings.tls_cert_file, settings.tls_key_file) if settings.tls_cert_file else None
     # grpc enforces both bounds itself, before the handler (and so the token check) runs: past either
@@ -223,7 +238,8 @@ async def start_grpc_server(
                  ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024))],
         maximum_concurrent_rpcs=settings.max_concurrent_calls,
     )
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(config, store, runner, signer), server)
+    service = InferenceService(config, store, runner, signer, model_versions)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = (server.add_secure_port(address, credentials) if credentials is not None

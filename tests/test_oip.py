@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import struct
-from urllib.parse import urlparse
+from urllib.parse import quote, urlparse
 
 import httpx
 import numpy as np
@@ -248,9 +248,12 @@ def test_responses_match_the_openapi_document(client: httpx.Client) -> None:
     def check(response: httpx.Response, path: str, method: str) -> None:
         documented = document["paths"][path][method]["responses"]
         assert str(response.status_code) in documented, (path, response.status_code)
-        schema = documented[str(response.status_code)]["content"]["application/json"]["schema"]
-        if "$ref" in schema:
-            schema = {"$ref": "urn:api#" + schema["$ref"].removeprefix("#")}
+        assert "application/json" in documented[str(response.status_code)]["content"]
+        # The schema by its place in the document, so that the references inside it resolve too.
+        pointer = "/".join(part.replace("~", "~0").replace("/", "~1") for part in
+                           ("paths", path, method, "responses", str(response.status_code), "content",
+                            "application/json", "schema"))
+        schema = {"$ref": "urn:api#/" + quote(pointer, safe="/~")}
         Draft202012Validator(schema, registry=registry).validate(response.json())
 
     check(client.get("/v2"), "/v2", "get")
