@@ -37,6 +37,7 @@ T = TypeVar("T")
 # The fixed input of the validation forward: a deterministic ramp rather than zeros, so that every
 # layer sees varied values.
 _CHECK_SHAPE = (1, 3, 224, 224)
+_CLOSE_TIMEOUT_SECONDS = 2.0
 
 
 class BadWeights(ServiceError):
@@ -60,6 +61,7 @@ class ModelVersions:
         self._lock = asyncio.Lock()  # one load-and-swap at a time in this process
         self._prepared: dict[str, ServedModel] = {}  # the last validated upload, ready to activate
         self._follower: asyncio.Task[None] | None = None
+        self._closing = False
 
     # -- publishing -------------------------------------------------------------------------------
     def check_name(self, name: str, version: str | None = None) -> None:
@@ -230,9 +232,13 @@ class ModelVersions:
         self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     async def close(self) -> None:
+        self._closing = True
         if self._follower is not None:
             self._follower.cancel()
-            await asyncio.gather(self._follower, return_exceptions=True)
+            # redis-py can turn a cancellation inside a reconnect into a connection error, which the
+            # follower's retry loop would take for Redis trouble; the flag ends it then, and the wait
+            # is bounded either way, so a shutdown never hangs here.
+            await asyncio.wait({self._follower}, timeout=_CLOSE_TIMEOUT_SECONDS)
         self._loader.shutdown(wait=False, cancel_futures=True)
 
     async def _follow(self) -> None:
@@ -248,6 +254,8 @@ class ModelVersions:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # Redis down or restarted: keep serving, resubscribe later
+                if self._closing:
+                    return
                 if not failing:
                     log.warning("not following model versions (%s); retrying", exc)
                 failing = True
