@@ -79,11 +79,11 @@ def onnx_runtime(onnx_path: Path, intra: int, cache_dir: Path | None) -> tuple[p
     otherwise an ONNX Runtime session on the benchmark's own export."""
     if cache_dir is not None:
         try:
-            from server.model import OnnxBackend, load_exported
+            from inference.model import OnnxBackend, load_exported
 
             _, path = load_exported(pipelines.MODEL_NAME, "default", cache_dir)
             backend = OnnxBackend(path, intra_op_threads=intra)
-            return backend.forward, "server.model.OnnxBackend"
+            return backend.forward, "inference.model.OnnxBackend"
         except (ImportError, TypeError) as exc:
             print(f"OnnxBackend unusable ({exc}); using the benchmark's own export", file=sys.stderr)
     return pipelines.onnx_forward(onnx_path, intra), "bench export (TorchScript exporter, opset 17)"

@@ -45,14 +45,14 @@ def seed_preprocess(data: bytes, transform: Any) -> np.ndarray:
 
 def fast_preprocess(data: bytes) -> np.ndarray:
     """The server's decode + preprocess with JPEG draft mode -> float32 (3, 224, 224)."""
-    from server.imaging import preprocess
+    from inference.imaging import preprocess
     from sessions.options import Options
 
     return preprocess(data, Options(), max_pixels=10**9, draft=True)
 
 
 def load_torch_module() -> Any:
-    from server.torch_model import load_model
+    from inference.torch_model import load_model
 
     return load_model(MODEL_NAME, "default").module
 

@@ -26,8 +26,8 @@ from sessions.store import IDEMPOTENCY_KEY, Session, SessionStore
 from sessions.tokens import TokenSigner
 
 if TYPE_CHECKING:
+    from inference.runner import ModelRunner
     from server.config import Config
-    from server.runner import ModelRunner
     from server.weights import ModelVersions
 
 log = logging.getLogger("inference.http")

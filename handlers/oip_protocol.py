@@ -35,7 +35,7 @@ from sessions.options import Options
 from sessions.store import Session, SessionStore
 
 if TYPE_CHECKING:
-    from server.runner import ModelRunner
+    from inference.runner import ModelRunner
     from server.weights import ModelVersions
 
 SERVER_NAME = "session-inference-server"
@@ -48,7 +48,7 @@ PROBABILITIES_OUTPUT = "probabilities"
 BYTES, FP32 = "BYTES", "FP32"
 #: Images (or tensor rows) in one request; the body size limit usually binds first.
 MAX_BATCH = 64
-#: The exported model's dynamic height and width range (server/model.py), and the options' crop range.
+#: The exported model's dynamic height and width range (inference/model.py), and the options' crop range.
 MIN_SIDE, MAX_SIDE = 32, 1024
 
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_libtorch"}

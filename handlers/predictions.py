@@ -14,7 +14,7 @@ from sessions.store import Session, SessionStore, iso, now_ms
 
 if TYPE_CHECKING:
     from handlers.predict import ImageUpload
-    from server.runner import ClassScore, ModelRunner
+    from inference.runner import ClassScore, ModelRunner
     from server.weights import ModelVersions
 
 

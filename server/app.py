@@ -26,10 +26,10 @@ from handlers.preprocess import PreprocessHandler
 from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
 from handlers.stream import StreamHandler
 from handlers.web import WebAssetHandler
+from inference.runner import ModelRunner
 from server.balance import BalancedHTTPServer, GuardedHTTPServer, SharedCounts
 from server.config import Config
 from server.observability import log_request
-from server.runner import ModelRunner
 from server.weights import ModelVersions
 from sessions.model_registry import ModelRegistry
 from sessions.store import SessionStore

@@ -26,12 +26,12 @@ import tornado.netutil
 
 from handlers.base import InFlight
 from handlers.sessions import api_key_hash
+from inference.model import ModelLoadError
 from server.app import http_server, make_app
 from server.balance import SharedCounts, adopt_connection
 from server.config import Config, ConfigError, load_config, validate
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.malloc import keep_freed_memory
-from server.model import ModelLoadError
 from server.observability import (
     configure_logging,
     count_sessions_forever,

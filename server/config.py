@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from inference import imaging, runner
+
 ENV_PREFIX = "INFERENCE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 
@@ -143,12 +145,12 @@ class ModelConfig:
     max_image_pixels: int = 40_000_000
     # Refused with 422: images whose long side is over this many times the short side, and images
     # that would have to be scaled up more than this factor to reach the options' resize.
-    max_aspect_ratio: float = 100.0
-    max_upscale: float = 256.0
+    max_aspect_ratio: float = imaging.DEFAULT_MAX_ASPECT_RATIO
+    max_upscale: float = imaging.DEFAULT_MAX_UPSCALE
     # Pixels the model sees (images x crop x crop): at most this many per request (422 beyond), and
     # per forward (larger batches are split into several forwards).
-    max_request_pixels: int = 16 * 1024 * 1024
-    max_forward_pixels: int = 2 * 1024 * 1024
+    max_request_pixels: int = runner.DEFAULT_MAX_REQUEST_PIXELS
+    max_forward_pixels: int = runner.DEFAULT_MAX_FORWARD_PIXELS
     cache_dir: str = ""  # exported runtimes; defaults to <data_dir>/model-cache
 
 

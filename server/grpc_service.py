@@ -39,10 +39,10 @@ from handlers.oip_protocol import (
     parse_request,
     server_metadata,
 )
+from inference.runner import ModelRunner
 from server.config import Config
 from server.oip_grpc import grpc_predict_v2_pb2 as pb
 from server.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-from server.runner import ModelRunner
 from sessions.errors import BadRequest, NotFound, ServiceBusy, ServiceError, StoreUnavailable
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner

@@ -82,9 +82,16 @@ class Metrics:
                                      f"{SESSION_COUNT_INTERVAL_SECONDS:.0f} s).",
                                      multiprocess_mode="livemostrecent", registry=self.registry)
 
+    # -- what the model runner reports (inference.runner.RunnerMetrics) --
     def observe_forward(self, batch_size: int, seconds: float) -> None:
         self.batch_size.observe(batch_size)
         self.forward_seconds.observe(seconds)
+
+    def observe_preprocess(self, seconds: float) -> None:
+        self.preprocess_seconds.observe(seconds)
+
+    def set_queue_depth(self, depth: int) -> None:
+        self.queue_depth.set(depth)
 
     def exposition(self) -> bytes:
         """The Prometheus text of this process, or of every serving process when they share metrics."""

@@ -7,9 +7,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from inference.model import Backend, LoadedModel, OnnxBackend, load_exported
+from inference.runner import ModelRunner, SiblingLoad
 from server.config import Config
-from server.model import Backend, LoadedModel, OnnxBackend, load_exported
-from server.runner import ModelRunner, SiblingLoad
+from server.observability import Metrics
 from sessions.store import SessionStore, connect
 
 log = logging.getLogger(__name__)
@@ -26,7 +27,7 @@ def onnx_backend(config: Config, path: Path) -> OnnxBackend:
 
 def build_backend(config: Config, model: LoadedModel) -> Backend:
     """The configured runtime for a model loaded with torch (exported first for ONNX Runtime)."""
-    from server import torch_model  # imported here: the torch-free ONNX path never needs it
+    from inference import torch_model  # imported here: the torch-free ONNX path never needs it
 
     if config.model.runtime == "onnxruntime":
         return onnx_backend(config, torch_model.export_onnx(model, onnx_cache_dir(config)))
@@ -40,17 +41,18 @@ def prepare_model(config: Config) -> None:
         load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
 
 
-def build_runner(config: Config, model: LoadedModel | None = None, siblings: SiblingLoad | None = None) -> ModelRunner:
+def build_runner(config: Config, model: LoadedModel | None = None, siblings: SiblingLoad | None = None,
+                 metrics: Metrics | None = None) -> ModelRunner:
     """Load the model (unless given) and wrap it in a runner; raises ModelLoadError.
 
     With ONNX Runtime and no model given, this process loads the cached export only and never
-    imports torch (see server.model)."""
+    imports torch (see inference.model)."""
     if model is None and config.model.runtime == "onnxruntime":
         model, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
         backend = onnx_backend(config, path)
     else:
         if model is None:
-            from server.torch_model import load_model
+            from inference.torch_model import load_model
 
             model = load_model(config.model.name, config.model.weights)
         backend = build_backend(config, model)
@@ -71,6 +73,7 @@ def build_runner(config: Config, model: LoadedModel | None = None, siblings: Sib
         max_request_pixels=config.model.max_request_pixels,
         max_forward_pixels=config.model.max_forward_pixels,
         siblings=siblings,
+        metrics=metrics or Metrics(),  # the app's registry too: make_app serves it on /metrics
     )
 
 

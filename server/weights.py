@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from inference.model import LoadedModel, ModelLoadError
+from inference.runner import ModelRunner, ServedModel
 from server.config import Config
-from server.model import LoadedModel, ModelLoadError
-from server.runner import ModelRunner, ServedModel
 from server.runtime import build_backend
 from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
 from sessions.model_registry import ModelEvent, ModelRegistry, VersionRecord
@@ -110,10 +110,10 @@ class ModelVersions:
     def _load_checked(self, path: Path, version: str, sha256: str | None = None) -> LoadedModel:
         """A fresh copy of the architecture with these weights, checked by one forward on a fixed input."""
         # Imported on the first upload or version load only, so a process that never gets one
-        # stays torch-free on ONNX Runtime (see server.model).
+        # stays torch-free on ONNX Runtime (see inference.model).
         import torch
 
-        from server.torch_model import load_model
+        from inference.torch_model import load_model
 
         try:
             model = load_model(self.config.model.name, str(path))  # torch.load(weights_only=True): no pickle code

@@ -21,13 +21,13 @@ import pytest
 import redis
 import tornado.httpserver
 
+from inference.model import LoadedModel
+from inference.runner import ModelRunner
+from inference.torch_model import load_model
 from server.app import listen, make_app
 from server.config import Config
 from server.embedded_redis import redis_server_binary
-from server.model import LoadedModel
-from server.runner import ModelRunner
 from server.runtime import build_runner, build_store
-from server.torch_model import load_model
 from sessions.store import SessionStore
 
 DATA = Path(__file__).parent / "data"

@@ -16,10 +16,10 @@ import httpx
 import pytest
 import tornado.netutil
 
+from inference.runner import ModelRunner
 from server.app import http_server, make_app
 from server.balance import SharedCounts
 from server.config import Config
-from server.runner import ModelRunner
 from server.runtime import build_runner, build_store
 from tests.conftest import CAT_JPEG, LoopThread, RedisServer, login, make_config, wait_for
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
-from server import imaging
+from inference import imaging
 from server.runtime import build_runner
 from sessions.errors import BadImage
 from sessions.options import Options

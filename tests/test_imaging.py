@@ -10,7 +10,7 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image, ImageOps
 
-from server import imaging
+from inference import imaging
 from sessions.errors import BadImage
 from sessions.options import Options
 from tests.conftest import CAT_JPEG

@@ -20,7 +20,7 @@ from handlers.oip_protocol import (
     encode_bytes_elements,
     parse_request,
 )
-from server.imaging import preprocess
+from inference.imaging import preprocess
 from sessions.errors import BadRequest
 from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, login, make_config

@@ -22,10 +22,10 @@ import httpx
 import numpy as np
 import pytest
 
+from inference.imaging import preprocess
 from server.app import make_signer
 from server.config import ConfigError, validate
 from server.grpc_service import grpc_status, start_grpc_server
-from server.imaging import preprocess
 from server.oip_grpc import grpc_predict_v2_pb2 as pb
 from server.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from server.runtime import build_runner

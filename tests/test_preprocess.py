@@ -9,7 +9,7 @@ import httpx
 import numpy as np
 
 from clients.python import Client, ValidationError
-from server.model import softmax
+from inference.model import softmax
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, error_code, login
 
 

@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from handlers.predict import ImageUpload
-from server.model import LoadedModel
-from server.runner import ModelRunner
+from inference.model import LoadedModel
+from inference.runner import ModelRunner
 from server.runtime import build_runner
 from sessions.errors import BadImage, BadRequest, InferenceFailed, ServiceBusy
 from sessions.options import Options

@@ -15,10 +15,10 @@ import pytest
 import torch
 import torchvision
 
-from server.imaging import preprocess
-from server.model import ModelLoadError, OnnxBackend, load_exported, manifest_path, softmax
+from inference.imaging import preprocess
+from inference.model import ModelLoadError, OnnxBackend, load_exported, manifest_path, softmax
+from inference.torch_model import TorchBackend, export_onnx, load_model
 from server.runtime import build_runner
-from server.torch_model import TorchBackend, export_onnx, load_model
 from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, DATA, MODEL_CACHE, make_config
 
@@ -111,7 +111,7 @@ def test_an_onnx_serving_process_never_imports_torch(default_model) -> None:
 import json, sys
 import server.app, server.cli  # everything a serving process imports
 from server.config import Config
-from server.imaging import preprocess
+from inference.imaging import preprocess
 from server.runtime import build_runner
 from sessions.options import Options
 

@@ -2,8 +2,8 @@
 and exporting to ONNX.
 
 Only a process that serves on the torch runtime, checks uploaded weights, or exports imports this
-module. Run as `python -m server.torch_model` it exports a configured model and writes the
-manifest that a torch-free ONNX Runtime process loads (see `server.model.load_exported`).
+module. Run as `python -m inference.torch_model` it exports a configured model and writes the
+manifest that a torch-free ONNX Runtime process loads (see `inference.model.load_exported`).
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torchvision
 
-from server.model import (
+from inference.model import (
     EFFICIENTNET_LITE0,
     ONNX_EXPORT_VERSION,
     LoadedModel,
@@ -193,7 +193,7 @@ def _export(model: LoadedModel, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Export the configured model and write its manifest; on failure, one sentence on stderr."""
-    parser = argparse.ArgumentParser(prog="python -m server.torch_model",
+    parser = argparse.ArgumentParser(prog="python -m inference.torch_model",
                                      description="Export a model to ONNX for a torch-free serving process.")
     parser.add_argument("--name", required=True)
     parser.add_argument("--weights", required=True)

@@ -2,8 +2,8 @@
 
 A runtime (`Backend`) takes a float32 NCHW batch as a NumPy array and returns logits as a NumPy
 array, so the rest of the server never touches torch tensors. Models are defined with
-torch/torchvision (`server.torch_model`), but a process serving on ONNX Runtime never imports
-torch: the graph is exported once by a short-lived `python -m server.torch_model` process and
+torch/torchvision (`inference.torch_model`), but a process serving on ONNX Runtime never imports
+torch: the graph is exported once by a short-lived `python -m inference.torch_model` process and
 cached on disk with a manifest (labels, version), which is all a serving process reads. That keeps
 each serving process near 0.2 GB instead of 1 GB, so several can share a machine (`--processes`).
 """
@@ -171,7 +171,7 @@ def _complete(manifest: Path) -> bool:
 
 def _export_in_child(name: str, weights: str, cache_dir: Path, manifest: Path) -> None:
     log.info("exporting %s to ONNX in a child process (once; cached in %s)", name, cache_dir)
-    command = [sys.executable, "-m", "server.torch_model", "--name", name, "--weights", weights,
+    command = [sys.executable, "-m", "inference.torch_model", "--name", name, "--weights", weights,
                "--cache-dir", str(cache_dir), "--manifest", str(manifest)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=_EXPORT_TIMEOUT_SECONDS)

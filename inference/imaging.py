@@ -22,7 +22,6 @@ import numpy as np
 import PIL
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
-from server.config import ModelConfig
 from sessions.errors import BadImage
 from sessions.options import Options
 
@@ -38,6 +37,10 @@ _RESAMPLING = {
 #: size read from the header is that of the frame `load()` decodes (for a GIF, Pillow folds the first
 #: frame's bounds into it); a JPEG may decode smaller (draft).
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+#: Defaults of the shape limits (server config: model.max_aspect_ratio, model.max_upscale).
+DEFAULT_MAX_ASPECT_RATIO = 100.0
+DEFAULT_MAX_UPSCALE = 256.0
 _FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP"
 
 #: The filters' support radius in source pixels at scale 1 (Pillow's libImaging/Resample.c); nearest
@@ -255,8 +258,8 @@ def pipeline_for(options: Options) -> Callable[[Image.Image], np.ndarray]:
 
 
 def preprocess(data: bytes, options: Options, *, max_pixels: int, draft: bool = True,
-               max_aspect_ratio: float = ModelConfig.max_aspect_ratio,
-               max_upscale: float = ModelConfig.max_upscale) -> np.ndarray:
+               max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+               max_upscale: float = DEFAULT_MAX_UPSCALE) -> np.ndarray:
     """Bytes to the (3, crop, crop) float32 array the model sees under `options`."""
     image = open_image(data, max_pixels)
     check_shape(*image.size, options.resize, max_aspect_ratio=max_aspect_ratio, max_upscale=max_upscale)

@@ -23,10 +23,8 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from server import imaging
-from server.config import ModelConfig
-from server.model import Backend, LoadedModel, softmax
-from server.observability import Metrics
+from inference import imaging
+from inference.model import Backend, LoadedModel, softmax
 from sessions.errors import BadImage, Conflict, InferenceFailed, ServiceBusy
 from sessions.options import Options
 
@@ -50,6 +48,34 @@ class ImageSource(Protocol):
 
     def image_bytes(self) -> bytes:
         """The image file's bytes; raises a ServiceError (400) for a malformed body."""
+
+
+#: Defaults of the pixel bounds (server config: model.max_request_pixels, model.max_forward_pixels).
+DEFAULT_MAX_REQUEST_PIXELS = 16 * 1024 * 1024
+DEFAULT_MAX_FORWARD_PIXELS = 2 * 1024 * 1024
+
+
+class RunnerMetrics(Protocol):
+    """What the runner reports; the server hands in its Prometheus collectors (server.observability)."""
+
+    def observe_forward(self, batch_size: int, seconds: float) -> None: ...
+
+    def observe_preprocess(self, seconds: float) -> None: ...
+
+    def set_queue_depth(self, depth: int) -> None: ...
+
+
+class NoMetrics:
+    """Reports nothing: for runners built without a metrics registry (tests, benchmarks)."""
+
+    def observe_forward(self, batch_size: int, seconds: float) -> None:
+        pass
+
+    def observe_preprocess(self, seconds: float) -> None:
+        pass
+
+    def set_queue_depth(self, depth: int) -> None:
+        pass
 
 
 class _NoSiblings:
@@ -124,11 +150,11 @@ class ModelRunner:
         max_image_pixels: int,
         max_batch_size: int = 1,
         max_batch_delay_ms: float = 0.0,
-        max_aspect_ratio: float = ModelConfig.max_aspect_ratio,
-        max_upscale: float = ModelConfig.max_upscale,
-        max_request_pixels: int = ModelConfig.max_request_pixels,
-        max_forward_pixels: int = ModelConfig.max_forward_pixels,
-        metrics: Metrics | None = None,
+        max_aspect_ratio: float = imaging.DEFAULT_MAX_ASPECT_RATIO,
+        max_upscale: float = imaging.DEFAULT_MAX_UPSCALE,
+        max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS,
+        max_forward_pixels: int = DEFAULT_MAX_FORWARD_PIXELS,
+        metrics: RunnerMetrics | None = None,
         siblings: SiblingLoad | None = None,
     ):
         self._active = ServedModel(model, backend)
@@ -145,7 +171,7 @@ class ModelRunner:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="model")
         self._admitted = 0  # touched only on the event loop thread
         self._siblings = siblings or _NoSiblings()
-        self.metrics = metrics or Metrics()
+        self.metrics: RunnerMetrics = metrics or NoMetrics()
         # Micro-batching state, created on first use inside the running loop.
         self._batch_queue: asyncio.Queue[_Pending] | None = None
         self._batcher: asyncio.Task[None] | None = None
@@ -322,7 +348,7 @@ class ModelRunner:
 
     def _admission_changed(self) -> None:
         self._siblings.publish(self._admitted)
-        self.metrics.queue_depth.set(self._admitted)
+        self.metrics.set_queue_depth(self._admitted)
 
     def _alone(self) -> bool:
         """No other image in flight on this machine: a forward may use every core. Read without a
@@ -336,7 +362,7 @@ class ModelRunner:
         preprocessed = time.perf_counter()
         logits = self._forward(tensor[None], self._alone(), served.backend)
         finished = time.perf_counter()
-        self.metrics.preprocess_seconds.observe(preprocessed - started)
+        self.metrics.observe_preprocess(preprocessed - started)
         self.metrics.observe_forward(1, finished - preprocessed)
         return Prediction(
             top_k=self._top_k(logits[0], options.top_k, served.model.labels),
@@ -404,7 +430,7 @@ class ModelRunner:
         started = time.perf_counter()
         tensor = self._preprocess(data, options)
         preprocessed = time.perf_counter()
-        self.metrics.preprocess_seconds.observe(preprocessed - started)
+        self.metrics.observe_preprocess(preprocessed - started)
         result = self._classify_tensor_sync(tensor[None], preprocessed, served)
         return BatchPrediction(result.probabilities, {"queue": _ms(started - submitted),
                                                       "preprocess": _ms(preprocessed - started),
