@@ -25,8 +25,8 @@ from pathlib import Path
 import grpc
 from grpc import aio
 
-from server.oip_grpc import grpc_predict_v2_pb2 as pb
-from server.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
+from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
 MODEL = "efficientnet_lite0"
 

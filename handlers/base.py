@@ -1,11 +1,16 @@
 """The base handler: everything cross-cutting lives here, so route handlers stay short.
 
-- dependencies (config, store, runner, signer) come from the application settings;
-- authentication runs in an async `prepare()`, unless the route class says `public = True`; a class
-  saying `optional_auth = True` takes a token when one is sent and is anonymous otherwise, where
-  `anonymous_inference_allowed` says so (the one place that rule lives);
+- dependencies (settings, use cases, store, runner) come from the application settings, which the
+  app factory (server/app.py) fills;
+- authentication: each route class declares its `auth_policy` (service.auth.Policy), and the one
+  `prepare()` here resolves it through service.auth before any handler method runs. Subclasses do
+  not override `prepare()` (a class that tries is refused at import); they use the hooks
+  `before_auth` and `after_auth`, and upload routes set `defers_refusals` so that a refusal is
+  answered once the body is drained instead of resetting the connection;
+- the in-flight count for the graceful drain, in the same `prepare()` and `on_finish()`;
 - every error leaves as JSON `{"error": {"code", "message"}}` (under /v2, the Open Inference
-  Protocol's `{"error": "<message>"}`); tracebacks go only to the log;
+  Protocol's `{"error": "<message>"}`): the one place domain errors meet HTTP; tracebacks go only to
+  the log;
 - every response carries an `X-Request-ID`.
 """
 
@@ -15,24 +20,39 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import tornado.web
 
-from sessions.errors import BadRequest, Forbidden, InvalidToken, NotFound, ServiceError, UnsupportedMediaType
+from inference.runner import ModelRunner
+from service.auth import Authenticator, Policy, Principal
+from service.classify import Classifier
+from service.model_versions import ModelVersions
+from service.sessions import SessionService
+from sessions.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType
 from sessions.store import IDEMPOTENCY_KEY, Session, SessionStore
-from sessions.tokens import TokenSigner
-
-if TYPE_CHECKING:
-    from inference.runner import ModelRunner
-    from server.config import Config
-    from server.weights import ModelVersions
 
 log = logging.getLogger("inference.http")
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._\-]{1,64}$")
+
+
+@dataclass(frozen=True)
+class HttpSettings:
+    """What the HTTP transports read of the configuration (the app factory maps config.toml onto it)."""
+
+    cors_origins: tuple[str, ...] = ()
+    max_body_bytes: int = 10 * 1024 * 1024
+    legacy_predict: bool = True  # the session-less POST /predict is routed
+    stream_max_in_flight: int = 8
+    stream_auth_timeout_seconds: float = 10.0
+    stream_max_errors: int = 10
+    stream_ping_interval_seconds: float = 30.0
+    stream_ping_timeout_seconds: float = 30.0
+    max_upload_bytes: int = 512 * 1024 * 1024
+    upload_timeout_seconds: float = 600.0
 
 
 # Inference-Header-Content-Length: the Open Inference Protocol's binary form, both ways.
@@ -53,56 +73,13 @@ def parse_json(data: bytes | str, what: str = "The body") -> Any:
         raise BadRequest(f"{what} is not valid JSON ({exc}).", code="malformed_json") from None
 
 
-def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: list[str]) -> None:
+def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: tuple[str, ...]) -> None:
     """Let listed browser origins read the response (and the headers the clients need)."""
     handler.set_header("Vary", "Origin")
     origin = handler.request.headers.get("Origin", "")
     if origin and origin in allowed_origins:
         handler.set_header("Access-Control-Allow-Origin", origin)
         handler.set_header("Access-Control-Expose-Headers", ", ".join(CORS_EXPOSED_HEADERS))
-
-
-def anonymous_inference_allowed(config: Config) -> bool:
-    """Whether inference without a session is allowed: the plain `POST /predict` and tokenless Open
-    Inference Protocol calls. Production mode needs `http.allow_anonymous_in_production` on top."""
-    return config.http.legacy_predict and (
-        config.server.mode != "production" or config.http.allow_anonymous_in_production
-    )
-
-
-async def authenticate_bearer(
-    header: str,
-    signer: TokenSigner,
-    store: SessionStore,
-    *,
-    cost: int | Callable[[], int] = 0,
-    idempotency_key: str | None = None,
-) -> Session:
-    """`Bearer <token>` -> signature and age check -> live session in the store (sliding expiry).
-
-    Shared by the HTTP handlers and the gRPC service, so a token means the same thing on both.
-    `cost` (rate limit) may be a function: it is called after the signature check, so a request
-    with a forged token is refused as such before its body is looked at."""
-    if not header:
-        raise InvalidToken("This route needs an 'Authorization: Bearer <token>' header; "
-                           "log in with POST /v1/sessions.", code="missing_token")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise InvalidToken("The Authorization header must be 'Bearer <token>'.", code="malformed_token")
-    verified = signer.verify(token.strip())
-    return await store.touch(verified, cost=cost() if callable(cost) else cost, idempotency_key=idempotency_key)
-
-
-async def optional_session(
-    header: str, config: Config, signer: TokenSigner, store: SessionStore, *, cost: int | Callable[[], int] = 0
-) -> Session | None:
-    """A token, when sent, must be good; without one the call is anonymous (None) if allowed."""
-    if header:
-        return await authenticate_bearer(header, signer, store, cost=cost)
-    if not anonymous_inference_allowed(config):
-        raise InvalidToken("This server allows no anonymous inference; send 'Authorization: Bearer <token>' "
-                           "(log in with POST /v1/sessions).", code="missing_token")
-    return None
 
 
 class InFlight:
@@ -119,28 +96,48 @@ class InFlight:
 
 
 class BaseHandler(tornado.web.RequestHandler):
-    #: Routes that need no session token say so explicitly; everything else is authenticated.
-    public: bool = False
-    #: Routes where a token is optional: with one the session applies, without one the call is
-    #: anonymous, allowed only where `anonymous_inference_allowed(config)`.
-    optional_auth: bool = False
+    #: Who may call this route (service.auth.Policy); every route is authenticated unless it says so.
+    auth_policy: Policy = Policy.SESSION
     #: What a request takes from the session's rate limit (predictions cost one; reads are free).
     rate_limit_cost: int = 0
     #: Whether an `Idempotency-Key` header makes retries of this route exactly-once.
     accepts_idempotency_key: bool = False
+    #: Upload routes: a refusal in prepare() is kept in `refusal` and answered once the body is drained.
+    defers_refusals: bool = False
 
+    principal: Principal = Principal()
     session: Session | None = None
+    admin: bool = False  # the caller presented a valid admin API key
+    refusal: ServiceError | None = None
     request_id: str = ""
     route_name: str = "unmatched"
     error_code: str | None = None  # the code of the error answered, for the access log and metrics
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "prepare" in cls.__dict__:
+            raise TypeError(f"{cls.__name__} overrides prepare(); declare auth_policy and use before_auth or "
+                            "after_auth, so that authentication and the in-flight count stay in one place")
 
     def initialize(self, route_name: str = "unmatched") -> None:
         self.route_name = route_name
 
     # -- dependencies -------------------------------------------------------------------------
     @property
-    def config(self) -> Config:
-        return self.settings["config"]
+    def http_settings(self) -> HttpSettings:
+        return self.settings["http"]
+
+    @property
+    def auth(self) -> Authenticator:
+        return self.settings["auth"]
+
+    @property
+    def classifier(self) -> Classifier:
+        return self.settings["classifier"]
+
+    @property
+    def sessions(self) -> SessionService:
+        return self.settings["sessions"]
 
     @property
     def store(self) -> SessionStore:
@@ -155,10 +152,6 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.settings["model_versions"]
 
     @property
-    def signer(self) -> TokenSigner:
-        return self.settings["signer"]
-
-    @property
     def in_flight(self) -> InFlight:
         return self.settings["in_flight"]
 
@@ -170,12 +163,12 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.set_header("Cache-Control", "no-store")
         self.set_header("X-Content-Type-Options", "nosniff")
-        set_cors_headers(self, self.config.http.cors_origins)
+        set_cors_headers(self, self.http_settings.cors_origins)
 
     async def options(self, *args: str, **kwargs: str) -> None:
         """CORS preflight: answered for the origins in http.cors_origins, refused for others."""
         origin = self.request.headers.get("Origin", "")
-        if origin not in self.config.http.cors_origins:
+        if origin not in self.http_settings.cors_origins:
             raise Forbidden(f"Origin {origin!r} is not allowed; list it in http.cors_origins.",
                             code="cors_origin_not_allowed")
         allowed = [m.upper() for m in ("get", "post", "put", "patch", "delete")
@@ -188,26 +181,33 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish()
 
     async def prepare(self) -> None:
+        """The one place a request is counted in flight and its route's auth_policy resolved."""
         self.in_flight.enter()
         self._counted = True
-        if self.public or self.request.method == "OPTIONS":
+        if self.request.method == "OPTIONS":
             return
-        if self.optional_auth:
-            # The cost is read after the token's signature is checked (it may need the parsed body).
-            self.session = await optional_session(self.request.headers.get("Authorization", ""), self.config,
-                                                  self.signer, self.store, cost=lambda: self.rate_limit_cost)
-        else:
-            self.session = await self.authenticate()
+        try:
+            await self.before_auth()
+            principal = await self.auth.authenticate(
+                self.auth_policy, self.request.headers.get("Authorization", ""),
+                cost=lambda: self.rate_limit_cost, idempotency_key=self.idempotency_key)
+            self.principal, self.session, self.admin = principal, principal.session, principal.admin
+            await self.after_auth()
+        except ServiceError as exc:
+            if not self.defers_refusals:
+                raise
+            self.refusal = exc
+
+    async def before_auth(self) -> None:
+        """Checks made before the credential is looked at (none by default)."""
+
+    async def after_auth(self) -> None:
+        """Checks and set-up once the caller is known (none by default)."""
 
     def on_finish(self) -> None:
         if getattr(self, "_counted", False):
             self._counted = False
             self.in_flight.leave()
-
-    async def authenticate(self) -> Session:
-        """Bearer token -> signature and age check -> live session in the store (sliding expiry)."""
-        return await authenticate_bearer(self.request.headers.get("Authorization", ""), self.signer, self.store,
-                                         cost=self.rate_limit_cost, idempotency_key=self.idempotency_key)
 
     @property
     def idempotency_key(self) -> str | None:
@@ -219,7 +219,7 @@ class BaseHandler(tornado.web.RequestHandler):
 
     @property
     def current_session(self) -> Session:
-        assert self.session is not None, "authenticated routes only"
+        assert self.session is not None, "routes with a session policy only"
         return self.session
 
     # -- bodies ---------------------------------------------------------------------------------
@@ -310,7 +310,7 @@ def _reason(status_code: int) -> str:
 class NotFoundHandler(BaseHandler):
     """Unknown routes: a JSON 404 (Tornado's default is an HTML page)."""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
-    async def prepare(self) -> None:
+    async def before_auth(self) -> None:
         raise NotFound(f"No route {self.request.path!r}; see /openapi.json.", code="not_found")

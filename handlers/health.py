@@ -6,13 +6,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from handlers.base import BaseHandler
 from handlers.openapi import openapi_document
+from service.auth import Policy
 from sessions.errors import ServiceError
 
 
 class LivenessHandler(BaseHandler):
     """GET /healthz: the process and its IOLoop answer."""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     def get(self) -> None:
         self.write_json({"status": "ok"})
@@ -21,10 +22,10 @@ class LivenessHandler(BaseHandler):
 class ReadinessHandler(BaseHandler):
     """GET /readyz: the model is loaded and the session store answers."""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     async def get(self) -> None:
-        checks = {"model": "ok" if self.runner is not None else "not loaded"}
+        checks = {"model": "ok"}  # the app exists only once its model is loaded
         try:
             await self.store.ping()
             checks["store"] = "ok"
@@ -40,17 +41,17 @@ class ReadinessHandler(BaseHandler):
 class OpenAPIHandler(BaseHandler):
     """GET /openapi.json"""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     def get(self) -> None:
-        self.write_json(openapi_document(legacy_predict=self.config.http.legacy_predict))
+        self.write_json(openapi_document(legacy_predict=self.http_settings.legacy_predict))
 
 
 class MetricsHandler(BaseHandler):
     """GET /metrics: Prometheus text format. Public like the probes (scrapers carry no session);
     keep it on an internal network or behind the proxy's allow-list."""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     async def get(self) -> None:
         metrics = self.settings["metrics"]

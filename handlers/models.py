@@ -19,97 +19,69 @@ from typing import IO
 import tornado.web
 
 from handlers.base import BaseHandler
-from handlers.sessions import check_api_key, presented_api_key
-from sessions.errors import BadRequest, Forbidden, PayloadTooLarge, ServiceError
+from service.auth import Policy
+from sessions.errors import BadRequest, PayloadTooLarge
 
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 CHECKSUM_HEADER = "X-Content-SHA256"
 
 
-def check_admin_key(handler: BaseHandler) -> None:
-    """`Authorization: ApiKey <key>` with a key listed (hashed) in auth.admin_api_keys, compared in
-    constant time against every entry."""
-    key = presented_api_key(handler, missing="This route needs an 'Authorization: ApiKey <admin key>' header.")
-    allowed = handler.config.auth.admin_api_keys
-    if not allowed:
-        raise Forbidden("The admin API is off on this server; list key hashes in auth.admin_api_keys.",
-                        code="admin_api_disabled")
-    check_api_key(key, allowed, invalid="The admin API key is not valid.")
-
-
-class AdminHandler(BaseHandler):
-    """Routes for training jobs and operators: an admin API key instead of a session."""
-
-    admin = True
-
-    async def prepare(self) -> None:
-        self.in_flight.enter()
-        self._counted = True
-        if self.request.method != "OPTIONS":
-            check_admin_key(self)
-
-
 class ModelsHandler(BaseHandler):
     """GET /v1/models: with a session token (to choose a version to pin) or an admin key."""
 
-    async def prepare(self) -> None:
-        if self.request.headers.get("Authorization", "").lower().startswith("apikey "):
-            self.in_flight.enter()
-            self._counted = True
-            check_admin_key(self)
-            return
-        await super().prepare()
+    auth_policy = Policy.SESSION_OR_ADMIN
 
     async def get(self) -> None:
         self.write_json(await self.model_versions.listing())
 
 
 @tornado.web.stream_request_body
-class ModelVersionHandler(AdminHandler):
+class ModelVersionHandler(BaseHandler):
     """PUT (upload, streamed to a file in the store while it is hashed) and DELETE of one version."""
 
-    _refusal: ServiceError | None = None
+    auth_policy = Policy.ADMIN
+    defers_refusals = True  # answered once the body is drained (any method: this handler streams every
+    # body), so the client reads the error instead of a reset connection
     _file: IO[bytes] | None = None
     _path: Path | None = None
 
-    async def prepare(self) -> None:
-        self._received = 0
+    def initialize(self, route_name: str = "unmatched") -> None:
+        super().initialize(route_name)
+        self._received = 0  # data_received may run for any method, OPTIONS included
         self._digest = hashlib.sha256()
-        self._limit = self.config.models.max_upload_bytes
-        uploading = self.request.method == "PUT"
+        self._limit = self.http_settings.max_upload_bytes
+
+    async def before_auth(self) -> None:
         declared = self.request.headers.get("Content-Length", "")
-        try:
-            # The admin key first: only its holder may send a body past http.max_body_bytes.
-            await super().prepare()
-        except ServiceError as exc:
-            if declared.isdigit() and int(declared) > self.config.http.max_body_bytes:
-                self.set_header("Connection", "close")
-                raise  # too large to drain for a caller without the key: answered now
-            self._refusal = exc  # answered once the (small) body is drained, as below
+        if declared.isdigit() and int(declared) > self.http_settings.max_body_bytes:
+            # Too large to drain for a caller without the admin key: a refusal is answered at once.
+            self.defers_refusals = False
+            self.set_header("Connection", "close")
+
+    async def after_auth(self) -> None:
+        # Only the admin key's holder gets here: the upload limits apply from now on; a caller without
+        # it keeps http.max_body_bytes and http.body_timeout_seconds.
+        self.defers_refusals = True
+        self.clear_header("Connection")
+        if self.request.method != "PUT":
             return
-        if uploading:
-            self.request.connection.set_max_body_size(self._limit * 2)  # up to twice is drained, then cut
-            self.request.connection.set_body_timeout(self.config.models.upload_timeout_seconds)
-            if declared.isdigit() and int(declared) > self._limit * 2:
-                self._refuse_oversized()
-        try:
-            if not uploading:
-                return
-            name, version = self.path_kwargs["name"], self.path_kwargs["version"]
-            self.model_versions.check_name(name, version)
-            if not _SHA256_HEX.match(self.request.headers.get(CHECKSUM_HEADER, "")):
-                raise BadRequest(f"Send the file's SHA-256 as 64 hex digits in the {CHECKSUM_HEADER} header.",
-                                 code="missing_checksum")
-            self._path = self.model_versions.upload_path()
-            self._file = self._path.open("wb")
-        except ServiceError as exc:
-            # Answered once the body is drained (any method: this handler streams every body), so the
-            # client reads the error instead of a reset connection.
-            self._refusal = exc
+        self.request.connection.set_max_body_size(self._limit * 2)  # up to twice is drained, then cut
+        self.request.connection.set_body_timeout(self.http_settings.upload_timeout_seconds)
+        declared = self.request.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > self._limit * 2:
+            self.defers_refusals = False
+            self._refuse_oversized()
+        name, version = self.path_kwargs["name"], self.path_kwargs["version"]
+        self.model_versions.check_name(name, version)
+        if not _SHA256_HEX.match(self.request.headers.get(CHECKSUM_HEADER, "")):
+            raise BadRequest(f"Send the file's SHA-256 as 64 hex digits in the {CHECKSUM_HEADER} header.",
+                             code="missing_checksum")
+        self._path = self.model_versions.upload_path()
+        self._file = self._path.open("wb")
 
     def data_received(self, chunk: bytes) -> None:
         self._received += len(chunk)
-        if self._refusal or self._file is None or self._received > self._limit:
+        if self.refusal or self._file is None or self._received > self._limit:
             return
         self._digest.update(chunk)
         self._file.write(chunk)  # chunks of ~64 KB to a local file: short enough for the IOLoop
@@ -134,8 +106,8 @@ class ModelVersionHandler(AdminHandler):
         raise PayloadTooLarge(f"The file is larger than models.max_upload_bytes ({self._limit} bytes).")
 
     async def put(self, name: str, version: str) -> None:
-        if self._refusal:
-            raise self._refusal
+        if self.refusal:
+            raise self.refusal
         if self._received > self._limit:
             self._refuse_oversized()
         assert self._file is not None and self._path is not None
@@ -152,8 +124,8 @@ class ModelVersionHandler(AdminHandler):
         self.write_json({"name": name, **record.to_dict(active=False)}, status=201)
 
     async def delete(self, name: str, version: str) -> None:
-        if self._refusal:
-            raise self._refusal
+        if self.refusal:
+            raise self.refusal
         self.model_versions.check_name(name, version)
         await self.model_versions.remove(version)
         self.set_status(204)
@@ -161,8 +133,10 @@ class ModelVersionHandler(AdminHandler):
         self.finish()
 
 
-class ActivateHandler(AdminHandler):
+class ActivateHandler(BaseHandler):
     """POST /v1/models/<name>/versions/<version>:activate"""
+
+    auth_policy = Policy.ADMIN
 
     async def post(self, name: str, version: str) -> None:
         self.model_versions.check_name(name, version)

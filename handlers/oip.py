@@ -26,6 +26,7 @@ from handlers.oip_protocol import (
     parse_request,
     server_metadata,
 )
+from service.auth import Policy
 from sessions.errors import BadRequest, ServiceError, UnsupportedMediaType
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -34,7 +35,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 class ServerMetadataHandler(BaseHandler):
     """GET /v2: name, version and the protocol extensions served."""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     def get(self) -> None:
         self.write_json(server_metadata())
@@ -43,7 +44,7 @@ class ServerMetadataHandler(BaseHandler):
 class ServerLiveHandler(BaseHandler):
     """GET /v2/health/live"""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     def get(self) -> None:
         self.write_json({"live": True})
@@ -52,7 +53,7 @@ class ServerLiveHandler(BaseHandler):
 class ServerReadyHandler(BaseHandler):
     """GET /v2/health/ready: the model is loaded and the session store answers (as /readyz)."""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     async def get(self) -> None:
         try:
@@ -67,7 +68,7 @@ class ServerReadyHandler(BaseHandler):
 class ModelMetadataHandler(BaseHandler):
     """GET /v2/models/{model}[/versions/{version}]"""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     def get(self, model: str, version: str | None = None) -> None:
         check_model(self.runner, model, version)
@@ -77,7 +78,7 @@ class ModelMetadataHandler(BaseHandler):
 class ModelReadyHandler(BaseHandler):
     """GET /v2/models/{model}[/versions/{version}]/ready: 200 `{"name", "ready": true}` or 404."""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
     def get(self, model: str, version: str | None = None) -> None:
         check_model(self.runner, model, version)
@@ -97,7 +98,7 @@ class InferHandler(BaseHandler):
     is recorded in its history; without one the call is anonymous where that is allowed.
     """
 
-    optional_auth = True
+    auth_policy = Policy.OPTIONAL_SESSION
     _parsed: _RestRequest | None = None
 
     @property
@@ -108,7 +109,7 @@ class InferHandler(BaseHandler):
     async def post(self, model: str, version: str | None = None) -> None:
         check_model(self.runner, model, version)
         parsed = self.parsed()
-        result = await infer(self.runner, self.store, self.session, parsed.request, versions=self.model_versions)
+        result = await infer(self.classifier, self.session, parsed.request)
         header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
         if parsed.request.id:
             header["id"] = parsed.request.id

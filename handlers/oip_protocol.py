@@ -1,6 +1,6 @@
 """The Open Inference Protocol (KServe V2, Triton's) without a transport.
 
-Everything that REST (`handlers/oip.py`) and gRPC (`server/grpc_service.py`) share lives here, so
+Everything that REST (`handlers/oip.py`) and gRPC (`handlers/grpc.py`) share lives here, so
 the two cannot drift: the model's metadata, the BYTES length-prefix codec, validating an inference
 request into images or a preprocessed tensor, running it (and recording it in the caller's session
 exactly as `POST /v1/predict` does), and the outputs, classification extension included. Each
@@ -25,18 +25,15 @@ import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
-from handlers.predictions import ensure_pinned_version, record_prediction
+from inference.runner import ModelRunner
+from service.classify import Classifier
 from sessions.errors import BadRequest, NotFound
 from sessions.options import Options
-from sessions.store import Session, SessionStore
-
-if TYPE_CHECKING:
-    from inference.runner import ModelRunner
-    from server.weights import ModelVersions
+from sessions.store import Session
 
 SERVER_NAME = "session-inference-server"
 SERVER_VERSION = "0.1.0"
@@ -260,35 +257,15 @@ class InferenceResult:
     outputs: list[OutputTensor]
 
 
-async def infer(
-    runner: ModelRunner,
-    store: SessionStore,
-    session: Session | None,
-    request: InferenceRequest,
-    *,
-    versions: ModelVersions | None,
-) -> InferenceResult:
-    """Classify the request's batch with the session's model version (loaded here first when pinned,
-    as `POST /v1/predict` does; `versions` None: only versions this process already holds), record
-    each image in the session's history (before answering, like `POST /v1/predict`: an answer means
-    recorded), and build the requested outputs."""
+async def infer(classifier: Classifier, session: Session | None, request: InferenceRequest) -> InferenceResult:
+    """Classify (and, with a session, record) the request's batch through service.classify, as every
+    transport does, and build the requested outputs."""
     options = session.options if session is not None else Options()
-    await ensure_pinned_version(versions, options)
-    if request.images is not None:
-        result = await runner.classify_images(request.images, options)
-    else:
-        assert request.tensor is not None
-        # Preprocessing options do not apply to a tensor, but the pinned version does.
-        result = await runner.classify_tensor(request.tensor, runner.served(options.model_version))
-    labels = result.served.model.labels
-    if session is not None:
-        # In order, so the history lists a batch's images as sent; one Redis round trip each.
-        for row in result.probabilities:
-            await record_prediction(store, runner, session, runner.top_k(row, options.top_k, labels), options,
-                                    model=result.served.info)
+    result = await classifier.classify_batch(session, options, images=request.images, tensor=request.tensor)
     wanted = request.outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
-    return InferenceResult(result.served.model.name, result.served.model.version,
-                           [_output(runner, result.probabilities, output, labels) for output in wanted])
+    return InferenceResult(result.model_name, result.model_version,
+                           [_output(classifier.runner, result.probabilities, output, result.labels)
+                            for output in wanted])
 
 
 def _output(runner: ModelRunner, probabilities: np.ndarray, requested: RequestedOutput,

@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import tornado.web
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
-from handlers.base import BaseHandler, anonymous_inference_allowed
-from handlers.predictions import predict_and_record
-from sessions.errors import BadRequest, NotFound, PayloadTooLarge, ServiceError, UnsupportedMediaType
+from handlers.base import BaseHandler
+from service.auth import Policy
+from sessions.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
 from sessions.options import Options
 
 IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp"})
@@ -27,45 +27,40 @@ class ImageUploadHandler(BaseHandler):
 
     _chunks: list[bytes]
     _received: int
-    _refusal: ServiceError | None
+    defers_refusals = True  # answered once the body is drained (unkept): Tornado drops the connection
+    # if we answer mid-body, and the client would see a reset instead of our error.
 
-    async def prepare(self) -> None:
-        self._chunks, self._received, self._refusal = [], 0, None
-        self._limit = self.config.http.max_body_bytes + _MULTIPART_OVERHEAD
+    def initialize(self, route_name: str = "unmatched") -> None:
+        super().initialize(route_name)
+        self._chunks, self._received = [], 0  # data_received may run for any method, OPTIONS included
+        self._limit = self.http_settings.max_body_bytes + _MULTIPART_OVERHEAD
+
+    async def before_auth(self) -> None:
         drain_limit = self._limit * _DRAIN_FACTOR
         self.request.connection.set_max_body_size(drain_limit)
         declared = self.request.headers.get("Content-Length", "")
         if declared.isdigit() and int(declared) > drain_limit:
             # Far too large: answer now, without reading. A client that sent `Expect: 100-continue`
             # (curl does for large bodies) reads this 413 before sending a byte of the body.
+            self.defers_refusals = False
             self._refuse_oversized()
-        try:
-            await self.admit()
-        except ServiceError as exc:
-            # Answered once the body is drained (unkept): Tornado drops the connection if we answer
-            # mid-body, and the client would see a reset instead of our error.
-            self._refusal = exc
-
-    async def admit(self) -> None:
-        """Checks made before the body is read (authentication, by default)."""
-        await super().prepare()
 
     def data_received(self, chunk: bytes) -> None:
         # Past the limit, or with a refusal pending, chunks are dropped unread.
         self._received += len(chunk)
-        if self._refusal or self._received > self._limit:
+        if self.refusal or self._received > self._limit:
             self._chunks = []
         else:
             self._chunks.append(chunk)
 
     def _refuse_oversized(self) -> None:
         self.set_header("Connection", "close")
-        raise PayloadTooLarge(f"The body is larger than the limit of {self.config.http.max_body_bytes} bytes.")
+        raise PayloadTooLarge(f"The body is larger than the limit of {self.http_settings.max_body_bytes} bytes.")
 
     def uploaded_image(self) -> ImageUpload:
         """The body as received, for the runner to read the image out of (see ImageUpload)."""
-        if self._refusal:
-            raise self._refusal
+        if self.refusal:
+            raise self.refusal
         if self._received > self._limit:
             self._refuse_oversized()
         content_type = self.request.headers.get("Content-Type", "")
@@ -77,6 +72,12 @@ class ImageUploadHandler(BaseHandler):
         upload = ImageUpload(tuple(self._chunks), content_type)
         self._chunks = []
         return upload
+
+    def options_with_query(self) -> Options:
+        """The session's options, with the request's query parameters overriding them."""
+        session = self.current_session
+        overrides = {name: self.get_query_argument(name) for name in self.request.query_arguments}
+        return session.options.with_query(overrides) if overrides else session.options
 
 
 @dataclass(frozen=True)
@@ -125,12 +126,8 @@ class PredictHandler(ImageUploadHandler):
 
     async def post(self) -> None:
         image = self.uploaded_image()
-        session = self.current_session
-        overrides = {name: self.get_query_argument(name) for name in self.request.query_arguments}
-        options = session.options.with_query(overrides) if overrides else session.options
-        result, replayed = await predict_and_record(
-            self.store, self.runner, session, image, options, self.idempotency_key, self.model_versions
-        )
+        result, replayed = await self.classifier.classify(self.current_session, image, self.options_with_query(),
+                                                          self.idempotency_key)
         if replayed:
             self.set_header("Idempotent-Replayed", "true")
         self.write_json(result)
@@ -139,13 +136,12 @@ class PredictHandler(ImageUploadHandler):
 class PlainPredictHandler(ImageUploadHandler):
     """POST /predict: the session-less form of the simple Flask example, `{"predicted_class": N}`."""
 
-    public = True
+    auth_policy = Policy.PUBLIC
 
-    async def admit(self) -> None:
-        if not anonymous_inference_allowed(self.config):
+    async def after_auth(self) -> None:
+        if not self.auth.settings.anonymous_inference:
             raise NotFound("POST /predict is turned off on this server; use POST /v1/predict.", code="not_found")
-        await super().admit()
 
     async def post(self) -> None:
-        prediction = await self.runner.predict(self.uploaded_image(), Options(top_k=1))
+        prediction = await self.classifier.classify_anonymous(self.uploaded_image(), Options(top_k=1))
         self.write_json({"predicted_class": prediction.top_k[0].class_index})

@@ -14,6 +14,7 @@ import io
 import numpy as np
 
 from handlers.predict import ImageUploadHandler
+from service.preprocess import preprocess
 
 NPY_MEDIA_TYPE = "application/x-npy"
 JSON_MEDIA_TYPE = "application/json"
@@ -50,12 +51,8 @@ class PreprocessHandler(ImageUploadHandler):
 
     async def post(self) -> None:
         image = self.uploaded_image()
-        session = self.current_session
-        overrides = {name: self.get_query_argument(name) for name in self.request.query_arguments}
-        options = session.options.with_query(overrides) if overrides else session.options
-        tensor = await self.runner.preprocess(image, options)
-        # Little-endian float32 whatever the host: the JSON form promises it, and .npy states it.
-        tensor = tensor.astype("<f4", copy=False)
+        options = self.options_with_query()
+        tensor = await preprocess(self.runner, image, options)
         self.add_header("Vary", "Accept")
         if wants_json(self.request.headers.get("Accept", "")):
             self.write_json({

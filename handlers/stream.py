@@ -43,7 +43,7 @@ from typing import Any
 import tornado.websocket
 
 from handlers.base import BaseHandler, parse_json
-from handlers.predictions import predict_and_record
+from service.auth import Policy
 from sessions.errors import BadRequest, InvalidToken, ServiceError
 from sessions.tokens import VerifiedToken
 
@@ -58,63 +58,51 @@ _NAMES_SHOWN, _NAME_CHARS_SHOWN = 5, 40  # of unknown fields, in an error messag
 class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
     """The WebSocket predict stream; authenticated by its first frame or the upgrade's header."""
 
+    auth_policy = Policy.STREAM
+    defers_refusals = True  # a bad token with the upgrade is told after it, as a policy-violation close
     _verified: VerifiedToken | None = None
-    _auth_refusal: InvalidToken | None = None
 
     # -- upgrade --------------------------------------------------------------------------------
-    async def prepare(self) -> None:
-        # Counted in flight until the upgrade is answered (Tornado finishes the request then); each
-        # image is counted again while it is classified, so shutdown waits for those.
-        self.in_flight.enter()
-        self._counted = True
+    async def before_auth(self) -> None:
+        # Counted in flight (BaseHandler.prepare) until the upgrade is answered (Tornado finishes the
+        # request then); each image is counted again while it is classified, so shutdown waits for those.
         self._tasks: set[asyncio.Task[None]] = set()
         self._pending_header: dict[str, Any] | None = None
         self._seq = 0
         self._errors = 0
         self._last_write: asyncio.Future[None] | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
-        if self.request.headers.get("Authorization"):
-            try:
-                self._verified = self._verify_header()
-            except InvalidToken as exc:
-                self._auth_refusal = exc  # told after the upgrade, as a policy-violation close
-
-    def _verify_header(self) -> VerifiedToken:
-        scheme, _, token = self.request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise InvalidToken("The Authorization header must be 'Bearer <token>'.", code="malformed_token")
-        return self.signer.verify(token.strip())
 
     def check_origin(self, origin: str) -> bool:
         # Browsers on the listed origins may stream too (the token still has to be presented).
-        return origin in self.config.http.cors_origins or super().check_origin(origin)
+        return origin in self.http_settings.cors_origins or super().check_origin(origin)
 
     @property
     def max_message_size(self) -> int:
-        return self.config.http.max_body_bytes
+        return self.http_settings.max_body_bytes
 
     @property
     def max_in_flight(self) -> int:
-        return self.config.http.stream_max_in_flight
+        return self.http_settings.stream_max_in_flight
 
     @property
     def ping_interval(self) -> float | None:
-        return self.config.http.stream_ping_interval_seconds or None
+        return self.http_settings.stream_ping_interval_seconds or None
 
     @property
     def ping_timeout(self) -> float | None:
         # Tornado caps the timeout at the interval (and warns); capped here, it stays quiet.
-        interval = self.config.http.stream_ping_interval_seconds
-        return min(self.config.http.stream_ping_timeout_seconds, interval) if interval else None
+        interval = self.http_settings.stream_ping_interval_seconds
+        return min(self.http_settings.stream_ping_timeout_seconds, interval) if interval else None
 
     # -- life cycle -----------------------------------------------------------------------------
     async def open(self, *args: str) -> None:
-        if self._auth_refusal is not None:
-            self._refuse(self._auth_refusal)
-        elif self._verified is not None:
-            await self._start_session(self._verified)
+        if self.refusal is not None:
+            self._refuse(self.refusal)
+        elif self.principal.token is not None:
+            await self._start_session(self.principal.token)
         else:
-            timeout = self.config.http.stream_auth_timeout_seconds
+            timeout = self.http_settings.stream_auth_timeout_seconds
             self._auth_timer = asyncio.get_running_loop().call_later(timeout, self._auth_timed_out)
 
     def _auth_timed_out(self) -> None:
@@ -123,7 +111,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     async def _start_session(self, verified: VerifiedToken) -> None:
         try:
-            session = await self.store.touch(verified)
+            session = await self.auth.resume(verified)
         except InvalidToken as exc:
             self._refuse(exc)
             return
@@ -181,7 +169,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
                                       "'Authorization: Bearer <token>' with the upgrade).", code="missing_token"))
             return
         try:
-            verified = self.signer.verify(token)
+            verified = self.auth.verify(f"Bearer {token}")
         except InvalidToken as exc:
             self._refuse(exc)
             return
@@ -212,7 +200,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         """An error frame about the stream rather than an image; too many of them close it."""
         self._send(self._error_frame(exc, ref, None))
         self._errors += 1
-        if self._errors >= self.config.http.stream_max_errors:
+        if self._errors >= self.http_settings.stream_max_errors:
             log.info("stream %s closed after %d protocol errors", self.request_id, self._errors)
             self._send(self._error_frame(BadRequest(
                 f"{self._errors} protocol errors on this stream, the limit (http.stream_max_errors); closing.",
@@ -223,10 +211,9 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         self.in_flight.enter()
         try:
             assert self._verified is not None
-            session = await self.store.touch(self._verified, cost=1)  # revocation and rate limit, per image
+            session = await self.auth.resume(self._verified, cost=1)  # revocation and rate limit, per image
             options = session.options.merged(overrides) if overrides else session.options
-            result, _ = await predict_and_record(self.store, self.runner, session, image, options,
-                                                 versions=self.model_versions)
+            result, _ = await self.classifier.classify(session, image, options)
             self._send({"type": "result", "ref": ref, "seq": seq, "result": result})
         except InvalidToken as exc:  # logged out or expired since the last image
             self._refuse(exc, ref, seq)
@@ -255,7 +242,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             # Fails with WebSocketClosedError if the stream closes first; nobody need hear of it.
             self._last_write.add_done_callback(lambda done: done.cancelled() or done.exception())
 
-    def _refuse(self, exc: InvalidToken, ref: Any = None, seq: int | None = None) -> None:
+    def _refuse(self, exc: ServiceError, ref: Any = None, seq: int | None = None) -> None:
         """An error frame with the full message, then a policy-violation close whose reason is the
         error's code (a close reason holds at most 123 bytes)."""
         log.info("stream %s refused: %s", self.request_id, exc.code)

@@ -16,7 +16,6 @@ CONTENT_SECURITY_POLICY = (
 
 
 class WebAssetHandler(tornado.web.StaticFileHandler):
-    public = True
     route_name = "static"
 
     def set_default_headers(self) -> None:

@@ -177,10 +177,6 @@ class ModelRunner:
         self._batcher: asyncio.Task[None] | None = None
         self._running_batches: set[asyncio.Task[None]] = set()
 
-    @property
-    def model_info(self) -> dict[str, str]:
-        return {"name": self.model.name, "version": self.model.version}
-
     # -- model versions: an atomic reference swap; in-flight requests keep the one they started on --
     @property
     def model(self) -> LoadedModel:

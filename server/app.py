@@ -9,7 +9,7 @@ from typing import Any
 import tornado.netutil
 import tornado.web
 
-from handlers.base import InFlight, NotFoundHandler
+from handlers.base import HttpSettings, InFlight, NotFoundHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import HistoryHandler, HistoryItemHandler
 from handlers.models import ActivateHandler, ModelsHandler, ModelVersionHandler
@@ -30,7 +30,11 @@ from inference.runner import ModelRunner
 from server.balance import BalancedHTTPServer, GuardedHTTPServer, SharedCounts
 from server.config import Config
 from server.observability import log_request
-from server.weights import ModelVersions
+from server.runtime import build_backend
+from service.auth import Authenticator, AuthSettings
+from service.classify import Classifier
+from service.model_versions import ModelVersions
+from service.sessions import SessionService
 from sessions.model_registry import ModelRegistry
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
@@ -56,7 +60,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/models", ModelsHandler),
     (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+)", ModelVersionHandler),
     (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+):activate", ActivateHandler),
-    # The Open Inference Protocol (KServe V2 / Triton), beside /v1; gRPC in server/grpc_service.py.
+    # The Open Inference Protocol (KServe V2 / Triton), beside /v1; gRPC in handlers/grpc.py.
     (r"/v2", ServerMetadataHandler),
     (r"/v2/health/live", ServerLiveHandler),
     (r"/v2/health/ready", ServerReadyHandler),
@@ -76,6 +80,8 @@ def make_app(
     registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
     given; the caller starts them following other replicas (`await model_versions.start()`)."""
     signer = make_signer(config)
+    versions = model_versions or make_model_versions(config, store, runner)
+    auth, classifier, sessions = use_cases(config, store, runner, signer, versions)
     web_routes: list[Any] = [
         (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
         (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
@@ -84,16 +90,53 @@ def make_app(
     api_routes = [(pattern, handler, {"route_name": route_template(pattern)}) for pattern, handler in ROUTES]
     return tornado.web.Application(
         [*api_routes, *web_routes],
-        config=config,
+        http=http_settings(config),
+        auth=auth,
+        classifier=classifier,
+        sessions=sessions,
         store=store,
         runner=runner,
-        model_versions=model_versions or ModelVersions(config, ModelRegistry(store.redis), runner),
+        model_versions=versions,
         signer=signer,
         in_flight=InFlight(),
         metrics=runner.metrics,
         default_handler_class=NotFoundHandler,
         log_function=log_request,
     )
+
+
+def http_settings(config: Config) -> HttpSettings:
+    """What the HTTP transports read of the configuration."""
+    http = config.http
+    return HttpSettings(
+        cors_origins=tuple(http.cors_origins), max_body_bytes=http.max_body_bytes, legacy_predict=http.legacy_predict,
+        stream_max_in_flight=http.stream_max_in_flight, stream_auth_timeout_seconds=http.stream_auth_timeout_seconds,
+        stream_max_errors=http.stream_max_errors, stream_ping_interval_seconds=http.stream_ping_interval_seconds,
+        stream_ping_timeout_seconds=http.stream_ping_timeout_seconds, max_upload_bytes=config.models.max_upload_bytes,
+        upload_timeout_seconds=config.models.upload_timeout_seconds)
+
+
+def auth_settings(config: Config) -> AuthSettings:
+    # Anonymous inference (POST /predict, tokenless OIP): production mode needs
+    # http.allow_anonymous_in_production on top of http.legacy_predict.
+    anonymous = config.http.legacy_predict and (
+        config.server.mode != "production" or config.http.allow_anonymous_in_production)
+    return AuthSettings(api_keys=tuple(config.auth.api_keys), admin_api_keys=tuple(config.auth.admin_api_keys),
+                        anonymous_inference=anonymous,
+                        login_rate_limit_per_minute=config.sessions.login_rate_limit_per_minute)
+
+
+def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner) -> ModelVersions:
+    store_dir = Path(config.models.store_dir) if config.models.store_dir else config.data_path / "models"
+    return ModelVersions(ModelRegistry(store.redis), runner, store_dir=store_dir,
+                         backend_for=lambda model: build_backend(config, model))
+
+
+def use_cases(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,
+              versions: ModelVersions | None) -> tuple[Authenticator, Classifier, SessionService]:
+    """The service layer for one process, shared by every transport."""
+    return (Authenticator(signer, store, auth_settings(config)), Classifier(store, runner, versions),
+            SessionService(store, signer, versions))
 
 
 def make_signer(config: Config) -> TokenSigner:

@@ -25,7 +25,6 @@ import tornado.httpserver
 import tornado.netutil
 
 from handlers.base import InFlight
-from handlers.sessions import api_key_hash
 from inference.model import ModelLoadError
 from server.app import http_server, make_app
 from server.balance import SharedCounts, adopt_connection
@@ -39,6 +38,7 @@ from server.observability import (
     share_metrics_across_processes,
 )
 from server.runtime import build_runner, build_store, prepare_model
+from service.auth import api_key_hash
 
 log = logging.getLogger("inference.server")
 _EXIT_MODEL_LOAD_FAILED = 3  # a child that cannot load the model is not restarted: it would fail again
@@ -221,7 +221,7 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     if config.grpc.port:
         # Imported only when on (see the module's note), and created here, after any fork: a gRPC
         # server does not survive fork, and each process binds the port (SO_REUSEPORT).
-        from server.grpc_service import start_grpc_server
+        from server.grpc_server import start_grpc_server
 
         try:
             grpc_server, grpc_port = await start_grpc_server(config, store, runner, app.settings["signer"],

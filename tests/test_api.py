@@ -261,7 +261,7 @@ def test_sessions_never_outlive_their_max_lifetime(serve) -> None:
 
 
 def test_api_keys_gate_login(serve) -> None:
-    from handlers.sessions import api_key_hash
+    from service.auth import api_key_hash
 
     config = make_config(auth={"secret_keys": [TEST_SECRET], "api_keys": [api_key_hash("s3cret-key")]})
     with serve(config) as server, server.client() as client:

@@ -146,7 +146,7 @@ def test_bad_config_stops_start_up(tmp_path: Path) -> None:
 def test_hash_key_helper_prints_a_config_entry() -> None:
     result = subprocess.run([sys.executable, "-m", "server", "hash-key", "my-key"], cwd=ROOT, capture_output=True,
                             text=True, timeout=60)
-    from handlers.sessions import api_key_hash
+    from service.auth import api_key_hash
 
     assert f'"{api_key_hash("my-key")}"' in result.stdout
 

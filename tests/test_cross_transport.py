@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from handlers.sessions import api_key_hash
-from server.grpc_service import grpc_status
-from server.oip_grpc import grpc_predict_v2_pb2 as pb
-from server.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from handlers.grpc import grpc_status
+from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
+from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.auth import api_key_hash
 from sessions.errors import (
     BadImage,
     BadOptions,

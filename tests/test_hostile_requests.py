@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from handlers.openapi import openapi_document
-from handlers.sessions import api_key_hash
+from service.auth import api_key_hash
 from sessions.store import STORE_UNAVAILABLE_MESSAGE
 from tests.conftest import CAT_JPEG, RedisServer, error_code, login, make_config
 

@@ -22,12 +22,13 @@ import httpx
 import numpy as np
 import pytest
 
+from handlers.grpc import grpc_status
+from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
+from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from inference.imaging import preprocess
 from server.app import make_signer
 from server.config import ConfigError, validate
-from server.grpc_service import grpc_status, start_grpc_server
-from server.oip_grpc import grpc_predict_v2_pb2 as pb
-from server.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from server.grpc_server import start_grpc_server
 from server.runtime import build_runner
 from sessions.errors import BadImage, InvalidToken, NotFound, RateLimited, ServiceBusy, StoreUnavailable
 from sessions.options import Options

@@ -28,7 +28,7 @@ from clients.python import (
 )
 from clients.python import client as sync_module
 from clients.python.cli import main
-from handlers.sessions import api_key_hash
+from service.auth import api_key_hash
 from tests.conftest import (
     CAT_CLASSES,
     CAT_JPEG,

@@ -17,6 +17,7 @@ from websockets.sync.client import connect as ws_connect
 
 from handlers.base import BaseHandler
 from server.app import ROUTES, route_template
+from service.auth import Policy
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, login, make_config
 
 # Changing these sets is a security decision: a new public or token-optional route is added on purpose.
@@ -48,15 +49,16 @@ def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client)
     for pattern, handler in ROUTES:
         path = example_path(pattern)
         assert issubclass(handler, BaseHandler)
-        assert not (handler.public and handler.optional_auth), pattern
-        if handler.public:
+        assert "prepare" not in vars(handler), f"{handler.__name__} overrides the one prepare()"
+        policy = handler.auth_policy
+        if policy is Policy.PUBLIC:
             assert template(pattern) in PUBLIC_ROUTES, f"{pattern} is public but not in PUBLIC_ROUTES"
             continue
-        if handler.optional_auth:
+        if policy is Policy.OPTIONAL_SESSION:
             assert template(pattern) in TOKEN_OPTIONAL_ROUTES, f"{pattern} takes no token but is not listed"
             continue  # checked in test_token_optional_routes_refuse_bad_tokens_and_anonymous_calls_where_off
-        if issubclass(handler, WebSocketHandler):
-            assert template(pattern) in WEBSOCKET_ROUTES, f"{pattern} is a WebSocket but not in WEBSOCKET_ROUTES"
+        if policy is Policy.STREAM:
+            assert issubclass(handler, WebSocketHandler) and template(pattern) in WEBSOCKET_ROUTES, pattern
             assert_stream_needs_a_token(client.base_url.copy_with(scheme="ws").join(path))
             continue
         for method in implemented(handler):
@@ -64,8 +66,15 @@ def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client)
                                       headers={"Content-Type": "application/json"})
             assert response.status_code == 401, (method, path)
             # Admin routes take an admin API key instead of a session token.
-            expected = "missing_api_key" if getattr(handler, "admin", False) else "missing_token"
+            expected = "missing_api_key" if policy is Policy.ADMIN else "missing_token"
             assert response.json()["error"]["code"] == expected, (method, path)
+
+
+def test_a_handler_that_overrides_prepare_is_refused() -> None:
+    with pytest.raises(TypeError, match="overrides prepare"):
+        class Sneaky(BaseHandler):
+            async def prepare(self) -> None:
+                pass
 
 
 def assert_stream_needs_a_token(url: httpx.URL) -> None:
@@ -79,7 +88,7 @@ def assert_stream_needs_a_token(url: httpx.URL) -> None:
 
 
 def test_token_optional_routes_refuse_bad_tokens_and_anonymous_calls_where_off(client: httpx.Client, serve) -> None:
-    optional = [(pattern, handler) for pattern, handler in ROUTES if handler.optional_auth]
+    optional = [(pattern, handler) for pattern, handler in ROUTES if handler.auth_policy is Policy.OPTIONAL_SESSION]
     assert {template(pattern) for pattern, _ in optional} == TOKEN_OPTIONAL_ROUTES
     body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": ["aGk="]}]}
     for pattern, handler in optional:

@@ -24,8 +24,8 @@ import torch
 import torchvision
 
 from clients.python import AuthError, Client, ValidationError
-from handlers.sessions import api_key_hash
 from server.runtime import build_runner
+from service.auth import api_key_hash
 from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config, wait_for
 from tests.test_replicas import server_process
 

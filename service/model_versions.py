@@ -18,14 +18,13 @@ import dataclasses
 import logging
 import os
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from inference.model import LoadedModel, ModelLoadError
+from inference.model import Backend, LoadedModel, ModelLoadError
 from inference.runner import ModelRunner, ServedModel
-from server.config import Config
-from server.runtime import build_backend
 from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
 from sessions.model_registry import ModelEvent, ModelRegistry, VersionRecord
 from sessions.options import MODEL_VERSION
@@ -48,14 +47,16 @@ class BadWeights(ServiceError):
 class ModelVersions:
     """Publishes, activates, removes and follows model versions for this process's runner."""
 
-    def __init__(self, config: Config, registry: ModelRegistry, runner: ModelRunner):
-        self.config = config
+    def __init__(self, registry: ModelRegistry, runner: ModelRunner, *, store_dir: Path,
+                 backend_for: Callable[[LoadedModel], Backend]):
+        """`store_dir`: models.store_dir resolved; `backend_for`: the configured runtime for a model
+        loaded with torch (the composition root knows which)."""
         self.registry = registry
         self.runner = runner
+        self._backend_for = backend_for
         self.name = runner.model.name
         self.base_version = runner.model.version  # the weights the config names, served until an activation
         self._base = runner.served()  # kept so that sessions may pin the configured weights too
-        store_dir = Path(config.models.store_dir) if config.models.store_dir else config.data_path / "models"
         self.model_dir = store_dir.expanduser().resolve() / self.name
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="weights")
         self._lock = asyncio.Lock()  # one load-and-swap at a time in this process
@@ -116,7 +117,7 @@ class ModelVersions:
         from inference.torch_model import load_model
 
         try:
-            model = load_model(self.config.model.name, str(path))  # torch.load(weights_only=True): no pickle code
+            model = load_model(self.name, str(path))  # torch.load(weights_only=True): no pickle code
         except ModelLoadError as exc:
             raise BadWeights(str(exc).replace(str(path), "the uploaded file")) from None
         if sha256 is not None and model.weights_sha256 != sha256:
@@ -135,7 +136,7 @@ class ModelVersions:
         return dataclasses.replace(model, version=version)
 
     def _serve(self, model: LoadedModel) -> ServedModel:
-        return ServedModel(model, build_backend(self.config, model))
+        return ServedModel(model, self._backend_for(model))
 
     # -- activating, pinning, removing ------------------------------------------------------------
     async def activate(self, version: str) -> dict[str, Any]:

@@ -12,7 +12,8 @@ fixed message (the traceback goes to the log, never the client).
 
 The generated messages register the protocol's names (`inference.*`) in protobuf's default pool, so
 a process cannot also import tritonclient.grpc (its copy claims the same names): import this module
-only where the server runs (server/cli.py does so only when grpc.port is set).
+only where the server runs (server/grpc_server.py, which server/cli.py imports only when grpc.port is
+set). Serving it (port, TLS, limits) is composition: server/grpc_server.py.
 """
 
 from __future__ import annotations
@@ -21,13 +22,13 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
 
-from handlers.base import optional_session
+from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
+from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from handlers.oip_protocol import (
     BYTES,
     InferenceRequest,
@@ -40,15 +41,10 @@ from handlers.oip_protocol import (
     server_metadata,
 )
 from inference.runner import ModelRunner
-from server.config import Config
-from server.oip_grpc import grpc_predict_v2_pb2 as pb
-from server.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.auth import Authenticator, Policy
+from service.classify import Classifier
 from sessions.errors import BadRequest, NotFound, ServiceBusy, ServiceError, StoreUnavailable
 from sessions.store import SessionStore
-from sessions.tokens import TokenSigner
-
-if TYPE_CHECKING:
-    from server.weights import ModelVersions
 
 log = logging.getLogger("inference.grpc")
 
@@ -82,7 +78,7 @@ def _answering(method: _Handler[Message]) -> _Handler[Message]:
     @functools.wraps(method)
     async def wrapper(self: InferenceService, request: Any, context: aio.ServicerContext) -> Message:
         started = time.perf_counter()
-        metrics = self.runner.metrics
+        metrics = self.metrics
         try:
             response = await method(self, request, context)
             metrics.grpc_requests.labels(method.__name__, "OK").inc()
@@ -108,10 +104,9 @@ def _answering(method: _Handler[Message]) -> _Handler[Message]:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,
-                 model_versions: ModelVersions | None = None):
-        self.config, self.store, self.runner, self.signer = config, store, runner, signer
-        self.model_versions = model_versions  # loads a session's pinned version, as for HTTP
+    def __init__(self, auth: Authenticator, classifier: Classifier, store: SessionStore, runner: ModelRunner,
+                 metrics: Any):
+        self.auth, self.classifier, self.store, self.runner, self.metrics = auth, classifier, store, runner, metrics
 
     @_answering
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -161,11 +156,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
                 parsed.append(_parse(request))
             return parsed[0].batch_size
 
-        session = await optional_session(_authorization(context), self.config, self.signer, self.store,
-                                         cost=batch_size)
+        principal = await self.auth.authenticate(Policy.OPTIONAL_SESSION, _authorization(context), cost=batch_size)
         check_model(self.runner, request.model_name, request.model_version)
         batch_size()
-        result = await infer(self.runner, self.store, session, parsed[0], versions=self.model_versions)
+        result = await infer(self.classifier, principal.session, parsed[0])
         return pb.ModelInferResponse(
             model_name=result.model_name,
             model_version=result.model_version,
@@ -212,64 +206,3 @@ def _parse(request: pb.ModelInferRequest) -> InferenceRequest:
     outputs = [RequestedOutput.from_parameters(output.name, _parameters(output.parameters))
                for output in request.outputs]
     return parse_request(request.id, inputs, outputs)
-
-
-async def start_grpc_server(
-    config: Config,
-    store: SessionStore,
-    runner: ModelRunner,
-    signer: TokenSigner,
-    *,
-    host: str,
-    port: int,
-    model_versions: ModelVersions | None = None,
-) -> tuple[aio.Server, int]:
-    """Serve the protocol on host:port on the running event loop (over TLS when grpc.tls_cert_file and
-    grpc.tls_key_file are set); return the server and the bound port. Raises OSError, in one sentence,
-    for a port that cannot be bound or a certificate that cannot be read or used. `model_versions`: the
-    HTTP app's (app.settings["model_versions"]), so that a session's pinned version is loaded on first
-    use here too; without it only versions this process already holds answer (409 otherwise)."""
-    settings = config.grpc
-    credentials = _tls_credentials(settings.tls_cert_file, settings.tls_key_file) if settings.tls_cert_file else None
-    # grpc enforces both bounds itself, before the handler (and so the token check) runs: past either
-    # the client gets RESOURCE_EXHAUSTED. The send limit only has to fit our own responses.
-    server = aio.server(
-        options=[("grpc.max_receive_message_length", settings.max_message_bytes),
-                 ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024))],
-        maximum_concurrent_rpcs=settings.max_concurrent_calls,
-    )
-    service = InferenceService(config, store, runner, signer, model_versions)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    try:
-        bound = (server.add_secure_port(address, credentials) if credentials is not None
-                 else server.add_insecure_port(address))
-    except RuntimeError as exc:
-        bound, failure = 0, f" ({exc})"
-    else:
-        failure = ""
-    if not bound and credentials is not None:  # grpc does not say which: a rejected key pair, or the port
-        raise OSError(f"Could not serve gRPC over TLS on {address}; grpc.tls_cert_file and grpc.tls_key_file must be "
-                      "a PEM certificate chain and its unencrypted private key, and grpc.port a free port.")
-    if not bound:
-        raise OSError(f"Could not bind gRPC to {address}{failure}; set grpc.port to a free port.")
-    await server.start()
-    return server, bound
-
-
-def _tls_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
-    """Server credentials from PEM files, read now so that a missing or wrong file stops startup with its name."""
-    pems = []
-    for setting, name, kind, marker in (
-        ("grpc.tls_cert_file", cert_file, "certificate", b"-----BEGIN CERTIFICATE-----"),
-        ("grpc.tls_key_file", key_file, "private key", b"PRIVATE KEY-----"),
-    ):
-        try:
-            pem = Path(name).expanduser().read_bytes()
-        except OSError as exc:
-            raise OSError(f"Could not read {setting} {name!r} ({exc.strerror or exc}).") from None
-        if marker not in pem:
-            raise OSError(f"{setting} {name!r} holds no PEM {kind}; give the PEM file of the {kind}.")
-        pems.append(pem)
-    certificate, key = pems
-    return grpc.ssl_server_credentials([(key, certificate)])

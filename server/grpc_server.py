@@ -1,0 +1,81 @@
+"""Serving the Open Inference Protocol over gRPC (handlers/grpc.py) on the running event loop: the
+port, TLS and the bounds grpc enforces itself. Import only where the server runs (see handlers/grpc.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import grpc
+from grpc import aio
+
+from handlers.grpc import InferenceService
+from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from inference.runner import ModelRunner
+from server.app import use_cases
+from server.config import Config
+from service.model_versions import ModelVersions
+from sessions.store import SessionStore
+from sessions.tokens import TokenSigner
+
+
+async def start_grpc_server(
+    config: Config,
+    store: SessionStore,
+    runner: ModelRunner,
+    signer: TokenSigner,
+    *,
+    host: str,
+    port: int,
+    model_versions: ModelVersions | None = None,
+) -> tuple[aio.Server, int]:
+    """Serve the protocol on host:port on the running event loop (over TLS when grpc.tls_cert_file and
+    grpc.tls_key_file are set); return the server and the bound port. Raises OSError, in one sentence,
+    for a port that cannot be bound or a certificate that cannot be read or used. `model_versions`: the
+    HTTP app's (app.settings["model_versions"]), so that a session's pinned version is loaded on first
+    use here too; without it only versions this process already holds answer (409 otherwise)."""
+    settings = config.grpc
+    credentials = _tls_credentials(settings.tls_cert_file, settings.tls_key_file) if settings.tls_cert_file else None
+    # grpc enforces both bounds itself, before the handler (and so the token check) runs: past either
+    # the client gets RESOURCE_EXHAUSTED. The send limit only has to fit our own responses.
+    server = aio.server(
+        options=[("grpc.max_receive_message_length", settings.max_message_bytes),
+                 ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024))],
+        maximum_concurrent_rpcs=settings.max_concurrent_calls,
+    )
+    auth, classifier, _ = use_cases(config, store, runner, signer, model_versions)
+    service = InferenceService(auth, classifier, store, runner, runner.metrics)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = (server.add_secure_port(address, credentials) if credentials is not None
+                 else server.add_insecure_port(address))
+    except RuntimeError as exc:
+        bound, failure = 0, f" ({exc})"
+    else:
+        failure = ""
+    if not bound and credentials is not None:  # grpc does not say which: a rejected key pair, or the port
+        raise OSError(f"Could not serve gRPC over TLS on {address}; grpc.tls_cert_file and grpc.tls_key_file must be "
+                      "a PEM certificate chain and its unencrypted private key, and grpc.port a free port.")
+    if not bound:
+        raise OSError(f"Could not bind gRPC to {address}{failure}; set grpc.port to a free port.")
+    await server.start()
+    return server, bound
+
+
+def _tls_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
+    """Server credentials from PEM files, read now so that a missing or wrong file stops startup with its name."""
+    pems = []
+    for setting, name, kind, marker in (
+        ("grpc.tls_cert_file", cert_file, "certificate", b"-----BEGIN CERTIFICATE-----"),
+        ("grpc.tls_key_file", key_file, "private key", b"PRIVATE KEY-----"),
+    ):
+        try:
+            pem = Path(name).expanduser().read_bytes()
+        except OSError as exc:
+            raise OSError(f"Could not read {setting} {name!r} ({exc.strerror or exc}).") from None
+        if marker not in pem:
+            raise OSError(f"{setting} {name!r} holds no PEM {kind}; give the PEM file of the {kind}.")
+        pems.append(pem)
+    certificate, key = pems
+    return grpc.ssl_server_credentials([(key, certificate)])

@@ -1,0 +1,106 @@
+"""Classify and record: the one place a prediction is made and recorded, for every transport.
+
+The order is always: pin (the session's model version) -> load it in this process if it is not yet
+-> run the model -> record in the session's history. A 200 means recorded: the history write happens
+before the answer is built, and if it fails the caller gets the store's error rather than an
+unrecorded result. Anonymous calls (no session) run the model and record nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from inference.runner import BatchPrediction, ClassScore, ImageSource, ModelRunner, Prediction
+from sessions.errors import Conflict, NotFound
+from sessions.options import Options
+from sessions.store import Session, SessionStore, iso, now_ms
+
+if TYPE_CHECKING:
+    from service.model_versions import ModelVersions
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """A batch classified (and, with a session, recorded image by image, in order)."""
+
+    probabilities: np.ndarray  # float32 (N, classes)
+    model_name: str
+    model_version: str  # the version that produced them
+    labels: list[str]
+
+
+class Classifier:
+    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelVersions | None = None):
+        self.store, self.runner, self.versions = store, runner, versions
+
+    async def classify(self, session: Session, image: bytes | ImageSource, options: Options,
+                       idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
+        """Classify one image under `options` and append it to the session's history. Returns the
+        answer and whether it is a replay: a request repeating an idempotency key already answered
+        gets the first answer and records nothing."""
+        if session.replay_of:
+            return await self._replay(session, session.replay_of), True
+        await self._pin(options)
+        prediction = await self.runner.predict(image, options)
+        return await self._record(session, prediction.top_k, options, idempotency_key,
+                                  timing_ms=prediction.timing_ms, model=prediction.model)
+
+    async def classify_anonymous(self, image: bytes | ImageSource, options: Options) -> Prediction:
+        """Classify without a session: nothing is recorded."""
+        return await self.runner.predict(image, options)
+
+    async def classify_batch(self, session: Session | None, options: Options, *,
+                             images: Sequence[bytes] | None = None, tensor: np.ndarray | None = None) -> BatchResult:
+        """Classify encoded `images` (preprocessed under `options`) or a preprocessed NCHW `tensor`
+        with the session's model version, and record each image in the session's history, in order."""
+        await self._pin(options)
+        result: BatchPrediction
+        if images is not None:
+            result = await self.runner.classify_images(images, options)
+        else:
+            assert tensor is not None
+            # Preprocessing options do not apply to a tensor, but the pinned version does.
+            result = await self.runner.classify_tensor(tensor, self.runner.served(options.model_version))
+        labels = result.served.model.labels
+        if session is not None:
+            for row in result.probabilities:  # one Redis round trip each, in the order sent
+                await self._record(session, self.runner.top_k(row, options.top_k, labels), options,
+                                   model=result.served.info)
+        return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
+
+    async def _pin(self, options: Options) -> None:
+        """Load the model version `options` pins into this process before the runner looks for it;
+        409 `model_version_removed` when it was removed. A process loads a pinned version on first
+        use, so whichever serving process or transport takes a request, the session gets one answer."""
+        if self.versions is not None and options.model_version:
+            await self.versions.ensure(options.model_version)
+
+    async def _record(self, session: Session, top_k: list[ClassScore], options: Options,
+                      idempotency_key: str | None = None, *, timing_ms: dict[str, float] | None = None,
+                      model: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+        """Append one classified image to the session's history: the one shape every route records."""
+        best = top_k[0]
+        entry = {
+            "created_at": iso(now_ms()),
+            "predicted_class": best.class_index,
+            "label": best.label,
+            "top_k": [score.to_dict() for score in top_k],
+            "options": options.to_dict(),
+            "model": model or self.runner.served().info,  # the version that ran, even across a swap
+        }
+        history_id, replayed = await self.store.record(session, entry, idempotency_key)
+        if replayed:  # a retry overtook the first attempt; the first one's answer stands
+            return await self._replay(session, history_id), True
+        return {"id": history_id, **entry, "timing_ms": timing_ms or {}}, False
+
+    async def _replay(self, session: Session, history_id: str) -> dict[str, Any]:
+        try:
+            item = await self.store.history_item(session.id, history_id)
+        except NotFound:
+            raise Conflict("This Idempotency-Key was answered before, but that history entry is gone; "
+                           "use a new key.", code="idempotent_result_gone") from None
+        return {**item, "timing_ms": {}}

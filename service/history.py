@@ -1,0 +1,28 @@
+"""A session's history: its predictions, newest first, paged by id."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sessions.errors import BadRequest
+from sessions.store import Session, SessionStore
+
+MAX_PAGE = 100
+DEFAULT_PAGE = 20
+
+
+def page_size(text: str | None) -> int:
+    """The `limit` of a page, checked (400 `invalid_parameter` outside 1..MAX_PAGE)."""
+    text = str(DEFAULT_PAGE) if text is None else text
+    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}, got {text!r}.", code="invalid_parameter")
+    return int(text)
+
+
+async def page(store: SessionStore, session: Session, limit: int,
+               before: str | None) -> tuple[list[dict[str, Any]], str | None]:
+    return await store.history(session.id, limit=limit, before=before)
+
+
+async def item(store: SessionStore, session: Session, history_id: str) -> dict[str, Any]:
+    return await store.history_item(session.id, history_id)

@@ -1,0 +1,15 @@
+"""Preprocessing alone: the tensor the model would see under a session's options, without running it.
+It costs what a predict costs to decode, so the transport charges the session's rate limit for it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from inference.runner import ImageSource, ModelRunner
+from sessions.options import Options
+
+
+async def preprocess(runner: ModelRunner, image: bytes | ImageSource, options: Options) -> np.ndarray:
+    """The (3, crop, crop) tensor as little-endian float32, whatever the host's byte order."""
+    tensor = await runner.preprocess(image, options)
+    return tensor.astype("<f4", copy=False)

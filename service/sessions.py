@@ -1,0 +1,39 @@
+"""Sessions: log in (after service.auth admitted the caller), read and change options, log out."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sessions.errors import BadOptions
+from sessions.options import Options
+from sessions.store import Session, SessionStore
+from sessions.tokens import TokenSigner
+
+if TYPE_CHECKING:
+    from service.model_versions import ModelVersions
+
+
+class SessionService:
+    def __init__(self, store: SessionStore, signer: TokenSigner, versions: ModelVersions | None = None):
+        self.store, self.signer, self.versions = store, signer, versions
+
+    async def login(self, changes: Any) -> tuple[str, Session]:
+        """A new session with the default options merged with `changes`, and its signed token."""
+        options = Options().merged(changes)
+        await self._check_version(changes)
+        session = await self.store.create(options)
+        return self.signer.issue(session.id), session
+
+    async def update_options(self, session: Session, changes: Any) -> Options:
+        await self._check_version(changes)
+        return await self.store.update_options(session.id, changes)
+
+    async def logout(self, session: Session) -> None:
+        await self.store.delete(session)
+
+    async def _check_version(self, changes: Any) -> None:
+        """Refuse pinning a version that does not exist."""
+        version = changes.get("model_version") if isinstance(changes, dict) else None
+        if isinstance(version, str) and version and self.versions is not None \
+                and not await self.versions.exists(version):
+            raise BadOptions("model_version", f"No model version {version!r}; see GET /v1/models.")
