@@ -24,6 +24,7 @@ from typing import Any, Protocol, TypeVar
 import numpy as np
 
 from inference import imaging
+from inference.batching import MicroBatcher
 from inference.model import Backend, LoadedModel, softmax
 from sessions.errors import BadImage, Conflict, InferenceFailed, ServiceBusy
 from sessions.options import Options
@@ -109,20 +110,6 @@ class ServedModel:
         return {"name": self.model.name, "version": self.model.version}
 
 
-@dataclass
-class _Pending:
-    """A preprocessed image waiting for a batch slot."""
-
-    tensor: np.ndarray
-    top_k: int
-    future: asyncio.Future[tuple[list[ClassScore], int, float]]
-    served: ServedModel | None = None
-
-    @property
-    def pixels(self) -> int:
-        return self.tensor.shape[-2] * self.tensor.shape[-1]
-
-
 @dataclass(frozen=True)
 class Prediction:
     top_k: list[ClassScore]
@@ -172,10 +159,11 @@ class ModelRunner:
         self._admitted = 0  # touched only on the event loop thread
         self._siblings = siblings or _NoSiblings()
         self.metrics: RunnerMetrics = metrics or NoMetrics()
-        # Micro-batching state, created on first use inside the running loop.
-        self._batch_queue: asyncio.Queue[_Pending] | None = None
-        self._batcher: asyncio.Task[None] | None = None
-        self._running_batches: set[asyncio.Task[None]] = set()
+        # The batching strategy: straight through (one executor hop per image), or micro-batches.
+        self._batcher = MicroBatcher(
+            max_batch_size=max_batch_size, max_delay=self.max_batch_delay, max_forward_pixels=max_forward_pixels,
+            workers=workers, run_forward=self._forward_on_executor, postprocess=self._top_k,
+            observe_forward=self.metrics.observe_forward) if max_batch_size > 1 else None
 
     # -- model versions: an atomic reference swap; in-flight requests keep the one they started on --
     @property
@@ -225,19 +213,17 @@ class ModelRunner:
     async def predict(self, data: bytes | ImageSource, options: Options) -> Prediction:
         """Decode, preprocess and classify one image under `options`."""
         served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
-        if self.max_batch_size <= 1:
-            # One executor hop does everything: the lowest latency, and on CPUs batching does not pay.
+        if self._batcher is None:
+            # One executor hop does every stage: the lowest latency, and on CPUs batching does not pay.
             return await self._submit(self._predict_sync, data, options, time.perf_counter(), served)
-        return await self._admitted_call(self._predict_batched(data, options, served))
+        return await self._admitted_call(self._predict_batched(self._batcher, data, options, served))
 
-    async def _predict_batched(self, data: bytes | ImageSource, options: Options, served: ServedModel) -> Prediction:
+    async def _predict_batched(self, batcher: MicroBatcher, data: bytes | ImageSource, options: Options,
+                               served: ServedModel) -> Prediction:
         submitted = time.perf_counter()
-        loop = asyncio.get_running_loop()
-        tensor = await loop.run_in_executor(self._executor, self._preprocess, data, options)
+        tensor = await asyncio.get_running_loop().run_in_executor(self._executor, self._preprocess, data, options)
         preprocessed = time.perf_counter()
-        pending = _Pending(tensor, options.top_k, loop.create_future(), served)
-        self._ensure_batcher().put_nowait(pending)
-        scores, batch_size, inference = await pending.future
+        scores, batch_size, inference = await batcher.classify(tensor, options.top_k, served)
         return Prediction(top_k=scores, timing_ms={
             "preprocess": _ms(preprocessed - submitted),
             "inference": _ms(inference),
@@ -256,67 +242,11 @@ class ModelRunner:
         predict, since decoding a large image costs about as much as a forward."""
         return await self._submit(self._preprocess, data, options)
 
-    def _ensure_batcher(self) -> asyncio.Queue[_Pending]:
-        if self._batch_queue is None:
-            self._batch_queue = asyncio.Queue()
-            self._batcher = asyncio.get_running_loop().create_task(self._batch_loop(self._batch_queue))
-        return self._batch_queue
+    async def _forward_on_executor(self, batch: np.ndarray, served: ServedModel) -> np.ndarray:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, batch, False,
+                                                                served.backend)
 
-    async def _batch_loop(self, queue: asyncio.Queue[_Pending]) -> None:
-        """Collect up to max_batch_size tensors and max_forward_pixels, waiting at most max_batch_delay
-        after the first, and only while no worker is free; then run them as one forward per tensor shape."""
-        free_workers = asyncio.Semaphore(self.workers)
-        loop = asyncio.get_running_loop()
-        held: _Pending | None = None  # taken from the queue but past the pixel bound: it opens the next batch
-        while True:
-            batch = [held or await queue.get()]
-            held = None
-            pixels = batch[0].pixels
-            deadline = loop.time() + self.max_batch_delay
-            await free_workers.acquire()
-            while len(batch) < self.max_batch_size and pixels < self.max_forward_pixels:
-                timeout = deadline - loop.time()
-                if timeout <= 0 and queue.empty():
-                    break
-                try:
-                    item = await asyncio.wait_for(queue.get(), max(timeout, 0))
-                except TimeoutError:
-                    break
-                if pixels + item.pixels > self.max_forward_pixels:
-                    held = item
-                    break
-                batch.append(item)
-                pixels += item.pixels
-            task = loop.create_task(self._run_batch(batch, free_workers))
-            self._running_batches.add(task)  # keep a reference until it finishes
-            task.add_done_callback(self._running_batches.discard)
-
-    async def _run_batch(self, batch: list[_Pending], free_workers: asyncio.Semaphore) -> None:
-        try:
-            by_shape: dict[tuple[Any, ...], list[_Pending]] = {}
-            for item in batch:  # one forward per input shape and model version
-                by_shape.setdefault((item.tensor.shape, id(item.served)), []).append(item)
-            for group in by_shape.values():
-                started = time.perf_counter()
-                served = group[0].served or self._active
-                try:
-                    stacked = np.stack([item.tensor for item in group])
-                    logits = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, self._forward, stacked, False, served.backend)
-                except Exception as exc:
-                    for item in group:
-                        if not item.future.done():
-                            item.future.set_exception(exc)
-                    continue
-                elapsed = time.perf_counter() - started
-                self.metrics.observe_forward(len(group), elapsed)
-                for item, row in zip(group, logits, strict=True):
-                    if not item.future.done():  # the caller may have gone
-                        item.future.set_result((self._top_k(row, item.top_k, served.model.labels), len(group),
-                                                elapsed))
-        finally:
-            free_workers.release()
-
+    # -- the stages: decode and preprocess (_preprocess), forward (_forward), postprocess (_top_k) --
     def _forward(self, batch: np.ndarray, alone: bool = False, backend: Backend | None = None) -> np.ndarray:
         try:
             return (backend or self.backend).forward(batch, alone=alone)
@@ -451,8 +381,8 @@ class ModelRunner:
                                {"queue": _ms(started - submitted), "inference": _ms(finished - started)}, served)
 
     def close(self) -> None:
-        if self._batcher is not None and not self._batcher.get_loop().is_closed():
-            self._batcher.get_loop().call_soon_threadsafe(self._batcher.cancel)
+        if self._batcher is not None:
+            self._batcher.close()
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 

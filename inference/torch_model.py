@@ -32,6 +32,7 @@ from inference.model import (
     file_sha256,
     write_manifest,
 )
+from sessions.options import CROP_RANGE
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +166,9 @@ def _export(model: LoadedModel, path: Path) -> None:
     log.info("exporting %s to ONNX (once; cached as %s)", model.name, path.name)
     example = torch.zeros(1, 3, 224, 224)
     batch = torch.export.Dim("batch", min=1, max=1024)
-    height, width = torch.export.Dim("height", min=32, max=1024), torch.export.Dim("width", min=32, max=1024)
+    # The model sees crop x crop, so it takes every side the options' crop range allows.
+    low, high = CROP_RANGE
+    height, width = torch.export.Dim("height", min=low, max=high), torch.export.Dim("width", min=low, max=high)
     partial = path.with_suffix(f".{os.getpid()}.partial")
     quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
     levels = [logger.level for logger in quiet]
