@@ -21,6 +21,7 @@ either input, as on /v1, and the response's `model_version` names the version th
 
 from __future__ import annotations
 
+import importlib.metadata
 import math
 import struct
 from collections.abc import Iterable, Mapping
@@ -32,11 +33,16 @@ import numpy as np
 from inference.runner import ModelRunner
 from service.classify import Classifier
 from sessions.errors import BadRequest, NotFound
-from sessions.options import Options
+from sessions.options import CROP_RANGE, Options
 from sessions.store import Session
 
-SERVER_NAME = "session-inference-server"
-SERVER_VERSION = "0.1.0"
+SERVER_NAME = "session-inference-server"  # the distribution's name in pyproject.toml
+# The one version string (here, in /v2 and gRPC's ServerMetadata, and in /openapi.json's info): the
+# installed distribution's, so pyproject.toml's `version` is its only source.
+try:
+    SERVER_VERSION = importlib.metadata.version(SERVER_NAME)
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never pip-installed
+    SERVER_VERSION = "0+unknown"
 EXTENSIONS = ("classification", "binary_tensor_data")
 
 IMAGE_INPUT = "image"
@@ -45,8 +51,8 @@ PROBABILITIES_OUTPUT = "probabilities"
 BYTES, FP32 = "BYTES", "FP32"
 #: Images (or tensor rows) in one request; the body size limit usually binds first.
 MAX_BATCH = 64
-#: The exported model's dynamic height and width range (inference/model.py), and the options' crop range.
-MIN_SIDE, MAX_SIDE = 32, 1024
+#: A preprocessed tensor's height and width: the options' crop range, which the ONNX export spans too.
+MIN_SIDE, MAX_SIDE = CROP_RANGE
 
 _PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_libtorch"}
 _LENGTH = struct.Struct("<I")

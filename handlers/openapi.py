@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sessions.options import COLORS, INTERPOLATIONS, MODEL_VERSION
+from handlers.oip_protocol import SERVER_VERSION
+from service.history import DEFAULT_PAGE, MAX_PAGE
+from sessions.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -21,7 +23,16 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+def _integer(bounds: tuple[int, int], **extra: Any) -> dict[str, Any]:
+    low, high = bounds
+    return {"type": "integer", "minimum": low, "maximum": high, **extra}
+
+
 _THREE_NUMBERS = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
+_HISTORY_ID = {"type": "string", "pattern": "^[0-9]+-[0-9]+$"}  # a Redis stream id
+_SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+# Ranges and defaults come from sessions.options, which validates them: the schema cannot drift from it.
+_DEFAULTS = Options()
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -40,14 +51,13 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "additionalProperties": False,
         "properties": {
-            "resize": {"type": "integer", "minimum": 32, "maximum": 1024, "default": 256},
-            "crop": {"type": "integer", "minimum": 32, "maximum": 1024, "default": 224,
-                     "description": "Must not exceed resize."},
-            "interpolation": {"enum": list(INTERPOLATIONS), "default": "bilinear"},
-            "color": {"enum": list(COLORS), "default": "rgb"},
+            "resize": _integer(RESIZE_RANGE, default=_DEFAULTS.resize),
+            "crop": _integer(CROP_RANGE, default=_DEFAULTS.crop, description="Must not exceed resize."),
+            "interpolation": {"enum": list(INTERPOLATIONS), "default": _DEFAULTS.interpolation},
+            "color": {"enum": list(COLORS), "default": _DEFAULTS.color},
             "mean": _THREE_NUMBERS,
             "std": _THREE_NUMBERS,
-            "top_k": {"type": "integer", "minimum": 1, "maximum": 20, "default": 5},
+            "top_k": _integer(TOP_K_RANGE, default=_DEFAULTS.top_k),
             "model_version": {"type": ["string", "null"], "pattern": MODEL_VERSION.pattern,
                               "description": "Pins the session to this model version (see GET /v1/models); "
                                              "absent or null: the active version."},
@@ -88,7 +98,7 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["id", "created_at", "predicted_class", "label", "top_k", "options", "model"],
         "properties": {
-            "id": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+            "id": _HISTORY_ID,
             "created_at": {"type": "string", "format": "date-time"},
             "predicted_class": {"type": "integer", "minimum": 0},
             "label": {"type": "string"},
@@ -131,7 +141,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "name": {"type": "string"},
             "version": {"type": "string", "pattern": MODEL_VERSION.pattern},
-            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "sha256": _SHA256,
             "size": {"type": "integer", "minimum": 1, "description": "Bytes of the state_dict file."},
             "uploaded_at": {"type": "string", "format": "date-time"},
             "activated_at": {"type": ["string", "null"], "format": "date-time",
@@ -146,7 +156,7 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "name": {"type": "string"},
             "version": {"type": "string"},
-            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "sha256": _SHA256,
             "configured": {"const": True},
             "activated_at": {"type": "string", "format": "date-time"},
             "active": {"const": True},
@@ -250,13 +260,13 @@ _OPTION_OVERRIDES = [
     {"name": name, "in": "query", "required": False, "schema": schema,
      "description": "Overrides the session's option for this request only."}
     for name, schema in {
-        "resize": {"type": "integer", "minimum": 32, "maximum": 1024},
-        "crop": {"type": "integer", "minimum": 32, "maximum": 1024},
+        "resize": _integer(RESIZE_RANGE),
+        "crop": _integer(CROP_RANGE),
         "interpolation": {"enum": list(INTERPOLATIONS)},
         "color": {"enum": list(COLORS)},
         "mean": {"type": "string", "description": "three comma-separated numbers"},
         "std": {"type": "string", "description": "three comma-separated positive numbers"},
-        "top_k": {"type": "integer", "minimum": 1, "maximum": 20},
+        "top_k": _integer(TOP_K_RANGE),
         "model_version": {"type": "string", "pattern": MODEL_VERSION.pattern},
     }.items()
 ]
@@ -439,9 +449,9 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "security": _BEARER,
             "parameters": [
                 {"name": "limit", "in": "query", "required": False,
-                 "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 20}},
+                 "schema": _integer((1, MAX_PAGE), default=DEFAULT_PAGE)},
                 {"name": "before", "in": "query", "required": False,
-                 "schema": {"type": "string", "pattern": "^[0-9]+-[0-9]+$"},
+                 "schema": _HISTORY_ID,
                  "description": "The `next` of the previous page."},
             ],
             "responses": {"200": _json(_ref("HistoryPage"), "One page."),
@@ -524,7 +534,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
     _document_malformed_requests(paths)
     return {
         "openapi": "3.1.0",
-        "info": {"title": "Session-aware inference server", "version": "1.0.0",
+        "info": {"title": "Session-aware inference server", "version": SERVER_VERSION,
                  "description": "Image classification with sessions: log in once, predict with your "
                                 "own options, read your history back."},
         "paths": paths,

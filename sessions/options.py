@@ -22,6 +22,12 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # A model version's name: what `PUT /v1/models/<name>/versions/<version>` accepts and `model_version` pins.
 MODEL_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The integer options' inclusive ranges, stated only here: the OpenAPI document, the Open Inference
+# Protocol's preprocessed tensor and the ONNX export read them. The crop is the side of the square the
+# model sees, so CROP_RANGE is also the height and width range that the exported model accepts.
+RESIZE_RANGE = (32, 1024)
+CROP_RANGE = (32, 1024)
+TOP_K_RANGE = (1, 20)
 
 
 @dataclass(frozen=True)
@@ -79,7 +85,7 @@ class Options:
         return Options().merged({k: json.loads(v) for k, v in fields if k in known})
 
 
-_INT_RANGES = {"resize": (32, 1024), "crop": (32, 1024), "top_k": (1, 20)}
+_INT_RANGES = {"resize": RESIZE_RANGE, "crop": CROP_RANGE, "top_k": TOP_K_RANGE}
 _CHOICES = {"interpolation": INTERPOLATIONS, "color": COLORS}
 
 

@@ -3,6 +3,7 @@ the truth."""
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import re
 
@@ -18,6 +19,8 @@ from websockets.sync.client import connect as ws_connect
 from handlers.base import BaseHandler
 from server.app import ROUTES, route_template
 from service.auth import Policy
+from sessions.errors import BadOptions
+from sessions.options import Options
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, login, make_config
 
 # Changing these sets is a security decision: a new public or token-optional route is added on purpose.
@@ -150,6 +153,25 @@ def test_openapi_lists_exactly_the_routes_and_methods(client: httpx.Client) -> N
     for pattern, handler in ROUTES:
         assert set(document["paths"][template(pattern)]) == set(implemented(handler)), pattern
     Draft202012Validator.check_schema(document["components"]["schemas"]["Options"])
+
+
+def test_openapi_states_the_version_and_option_ranges_the_server_enforces(client: httpx.Client) -> None:
+    document = client.get("/openapi.json").json()
+    # One version: the installed distribution's (pyproject.toml), in /openapi.json and the protocol's /v2.
+    version = importlib.metadata.version("session-inference-server")
+    assert document["info"]["version"] == client.get("/v2").json()["version"] == version
+    options = document["components"]["schemas"]["Options"]["properties"]
+    overrides = {p["name"]: p["schema"] for p in document["paths"]["/v1/predict"]["post"]["parameters"]}
+    widest = {"resize": options["resize"]["maximum"], "crop": options["crop"]["minimum"]}  # crop <= resize holds
+    for name in ("resize", "crop", "top_k"):
+        low, high = options[name]["minimum"], options[name]["maximum"]
+        assert (overrides[name]["minimum"], overrides[name]["maximum"]) == (low, high), name
+        assert options[name]["default"] == getattr(Options(), name), name
+        for value in (low, high):
+            Options().merged({**widest, name: value})
+        for value in (low - 1, high + 1):
+            with pytest.raises(BadOptions, match=f"between {low} and {high}"):
+                Options().merged({name: value})
 
 
 @pytest.fixture(scope="module")
