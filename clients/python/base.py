@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from typing import Any
 
 import httpx
@@ -9,7 +10,15 @@ import httpx
 from clients.python import protocol
 from clients.python.errors import AuthError
 
-USER_AGENT = "inference-client-python/0.1"
+
+def _version() -> str:
+    try:  # the project's one version string, pyproject's, as installed
+        return metadata.version("session-inference-server")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+USER_AGENT = f"inference-client-python/{_version()}"
 
 
 class BaseClient:
