@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from sessions.errors import BadRequest
 from sessions.store import Session, SessionStore
 
 MAX_PAGE = 100
+_PAGE_SIZE = re.compile(r"[0-9]{1,3}")
 DEFAULT_PAGE = 20
 
 
 def page_size(text: str | None) -> int:
     """The `limit` of a page, checked (400 `invalid_parameter` outside 1..MAX_PAGE)."""
     text = str(DEFAULT_PAGE) if text is None else text
-    if not text.isdigit() or not 1 <= int(text) <= MAX_PAGE:
+    # ASCII digits only: str.isdigit() also takes digits int() refuses (a superscript two).
+    if not _PAGE_SIZE.fullmatch(text) or not 1 <= int(text) <= MAX_PAGE:
         raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}, got {text!r}.", code="invalid_parameter")
     return int(text)
 

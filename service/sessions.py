@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from sessions.errors import BadOptions
-from sessions.options import Options
+from sessions.options import MODEL_VERSION, Options
 from sessions.store import Session, SessionStore
 from sessions.tokens import TokenSigner
 
@@ -34,6 +34,7 @@ class SessionService:
     async def _check_version(self, changes: Any) -> None:
         """Refuse pinning a version that does not exist."""
         version = changes.get("model_version") if isinstance(changes, dict) else None
-        if isinstance(version, str) and version and self.versions is not None \
+        # A malformed name is the options' own error (BadOptions from Options.merged), not a look-up.
+        if isinstance(version, str) and MODEL_VERSION.match(version) and self.versions is not None \
                 and not await self.versions.exists(version):
             raise BadOptions("model_version", f"No model version {version!r}; see GET /v1/models.")

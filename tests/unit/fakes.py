@@ -1,0 +1,229 @@
+"""Test doubles for the service layer: an in-memory session store, a model backend with known logits,
+and the few `ModelVersions` methods the use cases call. No Redis, no torch, no weights.
+
+Each fake keeps the contract of what it stands for (the errors and their codes, idempotency replays,
+the history's cap and order, JSON round trips) and counts the calls a test may want to see.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from inference.model import LoadedModel
+from inference.runner import ModelRunner, ServedModel
+from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
+from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
+from sessions.store import HISTORY_ID, Session, now_ms
+from sessions.tokens import VerifiedToken, new_session_id
+
+CLASSES = 10
+LABELS = [f"class-{index}" for index in range(CLASSES)]
+
+
+@dataclasses.dataclass
+class _Stored:
+    created_at_ms: int
+    deadline_ms: int
+    options: Options
+    history: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (id, JSON entry), oldest first
+    idempotent: dict[str, str] = dataclasses.field(default_factory=dict)  # idempotency key -> history id
+    tokens: float | None = None  # the rate limit's bucket; None: full
+    predictions: int = 0  # every one recorded, unlike the capped history
+
+
+class FakeStore:
+    """`sessions.store.SessionStore`'s methods that service/ calls, in memory.
+
+    Buckets (a session's rate limit, logins) start full and never refill: a test runs in milliseconds,
+    where a real bucket refills by a negligible fraction of a token.
+    """
+
+    def __init__(self, *, history_max_entries: int = 100, rate_limit_per_minute: int = 0,
+                 max_lifetime_seconds: int = 3600):
+        self.history_max_entries = history_max_entries
+        self.rate_limit_per_minute = rate_limit_per_minute
+        self.max_lifetime_ms = max_lifetime_seconds * 1000
+        self.sessions: dict[str, _Stored] = {}
+        self.revoked: set[str] = set()  # logout's tombstones
+        self.logins: dict[str, float] = {}  # who -> tokens left
+        self.calls: list[tuple[str, Any]] = []  # (method, its main argument), in order
+        self._last_id = (0, 0)
+
+    def called(self, method: str) -> list[Any]:
+        return [argument for name, argument in self.calls if name == method]
+
+    def expire(self, session_id: str) -> None:
+        """The session's idle time runs out: gone, with no tombstone."""
+        del self.sessions[session_id]
+
+    def _live(self, session_id: str) -> _Stored:
+        stored = self.sessions.get(session_id)
+        if stored is None:
+            if session_id in self.revoked:
+                raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
+            raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+        return stored
+
+    def _session(self, session_id: str, stored: _Stored, replay_of: str | None = None) -> Session:
+        return Session(session_id, stored.created_at_ms, min(now_ms() + 600_000, stored.deadline_ms),
+                       stored.deadline_ms, stored.options, stored.predictions, replay_of)
+
+    def _next_id(self) -> str:
+        """A Redis stream id: milliseconds and a sequence, always increasing."""
+        milliseconds, sequence = self._last_id
+        now = now_ms()
+        self._last_id = (now, 0) if now > milliseconds else (milliseconds, sequence + 1)
+        return f"{self._last_id[0]}-{self._last_id[1]}"
+
+    async def take_login(self, who: str, per_minute: int) -> None:
+        self.calls.append(("take_login", who))
+        if per_minute <= 0:
+            return
+        tokens = self.logins.get(who, float(per_minute))
+        if tokens < 1:
+            raise RateLimited(f"Too many logins: the limit is {per_minute} a minute; retry in 60 s.",
+                              code="login_rate_limited", retry_after=60)
+        self.logins[who] = tokens - 1
+
+    async def create(self, options: Options) -> Session:
+        self.calls.append(("create", options))
+        session_id, created = new_session_id(), now_ms()
+        stored = _Stored(created, created + self.max_lifetime_ms, options)
+        self.sessions[session_id] = stored
+        return self._session(session_id, stored)
+
+    async def touch(self, token: VerifiedToken, *, cost: int = 0, idempotency_key: str | None = None) -> Session:
+        self.calls.append(("touch", cost))
+        stored = self._live(token.session_id)
+        if idempotency_key and idempotency_key in stored.idempotent:  # a repeat: its first answer, at no cost
+            return self._session(token.session_id, stored, replay_of=stored.idempotent[idempotency_key])
+        per_minute = self.rate_limit_per_minute
+        if cost > 0 and per_minute > 0:
+            tokens = per_minute if stored.tokens is None else stored.tokens
+            if tokens < cost:
+                wait = max(1, math.ceil((cost - tokens) * 60 / per_minute))
+                raise RateLimited(f"This session is over its limit of {per_minute} predictions a minute; "
+                                  f"retry in {wait} s.", retry_after=wait)
+            stored.tokens = tokens - cost
+        return self._session(token.session_id, stored)
+
+    async def record(self, session: Session, entry: dict[str, Any],
+                     idempotency_key: str | None = None) -> tuple[str, bool]:
+        self.calls.append(("record", entry))
+        stored = self._live(session.id)
+        if idempotency_key and idempotency_key in stored.idempotent:
+            return stored.idempotent[idempotency_key], True
+        history_id = self._next_id()
+        # Stored as JSON, as the real store does: an entry that does not serialize fails here too.
+        stored.history.append((history_id, json.dumps(entry, separators=(",", ":"))))
+        del stored.history[:-self.history_max_entries]  # XADD MAXLEN: the oldest go
+        stored.predictions += 1
+        if idempotency_key:
+            stored.idempotent[idempotency_key] = history_id
+        return history_id, False
+
+    async def history(self, session_id: str, *, limit: int,
+                      before: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        self.calls.append(("history", session_id))
+        if before is not None and not HISTORY_ID.match(before):
+            raise BadRequest(f"before must be a history id such as '1732540000000-0', got {before!r}.",
+                             code="invalid_parameter")
+        stored = self.sessions.get(session_id)
+        rows = list(reversed(stored.history)) if stored else []  # a stream of a gone session reads empty
+        if before is not None:
+            bound = _id_key(before)
+            rows = [row for row in rows if _id_key(row[0]) < bound]
+        items = [{"id": history_id, **json.loads(entry)} for history_id, entry in rows[:limit]]
+        return items, items[-1]["id"] if len(rows) > limit else None
+
+    async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]:
+        self.calls.append(("history_item", history_id))
+        stored = self.sessions.get(session_id)
+        for found, entry in stored.history if stored else []:
+            if found == history_id:
+                return {"id": found, **json.loads(entry)}
+        raise NotFound(f"No history item {history_id!r} in this session.", code="history_item_not_found")
+
+    async def update_options(self, session_id: str, changes: dict[str, Any]) -> Options:
+        self.calls.append(("update_options", changes))
+        stored = self.sessions.get(session_id)
+        if stored is None:  # the real one reads the hash: a tombstone does not count
+            raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+        stored.options = stored.options.merged(changes)
+        return stored.options
+
+    async def delete(self, session: Session) -> None:
+        self.calls.append(("delete", session.id))
+        if self.sessions.pop(session.id, None) is not None:
+            self.revoked.add(session.id)
+
+
+def _id_key(history_id: str) -> tuple[int, int]:
+    milliseconds, _, sequence = history_id.partition("-")
+    return int(milliseconds), int(sequence)
+
+
+class FakeBackend:
+    """A `Backend` whose winning class is the image's red level: an image of `solid_image(k)` is class k
+    under the default options (ImageNet normalization), by a wide margin. Counts its forwards."""
+
+    name = "fake"
+
+    def __init__(self, classes: int = CLASSES):
+        self.classes = classes
+        self.forwards: list[int] = []  # batch sizes, in order
+
+    def forward(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
+        self.forwards.append(len(batch))
+        red = batch[:, 0].mean(axis=(1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # 0..1, undoing Normalize
+        target = red * (self.classes - 1)
+        return (-20.0 * np.abs(np.arange(self.classes)[None, :] - target[:, None])).astype(np.float32)
+
+
+def solid_image(winner: int, *, fmt: str = "PNG", size: int = 32, classes: int = CLASSES) -> bytes:
+    """A tiny one-colour image that FakeBackend classifies as `winner`."""
+    red = round(255 * winner / (classes - 1))
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), (red, 0, 0)).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def fake_model(version: str = "v1") -> LoadedModel:
+    return LoadedModel("fake-net", version, None, list(LABELS), "0" * 64)
+
+
+def fake_runner(backend: FakeBackend | None = None, version: str = "v1") -> ModelRunner:
+    """A real ModelRunner (decoding, preprocessing, top-k, pinned versions) around a FakeBackend."""
+    return ModelRunner(fake_model(version), backend or FakeBackend(), workers=1, max_queue=16,
+                       max_image_pixels=1024 * 1024)
+
+
+class FakeVersions:
+    """`service.model_versions.ModelVersions.ensure` and `exists`: `published` versions exist and load
+    into the runner on `ensure`, as the real one loads them; any other (removed, or never published) is
+    refused with a 409."""
+
+    def __init__(self, runner: ModelRunner | None = None, *, published: tuple[str, ...] = ()):
+        self.runner, self.published = runner, set(published)
+        self.ensured: list[str | None] = []
+        self.checked: list[str] = []
+
+    async def ensure(self, version: str | None) -> None:
+        self.ensured.append(version)
+        if version is None or self.runner is None or self.runner.has_version(version):
+            return
+        if version not in self.published:
+            raise Conflict(f"Model version {version!r} was removed (or never published).",
+                           code="model_version_removed")
+        self.runner.add_version(ServedModel(fake_model(version), self.runner.backend))
+
+    async def exists(self, version: str) -> bool:
+        self.checked.append(version)
+        return version in self.published or (self.runner is not None and self.runner.has_version(version))

@@ -1,0 +1,90 @@
+"""service.sessions: logging in, changing options (a pinned version must exist) and logging out."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from service.auth import Authenticator, AuthSettings, Policy
+from service.sessions import SessionService
+from sessions.errors import BadOptions, InvalidToken
+from sessions.options import Options
+from sessions.tokens import TokenSigner
+from tests.unit.fakes import FakeStore, FakeVersions
+
+pytestmark = pytest.mark.unit
+
+
+def service(store: FakeStore, signer: TokenSigner, *published: str) -> tuple[SessionService, FakeVersions]:
+    versions = FakeVersions(published=published)
+    return SessionService(store, signer, versions), versions  # type: ignore[arg-type]
+
+
+def test_login_merges_the_options_into_the_defaults_and_signs_the_session(store: FakeStore,
+                                                                         signer: TokenSigner) -> None:
+    sessions, versions = service(store, signer)
+    token, session = asyncio.run(sessions.login({"top_k": 3, "crop": 200, "interpolation": "bicubic"}))
+    assert session.options == Options(top_k=3, crop=200, interpolation="bicubic")
+    assert signer.verify(token).session_id == session.id
+    assert store.called("create") == [session.options]
+    assert versions.checked == []  # nothing pinned, nothing to look up
+
+
+def test_login_with_no_options_gets_the_defaults(store: FakeStore, signer: TokenSigner) -> None:
+    _, session = asyncio.run(service(store, signer)[0].login({}))
+    assert session.options == Options()
+
+
+@pytest.mark.parametrize(("changes", "field"), [
+    ({"top_k": 0}, "top_k"),
+    ({"crop": 300}, "crop"),  # larger than the default resize
+    ({"colour": "rgb"}, "colour"),
+    ([1, 2], "options"),
+])
+def test_login_refuses_bad_options_and_creates_nothing(store: FakeStore, signer: TokenSigner, changes: object,
+                                                       field: str) -> None:
+    with pytest.raises(BadOptions) as caught:
+        asyncio.run(service(store, signer)[0].login(changes))
+    assert caught.value.field == field and caught.value.status == 422
+    assert store.calls == []
+
+
+def test_login_refuses_pinning_an_unknown_version(store: FakeStore, signer: TokenSigner) -> None:
+    sessions, versions = service(store, signer, "v2")
+    with pytest.raises(BadOptions) as caught:
+        asyncio.run(sessions.login({"model_version": "v9"}))
+    assert caught.value.field == "model_version" and caught.value.code == "invalid_options"
+    assert versions.checked == ["v9"] and store.calls == []
+    _, session = asyncio.run(sessions.login({"model_version": "v2"}))
+    assert session.options.model_version == "v2"
+
+
+def test_login_with_a_null_version_looks_nothing_up(store: FakeStore, signer: TokenSigner) -> None:
+    sessions, versions = service(store, signer)
+    for unpinned in (None, ""):
+        _, session = asyncio.run(sessions.login({"model_version": unpinned}))
+        assert session.options.model_version is None
+    assert versions.checked == []
+
+
+def test_update_options_merges_and_refuses_an_unknown_version(store: FakeStore, signer: TokenSigner) -> None:
+    sessions, _ = service(store, signer, "v2")
+    _, session = asyncio.run(sessions.login({"top_k": 3}))
+    updated = asyncio.run(sessions.update_options(session, {"model_version": "v2", "color": "grayscale"}))
+    assert updated == Options(top_k=3, model_version="v2", color="grayscale")
+    with pytest.raises(BadOptions):
+        asyncio.run(sessions.update_options(session, {"model_version": "v9", "top_k": 1}))
+    assert store.sessions[session.id].options == updated  # nothing of a refused change is kept
+    assert asyncio.run(sessions.update_options(session, {"model_version": None})).model_version is None
+
+
+def test_logout_revokes_the_token(store: FakeStore, signer: TokenSigner) -> None:
+    sessions, _ = service(store, signer)
+    token, session = asyncio.run(sessions.login({}))
+    auth = Authenticator(signer, store, AuthSettings())  # type: ignore[arg-type]
+    assert asyncio.run(auth.authenticate(Policy.SESSION, f"Bearer {token}")).session is not None
+    asyncio.run(sessions.logout(session))
+    with pytest.raises(InvalidToken) as caught:
+        asyncio.run(auth.authenticate(Policy.SESSION, f"Bearer {token}"))
+    assert caught.value.code == "session_revoked"
