@@ -86,7 +86,7 @@ class ImageUpload:
 
     The model runner calls `image_bytes` on its own threads, so joining the chunks and splitting a
     multipart body happen there and not on the IOLoop: for a 12 MP photo that is ~3.6 MB copied
-    two or three times with the GIL held (1-2 ms). A malformed body raises BadRequest from there.
+    two or three times with the GIL held. A malformed body raises BadRequest from there.
     """
 
     chunks: tuple[bytes, ...]

@@ -96,7 +96,7 @@ def check_shape(width: int, height: int, resize: int, *, max_aspect_ratio: float
 
 def decode(data: bytes, *, max_pixels: int, min_short_side: int | None = None) -> Image.Image:
     """Decode to 8-bit RGB or L. With `min_short_side`, JPEGs decode at the smallest DCT scale
-    (1/2, 1/4, 1/8) whose shorter side still covers it: a 12 MP photo decodes ~8x faster.
+    (1/2, 1/4, 1/8) whose shorter side still covers it, which makes a large photo's decode several times faster.
     """
     return _load(open_image(data, max_pixels), min_short_side)
 

@@ -71,7 +71,7 @@ class Backend(Protocol):
 class OnnxBackend:
     """ONNX Runtime on a graph exported from the torch model.
 
-    On this 2-core CPU it runs EfficientNet-Lite0 about 3x faster than torch eager (see bench/).
+    Faster than torch eager on a CPU (figures in bench/RESULTS.md).
     """
 
     name = "onnxruntime"

@@ -152,8 +152,8 @@ def route_template(pattern: str) -> str:
     return re.sub(r"\(\?P<(\w+)>[^)]*\)", r"{\1}", pattern).replace("([^/]+)", "{id}")
 
 
-# Socket reads of 256 KB instead of Tornado's 64 KB: a 3.6 MB photo then costs the event loop about
-# 3.1 ms of CPU instead of 4.3 (fewer reads, chunks and copies); small requests are unaffected.
+# Socket reads of 256 KB instead of Tornado's 64 KB: a large photo costs the event loop less CPU (fewer
+# reads, chunks and copies; measured in bench/RESULTS.md); small requests are unaffected.
 READ_CHUNK_BYTES = 256 * 1024
 
 
