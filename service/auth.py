@@ -61,6 +61,10 @@ def _credential(authorization: str, scheme: str) -> str | None:
     return value.strip() or None if given.lower() == scheme else None
 
 
+def _scheme(authorization: str) -> str:
+    return authorization.partition(" ")[0].lower()
+
+
 def _check_api_key(key: str, allowed: tuple[str, ...], *, invalid: str) -> None:
     """401 `invalid_api_key` unless the key's hash is one of `allowed`. Compared against every entry in
     constant time, so the time taken does not tell which one matched."""
@@ -83,7 +87,7 @@ class Authenticator:
             return Principal()
         if policy is Policy.STREAM:
             return Principal(token=self.verify(authorization))
-        if policy is Policy.ADMIN or (policy is Policy.SESSION_OR_ADMIN and _credential(authorization, "apikey")):
+        if policy is Policy.ADMIN or (policy is Policy.SESSION_OR_ADMIN and _scheme(authorization) == "apikey"):
             self.admin(authorization)
             return Principal(admin=True)
         if policy is Policy.OPTIONAL_SESSION and not authorization:

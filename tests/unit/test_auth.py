@@ -170,6 +170,8 @@ def test_session_or_admin_takes_either_credential(store: FakeStore, signer: Toke
     # A wrong key is refused as a key; it does not fall through to the session check.
     refused(InvalidToken, "invalid_api_key", auth.authenticate(Policy.SESSION_OR_ADMIN, "ApiKey wrong"))
     refused(InvalidToken, "missing_token", auth.authenticate(Policy.SESSION_OR_ADMIN, ""))
+    # An ApiKey header without a key is a missing key, not a malformed session token.
+    refused(InvalidToken, "missing_api_key", auth.authenticate(Policy.SESSION_OR_ADMIN, "ApiKey "))
 
 
 def test_stream_without_a_header_defers_the_credential_to_the_first_frame(store: FakeStore,
