@@ -6,7 +6,8 @@
   `prepare()` here resolves it through service.auth before any handler method runs. Subclasses do
   not override `prepare()` (a class that tries is refused at import); they use the hooks
   `before_auth` and `after_auth`, and upload routes set `defers_refusals` so that a refusal is
-  answered once the body is drained instead of resetting the connection;
+  answered once the body is drained instead of resetting the connection (at once, closing it, when
+  `can_drain` says the declared body is too large to read);
 - the in-flight count for the graceful drain, in the same `prepare()` and `on_finish()`;
 - every error leaves as JSON `{"error": {"code", "message"}}` (under /v2, the Open Inference
   Protocol's `{"error": "<message>"}`): the one place domain errors meet HTTP; tracebacks go only to
@@ -102,12 +103,12 @@ class BaseHandler(tornado.web.RequestHandler):
     rate_limit_cost: int = 0
     #: Whether an `Idempotency-Key` header makes retries of this route exactly-once.
     accepts_idempotency_key: bool = False
-    #: Upload routes: a refusal in prepare() is kept in `refusal` and answered once the body is drained.
+    #: Upload routes: a refusal in prepare() is kept in `refusal` and answered once the body is drained
+    #: (Tornado drops a connection answered mid-body, and the client would see a reset), unless the
+    #: body is too large to drain (`can_drain`).
     defers_refusals: bool = False
 
-    principal: Principal = Principal()
-    session: Session | None = None
-    admin: bool = False  # the caller presented a valid admin API key
+    principal: Principal = Principal()  # who is calling, once prepare() resolved the policy
     refusal: ServiceError | None = None
     request_id: str = ""
     route_name: str = "unmatched"
@@ -191,10 +192,13 @@ class BaseHandler(tornado.web.RequestHandler):
             principal = await self.auth.authenticate(
                 self.auth_policy, self.request.headers.get("Authorization", ""),
                 cost=lambda: self.rate_limit_cost, idempotency_key=self.idempotency_key)
-            self.principal, self.session, self.admin = principal, principal.session, principal.admin
+            self.principal = principal
             await self.after_auth()
         except ServiceError as exc:
             if not self.defers_refusals:
+                raise
+            if not self.can_drain():
+                self.set_header("Connection", "close")  # answered now: the unread body ends the connection
                 raise
             self.refusal = exc
 
@@ -203,6 +207,19 @@ class BaseHandler(tornado.web.RequestHandler):
 
     async def after_auth(self) -> None:
         """Checks and set-up once the caller is known (none by default)."""
+
+    def can_drain(self) -> bool:
+        """Whether the body may be read to its end before a refusal is answered (routes that defer)."""
+        return True
+
+    def declared_length(self) -> int:
+        """The request's Content-Length; 0 without one (Tornado refuses a malformed one itself)."""
+        declared = self.request.headers.get("Content-Length", "")
+        return int(declared) if declared.isdigit() else 0
+
+    @property
+    def session(self) -> Session | None:
+        return self.principal.session
 
     def on_finish(self) -> None:
         if getattr(self, "_counted", False):

@@ -51,25 +51,20 @@ class ModelVersionHandler(BaseHandler):
         self._digest = hashlib.sha256()
         self._limit = self.http_settings.max_upload_bytes
 
-    async def before_auth(self) -> None:
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self.http_settings.max_body_bytes:
-            # Too large to drain for a caller without the admin key: a refusal is answered at once.
-            self.defers_refusals = False
-            self.set_header("Connection", "close")
+    def can_drain(self) -> bool:
+        # Only the admin key's holder may send a body past http.max_body_bytes (up to twice the upload
+        # limit is drained, then cut): for anyone else a larger one is refused at once.
+        limit = self._limit * 2 if self.principal.admin else self.http_settings.max_body_bytes
+        return self.declared_length() <= limit
 
     async def after_auth(self) -> None:
-        # Only the admin key's holder gets here: the upload limits apply from now on; a caller without
-        # it keeps http.max_body_bytes and http.body_timeout_seconds.
-        self.defers_refusals = True
-        self.clear_header("Connection")
+        # The admin key's holder: the upload limits apply from now on; a caller without it keeps
+        # http.max_body_bytes and http.body_timeout_seconds.
         if self.request.method != "PUT":
             return
-        self.request.connection.set_max_body_size(self._limit * 2)  # up to twice is drained, then cut
+        self.request.connection.set_max_body_size(self._limit * 2)
         self.request.connection.set_body_timeout(self.http_settings.upload_timeout_seconds)
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > self._limit * 2:
-            self.defers_refusals = False
+        if not self.can_drain():
             self._refuse_oversized()
         name, version = self.path_kwargs["name"], self.path_kwargs["version"]
         self.model_versions.check_name(name, version)

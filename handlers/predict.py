@@ -36,14 +36,14 @@ class ImageUploadHandler(BaseHandler):
         self._limit = self.http_settings.max_body_bytes + _MULTIPART_OVERHEAD
 
     async def before_auth(self) -> None:
-        drain_limit = self._limit * _DRAIN_FACTOR
-        self.request.connection.set_max_body_size(drain_limit)
-        declared = self.request.headers.get("Content-Length", "")
-        if declared.isdigit() and int(declared) > drain_limit:
+        self.request.connection.set_max_body_size(self._limit * _DRAIN_FACTOR)
+        if not self.can_drain():
             # Far too large: answer now, without reading. A client that sent `Expect: 100-continue`
             # (curl does for large bodies) reads this 413 before sending a byte of the body.
-            self.defers_refusals = False
             self._refuse_oversized()
+
+    def can_drain(self) -> bool:
+        return self.declared_length() <= self._limit * _DRAIN_FACTOR
 
     def data_received(self, chunk: bytes) -> None:
         # Past the limit, or with a refusal pending, chunks are dropped unread.
