@@ -146,11 +146,8 @@ class ModelRunner:
     ):
         self._active = ServedModel(model, backend)
         self._pinned: dict[str, ServedModel] = {}  # versions sessions pinned, other than the active one
-        self.workers = workers
         self.max_queue = max_queue
         self.max_image_pixels = max_image_pixels
-        self.max_batch_size = max_batch_size
-        self.max_batch_delay = max_batch_delay_ms / 1000.0
         self.max_aspect_ratio = max_aspect_ratio
         self.max_upscale = max_upscale
         self.max_request_pixels = max_request_pixels
@@ -161,7 +158,7 @@ class ModelRunner:
         self.metrics: RunnerMetrics = metrics or NoMetrics()
         # The batching strategy: straight through (one executor hop per image), or micro-batches.
         self._batcher = MicroBatcher(
-            max_batch_size=max_batch_size, max_delay=self.max_batch_delay, max_forward_pixels=max_forward_pixels,
+            max_batch_size=max_batch_size, max_delay=max_batch_delay_ms / 1000.0, max_forward_pixels=max_forward_pixels,
             workers=workers, run_forward=self._forward_on_executor, postprocess=self._top_k,
             observe_forward=self.metrics.observe_forward) if max_batch_size > 1 else None
 
