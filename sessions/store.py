@@ -58,11 +58,27 @@ if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'PXAT', ARGV[3]) end
 return {id, 0}
 """
 
+# A token bucket of `per_minute` tokens a minute, refilled continuously and full when new, kept in two
+# fields of the hash `key`: take `cost`, or leave it and say how many milliseconds until there is
+# enough. Returns that wait (0: taken) and the tokens there were. The session's rate limit and the
+# login limit both use it.
+_TAKE_TOKENS = """
+local function take_tokens(key, tokens_field, stamp_field, tokens, stamp, per_minute, cost)
+    local time = redis.call('TIME')
+    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+    local per_ms = per_minute / 60000
+    tokens = math.min(per_minute, (tokens or per_minute) + math.max(0, now - (stamp or now)) * per_ms)
+    if tokens < cost then return math.ceil((cost - tokens) / per_ms), tokens end
+    redis.call('HSET', key, tokens_field, tostring(tokens - cost), stamp_field, tostring(now))
+    return 0, tokens
+end
+"""
+
 # Read a session and slide its expiry in one command. An empty answer says whether the session
 # was revoked. A request that repeats an idempotency key already answered gets `__replay` (the
 # history id) and costs nothing; otherwise `cost` is taken from the session's token bucket
 # (ARGV[3] per minute, 0 = unlimited) or the answer is {'rate_limited', ms to wait}.
-_TOUCH_SCRIPT = """
+_TOUCH_SCRIPT = _TAKE_TOKENS + """
 local fields = redis.call('HGETALL', KEYS[1])
 if #fields == 0 then
     if redis.call('EXISTS', KEYS[3]) == 1 then return {'revoked'} end
@@ -80,17 +96,13 @@ if ARGV[4] == '1' then
 end
 local cost, per_minute = tonumber(ARGV[2]), tonumber(ARGV[3])
 if cost > 0 and per_minute > 0 then
-    local time = redis.call('TIME')
-    local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-    local per_ms = per_minute / 60000
-    local tokens, stamp = per_minute, now
+    local tokens, stamp
     for i = 1, #fields, 2 do
         if fields[i] == 'rl_tokens' then tokens = tonumber(fields[i + 1]) end
         if fields[i] == 'rl_stamp' then stamp = tonumber(fields[i + 1]) end
     end
-    tokens = math.min(per_minute, tokens + math.max(0, now - stamp) * per_ms)
-    if tokens < cost then return {'rate_limited', tostring(math.ceil((cost - tokens) / per_ms))} end
-    redis.call('HSET', KEYS[1], 'rl_tokens', tostring(tokens - cost), 'rl_stamp', tostring(now))
+    local wait = take_tokens(KEYS[1], 'rl_tokens', 'rl_stamp', tokens, stamp, per_minute, cost)
+    if wait > 0 then return {'rate_limited', tostring(wait)} end
 end
 return fields
 """
@@ -114,18 +126,12 @@ return 1
 
 # Take one login from a token bucket of ARGV[1] per minute (full when new); the key expires once the
 # bucket would be full again. Returns 0, or the milliseconds until a login is allowed.
-_LOGIN_SCRIPT = """
+_LOGIN_SCRIPT = _TAKE_TOKENS + """
 local per_minute = tonumber(ARGV[1])
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local per_ms = per_minute / 60000
 local bucket = redis.call('HMGET', KEYS[1], 'tokens', 'stamp')
-local tokens = tonumber(bucket[1]) or per_minute
-local stamp = tonumber(bucket[2]) or now
-tokens = math.min(per_minute, tokens + math.max(0, now - stamp) * per_ms)
-if tokens < 1 then return math.ceil((1 - tokens) / per_ms) end
-redis.call('HSET', KEYS[1], 'tokens', tostring(tokens - 1), 'stamp', tostring(now))
-redis.call('PEXPIRE', KEYS[1], math.ceil((per_minute - tokens + 1) / per_ms))
+local wait, tokens = take_tokens(KEYS[1], 'tokens', 'stamp', tonumber(bucket[1]), tonumber(bucket[2]), per_minute, 1)
+if wait > 0 then return wait end
+redis.call('PEXPIRE', KEYS[1], math.ceil((per_minute - tokens + 1) * 60000 / per_minute))
 return 0
 """
 
