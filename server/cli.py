@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +36,7 @@ from server.observability import (
     forget_process_metrics,
     share_metrics_across_processes,
 )
+from server.private_files import owner_only, private_dir, write_private
 from server.runtime import build_runner, build_store, prepare_model
 from service.auth import api_key_hash
 
@@ -113,37 +113,14 @@ def development_secret(data_dir: Path) -> str:
     except UnicodeDecodeError:
         secret = ""
     if secret is not None and len(secret) >= _MIN_SECRET_CHARS:
-        _owner_only(path, 0o600)
+        owner_only(path, 0o600)
         return secret
     if secret is not None:
         log.warning("%s holds no usable secret (%d characters, at least %d needed); writing a new one: sessions "
                     "signed with the old one end", path, len(secret), _MIN_SECRET_CHARS)
     secret = secrets.token_urlsafe(48)
-    _write_private(path, secret)
+    write_private(path, secret)
     return secret
-
-
-def _write_private(path: Path, text: str) -> None:
-    """Write `path` whole or not at all (a crash leaves the old file or none), readable by its owner only."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
-    try:
-        with os.fdopen(fd, "w") as file:
-            file.write(text)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def _owner_only(path: Path, mode: int) -> None:
-    """Take group and other access off `path` when this user owns it (made before it was kept private)."""
-    info = path.stat()
-    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
-        path.chmod(mode)
 
 
 def lock_data_dir(data_dir: Path) -> int:
@@ -169,7 +146,7 @@ def lock_data_dir(data_dir: Path) -> int:
         ) from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    _owner_only(path, 0o600)
+    owner_only(path, 0o600)
     return fd
 
 
@@ -177,8 +154,7 @@ def run(config: Config) -> int:
     """Lock the data folder, start the store and bind the port once, then serve in this process or in
     `processes` forks."""
     data_dir = config.data_path
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)  # sessions, the secret: this user's only
-    _owner_only(data_dir, 0o700)
+    private_dir(data_dir)  # sessions, the secret: this user's only
     lock = lock_data_dir(data_dir)  # before anything in the folder is written
     embedded: EmbeddedRedis | None = None
     try:

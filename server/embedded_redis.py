@@ -20,6 +20,7 @@ from pathlib import Path
 import redis
 
 from server.config import ConfigError
+from server.private_files import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +74,6 @@ def is_outdated(version: str | None) -> bool:
     return tuple(int(part) for part in version.split(".")[:2]) < _CURRENT_VERSION
 
 
-def _private_dir(path: Path) -> None:
-    """Make `path` (and missing parents) and keep it 0700: Redis' files hold every session."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    info = path.stat()
-    if info.st_uid == os.geteuid() and info.st_mode & 0o077:
-        path.chmod(0o700)  # made by an earlier version with the default umask
-
-
 def _prepare_child() -> None:  # pragma: no cover - runs in the child between fork and exec
     # Redis creates its files (append-only, RDB, log) with the process umask: owner-only.
     os.umask(0o077)
@@ -110,7 +103,7 @@ class EmbeddedRedis:
         lock, so that the folder stays locked until this Redis has exited too."""
         binary = redis_server_binary(self.binary)
         self.version = redis_server_version(binary)
-        _private_dir(self.data_dir)
+        private_dir(self.data_dir)
         if is_outdated(self.version) and (self.data_dir / "appendonlydir").is_dir():
             # Redis 7's multi-part append-only files: 6.2 would not see them and start empty.
             raise EmbeddedRedisError(f"{self.data_dir} was written by redis-server 7 or later, which {binary} "
