@@ -97,7 +97,7 @@ class GuardedHTTPServer(tornado.httpserver.HTTPServer):
     """An HTTPServer with a cap on its open connections and a deadline on writes that make no progress (see above).
 
     Connections come in through `adopt`: from Tornado's accept loop, or from an accept made
-    elsewhere (adopt_connection)."""
+    elsewhere (the shutdown backlog, server/cli.py)."""
 
     def initialize(self, *args: Any, max_connections: int, write_timeout: float,
                    on_connections: Callable[[int], None] | None = None, **kwargs: Any) -> None:
@@ -275,15 +275,3 @@ class _BalancedAccept:
         except OSError:
             return  # the socket was closed: shutting down
         self.server.adopt(connection, address)
-
-
-def adopt_connection(server: tornado.httpserver.HTTPServer, connection: socket.socket, address: Any) -> None:
-    """Serve a connection accepted outside the server's own accept loop the way that loop would:
-    non-blocking, with the server's limits, buffer size and read size."""
-    if isinstance(server, GuardedHTTPServer):
-        server.adopt(connection, address)
-        return
-    connection.setblocking(False)
-    stream = tornado.iostream.IOStream(connection, max_buffer_size=server.max_buffer_size,
-                                       read_chunk_size=server.read_chunk_size)
-    server.handle_stream(stream, address)

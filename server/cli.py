@@ -26,7 +26,7 @@ import tornado.netutil
 from handlers.base import InFlight
 from inference.model import ModelLoadError
 from server.app import http_server, make_app
-from server.balance import SharedCounts, adopt_connection
+from server.balance import GuardedHTTPServer, SharedCounts
 from server.config import Config, ConfigError, load_config, validate
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.malloc import keep_freed_memory
@@ -200,9 +200,9 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
         from server.grpc_server import start_grpc_server
 
         try:
-            grpc_server, grpc_port = await start_grpc_server(config, store, runner, app.settings["signer"],
-                                                             host=config.server.host, port=config.grpc.port,
-                                                             model_versions=app.settings["model_versions"])
+            grpc_server, grpc_port = await start_grpc_server(config, app.settings["auth"], app.settings["classifier"],
+                                                             store, runner, host=config.server.host,
+                                                             port=config.grpc.port)
         except OSError as exc:  # the port is taken: one sentence, like any bad setting
             server.stop()
             runner.close()
@@ -372,7 +372,7 @@ def _exit_at_once(_signum: int, _frame: object) -> None:
     os._exit(0)
 
 
-def _serve_backlog(server: tornado.httpserver.HTTPServer, sockets: list[socket.socket]) -> None:
+def _serve_backlog(server: GuardedHTTPServer, sockets: list[socket.socket]) -> None:
     """Take the connections the kernel has already completed for the listening sockets.
 
     Their clients were told "connected" and have sent their requests; closing the sockets would
@@ -385,7 +385,7 @@ def _serve_backlog(server: tornado.httpserver.HTTPServer, sockets: list[socket.s
                 connection, address = listening.accept()
             except OSError:  # BlockingIOError: the backlog is empty
                 break
-            adopt_connection(server, connection, address)
+            server.adopt(connection, address)
 
 
 async def _drain(in_flight: InFlight, grace_seconds: float) -> None:

@@ -12,28 +12,27 @@ from grpc import aio
 from handlers.grpc import InferenceService
 from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from inference.runner import ModelRunner
-from server.app import use_cases
 from server.config import Config
-from service.model_versions import ModelVersions
+from service.auth import Authenticator
+from service.classify import Classifier
 from sessions.store import SessionStore
-from sessions.tokens import TokenSigner
 
 
 async def start_grpc_server(
     config: Config,
+    auth: Authenticator,
+    classifier: Classifier,
     store: SessionStore,
     runner: ModelRunner,
-    signer: TokenSigner,
     *,
     host: str,
     port: int,
-    model_versions: ModelVersions | None = None,
 ) -> tuple[aio.Server, int]:
     """Serve the protocol on host:port on the running event loop (over TLS when grpc.tls_cert_file and
-    grpc.tls_key_file are set); return the server and the bound port. Raises OSError, in one sentence,
-    for a port that cannot be bound or a certificate that cannot be read or used. `model_versions`: the
-    HTTP app's (app.settings["model_versions"]), so that a session's pinned version is loaded on first
-    use here too; without it only versions this process already holds answer (409 otherwise)."""
+    grpc.tls_key_file are set), with the use cases the HTTP app serves (its `auth` and `classifier`:
+    a session's pinned version is loaded on first use here too); return the server and the bound port.
+    Raises OSError, in one sentence, for a port that cannot be bound or a certificate that cannot be read
+    or used."""
     settings = config.grpc
     credentials = _tls_credentials(settings.tls_cert_file, settings.tls_key_file) if settings.tls_cert_file else None
     # grpc enforces both bounds itself, before the handler (and so the token check) runs: past either
@@ -43,7 +42,6 @@ async def start_grpc_server(
                  ("grpc.max_send_message_length", max(settings.max_message_bytes, 4 * 1024 * 1024))],
         maximum_concurrent_rpcs=settings.max_concurrent_calls,
     )
-    auth, classifier, _ = use_cases(config, store, runner, signer, model_versions)
     service = InferenceService(auth, classifier, store, runner, runner.metrics)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(service, server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

@@ -26,7 +26,7 @@ from handlers.grpc import grpc_status
 from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
 from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from inference.imaging import preprocess
-from server.app import make_signer
+from server.app import make_signer, use_cases
 from server.config import ConfigError, validate
 from server.grpc_server import start_grpc_server
 from server.runtime import build_runner
@@ -47,7 +47,8 @@ def start_grpc(loop_thread, running, **grpc_settings: Any) -> tuple[Any, str]:
         setattr(config.grpc, key, value)
 
     async def start() -> tuple[Any, int]:
-        return await start_grpc_server(config, running.store, running.runner, make_signer(config),
+        auth, classifier, _ = use_cases(config, running.store, running.runner, make_signer(config), None)
+        return await start_grpc_server(config, auth, classifier, running.store, running.runner,
                                        host="127.0.0.1", port=0)
 
     server, port = loop_thread.run(start())
