@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from inference.pixels import PixelBatch
+
 if TYPE_CHECKING:
     from inference.runner import ClassScore, ServedModel
 
@@ -24,7 +26,7 @@ Postprocess = Callable[[np.ndarray, int, list[str]], "list[ClassScore]"]
 class Pending:
     """A preprocessed image waiting for a batch slot."""
 
-    tensor: np.ndarray
+    tensor: PixelBatch  # one image
     top_k: int
     served: ServedModel
     future: asyncio.Future[tuple[list[ClassScore], int, float]]
@@ -40,7 +42,7 @@ class MicroBatcher:
     tensor shape and model version."""
 
     def __init__(self, *, max_batch_size: int, max_delay: float, max_forward_pixels: int, workers: int,
-                 run_forward: Callable[[np.ndarray, ServedModel], Any], postprocess: Postprocess,
+                 run_forward: Callable[[PixelBatch, ServedModel], Any], postprocess: Postprocess,
                  observe_forward: Callable[[int, float], None]):
         self.max_batch_size, self.max_delay, self.max_forward_pixels = max_batch_size, max_delay, max_forward_pixels
         self.workers = workers
@@ -103,7 +105,7 @@ class MicroBatcher:
                 started = time.perf_counter()
                 served = group[0].served
                 try:
-                    logits = await self._run_forward(np.stack([item.tensor for item in group]), served)
+                    logits = await self._run_forward(PixelBatch.concat([item.tensor for item in group]), served)
                 except Exception as exc:
                     for item in group:
                         if not item.future.done():

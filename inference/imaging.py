@@ -1,8 +1,9 @@
-"""Image decoding and preprocessing: bytes in, a normalized float32 CHW array out.
+"""Image decoding and preprocessing: bytes in, uint8 pixels of the crop out (`prepare`).
 
 Pure functions with no threads: the model runner calls them from its own executor. The steps
-match torchvision's Resize(shorter side) -> CenterCrop -> ToTensor -> Normalize, done with PIL and
-NumPy so that one pass yields the array that either runtime takes without further copies.
+match torchvision's Resize(shorter side) -> CenterCrop, done in uint8 with libjpeg-turbo (JPEG, at a
+DCT scale) and Pillow (the other formats, and the antialiased resampling torchvision itself uses);
+ToTensor -> Normalize then run inside the model's graph (`inference.pixels`).
 
 The work is bounded by what the model sees, not by the image's shape: the centre crop is located in
 source pixels first and a long side is resampled only where the crop covers it (`plan_resize`), and an
@@ -15,13 +16,14 @@ from __future__ import annotations
 import functools
 import io
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import PIL
+import simplejpeg
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from inference.pixels import PixelBatch, normalization
 from sessions.errors import BadImage
 from sessions.options import Options
 
@@ -98,21 +100,53 @@ def decode(data: bytes, *, max_pixels: int, min_short_side: int | None = None) -
     """Decode to 8-bit RGB or L. With `min_short_side`, JPEGs decode at the smallest DCT scale
     (1/2, 1/4, 1/8) whose shorter side still covers it, which makes a large photo's decode several times faster.
     """
-    return _load(open_image(data, max_pixels), min_short_side)
+    return _load(open_image(data, max_pixels), min_short_side, data=data)
 
 
-def _load(image: Image.Image, min_short_side: int | None) -> Image.Image:
-    if min_short_side and isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO (phones' JPEGs) included
+def dct_factor(width: int, height: int, min_short_side: int | None) -> int:
+    """The JPEG reduction (1, 2, 4 or 8) whose shorter side still covers `min_short_side`: the one
+    Pillow's draft picks."""
+    if not min_short_side:
+        return 1
+    scale = min_short_side / min(width, height)
+    if scale >= 1:
+        return 1
+    room = min(width // math.ceil(width * scale), height // math.ceil(height * scale))
+    return next(factor for factor in (8, 4, 2, 1) if factor <= room)
+
+
+def _load(image: Image.Image, min_short_side: int | None, *, data: bytes | None = None,
+          gray: bool = False) -> Image.Image:
+    """Decode the opened `image`; `data`: its bytes, which libjpeg-turbo decodes directly when it is a
+    baseline or progressive RGB or grayscale JPEG (`gray`: to luma, as JPEG stores it)."""
+    if isinstance(image, JpegImagePlugin.JpegImageFile):  # MPO (phones' JPEGs) included
         width, height = image.size
-        scale = min_short_side / min(width, height)
-        if scale < 1:
+        factor = dct_factor(width, height, min_short_side)
+        if data is not None and image.mode in ("RGB", "L"):
+            decoded = _turbo_decode(data, width, height, factor, gray or image.mode == "L")
+            if decoded is not None:
+                return decoded
+        if factor > 1:
             image.draft(image.mode if image.mode in ("L", "RGB") else "RGB",
-                        (math.ceil(width * scale), math.ceil(height * scale)))
+                        (math.ceil(width / factor), math.ceil(height / factor)))
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise BadImage(f"The image could not be decoded ({exc}).", code="invalid_image") from None
     return _to_8bit(image)
+
+
+def _turbo_decode(data: bytes, width: int, height: int, factor: int, gray: bool) -> Image.Image | None:
+    """libjpeg-turbo's decode at 1/`factor` (simplejpeg); None where it declines (a corrupt or unusual
+    file), so that Pillow decodes it or says what is wrong."""
+    try:
+        pixels = simplejpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB",
+                                        min_width=math.ceil(width / factor), min_height=math.ceil(height / factor))
+    except (ValueError, RuntimeError):
+        return None
+    if pixels.shape[0] * pixels.shape[1] > width * height:  # not the image the header described
+        return None
+    return Image.fromarray(pixels[:, :, 0] if gray else pixels, "L" if gray else "RGB")
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:
@@ -226,41 +260,57 @@ def _cut(image: Image.Image, axis: int, start: int, stop: int) -> Image.Image:
 
 @dataclass(frozen=True)
 class Pipeline:
-    """Resize, crop and normalize under one option set; built once per distinct Options."""
+    """Resize and crop under one option set, in uint8; built once per distinct Options. Normalization
+    is the runtime's (inference.pixels): this only says which."""
 
     options: Options
-    scale: np.ndarray  # per channel: 1 / (255 * std)
-    shift: np.ndarray  # per channel: -mean / std
+    scale: np.ndarray  # (1, 1, 1, 3): 1 / (255 * std)
+    shift: np.ndarray  # (1, 1, 1, 3): -mean / std
+
+    @property
+    def gray(self) -> bool:
+        return self.options.color == "grayscale"
+
+    def pixels(self, image: Image.Image) -> np.ndarray:
+        """The (crop, crop, 3) uint8 array the model sees before normalization."""
+        opts = self.options
+        if self.gray and image.mode != "L":
+            image = ImageOps.grayscale(image)
+        elif not self.gray and image.mode != "RGB":
+            image = image.convert("RGB")
+        pixels = np.asarray(resize_and_crop(image, opts.resize, opts.crop, _RESAMPLING[opts.interpolation]))
+        if self.gray:  # grayscale is fed as three equal channels
+            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
+        return pixels
+
+    def batch(self, image: Image.Image) -> PixelBatch:
+        return PixelBatch(self.pixels(image)[None], self.scale, self.shift)
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        opts = self.options
-        gray = opts.color == "grayscale"
-        if gray and image.mode != "L":
-            image = ImageOps.grayscale(image)
-        elif not gray and image.mode != "RGB":
-            image = image.convert("RGB")
-        image = resize_and_crop(image, opts.resize, opts.crop, _RESAMPLING[opts.interpolation])
-        pixels = np.asarray(image, dtype=np.float32)
-        if gray:  # grayscale is fed as three equal channels
-            pixels = np.repeat(pixels[:, :, None], 3, axis=2)
-        # HWC -> CHW and normalize in one pass: out = pixels * scale + shift.
-        chw = np.empty((3, opts.crop, opts.crop), dtype=np.float32)
-        np.multiply(pixels.transpose(2, 0, 1), self.scale, out=chw)
-        chw += self.shift
-        return chw
+        """The normalized (3, crop, crop) float32 tensor."""
+        return self.batch(image).to_tensor()[0]
 
 
 @functools.lru_cache(maxsize=256)
-def pipeline_for(options: Options) -> Callable[[Image.Image], np.ndarray]:
-    mean = np.asarray(options.mean, dtype=np.float32).reshape(3, 1, 1)
-    std = np.asarray(options.std, dtype=np.float32).reshape(3, 1, 1)
-    return Pipeline(options, scale=1.0 / (255.0 * std), shift=-mean / std)
+def pipeline_for(options: Options) -> Pipeline:
+    return Pipeline(options, *normalization(tuple(options.mean), tuple(options.std)))
+
+
+def prepare(data: bytes, options: Options, *, max_pixels: int, draft: bool = True,
+            max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
+            max_upscale: float = DEFAULT_MAX_UPSCALE) -> PixelBatch:
+    """Bytes to the batch of one image the model takes under `options` (uint8 pixels and their
+    normalization). JPEGs decode with libjpeg-turbo at the DCT scale that still covers `resize` (with
+    `draft`), straight to grayscale when the options ask for it."""
+    image = open_image(data, max_pixels)
+    check_shape(*image.size, options.resize, max_aspect_ratio=max_aspect_ratio, max_upscale=max_upscale)
+    pipeline = pipeline_for(options)
+    return pipeline.batch(_load(image, options.resize if draft else None, data=data, gray=pipeline.gray))
 
 
 def preprocess(data: bytes, options: Options, *, max_pixels: int, draft: bool = True,
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
                max_upscale: float = DEFAULT_MAX_UPSCALE) -> np.ndarray:
-    """Bytes to the (3, crop, crop) float32 array the model sees under `options`."""
-    image = open_image(data, max_pixels)
-    check_shape(*image.size, options.resize, max_aspect_ratio=max_aspect_ratio, max_upscale=max_upscale)
-    return pipeline_for(options)(_load(image, options.resize if draft else None))
+    """Bytes to the normalized (3, crop, crop) float32 tensor the model sees under `options`."""
+    return prepare(data, options, max_pixels=max_pixels, draft=draft, max_aspect_ratio=max_aspect_ratio,
+                   max_upscale=max_upscale).to_tensor()[0]

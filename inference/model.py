@@ -18,14 +18,19 @@ import logging
 import os
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from inference.pixels import PixelBatch, pixel_graph
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # Bump when the export settings change: the cache keys include it.
@@ -59,22 +64,27 @@ def file_sha256(path: Path) -> str:
 
 
 class Backend(Protocol):
-    """A runtime: float32 NCHW batch in, logits (N, classes) out. Thread-safe for concurrent calls."""
+    """A runtime: a batch in, logits (N, classes) out. Thread-safe for concurrent calls.
+
+    A batch is images as uint8 pixels with their normalization (`PixelBatch`, what every image
+    takes), or an already normalized float32 NCHW tensor (the Open Inference Protocol's tensors)."""
 
     name: str
+    precision: str  # "fp32", "bf16" or "int8": what the forward computes in
 
-    def forward(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
+    def forward(self, batch: np.ndarray | PixelBatch, *, alone: bool = False) -> np.ndarray:
         """`alone`: no other request is in flight, so the runtime may use every core for this one."""
         ...
 
 
 class OnnxBackend:
-    """ONNX Runtime on a graph exported from the torch model.
+    """ONNX Runtime on a graph exported from the torch model, behind the pixel inputs (inference.pixels).
 
     Faster than torch eager on a CPU (figures in bench/RESULTS.md).
     """
 
     name = "onnxruntime"
+    precision = "fp32"
 
     def __init__(self, path: Path, *, intra_op_threads: int = 1, idle_intra_op_threads: int = 0,
                  device: str = "cpu"):
@@ -90,25 +100,43 @@ class OnnxBackend:
                 )
             providers.insert(0, "CUDAExecutionProvider")
 
-        def session(threads: int) -> onnxruntime.InferenceSession:
+        def session(graph: Path, threads: int) -> onnxruntime.InferenceSession:
             options = onnxruntime.SessionOptions()
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
             options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
-            return onnxruntime.InferenceSession(str(path), options, providers=providers)
+            return onnxruntime.InferenceSession(str(graph), options, providers=providers)
 
-        self.session = session(intra_op_threads)
+        pixels = pixel_graph(path)
+        self.session = session(pixels, intra_op_threads)
         # A second session whose forward spreads over more threads, used when a request is alone:
         # on 2 cores it roughly halves single-request latency (see bench/), and costs a copy of
         # the weights (~20 MB for the default model).
         wide = idle_intra_op_threads > intra_op_threads and not device.startswith("cuda")
-        self.idle_session = session(idle_intra_op_threads) if wide else self.session
-        self.input_name = self.session.get_inputs()[0].name
+        self.idle_session = session(pixels, idle_intra_op_threads) if wide else self.session
+        # The original graph, for float tensors: loaded on the first one, since most servers never see any.
+        self._tensor_session = Lazy(lambda: session(path, intra_op_threads))
 
-    def forward(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
+    def forward(self, batch: np.ndarray | PixelBatch, *, alone: bool = False) -> np.ndarray:
         # InferenceSession.run is thread-safe and releases the GIL.
-        session = self.idle_session if alone else self.session
-        return session.run(None, {self.input_name: batch})[0]
+        if isinstance(batch, PixelBatch):
+            return (self.idle_session if alone else self.session).run(None, batch.feeds())[0]
+        tensor_session = self._tensor_session.get()
+        return tensor_session.run(None, {tensor_session.get_inputs()[0].name: batch})[0]
+
+
+class Lazy(Generic[T]):
+    """A value made on first use, once, whichever thread asks first."""
+
+    def __init__(self, make: Callable[[], T]):
+        self._make, self._value, self._lock = make, None, threading.Lock()
+
+    def get(self) -> T:
+        if self._value is None:
+            with self._lock:
+                if self._value is None:
+                    self._value = self._make()
+        return self._value
 
 
 # -- the export cache, as a torch-free serving process sees it --------------------------------------

@@ -26,6 +26,7 @@ import numpy as np
 from inference import imaging
 from inference.batching import MicroBatcher
 from inference.model import Backend, LoadedModel, softmax
+from inference.pixels import PixelBatch
 from sessions.errors import BadImage, Conflict, InferenceFailed, ServiceBusy
 from sessions.options import Options
 
@@ -218,9 +219,9 @@ class ModelRunner:
     async def _predict_batched(self, batcher: MicroBatcher, data: bytes | ImageSource, options: Options,
                                served: ServedModel) -> Prediction:
         submitted = time.perf_counter()
-        tensor = await asyncio.get_running_loop().run_in_executor(self._executor, self._preprocess, data, options)
+        prepared = await asyncio.get_running_loop().run_in_executor(self._executor, self._preprocess, data, options)
         preprocessed = time.perf_counter()
-        scores, batch_size, inference = await batcher.classify(tensor, options.top_k, served)
+        scores, batch_size, inference = await batcher.classify(prepared, options.top_k, served)
         return Prediction(top_k=scores, timing_ms={
             "preprocess": _ms(preprocessed - submitted),
             "inference": _ms(inference),
@@ -228,23 +229,27 @@ class ModelRunner:
             "batch_size": batch_size,
         }, model=served.info)
 
-    def _preprocess(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
+    def _preprocess(self, data: bytes | ImageSource, options: Options) -> PixelBatch:
         if not isinstance(data, bytes):
             data = data.image_bytes()
-        return imaging.preprocess(data, options, max_pixels=self.max_image_pixels,
-                                  max_aspect_ratio=self.max_aspect_ratio, max_upscale=self.max_upscale)
+        return imaging.prepare(data, options, max_pixels=self.max_image_pixels,
+                               max_aspect_ratio=self.max_aspect_ratio, max_upscale=self.max_upscale)
+
+    def _preprocess_tensor(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
+        return self._preprocess(data, options).to_tensor()[0]
 
     async def preprocess(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
         """The (3, crop, crop) float32 tensor the model would see under `options`; admitted like a
         predict, since decoding a large image costs about as much as a forward."""
-        return await self._submit(self._preprocess, data, options)
+        return await self._submit(self._preprocess_tensor, data, options)
 
-    async def _forward_on_executor(self, batch: np.ndarray, served: ServedModel) -> np.ndarray:
+    async def _forward_on_executor(self, batch: PixelBatch, served: ServedModel) -> np.ndarray:
         return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, batch, False,
                                                                 served.backend)
 
     # -- the stages: decode and preprocess (_preprocess), forward (_forward), postprocess (_top_k) --
-    def _forward(self, batch: np.ndarray, alone: bool = False, backend: Backend | None = None) -> np.ndarray:
+    def _forward(self, batch: np.ndarray | PixelBatch, alone: bool = False,
+                 backend: Backend | None = None) -> np.ndarray:
         try:
             return (backend or self.backend).forward(batch, alone=alone)
         except Exception as exc:
@@ -281,9 +286,9 @@ class ModelRunner:
     def _predict_sync(self, data: bytes | ImageSource, options: Options, submitted: float,
                       served: ServedModel) -> Prediction:
         started = time.perf_counter()
-        tensor = self._preprocess(data, options)
+        prepared = self._preprocess(data, options)
         preprocessed = time.perf_counter()
-        logits = self._forward(tensor[None], self._alone(), served.backend)
+        logits = self._forward(prepared, self._alone(), served.backend)
         finished = time.perf_counter()
         self.metrics.observe_preprocess(preprocessed - started)
         self.metrics.observe_forward(1, finished - preprocessed)
@@ -323,9 +328,9 @@ class ModelRunner:
         submitted = time.perf_counter()
         if len(images) == 1:
             return await self._submit(self._classify_one_sync, images[0], options, submitted, served)
-        tensors = await asyncio.gather(*(self._submit(self._preprocess, data, options) for data in images))
+        prepared = await asyncio.gather(*(self._submit(self._preprocess, data, options) for data in images))
         preprocessed = time.perf_counter()
-        result = await self._submit(self._classify_tensor_sync, list(tensors), preprocessed, served)
+        result = await self._submit(self._classify_tensor_sync, list(prepared), preprocessed, served)
         return BatchPrediction(result.probabilities, {"preprocess": _ms(preprocessed - submitted),
                                                       **result.timing_ms}, served)
 
@@ -351,26 +356,31 @@ class ModelRunner:
     def _classify_one_sync(self, data: bytes, options: Options, submitted: float,
                            served: ServedModel) -> BatchPrediction:
         started = time.perf_counter()
-        tensor = self._preprocess(data, options)
+        prepared = self._preprocess(data, options)
         preprocessed = time.perf_counter()
         self.metrics.observe_preprocess(preprocessed - started)
-        result = self._classify_tensor_sync(tensor[None], preprocessed, served)
+        result = self._classify_tensor_sync(prepared, preprocessed, served)
         return BatchPrediction(result.probabilities, {"queue": _ms(started - submitted),
                                                       "preprocess": _ms(preprocessed - started),
                                                       "inference": result.timing_ms["inference"]}, served)
 
-    def _classify_tensor_sync(self, batch: np.ndarray | list[np.ndarray], submitted: float,
+    def _classify_tensor_sync(self, batch: np.ndarray | PixelBatch | list[PixelBatch], submitted: float,
                               served: ServedModel) -> BatchPrediction:
-        """`batch`: an NCHW array, or the CHW tensors of one request (stacked a forward at a time, never
-        copied into one large array)."""
+        """`batch`: a float32 NCHW array, the images of one request as one PixelBatch, or as one each
+        (joined a forward at a time, never copied into one large array)."""
         started = time.perf_counter()
         alone = self._alone()
-        height, width = batch[0].shape[-2:]
+        height, width = batch.shape[-2:] if not isinstance(batch, list) else batch[0].shape[-2:]
         logits = []
         for part in self.forward_batches(len(batch), height, width):
             began = time.perf_counter()
             chunk = batch[part.start:part.stop]
-            inputs = np.stack(chunk) if isinstance(chunk, list) else np.ascontiguousarray(chunk, dtype=np.float32)
+            if isinstance(chunk, list):
+                inputs: np.ndarray | PixelBatch = PixelBatch.concat(chunk)
+            elif isinstance(chunk, PixelBatch):
+                inputs = chunk
+            else:
+                inputs = np.ascontiguousarray(chunk, dtype=np.float32)
             logits.append(self._forward(inputs, alone, served.backend).astype(np.float32, copy=False))
             self.metrics.observe_forward(len(part), time.perf_counter() - began)
         finished = time.perf_counter()

@@ -32,6 +32,7 @@ from inference.model import (
     file_sha256,
     write_manifest,
 )
+from inference.pixels import PixelBatch
 from sessions.options import CROP_RANGE
 
 log = logging.getLogger(__name__)
@@ -138,10 +139,15 @@ class TorchBackend:
             raise ModelLoadError("model.device is 'cuda' but no CUDA GPU is visible; set model.device = 'cpu'.")
         self.module = module.to(self.device).eval()
 
-    def forward(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
+    def forward(self, batch: np.ndarray | PixelBatch, *, alone: bool = False) -> np.ndarray:
         with torch.inference_mode():
-            logits = self.module(torch.from_numpy(batch).to(self.device, non_blocking=True))
-            return logits.float().cpu().numpy()
+            if isinstance(batch, PixelBatch):  # uint8 to the device (a quarter of the bytes), normalized there
+                pixels = torch.from_numpy(batch.pixels).to(self.device, non_blocking=True)
+                scale, shift = (torch.tensor(array, device=self.device) for array in (batch.scale, batch.shift))
+                inputs = (pixels.float() * scale + shift).permute(0, 3, 1, 2)
+            else:
+                inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
+            return self.module(inputs).float().cpu().numpy()
 
 
 def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:

@@ -27,6 +27,7 @@ from handlers.sessions import LoginHandler, OptionsHandler, SessionHandler
 from handlers.stream import StreamHandler
 from handlers.web import WebAssetHandler
 from inference.runner import ModelRunner
+from inference.selection import Candidate
 from server.balance import BalancedHTTPServer, GuardedHTTPServer, SharedCounts
 from server.config import Config
 from server.observability import log_request
@@ -128,8 +129,11 @@ def auth_settings(config: Config) -> AuthSettings:
 
 def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner) -> ModelVersions:
     store_dir = Path(config.models.store_dir) if config.models.store_dir else config.data_path / "models"
+    # Published versions run on what the configured weights run on (test doubles may name neither).
+    backend = runner.backend
+    same_runtime = Candidate(getattr(backend, "name", "onnxruntime"), getattr(backend, "precision", "fp32"))
     return ModelVersions(ModelRegistry(store.redis), runner, store_dir=store_dir,
-                         backend_for=lambda model: build_backend(config, model))
+                         backend_for=lambda model: build_backend(config, model, same_runtime))
 
 
 def use_cases(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inference import imaging, runner
+from inference import imaging, runner, selection
 
 ENV_PREFIX = "INFERENCE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
@@ -133,7 +133,11 @@ class ModelConfig:
     name: str = "efficientnet_lite0"
     # "default" (the model's packaged ImageNet weights), a torchvision enum name, or a state_dict path.
     weights: str = "default"
-    runtime: str = "onnxruntime"  # onnxruntime | torch
+    # auto | onnxruntime | openvino | torch; auto: the fastest that passes the accuracy guard on this CPU
+    # (inference.selection), measured at the first start and cached next to the exported graph.
+    runtime: str = "auto"
+    precision: str = "auto"  # auto | fp32 | bf16 (OpenVINO only)
+    runtime_trial_seconds: float = 2.0  # how long `auto` times each candidate
     device: str = "cpu"
     workers: int = 2
     intra_op_threads: int = 1
@@ -187,7 +191,7 @@ class Config:
         model on it), one process with worker threads is the better trade."""
         if self.server.processes:
             return self.server.processes
-        if self.model.runtime == "onnxruntime" and self.model.device == "cpu":
+        if self.model.runtime != "torch" and self.model.device == "cpu":
             return len(os.sched_getaffinity(0))
         return 1
 
@@ -353,7 +357,16 @@ def validate(config: Config) -> None:
         (config.sessions.max_lifetime_seconds >= config.sessions.ttl_seconds,
          "sessions.max_lifetime_seconds must be at least sessions.ttl_seconds."),
         (1 <= config.history.max_entries <= 100_000, "history.max_entries must be between 1 and 100000."),
-        (config.model.runtime in {"torch", "onnxruntime"}, "model.runtime must be 'torch' or 'onnxruntime'."),
+        (config.model.runtime in selection.RUNTIMES,
+         f"model.runtime must be one of {', '.join(map(repr, selection.RUNTIMES))}."),
+        (config.model.precision in selection.PRECISIONS,
+         f"model.precision must be one of {', '.join(map(repr, selection.PRECISIONS))} (INT8 is not offered: "
+         "docs/performance.md says why)."),
+        (config.model.precision != "bf16" or config.model.runtime in {"auto", "openvino"},
+         "model.precision 'bf16' needs model.runtime 'openvino' or 'auto'."),
+        (config.model.runtime != "openvino" or config.model.device == "cpu",
+         "model.runtime 'openvino' runs on the CPU; set model.device = 'cpu' or another runtime."),
+        (0.1 <= config.model.runtime_trial_seconds <= 60, "model.runtime_trial_seconds must be between 0.1 and 60."),
         (config.model.device == "cpu" or config.model.device.startswith("cuda"),
          "model.device must be 'cpu' or 'cuda[:N]'."),
         (1 <= config.model.workers <= 64, "model.workers must be between 1 and 64."),

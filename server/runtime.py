@@ -7,8 +7,10 @@ from pathlib import Path
 
 from PIL import Image
 
+from inference import selection
 from inference.model import Backend, LoadedModel, OnnxBackend, load_exported
 from inference.runner import ModelRunner, SiblingLoad
+from inference.selection import Candidate
 from server.config import Config
 from server.observability import Metrics
 from sessions.store import SessionStore, connect
@@ -20,36 +22,60 @@ def onnx_cache_dir(config: Config) -> Path:
     return Path(config.model.cache_dir) if config.model.cache_dir else config.data_path / "model-cache"
 
 
-def onnx_backend(config: Config, path: Path) -> OnnxBackend:
-    return OnnxBackend(path, intra_op_threads=config.model.intra_op_threads,
-                       idle_intra_op_threads=config.model.idle_intra_op_threads, device=config.model.device)
+def make_backend(config: Config, candidate: Candidate, path: Path) -> Backend:
+    """`candidate`'s runtime on the exported graph at `path`, with the configured thread layout."""
+    model = config.model
+    if candidate.runtime == "openvino":
+        from inference.openvino_backend import OpenVinoBackend  # imported here: most servers never load it
+
+        return OpenVinoBackend(path, precision=candidate.precision, workers=model.workers,
+                               intra_op_threads=model.intra_op_threads,
+                               idle_intra_op_threads=model.idle_intra_op_threads)
+    return OnnxBackend(path, intra_op_threads=model.intra_op_threads,
+                       idle_intra_op_threads=model.idle_intra_op_threads, device=model.device)
 
 
-def build_backend(config: Config, model: LoadedModel) -> Backend:
-    """The configured runtime for a model loaded with torch (exported first for ONNX Runtime)."""
-    from inference import torch_model  # imported here: the torch-free ONNX path never needs it
+def runtime_choice(config: Config, path: Path) -> Candidate:
+    """The runtime and precision to serve the exported graph at `path` with: the configured one, or with
+    `auto` the one measured for this CPU (cached; measured now on the first start)."""
+    model = config.model
+    if model.device != "cpu":  # the GPU runs ONNX Runtime's CUDA provider; there is nothing to time
+        return Candidate("onnxruntime", "fp32")
+    choice = selection.choose(path, runtime=model.runtime, precision=model.precision, workers=model.workers,
+                              make_backend=lambda candidate: make_backend(config, candidate, path),
+                              trial_seconds=model.runtime_trial_seconds)
+    return Candidate(choice.runtime, choice.precision)
 
-    if config.model.runtime == "onnxruntime":
-        return onnx_backend(config, torch_model.export_onnx(model, onnx_cache_dir(config)))
-    return torch_model.TorchBackend(model.module, config.model.device, intra_op_threads=config.model.intra_op_threads)
+
+def build_backend(config: Config, model: LoadedModel, candidate: Candidate | None = None) -> Backend:
+    """The configured runtime for a model loaded with torch: exported first, then run on `candidate` (a
+    published version runs on what the configured weights run on), else on what `auto` chooses for it."""
+    from inference import torch_model  # imported here: the torch-free path never needs it
+
+    if config.model.runtime == "torch":
+        return torch_model.TorchBackend(model.module, config.model.device,
+                                        intra_op_threads=config.model.intra_op_threads)
+    path = torch_model.export_onnx(model, onnx_cache_dir(config))
+    return make_backend(config, candidate or runtime_choice(config, path), path)
 
 
 def prepare_model(config: Config) -> None:
-    """Export the configured model for ONNX Runtime unless it is cached (a parent does this before
-    forking its serving processes); raises ModelLoadError. Nothing to prepare for torch."""
-    if config.model.runtime == "onnxruntime":
-        load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
+    """Export the configured model and choose its runtime unless both are cached (a parent does this
+    before forking its serving processes); raises ModelLoadError. Nothing to prepare for torch."""
+    if config.model.runtime != "torch":
+        _, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
+        log.info("runtime: %s", runtime_choice(config, path))
 
 
 def build_runner(config: Config, model: LoadedModel | None = None, siblings: SiblingLoad | None = None,
                  metrics: Metrics | None = None) -> ModelRunner:
     """Load the model (unless given) and wrap it in a runner; raises ModelLoadError.
 
-    With ONNX Runtime and no model given, this process loads the cached export only and never
-    imports torch (see inference.model)."""
-    if model is None and config.model.runtime == "onnxruntime":
+    Unless the runtime is torch and no model is given, this process loads the cached export only and
+    never imports torch (see inference.model)."""
+    if model is None and config.model.runtime != "torch":
         model, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
-        backend = onnx_backend(config, path)
+        backend = make_backend(config, runtime_choice(config, path), path)
     else:
         if model is None:
             from inference.torch_model import load_model

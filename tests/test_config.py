@@ -48,6 +48,9 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     ("[serve]\nport = 80\n", {}, "Unknown config section"),
     ("[model]\nworkers = 0\n", {}, "model.workers"),
     ("[model]\nruntime = 'tensorflow'\n", {}, "model.runtime"),
+    ("[model]\nprecision = 'int8'\n", {}, "INT8 is not offered"),
+    ("[model]\nruntime = 'onnxruntime'\nprecision = 'bf16'\n", {}, "needs model.runtime 'openvino'"),
+    ("[model]\nruntime = 'openvino'\ndevice = 'cuda'\n", {}, "runs on the CPU"),
     ("[sessions]\nttl_seconds = 100\nmax_lifetime_seconds = 10\n", {}, "max_lifetime_seconds"),
     ("[auth]\napi_keys = ['plain-text-key']\n", {}, "hash-key"),
     ("[redis]\nurl = 'http://x'\n", {}, "redis.url"),
@@ -76,9 +79,11 @@ def test_production_mode_starts_with_a_secret_and_no_anonymous_route(tmp_path: P
     assert allowed.http.legacy_predict
 
 
-def test_default_processes_are_one_per_core_on_the_onnx_cpu_path_else_one() -> None:
+def test_default_processes_are_one_per_core_on_the_cpu_runtimes_else_one() -> None:
     config = Config()
-    assert config.server.processes == 0 and config.model.runtime == "onnxruntime"
+    assert config.server.processes == 0 and config.model.runtime == "auto"
+    assert config.serving_processes == len(os.sched_getaffinity(0))
+    config.model.runtime = "openvino"
     assert config.serving_processes == len(os.sched_getaffinity(0))
     config.model.runtime = "torch"  # a torch process is ~1 GB: threads in one process instead
     assert config.serving_processes == 1

@@ -12,6 +12,7 @@ from PIL import Image
 
 from handlers.predict import ImageUpload
 from inference.model import LoadedModel
+from inference.pixels import PixelBatch
 from inference.runner import ModelRunner
 from server.runtime import build_runner
 from sessions.errors import BadImage, BadRequest, InferenceFailed, ServiceBusy
@@ -164,7 +165,9 @@ class ShapeRecorder:
         self.classes, self.shapes = classes, []
 
     def forward(self, batch, alone=False):
-        self.shapes.append(batch.shape)
+        self.shapes.append(batch.shape)  # NCHW, for pixel batches too
+        if isinstance(batch, PixelBatch):
+            batch = batch.to_tensor()
         logits = np.zeros((len(batch), self.classes), np.float32)
         logits[np.arange(len(batch)), batch[:, 0, 0, 0].astype(int) % self.classes] = 10.0
         return logits

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from inference.model import LoadedModel
+from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
 from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
 from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
@@ -175,13 +176,16 @@ class FakeBackend:
     under the default options (ImageNet normalization), by a wide margin. Counts its forwards."""
 
     name = "fake"
+    precision = "fp32"
 
     def __init__(self, classes: int = CLASSES):
         self.classes = classes
         self.forwards: list[int] = []  # batch sizes, in order
 
-    def forward(self, batch: np.ndarray, *, alone: bool = False) -> np.ndarray:
+    def forward(self, batch: np.ndarray | PixelBatch, *, alone: bool = False) -> np.ndarray:
         self.forwards.append(len(batch))
+        if isinstance(batch, PixelBatch):
+            batch = batch.to_tensor()
         red = batch[:, 0].mean(axis=(1, 2)) * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # 0..1, undoing Normalize
         target = red * (self.classes - 1)
         return (-20.0 * np.abs(np.arange(self.classes)[None, :] - target[:, None])).astype(np.float32)

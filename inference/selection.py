@@ -1,0 +1,273 @@
+"""Choosing the runtime for the CPU this runs on (`model.runtime = "auto"`), behind an accuracy guard.
+
+No runtime is fastest everywhere: OpenVINO in BF16 nearly doubles the forwards of a Xeon with AMX,
+while on a CPU without matrix units ONNX Runtime in FP32 may lead. So at the first start on a given
+CPU model with given weights, each candidate (runtime x precision) is compiled, checked against the
+FP32 reference on the photos in `inference/guard/` under several option sets, and timed with the
+server's own thread layout for a few seconds. The fastest that passes the guard is kept; the choice
+and every figure behind it are cached as JSON next to the exported graph, so later starts (and the
+other serving processes) read it instead of measuring again.
+
+The guard, for every photo and option set: the same top-1 as the reference, at least 4 of its top 5,
+and every probability within GUARD_TOLERANCE of it (1e-3 in FP32, 0.03 in BF16). The tests hold every
+runtime and precision the server may pick to the same guard against torch FP32 (tests/test_selection.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference import imaging
+from inference.model import Backend, ModelLoadError, OnnxBackend, softmax
+from inference.pixels import PIXEL_GRAPH_VERSION, PixelBatch
+from sessions.options import Options
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "onnxruntime", "openvino", "torch")
+PRECISIONS = ("auto", "fp32", "bf16")
+GUARD_TOLERANCE = {"fp32": 1e-3, "bf16": 0.03}
+GUARD_TOP5_OVERLAP = 4
+GUARD_DIR = Path(__file__).with_name("guard")
+#: The option sets the guard runs each photo under: every interpolation, grayscale, another crop.
+GUARD_OPTIONS = {
+    "default": Options(),
+    "bicubic": Options(interpolation="bicubic"),
+    "nearest": Options(interpolation="nearest"),
+    "grayscale": Options(color="grayscale"),
+    "crop160": Options(resize=182, crop=160),
+}
+# Bump when the trial changes what it measures: cached choices are keyed by it.
+SELECTION_VERSION = "1"
+_GUARD_MAX_PIXELS = 40_000_000
+
+
+@dataclass(frozen=True)
+class Candidate:
+    runtime: str
+    precision: str
+
+    def __str__(self) -> str:
+        return f"{self.runtime} {self.precision}"
+
+
+@dataclass
+class Trial:
+    """What one candidate measured: its forwards per second, and the guard's verdict."""
+
+    runtime: str
+    precision: str
+    forwards_per_second: float = 0.0
+    passed: bool = False
+    worst: dict[str, Any] = field(default_factory=dict)  # the case furthest from the reference
+    error: str = ""  # why it could not run at all
+
+
+@dataclass
+class Choice:
+    runtime: str
+    precision: str
+    cpu: str
+    trials: list[Trial]
+    measured_at: str = ""
+
+    def summary(self) -> str:
+        def one(trial: Trial) -> str:
+            if trial.error:
+                return f"{trial.runtime} {trial.precision}: {trial.error}"
+            verdict = "" if trial.passed else f", failed the accuracy guard ({trial.worst.get('why', '')})"
+            return f"{trial.runtime} {trial.precision} {trial.forwards_per_second:.0f}/s{verdict}"
+        return f"{self.runtime} {self.precision} on {self.cpu} ({'; '.join(one(t) for t in self.trials)})"
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Choice:
+        return cls(data["runtime"], data["precision"], data["cpu"], [Trial(**t) for t in data["trials"]],
+                   data.get("measured_at", ""))
+
+
+def cpu_model() -> tuple[str, set[str]]:
+    """The CPU's model name and feature flags (Linux' /proc/cpuinfo; empty elsewhere)."""
+    name, flags = "unknown CPU", set()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key == "model name" and name == "unknown CPU":
+                name = value.strip()
+            elif key == "flags" and not flags:
+                flags = set(value.split())
+            if flags and name != "unknown CPU":
+                break
+    return name, flags
+
+
+def has_bf16(flags: set[str]) -> bool:
+    """Native BF16 arithmetic: AMX tiles or AVX512-BF16. Elsewhere BF16 is emulated, and slower."""
+    return bool({"amx_bf16", "avx512_bf16"} & flags)
+
+
+def candidates(runtime: str, precision: str, flags: set[str]) -> list[Candidate]:
+    """What `auto` may pick from, narrowed by what the config forces."""
+    pool = [Candidate("onnxruntime", "fp32"), Candidate("openvino", "fp32")]
+    if has_bf16(flags) or precision == "bf16":
+        pool.append(Candidate("openvino", "bf16"))
+    return [c for c in pool if runtime in ("auto", c.runtime) and precision in ("auto", c.precision)]
+
+
+BackendFactory = Callable[[Candidate], Backend]
+
+
+def choose(onnx_path: Path, *, runtime: str, precision: str, workers: int, make_backend: BackendFactory,
+           trial_seconds: float) -> Choice:
+    """The cached choice for this CPU, graph and libraries, or a new one measured now (one process
+    measures while the others starting with it wait for its answer)."""
+    cpu, flags = cpu_model()
+    pool = candidates(runtime, precision, flags)
+    if not pool:
+        raise ModelLoadError(f"No runtime offers model.runtime = {runtime!r} with model.precision = {precision!r}.")
+    if len(pool) == 1 and precision != "auto":  # forced: nothing to choose, nothing to measure
+        return Choice(pool[0].runtime, pool[0].precision, cpu, [])
+    path = onnx_path.with_name(f"{onnx_path.stem}.runtime-{_key(cpu, flags, pool)}.json")
+    with open(onnx_path.parent / ".selection.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            return Choice.from_json(json.loads(path.read_text()))
+        choice = measure(onnx_path, pool, cpu=cpu, workers=workers, make_backend=make_backend,
+                         trial_seconds=trial_seconds)
+        partial = path.with_suffix(f".{os.getpid()}.partial")
+        partial.write_text(json.dumps(asdict(choice), indent=1))
+        os.replace(partial, path)
+    log.info("runtime chosen for this CPU: %s", choice.summary())
+    return choice
+
+
+def _key(cpu: str, flags: set[str], pool: list[Candidate]) -> str:
+    parts = [cpu, *sorted(flags & {"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2"}),
+             *map(str, pool), PIXEL_GRAPH_VERSION, SELECTION_VERSION]
+    for package in ("onnxruntime", "openvino"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            parts.append(f"{package}=={metadata.version(package)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def measure(onnx_path: Path, pool: list[Candidate], *, cpu: str, workers: int, make_backend: BackendFactory,
+            trial_seconds: float) -> Choice:
+    """Guard and time every candidate; the fastest that passes wins (ONNX Runtime FP32 if none does)."""
+    cases = guard_cases()
+    reference = reference_probabilities(onnx_path, cases)
+    trials = []
+    for candidate in pool:
+        trial = Trial(candidate.runtime, candidate.precision)
+        try:
+            backend = make_backend(candidate)
+            trial.passed, trial.worst = guard(backend, cases, reference, GUARD_TOLERANCE[candidate.precision])
+            # Timed even when it fails the guard: the log and docs say what it would have given.
+            trial.forwards_per_second = round(throughput(backend, workers, trial_seconds), 1)
+        except Exception as exc:  # a runtime that cannot compile here is simply not a candidate
+            trial.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+        trials.append(trial)
+    passing = [t for t in trials if t.passed and not t.error]
+    best = max(passing, key=lambda t: t.forwards_per_second) if passing else Trial("onnxruntime", "fp32")
+    return Choice(best.runtime, best.precision, cpu, trials, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+
+
+# -- the accuracy guard ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class GuardCase:
+    name: str  # "<photo> <option set>"
+    batch: PixelBatch
+
+
+def guard_cases() -> list[GuardCase]:
+    """Each photo in inference/guard/ under each of GUARD_OPTIONS, preprocessed as the server does."""
+    cases = []
+    for photo in sorted(GUARD_DIR.glob("*.jpg")):
+        data = photo.read_bytes()
+        for label, options in GUARD_OPTIONS.items():
+            cases.append(GuardCase(f"{photo.name} {label}",
+                                   imaging.prepare(data, options, max_pixels=_GUARD_MAX_PIXELS)))
+    return cases
+
+
+def reference_probabilities(onnx_path: Path, cases: list[GuardCase]) -> list[np.ndarray]:
+    """FP32 probabilities from ONNX Runtime on the exported graph's float input, the runtime that the
+    tests hold to torch FP32 within 1e-3."""
+    reference = OnnxBackend(onnx_path)
+    return [softmax(reference.forward(case.batch.to_tensor()))[0] for case in cases]
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> tuple[bool, dict[str, Any]]:
+    """The guard on one probability row: same top-1, GUARD_TOP5_OVERLAP of the top 5, within `tolerance`."""
+    top5_ref, top5 = set(np.argsort(reference)[-5:]), set(np.argsort(candidate)[-5:])
+    same_top1 = int(reference.argmax()) == int(candidate.argmax())
+    overlap = len(top5_ref & top5)
+    delta = float(np.abs(reference - candidate).max())
+    why = [] if same_top1 else ["top-1 changed"]
+    if overlap < GUARD_TOP5_OVERLAP:
+        why.append(f"{overlap} of the top 5 kept")
+    if delta > tolerance:
+        why.append(f"a probability moved {delta:.4f} (tolerance {tolerance:g})")
+    return not why, {"max_delta": round(delta, 6), "top5_overlap": overlap, "same_top1": same_top1,
+                     "why": ", ".join(why)}
+
+
+def guard(backend: Backend, cases: list[GuardCase], reference: list[np.ndarray],
+          tolerance: float) -> tuple[bool, dict[str, Any]]:
+    """Whether `backend` passes on every case, and the worst case (a failing one first, else the one
+    with the largest probability change)."""
+    results = []
+    for case, expected in zip(cases, reference, strict=True):
+        ok, detail = compare(expected, softmax(backend.forward(case.batch))[0], tolerance)
+        results.append((ok, detail["max_delta"], {**detail, "case": case.name}))
+    passed = all(ok for ok, _, _ in results)
+    _, _, worst = min(results, key=lambda result: (result[0], -result[1]))  # failures first, then the largest change
+    worst["why"] = f"{worst['why'] or 'passed'} on {worst['case']}"
+    return passed, worst
+
+
+# -- the timing -----------------------------------------------------------------------------------
+def throughput(backend: Backend, workers: int, seconds: float) -> float:
+    """Forwards per second of 224x224 images with `workers` threads forwarding at once, as the runner's
+    workers do under load."""
+    pipeline = imaging.pipeline_for(Options())
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 224, 224, 3), dtype=np.uint8)
+    batch = PixelBatch(pixels, pipeline.scale, pipeline.shift)
+    backend.forward(batch)  # the first forward allocates and compiles for the shape
+    deadline = time.perf_counter() + seconds
+    counts = [0] * workers
+
+    def loop(slot: int) -> None:
+        while time.perf_counter() < deadline:
+            backend.forward(batch)
+            counts[slot] += 1
+
+    started = time.perf_counter()
+    with _threads(loop, workers):
+        pass
+    return sum(counts) / (time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _threads(target: Callable[[int], None], count: int) -> Iterator[None]:
+    threads = [threading.Thread(target=target, args=(slot,), daemon=True) for slot in range(count)]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        for thread in threads:
+            thread.join()
