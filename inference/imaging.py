@@ -126,9 +126,10 @@ def _load(image: Image.Image, min_short_side: int | None, *, data: bytes | None 
             decoded = _turbo_decode(data, width, height, factor, gray or image.mode == "L")
             if decoded is not None:
                 return decoded
-        if factor > 1:
+        if factor > 1:  # Pillow's draft picks the same factor from the size asked for
+            scale = min_short_side / min(width, height)
             image.draft(image.mode if image.mode in ("L", "RGB") else "RGB",
-                        (math.ceil(width / factor), math.ceil(height / factor)))
+                        (math.ceil(width * scale), math.ceil(height * scale)))
     try:
         image.load()
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
