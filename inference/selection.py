@@ -21,6 +21,8 @@ import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -54,6 +56,7 @@ GUARD_OPTIONS = {
 # Bump when the trial changes what it measures: cached choices are keyed by it.
 SELECTION_VERSION = "1"
 _GUARD_MAX_PIXELS = 40_000_000
+_TRIAL_TIMEOUT_SECONDS = 600
 
 
 @dataclass(frozen=True)
@@ -128,13 +131,28 @@ def candidates(runtime: str, precision: str, flags: set[str]) -> list[Candidate]
     return [c for c in pool if runtime in ("auto", c.runtime) and precision in ("auto", c.precision)]
 
 
-BackendFactory = Callable[[Candidate], Backend]
+def make_backend(candidate: Candidate, path: Path, *, workers: int = 1, intra_op_threads: int = 1,
+                 idle_intra_op_threads: int = 0, device: str = "cpu") -> Backend:
+    """`candidate`'s runtime on the exported graph at `path`: `workers` forwards at once of
+    `intra_op_threads` threads each, and a forward alone on `idle_intra_op_threads`."""
+    if candidate.runtime == "openvino":
+        from inference.openvino_backend import OpenVinoBackend  # imported here: most processes never load it
+
+        return OpenVinoBackend(path, precision=candidate.precision, workers=workers,
+                               intra_op_threads=intra_op_threads, idle_intra_op_threads=idle_intra_op_threads)
+    if candidate.runtime == "onnxruntime":
+        return OnnxBackend(path, intra_op_threads=intra_op_threads, idle_intra_op_threads=idle_intra_op_threads,
+                           device=device)
+    raise ModelLoadError(f"No runtime named {candidate.runtime!r} runs an exported graph.")
 
 
-def choose(onnx_path: Path, *, runtime: str, precision: str, workers: int, make_backend: BackendFactory,
+def choose(onnx_path: Path, *, runtime: str, precision: str, workers: int, intra_op_threads: int,
            trial_seconds: float) -> Choice:
-    """The cached choice for this CPU, graph and libraries, or a new one measured now (one process
-    measures while the others starting with it wait for its answer)."""
+    """The cached choice for this CPU, graph and libraries, or a new one measured now.
+
+    The measuring runs in a child process, like the export: a server's parent process forks its
+    serving processes afterwards, and the runtimes' thread pools do not survive a fork. One process
+    measures while the others starting with it wait for its answer."""
     cpu, flags = cpu_model()
     pool = candidates(runtime, precision, flags)
     if not pool:
@@ -144,14 +162,51 @@ def choose(onnx_path: Path, *, runtime: str, precision: str, workers: int, make_
     path = onnx_path.with_name(f"{onnx_path.stem}.runtime-{_key(cpu, flags, pool)}.json")
     with open(onnx_path.parent / ".selection.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
-            return Choice.from_json(json.loads(path.read_text()))
-        choice = measure(onnx_path, pool, cpu=cpu, workers=workers, make_backend=make_backend,
-                         trial_seconds=trial_seconds)
-        partial = path.with_suffix(f".{os.getpid()}.partial")
-        partial.write_text(json.dumps(asdict(choice), indent=1))
-        os.replace(partial, path)
-    log.info("runtime chosen for this CPU: %s", choice.summary())
+        cached = _read(path)
+        if cached is None:
+            log.info("timing the runtimes on this CPU (once; cached as %s)", path.name)
+            _measure_in_child(onnx_path, path, runtime=runtime, precision=precision, workers=workers,
+                              intra_op_threads=intra_op_threads, trial_seconds=trial_seconds)
+            cached = _read(path)
+    if cached is None:  # the trial itself failed: serve on the reference runtime, and try again next start
+        log.warning("timing the runtimes failed; serving on onnxruntime fp32 for now")
+        return Choice("onnxruntime", "fp32", cpu, [])
+    return cached
+
+
+def _read(path: Path) -> Choice | None:
+    try:
+        return Choice.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _measure_in_child(onnx_path: Path, out: Path, *, runtime: str, precision: str, workers: int,
+                      intra_op_threads: int, trial_seconds: float) -> None:
+    command = [sys.executable, "-m", "inference.selection", str(onnx_path), str(out), "--runtime", runtime,
+               "--precision", precision, "--workers", str(workers), "--intra-op-threads", str(intra_op_threads),
+               "--trial-seconds", str(trial_seconds)]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=_TRIAL_TIMEOUT_SECONDS)
+    except subprocess.TimeoutExpired:
+        log.warning("timing the runtimes took over %d s", _TRIAL_TIMEOUT_SECONDS)
+        return
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        log.warning("timing the runtimes failed: %s", lines[-1] if lines else f"exit {done.returncode}")
+
+
+def measure_to_file(onnx_path: Path, out: Path, *, runtime: str, precision: str, workers: int,
+                    intra_op_threads: int, trial_seconds: float) -> Choice:
+    """Measure the candidates and write the choice to `out` atomically (what the child process does)."""
+    _, flags = cpu_model()
+    choice = measure(onnx_path, candidates(runtime, precision, flags), cpu=cpu_model()[0], workers=workers,
+                     make=lambda candidate: make_backend(candidate, onnx_path, workers=workers,
+                                                         intra_op_threads=intra_op_threads),
+                     trial_seconds=trial_seconds)
+    partial = out.with_suffix(f".{os.getpid()}.partial")
+    partial.write_text(json.dumps(asdict(choice), indent=1))
+    os.replace(partial, out)
     return choice
 
 
@@ -164,8 +219,8 @@ def _key(cpu: str, flags: set[str], pool: list[Candidate]) -> str:
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
-def measure(onnx_path: Path, pool: list[Candidate], *, cpu: str, workers: int, make_backend: BackendFactory,
-            trial_seconds: float) -> Choice:
+def measure(onnx_path: Path, pool: list[Candidate], *, cpu: str, workers: int,
+            make: Callable[[Candidate], Backend], trial_seconds: float) -> Choice:
     """Guard and time every candidate; the fastest that passes wins (ONNX Runtime FP32 if none does)."""
     cases = guard_cases()
     reference = reference_probabilities(onnx_path, cases)
@@ -173,7 +228,7 @@ def measure(onnx_path: Path, pool: list[Candidate], *, cpu: str, workers: int, m
     for candidate in pool:
         trial = Trial(candidate.runtime, candidate.precision)
         try:
-            backend = make_backend(candidate)
+            backend = make(candidate)
             trial.passed, trial.worst = guard(backend, cases, reference, GUARD_TOLERANCE[candidate.precision])
             # Timed even when it fails the guard: the log and docs say what it would have given.
             trial.forwards_per_second = round(throughput(backend, workers, trial_seconds), 1)
@@ -271,3 +326,27 @@ def _threads(target: Callable[[int], None], count: int) -> Iterator[None]:
     finally:
         for thread in threads:
             thread.join()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m inference.selection GRAPH OUT [...]: measure the candidates, write the choice to OUT."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m inference.selection")
+    parser.add_argument("graph", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--runtime", default="auto", choices=RUNTIMES)
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--intra-op-threads", type=int, default=1)
+    parser.add_argument("--trial-seconds", type=float, default=2.0)
+    args = parser.parse_args(argv)
+    choice = measure_to_file(args.graph, args.out, runtime=args.runtime, precision=args.precision,
+                             workers=args.workers, intra_op_threads=args.intra_op_threads,
+                             trial_seconds=args.trial_seconds)
+    print(choice.summary())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

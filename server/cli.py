@@ -168,9 +168,9 @@ def run(config: Config) -> int:
             redis_url = embedded.start(pass_fds=(lock,))
         store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
         sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
+        prepare_model(config)  # export and choose the runtime once, here, so that serving processes read the cache
         if config.serving_processes == 1:
             return asyncio.run(serve(config, sockets, redis_url, store_text))
-        prepare_model(config)  # export once, here, so that the children only read the cache
         return supervise(config, sockets, redis_url, store_text)
     finally:
         if embedded:
@@ -209,9 +209,10 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
             await store.close()
             raise ConfigError(str(exc)) from None
         grpc_text = f" grpc={config.server.host}:{grpc_port}"
-    log.info("ready on http://%s:%d model=%s version=%s runtime=%s device=%s workers=%d%s pid=%d store=%s",
+    log.info("ready on http://%s:%d model=%s version=%s runtime=%s precision=%s device=%s workers=%d%s pid=%d store=%s",
              config.server.host, port, runner.model.name, runner.model.version, runner.backend.name,
-             config.model.device, config.model.workers, grpc_text, os.getpid(), store_text)
+             getattr(runner.backend, "precision", "fp32"), config.model.device, config.model.workers, grpc_text,
+             os.getpid(), store_text)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

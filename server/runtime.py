@@ -8,7 +8,7 @@ from pathlib import Path
 from PIL import Image
 
 from inference import selection
-from inference.model import Backend, LoadedModel, OnnxBackend, load_exported
+from inference.model import Backend, LoadedModel, load_exported
 from inference.runner import ModelRunner, SiblingLoad
 from inference.selection import Candidate
 from server.config import Config
@@ -25,26 +25,23 @@ def onnx_cache_dir(config: Config) -> Path:
 def make_backend(config: Config, candidate: Candidate, path: Path) -> Backend:
     """`candidate`'s runtime on the exported graph at `path`, with the configured thread layout."""
     model = config.model
-    if candidate.runtime == "openvino":
-        from inference.openvino_backend import OpenVinoBackend  # imported here: most servers never load it
-
-        return OpenVinoBackend(path, precision=candidate.precision, workers=model.workers,
-                               intra_op_threads=model.intra_op_threads,
-                               idle_intra_op_threads=model.idle_intra_op_threads)
-    return OnnxBackend(path, intra_op_threads=model.intra_op_threads,
-                       idle_intra_op_threads=model.idle_intra_op_threads, device=model.device)
+    return selection.make_backend(candidate, path, workers=model.workers, intra_op_threads=model.intra_op_threads,
+                                  idle_intra_op_threads=model.idle_intra_op_threads, device=model.device)
 
 
 def runtime_choice(config: Config, path: Path) -> Candidate:
     """The runtime and precision to serve the exported graph at `path` with: the configured one, or with
     `auto` the one measured for this CPU (cached; measured now on the first start)."""
+    choice = _choose(config, path)
+    return Candidate(choice.runtime, choice.precision) if choice else Candidate("onnxruntime", "fp32")
+
+
+def _choose(config: Config, path: Path) -> selection.Choice | None:
     model = config.model
     if model.device != "cpu":  # the GPU runs ONNX Runtime's CUDA provider; there is nothing to time
-        return Candidate("onnxruntime", "fp32")
-    choice = selection.choose(path, runtime=model.runtime, precision=model.precision, workers=model.workers,
-                              make_backend=lambda candidate: make_backend(config, candidate, path),
-                              trial_seconds=model.runtime_trial_seconds)
-    return Candidate(choice.runtime, choice.precision)
+        return None
+    return selection.choose(path, runtime=model.runtime, precision=model.precision, workers=model.workers,
+                            intra_op_threads=model.intra_op_threads, trial_seconds=model.runtime_trial_seconds)
 
 
 def build_backend(config: Config, model: LoadedModel, candidate: Candidate | None = None) -> Backend:
@@ -60,11 +57,14 @@ def build_backend(config: Config, model: LoadedModel, candidate: Candidate | Non
 
 
 def prepare_model(config: Config) -> None:
-    """Export the configured model and choose its runtime unless both are cached (a parent does this
-    before forking its serving processes); raises ModelLoadError. Nothing to prepare for torch."""
+    """Export the configured model and choose its runtime unless both are cached, and log the choice with
+    the figures behind it (the server does this once, before its serving processes load the model);
+    raises ModelLoadError. Nothing to prepare for torch."""
     if config.model.runtime != "torch":
         _, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
-        log.info("runtime: %s", runtime_choice(config, path))
+        choice = _choose(config, path)
+        if choice is not None:
+            log.info("runtime: %s", choice.summary())
 
 
 def build_runner(config: Config, model: LoadedModel | None = None, siblings: SiblingLoad | None = None,

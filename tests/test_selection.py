@@ -124,12 +124,12 @@ def test_auto_measures_once_picks_a_passing_runtime_and_caches_the_choice(onnx_p
     def no_second_measurement(*args, **kwargs):
         raise AssertionError("measured again despite the cached choice")
 
-    monkeypatch.setattr(selection, "measure", no_second_measurement)
+    monkeypatch.setattr(selection, "_measure_in_child", no_second_measurement)
     assert runtime_choice(config, graph) == chosen  # read back, not measured
 
 
 def test_a_forced_runtime_and_precision_are_used_without_measuring(default_model, monkeypatch) -> None:
-    monkeypatch.setattr(selection, "measure", lambda *a, **k: pytest.fail("a forced runtime was measured"))
+    monkeypatch.setattr(selection, "_measure_in_child", lambda *a, **k: pytest.fail("a forced runtime was measured"))
     runner = build_runner(make_config(model={"runtime": "openvino", "precision": "fp32"}), default_model)
     try:
         assert isinstance(runner.backend, OpenVinoBackend) and runner.backend.precision == "fp32"
