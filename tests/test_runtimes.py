@@ -141,3 +141,64 @@ print(json.dumps({{"version": runner.model.version, "labels": runner.model.label
 def test_a_failed_export_says_why(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="neither a file nor a known weights name"):
         load_exported("efficientnet_lite0", str(tmp_path / "missing.pt"), tmp_path / "cache")
+
+
+# -- libjpeg-turbo decoding (issue #17) ----------------------------------------------------------------
+def twelve_megapixels(image: bytes) -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    big = BytesIO()
+    Image.open(BytesIO(image)).convert("RGB").resize((4032, 3024), Image.Resampling.BICUBIC).save(big, "JPEG",
+                                                                                                   quality=90)
+    return big.getvalue()
+
+
+@pytest.mark.parametrize("name", ["cat", "coffee", "cat-12mp"])
+def test_libjpeg_turbo_decodes_what_pillow_decodes_at_the_same_dct_scale(name: str) -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    from inference import imaging
+
+    data = twelve_megapixels(CAT_JPEG) if name == "cat-12mp" else PHOTOS[name]
+    opened = Image.open(BytesIO(data))
+    width, height = opened.size
+    factor = imaging.dct_factor(width, height, 256)
+    assert factor == (8 if name == "cat-12mp" else 1)
+    opened.draft("RGB", (-(-width * 256 // min(width, height)), -(-height * 256 // min(width, height))))
+    pillow = np.asarray(opened.convert("RGB"))
+    turbo = np.asarray(imaging._turbo_decode(data, width, height, factor, gray=False))
+    assert turbo.shape == pillow.shape and np.array_equal(turbo, pillow)
+
+
+def test_grayscale_from_the_luma_plane_keeps_the_answer(default_model) -> None:
+    """Under color=grayscale a JPEG decodes to its luma plane instead of RGB converted back to gray."""
+    from io import BytesIO
+
+    from PIL import Image, ImageOps
+
+    from inference import imaging
+
+    backend = OnnxBackend(export_onnx(default_model, MODEL_CACHE))
+    options = Options(color="grayscale")
+    for data in PHOTOS.values():
+        luma = imaging.preprocess(data, options, max_pixels=10**8)
+        rgb_to_gray = imaging.pipeline_for(options)(ImageOps.grayscale(Image.open(BytesIO(data)).convert("RGB")))
+        expected, got = (softmax(backend.forward(t[None]))[0] for t in (rgb_to_gray, luma))
+        assert got.argmax() == expected.argmax() and np.abs(got - expected).max() < 0.03
+
+
+def test_a_jpeg_libjpeg_turbo_declines_goes_through_pillow() -> None:
+    from io import BytesIO
+
+    from PIL import Image
+
+    from inference import imaging
+
+    cmyk = BytesIO()
+    Image.open(BytesIO(CAT_JPEG)).convert("CMYK").save(cmyk, "JPEG")
+    batch = imaging.prepare(cmyk.getvalue(), Options(), max_pixels=10**8)
+    assert batch.pixels.shape == (1, 224, 224, 3) and batch.pixels.dtype == np.uint8
