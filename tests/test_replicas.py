@@ -106,13 +106,18 @@ def test_connections_spread_evenly_over_processes_and_metrics_add_up(tmp_path: P
         try:
             for client in clients:
                 assert client.get("/healthz").status_code == 200  # connects, and keeps the connection
+            def healthz_counted(metrics: str) -> list[float]:
+                return [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+                        if line.startswith("inference_http_requests_total{") and 'route="/healthz"' in line]
+
+            # A request is counted once its response is written, so the last one may still be on its
+            # way into the count when a busy machine answers the first scrape.
+            assert wait_for(lambda: healthz_counted(clients[0].get("/metrics").text) == [4.0], timeout=10)
             for client in clients:  # each scrape is answered by the process that holds that connection
                 metrics = client.get("/metrics").text
                 per_process = dict(re.findall(r'^inference_open_connections\{pid="(\d+)"\} (\S+)$', metrics, re.M))
                 assert set(per_process) == pids and [float(v) for v in per_process.values()] == [2.0, 2.0]
-                healthz = [float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
-                           if line.startswith("inference_http_requests_total{") and 'route="/healthz"' in line]
-                assert healthz == [4.0]  # two requests on each process, counted together
+                assert healthz_counted(metrics) == [4.0]  # two requests on each process, counted together
         finally:
             for client in clients:
                 client.close()
