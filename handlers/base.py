@@ -29,7 +29,10 @@ import tornado.web
 
 from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
+from service.capture import Captures
 from service.classify import Classifier
+from service.export import FeedbackExport
+from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
 from sessions.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType
@@ -135,6 +138,18 @@ class BaseHandler(tornado.web.RequestHandler):
     @property
     def classifier(self) -> Classifier:
         return self.settings["classifier"]
+
+    @property
+    def captures(self) -> Captures:
+        return self.settings["captures"]
+
+    @property
+    def feedback_export(self) -> FeedbackExport:
+        return self.settings["feedback_export"]
+
+    @property
+    def feedback(self) -> FeedbackService:
+        return self.settings["feedback"]
 
     @property
     def sessions(self) -> SessionService:

@@ -8,6 +8,7 @@ from typing import Any
 
 from handlers.oip_protocol import SERVER_VERSION
 from service.history import DEFAULT_PAGE, MAX_PAGE
+from service.model_versions import TRAFFIC_PERCENT
 from sessions.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
 
 
@@ -94,9 +95,48 @@ SCHEMAS: dict[str, Any] = {
             "score": {"type": "number", "minimum": 0, "maximum": 1},
         },
     },
+    "Feedback": {
+        "type": "object",
+        "description": "The label the session says is right, replacing any earlier feedback on the item.",
+        "required": ["class_index", "label", "comment", "created_at"],
+        "properties": {
+            "class_index": {"type": "integer", "minimum": 0},
+            "label": {"type": "string"},
+            "comment": {"type": ["string", "null"]},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "FeedbackRequest": {
+        "type": "object",
+        "required": ["label"],
+        "additionalProperties": False,
+        "properties": {
+            "label": {"oneOf": [{"type": "integer", "minimum": 0},
+                                {"type": "string", "description": "A label name, case-insensitive."}]},
+            "comment": {"type": ["string", "null"], "description": "At most feedback.max_comment_chars (500)."},
+        },
+    },
+    "CapturedImage": {
+        "type": "object",
+        "description": "The image as sent, kept where capture is on (GET /v1/history/{id}/image).",
+        "required": ["sha256", "content_type", "size"],
+        "properties": {"sha256": _SHA256, "content_type": {"type": "string"},
+                       "size": {"type": "integer", "minimum": 1}},
+    },
+    "Quality": {
+        "type": "object",
+        "required": ["count", "agreement"],
+        "properties": {
+            "count": {"type": "integer", "minimum": 0, "description": "Feedback on this version's predictions."},
+            "agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
+                          "description": "The share of that feedback whose label is the prediction's top-1; "
+                                         "null without feedback."},
+        },
+    },
     "HistoryItem": {
         "type": "object",
-        "required": ["id", "created_at", "predicted_class", "label", "top_k", "options", "model"],
+        "required": ["id", "created_at", "predicted_class", "label", "top_k", "options", "model", "image",
+                     "feedback"],
         "properties": {
             "id": _HISTORY_ID,
             "created_at": {"type": "string", "format": "date-time"},
@@ -106,6 +146,8 @@ SCHEMAS: dict[str, Any] = {
             "options": _ref("Options"),
             "model": {"type": "object", "required": ["name", "version"],
                       "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+            "image": {"oneOf": [_ref("CapturedImage"), {"type": "null"}]},
+            "feedback": {"oneOf": [_ref("Feedback"), {"type": "null"}]},
         },
     },
     "Prediction": {
@@ -147,6 +189,7 @@ SCHEMAS: dict[str, Any] = {
             "activated_at": {"type": ["string", "null"], "format": "date-time",
                              "description": "The last activation; null if never activated."},
             "active": {"type": "boolean"},
+            "feedback": _ref("Quality"),
         },
     },
     "ConfiguredWeights": {
@@ -162,17 +205,35 @@ SCHEMAS: dict[str, Any] = {
             "active": {"const": True},
         },
     },
+    "Canary": {
+        "type": "object",
+        "description": "A version serving a share of the sessions (by a stable hash of the session id); the "
+                       "others keep the baseline, the active version.",
+        "required": ["version", "traffic_percent", "baseline", "started_at"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "traffic_percent": _integer(TRAFFIC_PERCENT),
+            "baseline": {"type": "string", "description": "The version the other sessions keep."},
+            "started_at": {"type": "string", "format": "date-time"},
+        },
+    },
     "ModelList": {
         "type": "object",
         "required": ["models"],
         "properties": {"models": {"type": "array", "items": {
             "type": "object",
-            "required": ["name", "active_version", "serving_version", "versions"],
+            "required": ["name", "active_version", "serving_version", "canary", "configured", "versions"],
             "properties": {
                 "name": {"type": "string"},
+                "configured": {"type": "object", "description": "The weights named in the config.",
+                               "required": ["version", "sha256", "feedback"],
+                               "properties": {"version": {"type": "string"}, "sha256": _SHA256,
+                                              "feedback": _ref("Quality")}},
                 "active_version": {"type": ["string", "null"],
                                    "description": "null: no version was activated; the configured weights serve."},
                 "serving_version": {"type": "string", "description": "What the answering replica runs now."},
+                "canary": {"oneOf": [_ref("Canary"), {"type": "null"}]},
                 "versions": {"type": "array", "items": _ref("ModelVersion")},
             },
         }}},
@@ -334,6 +395,7 @@ def _oip_paths(anonymous: bool) -> dict[str, Any]:
     return paths
 
 
+_HISTORY_ID_PARAMETER = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _AUTH_ERRORS = {"401": _error("Missing, invalid, expired or revoked token."),
                 "503": _error("The session store is unavailable.")}
 _BEARER = [{"bearer": []}]
@@ -381,8 +443,13 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         "/v1/session": {
             "get": {"summary": "The current session.", "security": _BEARER,
                     "responses": {"200": _json(_ref("Session"), "The session."), **_AUTH_ERRORS}},
-            "delete": {"summary": "Log out; the token stops working.", "security": _BEARER,
-                       "responses": {"204": {"description": "Logged out."}, **_AUTH_ERRORS}},
+            "delete": {"summary": "Log out; the token stops working. With erase=true the session's history, "
+                                  "feedback and captured images are erased too (an image another session also "
+                                  "sent stays for that one).", "security": _BEARER,
+                       "parameters": [{"name": "erase", "in": "query", "required": False,
+                                       "schema": {"enum": ["true", "false"], "default": "false"}}],
+                       "responses": {"204": {"description": "Logged out (and erased)."},
+                                     "400": _error("erase is neither true nor false."), **_AUTH_ERRORS}},
         },
         "/v1/session/options": {
             "get": {"summary": "The session's options.", "security": _BEARER,
@@ -464,6 +531,64 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "responses": {"200": _json(_ref("HistoryItem"), "The item."),
                           "404": _error("No such item in this session."), **_AUTH_ERRORS},
         }},
+        "/v1/history/{id}/image": {"get": {
+            "summary": "The image of one of the session's predictions, byte for byte as sent, where capture is on "
+                       "(capture.enabled) and its retention has not ended.",
+            "security": _BEARER,
+            "parameters": [_HISTORY_ID_PARAMETER],
+            "responses": {"200": {"description": "The image, with the media type its bytes have.",
+                                  "content": {media: {"schema": {"type": "string", "format": "binary"}}
+                                              for media in ("image/jpeg", "image/png", "image/webp", "image/gif",
+                                                            "image/bmp")}},
+                          "404": _error("No such item in this session (history_item_not_found), or its image was "
+                                        "not captured or is past its retention (image_not_found)."),
+                          **_AUTH_ERRORS},
+        }},
+        "/v1/history/{id}/feedback": {
+            "put": {
+                "summary": "Say which label is right for one of the session's predictions (a class index or a "
+                           "label name); a repeat replaces the earlier feedback.",
+                "security": _BEARER,
+                "parameters": [_HISTORY_ID_PARAMETER],
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref("FeedbackRequest")}}},
+                "responses": {"200": _json(_ref("HistoryItem"), "The item, with its feedback."),
+                              "400": _error("Malformed JSON or not an object."),
+                              "404": _error("No such item in this session."),
+                              "415": _error("The body is not JSON."),
+                              "422": _error("Unknown label, index out of range, or comment too long."),
+                              **_AUTH_ERRORS},
+            },
+            "delete": {
+                "summary": "Withdraw the feedback on one of the session's predictions.",
+                "security": _BEARER,
+                "parameters": [_HISTORY_ID_PARAMETER],
+                "responses": {"204": {"description": "No feedback on the item any more."},
+                              "404": _error("No such item in this session."), **_AUTH_ERRORS},
+            },
+        },
+        "/v1/feedback/export": {"get": {
+            "summary": "The training export: every piece of feedback with its prediction, model version, options and "
+                       "captured image, oldest feedback first, streamed as a WebDataset tar (members <key>.json, "
+                       "<key>.cls and <key>.<ext>) or as JSON lines. See docs/api.md#the-training-export.",
+            "security": _ADMIN,
+            "parameters": [
+                {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "Feedback given at or after this time: ISO 8601 (UTC unless it says) or epoch ms."},
+                {"name": "until", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "Feedback given before this time: ISO 8601 or epoch ms."},
+                {"name": "model_version", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": MODEL_VERSION.pattern},
+                 "description": "Only feedback on predictions of this model version."},
+                {"name": "format", "in": "query", "required": False,
+                 "schema": {"enum": ["tar", "jsonl"], "default": "tar"}},
+            ],
+            "responses": {"200": {"description": "The export, streamed.",
+                                  "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+                                              "application/x-ndjson": {"schema": {"type": "string"}}}},
+                          "400": _error("A bad or unknown parameter (invalid_parameter)."),
+                          **{code: _ADMIN_ERRORS[code] for code in ("401", "403", "503")}},
+        }},
         "/v1/models": {"get": {
             "summary": "The served model's versions with their hash, size and activation time.",
             "security": [{"bearer": []}, {"adminApiKey": []}],
@@ -498,13 +623,22 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         "/v1/models/{name}/versions/{version}:activate": {"post": {
             "summary": "Serve this version to new requests, on every replica (Redis pub/sub); requests in "
                        "flight finish on the weights they started with. The configured weights' version "
-                       "rolls back to them.",
+                       "rolls back to them. With traffic_percent below 100, a canary: the version serves that "
+                       "share of the sessions (each keeps its version) and the others keep the active one; an "
+                       "activation at 100 ends it. A session's pinned model_version wins over both.",
             "security": _ADMIN,
             "parameters": _VERSION_PARAMETERS,
-            "responses": {"200": _json({"oneOf": [_ref("ModelVersion"), _ref("ConfiguredWeights")]},
-                                       "Active: a published version, or the configured weights again."),
-                          "409": _error("The version's file is missing from the store."),
-                          "422": _error("The stored file no longer loads."), **_ADMIN_ERRORS},
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"traffic_percent": _integer(TRAFFIC_PERCENT, default=100)}}}}},
+            "responses": {"200": _json({"oneOf": [_ref("ModelVersion"), _ref("ConfiguredWeights"), _ref("Canary")]},
+                                       "Active: a published version, the configured weights again, or a canary."),
+                          "400": _error("Malformed JSON, or not an object."),
+                          "409": _error("The version's file is missing from the store, or a canary of the "
+                                        "active version."),
+                          "415": _error("The body is not JSON."),
+                          "422": _error("The stored file no longer loads (invalid_weights), or traffic_percent is "
+                                        "not an integer from 1 to 100 (invalid_traffic_percent)."), **_ADMIN_ERRORS},
         }},
         "/healthz": {"get": {"summary": "Liveness.", "security": [{}],
                              "responses": {"200": _json(_ref("Health"), "Alive.")}}},

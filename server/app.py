@@ -10,8 +10,9 @@ import tornado.netutil
 import tornado.web
 
 from handlers.base import HttpSettings, InFlight, NotFoundHandler
+from handlers.feedback import FeedbackExportHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
-from handlers.history import HistoryHandler, HistoryItemHandler
+from handlers.history import FeedbackHandler, HistoryHandler, HistoryImageHandler, HistoryItemHandler
 from handlers.models import ActivateHandler, ModelsHandler, ModelVersionHandler
 from handlers.oip import (
     InferHandler,
@@ -30,12 +31,17 @@ from inference.runner import ModelRunner
 from inference.selection import Candidate
 from server.balance import BalancedHTTPServer, GuardedHTTPServer, SharedCounts
 from server.config import Config
-from server.observability import log_request
+from server.observability import Metrics, log_request
 from server.runtime import build_backend
 from service.auth import Authenticator, AuthSettings
+from service.capture import Captures
 from service.classify import Classifier
+from service.export import FeedbackExport
+from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
+from sessions.captures import CaptureRefs
+from sessions.feedback import FeedbackStore
 from sessions.model_registry import ModelRegistry
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
@@ -53,6 +59,9 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/stream", StreamHandler),
     (r"/v1/history", HistoryHandler),
     (r"/v1/history/([^/]+)", HistoryItemHandler),
+    (r"/v1/history/([^/]+)/feedback", FeedbackHandler),
+    (r"/v1/history/([^/]+)/image", HistoryImageHandler),
+    (r"/v1/feedback/export", FeedbackExportHandler),
     (r"/predict", PlainPredictHandler),
     (r"/healthz", LivenessHandler),
     (r"/readyz", ReadinessHandler),
@@ -81,8 +90,9 @@ def make_app(
     registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
     given; the caller starts them following other replicas (`await model_versions.start()`)."""
     signer = make_signer(config)
-    versions = model_versions or make_model_versions(config, store, runner)
-    auth, classifier, sessions = use_cases(config, store, runner, signer, versions)
+    feedback, captures = make_feedback(config, store, runner), make_captures(config, store)
+    versions = model_versions or make_model_versions(config, store, runner, feedback)
+    auth, classifier, sessions = use_cases(config, store, runner, signer, versions, feedback, captures)
     web_routes: list[Any] = [
         (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
         (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
@@ -95,6 +105,9 @@ def make_app(
         auth=auth,
         classifier=classifier,
         sessions=sessions,
+        feedback=feedback,
+        captures=captures,
+        feedback_export=FeedbackExport(feedback.records, captures, page_size=config.feedback.export_page_size),
         store=store,
         runner=runner,
         model_versions=versions,
@@ -127,20 +140,37 @@ def auth_settings(config: Config) -> AuthSettings:
                         login_rate_limit_per_minute=config.sessions.login_rate_limit_per_minute)
 
 
-def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner) -> ModelVersions:
+def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner,
+                        feedback: FeedbackService | None = None) -> ModelVersions:
     store_dir = Path(config.models.store_dir) if config.models.store_dir else config.data_path / "models"
     # Published versions run on what the configured weights run on (test doubles may name neither).
     backend = runner.backend
     same_runtime = Candidate(getattr(backend, "name", "onnxruntime"), getattr(backend, "precision", "fp32"))
     return ModelVersions(ModelRegistry(store.redis), runner, store_dir=store_dir,
-                         backend_for=lambda model: build_backend(config, model, same_runtime))
+                         backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
+
+
+def make_feedback(config: Config, store: SessionStore, runner: ModelRunner) -> FeedbackService:
+    metrics = runner.metrics
+    return FeedbackService(store, FeedbackStore(store.redis, runner.model.name), labels=lambda: runner.model.labels,
+                           max_comment_chars=config.feedback.max_comment_chars,
+                           on_feedback=metrics.observe_feedback if isinstance(metrics, Metrics) else None)
+
+
+def make_captures(config: Config, store: SessionStore) -> Captures:
+    capture = config.capture
+    store_dir = Path(capture.store_dir) if capture.store_dir else config.data_path / "captures"
+    return Captures(CaptureRefs(store.redis), store_dir=store_dir, enabled=capture.enabled,
+                    retention_days=capture.retention_days)
 
 
 def use_cases(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,
-              versions: ModelVersions | None) -> tuple[Authenticator, Classifier, SessionService]:
+              versions: ModelVersions | None, feedback: FeedbackService | None = None,
+              captures: Captures | None = None) -> tuple[Authenticator, Classifier, SessionService]:
     """The service layer for one process, shared by every transport."""
-    return (Authenticator(signer, store, auth_settings(config)), Classifier(store, runner, versions),
-            SessionService(store, signer, versions))
+    return (Authenticator(signer, store, auth_settings(config)),
+            Classifier(store, runner, versions, feedback, captures),
+            SessionService(store, signer, versions, feedback=feedback, captures=captures))
 
 
 def make_signer(config: Config) -> TokenSigner:

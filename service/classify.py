@@ -1,13 +1,15 @@
 """Classify and record: the one place a prediction is made and recorded, for every transport.
 
 The order is always: pin (the session's model version) -> load it in this process if it is not yet
--> run the model -> record in the session's history. A 200 means recorded: the history write happens
-before the answer is built, and if it fails the caller gets the store's error rather than an
-unrecorded result. Anonymous calls (no session) run the model and record nothing.
+-> run the model -> capture the image (where capture is on) -> record in the session's history. A 200
+means recorded: the history write happens before the answer is built, and if it fails the caller
+gets the store's error rather than an unrecorded result; a captured image is on disk before the
+entry that names it is written. Anonymous calls (no session) run the model and record nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -15,11 +17,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inference.runner import BatchPrediction, ClassScore, ImageSource, ModelRunner, Prediction
+from service.capture import Captured, KeptImage
+from service.feedback import with_defaults
 from sessions.errors import Conflict, NotFound
 from sessions.options import Options
 from sessions.store import Session, SessionStore, iso, now_ms
 
 if TYPE_CHECKING:
+    from service.capture import Captures
+    from service.feedback import FeedbackService
     from service.model_versions import ModelVersions
 
 
@@ -34,8 +40,10 @@ class BatchResult:
 
 
 class Classifier:
-    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelVersions | None = None):
-        self.store, self.runner, self.versions = store, runner, versions
+    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelVersions | None = None,
+                 feedback: FeedbackService | None = None, captures: Captures | None = None):
+        self.store, self.runner, self.versions, self.feedback = store, runner, versions, feedback
+        self.captures = captures
 
     async def classify(self, session: Session, image: bytes | ImageSource, options: Options,
                        idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
@@ -44,10 +52,14 @@ class Classifier:
         gets the first answer and records nothing."""
         if session.replay_of:
             return await self._replay(session, session.replay_of), True
-        await self._pin(options)
-        prediction = await self.runner.predict(image, options)
+        run = await self._pin(session, options)
+        capturing = self.captures is not None and self.captures.enabled
+        if capturing and not isinstance(image, bytes):
+            image = KeptImage(image)  # the runner reads the upload's bytes on its thread; capture reuses them
+        prediction = await self.runner.predict(image, run)
+        kept = await self._capture(session, image) if capturing else None
         return await self._record(session, prediction.top_k, options, idempotency_key,
-                                  timing_ms=prediction.timing_ms, model=prediction.model)
+                                  timing_ms=prediction.timing_ms, model=prediction.model, kept=kept)
 
     async def classify_anonymous(self, image: bytes | ImageSource, options: Options) -> Prediction:
         """Classify without a session: nothing is recorded."""
@@ -57,31 +69,44 @@ class Classifier:
                              images: Sequence[bytes] | None = None, tensor: np.ndarray | None = None) -> BatchResult:
         """Classify encoded `images` (preprocessed under `options`) or a preprocessed NCHW `tensor`
         with the session's model version, and record each image in the session's history, in order."""
-        await self._pin(options)
+        run = await self._pin(session, options)
         result: BatchPrediction
         if images is not None:
-            result = await self.runner.classify_images(images, options)
+            result = await self.runner.classify_images(images, run)
         else:
             assert tensor is not None
-            # Preprocessing options do not apply to a tensor, but the pinned version does.
-            result = await self.runner.classify_tensor(tensor, self.runner.served(options.model_version))
+            # Preprocessing options do not apply to a tensor, but the session's version does.
+            result = await self.runner.classify_tensor(tensor, self.runner.served(run.model_version))
         labels = result.served.model.labels
         if session is not None:
-            for row in result.probabilities:  # one Redis round trip each, in the order sent
+            capturing = images is not None and self.captures is not None and self.captures.enabled
+            for index, row in enumerate(result.probabilities):  # one Redis round trip each, in the order sent
+                kept = await self._capture(session, images[index]) if capturing and images is not None else None
                 await self._record(session, self.runner.top_k(row, options.top_k, labels), options,
-                                   model=result.served.info)
+                                   model=result.served.info, kept=kept)
         return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
 
-    async def _pin(self, options: Options) -> None:
-        """Load the model version `options` pins into this process before the runner looks for it;
-        409 `model_version_removed` when it was removed. A process loads a pinned version on first
-        use, so whichever serving process or transport takes a request, the session gets one answer."""
-        if self.versions is not None and options.model_version:
-            await self.versions.ensure(options.model_version)
+    async def _pin(self, session: Session | None, options: Options) -> Options:
+        """The options to run with: the session's version chosen (its pin, else a canary's where one
+        serves the session, else the active one), and loaded into this process before the runner
+        looks for it; 409 `model_version_removed` when a pinned version was removed. A process loads
+        a version on first use, so whichever serving process or transport takes a request, the
+        session gets one answer. What is recorded stays the session's own options."""
+        if self.versions is None:
+            return options
+        version = self.versions.version_for(session.id if session is not None else None, options)
+        if version:
+            await self.versions.ensure(version)
+        return options if version == options.model_version else dataclasses.replace(options, model_version=version)
+
+    async def _capture(self, session: Session, image: bytes | ImageSource) -> tuple[Captured, bool] | None:
+        assert self.captures is not None
+        return await self.captures.keep(session, image if isinstance(image, bytes) else image.image_bytes())
 
     async def _record(self, session: Session, top_k: list[ClassScore], options: Options,
                       idempotency_key: str | None = None, *, timing_ms: dict[str, float] | None = None,
-                      model: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+                      model: dict[str, str] | None = None,
+                      kept: tuple[Captured, bool] | None = None) -> tuple[dict[str, Any], bool]:
         """Append one classified image to the session's history: the one shape every route records."""
         best = top_k[0]
         entry = {
@@ -91,11 +116,17 @@ class Classifier:
             "top_k": [score.to_dict() for score in top_k],
             "options": options.to_dict(),
             "model": model or self.runner.served().info,  # the version that ran, even across a swap
+            "image": kept[0].to_dict() if kept else None,  # the captured image, where capture is on
         }
-        history_id, replayed = await self.store.record(session, entry, idempotency_key)
+        try:
+            history_id, replayed = await self.store.record(session, entry, idempotency_key)
+        except Exception:
+            if self.captures is not None:
+                await self.captures.undo(session, kept)
+            raise
         if replayed:  # a retry overtook the first attempt; the first one's answer stands
             return await self._replay(session, history_id), True
-        return {"id": history_id, **entry, "timing_ms": timing_ms or {}}, False
+        return {"id": history_id, **entry, "feedback": None, "timing_ms": timing_ms or {}}, False
 
     async def _replay(self, session: Session, history_id: str) -> dict[str, Any]:
         try:
@@ -103,4 +134,8 @@ class Classifier:
         except NotFound:
             raise Conflict("This Idempotency-Key was answered before, but that history entry is gone; "
                            "use a new key.", code="idempotent_result_gone") from None
+        if self.feedback is not None:
+            item = (await self.feedback.attach(session.id, [item]))[0]
+        else:
+            item = {**with_defaults(item), "feedback": None}
         return {**item, "timing_ms": {}}

@@ -19,7 +19,9 @@ from PIL import Image
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
+from service.model_versions import in_canary
 from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
+from sessions.model_registry import Canary
 from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
 from sessions.store import HISTORY_ID, Session, now_ms
 from sessions.tokens import VerifiedToken, new_session_id
@@ -160,6 +162,10 @@ class FakeStore:
         stored.options = stored.options.merged(changes)
         return stored.options
 
+    async def alive(self, session_id: str) -> bool:
+        self.calls.append(("alive", session_id))
+        return session_id in self.sessions
+
     async def delete(self, session: Session) -> None:
         self.calls.append(("delete", session.id))
         if self.sessions.pop(session.id, None) is not None:
@@ -214,10 +220,18 @@ class FakeVersions:
     into the runner on `ensure`, as the real one loads them; any other (removed, or never published) is
     refused with a 409."""
 
-    def __init__(self, runner: ModelRunner | None = None, *, published: tuple[str, ...] = ()):
-        self.runner, self.published = runner, set(published)
+    def __init__(self, runner: ModelRunner | None = None, *, published: tuple[str, ...] = (),
+                 canary: Canary | None = None):
+        self.runner, self.published, self.canary = runner, set(published), canary
         self.ensured: list[str | None] = []
         self.checked: list[str] = []
+
+    def version_for(self, session_id: str | None, options: Options) -> str | None:
+        if options.model_version is not None:
+            return options.model_version
+        if self.canary is not None and session_id is not None and in_canary(session_id, self.canary):
+            return self.canary.version
+        return None
 
     async def ensure(self, version: str | None) -> None:
         self.ensured.append(version)
@@ -231,3 +245,99 @@ class FakeVersions:
     async def exists(self, version: str) -> bool:
         self.checked.append(version)
         return version in self.published or (self.runner is not None and self.runner.has_version(version))
+
+
+class FakeFeedbackRecords:
+    """`sessions.feedback.FeedbackStore` in memory: records by (session, history id), their time, and the
+    counters per version kept as the Lua scripts keep them (a replacement moves a record's share)."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], tuple[int, str]] = {}  # -> (time ms, JSON record)
+        self.counters: dict[str, list[int]] = {}  # version -> [count, agree]
+        self.pages: list[int] = []  # records handed out by each page() call
+
+    def _count(self, record: dict[str, Any], step: int) -> None:
+        counter = self.counters.setdefault(record["model"]["version"], [0, 0])
+        counter[0] += step
+        counter[1] += step if record["agrees"] else 0
+
+    async def set(self, session_id: str, history_id: str, record: dict[str, Any], *, at_ms: int,
+                  version: str, agrees: bool, keep_until_ms: int) -> bool:
+        assert record["model"]["version"] == version and record["agrees"] == agrees
+        old = self.records.get((session_id, history_id))
+        if old is not None:
+            self._count(json.loads(old[1]), -1)
+        self._count(record, 1)
+        self.records[(session_id, history_id)] = (at_ms, json.dumps(record))
+        return old is not None
+
+    async def get_many(self, session_id: str, history_ids: list[str]) -> list[dict[str, Any] | None]:
+        found = [self.records.get((session_id, history_id)) for history_id in history_ids]
+        return [json.loads(item[1]) if item else None for item in found]
+
+    async def delete(self, session_id: str, history_id: str) -> bool:
+        old = self.records.pop((session_id, history_id), None)
+        if old is not None:
+            self._count(json.loads(old[1]), -1)
+        return old is not None
+
+    async def erase_session(self, session_id: str) -> int:
+        mine = [key for key in self.records if key[0] == session_id]
+        for key in mine:
+            await self.delete(*key)
+        return len(mine)
+
+    async def stats(self) -> dict[str, tuple[int, int]]:
+        return {version: (count, agree) for version, (count, agree) in self.counters.items()}
+
+    async def page(self, since_ms: float, until_ms: float, *, after: tuple[float, int] | None,
+                   limit: int) -> tuple[list[dict[str, Any]], tuple[float, int] | None]:
+        rows = sorted((at, key) for key, (at, _) in self.records.items() if since_ms <= at < until_ms)
+        start = after[1] if after is not None else 0
+        chosen = rows[start:start + limit]
+        self.pages.append(len(chosen))
+        records = [json.loads(self.records[key][1]) for _, key in chosen]
+        return records, (0.0, start + limit) if len(chosen) == limit else None
+
+
+class FakeCaptureRefs:
+    """`sessions.captures.CaptureRefs` in memory: the holders of each image and when it was last sent."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, set[str]] = {}
+        self.seen: dict[str, int] = {}
+        self.sessions: dict[str, set[str]] = {}
+
+    async def add(self, session_id: str, sha256: str, at_ms: int, keep_until_ms: int) -> bool:
+        new = sha256 not in self.sessions.setdefault(session_id, set())
+        self.sessions[session_id].add(sha256)
+        self.owners.setdefault(sha256, set()).add(session_id)
+        self.seen[sha256] = at_ms
+        return new
+
+    async def release(self, session_id: str, sha256: str) -> bool:
+        self.sessions.get(session_id, set()).discard(sha256)
+        owners = self.owners.get(sha256, set())
+        if session_id not in owners:
+            return False
+        owners.discard(session_id)
+        if owners:
+            return False
+        self.seen.pop(sha256, None)
+        return True
+
+    async def session_images(self, session_id: str) -> list[str]:
+        return sorted(self.sessions.get(session_id, set()))
+
+    async def seen_at(self, sha256: str) -> float | None:
+        return self.seen.get(sha256)
+
+    async def older_than(self, cutoff_ms: int, limit: int) -> list[str]:
+        return sorted(sha for sha, at in self.seen.items() if at <= cutoff_ms)[:limit]
+
+    async def expire(self, sha256: str, cutoff_ms: int) -> bool:
+        if self.seen.get(sha256, 0) > cutoff_ms:
+            return False
+        self.seen.pop(sha256, None)
+        self.owners.pop(sha256, None)
+        return True

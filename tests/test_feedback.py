@@ -1,0 +1,445 @@
+"""Closing the loop with training, end to end on a real server, Redis and model: feedback on
+predictions, the quality per version it adds up to, captured images, erasing a session, and the
+training export.
+
+The module's server has a Redis database of its own, emptied first, so counts are exact.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from jsonschema import Draft202012Validator
+from PIL import Image
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
+from websockets.sync.client import connect as ws_connect
+
+from service.auth import api_key_hash
+from service.capture import Captures
+from service.feedback import session_hash
+from sessions.captures import CaptureRefs
+from sessions.feedback import FeedbackStore
+from tests.conftest import CAT_JPEG, COFFEE_JPEG, error_code, login, make_config
+
+ADMIN_KEY = "feedback-export-admin-key"
+ADMIN = {"Authorization": f"ApiKey {ADMIN_KEY}"}
+FEEDBACK_DB = 7
+
+
+def predict(http: httpx.Client, auth: dict[str, str], image: bytes = CAT_JPEG,
+            content_type: str = "image/jpeg") -> dict[str, Any]:
+    response = http.post("/v1/predict", headers={**auth, "Content-Type": content_type}, content=image)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def give(http: httpx.Client, auth: dict[str, str], history_id: str, body: Any) -> httpx.Response:
+    return http.put(f"/v1/history/{history_id}/feedback", headers=auth, json=body)
+
+
+def feedback_config(redis_url: str, capture_dir: str, **capture: Any):
+    return make_config(f"{redis_url.rsplit('/', 1)[0]}/{FEEDBACK_DB}",
+                       auth={"admin_api_keys": [api_key_hash(ADMIN_KEY)]},
+                       capture={"enabled": True, "store_dir": capture_dir, **capture},
+                       feedback={"export_page_size": 7})
+
+
+@pytest.fixture(scope="module")
+def feedback_server(serve, redis_server, tmp_path_factory) -> Iterator[Any]:
+    redis.Redis(port=redis_server.port, db=FEEDBACK_DB).flushdb()
+    capture_dir = tmp_path_factory.mktemp("captures")
+    with serve(feedback_config(redis_server.url, str(capture_dir))) as running:
+        running.capture_dir = capture_dir
+        yield running
+
+
+@pytest.fixture
+def http(feedback_server) -> Iterator[httpx.Client]:
+    with feedback_server.client() as client:
+        yield client
+
+
+def quality(http: httpx.Client, version: str) -> dict[str, Any]:
+    model = http.get("/v1/models", headers=ADMIN).json()["models"][0]
+    if model["configured"]["version"] == version:
+        return model["configured"]["feedback"]
+    return next(entry["feedback"] for entry in model["versions"] if entry["version"] == version)
+
+
+def test_feedback_by_index_and_by_name_replaces_and_is_withdrawn(http: httpx.Client) -> None:
+    auth = login(http)
+    item = predict(http, auth)
+    assert item["feedback"] is None
+    assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"] is None
+
+    by_index = give(http, auth, item["id"], {"label": 285, "comment": "an Egyptian cat"})
+    assert by_index.status_code == 200, by_index.text
+    body = by_index.json()
+    assert body["id"] == item["id"] and body["top_k"] == item["top_k"]
+    assert body["feedback"]["class_index"] == 285 and body["feedback"]["label"] == "Egyptian cat"
+    assert body["feedback"]["comment"] == "an Egyptian cat" and body["feedback"]["created_at"].endswith("Z")
+
+    by_name = give(http, auth, item["id"], {"label": "  MOTOR Scooter "})  # a repeat replaces it
+    assert by_name.status_code == 200
+    assert by_name.json()["feedback"] == {**by_name.json()["feedback"], "class_index": 670, "label": "motor scooter",
+                                          "comment": None}
+    listed = http.get("/v1/history", headers=auth).json()["items"]
+    assert [entry["feedback"]["class_index"] for entry in listed] == [670]
+    assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"]["label"] == "motor scooter"
+
+    withdrawn = http.delete(f"/v1/history/{item['id']}/feedback", headers=auth)
+    assert withdrawn.status_code == 204 and not withdrawn.content
+    assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"] is None
+    assert http.delete(f"/v1/history/{item['id']}/feedback", headers=auth).status_code == 204  # idempotent
+
+
+def test_every_refusal_of_feedback(http: httpx.Client, feedback_server) -> None:
+    auth, other = login(http), login(http)
+    item = predict(http, auth)
+    for history_id in ("1-0", "not-an-id", item["id"]):
+        who = other if history_id == item["id"] else auth  # another session's item reads as unknown
+        missing = give(http, who, history_id, {"label": 1})
+        assert missing.status_code == 404 and error_code(missing) == "history_item_not_found", history_id
+        gone = http.delete(f"/v1/history/{history_id}/feedback", headers=who)
+        assert gone.status_code == 404 and error_code(gone) == "history_item_not_found"
+    limit = feedback_server.config.feedback.max_comment_chars
+    for body in ({"label": 1000}, {"label": -1}, {"label": "no such label"}, {"label": "cardigan"},  # two classes
+                 {"label": True}, {"label": 3.5}, {"label": None}, {}, {"label": 1, "comment": "x" * (limit + 1)},
+                 {"label": 1, "comment": 5}, {"label": 1, "extra": 1}):
+        refused = give(http, auth, item["id"], body)
+        assert refused.status_code == 422 and error_code(refused) == "invalid_feedback", body
+    assert give(http, auth, item["id"], {"label": 1, "comment": "x" * limit}).status_code == 200
+    assert error_code(http.put(f"/v1/history/{item['id']}/feedback", headers=auth, content=b"{")) == "malformed_json"
+    assert error_code(give(http, auth, item["id"], [1])) == "invalid_json_type"
+    assert give(http, {}, item["id"], {"label": 1}).status_code == 401
+    assert give(http, ADMIN, item["id"], {"label": 1}).status_code == 401
+
+
+def test_agreement_per_version_adds_up_known_feedback(http: httpx.Client) -> None:
+    version = http.get("/v1/models", headers=ADMIN).json()["models"][0]["configured"]["version"]
+    before = quality(http, version)
+    auth = login(http)
+    items = [predict(http, auth) for _ in range(4)]
+    top1 = items[0]["predicted_class"]
+    assert all(item["predicted_class"] == top1 for item in items)
+    # Three agree with the top-1, one does not; then one agreeing is replaced by a disagreeing one.
+    for item, label in zip(items, [top1, top1, top1, 1], strict=True):
+        assert give(http, auth, item["id"], {"label": label}).status_code == 200
+    assert give(http, auth, items[0]["id"], {"label": 2}).status_code == 200
+    after = quality(http, version)
+    count = before["count"] + 4
+    agreeing = round((before["agreement"] or 0) * before["count"]) + 2
+    assert after == {"count": count, "agreement": round(agreeing / count, 4)}
+    assert http.delete(f"/v1/history/{items[3]['id']}/feedback", headers=auth).status_code == 204
+    assert quality(http, version) == {"count": count - 1, "agreement": round(agreeing / (count - 1), 4)}
+    metrics = http.get("/metrics").text
+    assert f'inference_feedback_total{{agreement="true",version="{version}"}}' in metrics
+    assert f'inference_feedback_total{{agreement="false",version="{version}"}}' in metrics
+
+
+def test_a_replayed_predict_shows_its_feedback(http: httpx.Client) -> None:
+    auth = login(http)
+    keyed = {**auth, "Idempotency-Key": "feedback-replay-1"}
+    first = http.post("/v1/predict", headers={**keyed, "Content-Type": "image/jpeg"}, content=COFFEE_JPEG).json()
+    assert give(http, auth, first["id"], {"label": 967}).status_code == 200
+    again = http.post("/v1/predict", headers={**keyed, "Content-Type": "image/jpeg"}, content=COFFEE_JPEG)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["feedback"]["class_index"] == 967
+
+
+def png_bytes(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def captured_files(directory: Path) -> set[str]:
+    return {path.name for path in directory.rglob("*") if path.is_file()}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_captured_images_are_read_back_byte_for_byte_by_their_session_only(http: httpx.Client,
+                                                                           feedback_server) -> None:
+    auth, other = login(http), login(http)
+    jpeg = predict(http, auth)
+    png = png_bytes((10, 200, 30))
+    multipart = http.post("/v1/predict", headers=auth, files={"image": ("x.png", png, "image/png")}).json()
+    assert jpeg["image"] == {"sha256": sha(CAT_JPEG), "content_type": "image/jpeg", "size": len(CAT_JPEG)}
+    assert multipart["image"] == {"sha256": sha(png), "content_type": "image/png", "size": len(png)}
+    for item, data, media in ((jpeg, CAT_JPEG, "image/jpeg"), (multipart, png, "image/png")):
+        got = http.get(f"/v1/history/{item['id']}/image", headers=auth)
+        assert got.status_code == 200 and got.content == data and got.headers["Content-Type"] == media
+        assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["image"] == item["image"]
+        refused = http.get(f"/v1/history/{item['id']}/image", headers=other)
+        assert refused.status_code == 404 and error_code(refused) == "history_item_not_found"
+    assert http.get(f"/v1/history/{jpeg['id']}/image").status_code == 401
+    # Stored once per content: the same image from another session is the same file.
+    again = predict(http, other)
+    assert again["image"] == jpeg["image"]
+    assert len([name for name in captured_files(feedback_server.capture_dir) if name == sha(CAT_JPEG)]) == 1
+    assert not [name for name in captured_files(feedback_server.capture_dir) if name.endswith(".partial")]
+
+
+def test_the_protocol_route_with_a_session_captures_too_and_a_tensor_is_not_an_image(http: httpx.Client) -> None:
+    auth = login(http)
+    png = png_bytes((1, 2, 3))
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(png).decode()]}]}
+    assert http.post("/v2/models/efficientnet_lite0/infer", json=body, headers=auth).status_code == 200
+    item = http.get("/v1/history", headers=auth).json()["items"][0]
+    assert item["image"]["sha256"] == sha(png)
+    assert http.get(f"/v1/history/{item['id']}/image", headers=auth).content == png
+    tensor = {"inputs": [{"name": "preprocessed", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                          "data": [0.0] * (3 * 32 * 32)}]}
+    assert http.post("/v2/models/efficientnet_lite0/infer", json=tensor, headers=auth).status_code == 200
+    item = http.get("/v1/history", headers=auth).json()["items"][0]
+    assert item["image"] is None
+    missing = http.get(f"/v1/history/{item['id']}/image", headers=auth)
+    assert missing.status_code == 404 and error_code(missing) == "image_not_found"
+
+
+def test_the_stream_captures_too(http: httpx.Client, feedback_server) -> None:
+    auth = login(http)
+    png = png_bytes((3, 140, 3))
+    url = feedback_server.url.replace("http://", "ws://") + "/v1/stream"
+    with ws_connect(url, additional_headers=auth, open_timeout=30) as socket:
+        assert json.loads(socket.recv(timeout=30))["type"] == "ready"
+        socket.send(png)
+        result = json.loads(socket.recv(timeout=30))
+    assert result["type"] == "result" and result["result"]["feedback"] is None
+    assert result["result"]["image"]["sha256"] == sha(png)
+    assert http.get(f"/v1/history/{result['result']['id']}/image", headers=auth).content == png
+
+
+def test_without_capture_nothing_is_kept(client: httpx.Client) -> None:
+    auth = login(client)
+    item = predict(client, auth)
+    assert item["image"] is None
+    missing = client.get(f"/v1/history/{item['id']}/image", headers=auth)
+    assert missing.status_code == 404 and error_code(missing) == "image_not_found"
+
+
+def test_erase_removes_the_sessions_feedback_and_images_but_not_an_image_another_session_holds(
+        http: httpx.Client, feedback_server) -> None:
+    erased, keeper = login(http), login(http)
+    unique = png_bytes((250, 1, 99))
+    shared, own = predict(http, erased), predict(http, erased, unique, "image/png")
+    kept = predict(http, keeper)  # the same cat: one file, two holders
+    assert give(http, erased, own["id"], {"label": 3}).status_code == 200
+    assert give(http, erased, shared["id"], {"label": 4}).status_code == 200
+    assert {sha(unique), sha(CAT_JPEG)} <= captured_files(feedback_server.capture_dir)
+    version = shared["model"]["version"]
+    before = quality(http, version)["count"]
+
+    bad = http.delete("/v1/session", headers=erased, params={"erase": "yes"})
+    assert bad.status_code == 400 and error_code(bad) == "invalid_parameter"
+    assert http.delete("/v1/session", headers=erased, params={"erase": "true"}).status_code == 204
+    assert error_code(http.get("/v1/session", headers=erased)) == "session_revoked"
+    assert sha(unique) not in captured_files(feedback_server.capture_dir)
+    assert sha(CAT_JPEG) in captured_files(feedback_server.capture_dir)
+    assert http.get(f"/v1/history/{kept['id']}/image", headers=keeper).content == CAT_JPEG
+    assert quality(http, version)["count"] == before - 2
+
+
+def new_session(http: httpx.Client) -> tuple[dict[str, str], str]:
+    body = http.post("/v1/sessions").json()
+    return {"Authorization": f"Bearer {body['token']}"}, body["session_id"]
+
+
+def export(http: httpx.Client, **params: Any) -> httpx.Response:
+    return http.get("/v1/feedback/export", headers=ADMIN, params=params)
+
+
+def tar_items(content: bytes) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes}, read as a stream, as WebDataset reads it."""
+    items: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(content), mode="r|") as archive:
+        for member in archive:
+            key, _, extension = member.name.partition(".")
+            data = archive.extractfile(member)
+            assert data is not None and member.isfile()
+            items.setdefault(key, {})[extension] = data.read()
+    return items
+
+
+def test_the_export_is_a_tar_of_json_class_and_image_per_item_and_jsonl(http: httpx.Client) -> None:
+    started = int(time.time() * 1000)
+    auth, session_id = new_session(http)
+    png = png_bytes((90, 80, 70))
+    cat, square = predict(http, auth), predict(http, auth, png, "image/png")
+    predict(http, auth, COFFEE_JPEG)  # no feedback: not exported
+    assert give(http, auth, cat["id"], {"label": 285, "comment": "Egyptian"}).status_code == 200
+    assert give(http, auth, square["id"], {"label": "Motor Scooter"}).status_code == 200
+
+    response = export(http, since=started)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/x-tar"
+    assert response.headers.get("Transfer-Encoding") == "chunked"  # streamed, not buffered to a length
+    assert session_id.encode() not in response.content  # only its hash
+    items = tar_items(response.content)
+    key = f"{session_hash(session_id)}-{cat['id']}"
+    assert set(items) == {key, f"{session_hash(session_id)}-{square['id']}"}
+    assert set(items[key]) == {"json", "cls", "jpg"} and items[key]["jpg"] == CAT_JPEG
+    assert items[key]["cls"] == b"285"
+    record = json.loads(items[key]["json"])
+    assert record["key"] == key and record["session"] == session_hash(session_id) and record["history_id"] == cat["id"]
+    assert record["prediction"] == {"class_index": cat["predicted_class"], "label": cat["label"],
+                                    "top_k": cat["top_k"]}
+    assert record["feedback"]["class_index"] == 285 and record["feedback"]["label"] == "Egyptian cat"
+    assert record["feedback"]["comment"] == "Egyptian" and record["predicted_at"] == cat["created_at"]
+    assert record["agrees"] is (cat["predicted_class"] == 285)
+    assert record["model"] == cat["model"] and record["options"] == cat["options"]
+    assert record["image"] == {**cat["image"], "file": f"{key}.jpg"}
+    square_key = f"{session_hash(session_id)}-{square['id']}"
+    assert items[square_key]["png"] == png and items[square_key]["cls"] == b"670"
+
+    lines = export(http, since=started, format="jsonl")
+    assert lines.status_code == 200 and lines.headers["Content-Type"] == "application/x-ndjson"
+    records = [json.loads(line) for line in lines.text.splitlines()]
+    assert [r["key"] for r in records] == [key, square_key]  # oldest feedback first
+    assert records[0] == {**record, "image": {**cat["image"], "file": None}}
+
+
+def test_export_filters_and_refusals(http: httpx.Client) -> None:
+    auth = login(http)
+    first = predict(http, auth)
+    assert give(http, auth, first["id"], {"label": 1}).status_code == 200
+    middle = int(time.time() * 1000) + 1
+    time.sleep(0.01)
+    second = predict(http, auth)
+    assert give(http, auth, second["id"], {"label": 2}).status_code == 200
+    after = int(time.time() * 1000) + 1
+
+    def history_ids(**params: Any) -> list[str]:
+        response = export(http, format="jsonl", **params)
+        assert response.status_code == 200, response.text
+        return [json.loads(line)["history_id"] for line in response.text.splitlines()]
+
+    assert history_ids(since=middle) == [second["id"]]
+    iso_middle = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(middle / 1000)) + f".{middle % 1000:03d}Z"
+    assert history_ids(since=iso_middle) == [second["id"]]
+    assert first["id"] in history_ids(until=middle) and second["id"] not in history_ids(until=middle)
+    assert history_ids(since=after) == []
+    version = first["model"]["version"]
+    assert history_ids(since=middle, model_version=version) == [second["id"]]
+    assert history_ids(model_version="another-version") == []
+    empty = export(http, since=after)
+    assert empty.status_code == 200 and tar_items(empty.content) == {}
+    for params in ({"since": "yesterday"}, {"until": "2026-13-01"}, {"since": after, "until": middle},
+                   {"format": "zip"}, {"model_version": "bad version!"}, {"version": version}):
+        refused = export(http, **params)
+        assert refused.status_code == 400 and error_code(refused) == "invalid_parameter", params
+    for headers, code in (({}, "missing_api_key"), (auth, "missing_api_key"),
+                          ({"Authorization": "ApiKey wrong"}, "invalid_api_key")):
+        refused = http.get("/v1/feedback/export", headers=headers)
+        assert refused.status_code == 401 and error_code(refused) == code
+
+
+def test_a_large_export_pages_through_every_item_once(http: httpx.Client, feedback_server) -> None:
+    started = int(time.time() * 1000)
+    auth, session_id = new_session(http)
+    items = [predict(http, auth, png_bytes((n, 0, 0)), "image/png") for n in range(24)]
+    for n, item in enumerate(items):  # feedback given within the same milliseconds pages by position
+        assert give(http, auth, item["id"], {"label": n}).status_code == 200
+    assert feedback_server.config.feedback.export_page_size < len(items)  # several pages
+    with http.stream("GET", "/v1/feedback/export", headers=ADMIN, params={"since": started}) as response:
+        chunks = [chunk for chunk in response.iter_raw()]
+    exported = tar_items(b"".join(chunks))
+    assert sorted(exported) == sorted(f"{session_hash(session_id)}-{item['id']}" for item in items)
+    assert all(exported[f"{session_hash(session_id)}-{item['id']}"]["png"] == png_bytes((n, 0, 0))
+               for n, item in enumerate(items))
+
+
+def test_pages_of_the_feedback_index_split_records_of_one_millisecond(feedback_server, loop_thread) -> None:
+    store = FeedbackStore(feedback_server.store.redis, "page-test-model")
+    record = {"model": {"version": "v"}, "agrees": False}
+
+    async def fill_and_read() -> list[str]:
+        for n in range(10):
+            await store.set("s", f"{n}-0", {**record, "n": n}, at_ms=5000 + (n >= 8), version="v", agrees=False,
+                            keep_until_ms=2**41)
+        seen, cursor = [], None
+        while True:
+            page, cursor = await store.page(0, 10**13, after=cursor, limit=3)
+            seen += [f"{item['n']}" for item in page]
+            if cursor is None:
+                return seen
+
+    assert sorted(loop_thread.run(fill_and_read()), key=int) == [str(n) for n in range(10)]
+    assert loop_thread.run(store.stats()) == {"v": (10, 0)}
+
+
+def test_erase_removes_everything_of_the_session_from_the_export(http: httpx.Client) -> None:
+    started = int(time.time() * 1000)
+    (erased, erased_id), (keeper, keeper_id) = new_session(http), new_session(http)
+    for auth in (erased, keeper):
+        item = predict(http, auth, COFFEE_JPEG)
+        assert give(http, auth, item["id"], {"label": 967}).status_code == 200
+    sessions = {json.loads(line)["session"] for line in export(http, since=started, format="jsonl").text.splitlines()}
+    assert sessions == {session_hash(erased_id), session_hash(keeper_id)}
+    assert http.delete("/v1/session", headers=erased, params={"erase": "true"}).status_code == 204
+    items = tar_items(export(http, since=started).content)
+    assert {key.split("-")[0] for key in items} == {session_hash(keeper_id)}
+    assert next(iter(items.values()))["jpg"] == COFFEE_JPEG  # the shared image stays for the keeper
+
+
+def test_answers_match_the_documented_schemas(http: httpx.Client) -> None:
+    document = http.get("/openapi.json").json()
+    registry = Registry().with_resource("urn:api", Resource.from_contents(document,
+                                                                        default_specification=DRAFT202012))
+
+    def check(response: httpx.Response, path: str, method: str) -> None:
+        responses = document["paths"][path][method]["responses"]
+        assert str(response.status_code) in responses, f"{method} {path} answered {response.status_code}"
+        content = responses[str(response.status_code)].get("content", {}).get("application/json")
+        if content:
+            pointer = content["schema"]["$ref"].removeprefix("#")
+            Draft202012Validator({"$ref": f"urn:api#{pointer}"}, registry=registry).validate(response.json())
+
+    auth = login(http)
+    item = predict(http, auth)
+    check(http.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=CAT_JPEG),
+          "/v1/predict", "post")
+    check(give(http, auth, item["id"], {"label": 3, "comment": "x"}), "/v1/history/{id}/feedback", "put")
+    check(give(http, auth, item["id"], {"label": 3000}), "/v1/history/{id}/feedback", "put")
+    check(give(http, auth, "1-0", {"label": 3}), "/v1/history/{id}/feedback", "put")
+    check(http.delete(f"/v1/history/{item['id']}/feedback", headers=auth), "/v1/history/{id}/feedback", "delete")
+    check(http.get(f"/v1/history/{item['id']}", headers=auth), "/v1/history/{id}", "get")
+    check(http.get("/v1/history", headers=auth), "/v1/history", "get")
+    check(http.get(f"/v1/history/{item['id']}/image", headers=auth), "/v1/history/{id}/image", "get")
+    check(http.get("/v1/history/1-0/image", headers=auth), "/v1/history/{id}/image", "get")
+    check(http.get("/v1/models", headers=auth), "/v1/models", "get")
+    check(export(http, since="x"), "/v1/feedback/export", "get")
+    check(http.get("/v1/feedback/export", headers=auth), "/v1/feedback/export", "get")
+    check(export(http, format="jsonl"), "/v1/feedback/export", "get")
+    check(http.delete("/v1/session", headers=auth, params={"erase": "maybe"}), "/v1/session", "delete")
+
+
+def test_retention_deletes_images_nobody_sent_within_it(http: httpx.Client, feedback_server, loop_thread) -> None:
+    auth = login(http)
+    item = predict(http, auth, png_bytes((7, 7, 7)), "image/png")
+    captures = Captures(CaptureRefs(feedback_server.store.redis), store_dir=feedback_server.capture_dir,
+                        enabled=True, retention_days=1)
+    assert loop_thread.run(captures.sweep()) == 0  # nothing is a day old
+    day_later = int(time.time() * 1000) + 24 * 3600 * 1000 + 1000
+    assert loop_thread.run(captures.sweep(now=day_later)) >= 1
+    assert item["image"]["sha256"] not in captured_files(feedback_server.capture_dir)
+    gone = http.get(f"/v1/history/{item['id']}/image", headers=auth)
+    assert gone.status_code == 404 and error_code(gone) == "image_not_found"
+    again = predict(http, auth, png_bytes((7, 7, 7)), "image/png")  # sent again: kept again
+    assert http.get(f"/v1/history/{again['id']}/image", headers=auth).status_code == 200
+    captures.close()
