@@ -70,8 +70,15 @@ def parse_traffic_percent(body: dict[str, Any]) -> int:
     return percent
 
 
-def in_canary(session_id: str, canary: Canary) -> bool:
-    """Whether the canary serves this session: stable for the session and the canary's version."""
+def in_canary(session_id: str, canary: Canary, slot: int | None = None) -> bool:
+    """Whether the canary serves this session: stable for the session and the canary's version.
+
+    `slot`: the session's canary slot (sessions.store.canary_slot), shifted by a hash of the version so
+    that each canary takes other sessions, and exactly its share of any 100 consecutive new ones. A
+    session older than slots falls back to a hash of its id and the version."""
+    if slot is not None:
+        shift = int.from_bytes(hashlib.sha256(canary.version.encode()).digest()[:8], "big")
+        return (slot + shift) % 100 < canary.traffic_percent
     digest = hashlib.sha256(f"{session_id}:{canary.version}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 100 < canary.traffic_percent
 
@@ -173,13 +180,14 @@ class ModelVersions:
         return ServedModel(model, self._backend_for(model))
 
     # -- activating, pinning, removing ------------------------------------------------------------
-    def version_for(self, session_id: str | None, options: Options) -> str | None:
+    def version_for(self, session_id: str | None, options: Options, slot: int | None = None) -> str | None:
         """The version a session's request runs: its pinned one, else the canary's where the canary
-        serves the session, else None (the active version). Anonymous requests run the active one."""
+        serves the session (`slot`: its canary slot), else None (the active version). Anonymous requests
+        run the active one."""
         if options.model_version is not None:
             return options.model_version
         canary = self.canary
-        if canary is not None and session_id is not None and in_canary(session_id, canary):
+        if canary is not None and session_id is not None and in_canary(session_id, canary, slot):
             return canary.version
         return None
 

@@ -1,10 +1,11 @@
 """The Redis-backed session store: the only code that knows Redis keys.
 
 Layout, per session, all under one hash tag so a session's keys share a Redis Cluster slot:
-    sess:{<id>}            hash: created_at, deadline (ms), predictions, opt:<name> (JSON per option)
+    sess:{<id>}            hash: created_at, deadline (ms), predictions, canary_slot, opt:<name> (JSON per option)
     sess:{<id>}:history    stream: one entry per prediction, newest last, capped with MAXLEN
     sess:{<id>}:revoked    tombstone left by logout for as long as the session could still have been used
     login:{<who>}          token bucket of logins for one API key or client address
+    canary:slots           sessions ever created: deals each new one its canary slot
 
 Every write is atomic on the server (HSET, HINCRBY, XADD, a Lua script, or WATCH/MULTI), never a
 read-modify-write of a blob, so concurrent requests on one session cannot lose each other's work.
@@ -170,6 +171,9 @@ class Session:
     predictions: int
     # Set when this request repeats an idempotency key already answered: that answer's history id.
     replay_of: str | None = None
+    # 0..99, dealt at login from a shared counter (canary_slot): where the session falls in canaries.
+    # None for sessions created before slots existed.
+    canary_slot: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -179,6 +183,18 @@ class Session:
             "options": self.options.to_dict(),
             "predictions": self.predictions,
         }
+
+
+#: The count of sessions ever created, which deals each new session its canary slot.
+CANARY_SLOTS_KEY = "canary:slots"
+# Coprime to 100: any 100 consecutive sessions get each slot 0..99 once, spread rather than in order.
+_SLOT_STRIDE = 37
+
+
+def canary_slot(number: int) -> int:
+    """The slot of the `number`th session: a canary at p percent takes exactly p of any 100 consecutive
+    new sessions, where a hash of random ids would take p only on average."""
+    return number * _SLOT_STRIDE % 100
 
 
 STORE_UNAVAILABLE_MESSAGE = "The session store is unavailable; retry shortly."
@@ -333,11 +349,12 @@ class SessionStore:
         created = now_ms()
         deadline = created + self.max_lifetime_ms
         key, _, _ = self._keys(session_id)
-        fields = {"created_at": created, "deadline": deadline, "predictions": 0}
+        slot = canary_slot(await self.redis.incr(CANARY_SLOTS_KEY))
+        fields = {"created_at": created, "deadline": deadline, "predictions": 0, "canary_slot": slot}
         fields |= {_OPTION_PREFIX + k: v for k, v in options.to_redis().items()}
         expires = self._expiry(deadline)
         await self._create(keys=[key], args=[expires, *_flatten(fields)])
-        return Session(session_id, created, expires, deadline, options, 0)
+        return Session(session_id, created, expires, deadline, options, 0, canary_slot=slot)
 
     @store_errors
     @_retried_once
@@ -377,6 +394,7 @@ class SessionStore:
             options=options,
             predictions=int(fields.get("predictions", 0)),
             replay_of=fields.get("__replay"),
+            canary_slot=int(fields["canary_slot"]) if "canary_slot" in fields else None,
         )
 
     @store_errors

@@ -23,7 +23,7 @@ from service.model_versions import in_canary
 from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
 from sessions.model_registry import Canary
 from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
-from sessions.store import HISTORY_ID, Session, now_ms
+from sessions.store import HISTORY_ID, Session, canary_slot, now_ms
 from sessions.tokens import VerifiedToken, new_session_id
 
 CLASSES = 10
@@ -39,6 +39,7 @@ class _Stored:
     idempotent: dict[str, str] = dataclasses.field(default_factory=dict)  # idempotency key -> history id
     tokens: float | None = None  # the rate limit's bucket; None: full
     predictions: int = 0  # every one recorded, unlike the capped history
+    canary_slot: int | None = None
 
 
 class FakeStore:
@@ -54,6 +55,7 @@ class FakeStore:
         self.rate_limit_per_minute = rate_limit_per_minute
         self.max_lifetime_ms = max_lifetime_seconds * 1000
         self.sessions: dict[str, _Stored] = {}
+        self.created = 0  # sessions ever created: deals the canary slots, as the real store does
         self.revoked: set[str] = set()  # logout's tombstones
         self.logins: dict[str, float] = {}  # who -> tokens left
         self.calls: list[tuple[str, Any]] = []  # (method, its main argument), in order
@@ -76,7 +78,7 @@ class FakeStore:
 
     def _session(self, session_id: str, stored: _Stored, replay_of: str | None = None) -> Session:
         return Session(session_id, stored.created_at_ms, min(now_ms() + 600_000, stored.deadline_ms),
-                       stored.deadline_ms, stored.options, stored.predictions, replay_of)
+                       stored.deadline_ms, stored.options, stored.predictions, replay_of, stored.canary_slot)
 
     def _next_id(self) -> str:
         """A Redis stream id: milliseconds and a sequence, always increasing."""
@@ -98,7 +100,8 @@ class FakeStore:
     async def create(self, options: Options) -> Session:
         self.calls.append(("create", options))
         session_id, created = new_session_id(), now_ms()
-        stored = _Stored(created, created + self.max_lifetime_ms, options)
+        self.created += 1
+        stored = _Stored(created, created + self.max_lifetime_ms, options, canary_slot=canary_slot(self.created))
         self.sessions[session_id] = stored
         return self._session(session_id, stored)
 
@@ -226,10 +229,10 @@ class FakeVersions:
         self.ensured: list[str | None] = []
         self.checked: list[str] = []
 
-    def version_for(self, session_id: str | None, options: Options) -> str | None:
+    def version_for(self, session_id: str | None, options: Options, slot: int | None = None) -> str | None:
         if options.model_version is not None:
             return options.model_version
-        if self.canary is not None and session_id is not None and in_canary(session_id, self.canary):
+        if self.canary is not None and session_id is not None and in_canary(session_id, self.canary, slot):
             return self.canary.version
         return None
 

@@ -13,6 +13,7 @@ from service.classify import Classifier
 from service.model_versions import InvalidTrafficPercent, in_canary, parse_traffic_percent
 from sessions.model_registry import Canary
 from sessions.options import Options
+from sessions.store import canary_slot
 from sessions.tokens import new_session_id
 from tests.unit.fakes import FakeStore, FakeVersions, solid_image
 
@@ -30,6 +31,20 @@ def test_assignment_is_stable_and_serves_about_the_share_asked() -> None:
     # Another canary version draws another share: no session is always the guinea pig.
     again = {session for session in sessions if in_canary(session, Canary("v3", 20, "v1", 0))}
     assert again != set(chosen)
+
+
+@pytest.mark.parametrize("version", ["v2", "fb-1", "2026-12-01"])
+@pytest.mark.parametrize("percent", [1, 10, 20, 50, 99])
+def test_slots_give_a_canary_exactly_its_share_of_any_100_consecutive_new_sessions(version: str,
+                                                                                   percent: int) -> None:
+    canary = Canary(version, percent, "v1", 0)
+    first = 1 + sum(map(ord, version)) * percent  # anywhere in the count
+    chosen = [in_canary("unused", canary, canary_slot(number)) for number in range(first, first + 300)]
+    for start in range(0, 201, 25):
+        assert sum(chosen[start:start + 100]) == percent
+    # Another version's canary takes other sessions: nobody is always the guinea pig.
+    assert chosen[:100] != [in_canary("unused", Canary("v9", percent, "v1", 0), canary_slot(number))
+                            for number in range(first, first + 100)]
 
 
 def test_traffic_percent_is_one_to_a_hundred_and_defaults_to_all() -> None:
@@ -53,7 +68,7 @@ def test_the_classifier_runs_each_session_on_its_version_and_a_pin_wins(store: F
             answer, _ = asyncio.run(classifier.classify(session, solid_image(1), Options()))
             assert "model_version" not in answer["options"]  # what is recorded is the session's own options
             served.setdefault(session.id, set()).add(answer["model"]["version"])
-        expected = "v2" if in_canary(session.id, canary) else "v1"
+        expected = "v2" if in_canary(session.id, canary, session.canary_slot) else "v1"
         assert served[session.id] == {expected}
     assert {version for versions_seen in served.values() for version in versions_seen} == {"v1", "v2"}
     pinned = asyncio.run(store.create(Options(model_version="v3")))
