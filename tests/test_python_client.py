@@ -351,3 +351,69 @@ def test_image_inputs(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         protocol.encode_image(42)
     assert protocol.query_params({"top_k": 3, "mean": [1, 2, 3], "crop": None}) == {"top_k": "3", "mean": "1,2,3"}
+
+
+def test_feedback_calls_on_the_wire() -> None:
+    item = {"id": "1/0", "feedback": {"class_index": 282, "label": "tiger cat", "comment": "stripes"}}
+    script = Script(httpx.Response(200, json=item), httpx.Response(200, json=item), httpx.Response(204),
+                    httpx.Response(200, content=CAT_JPEG, headers={"Content-Type": "image/jpeg"}),
+                    httpx.Response(200, json={"version": "v2"}), httpx.Response(204))
+    with mock_client(script) as client:
+        assert client.feedback("1/0", 282, "stripes") == item
+        client.feedback("1/0", "Tiger Cat")
+        assert client.remove_feedback("1/0") is None
+        assert client.history_image("1/0") == CAT_JPEG
+        client.activate_version("m", "v2", admin_key="a", traffic_percent=10)
+        client.logout(erase=True)
+        assert client.token is None
+    put, put_name, delete, image, activate, logout = script.requests
+    assert (put.method, put.url.raw_path) == ("PUT", b"/v1/history/1%2F0/feedback")
+    assert json.loads(put.content) == {"label": 282, "comment": "stripes"}
+    assert put.headers["Authorization"] == "Bearer t" and put.headers["Content-Type"] == "application/json"
+    assert json.loads(put_name.content) == {"label": "Tiger Cat"}
+    assert (delete.method, delete.url.raw_path) == ("DELETE", b"/v1/history/1%2F0/feedback")
+    assert (image.method, image.url.raw_path) == ("GET", b"/v1/history/1%2F0/image")
+    assert json.loads(activate.content) == {"traffic_percent": 10}
+    assert activate.url.raw_path == b"/v1/models/m/versions/v2:activate"
+    assert (logout.method, logout.url.raw_path) == ("DELETE", b"/v1/session?erase=true")
+    for label in (2.5, True, None):
+        with pytest.raises(TypeError, match="label"):
+            protocol.feedback("1-0", label)  # type: ignore[arg-type]
+    assert protocol.activate_version("m", "v", "a").json is None  # no body: the server's default, 100
+    assert protocol.logout().params is None
+
+
+def test_feedback_refusals_are_typed_and_not_retried(sleeps: list[float]) -> None:
+    script = Script(error(422, "invalid_feedback"), error(404, "history_item_not_found"),
+                    error(404, "history_item_not_found"))
+    with mock_client(script) as client:
+        with pytest.raises(ValidationError, match="invalid_feedback"):
+            client.feedback("1-0", "no such label")
+        with pytest.raises(NotFoundError):
+            client.remove_feedback("1-0")
+        with pytest.raises(NotFoundError) as missing:
+            client.history_image("1-0")
+    assert missing.value.status == 404 and len(script.requests) == 3 and not sleeps
+
+
+def test_async_feedback_calls() -> None:
+    item = {"id": "1-0", "feedback": {"class_index": 3, "label": "tiger shark", "comment": None}}
+    script = Script(httpx.Response(200, json=item), httpx.Response(204),
+                    httpx.Response(200, content=CAT_JPEG, headers={"Content-Type": "image/jpeg"}),
+                    httpx.Response(204))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return script(request)
+
+    async def run() -> None:
+        async with AsyncClient("http://mock", token="t", transport=httpx.MockTransport(handler)) as c:
+            assert await c.feedback("1-0", 3) == item
+            await c.remove_feedback("1-0")
+            assert await c.history_image("1-0") == CAT_JPEG
+            await c.logout(erase=True)
+
+    asyncio.run(run())
+    assert [(r.method, r.url.raw_path) for r in script.requests] == [
+        ("PUT", b"/v1/history/1-0/feedback"), ("DELETE", b"/v1/history/1-0/feedback"),
+        ("GET", b"/v1/history/1-0/image"), ("DELETE", b"/v1/session?erase=true")]
+    assert json.loads(script.requests[0].content) == {"label": 3}

@@ -64,6 +64,16 @@ export interface HistoryItem {
   top_k: Score[];
   options: Options;
   model: ModelInfo;
+  /** The corrected label the session gave (PUT .../feedback), or null. */
+  feedback: Feedback | null;
+}
+
+/** A user's correction of a prediction. */
+export interface Feedback {
+  class_index: number;
+  label: string;
+  comment: string | null;
+  created_at: string;
 }
 
 /** The answer of predict(): the history item plus timings. */
@@ -205,8 +215,8 @@ export class Client {
   options(): Promise<Options>;
   /** PATCH /v1/session/options; resolves to the options after the change. */
   setOptions(changes: OptionChanges): Promise<Options>;
-  /** DELETE /v1/session; clears the token. */
-  logout(): Promise<void>;
+  /** DELETE /v1/session; clears the token. `erase: true` also erases the session's history, feedback and captured images. */
+  logout(args?: { erase?: boolean }): Promise<void>;
 
   /** POST /v1/predict with the raw image; `overrides` apply to this request only. */
   predict(image: ImageInput, overrides?: PredictOverrides): Promise<Prediction>;
@@ -222,8 +232,8 @@ export class Client {
   models(args?: { adminKey?: string }): Promise<ModelList>;
   /** PUT a state_dict file as a new version (admin key), with its SHA-256. */
   publishVersion(name: string, version: string, weights: Uint8Array | ArrayBuffer | Blob, args: { adminKey: string }): Promise<ModelVersion>;
-  /** Serve `version` to new requests on every replica (admin key). */
-  activateVersion(name: string, version: string, args: { adminKey: string }): Promise<ModelVersion>;
+  /** Serve `version` to new requests on every replica (admin key); `trafficPercent` (1–100) below 100 makes it a canary for that share of sessions. */
+  activateVersion(name: string, version: string, args: { adminKey: string; trafficPercent?: number }): Promise<ModelVersion>;
   /** Remove a version that is not active (admin key). */
   removeVersion(name: string, version: string, args: { adminKey: string }): Promise<void>;
 
@@ -233,6 +243,12 @@ export class Client {
   history(args?: { limit?: number; before?: string | null }): AsyncGenerator<HistoryItem, void, undefined>;
   /** GET /v1/history/<id>. */
   historyItem(id: string): Promise<HistoryItem>;
+  /** PUT /v1/history/<id>/feedback: the right label (class index or label name, any case); resolves to the item with its feedback. */
+  feedback(id: string, label: number | string, args?: { comment?: string }): Promise<HistoryItem>;
+  /** DELETE /v1/history/<id>/feedback. */
+  removeFeedback(id: string): Promise<void>;
+  /** GET /v1/history/<id>/image: the captured image as sent (NotFoundError where none was captured). */
+  historyImage(id: string): Promise<Blob>;
 }
 
 export default Client;
