@@ -30,6 +30,7 @@ import tornado.web
 from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
 from service.classify import Classifier
+from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
 from sessions.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType
@@ -135,6 +136,10 @@ class BaseHandler(tornado.web.RequestHandler):
     @property
     def classifier(self) -> Classifier:
         return self.settings["classifier"]
+
+    @property
+    def feedback(self) -> FeedbackService:
+        return self.settings["feedback"]
 
     @property
     def sessions(self) -> SessionService:

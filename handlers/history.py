@@ -1,4 +1,4 @@
-"""History routes: the session's predictions, newest first, paged by id."""
+"""History routes: the session's predictions, newest first, paged by id, and the feedback on them."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ class HistoryHandler(BaseHandler):
     async def get(self) -> None:
         limit = history.page_size(self.get_query_argument("limit", None))
         before = self.get_query_argument("before", None) or None
-        items, next_id = await history.page(self.store, self.current_session, limit, before)
+        items, next_id = await history.page(self.store, self.feedback, self.current_session, limit, before)
         self.write_json({"items": items, "next": next_id})
 
 
@@ -20,4 +20,17 @@ class HistoryItemHandler(BaseHandler):
     """GET /v1/history/<id>"""
 
     async def get(self, history_id: str) -> None:
-        self.write_json(await history.item(self.store, self.current_session, history_id))
+        self.write_json(await history.item(self.store, self.feedback, self.current_session, history_id))
+
+
+class FeedbackHandler(BaseHandler):
+    """PUT /v1/history/<id>/feedback {"label": <index or name>, "comment": ...}; DELETE removes it."""
+
+    async def put(self, history_id: str) -> None:
+        self.write_json(await self.feedback.give(self.current_session, history_id, self.json_object()))
+
+    async def delete(self, history_id: str) -> None:
+        await self.feedback.withdraw(self.current_session, history_id)
+        self.set_status(204)
+        self.clear_header("Content-Type")
+        self.finish()

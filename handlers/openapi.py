@@ -94,9 +94,48 @@ SCHEMAS: dict[str, Any] = {
             "score": {"type": "number", "minimum": 0, "maximum": 1},
         },
     },
+    "Feedback": {
+        "type": "object",
+        "description": "The label the session says is right, replacing any earlier feedback on the item.",
+        "required": ["class_index", "label", "comment", "created_at"],
+        "properties": {
+            "class_index": {"type": "integer", "minimum": 0},
+            "label": {"type": "string"},
+            "comment": {"type": ["string", "null"]},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    },
+    "FeedbackRequest": {
+        "type": "object",
+        "required": ["label"],
+        "additionalProperties": False,
+        "properties": {
+            "label": {"oneOf": [{"type": "integer", "minimum": 0},
+                                {"type": "string", "description": "A label name, case-insensitive."}]},
+            "comment": {"type": ["string", "null"], "description": "At most feedback.max_comment_chars (500)."},
+        },
+    },
+    "CapturedImage": {
+        "type": "object",
+        "description": "The image as sent, kept where capture is on (GET /v1/history/{id}/image).",
+        "required": ["sha256", "content_type", "size"],
+        "properties": {"sha256": _SHA256, "content_type": {"type": "string"},
+                       "size": {"type": "integer", "minimum": 1}},
+    },
+    "Quality": {
+        "type": "object",
+        "required": ["count", "agreement"],
+        "properties": {
+            "count": {"type": "integer", "minimum": 0, "description": "Feedback on this version's predictions."},
+            "agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
+                          "description": "The share of that feedback whose label is the prediction's top-1; "
+                                         "null without feedback."},
+        },
+    },
     "HistoryItem": {
         "type": "object",
-        "required": ["id", "created_at", "predicted_class", "label", "top_k", "options", "model"],
+        "required": ["id", "created_at", "predicted_class", "label", "top_k", "options", "model", "image",
+                     "feedback"],
         "properties": {
             "id": _HISTORY_ID,
             "created_at": {"type": "string", "format": "date-time"},
@@ -106,6 +145,8 @@ SCHEMAS: dict[str, Any] = {
             "options": _ref("Options"),
             "model": {"type": "object", "required": ["name", "version"],
                       "properties": {"name": {"type": "string"}, "version": {"type": "string"}}},
+            "image": {"oneOf": [_ref("CapturedImage"), {"type": "null"}]},
+            "feedback": {"oneOf": [_ref("Feedback"), {"type": "null"}]},
         },
     },
     "Prediction": {
@@ -147,6 +188,7 @@ SCHEMAS: dict[str, Any] = {
             "activated_at": {"type": ["string", "null"], "format": "date-time",
                              "description": "The last activation; null if never activated."},
             "active": {"type": "boolean"},
+            "feedback": _ref("Quality"),
         },
     },
     "ConfiguredWeights": {
@@ -167,9 +209,13 @@ SCHEMAS: dict[str, Any] = {
         "required": ["models"],
         "properties": {"models": {"type": "array", "items": {
             "type": "object",
-            "required": ["name", "active_version", "serving_version", "versions"],
+            "required": ["name", "active_version", "serving_version", "configured", "versions"],
             "properties": {
                 "name": {"type": "string"},
+                "configured": {"type": "object", "description": "The weights named in the config.",
+                               "required": ["version", "sha256", "feedback"],
+                               "properties": {"version": {"type": "string"}, "sha256": _SHA256,
+                                              "feedback": _ref("Quality")}},
                 "active_version": {"type": ["string", "null"],
                                    "description": "null: no version was activated; the configured weights serve."},
                 "serving_version": {"type": "string", "description": "What the answering replica runs now."},
@@ -334,6 +380,7 @@ def _oip_paths(anonymous: bool) -> dict[str, Any]:
     return paths
 
 
+_HISTORY_ID_PARAMETER = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _AUTH_ERRORS = {"401": _error("Missing, invalid, expired or revoked token."),
                 "503": _error("The session store is unavailable.")}
 _BEARER = [{"bearer": []}]
@@ -464,6 +511,29 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "responses": {"200": _json(_ref("HistoryItem"), "The item."),
                           "404": _error("No such item in this session."), **_AUTH_ERRORS},
         }},
+        "/v1/history/{id}/feedback": {
+            "put": {
+                "summary": "Say which label is right for one of the session's predictions (a class index or a "
+                           "label name); a repeat replaces the earlier feedback.",
+                "security": _BEARER,
+                "parameters": [_HISTORY_ID_PARAMETER],
+                "requestBody": {"required": True,
+                                "content": {"application/json": {"schema": _ref("FeedbackRequest")}}},
+                "responses": {"200": _json(_ref("HistoryItem"), "The item, with its feedback."),
+                              "400": _error("Malformed JSON or not an object."),
+                              "404": _error("No such item in this session."),
+                              "415": _error("The body is not JSON."),
+                              "422": _error("Unknown label, index out of range, or comment too long."),
+                              **_AUTH_ERRORS},
+            },
+            "delete": {
+                "summary": "Withdraw the feedback on one of the session's predictions.",
+                "security": _BEARER,
+                "parameters": [_HISTORY_ID_PARAMETER],
+                "responses": {"204": {"description": "No feedback on the item any more."},
+                              "404": _error("No such item in this session."), **_AUTH_ERRORS},
+            },
+        },
         "/v1/models": {"get": {
             "summary": "The served model's versions with their hash, size and activation time.",
             "security": [{"bearer": []}, {"adminApiKey": []}],

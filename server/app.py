@@ -11,7 +11,7 @@ import tornado.web
 
 from handlers.base import HttpSettings, InFlight, NotFoundHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
-from handlers.history import HistoryHandler, HistoryItemHandler
+from handlers.history import FeedbackHandler, HistoryHandler, HistoryItemHandler
 from handlers.models import ActivateHandler, ModelsHandler, ModelVersionHandler
 from handlers.oip import (
     InferHandler,
@@ -29,12 +29,14 @@ from handlers.web import WebAssetHandler
 from inference.runner import ModelRunner
 from server.balance import BalancedHTTPServer, GuardedHTTPServer, SharedCounts
 from server.config import Config
-from server.observability import log_request
+from server.observability import Metrics, log_request
 from server.runtime import build_backend
 from service.auth import Authenticator, AuthSettings
 from service.classify import Classifier
+from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
+from sessions.feedback import FeedbackStore
 from sessions.model_registry import ModelRegistry
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
@@ -52,6 +54,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/stream", StreamHandler),
     (r"/v1/history", HistoryHandler),
     (r"/v1/history/([^/]+)", HistoryItemHandler),
+    (r"/v1/history/([^/]+)/feedback", FeedbackHandler),
     (r"/predict", PlainPredictHandler),
     (r"/healthz", LivenessHandler),
     (r"/readyz", ReadinessHandler),
@@ -80,8 +83,9 @@ def make_app(
     registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
     given; the caller starts them following other replicas (`await model_versions.start()`)."""
     signer = make_signer(config)
-    versions = model_versions or make_model_versions(config, store, runner)
-    auth, classifier, sessions = use_cases(config, store, runner, signer, versions)
+    feedback = make_feedback(config, store, runner)
+    versions = model_versions or make_model_versions(config, store, runner, feedback)
+    auth, classifier, sessions = use_cases(config, store, runner, signer, versions, feedback)
     web_routes: list[Any] = [
         (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
         (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
@@ -94,6 +98,7 @@ def make_app(
         auth=auth,
         classifier=classifier,
         sessions=sessions,
+        feedback=feedback,
         store=store,
         runner=runner,
         model_versions=versions,
@@ -126,16 +131,25 @@ def auth_settings(config: Config) -> AuthSettings:
                         login_rate_limit_per_minute=config.sessions.login_rate_limit_per_minute)
 
 
-def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner) -> ModelVersions:
+def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner,
+                        feedback: FeedbackService | None = None) -> ModelVersions:
     store_dir = Path(config.models.store_dir) if config.models.store_dir else config.data_path / "models"
     return ModelVersions(ModelRegistry(store.redis), runner, store_dir=store_dir,
-                         backend_for=lambda model: build_backend(config, model))
+                         backend_for=lambda model: build_backend(config, model), feedback=feedback)
+
+
+def make_feedback(config: Config, store: SessionStore, runner: ModelRunner) -> FeedbackService:
+    metrics = runner.metrics
+    return FeedbackService(store, FeedbackStore(store.redis, runner.model.name), labels=lambda: runner.model.labels,
+                           max_comment_chars=config.feedback.max_comment_chars,
+                           on_feedback=metrics.observe_feedback if isinstance(metrics, Metrics) else None)
 
 
 def use_cases(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,
-              versions: ModelVersions | None) -> tuple[Authenticator, Classifier, SessionService]:
+              versions: ModelVersions | None, feedback: FeedbackService | None = None,
+              ) -> tuple[Authenticator, Classifier, SessionService]:
     """The service layer for one process, shared by every transport."""
-    return (Authenticator(signer, store, auth_settings(config)), Classifier(store, runner, versions),
+    return (Authenticator(signer, store, auth_settings(config)), Classifier(store, runner, versions, feedback),
             SessionService(store, signer, versions))
 
 

@@ -165,6 +165,29 @@ class ModelsConfig:
 
 
 @dataclass
+class FeedbackConfig:
+    # The longest comment PUT /v1/history/<id>/feedback takes (characters).
+    max_comment_chars: int = 500
+    # Records GET /v1/feedback/export reads from Redis at a time: its memory is bounded by this many
+    # records (and one image), whatever the export's size.
+    export_page_size: int = 200
+
+
+@dataclass
+class CaptureConfig:
+    # Keep every image a session predicts (once per content hash), for GET /v1/history/<id>/image
+    # and the training export.
+    enabled: bool = False
+    # Captured images are deleted this many days after a session last sent them.
+    retention_days: int = 30
+    # Where captured images are kept; shared by the replicas in a multi-host deployment, like
+    # models.store_dir. Empty: <data_dir>/captures.
+    store_dir: str = ""
+    # How often one serving process deletes the images past their retention.
+    sweep_interval_seconds: float = 3600.0
+
+
+@dataclass
 class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
@@ -175,6 +198,8 @@ class Config:
     history: HistoryConfig = field(default_factory=HistoryConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     models: ModelsConfig = field(default_factory=ModelsConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
 
     @property
     def data_path(self) -> Path:
@@ -369,6 +394,10 @@ def validate(config: Config) -> None:
          "model.max_forward_pixels must be at least 1048576 (one image at the largest crop)."),
         (config.model.max_request_pixels >= config.model.max_forward_pixels,
          "model.max_request_pixels must be at least model.max_forward_pixels."),
+        (1 <= config.feedback.max_comment_chars <= 100_000, "feedback.max_comment_chars must be between 1 and 100000."),
+        (1 <= config.feedback.export_page_size <= 10_000, "feedback.export_page_size must be between 1 and 10000."),
+        (1 <= config.capture.retention_days <= 36_500, "capture.retention_days must be between 1 and 36500."),
+        (config.capture.sweep_interval_seconds > 0, "capture.sweep_interval_seconds must be positive."),
     ]
     for ok, message in checks:
         if not ok:

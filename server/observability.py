@@ -72,6 +72,9 @@ class Metrics:
                                      "and status.", ["method", "code"], registry=self.registry)
         self.grpc_latency = Histogram("inference_grpc_request_duration_seconds", "Time to answer a gRPC call, "
                                       "by method.", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.feedback = Counter("inference_feedback", "Feedback given on predictions (replacements count again), by "
+                                "the model version that predicted and whether the corrected label agrees with "
+                                "its top-1.", ["version", "agreement"], registry=self.registry)
         self.store_errors = Counter("inference_store_errors", "Requests that failed because Redis did.",
                                     registry=self.registry)
         self.open_connections = Gauge("inference_open_connections",
@@ -92,6 +95,9 @@ class Metrics:
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def observe_feedback(self, version: str, agrees: bool) -> None:
+        self.feedback.labels(version, "true" if agrees else "false").inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text of this process, or of every serving process when they share metrics."""

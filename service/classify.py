@@ -15,11 +15,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inference.runner import BatchPrediction, ClassScore, ImageSource, ModelRunner, Prediction
+from service.feedback import with_defaults
 from sessions.errors import Conflict, NotFound
 from sessions.options import Options
 from sessions.store import Session, SessionStore, iso, now_ms
 
 if TYPE_CHECKING:
+    from service.feedback import FeedbackService
     from service.model_versions import ModelVersions
 
 
@@ -34,8 +36,9 @@ class BatchResult:
 
 
 class Classifier:
-    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelVersions | None = None):
-        self.store, self.runner, self.versions = store, runner, versions
+    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelVersions | None = None,
+                 feedback: FeedbackService | None = None):
+        self.store, self.runner, self.versions, self.feedback = store, runner, versions, feedback
 
     async def classify(self, session: Session, image: bytes | ImageSource, options: Options,
                        idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
@@ -91,11 +94,12 @@ class Classifier:
             "top_k": [score.to_dict() for score in top_k],
             "options": options.to_dict(),
             "model": model or self.runner.served().info,  # the version that ran, even across a swap
+            "image": None,  # the captured image, where capture is on
         }
         history_id, replayed = await self.store.record(session, entry, idempotency_key)
         if replayed:  # a retry overtook the first attempt; the first one's answer stands
             return await self._replay(session, history_id), True
-        return {"id": history_id, **entry, "timing_ms": timing_ms or {}}, False
+        return {"id": history_id, **entry, "feedback": None, "timing_ms": timing_ms or {}}, False
 
     async def _replay(self, session: Session, history_id: str) -> dict[str, Any]:
         try:
@@ -103,4 +107,8 @@ class Classifier:
         except NotFound:
             raise Conflict("This Idempotency-Key was answered before, but that history entry is gone; "
                            "use a new key.", code="idempotent_result_gone") from None
+        if self.feedback is not None:
+            item = (await self.feedback.attach(session.id, [item]))[0]
+        else:
+            item = {**with_defaults(item), "feedback": None}
         return {**item, "timing_ms": {}}

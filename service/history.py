@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from service.feedback import FeedbackService
 from sessions.errors import BadRequest
 from sessions.store import Session, SessionStore
 
@@ -22,10 +23,12 @@ def page_size(text: str | None) -> int:
     return int(text)
 
 
-async def page(store: SessionStore, session: Session, limit: int,
+async def page(store: SessionStore, feedback: FeedbackService, session: Session, limit: int,
                before: str | None) -> tuple[list[dict[str, Any]], str | None]:
-    return await store.history(session.id, limit=limit, before=before)
+    """One page of the session's history, each item with its feedback (null where none was given)."""
+    items, next_id = await store.history(session.id, limit=limit, before=before)
+    return await feedback.attach(session.id, items), next_id
 
 
-async def item(store: SessionStore, session: Session, history_id: str) -> dict[str, Any]:
-    return await store.history_item(session.id, history_id)
+async def item(store: SessionStore, feedback: FeedbackService, session: Session, history_id: str) -> dict[str, Any]:
+    return (await feedback.attach(session.id, [await store.history_item(session.id, history_id)]))[0]

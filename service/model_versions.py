@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 
 from inference.model import Backend, LoadedModel, ModelLoadError
 from inference.runner import ModelRunner, ServedModel
+from service.feedback import FeedbackService, quality_view
 from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
 from sessions.model_registry import ModelEvent, ModelRegistry, VersionRecord
 from sessions.options import MODEL_VERSION
@@ -48,10 +49,11 @@ class ModelVersions:
     """Publishes, activates, removes and follows model versions for this process's runner."""
 
     def __init__(self, registry: ModelRegistry, runner: ModelRunner, *, store_dir: Path,
-                 backend_for: Callable[[LoadedModel], Backend]):
+                 backend_for: Callable[[LoadedModel], Backend], feedback: FeedbackService | None = None):
         """`store_dir`: models.store_dir resolved; `backend_for`: the configured runtime for a model
-        loaded with torch (the composition root knows which)."""
+        loaded with torch (the composition root knows which); `feedback`: the quality of each version."""
         self.registry = registry
+        self.feedback = feedback
         self.runner = runner
         self._backend_for = backend_for
         self.name = runner.model.name
@@ -196,11 +198,16 @@ class ModelVersions:
 
     async def listing(self) -> dict[str, Any]:
         records, active = await self.registry.versions(self.name)
+        quality = await self.feedback.quality() if self.feedback is not None else {}
+        none = quality_view(0, 0)
         return {"models": [{
             "name": self.name,
             "active_version": active,  # null: the weights named in the config
             "serving_version": self.runner.model.version,  # what this replica runs now
-            "versions": [record.to_dict(active=record.version == active) for record in records],
+            "configured": {"version": self.base_version, "sha256": self._base.model.weights_sha256,
+                           "feedback": quality.get(self.base_version, none)},
+            "versions": [{**record.to_dict(active=record.version == active),
+                          "feedback": quality.get(record.version, none)} for record in records],
         }]}
 
     async def _record(self, version: str) -> VersionRecord:

@@ -398,6 +398,12 @@ class SessionStore:
             # Another writer changed the options first: re-read and re-validate.
 
     @store_errors
+    @_retried_once
+    async def alive(self, session_id: str) -> bool:
+        """Whether the session still exists (not logged out, erased or expired)."""
+        return bool(await self.redis.exists(self._keys(session_id)[0]))
+
+    @store_errors
     async def delete(self, session: Session) -> None:
         """Log out: remove the session and leave a tombstone so its token reads as revoked."""
         await self._delete(keys=list(self._keys(session.id)))

@@ -159,6 +159,10 @@ class FakeStore:
         stored.options = stored.options.merged(changes)
         return stored.options
 
+    async def alive(self, session_id: str) -> bool:
+        self.calls.append(("alive", session_id))
+        return session_id in self.sessions
+
     async def delete(self, session: Session) -> None:
         self.calls.append(("delete", session.id))
         if self.sessions.pop(session.id, None) is not None:
@@ -227,3 +231,56 @@ class FakeVersions:
     async def exists(self, version: str) -> bool:
         self.checked.append(version)
         return version in self.published or (self.runner is not None and self.runner.has_version(version))
+
+
+class FakeFeedbackRecords:
+    """`sessions.feedback.FeedbackStore` in memory: records by (session, history id), their time, and the
+    counters per version kept as the Lua scripts keep them (a replacement moves a record's share)."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, str], tuple[int, str]] = {}  # -> (time ms, JSON record)
+        self.counters: dict[str, list[int]] = {}  # version -> [count, agree]
+        self.pages: list[int] = []  # records handed out by each page() call
+
+    def _count(self, record: dict[str, Any], step: int) -> None:
+        counter = self.counters.setdefault(record["model"]["version"], [0, 0])
+        counter[0] += step
+        counter[1] += step if record["agrees"] else 0
+
+    async def set(self, session_id: str, history_id: str, record: dict[str, Any], *, at_ms: int,
+                  version: str, agrees: bool, keep_until_ms: int) -> bool:
+        assert record["model"]["version"] == version and record["agrees"] == agrees
+        old = self.records.get((session_id, history_id))
+        if old is not None:
+            self._count(json.loads(old[1]), -1)
+        self._count(record, 1)
+        self.records[(session_id, history_id)] = (at_ms, json.dumps(record))
+        return old is not None
+
+    async def get_many(self, session_id: str, history_ids: list[str]) -> list[dict[str, Any] | None]:
+        found = [self.records.get((session_id, history_id)) for history_id in history_ids]
+        return [json.loads(item[1]) if item else None for item in found]
+
+    async def delete(self, session_id: str, history_id: str) -> bool:
+        old = self.records.pop((session_id, history_id), None)
+        if old is not None:
+            self._count(json.loads(old[1]), -1)
+        return old is not None
+
+    async def erase_session(self, session_id: str) -> int:
+        mine = [key for key in self.records if key[0] == session_id]
+        for key in mine:
+            await self.delete(*key)
+        return len(mine)
+
+    async def stats(self) -> dict[str, tuple[int, int]]:
+        return {version: (count, agree) for version, (count, agree) in self.counters.items()}
+
+    async def page(self, since_ms: float, until_ms: float, *, after: tuple[float, int] | None,
+                   limit: int) -> tuple[list[dict[str, Any]], tuple[float, int] | None]:
+        rows = sorted((at, key) for key, (at, _) in self.records.items() if since_ms <= at < until_ms)
+        start = after[1] if after is not None else 0
+        chosen = rows[start:start + limit]
+        self.pages.append(len(chosen))
+        records = [json.loads(self.records[key][1]) for _, key in chosen]
+        return records, (0.0, start + limit) if len(chosen) == limit else None

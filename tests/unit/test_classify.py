@@ -21,7 +21,7 @@ from tests.unit.fakes import LABELS, FakeBackend, FakeStore, FakeVersions, solid
 pytestmark = pytest.mark.unit
 
 # The shape of a history entry, whichever route recorded it; an answer adds its timing.
-ENTRY_KEYS = {"id", "created_at", "predicted_class", "label", "top_k", "options", "model"}
+ENTRY_KEYS = {"id", "created_at", "predicted_class", "label", "top_k", "options", "model", "image"}
 ISO_UTC = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 
@@ -49,7 +49,7 @@ def test_classify_records_one_entry_and_answers_with_it(store: FakeStore, runner
     options = Options(top_k=3)
     answer, replayed = asyncio.run(Classifier(store, runner).classify(session, solid_image(7, fmt=fmt), options))
     assert not replayed
-    assert set(answer) == ENTRY_KEYS | {"timing_ms"}
+    assert set(answer) == ENTRY_KEYS | {"feedback", "timing_ms"}
     assert answer["predicted_class"] == 7 and answer["label"] == LABELS[7]
     assert answer["top_k"][0]["class_index"] == 7 and len(answer["top_k"]) == 3
     assert all(set(score) == {"class_index", "label", "score"} for score in answer["top_k"])
@@ -59,9 +59,10 @@ def test_classify_records_one_entry_and_answers_with_it(store: FakeStore, runner
     assert answer["model"] == {"name": "fake-net", "version": "v1"}
     assert ISO_UTC.match(answer["created_at"])
     assert set(answer["timing_ms"]) >= {"preprocess", "inference"}
-    # Recorded before answering: exactly one entry, the answer without its timing.
+    # Recorded before answering: exactly one entry, the answer without its timing (and feedback, given later).
     assert len(store.called("record")) == 1 and backend.forwards == [1]
-    assert history(store, session) == [{key: value for key, value in answer.items() if key != "timing_ms"}]
+    assert history(store, session) == [{key: value for key, value in answer.items()
+                                        if key not in ("timing_ms", "feedback")}]
 
 
 def test_classify_replay_records_nothing_and_returns_the_first_answer(store: FakeStore, runner: ModelRunner,

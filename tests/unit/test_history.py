@@ -7,9 +7,10 @@ import asyncio
 import pytest
 
 from service import history
+from service.feedback import FeedbackService
 from sessions.errors import BadRequest, NotFound
 from sessions.options import Options
-from tests.unit.fakes import FakeStore
+from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore
 
 pytestmark = pytest.mark.unit
 
@@ -34,13 +35,16 @@ def test_page_size_of_digits_int_refuses_is_a_400(text: str) -> None:
 
 
 def test_pages_run_newest_first_and_items_are_found_by_id(store: FakeStore) -> None:
+    feedback = FeedbackService(store, FakeFeedbackRecords(), labels=lambda: LABELS, max_comment_chars=500)
     session = asyncio.run(store.create(Options()))
     ids = [asyncio.run(store.record(session, {"n": n}))[0] for n in range(3)]
-    first, cursor = asyncio.run(history.page(store, session, 2, None))
+    first, cursor = asyncio.run(history.page(store, feedback, session, 2, None))
     assert [item["n"] for item in first] == [2, 1] and cursor == ids[1]
-    rest, cursor = asyncio.run(history.page(store, session, 2, cursor))
+    rest, cursor = asyncio.run(history.page(store, feedback, session, 2, cursor))
     assert [item["n"] for item in rest] == [0] and cursor is None
-    assert asyncio.run(history.item(store, session, ids[0])) == {"id": ids[0], "n": 0}
+    # Items recorded before capture existed read as not captured; none has feedback yet.
+    assert asyncio.run(history.item(store, feedback, session, ids[0])) == {"id": ids[0], "n": 0, "image": None,
+                                                                            "feedback": None}
     with pytest.raises(NotFound) as caught:
-        asyncio.run(history.item(store, session, "1-0"))
+        asyncio.run(history.item(store, feedback, session, "1-0"))
     assert caught.value.code == "history_item_not_found"

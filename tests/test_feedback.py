@@ -1,0 +1,143 @@
+"""Closing the loop with training, end to end on a real server, Redis and model: feedback on
+predictions, the quality per version it adds up to, captured images, erasing a session, and the
+training export.
+
+The module's server has a Redis database of its own, emptied first, so counts are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from service.auth import api_key_hash
+from tests.conftest import CAT_JPEG, COFFEE_JPEG, error_code, login, make_config
+
+ADMIN_KEY = "feedback-export-admin-key"
+ADMIN = {"Authorization": f"ApiKey {ADMIN_KEY}"}
+FEEDBACK_DB = 7
+
+
+def predict(http: httpx.Client, auth: dict[str, str], image: bytes = CAT_JPEG,
+            content_type: str = "image/jpeg") -> dict[str, Any]:
+    response = http.post("/v1/predict", headers={**auth, "Content-Type": content_type}, content=image)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def give(http: httpx.Client, auth: dict[str, str], history_id: str, body: Any) -> httpx.Response:
+    return http.put(f"/v1/history/{history_id}/feedback", headers=auth, json=body)
+
+
+def feedback_config(redis_url: str, capture_dir: str, **capture: Any):
+    return make_config(f"{redis_url.rsplit('/', 1)[0]}/{FEEDBACK_DB}",
+                       auth={"admin_api_keys": [api_key_hash(ADMIN_KEY)]},
+                       capture={"enabled": True, "store_dir": capture_dir, **capture},
+                       feedback={"export_page_size": 7})
+
+
+@pytest.fixture(scope="module")
+def feedback_server(serve, redis_server, tmp_path_factory) -> Iterator[Any]:
+    redis.Redis(port=redis_server.port, db=FEEDBACK_DB).flushdb()
+    capture_dir = tmp_path_factory.mktemp("captures")
+    with serve(feedback_config(redis_server.url, str(capture_dir))) as running:
+        running.capture_dir = capture_dir
+        yield running
+
+
+@pytest.fixture
+def http(feedback_server) -> Iterator[httpx.Client]:
+    with feedback_server.client() as client:
+        yield client
+
+
+def quality(http: httpx.Client, version: str) -> dict[str, Any]:
+    model = http.get("/v1/models", headers=ADMIN).json()["models"][0]
+    if model["configured"]["version"] == version:
+        return model["configured"]["feedback"]
+    return next(entry["feedback"] for entry in model["versions"] if entry["version"] == version)
+
+
+def test_feedback_by_index_and_by_name_replaces_and_is_withdrawn(http: httpx.Client) -> None:
+    auth = login(http)
+    item = predict(http, auth)
+    assert item["feedback"] is None
+    assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"] is None
+
+    by_index = give(http, auth, item["id"], {"label": 285, "comment": "an Egyptian cat"})
+    assert by_index.status_code == 200, by_index.text
+    body = by_index.json()
+    assert body["id"] == item["id"] and body["top_k"] == item["top_k"]
+    assert body["feedback"]["class_index"] == 285 and body["feedback"]["label"] == "Egyptian cat"
+    assert body["feedback"]["comment"] == "an Egyptian cat" and body["feedback"]["created_at"].endswith("Z")
+
+    by_name = give(http, auth, item["id"], {"label": "  MOTOR Scooter "})  # a repeat replaces it
+    assert by_name.status_code == 200
+    assert by_name.json()["feedback"] == {**by_name.json()["feedback"], "class_index": 670, "label": "motor scooter",
+                                          "comment": None}
+    listed = http.get("/v1/history", headers=auth).json()["items"]
+    assert [entry["feedback"]["class_index"] for entry in listed] == [670]
+    assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"]["label"] == "motor scooter"
+
+    withdrawn = http.delete(f"/v1/history/{item['id']}/feedback", headers=auth)
+    assert withdrawn.status_code == 204 and not withdrawn.content
+    assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"] is None
+    assert http.delete(f"/v1/history/{item['id']}/feedback", headers=auth).status_code == 204  # idempotent
+
+
+def test_every_refusal_of_feedback(http: httpx.Client, feedback_server) -> None:
+    auth, other = login(http), login(http)
+    item = predict(http, auth)
+    for history_id in ("1-0", "not-an-id", item["id"]):
+        who = other if history_id == item["id"] else auth  # another session's item reads as unknown
+        missing = give(http, who, history_id, {"label": 1})
+        assert missing.status_code == 404 and error_code(missing) == "history_item_not_found", history_id
+        gone = http.delete(f"/v1/history/{history_id}/feedback", headers=who)
+        assert gone.status_code == 404 and error_code(gone) == "history_item_not_found"
+    limit = feedback_server.config.feedback.max_comment_chars
+    for body in ({"label": 1000}, {"label": -1}, {"label": "no such label"}, {"label": "cardigan"},  # two classes
+                 {"label": True}, {"label": 3.5}, {"label": None}, {}, {"label": 1, "comment": "x" * (limit + 1)},
+                 {"label": 1, "comment": 5}, {"label": 1, "extra": 1}):
+        refused = give(http, auth, item["id"], body)
+        assert refused.status_code == 422 and error_code(refused) == "invalid_feedback", body
+    assert give(http, auth, item["id"], {"label": 1, "comment": "x" * limit}).status_code == 200
+    assert error_code(http.put(f"/v1/history/{item['id']}/feedback", headers=auth, content=b"{")) == "malformed_json"
+    assert error_code(give(http, auth, item["id"], [1])) == "invalid_json_type"
+    assert give(http, {}, item["id"], {"label": 1}).status_code == 401
+    assert give(http, ADMIN, item["id"], {"label": 1}).status_code == 401
+
+
+def test_agreement_per_version_adds_up_known_feedback(http: httpx.Client) -> None:
+    version = http.get("/v1/models", headers=ADMIN).json()["models"][0]["configured"]["version"]
+    before = quality(http, version)
+    auth = login(http)
+    items = [predict(http, auth) for _ in range(4)]
+    top1 = items[0]["predicted_class"]
+    assert all(item["predicted_class"] == top1 for item in items)
+    # Three agree with the top-1, one does not; then one agreeing is replaced by a disagreeing one.
+    for item, label in zip(items, [top1, top1, top1, 1], strict=True):
+        assert give(http, auth, item["id"], {"label": label}).status_code == 200
+    assert give(http, auth, items[0]["id"], {"label": 2}).status_code == 200
+    after = quality(http, version)
+    count = before["count"] + 4
+    agreeing = round((before["agreement"] or 0) * before["count"]) + 2
+    assert after == {"count": count, "agreement": round(agreeing / count, 4)}
+    assert http.delete(f"/v1/history/{items[3]['id']}/feedback", headers=auth).status_code == 204
+    assert quality(http, version) == {"count": count - 1, "agreement": round(agreeing / (count - 1), 4)}
+    metrics = http.get("/metrics").text
+    assert f'inference_feedback_total{{agreement="true",version="{version}"}}' in metrics
+    assert f'inference_feedback_total{{agreement="false",version="{version}"}}' in metrics
+
+
+def test_a_replayed_predict_shows_its_feedback(http: httpx.Client) -> None:
+    auth = login(http)
+    keyed = {**auth, "Idempotency-Key": "feedback-replay-1"}
+    first = http.post("/v1/predict", headers={**keyed, "Content-Type": "image/jpeg"}, content=COFFEE_JPEG).json()
+    assert give(http, auth, first["id"], {"label": 967}).status_code == 200
+    again = http.post("/v1/predict", headers={**keyed, "Content-Type": "image/jpeg"}, content=COFFEE_JPEG)
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert again.json()["feedback"]["class_index"] == 967
