@@ -208,6 +208,8 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
     expect(history_row.get_by_test_id("feedback-given-label")).to_have_text("goldfish")
     expect(card.get_by_test_id("feedback-given-label")).to_have_text("goldfish")
     assert api_item(server, page, history_id)["feedback"]["class_index"] == 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"correct-this-{width}.png"), full_page=True)
 
     # After a reload the history shows the stored correction, and it can be removed there.
     page.reload()
@@ -219,7 +221,5 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
     expect(history_row.get_by_test_id("feedback-open")).to_be_focused()
     assert api_item(server, page, history_id)["feedback"] is None
 
-    ARTIFACTS.mkdir(exist_ok=True)
-    page.screenshot(path=str(ARTIFACTS / f"correct-this-{width}.png"), full_page=True)
     problems = [text for text in page.problems if "status of 422" not in text]  # the unknown label
     assert problems == [], problems

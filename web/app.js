@@ -355,7 +355,13 @@ function feedbackControls(historyId) {
 function showFeedback(control, feedback) {
   const given = control.querySelector(".feedback-given");
   given.hidden = !feedback;
-  control.querySelector(".feedback-open").textContent = feedback ? "Change" : "Correct this";
+  // The visible words start the accessible name, which also says which prediction it is about.
+  const open = control.querySelector(".feedback-open");
+  const about = document.createElement("span");
+  about.className = "visually-hidden";
+  about.textContent = ` the correction of ${control.dataset.predicted}`;
+  open.replaceChildren(feedback ? "Change" : "Correct this", about);
+  if (!feedback) about.textContent = ` prediction: ${control.dataset.predicted}`;
   if (feedback) {
     control.querySelector(".feedback-given-label").textContent = feedback.label;
     given.title = `ImageNet class ${feedback.class_index}`;
@@ -382,6 +388,7 @@ function feedbackControl(item) {
   const control = clone("feedback-template");
   const id = `fb-${++controlCount}`;
   control.dataset.historyId = item.id;
+  control.dataset.predicted = item.label;
   const open = control.querySelector(".feedback-open");
   const form = control.querySelector(".feedback-form");
   const input = control.querySelector(".feedback-input");
@@ -395,8 +402,6 @@ function feedbackControl(item) {
   control.querySelector(".feedback-field-label").htmlFor = input.id;
   input.setAttribute("aria-controls", list.id);
   open.setAttribute("aria-controls", form.id);
-  remove.setAttribute("aria-label", "Remove the correction");
-  open.setAttribute("aria-label", `Correct the prediction ${item.label}`);
   let active = -1;
 
   const setError = (message) => {
