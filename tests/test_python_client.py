@@ -143,6 +143,61 @@ def test_async_flow(server: RunningServer) -> None:
         asyncio.run(stale())
 
 
+def test_feedback_against_the_server(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    with Client(server.url) as client, Client(server.url) as other:
+        client.login()
+        other.login()
+        cat = client.predict(CAT_PATH)
+        assert client.history_item(cat["id"])["feedback"] is None
+
+        by_index = client.feedback(cat["id"], 282, "stripes")
+        assert by_index["id"] == cat["id"]
+        assert {k: by_index["feedback"][k] for k in ("class_index", "label", "comment")} == \
+            {"class_index": 282, "label": "tiger cat", "comment": "stripes"}
+        by_name = client.feedback(cat["id"], "EGYPTIAN cat")  # a repeat replaces it
+        assert (by_name["feedback"]["class_index"], by_name["feedback"]["comment"]) == (285, None)
+        assert client.history_item(cat["id"])["feedback"]["class_index"] == 285
+        assert next(client.history(limit=1))["feedback"]["label"] == "Egyptian cat"
+
+        for label in ("no such label", 1000, -1):
+            with pytest.raises(ValidationError) as refused:
+                client.feedback(cat["id"], label)
+            assert refused.value.code == "invalid_feedback" and refused.value.status == 422
+        with pytest.raises(ValidationError, match="invalid_feedback"):
+            client.feedback(cat["id"], 1, "x" * 501)
+        with pytest.raises(NotFoundError, match="history_item_not_found"):
+            other.feedback(cat["id"], 1)  # another session's prediction
+        with pytest.raises(NotFoundError, match="history_item_not_found"):
+            other.remove_feedback(cat["id"])
+        assert client.history_item(cat["id"])["feedback"]["class_index"] == 285
+
+        # The command line, with the session's token: by name, then by index.
+        assert main(["feedback", cat["id"], "tabby", "--url", server.url, "--token", client.token or "",
+                     "--comment", "fur"]) == 0
+        assert "corrected to tabby (class 281)" in capsys.readouterr().out
+        assert main(["feedback", cat["id"], "282", "--url", server.url, "--token", client.token or "", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["feedback"]["label"] == "tiger cat"
+        assert main(["feedback", cat["id"], "not a label", "--url", server.url, "--token", client.token or ""]) == 1
+        assert capsys.readouterr().err.startswith("error: invalid_feedback: ")
+        assert main(["feedback", cat["id"], "tabby", "--url", server.url]) == 2  # no session: no token
+        assert "--token" in capsys.readouterr().err
+
+        client.remove_feedback(cat["id"])
+        client.remove_feedback(cat["id"])  # nothing left to remove is fine
+        assert client.history_item(cat["id"])["feedback"] is None
+
+    async def flow() -> None:
+        async with AsyncClient(server.url) as aclient:
+            await aclient.login()
+            coffee = await aclient.predict(COFFEE_JPEG)
+            given = await aclient.feedback(coffee["id"], "espresso", comment="a small cup")
+            assert given["feedback"]["class_index"] == 967 and given["feedback"]["comment"] == "a small cup"
+            await aclient.remove_feedback(coffee["id"])
+            assert (await aclient.history_item(coffee["id"]))["feedback"] is None
+
+    asyncio.run(flow())
+
+
 def test_api_key_login(serve: Callable[..., Any]) -> None:
     config = make_config(auth={"secret_keys": [TEST_SECRET], "api_keys": [api_key_hash("k")]})
     with serve(config) as keyed, Client(keyed.url) as client:

@@ -172,6 +172,38 @@ describe("history", () => {
   });
 });
 
+describe("feedback", () => {
+  test("feedback by index and by name, replaced, refused, removed; another session gets 404", async () => {
+    const client = await loggedIn();
+    const other = await loggedIn();
+    const result = await client.predict(cat);
+    assert.equal(result.feedback ?? null, null);
+    assert.equal((await client.historyItem(result.id)).feedback, null);
+
+    const byIndex = await client.feedback(result.id, 282, { comment: "stripes" });
+    assert.equal(byIndex.id, result.id);
+    assert.equal(byIndex.feedback.class_index, 282);
+    assert.equal(byIndex.feedback.label, "tiger cat");
+    assert.equal(byIndex.feedback.comment, "stripes");
+    const byName = await client.feedback(result.id, "Egyptian CAT");
+    assert.deepEqual([byName.feedback.class_index, byName.feedback.comment], [285, null]);
+    assert.equal((await client.historyItem(result.id)).feedback.label, "Egyptian cat");
+
+    for (const label of ["no such label", 1000, -1]) {
+      await assert.rejects(client.feedback(result.id, label),
+        (e) => e instanceof ValidationError && e.code === "invalid_feedback" && e.status === 422);
+    }
+    await assert.rejects(client.feedback(result.id, 1, { comment: "x".repeat(501) }),
+      (e) => e instanceof ValidationError && e.code === "invalid_feedback");
+    await assert.rejects(other.feedback(result.id, 1),
+      (e) => e instanceof NotFoundError && e.code === "history_item_not_found");
+    await assert.rejects(other.removeFeedback(result.id), (e) => e instanceof NotFoundError);
+
+    await client.removeFeedback(result.id);
+    assert.equal((await client.historyItem(result.id)).feedback, null);
+  });
+});
+
 describe("CORS", () => {
   const preflight = (origin) => fetch(`${server.url}/v1/predict`, {
     method: "OPTIONS",
