@@ -29,6 +29,7 @@ import tornado.web
 
 from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
+from service.capture import Captures
 from service.classify import Classifier
 from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
@@ -136,6 +137,10 @@ class BaseHandler(tornado.web.RequestHandler):
     @property
     def classifier(self) -> Classifier:
         return self.settings["classifier"]
+
+    @property
+    def captures(self) -> Captures:
+        return self.settings["captures"]
 
     @property
     def feedback(self) -> FeedbackService:

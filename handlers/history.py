@@ -23,6 +23,15 @@ class HistoryItemHandler(BaseHandler):
         self.write_json(await history.item(self.store, self.feedback, self.current_session, history_id))
 
 
+class HistoryImageHandler(BaseHandler):
+    """GET /v1/history/<id>/image: the captured image, byte for byte, to the session that sent it."""
+
+    async def get(self, history_id: str) -> None:
+        data, media_type = await history.image(self.store, self.captures, self.current_session, history_id)
+        self.set_header("Content-Type", media_type)
+        self.finish(data)
+
+
 class FeedbackHandler(BaseHandler):
     """PUT /v1/history/<id>/feedback {"label": <index or name>, "comment": ...}; DELETE removes it."""
 

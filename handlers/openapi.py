@@ -428,8 +428,13 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         "/v1/session": {
             "get": {"summary": "The current session.", "security": _BEARER,
                     "responses": {"200": _json(_ref("Session"), "The session."), **_AUTH_ERRORS}},
-            "delete": {"summary": "Log out; the token stops working.", "security": _BEARER,
-                       "responses": {"204": {"description": "Logged out."}, **_AUTH_ERRORS}},
+            "delete": {"summary": "Log out; the token stops working. With erase=true the session's history, "
+                                  "feedback and captured images are erased too (an image another session also "
+                                  "sent stays for that one).", "security": _BEARER,
+                       "parameters": [{"name": "erase", "in": "query", "required": False,
+                                       "schema": {"enum": ["true", "false"], "default": "false"}}],
+                       "responses": {"204": {"description": "Logged out (and erased)."},
+                                     "400": _error("erase is neither true nor false."), **_AUTH_ERRORS}},
         },
         "/v1/session/options": {
             "get": {"summary": "The session's options.", "security": _BEARER,
@@ -510,6 +515,19 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json(_ref("HistoryItem"), "The item."),
                           "404": _error("No such item in this session."), **_AUTH_ERRORS},
+        }},
+        "/v1/history/{id}/image": {"get": {
+            "summary": "The image of one of the session's predictions, byte for byte as sent, where capture is on "
+                       "(capture.enabled) and its retention has not ended.",
+            "security": _BEARER,
+            "parameters": [_HISTORY_ID_PARAMETER],
+            "responses": {"200": {"description": "The image, with the media type its bytes have.",
+                                  "content": {media: {"schema": {"type": "string", "format": "binary"}}
+                                              for media in ("image/jpeg", "image/png", "image/webp", "image/gif",
+                                                            "image/bmp")}},
+                          "404": _error("No such item in this session (history_item_not_found), or its image was "
+                                        "not captured or is past its retention (image_not_found)."),
+                          **_AUTH_ERRORS},
         }},
         "/v1/history/{id}/feedback": {
             "put": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from handlers.base import BaseHandler
 from service.auth import Policy
+from sessions.errors import BadRequest
 
 
 class LoginHandler(BaseHandler):
@@ -25,13 +26,16 @@ class LoginHandler(BaseHandler):
 
 
 class SessionHandler(BaseHandler):
-    """GET /v1/session and DELETE /v1/session (log out)."""
+    """GET /v1/session and DELETE /v1/session[?erase=true] (log out; with erase, forget everything)."""
 
     async def get(self) -> None:
         self.write_json(self.current_session.to_dict())
 
     async def delete(self) -> None:
-        await self.sessions.logout(self.current_session)
+        erase = self.get_query_argument("erase", "false")
+        if erase not in ("true", "false"):
+            raise BadRequest(f"erase must be true or false, got {erase!r}.", code="invalid_parameter")
+        await self.sessions.logout(self.current_session, erase=erase == "true")
         self.set_status(204)
         self.clear_header("Content-Type")
         self.finish()

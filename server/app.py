@@ -11,7 +11,7 @@ import tornado.web
 
 from handlers.base import HttpSettings, InFlight, NotFoundHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
-from handlers.history import FeedbackHandler, HistoryHandler, HistoryItemHandler
+from handlers.history import FeedbackHandler, HistoryHandler, HistoryImageHandler, HistoryItemHandler
 from handlers.models import ActivateHandler, ModelsHandler, ModelVersionHandler
 from handlers.oip import (
     InferHandler,
@@ -32,10 +32,12 @@ from server.config import Config
 from server.observability import Metrics, log_request
 from server.runtime import build_backend
 from service.auth import Authenticator, AuthSettings
+from service.capture import Captures
 from service.classify import Classifier
 from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
+from sessions.captures import CaptureRefs
 from sessions.feedback import FeedbackStore
 from sessions.model_registry import ModelRegistry
 from sessions.store import SessionStore
@@ -55,6 +57,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/history", HistoryHandler),
     (r"/v1/history/([^/]+)", HistoryItemHandler),
     (r"/v1/history/([^/]+)/feedback", FeedbackHandler),
+    (r"/v1/history/([^/]+)/image", HistoryImageHandler),
     (r"/predict", PlainPredictHandler),
     (r"/healthz", LivenessHandler),
     (r"/readyz", ReadinessHandler),
@@ -83,9 +86,9 @@ def make_app(
     registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
     given; the caller starts them following other replicas (`await model_versions.start()`)."""
     signer = make_signer(config)
-    feedback = make_feedback(config, store, runner)
+    feedback, captures = make_feedback(config, store, runner), make_captures(config, store)
     versions = model_versions or make_model_versions(config, store, runner, feedback)
-    auth, classifier, sessions = use_cases(config, store, runner, signer, versions, feedback)
+    auth, classifier, sessions = use_cases(config, store, runner, signer, versions, feedback, captures)
     web_routes: list[Any] = [
         (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
         (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
@@ -99,6 +102,7 @@ def make_app(
         classifier=classifier,
         sessions=sessions,
         feedback=feedback,
+        captures=captures,
         store=store,
         runner=runner,
         model_versions=versions,
@@ -145,12 +149,20 @@ def make_feedback(config: Config, store: SessionStore, runner: ModelRunner) -> F
                            on_feedback=metrics.observe_feedback if isinstance(metrics, Metrics) else None)
 
 
+def make_captures(config: Config, store: SessionStore) -> Captures:
+    capture = config.capture
+    store_dir = Path(capture.store_dir) if capture.store_dir else config.data_path / "captures"
+    return Captures(CaptureRefs(store.redis), store_dir=store_dir, enabled=capture.enabled,
+                    retention_days=capture.retention_days)
+
+
 def use_cases(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,
               versions: ModelVersions | None, feedback: FeedbackService | None = None,
-              ) -> tuple[Authenticator, Classifier, SessionService]:
+              captures: Captures | None = None) -> tuple[Authenticator, Classifier, SessionService]:
     """The service layer for one process, shared by every transport."""
-    return (Authenticator(signer, store, auth_settings(config)), Classifier(store, runner, versions, feedback),
-            SessionService(store, signer, versions))
+    return (Authenticator(signer, store, auth_settings(config)),
+            Classifier(store, runner, versions, feedback, captures),
+            SessionService(store, signer, versions, feedback=feedback, captures=captures))
 
 
 def make_signer(config: Config) -> TokenSigner:

@@ -190,6 +190,9 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     # One process counts the sessions for the gauge (a keyspace scan), in the background.
     session_counter = asyncio.ensure_future(count_sessions_forever(store, runner.metrics.active_sessions)) \
         if slot == 0 else None
+    # One process enforces the capture retention (the others read it on every image read).
+    capture_sweeper = asyncio.ensure_future(app.settings["captures"].sweep_forever(
+        config.capture.sweep_interval_seconds)) if slot == 0 else None
     server = http_server(app, config, counts, slot)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
@@ -231,6 +234,9 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     await server.close_all_connections()
     if session_counter is not None:
         session_counter.cancel()
+    if capture_sweeper is not None:
+        capture_sweeper.cancel()
+    app.settings["captures"].close()
     await app.settings["model_versions"].close()
     runner.close()
     await store.close()

@@ -1,9 +1,10 @@
 """Classify and record: the one place a prediction is made and recorded, for every transport.
 
 The order is always: pin (the session's model version) -> load it in this process if it is not yet
--> run the model -> record in the session's history. A 200 means recorded: the history write happens
-before the answer is built, and if it fails the caller gets the store's error rather than an
-unrecorded result. Anonymous calls (no session) run the model and record nothing.
+-> run the model -> capture the image (where capture is on) -> record in the session's history. A 200
+means recorded: the history write happens before the answer is built, and if it fails the caller
+gets the store's error rather than an unrecorded result; a captured image is on disk before the
+entry that names it is written. Anonymous calls (no session) run the model and record nothing.
 """
 
 from __future__ import annotations
@@ -15,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from inference.runner import BatchPrediction, ClassScore, ImageSource, ModelRunner, Prediction
+from service.capture import Captured, KeptImage
 from service.feedback import with_defaults
 from sessions.errors import Conflict, NotFound
 from sessions.options import Options
 from sessions.store import Session, SessionStore, iso, now_ms
 
 if TYPE_CHECKING:
+    from service.capture import Captures
     from service.feedback import FeedbackService
     from service.model_versions import ModelVersions
 
@@ -37,8 +40,9 @@ class BatchResult:
 
 class Classifier:
     def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelVersions | None = None,
-                 feedback: FeedbackService | None = None):
+                 feedback: FeedbackService | None = None, captures: Captures | None = None):
         self.store, self.runner, self.versions, self.feedback = store, runner, versions, feedback
+        self.captures = captures
 
     async def classify(self, session: Session, image: bytes | ImageSource, options: Options,
                        idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
@@ -48,9 +52,13 @@ class Classifier:
         if session.replay_of:
             return await self._replay(session, session.replay_of), True
         await self._pin(options)
+        capturing = self.captures is not None and self.captures.enabled
+        if capturing and not isinstance(image, bytes):
+            image = KeptImage(image)  # the runner reads the upload's bytes on its thread; capture reuses them
         prediction = await self.runner.predict(image, options)
+        kept = await self._capture(session, image) if capturing else None
         return await self._record(session, prediction.top_k, options, idempotency_key,
-                                  timing_ms=prediction.timing_ms, model=prediction.model)
+                                  timing_ms=prediction.timing_ms, model=prediction.model, kept=kept)
 
     async def classify_anonymous(self, image: bytes | ImageSource, options: Options) -> Prediction:
         """Classify without a session: nothing is recorded."""
@@ -70,9 +78,11 @@ class Classifier:
             result = await self.runner.classify_tensor(tensor, self.runner.served(options.model_version))
         labels = result.served.model.labels
         if session is not None:
-            for row in result.probabilities:  # one Redis round trip each, in the order sent
+            capturing = images is not None and self.captures is not None and self.captures.enabled
+            for index, row in enumerate(result.probabilities):  # one Redis round trip each, in the order sent
+                kept = await self._capture(session, images[index]) if capturing and images is not None else None
                 await self._record(session, self.runner.top_k(row, options.top_k, labels), options,
-                                   model=result.served.info)
+                                   model=result.served.info, kept=kept)
         return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
 
     async def _pin(self, options: Options) -> None:
@@ -82,9 +92,14 @@ class Classifier:
         if self.versions is not None and options.model_version:
             await self.versions.ensure(options.model_version)
 
+    async def _capture(self, session: Session, image: bytes | ImageSource) -> tuple[Captured, bool] | None:
+        assert self.captures is not None
+        return await self.captures.keep(session, image if isinstance(image, bytes) else image.image_bytes())
+
     async def _record(self, session: Session, top_k: list[ClassScore], options: Options,
                       idempotency_key: str | None = None, *, timing_ms: dict[str, float] | None = None,
-                      model: dict[str, str] | None = None) -> tuple[dict[str, Any], bool]:
+                      model: dict[str, str] | None = None,
+                      kept: tuple[Captured, bool] | None = None) -> tuple[dict[str, Any], bool]:
         """Append one classified image to the session's history: the one shape every route records."""
         best = top_k[0]
         entry = {
@@ -94,9 +109,14 @@ class Classifier:
             "top_k": [score.to_dict() for score in top_k],
             "options": options.to_dict(),
             "model": model or self.runner.served().info,  # the version that ran, even across a swap
-            "image": None,  # the captured image, where capture is on
+            "image": kept[0].to_dict() if kept else None,  # the captured image, where capture is on
         }
-        history_id, replayed = await self.store.record(session, entry, idempotency_key)
+        try:
+            history_id, replayed = await self.store.record(session, entry, idempotency_key)
+        except Exception:
+            if self.captures is not None:
+                await self.captures.undo(session, kept)
+            raise
         if replayed:  # a retry overtook the first attempt; the first one's answer stands
             return await self._replay(session, history_id), True
         return {"id": history_id, **entry, "feedback": None, "timing_ms": timing_ms or {}}, False

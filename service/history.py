@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from service.capture import Captures
 from service.feedback import FeedbackService
 from sessions.errors import BadRequest
 from sessions.store import Session, SessionStore
@@ -32,3 +33,10 @@ async def page(store: SessionStore, feedback: FeedbackService, session: Session,
 
 async def item(store: SessionStore, feedback: FeedbackService, session: Session, history_id: str) -> dict[str, Any]:
     return (await feedback.attach(session.id, [await store.history_item(session.id, history_id)]))[0]
+
+
+async def image(store: SessionStore, captures: Captures, session: Session, history_id: str) -> tuple[bytes, str]:
+    """The captured image of one of the session's items, as sent, and its media type; 404 for another
+    session's item, one not captured, or one past its retention."""
+    entry = await store.history_item(session.id, history_id)
+    return await captures.read(entry.get("image"))

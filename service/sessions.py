@@ -10,12 +10,16 @@ from sessions.store import Session, SessionStore
 from sessions.tokens import TokenSigner
 
 if TYPE_CHECKING:
+    from service.capture import Captures
+    from service.feedback import FeedbackService
     from service.model_versions import ModelVersions
 
 
 class SessionService:
-    def __init__(self, store: SessionStore, signer: TokenSigner, versions: ModelVersions | None = None):
+    def __init__(self, store: SessionStore, signer: TokenSigner, versions: ModelVersions | None = None, *,
+                 feedback: FeedbackService | None = None, captures: Captures | None = None):
         self.store, self.signer, self.versions = store, signer, versions
+        self.feedback, self.captures = feedback, captures
 
     async def login(self, changes: Any) -> tuple[str, Session]:
         """A new session with the default options merged with `changes`, and its signed token."""
@@ -28,8 +32,16 @@ class SessionService:
         await self._check_version(changes)
         return await self.store.update_options(session.id, changes)
 
-    async def logout(self, session: Session) -> None:
+    async def logout(self, session: Session, *, erase: bool = False) -> None:
+        """End the session (its token is refused from now on, its history is gone). With `erase`, its
+        feedback and captured images go too (an image another session sent stays for that one);
+        feedback otherwise stays, as training data that names the session only by a hash."""
         await self.store.delete(session)
+        if erase:
+            if self.feedback is not None:
+                await self.feedback.erase(session.id)
+            if self.captures is not None:
+                await self.captures.erase(session.id)
 
     async def _check_version(self, changes: Any) -> None:
         """Refuse pinning a version that does not exist."""

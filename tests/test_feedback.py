@@ -7,14 +7,22 @@ The module's server has a Redis database of its own, emptied first, so counts ar
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import io
+import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import redis
+from PIL import Image
 
 from service.auth import api_key_hash
+from service.capture import Captures
+from sessions.captures import CaptureRefs
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, error_code, login, make_config
 
 ADMIN_KEY = "feedback-export-admin-key"
@@ -141,3 +149,103 @@ def test_a_replayed_predict_shows_its_feedback(http: httpx.Client) -> None:
     again = http.post("/v1/predict", headers={**keyed, "Content-Type": "image/jpeg"}, content=COFFEE_JPEG)
     assert again.headers["Idempotent-Replayed"] == "true"
     assert again.json()["feedback"]["class_index"] == 967
+
+
+def png_bytes(color: tuple[int, int, int]) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 64), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def captured_files(directory: Path) -> set[str]:
+    return {path.name for path in directory.rglob("*") if path.is_file()}
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def test_captured_images_are_read_back_byte_for_byte_by_their_session_only(http: httpx.Client,
+                                                                           feedback_server) -> None:
+    auth, other = login(http), login(http)
+    jpeg = predict(http, auth)
+    png = png_bytes((10, 200, 30))
+    multipart = http.post("/v1/predict", headers=auth, files={"image": ("x.png", png, "image/png")}).json()
+    assert jpeg["image"] == {"sha256": sha(CAT_JPEG), "content_type": "image/jpeg", "size": len(CAT_JPEG)}
+    assert multipart["image"] == {"sha256": sha(png), "content_type": "image/png", "size": len(png)}
+    for item, data, media in ((jpeg, CAT_JPEG, "image/jpeg"), (multipart, png, "image/png")):
+        got = http.get(f"/v1/history/{item['id']}/image", headers=auth)
+        assert got.status_code == 200 and got.content == data and got.headers["Content-Type"] == media
+        assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["image"] == item["image"]
+        refused = http.get(f"/v1/history/{item['id']}/image", headers=other)
+        assert refused.status_code == 404 and error_code(refused) == "history_item_not_found"
+    assert http.get(f"/v1/history/{jpeg['id']}/image").status_code == 401
+    # Stored once per content: the same image from another session is the same file.
+    again = predict(http, other)
+    assert again["image"] == jpeg["image"]
+    assert len([name for name in captured_files(feedback_server.capture_dir) if name == sha(CAT_JPEG)]) == 1
+    assert not [name for name in captured_files(feedback_server.capture_dir) if name.endswith(".partial")]
+
+
+def test_the_protocol_route_with_a_session_captures_too_and_a_tensor_is_not_an_image(http: httpx.Client) -> None:
+    auth = login(http)
+    png = png_bytes((1, 2, 3))
+    body = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                        "data": [base64.b64encode(png).decode()]}]}
+    assert http.post("/v2/models/efficientnet_lite0/infer", json=body, headers=auth).status_code == 200
+    item = http.get("/v1/history", headers=auth).json()["items"][0]
+    assert item["image"]["sha256"] == sha(png)
+    assert http.get(f"/v1/history/{item['id']}/image", headers=auth).content == png
+    tensor = {"inputs": [{"name": "preprocessed", "datatype": "FP32", "shape": [1, 3, 32, 32],
+                          "data": [0.0] * (3 * 32 * 32)}]}
+    assert http.post("/v2/models/efficientnet_lite0/infer", json=tensor, headers=auth).status_code == 200
+    item = http.get("/v1/history", headers=auth).json()["items"][0]
+    assert item["image"] is None
+    missing = http.get(f"/v1/history/{item['id']}/image", headers=auth)
+    assert missing.status_code == 404 and error_code(missing) == "image_not_found"
+
+
+def test_without_capture_nothing_is_kept(client: httpx.Client) -> None:
+    auth = login(client)
+    item = predict(client, auth)
+    assert item["image"] is None
+    missing = client.get(f"/v1/history/{item['id']}/image", headers=auth)
+    assert missing.status_code == 404 and error_code(missing) == "image_not_found"
+
+
+def test_erase_removes_the_sessions_feedback_and_images_but_not_an_image_another_session_holds(
+        http: httpx.Client, feedback_server) -> None:
+    erased, keeper = login(http), login(http)
+    unique = png_bytes((250, 1, 99))
+    shared, own = predict(http, erased), predict(http, erased, unique, "image/png")
+    kept = predict(http, keeper)  # the same cat: one file, two holders
+    assert give(http, erased, own["id"], {"label": 3}).status_code == 200
+    assert give(http, erased, shared["id"], {"label": 4}).status_code == 200
+    assert {sha(unique), sha(CAT_JPEG)} <= captured_files(feedback_server.capture_dir)
+    version = shared["model"]["version"]
+    before = quality(http, version)["count"]
+
+    bad = http.delete("/v1/session", headers=erased, params={"erase": "yes"})
+    assert bad.status_code == 400 and error_code(bad) == "invalid_parameter"
+    assert http.delete("/v1/session", headers=erased, params={"erase": "true"}).status_code == 204
+    assert error_code(http.get("/v1/session", headers=erased)) == "session_revoked"
+    assert sha(unique) not in captured_files(feedback_server.capture_dir)
+    assert sha(CAT_JPEG) in captured_files(feedback_server.capture_dir)
+    assert http.get(f"/v1/history/{kept['id']}/image", headers=keeper).content == CAT_JPEG
+    assert quality(http, version)["count"] == before - 2
+
+
+def test_retention_deletes_images_nobody_sent_within_it(http: httpx.Client, feedback_server, loop_thread) -> None:
+    auth = login(http)
+    item = predict(http, auth, png_bytes((7, 7, 7)), "image/png")
+    captures = Captures(CaptureRefs(feedback_server.store.redis), store_dir=feedback_server.capture_dir,
+                        enabled=True, retention_days=1)
+    assert loop_thread.run(captures.sweep()) == 0  # nothing is a day old
+    day_later = int(time.time() * 1000) + 24 * 3600 * 1000 + 1000
+    assert loop_thread.run(captures.sweep(now=day_later)) >= 1
+    assert item["image"]["sha256"] not in captured_files(feedback_server.capture_dir)
+    gone = http.get(f"/v1/history/{item['id']}/image", headers=auth)
+    assert gone.status_code == 404 and error_code(gone) == "image_not_found"
+    again = predict(http, auth, png_bytes((7, 7, 7)), "image/png")  # sent again: kept again
+    assert http.get(f"/v1/history/{again['id']}/image", headers=auth).status_code == 200
+    captures.close()

@@ -284,3 +284,46 @@ class FakeFeedbackRecords:
         self.pages.append(len(chosen))
         records = [json.loads(self.records[key][1]) for _, key in chosen]
         return records, (0.0, start + limit) if len(chosen) == limit else None
+
+
+class FakeCaptureRefs:
+    """`sessions.captures.CaptureRefs` in memory: the holders of each image and when it was last sent."""
+
+    def __init__(self) -> None:
+        self.owners: dict[str, set[str]] = {}
+        self.seen: dict[str, int] = {}
+        self.sessions: dict[str, set[str]] = {}
+
+    async def add(self, session_id: str, sha256: str, at_ms: int, keep_until_ms: int) -> bool:
+        new = sha256 not in self.sessions.setdefault(session_id, set())
+        self.sessions[session_id].add(sha256)
+        self.owners.setdefault(sha256, set()).add(session_id)
+        self.seen[sha256] = at_ms
+        return new
+
+    async def release(self, session_id: str, sha256: str) -> bool:
+        self.sessions.get(session_id, set()).discard(sha256)
+        owners = self.owners.get(sha256, set())
+        if session_id not in owners:
+            return False
+        owners.discard(session_id)
+        if owners:
+            return False
+        self.seen.pop(sha256, None)
+        return True
+
+    async def session_images(self, session_id: str) -> list[str]:
+        return sorted(self.sessions.get(session_id, set()))
+
+    async def seen_at(self, sha256: str) -> float | None:
+        return self.seen.get(sha256)
+
+    async def older_than(self, cutoff_ms: int, limit: int) -> list[str]:
+        return sorted(sha for sha, at in self.seen.items() if at <= cutoff_ms)[:limit]
+
+    async def expire(self, sha256: str, cutoff_ms: int) -> bool:
+        if self.seen.get(sha256, 0) > cutoff_ms:
+            return False
+        self.seen.pop(sha256, None)
+        self.owners.pop(sha256, None)
+        return True
