@@ -29,6 +29,7 @@ from clients.python import (
 from clients.python import client as sync_module
 from clients.python.cli import main
 from service.auth import api_key_hash
+from sessions.errors import NotFound
 from tests.conftest import (
     CAT_CLASSES,
     CAT_JPEG,
@@ -36,6 +37,7 @@ from tests.conftest import (
     COFFEE_JPEG,
     DATA,
     TEST_SECRET,
+    LoopThread,
     RunningServer,
     make_config,
 )
@@ -196,6 +198,35 @@ def test_feedback_against_the_server(server: RunningServer, capsys: pytest.Captu
             assert (await aclient.history_item(coffee["id"]))["feedback"] is None
 
     asyncio.run(flow())
+
+
+def test_captured_image_and_erase(serve: Callable[..., Any], server: RunningServer, loop_thread: LoopThread,
+                                  tmp_path: Path) -> None:
+    with Client(server.url) as uncaptured:  # the module's server keeps no images
+        uncaptured.login()
+        with pytest.raises(NotFoundError):
+            uncaptured.history_image(uncaptured.predict(CAT_JPEG)["id"])
+
+    config = make_config(capture={"enabled": True, "store_dir": str(tmp_path / "captures")})
+    with serve(config) as capturing, Client(capturing.url) as client, Client(capturing.url) as other:
+        session_id = client.login()["session_id"]
+        other.login()
+        cat = client.predict(CAT_PATH)
+        assert client.history_image(cat["id"]) == CAT_JPEG  # byte for byte
+        with pytest.raises(NotFoundError):
+            other.history_image(cat["id"])
+        client.feedback(cat["id"], "tabby")
+
+        async def aflow() -> bytes:
+            async with AsyncClient(capturing.url, token=client.token) as aclient:
+                return await aclient.history_image(cat["id"])
+
+        assert asyncio.run(aflow()) == CAT_JPEG
+
+        client.logout(erase=True)
+        assert client.token is None
+        with pytest.raises(NotFound):  # erased in the store, not only logged out
+            loop_thread.run(capturing.store.history_item(session_id, cat["id"]))
 
 
 def test_api_key_login(serve: Callable[..., Any]) -> None:

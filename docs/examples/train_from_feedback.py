@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--until", help="export filter: feedback before this time (ISO 8601)")
     parser.add_argument("--model-version", help="export filter: only predictions of this model version")
     parser.add_argument("--base-weights", default="default",
-                        help="the weights to start from: 'default' (the packaged ImageNet weights) or a state_dict file")
+                        help="weights to start from: 'default' (the packaged ImageNet ones) or a state_dict file")
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--learning-rate", type=float, default=0.01)
     parser.add_argument("--keep-export", type=Path, help="also keep the downloaded tar here")

@@ -1,5 +1,5 @@
 // The client against a real server: `python -m server --port 0` with its embedded Redis, started
-// once for this file with an API key and one CORS origin (see server-process.mjs).
+// once for this file with an API key, one CORS origin and capture on (see server-process.mjs).
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { after, before, describe, test } from "node:test";
@@ -19,6 +19,7 @@ before(async () => {
   server = await startServer({
     INFERENCE_AUTH_API_KEYS: `sha256:${createHash("sha256").update(API_KEY).digest("hex")}`,
     INFERENCE_HTTP_CORS_ORIGINS: `${ALLOWED_ORIGIN},http://other.test`,
+    INFERENCE_CAPTURE_ENABLED: "true", // for historyImage; the images go in the server's temporary data folder
   });
 }, { timeout: 200_000 });
 
@@ -201,6 +202,21 @@ describe("feedback", () => {
 
     await client.removeFeedback(result.id);
     assert.equal((await client.historyItem(result.id)).feedback, null);
+  });
+
+  test("historyImage reads the captured image back byte for byte; logout({erase}) ends the session", async () => {
+    const client = await loggedIn();
+    const other = await loggedIn();
+    const result = await client.predict(new Blob([cat]));
+    const image = await client.historyImage(result.id);
+    assert.equal(image.type, "image/jpeg");
+    assert.deepEqual(new Uint8Array(await image.arrayBuffer()), new Uint8Array(cat));
+    await assert.rejects(other.historyImage(result.id), (e) => e instanceof NotFoundError);
+    const token = client.token;
+    await client.logout({ erase: true });
+    assert.equal(client.token, null);
+    await assert.rejects(new Client(server.url, { token }).historyItem(result.id),
+      (e) => e instanceof AuthError && e.status === 401);
   });
 });
 
