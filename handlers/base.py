@@ -31,6 +31,7 @@ from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
 from service.capture import Captures
 from service.classify import Classifier
+from service.export import FeedbackExport
 from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
@@ -141,6 +142,10 @@ class BaseHandler(tornado.web.RequestHandler):
     @property
     def captures(self) -> Captures:
         return self.settings["captures"]
+
+    @property
+    def feedback_export(self) -> FeedbackExport:
+        return self.settings["feedback_export"]
 
     @property
     def feedback(self) -> FeedbackService:

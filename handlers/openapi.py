@@ -552,6 +552,28 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                               "404": _error("No such item in this session."), **_AUTH_ERRORS},
             },
         },
+        "/v1/feedback/export": {"get": {
+            "summary": "The training export: every piece of feedback with its prediction, model version, options and "
+                       "captured image, oldest feedback first, streamed as a WebDataset tar (members <key>.json, "
+                       "<key>.cls and <key>.<ext>) or as JSON lines. See docs/api.md#the-training-export.",
+            "security": _ADMIN,
+            "parameters": [
+                {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "Feedback given at or after this time: ISO 8601 (UTC unless it says) or epoch ms."},
+                {"name": "until", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "Feedback given before this time: ISO 8601 or epoch ms."},
+                {"name": "model_version", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": MODEL_VERSION.pattern},
+                 "description": "Only feedback on predictions of this model version."},
+                {"name": "format", "in": "query", "required": False,
+                 "schema": {"enum": ["tar", "jsonl"], "default": "tar"}},
+            ],
+            "responses": {"200": {"description": "The export, streamed.",
+                                  "content": {"application/x-tar": {"schema": {"type": "string", "format": "binary"}},
+                                              "application/x-ndjson": {"schema": {"type": "string"}}}},
+                          "400": _error("A bad or unknown parameter (invalid_parameter)."),
+                          **{code: _ADMIN_ERRORS[code] for code in ("401", "403", "503")}},
+        }},
         "/v1/models": {"get": {
             "summary": "The served model's versions with their hash, size and activation time.",
             "security": [{"bearer": []}, {"adminApiKey": []}],

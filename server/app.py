@@ -10,6 +10,7 @@ import tornado.netutil
 import tornado.web
 
 from handlers.base import HttpSettings, InFlight, NotFoundHandler
+from handlers.feedback import FeedbackExportHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import FeedbackHandler, HistoryHandler, HistoryImageHandler, HistoryItemHandler
 from handlers.models import ActivateHandler, ModelsHandler, ModelVersionHandler
@@ -34,6 +35,7 @@ from server.runtime import build_backend
 from service.auth import Authenticator, AuthSettings
 from service.capture import Captures
 from service.classify import Classifier
+from service.export import FeedbackExport
 from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
@@ -58,6 +60,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/history/([^/]+)", HistoryItemHandler),
     (r"/v1/history/([^/]+)/feedback", FeedbackHandler),
     (r"/v1/history/([^/]+)/image", HistoryImageHandler),
+    (r"/v1/feedback/export", FeedbackExportHandler),
     (r"/predict", PlainPredictHandler),
     (r"/healthz", LivenessHandler),
     (r"/readyz", ReadinessHandler),
@@ -103,6 +106,7 @@ def make_app(
         sessions=sessions,
         feedback=feedback,
         captures=captures,
+        feedback_export=FeedbackExport(feedback.records, captures, page_size=config.feedback.export_page_size),
         store=store,
         runner=runner,
         model_versions=versions,

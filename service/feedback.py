@@ -34,6 +34,9 @@ class FeedbackRecords(Protocol):
 
     async def stats(self) -> dict[str, tuple[int, int]]: ...
 
+    async def page(self, since_ms: int | float, until_ms: int | float, *, after: tuple[float, int] | None,
+                   limit: int) -> tuple[list[dict[str, Any]], tuple[float, int] | None]: ...
+
 
 class HistoryReader(Protocol):
     async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]: ...

@@ -10,6 +10,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import json
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -22,7 +24,9 @@ from PIL import Image
 
 from service.auth import api_key_hash
 from service.capture import Captures
+from service.feedback import session_hash
 from sessions.captures import CaptureRefs
+from sessions.feedback import FeedbackStore
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, error_code, login, make_config
 
 ADMIN_KEY = "feedback-export-admin-key"
@@ -233,6 +237,147 @@ def test_erase_removes_the_sessions_feedback_and_images_but_not_an_image_another
     assert sha(CAT_JPEG) in captured_files(feedback_server.capture_dir)
     assert http.get(f"/v1/history/{kept['id']}/image", headers=keeper).content == CAT_JPEG
     assert quality(http, version)["count"] == before - 2
+
+
+def new_session(http: httpx.Client) -> tuple[dict[str, str], str]:
+    body = http.post("/v1/sessions").json()
+    return {"Authorization": f"Bearer {body['token']}"}, body["session_id"]
+
+
+def export(http: httpx.Client, **params: Any) -> httpx.Response:
+    return http.get("/v1/feedback/export", headers=ADMIN, params=params)
+
+
+def tar_items(content: bytes) -> dict[str, dict[str, bytes]]:
+    """key -> {extension: bytes}, read as a stream, as WebDataset reads it."""
+    items: dict[str, dict[str, bytes]] = {}
+    with tarfile.open(fileobj=io.BytesIO(content), mode="r|") as archive:
+        for member in archive:
+            key, _, extension = member.name.partition(".")
+            data = archive.extractfile(member)
+            assert data is not None and member.isfile()
+            items.setdefault(key, {})[extension] = data.read()
+    return items
+
+
+def test_the_export_is_a_tar_of_json_class_and_image_per_item_and_jsonl(http: httpx.Client) -> None:
+    started = int(time.time() * 1000)
+    auth, session_id = new_session(http)
+    png = png_bytes((90, 80, 70))
+    cat, square = predict(http, auth), predict(http, auth, png, "image/png")
+    predict(http, auth, COFFEE_JPEG)  # no feedback: not exported
+    assert give(http, auth, cat["id"], {"label": 285, "comment": "Egyptian"}).status_code == 200
+    assert give(http, auth, square["id"], {"label": "Motor Scooter"}).status_code == 200
+
+    response = export(http, since=started)
+    assert response.status_code == 200 and response.headers["Content-Type"] == "application/x-tar"
+    assert response.headers.get("Transfer-Encoding") == "chunked"  # streamed, not buffered to a length
+    assert session_id.encode() not in response.content  # only its hash
+    items = tar_items(response.content)
+    key = f"{session_hash(session_id)}-{cat['id']}"
+    assert set(items) == {key, f"{session_hash(session_id)}-{square['id']}"}
+    assert set(items[key]) == {"json", "cls", "jpg"} and items[key]["jpg"] == CAT_JPEG
+    assert items[key]["cls"] == b"285"
+    record = json.loads(items[key]["json"])
+    assert record["key"] == key and record["session"] == session_hash(session_id) and record["history_id"] == cat["id"]
+    assert record["prediction"] == {"class_index": cat["predicted_class"], "label": cat["label"],
+                                    "top_k": cat["top_k"]}
+    assert record["feedback"]["class_index"] == 285 and record["feedback"]["label"] == "Egyptian cat"
+    assert record["feedback"]["comment"] == "Egyptian" and record["predicted_at"] == cat["created_at"]
+    assert record["agrees"] is (cat["predicted_class"] == 285)
+    assert record["model"] == cat["model"] and record["options"] == cat["options"]
+    assert record["image"] == {**cat["image"], "file": f"{key}.jpg"}
+    square_key = f"{session_hash(session_id)}-{square['id']}"
+    assert items[square_key]["png"] == png and items[square_key]["cls"] == b"670"
+
+    lines = export(http, since=started, format="jsonl")
+    assert lines.status_code == 200 and lines.headers["Content-Type"] == "application/x-ndjson"
+    records = [json.loads(line) for line in lines.text.splitlines()]
+    assert [r["key"] for r in records] == [key, square_key]  # oldest feedback first
+    assert records[0] == {**record, "image": {**cat["image"], "file": None}}
+
+
+def test_export_filters_and_refusals(http: httpx.Client) -> None:
+    auth = login(http)
+    first = predict(http, auth)
+    assert give(http, auth, first["id"], {"label": 1}).status_code == 200
+    middle = int(time.time() * 1000) + 1
+    time.sleep(0.01)
+    second = predict(http, auth)
+    assert give(http, auth, second["id"], {"label": 2}).status_code == 200
+    after = int(time.time() * 1000) + 1
+
+    def history_ids(**params: Any) -> list[str]:
+        response = export(http, format="jsonl", **params)
+        assert response.status_code == 200, response.text
+        return [json.loads(line)["history_id"] for line in response.text.splitlines()]
+
+    assert history_ids(since=middle) == [second["id"]]
+    iso_middle = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(middle / 1000)) + f".{middle % 1000:03d}Z"
+    assert history_ids(since=iso_middle) == [second["id"]]
+    assert first["id"] in history_ids(until=middle) and second["id"] not in history_ids(until=middle)
+    assert history_ids(since=after) == []
+    version = first["model"]["version"]
+    assert history_ids(since=middle, model_version=version) == [second["id"]]
+    assert history_ids(model_version="another-version") == []
+    empty = export(http, since=after)
+    assert empty.status_code == 200 and tar_items(empty.content) == {}
+    for params in ({"since": "yesterday"}, {"until": "2026-13-01"}, {"since": after, "until": middle},
+                   {"format": "zip"}, {"model_version": "bad version!"}, {"version": version}):
+        refused = export(http, **params)
+        assert refused.status_code == 400 and error_code(refused) == "invalid_parameter", params
+    for headers, code in (({}, "missing_api_key"), (auth, "missing_api_key"),
+                          ({"Authorization": "ApiKey wrong"}, "invalid_api_key")):
+        refused = http.get("/v1/feedback/export", headers=headers)
+        assert refused.status_code == 401 and error_code(refused) == code
+
+
+def test_a_large_export_pages_through_every_item_once(http: httpx.Client, feedback_server) -> None:
+    started = int(time.time() * 1000)
+    auth, session_id = new_session(http)
+    items = [predict(http, auth, png_bytes((n, 0, 0)), "image/png") for n in range(24)]
+    for n, item in enumerate(items):  # feedback given within the same milliseconds pages by position
+        assert give(http, auth, item["id"], {"label": n}).status_code == 200
+    assert feedback_server.config.feedback.export_page_size < len(items)  # several pages
+    with http.stream("GET", "/v1/feedback/export", headers=ADMIN, params={"since": started}) as response:
+        chunks = [chunk for chunk in response.iter_raw()]
+    exported = tar_items(b"".join(chunks))
+    assert sorted(exported) == sorted(f"{session_hash(session_id)}-{item['id']}" for item in items)
+    assert all(exported[f"{session_hash(session_id)}-{item['id']}"]["png"] == png_bytes((n, 0, 0))
+               for n, item in enumerate(items))
+
+
+def test_pages_of_the_feedback_index_split_records_of_one_millisecond(feedback_server, loop_thread) -> None:
+    store = FeedbackStore(feedback_server.store.redis, "page-test-model")
+    record = {"model": {"version": "v"}, "agrees": False}
+
+    async def fill_and_read() -> list[str]:
+        for n in range(10):
+            await store.set("s", f"{n}-0", {**record, "n": n}, at_ms=5000 + (n >= 8), version="v", agrees=False,
+                            keep_until_ms=2**41)
+        seen, cursor = [], None
+        while True:
+            page, cursor = await store.page(0, 10**13, after=cursor, limit=3)
+            seen += [f"{item['n']}" for item in page]
+            if cursor is None:
+                return seen
+
+    assert sorted(loop_thread.run(fill_and_read()), key=int) == [str(n) for n in range(10)]
+    assert loop_thread.run(store.stats()) == {"v": (10, 0)}
+
+
+def test_erase_removes_everything_of_the_session_from_the_export(http: httpx.Client) -> None:
+    started = int(time.time() * 1000)
+    (erased, erased_id), (keeper, keeper_id) = new_session(http), new_session(http)
+    for auth in (erased, keeper):
+        item = predict(http, auth, COFFEE_JPEG)
+        assert give(http, auth, item["id"], {"label": 967}).status_code == 200
+    sessions = {json.loads(line)["session"] for line in export(http, since=started, format="jsonl").text.splitlines()}
+    assert sessions == {session_hash(erased_id), session_hash(keeper_id)}
+    assert http.delete("/v1/session", headers=erased, params={"erase": "true"}).status_code == 204
+    items = tar_items(export(http, since=started).content)
+    assert {key.split("-")[0] for key in items} == {session_hash(keeper_id)}
+    assert next(iter(items.values()))["jpg"] == COFFEE_JPEG  # the shared image stays for the keeper
 
 
 def test_retention_deletes_images_nobody_sent_within_it(http: httpx.Client, feedback_server, loop_thread) -> None:

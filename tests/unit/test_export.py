@@ -1,0 +1,80 @@
+"""service.export: the query's checks, tar members tarfile reads, and an export that holds one page of
+records at a time, fetching the next only once the previous items were handed out."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from service.capture import Captures
+from service.export import FeedbackExport, parse_query, parse_time, tar_member
+from sessions.errors import BadRequest
+from tests.unit.fakes import FakeCaptureRefs, FakeFeedbackRecords
+
+pytestmark = pytest.mark.unit
+
+
+def test_times_are_epoch_milliseconds_or_iso_8601() -> None:
+    assert parse_time("1700000000123", "since") == 1700000000123
+    assert parse_time("2023-11-14T22:13:20.123Z", "since") == 1700000000123
+    assert parse_time("2023-11-14T23:13:20.123+01:00", "since") == 1700000000123
+    assert parse_time("2023-11-14T22:13:20.123", "since") == 1700000000123  # UTC unless it says
+    for bad in ("", "soon", "2023-02-30", "-5", "1e9"):
+        with pytest.raises(BadRequest, match="since"):
+            parse_time(bad, "since")
+
+
+def test_the_query_is_checked_as_a_whole() -> None:
+    query = parse_query({"since": "1000", "until": "2000", "model_version": "v2", "format": "jsonl"})
+    assert (query.since_ms, query.until_ms, query.model_version, query.format) == (1000, 2000, "v2", "jsonl")
+    assert parse_query({}).format == "tar"
+    for bad in ({"since": "2000", "until": "1000"}, {"format": "zip"}, {"model_version": "a b"}, {"limit": "3"}):
+        with pytest.raises(BadRequest) as caught:
+            parse_query(bad)
+        assert caught.value.code == "invalid_parameter"
+
+
+def test_tar_members_are_read_by_tarfile() -> None:
+    archive = tar_member("a-1.json", b'{"x":1}', 1700000000) + tar_member("a-1.cls", b"7", 1700000000)
+    with tarfile.open(fileobj=io.BytesIO(archive + b"\0" * 1024), mode="r|") as tar:
+        read = [(member.name, tar.extractfile(member).read()) for member in tar]  # type: ignore[union-attr]
+    assert read == [("a-1.json", b'{"x":1}'), ("a-1.cls", b"7")]
+
+
+def record(n: int) -> dict:
+    return {"session": "abc", "history_id": f"{n}-0", "predicted_at": "2026-01-01T00:00:00.000Z",
+            "prediction": {"class_index": 1, "label": "one", "top_k": []}, "agrees": n % 2 == 0,
+            "feedback": {"class_index": n % 10, "label": "x", "comment": None,
+                         "created_at": "2026-01-01T00:00:00.000Z"},
+            "model": {"name": "fake-net", "version": "v1" if n < 20 else "v2"}, "options": {}, "image": None}
+
+
+def test_the_export_holds_one_page_at_a_time(tmp_path: Path) -> None:
+    records = FakeFeedbackRecords()
+    for n in range(25):
+        asyncio.run(records.set("s", f"{n}-0", record(n), at_ms=1000 + n, version=record(n)["model"]["version"],
+                                agrees=n % 2 == 0, keep_until_ms=0))
+    exporter = FeedbackExport(records, Captures(FakeCaptureRefs(), store_dir=tmp_path, enabled=True, retention_days=1),
+                              page_size=4)
+
+    async def consume(query_text: dict[str, str]) -> tuple[list[bytes], list[int]]:
+        chunks, pages_when_handed_out = [], []
+        async for chunk in exporter.stream(parse_query(query_text)):
+            chunks.append(chunk)
+            pages_when_handed_out.append(len(records.pages))
+        return chunks, pages_when_handed_out
+
+    chunks, pages = asyncio.run(consume({"format": "jsonl"}))
+    assert [json.loads(chunk)["history_id"] for chunk in chunks] == [f"{n}-0" for n in range(25)]
+    assert max(records.pages) == 4 and len(records.pages) == 7  # 25 records in pages of 4
+    assert pages == [n // 4 + 1 for n in range(25)]  # each item handed out before the next page is read
+    records.pages.clear()
+    chunks, _ = asyncio.run(consume({"model_version": "v2"}))
+    with tarfile.open(fileobj=io.BytesIO(b"".join(chunks)), mode="r|") as tar:
+        names = [member.name for member in tar]
+    assert names == [f"abc-{n}-0.{ext}" for n in range(20, 25) for ext in ("json", "cls")]
