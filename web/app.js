@@ -502,6 +502,7 @@ function feedbackControl(item) {
       else closeForm();
     }
   });
+  input.addEventListener("blur", closeList);
   // A click picks the option before the input loses focus.
   list.addEventListener("mousedown", (event) => event.preventDefault());
   list.addEventListener("click", (event) => {
