@@ -3,7 +3,8 @@
     GET    /v1/models                                      versions, hashes, sizes, activation times
     PUT    /v1/models/<name>/versions/<version>            upload a state_dict (admin)
     DELETE /v1/models/<name>/versions/<version>            remove a version that is not active (admin)
-    POST   /v1/models/<name>/versions/<version>:activate   serve it from now on, on every replica (admin)
+    POST   /v1/models/<name>/versions/<version>:activate   serve it from now on, on every replica (admin);
+                                                           {"traffic_percent": N < 100}: to N% of sessions
 
 Admin routes take `Authorization: ApiKey <key>` with a key whose hash is in `auth.admin_api_keys`.
 """
@@ -20,6 +21,7 @@ import tornado.web
 
 from handlers.base import BaseHandler
 from service.auth import Policy
+from service.model_versions import parse_traffic_percent
 from sessions.errors import BadRequest, PayloadTooLarge
 
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
@@ -135,4 +137,5 @@ class ActivateHandler(BaseHandler):
 
     async def post(self, name: str, version: str) -> None:
         self.model_versions.check_name(name, version)
-        self.write_json({"name": name, **await self.model_versions.activate(version)})
+        traffic_percent = parse_traffic_percent(self.json_object(required=False))
+        self.write_json({"name": name, **await self.model_versions.activate(version, traffic_percent)})

@@ -8,6 +8,7 @@ from typing import Any
 
 from handlers.oip_protocol import SERVER_VERSION
 from service.history import DEFAULT_PAGE, MAX_PAGE
+from service.model_versions import TRAFFIC_PERCENT
 from sessions.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
 
 
@@ -204,12 +205,25 @@ SCHEMAS: dict[str, Any] = {
             "active": {"const": True},
         },
     },
+    "Canary": {
+        "type": "object",
+        "description": "A version serving a share of the sessions (by a stable hash of the session id); the "
+                       "others keep the baseline, the active version.",
+        "required": ["version", "traffic_percent", "baseline", "started_at"],
+        "properties": {
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "traffic_percent": _integer(TRAFFIC_PERCENT),
+            "baseline": {"type": "string", "description": "The version the other sessions keep."},
+            "started_at": {"type": "string", "format": "date-time"},
+        },
+    },
     "ModelList": {
         "type": "object",
         "required": ["models"],
         "properties": {"models": {"type": "array", "items": {
             "type": "object",
-            "required": ["name", "active_version", "serving_version", "configured", "versions"],
+            "required": ["name", "active_version", "serving_version", "canary", "configured", "versions"],
             "properties": {
                 "name": {"type": "string"},
                 "configured": {"type": "object", "description": "The weights named in the config.",
@@ -219,6 +233,7 @@ SCHEMAS: dict[str, Any] = {
                 "active_version": {"type": ["string", "null"],
                                    "description": "null: no version was activated; the configured weights serve."},
                 "serving_version": {"type": "string", "description": "What the answering replica runs now."},
+                "canary": {"oneOf": [_ref("Canary"), {"type": "null"}]},
                 "versions": {"type": "array", "items": _ref("ModelVersion")},
             },
         }}},
@@ -608,13 +623,22 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         "/v1/models/{name}/versions/{version}:activate": {"post": {
             "summary": "Serve this version to new requests, on every replica (Redis pub/sub); requests in "
                        "flight finish on the weights they started with. The configured weights' version "
-                       "rolls back to them.",
+                       "rolls back to them. With traffic_percent below 100, a canary: the version serves that "
+                       "share of the sessions (each keeps its version) and the others keep the active one; an "
+                       "activation at 100 ends it. A session's pinned model_version wins over both.",
             "security": _ADMIN,
             "parameters": _VERSION_PARAMETERS,
-            "responses": {"200": _json({"oneOf": [_ref("ModelVersion"), _ref("ConfiguredWeights")]},
-                                       "Active: a published version, or the configured weights again."),
-                          "409": _error("The version's file is missing from the store."),
-                          "422": _error("The stored file no longer loads."), **_ADMIN_ERRORS},
+            "requestBody": {"required": False, "content": {"application/json": {"schema": {
+                "type": "object", "additionalProperties": False,
+                "properties": {"traffic_percent": _integer(TRAFFIC_PERCENT, default=100)}}}}},
+            "responses": {"200": _json({"oneOf": [_ref("ModelVersion"), _ref("ConfiguredWeights"), _ref("Canary")]},
+                                       "Active: a published version, the configured weights again, or a canary."),
+                          "400": _error("Malformed JSON, or not an object."),
+                          "409": _error("The version's file is missing from the store, or a canary of the "
+                                        "active version."),
+                          "415": _error("The body is not JSON."),
+                          "422": _error("The stored file no longer loads (invalid_weights), or traffic_percent is "
+                                        "not an integer from 1 to 100 (invalid_traffic_percent)."), **_ADMIN_ERRORS},
         }},
         "/healthz": {"get": {"summary": "Liveness.", "security": [{}],
                              "responses": {"200": _json(_ref("Health"), "Alive.")}}},

@@ -9,6 +9,7 @@ entry that names it is written. Anonymous calls (no session) run the model and r
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -51,11 +52,11 @@ class Classifier:
         gets the first answer and records nothing."""
         if session.replay_of:
             return await self._replay(session, session.replay_of), True
-        await self._pin(options)
+        run = await self._pin(session, options)
         capturing = self.captures is not None and self.captures.enabled
         if capturing and not isinstance(image, bytes):
             image = KeptImage(image)  # the runner reads the upload's bytes on its thread; capture reuses them
-        prediction = await self.runner.predict(image, options)
+        prediction = await self.runner.predict(image, run)
         kept = await self._capture(session, image) if capturing else None
         return await self._record(session, prediction.top_k, options, idempotency_key,
                                   timing_ms=prediction.timing_ms, model=prediction.model, kept=kept)
@@ -68,14 +69,14 @@ class Classifier:
                              images: Sequence[bytes] | None = None, tensor: np.ndarray | None = None) -> BatchResult:
         """Classify encoded `images` (preprocessed under `options`) or a preprocessed NCHW `tensor`
         with the session's model version, and record each image in the session's history, in order."""
-        await self._pin(options)
+        run = await self._pin(session, options)
         result: BatchPrediction
         if images is not None:
-            result = await self.runner.classify_images(images, options)
+            result = await self.runner.classify_images(images, run)
         else:
             assert tensor is not None
-            # Preprocessing options do not apply to a tensor, but the pinned version does.
-            result = await self.runner.classify_tensor(tensor, self.runner.served(options.model_version))
+            # Preprocessing options do not apply to a tensor, but the session's version does.
+            result = await self.runner.classify_tensor(tensor, self.runner.served(run.model_version))
         labels = result.served.model.labels
         if session is not None:
             capturing = images is not None and self.captures is not None and self.captures.enabled
@@ -85,12 +86,18 @@ class Classifier:
                                    model=result.served.info, kept=kept)
         return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
 
-    async def _pin(self, options: Options) -> None:
-        """Load the model version `options` pins into this process before the runner looks for it;
-        409 `model_version_removed` when it was removed. A process loads a pinned version on first
-        use, so whichever serving process or transport takes a request, the session gets one answer."""
-        if self.versions is not None and options.model_version:
-            await self.versions.ensure(options.model_version)
+    async def _pin(self, session: Session | None, options: Options) -> Options:
+        """The options to run with: the session's version chosen (its pin, else a canary's where one
+        serves the session, else the active one), and loaded into this process before the runner
+        looks for it; 409 `model_version_removed` when a pinned version was removed. A process loads
+        a version on first use, so whichever serving process or transport takes a request, the
+        session gets one answer. What is recorded stays the session's own options."""
+        if self.versions is None:
+            return options
+        version = self.versions.version_for(session.id if session is not None else None, options)
+        if version:
+            await self.versions.ensure(version)
+        return options if version == options.model_version else dataclasses.replace(options, model_version=version)
 
     async def _capture(self, session: Session, image: bytes | ImageSource) -> tuple[Captured, bool] | None:
         assert self.captures is not None

@@ -7,6 +7,10 @@ it finish on the weights they started with. Every replica follows activations an
 Redis pub/sub, and re-reads the active version whenever it (re)subscribes, so one that was cut off
 catches up.
 
+A canary serves a version to a share of the sessions: a session is assigned by a stable hash of its
+id and the canary's version, so it keeps one version for as long as the canary lasts, and the
+others keep the active version. A session's pinned `model_version` wins over both.
+
 Loading and checking weights run on this module's own thread, never on the runner's workers or the
 IOLoop, so serving goes on at full speed while a version is validated or loaded.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 import os
 import uuid
@@ -27,8 +32,8 @@ from inference.model import Backend, LoadedModel, ModelLoadError
 from inference.runner import ModelRunner, ServedModel
 from service.feedback import FeedbackService, quality_view
 from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
-from sessions.model_registry import ModelEvent, ModelRegistry, VersionRecord
-from sessions.options import MODEL_VERSION
+from sessions.model_registry import Canary, ModelEvent, ModelRegistry, VersionRecord
+from sessions.options import MODEL_VERSION, Options
 from sessions.store import iso, now_ms
 
 log = logging.getLogger("inference.weights")
@@ -43,6 +48,32 @@ _CLOSE_TIMEOUT_SECONDS = 2.0
 class BadWeights(ServiceError):
     status = 422
     code = "invalid_weights"
+
+
+class InvalidTrafficPercent(ServiceError):
+    status = 422
+    code = "invalid_traffic_percent"
+
+
+TRAFFIC_PERCENT = (1, 100)
+
+
+def parse_traffic_percent(body: dict[str, Any]) -> int:
+    """The share of sessions an activation serves (100 unless the body says): 422 outside 1..100."""
+    unknown = set(body) - {"traffic_percent"}
+    low, high = TRAFFIC_PERCENT
+    if unknown:
+        raise InvalidTrafficPercent(f"Unknown field(s) {', '.join(sorted(unknown))}; the body takes traffic_percent.")
+    percent = body.get("traffic_percent", high)
+    if isinstance(percent, bool) or not isinstance(percent, int) or not low <= percent <= high:
+        raise InvalidTrafficPercent(f"traffic_percent must be an integer from {low} to {high}, got {percent!r}.")
+    return percent
+
+
+def in_canary(session_id: str, canary: Canary) -> bool:
+    """Whether the canary serves this session: stable for the session and the canary's version."""
+    digest = hashlib.sha256(f"{session_id}:{canary.version}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % 100 < canary.traffic_percent
 
 
 class ModelVersions:
@@ -65,6 +96,7 @@ class ModelVersions:
         self._prepared: dict[str, ServedModel] = {}  # the last validated upload, ready to activate
         self._follower: asyncio.Task[None] | None = None
         self._closing = False
+        self.canary: Canary | None = None  # as this replica last read it (kept current by _follow)
 
     # -- publishing -------------------------------------------------------------------------------
     def check_name(self, name: str, version: str | None = None) -> None:
@@ -141,13 +173,27 @@ class ModelVersions:
         return ServedModel(model, self._backend_for(model))
 
     # -- activating, pinning, removing ------------------------------------------------------------
-    async def activate(self, version: str) -> dict[str, Any]:
+    def version_for(self, session_id: str | None, options: Options) -> str | None:
+        """The version a session's request runs: its pinned one, else the canary's where the canary
+        serves the session, else None (the active version). Anonymous requests run the active one."""
+        if options.model_version is not None:
+            return options.model_version
+        canary = self.canary
+        if canary is not None and session_id is not None and in_canary(session_id, canary):
+            return canary.version
+        return None
+
+    async def activate(self, version: str, traffic_percent: int = 100) -> dict[str, Any]:
         """Load `version` here, mark it active in Redis (which tells the other replicas), swap it in.
-        The configured weights' version rolls every replica back to them."""
+        The configured weights' version rolls every replica back to them. Below 100 percent the
+        version starts a canary instead; any activation at 100 ends a canary."""
+        if traffic_percent < 100:
+            return await self._start_canary(version, traffic_percent)
         if version == self.base_version:
             async with self._lock:
                 await self.registry.restore_configured(self.name)
                 self.runner.activate(self._base)
+                self.canary = None
             log.info("activated %s's configured weights (%s)", self.name, version)
             return {"version": version, "sha256": self._base.model.weights_sha256, "configured": True,
                     "activated_at": iso(now_ms()), "active": True}
@@ -159,8 +205,25 @@ class ModelVersions:
             if not await self.registry.activate(self.name, version, now_ms()):
                 raise NotFound(f"Version {version!r} was removed meanwhile.", code="model_version_not_found")
             self.runner.activate(served)
+            self.canary = None
         log.info("activated %s version %s", self.name, version)
         return (await self._record(version)).to_dict(active=True)
+
+    async def _start_canary(self, version: str, traffic_percent: int) -> dict[str, Any]:
+        configured = version == self.base_version
+        if not configured:
+            await self._record(version)  # 404 for an unknown version
+        baseline = await self.registry.active(self.name) or self.base_version
+        if version == baseline:
+            raise Conflict(f"Version {version!r} is active: it serves every session already.", code="version_active")
+        await self.ensure(version)  # loaded here before any session is sent to it
+        canary = Canary(version, traffic_percent, baseline, now_ms())
+        if not await self.registry.start_canary(self.name, canary, configured=configured):
+            raise NotFound(f"Version {version!r} was removed meanwhile.", code="model_version_not_found")
+        self.canary = canary
+        log.info("canary: %s version %s serves %d%% of sessions, the others keep %s", self.name, version,
+                 traffic_percent, baseline)
+        return canary_view(canary)
 
     async def ensure(self, version: str | None) -> None:
         """Make a pinned `version` available to the runner; 409 when it was removed."""
@@ -187,8 +250,9 @@ class ModelVersions:
     async def remove(self, version: str) -> None:
         record = await self._record(version)
         outcome = await self.registry.remove(self.name, version)
-        if outcome == "active":
-            raise Conflict(f"Version {version!r} is active; activate another one first.", code="version_active")
+        if outcome in ("active", "canary"):
+            what = "active" if outcome == "active" else "serving a canary"
+            raise Conflict(f"Version {version!r} is {what}; activate another one first.", code="version_active")
         if outcome == "missing":
             raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
         self.runner.drop_version(version)
@@ -199,11 +263,13 @@ class ModelVersions:
     async def listing(self) -> dict[str, Any]:
         records, active = await self.registry.versions(self.name)
         quality = await self.feedback.quality() if self.feedback is not None else {}
+        canary = await self.registry.canary(self.name)
         none = quality_view(0, 0)
         return {"models": [{
             "name": self.name,
             "active_version": active,  # null: the weights named in the config
             "serving_version": self.runner.model.version,  # what this replica runs now
+            "canary": canary_view(canary) if canary is not None else None,
             "configured": {"version": self.base_version, "sha256": self._base.model.weights_sha256,
                            "feedback": quality.get(self.base_version, none)},
             "versions": [{**record.to_dict(active=record.version == active),
@@ -271,13 +337,29 @@ class ModelVersions:
             delay = min(delay * 2, 5.0)
 
     async def _catch_up(self) -> None:
+        await self._follow_canary()
         active = await self.registry.active(self.name)
         if (active or self.base_version) != self.runner.model.version:
             await self._apply(ModelEvent("activated", self.name, active or ""))
 
+    async def _follow_canary(self) -> None:
+        """Read the canary (an activation ends it, a canary event starts or changes it) and load its
+        version here before any session is sent to it."""
+        canary = await self.registry.canary(self.name)
+        if canary is not None:
+            try:
+                await self.ensure(canary.version)
+            except ServiceError as exc:
+                log.error("cannot load %s canary version %s (%s); its sessions keep %s", self.name, canary.version,
+                          exc.message, self.runner.model.version)
+                canary = None
+        self.canary = canary
+
     async def _apply(self, event: ModelEvent) -> None:
         if event.name != self.name:
             return
+        if event.event in ("activated", "canary"):
+            await self._follow_canary()
         if event.event == "removed":
             self.runner.drop_version(event.version)
             self._prepared.pop(event.version, None)
@@ -302,3 +384,8 @@ class ModelVersions:
                 return
             self.runner.activate(served)
         log.info("following activation: now serving %s version %s", self.name, event.version)
+
+
+def canary_view(canary: Canary) -> dict[str, Any]:
+    return {"version": canary.version, "traffic_percent": canary.traffic_percent, "baseline": canary.baseline,
+            "started_at": iso(canary.started_at_ms)}

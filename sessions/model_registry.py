@@ -5,10 +5,12 @@ name, under one hash tag so that each script's keys share a Redis Cluster slot:
     model:{<name>}:versions    hash: version -> JSON {sha256, size, uploaded_at} (set once)
     model:{<name>}:activated   hash: version -> last activation time (ms)
     model:{<name>}:active      string: the active version (absent: the weights in the config)
-and the pub/sub channel `model-events`, carrying JSON {"event": "activated" | "removed", "name",
-"version"}; an activation of "" means back to the weights in the config. Activating or removing
-changes the keys and publishes in one Lua script, so no replica can see the change without the
-message being sent.
+    model:{<name>}:canary      string: JSON {version, traffic_percent, baseline, started_at} of a
+                               version serving a share of the sessions (absent: none)
+and the pub/sub channel `model-events`, carrying JSON {"event": "activated" | "canary" | "removed",
+"name", "version"}; an activation of "" means back to the weights in the config. An activation
+ends any canary. Activating, starting a canary or removing changes the keys and publishes in one
+Lua script, so no replica can see the change without the message being sent.
 """
 
 from __future__ import annotations
@@ -29,19 +31,33 @@ _ACTIVATE_SCRIPT = """
 if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[1])
+redis.call('DEL', KEYS[4])
 redis.call('PUBLISH', ARGV[3], ARGV[4])
 return 1
 """
 
-# Back to the weights named in the config: no active version, announced as an activation of "".
+# Back to the weights named in the config: no active version (and no canary), announced as an
+# activation of "".
 _RESTORE_SCRIPT = """
-redis.call('DEL', KEYS[1])
+redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+
+# A canary: ARGV[1] serves a share of the sessions (ARGV[2]: its JSON); ARGV[3] == '1' for the
+# configured weights, which are not in the versions hash. 0: no such version.
+_CANARY_SCRIPT = """
+if ARGV[3] ~= '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[4])
+redis.call('SET', KEYS[3], ARGV[2])
+redis.call('PUBLISH', ARGV[5], ARGV[6])
 return 1
 """
 
 _REMOVE_SCRIPT = """
 if redis.call('GET', KEYS[3]) == ARGV[1] then return 'active' end
+local canary = redis.call('GET', KEYS[4])
+if canary and cjson.decode(canary).version == ARGV[1] then return 'canary' end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 'missing' end
 redis.call('HDEL', KEYS[2], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
@@ -70,6 +86,20 @@ class VersionRecord:
 
 
 @dataclass(frozen=True)
+class Canary:
+    """A version serving `traffic_percent` of the sessions; the others keep the active version."""
+
+    version: str
+    traffic_percent: int
+    baseline: str  # the version the other sessions keep ("" : the configured weights)
+    started_at_ms: int
+
+    def to_json(self) -> str:
+        return json.dumps({"version": self.version, "traffic_percent": self.traffic_percent,
+                           "baseline": self.baseline, "started_at": self.started_at_ms})
+
+
+@dataclass(frozen=True)
 class ModelEvent:
     event: str  # "activated" | "removed" (published) | "subscribed" (local: listening from now on)
     name: str
@@ -82,11 +112,16 @@ class ModelRegistry:
         self._activate = client.register_script(_ACTIVATE_SCRIPT)
         self._remove = client.register_script(_REMOVE_SCRIPT)
         self._restore = client.register_script(_RESTORE_SCRIPT)
+        self._canary = client.register_script(_CANARY_SCRIPT)
 
     @staticmethod
     def _keys(name: str) -> tuple[str, str, str]:
         base = f"model:{{{name}}}"
         return f"{base}:versions", f"{base}:activated", f"{base}:active"
+
+    @staticmethod
+    def _canary_key(name: str) -> str:
+        return f"model:{{{name}}}:canary"
 
     @store_errors
     async def add(self, record: VersionRecord) -> bool:
@@ -121,19 +156,40 @@ class ModelRegistry:
     async def activate(self, name: str, version: str, at_ms: int) -> bool:
         """Make `version` the active one and tell every replica; False if there is no such version."""
         message = json.dumps({"event": "activated", "name": name, "version": version})
-        return bool(await self._activate(keys=list(self._keys(name)), args=[version, at_ms, EVENTS_CHANNEL, message]))
+        return bool(await self._activate(keys=[*self._keys(name), self._canary_key(name)],
+                                         args=[version, at_ms, EVENTS_CHANNEL, message]))
 
     @store_errors
     async def restore_configured(self, name: str) -> None:
         """Serve the configured weights again on every replica (the event's version is "")."""
         message = json.dumps({"event": "activated", "name": name, "version": ""})
-        await self._restore(keys=[self._keys(name)[2]], args=[EVENTS_CHANNEL, message])
+        await self._restore(keys=[self._keys(name)[2], self._canary_key(name)], args=[EVENTS_CHANNEL, message])
+
+    @store_errors
+    async def start_canary(self, name: str, canary: Canary, *, configured: bool) -> bool:
+        """Serve `canary.version` to its share of the sessions on every replica; False if there is no
+        such version. `configured`: the version is the configured weights'."""
+        versions, activated, _ = self._keys(name)
+        message = json.dumps({"event": "canary", "name": name, "version": canary.version})
+        return bool(await self._canary(keys=[versions, activated, self._canary_key(name)], args=[
+            canary.version, canary.to_json(), "1" if configured else "0", canary.started_at_ms, EVENTS_CHANNEL,
+            message]))
+
+    @store_errors
+    async def canary(self, name: str) -> Canary | None:
+        text = await self.redis.get(self._canary_key(name))
+        if text is None:
+            return None
+        data = json.loads(text)
+        return Canary(str(data["version"]), int(data["traffic_percent"]), str(data["baseline"]),
+                      int(data["started_at"]))
 
     @store_errors
     async def remove(self, name: str, version: str) -> str:
-        """'removed', 'missing', or 'active' (the active version is not removed)."""
+        """'removed', 'missing', 'active' or 'canary' (the versions serving are not removed)."""
         message = json.dumps({"event": "removed", "name": name, "version": version})
-        return await self._remove(keys=list(self._keys(name)), args=[version, EVENTS_CHANNEL, message])
+        return await self._remove(keys=[*self._keys(name), self._canary_key(name)],
+                                  args=[version, EVENTS_CHANNEL, message])
 
     async def events(self) -> AsyncIterator[ModelEvent]:
         """Activations and removals as they are published. Ends with an exception when the connection

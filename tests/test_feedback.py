@@ -20,7 +20,10 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from jsonschema import Draft202012Validator
 from PIL import Image
+from referencing import Registry, Resource
+from referencing.jsonschema import DRAFT202012
 
 from service.auth import api_key_hash
 from service.capture import Captures
@@ -378,6 +381,38 @@ def test_erase_removes_everything_of_the_session_from_the_export(http: httpx.Cli
     items = tar_items(export(http, since=started).content)
     assert {key.split("-")[0] for key in items} == {session_hash(keeper_id)}
     assert next(iter(items.values()))["jpg"] == COFFEE_JPEG  # the shared image stays for the keeper
+
+
+def test_answers_match_the_documented_schemas(http: httpx.Client) -> None:
+    document = http.get("/openapi.json").json()
+    registry = Registry().with_resource("urn:api", Resource.from_contents(document,
+                                                                        default_specification=DRAFT202012))
+
+    def check(response: httpx.Response, path: str, method: str) -> None:
+        responses = document["paths"][path][method]["responses"]
+        assert str(response.status_code) in responses, f"{method} {path} answered {response.status_code}"
+        content = responses[str(response.status_code)].get("content", {}).get("application/json")
+        if content:
+            pointer = content["schema"]["$ref"].removeprefix("#")
+            Draft202012Validator({"$ref": f"urn:api#{pointer}"}, registry=registry).validate(response.json())
+
+    auth = login(http)
+    item = predict(http, auth)
+    check(http.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=CAT_JPEG),
+          "/v1/predict", "post")
+    check(give(http, auth, item["id"], {"label": 3, "comment": "x"}), "/v1/history/{id}/feedback", "put")
+    check(give(http, auth, item["id"], {"label": 3000}), "/v1/history/{id}/feedback", "put")
+    check(give(http, auth, "1-0", {"label": 3}), "/v1/history/{id}/feedback", "put")
+    check(http.delete(f"/v1/history/{item['id']}/feedback", headers=auth), "/v1/history/{id}/feedback", "delete")
+    check(http.get(f"/v1/history/{item['id']}", headers=auth), "/v1/history/{id}", "get")
+    check(http.get("/v1/history", headers=auth), "/v1/history", "get")
+    check(http.get(f"/v1/history/{item['id']}/image", headers=auth), "/v1/history/{id}/image", "get")
+    check(http.get("/v1/history/1-0/image", headers=auth), "/v1/history/{id}/image", "get")
+    check(http.get("/v1/models", headers=auth), "/v1/models", "get")
+    check(export(http, since="x"), "/v1/feedback/export", "get")
+    check(http.get("/v1/feedback/export", headers=auth), "/v1/feedback/export", "get")
+    check(export(http, format="jsonl"), "/v1/feedback/export", "get")
+    check(http.delete("/v1/session", headers=auth, params={"erase": "maybe"}), "/v1/session", "delete")
 
 
 def test_retention_deletes_images_nobody_sent_within_it(http: httpx.Client, feedback_server, loop_thread) -> None:

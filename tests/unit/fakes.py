@@ -18,7 +18,9 @@ from PIL import Image
 
 from inference.model import LoadedModel
 from inference.runner import ModelRunner, ServedModel
+from service.model_versions import in_canary
 from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
+from sessions.model_registry import Canary
 from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
 from sessions.store import HISTORY_ID, Session, now_ms
 from sessions.tokens import VerifiedToken, new_session_id
@@ -214,10 +216,18 @@ class FakeVersions:
     into the runner on `ensure`, as the real one loads them; any other (removed, or never published) is
     refused with a 409."""
 
-    def __init__(self, runner: ModelRunner | None = None, *, published: tuple[str, ...] = ()):
-        self.runner, self.published = runner, set(published)
+    def __init__(self, runner: ModelRunner | None = None, *, published: tuple[str, ...] = (),
+                 canary: Canary | None = None):
+        self.runner, self.published, self.canary = runner, set(published), canary
         self.ensured: list[str | None] = []
         self.checked: list[str] = []
+
+    def version_for(self, session_id: str | None, options: Options) -> str | None:
+        if options.model_version is not None:
+            return options.model_version
+        if self.canary is not None and session_id is not None and in_canary(session_id, self.canary):
+            return self.canary.version
+        return None
 
     async def ensure(self, version: str | None) -> None:
         self.ensured.append(version)
