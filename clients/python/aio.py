@@ -158,7 +158,7 @@ class AsyncClient(BaseClient):
         return await self._send(call)
 
     async def activate_version(self, name: str, version: str, *, admin_key: str,
-                         traffic_percent: int | None = None) -> dict[str, Any]:
+                               traffic_percent: int | None = None) -> dict[str, Any]:
         """Serve `version` to every session, or (`traffic_percent` below 100) as a canary to that share
         of sessions while the rest keep the version that served before."""
         return await self._send(protocol.activate_version(name, version, admin_key, traffic_percent))
