@@ -24,6 +24,7 @@ from jsonschema import Draft202012Validator
 from PIL import Image
 from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
+from websockets.sync.client import connect as ws_connect
 
 from service.auth import api_key_hash
 from service.capture import Captures
@@ -210,6 +211,19 @@ def test_the_protocol_route_with_a_session_captures_too_and_a_tensor_is_not_an_i
     assert item["image"] is None
     missing = http.get(f"/v1/history/{item['id']}/image", headers=auth)
     assert missing.status_code == 404 and error_code(missing) == "image_not_found"
+
+
+def test_the_stream_captures_too(http: httpx.Client, feedback_server) -> None:
+    auth = login(http)
+    png = png_bytes((3, 140, 3))
+    url = feedback_server.url.replace("http://", "ws://") + "/v1/stream"
+    with ws_connect(url, additional_headers=auth, open_timeout=30) as socket:
+        assert json.loads(socket.recv(timeout=30))["type"] == "ready"
+        socket.send(png)
+        result = json.loads(socket.recv(timeout=30))
+    assert result["type"] == "result" and result["result"]["feedback"] is None
+    assert result["result"]["image"]["sha256"] == sha(png)
+    assert http.get(f"/v1/history/{result['result']['id']}/image", headers=auth).content == png
 
 
 def test_without_capture_nothing_is_kept(client: httpx.Client) -> None:
