@@ -64,8 +64,18 @@ export interface HistoryItem {
   top_k: Score[];
   options: Options;
   model: ModelInfo;
+  /** The captured image (capture on), or null; read it with historyImage(id). */
+  image: CapturedImage | null;
   /** The corrected label the session gave (PUT .../feedback), or null. */
   feedback: Feedback | null;
+}
+
+export interface CapturedImage {
+  sha256: string;
+  /** What the bytes are: image/jpeg, image/png, image/webp, image/gif or image/bmp. */
+  content_type: string;
+  /** Bytes. */
+  size: number;
 }
 
 /** A user's correction of a prediction. */
