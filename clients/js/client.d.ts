@@ -136,10 +136,35 @@ export interface ModelVersion {
   /** The last activation (ISO 8601), or null. */
   activated_at: string | null;
   active: boolean;
+  /** The feedback this version's predictions got. */
+  feedback?: FeedbackQuality;
+}
+
+/** How much feedback a version got and the share agreeing with its top-1 (null without feedback). */
+export interface FeedbackQuality {
+  count: number;
+  agreement: number | null;
+}
+
+/** A version serving a share of the sessions; the others keep `baseline`. */
+export interface Canary {
+  version: string;
+  traffic_percent: number;
+  baseline: string;
+  started_at: string;
 }
 
 export interface ModelList {
-  models: { name: string; active_version: string | null; serving_version: string; versions: ModelVersion[] }[];
+  models: {
+    name: string;
+    active_version: string | null;
+    serving_version: string;
+    /** null without a canary. */
+    canary?: Canary | null;
+    /** The weights named in the server's config. */
+    configured?: { version: string; sha256: string; feedback: FeedbackQuality };
+    versions: ModelVersion[];
+  }[];
 }
 
 /** One item for predictStream(): an image, or an image with its own ref and option overrides. */
