@@ -268,7 +268,7 @@ export class Client {
   /** PUT a state_dict file as a new version (admin key), with its SHA-256. */
   publishVersion(name: string, version: string, weights: Uint8Array | ArrayBuffer | Blob, args: { adminKey: string }): Promise<ModelVersion>;
   /** Serve `version` to new requests on every replica (admin key); `trafficPercent` (1–100) below 100 makes it a canary for that share of sessions. */
-  activateVersion(name: string, version: string, args: { adminKey: string; trafficPercent?: number }): Promise<ModelVersion>;
+  activateVersion(name: string, version: string, args: { adminKey: string; trafficPercent?: number }): Promise<ModelVersion | (Canary & { name: string })>;
   /** Remove a version that is not active (admin key). */
   removeVersion(name: string, version: string, args: { adminKey: string }): Promise<void>;
 
