@@ -1,7 +1,8 @@
 """The web page in a real headless Chromium (Python Playwright): log in, classify, change options,
-reload, see the history. Skipped, saying what to install, where Chromium or Playwright is missing.
+reload, see the history; correct a prediction at a desktop's and at a phone's width. Skipped, saying
+what to install, where Chromium or Playwright is missing.
 
-Leaves a full-page screenshot in tests/artifacts/browser.png.
+Leaves full-page screenshots in tests/artifacts/ (browser.png, correct-this-<width>.png).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import re
 import shutil
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.conftest import DATA, RunningServer
@@ -39,8 +41,17 @@ pytestmark = [
 ]
 
 
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}  # an iPhone 12-15's CSS viewport
+
+
 @pytest.fixture
-def page(server: RunningServer):
+def viewport() -> dict[str, int]:
+    return DESKTOP
+
+
+@pytest.fixture
+def page(server: RunningServer, viewport: dict[str, int]):
     executable = str(CHROMIUM) if CHROMIUM.exists() else shutil.which("chromium")
     with sync_playwright() as playwright:
         try:
@@ -48,7 +59,7 @@ def page(server: RunningServer):
         except PlaywrightError as exc:
             pytest.skip(f"Chromium at {executable} does not start headless: {exc}")
         try:
-            context = browser.new_context(viewport={"width": 1280, "height": 800})
+            context = browser.new_context(viewport=viewport)
             context.set_default_timeout(15_000)
             page = context.new_page()
             page.problems = []  # console errors (CSP violations among them) and uncaught exceptions
@@ -117,4 +128,98 @@ def test_log_in_classify_change_options_reload(page, server: RunningServer) -> N
     # The one refused request above (422) is expected; anything else (a CSP violation, an uncaught
     # exception, a missing file) is a bug.
     problems = [text for text in page.problems if "status of 422" not in text]
+    assert problems == [], problems
+
+
+def assert_in_view(locator, width: int) -> None:
+    """Every element of `locator` is drawn (non-zero box) and lies inside the viewport's width."""
+    assert locator.count() > 0
+    for index in range(locator.count()):
+        box = locator.nth(index).bounding_box()
+        assert box is not None and box["width"] > 0 and box["height"] > 0, box
+        assert box["x"] >= 0 and box["x"] + box["width"] <= width, (box, width)
+
+
+def api_item(server: RunningServer, page, history_id: str) -> dict:
+    """The history item as the API has it, read with the page's own session token."""
+    token = page.evaluate("sessionStorage.getItem('inference.token')")
+    answer = httpx.get(f"{server.url}/v1/history/{history_id}", headers={"Authorization": f"Bearer {token}"})
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> None:
+    width = viewport["width"]
+    page.goto(f"{server.url}/")
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+    card = page.locator("[data-testid=result-card][data-filename='cat.jpg']")
+    expect(card).to_have_attribute("data-state", "done")
+
+    # The score bars and their percentages are drawn, inside the screen, at either width.
+    bars = card.get_by_test_id("bar")
+    expect(bars).to_have_count(5)
+    assert_in_view(card.locator(".bar-track"), width)
+    assert_in_view(card.locator(".bar-fill"), width)
+    assert_in_view(card.locator(".bar-value"), width)
+    for index in range(5):
+        expect(bars.nth(index).locator(".bar-value")).to_have_text(re.compile(r"^\d+\.\d%$"))
+    history_id = card.get_attribute("data-history-id")
+    assert history_id
+    history_row = page.locator(f"[data-testid=history-item][data-history-id='{history_id}']")
+    expect(history_row.get_by_test_id("feedback-given")).to_be_hidden()
+
+    # Correct it to the second label, found by searching for its first letters; picked with the
+    # mouse on a desktop, with the keyboard on a phone.
+    second = bars.nth(1).locator(".bar-label")
+    label = second.text_content() or ""
+    class_index = int((second.get_attribute("title") or "").rsplit(" ", 1)[-1])
+    card.get_by_test_id("feedback-open").click()
+    search = card.get_by_role("combobox", name="Right label")
+    expect(search).to_be_focused()
+    search.fill(label[:4])
+    option = card.get_by_role("option", name=re.compile(f"^{re.escape(label)}"))
+    expect(option).to_be_visible()
+    if width == DESKTOP["width"]:
+        option.click()
+    else:
+        assert_in_view(card.get_by_test_id("feedback-options"), width)
+        while option.get_attribute("aria-selected") != "true":
+            search.press("ArrowDown")
+        search.press("Enter")
+    for control in (card, history_row):  # the card and its history row both show it
+        expect(control.get_by_test_id("feedback-given-label")).to_have_text(label)
+    expect(card.get_by_test_id("feedback-form")).to_be_hidden()
+    feedback = api_item(server, page, history_id)["feedback"]
+    assert (feedback["class_index"], feedback["label"]) == (class_index, label)
+
+    # A name typed in full, in any case, is resolved by the server; an unknown one is explained.
+    history_row.get_by_test_id("feedback-open").click()
+    row_search = history_row.get_by_role("combobox", name="Right label")
+    row_search.fill("no such label at all")
+    row_search.press("Enter")
+    expect(history_row.get_by_test_id("feedback-error")).to_be_visible()
+    expect(row_search).to_have_attribute("aria-invalid", "true")
+    row_search.fill("GOLDFISH")
+    row_search.press("Enter")
+    expect(history_row.get_by_test_id("feedback-given-label")).to_have_text("goldfish")
+    expect(card.get_by_test_id("feedback-given-label")).to_have_text("goldfish")
+    assert api_item(server, page, history_id)["feedback"]["class_index"] == 1
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"correct-this-{width}.png"), full_page=True)
+
+    # After a reload the history shows the stored correction, and it can be removed there.
+    page.reload()
+    history_row = page.locator(f"[data-testid=history-item][data-history-id='{history_id}']")
+    expect(history_row.get_by_test_id("feedback-given-label")).to_have_text("goldfish")
+    assert_in_view(history_row.get_by_test_id("feedback-remove"), width)
+    history_row.get_by_test_id("feedback-remove").click()
+    expect(history_row.get_by_test_id("feedback-given")).to_be_hidden()
+    expect(history_row.get_by_test_id("feedback-open")).to_be_focused()
+    assert api_item(server, page, history_id)["feedback"] is None
+
+    problems = [text for text in page.problems if "status of 422" not in text]  # the unknown label
     assert problems == [], problems

@@ -29,6 +29,7 @@ from clients.python import (
 from clients.python import client as sync_module
 from clients.python.cli import main
 from service.auth import api_key_hash
+from sessions.errors import NotFound
 from tests.conftest import (
     CAT_CLASSES,
     CAT_JPEG,
@@ -36,6 +37,7 @@ from tests.conftest import (
     COFFEE_JPEG,
     DATA,
     TEST_SECRET,
+    LoopThread,
     RunningServer,
     make_config,
 )
@@ -141,6 +143,90 @@ def test_async_flow(server: RunningServer) -> None:
 
     with pytest.raises(AuthError, match="session_revoked"):
         asyncio.run(stale())
+
+
+def test_feedback_against_the_server(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    with Client(server.url) as client, Client(server.url) as other:
+        client.login()
+        other.login()
+        cat = client.predict(CAT_PATH)
+        assert client.history_item(cat["id"])["feedback"] is None
+
+        by_index = client.feedback(cat["id"], 282, "stripes")
+        assert by_index["id"] == cat["id"]
+        assert {k: by_index["feedback"][k] for k in ("class_index", "label", "comment")} == \
+            {"class_index": 282, "label": "tiger cat", "comment": "stripes"}
+        by_name = client.feedback(cat["id"], "EGYPTIAN cat")  # a repeat replaces it
+        assert (by_name["feedback"]["class_index"], by_name["feedback"]["comment"]) == (285, None)
+        assert client.history_item(cat["id"])["feedback"]["class_index"] == 285
+        assert next(client.history(limit=1))["feedback"]["label"] == "Egyptian cat"
+
+        for label in ("no such label", 1000, -1):
+            with pytest.raises(ValidationError) as refused:
+                client.feedback(cat["id"], label)
+            assert refused.value.code == "invalid_feedback" and refused.value.status == 422
+        with pytest.raises(ValidationError, match="invalid_feedback"):
+            client.feedback(cat["id"], 1, "x" * 501)
+        with pytest.raises(NotFoundError, match="history_item_not_found"):
+            other.feedback(cat["id"], 1)  # another session's prediction
+        with pytest.raises(NotFoundError, match="history_item_not_found"):
+            other.remove_feedback(cat["id"])
+        assert client.history_item(cat["id"])["feedback"]["class_index"] == 285
+
+        # The command line, with the session's token: by name, then by index.
+        assert main(["feedback", cat["id"], "tabby", "--url", server.url, "--token", client.token or "",
+                     "--comment", "fur"]) == 0
+        assert "corrected to tabby (class 281)" in capsys.readouterr().out
+        assert main(["feedback", cat["id"], "282", "--url", server.url, "--token", client.token or "", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["feedback"]["label"] == "tiger cat"
+        assert main(["feedback", cat["id"], "not a label", "--url", server.url, "--token", client.token or ""]) == 1
+        assert capsys.readouterr().err.startswith("error: invalid_feedback: ")
+        assert main(["feedback", cat["id"], "tabby", "--url", server.url]) == 2  # no session: no token
+        assert "--token" in capsys.readouterr().err
+
+        client.remove_feedback(cat["id"])
+        client.remove_feedback(cat["id"])  # nothing left to remove is fine
+        assert client.history_item(cat["id"])["feedback"] is None
+
+    async def flow() -> None:
+        async with AsyncClient(server.url) as aclient:
+            await aclient.login()
+            coffee = await aclient.predict(COFFEE_JPEG)
+            given = await aclient.feedback(coffee["id"], "espresso", comment="a small cup")
+            assert given["feedback"]["class_index"] == 967 and given["feedback"]["comment"] == "a small cup"
+            await aclient.remove_feedback(coffee["id"])
+            assert (await aclient.history_item(coffee["id"]))["feedback"] is None
+
+    asyncio.run(flow())
+
+
+def test_captured_image_and_erase(serve: Callable[..., Any], server: RunningServer, loop_thread: LoopThread,
+                                  tmp_path: Path) -> None:
+    with Client(server.url) as uncaptured:  # the module's server keeps no images
+        uncaptured.login()
+        with pytest.raises(NotFoundError):
+            uncaptured.history_image(uncaptured.predict(CAT_JPEG)["id"])
+
+    config = make_config(capture={"enabled": True, "store_dir": str(tmp_path / "captures")})
+    with serve(config) as capturing, Client(capturing.url) as client, Client(capturing.url) as other:
+        session_id = client.login()["session_id"]
+        other.login()
+        cat = client.predict(CAT_PATH)
+        assert client.history_image(cat["id"]) == CAT_JPEG  # byte for byte
+        with pytest.raises(NotFoundError):
+            other.history_image(cat["id"])
+        client.feedback(cat["id"], "tabby")
+
+        async def aflow() -> bytes:
+            async with AsyncClient(capturing.url, token=client.token) as aclient:
+                return await aclient.history_image(cat["id"])
+
+        assert asyncio.run(aflow()) == CAT_JPEG
+
+        client.logout(erase=True)
+        assert client.token is None
+        with pytest.raises(NotFound):  # erased in the store, not only logged out
+            loop_thread.run(capturing.store.history_item(session_id, cat["id"]))
 
 
 def test_api_key_login(serve: Callable[..., Any]) -> None:
@@ -351,3 +437,69 @@ def test_image_inputs(tmp_path: Path) -> None:
     with pytest.raises(TypeError):
         protocol.encode_image(42)
     assert protocol.query_params({"top_k": 3, "mean": [1, 2, 3], "crop": None}) == {"top_k": "3", "mean": "1,2,3"}
+
+
+def test_feedback_calls_on_the_wire() -> None:
+    item = {"id": "1/0", "feedback": {"class_index": 282, "label": "tiger cat", "comment": "stripes"}}
+    script = Script(httpx.Response(200, json=item), httpx.Response(200, json=item), httpx.Response(204),
+                    httpx.Response(200, content=CAT_JPEG, headers={"Content-Type": "image/jpeg"}),
+                    httpx.Response(200, json={"version": "v2"}), httpx.Response(204))
+    with mock_client(script) as client:
+        assert client.feedback("1/0", 282, "stripes") == item
+        client.feedback("1/0", "Tiger Cat")
+        assert client.remove_feedback("1/0") is None
+        assert client.history_image("1/0") == CAT_JPEG
+        client.activate_version("m", "v2", admin_key="a", traffic_percent=10)
+        client.logout(erase=True)
+        assert client.token is None
+    put, put_name, delete, image, activate, logout = script.requests
+    assert (put.method, put.url.raw_path) == ("PUT", b"/v1/history/1%2F0/feedback")
+    assert json.loads(put.content) == {"label": 282, "comment": "stripes"}
+    assert put.headers["Authorization"] == "Bearer t" and put.headers["Content-Type"] == "application/json"
+    assert json.loads(put_name.content) == {"label": "Tiger Cat"}
+    assert (delete.method, delete.url.raw_path) == ("DELETE", b"/v1/history/1%2F0/feedback")
+    assert (image.method, image.url.raw_path) == ("GET", b"/v1/history/1%2F0/image")
+    assert json.loads(activate.content) == {"traffic_percent": 10}
+    assert activate.url.raw_path == b"/v1/models/m/versions/v2:activate"
+    assert (logout.method, logout.url.raw_path) == ("DELETE", b"/v1/session?erase=true")
+    for label in (2.5, True, None):
+        with pytest.raises(TypeError, match="label"):
+            protocol.feedback("1-0", label)  # type: ignore[arg-type]
+    assert protocol.activate_version("m", "v", "a").json is None  # no body: the server's default, 100
+    assert protocol.logout().params is None
+
+
+def test_feedback_refusals_are_typed_and_not_retried(sleeps: list[float]) -> None:
+    script = Script(error(422, "invalid_feedback"), error(404, "history_item_not_found"),
+                    error(404, "history_item_not_found"))
+    with mock_client(script) as client:
+        with pytest.raises(ValidationError, match="invalid_feedback"):
+            client.feedback("1-0", "no such label")
+        with pytest.raises(NotFoundError):
+            client.remove_feedback("1-0")
+        with pytest.raises(NotFoundError) as missing:
+            client.history_image("1-0")
+    assert missing.value.status == 404 and len(script.requests) == 3 and not sleeps
+
+
+def test_async_feedback_calls() -> None:
+    item = {"id": "1-0", "feedback": {"class_index": 3, "label": "tiger shark", "comment": None}}
+    script = Script(httpx.Response(200, json=item), httpx.Response(204),
+                    httpx.Response(200, content=CAT_JPEG, headers={"Content-Type": "image/jpeg"}),
+                    httpx.Response(204))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return script(request)
+
+    async def run() -> None:
+        async with AsyncClient("http://mock", token="t", transport=httpx.MockTransport(handler)) as c:
+            assert await c.feedback("1-0", 3) == item
+            await c.remove_feedback("1-0")
+            assert await c.history_image("1-0") == CAT_JPEG
+            await c.logout(erase=True)
+
+    asyncio.run(run())
+    assert [(r.method, r.url.raw_path) for r in script.requests] == [
+        ("PUT", b"/v1/history/1-0/feedback"), ("DELETE", b"/v1/history/1-0/feedback"),
+        ("GET", b"/v1/history/1-0/image"), ("DELETE", b"/v1/session?erase=true")]
+    assert json.loads(script.requests[0].content) == {"label": 3}

@@ -1,6 +1,6 @@
 // The web page: log in, classify dropped or chosen images, edit the session's options, browse the
 // history. Plain DOM code on top of the JavaScript client; no framework, no inline script or style.
-import { AuthError, Client, UnsupportedMediaType, ValidationError } from "/static/client/client.js";
+import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError } from "/static/client/client.js";
 
 const TOKEN_KEY = "inference.token";
 const SESSION_KEY = "inference.session";
@@ -10,6 +10,7 @@ const UPLOAD_CONCURRENCY = 2;
 const THUMB_SIZE = 96;
 const OPTION_FIELDS = ["top_k", "resize", "crop", "interpolation", "color"];
 const NUMBER_FIELDS = new Set(["top_k", "resize", "crop"]);
+const LABEL_SUGGESTIONS = 8;
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -25,6 +26,11 @@ const els = {
 const client = new Client("", { token: sessionStorage.getItem(TOKEN_KEY) });
 const state = { sessionId: sessionStorage.getItem(SESSION_KEY), options: null, cursor: null, predictions: 0 };
 const objectUrls = [];
+// Class index -> label, for every label the server has named on this page (each result's and
+// history item's top k, and each correction): the correction search offers these. No route lists
+// all 1,000 labels; a name or class number typed in full is resolved by the server itself.
+const knownLabels = new Map();
+let controlCount = 0;
 
 // -- small helpers -------------------------------------------------------------------------------
 
@@ -148,7 +154,12 @@ function clearResults() {
   els.resultsEmpty.hidden = false;
 }
 
+function learnLabels(scores) {
+  for (const score of scores ?? []) knownLabels.set(score.class_index, score.label);
+}
+
 function renderBars(list, scores) {
+  learnLabels(scores);
   list.replaceChildren(...scores.map((score) => {
     const row = clone("bar-template");
     row.querySelector(".bar-label").textContent = score.label;
@@ -190,6 +201,7 @@ function fillCard(card, result) {
   card.querySelector(".result-meta").textContent =
     `top ${options.top_k} \u00b7 resize ${options.resize} \u00b7 crop ${options.crop} \u00b7 ` +
     `${options.interpolation} \u00b7 ${options.color} \u00b7 ${total.toFixed(0)} ms`;
+  card.querySelector(".feedback-slot").replaceWith(feedbackControl(result));
 }
 
 function failCard(card, error) {
@@ -294,7 +306,10 @@ function historyRow(item) {
   row.querySelector(".history-meta").textContent =
     `${timeOf(item.created_at)} \u00b7 top ${item.options.top_k}`;
   row.querySelector(".history-score").textContent = best ? percent(best.score) : "";
-  row.title = item.top_k.map((score) => `${score.label}: ${percent(score.score)}`).join("\n");
+  row.querySelector(".history-text").title =
+    item.top_k.map((score) => `${score.label}: ${percent(score.score)}`).join("\n");
+  learnLabels(item.top_k);
+  row.querySelector(".feedback-slot").replaceWith(feedbackControl(item));
   return row;
 }
 
@@ -328,6 +343,203 @@ async function loadHistory({ reset = false } = {}) {
   } finally {
     els.historyMore.disabled = false;
   }
+}
+
+// -- corrections ("correct this") ----------------------------------------------------------------
+
+/** Every correction control for this history item: its result card's and its history row's. */
+function feedbackControls(historyId) {
+  return document.querySelectorAll(`.feedback[data-history-id="${CSS.escape(historyId)}"]`);
+}
+
+function showFeedback(control, feedback) {
+  const given = control.querySelector(".feedback-given");
+  given.hidden = !feedback;
+  // The visible words start the accessible name, which also says which prediction it is about.
+  const open = control.querySelector(".feedback-open");
+  const about = document.createElement("span");
+  about.className = "visually-hidden";
+  about.textContent = ` the correction of ${control.dataset.predicted}`;
+  open.replaceChildren(feedback ? "Change" : "Correct this", about);
+  if (!feedback) about.textContent = ` prediction: ${control.dataset.predicted}`;
+  if (feedback) {
+    control.querySelector(".feedback-given-label").textContent = feedback.label;
+    given.title = `ImageNet class ${feedback.class_index}`;
+  }
+  control.dataset.feedback = feedback ? String(feedback.class_index) : "";
+}
+
+/** The label suggestions for `text`: names starting with it first, then names containing it. */
+function suggestLabels(text) {
+  const query = text.trim().toLowerCase();
+  if (!query) return [];
+  const starts = [];
+  const contains = [];
+  for (const [classIndex, label] of knownLabels) {
+    const name = label.toLowerCase();
+    if (name.startsWith(query) || String(classIndex) === query) starts.push([classIndex, label]);
+    else if (name.includes(query)) contains.push([classIndex, label]);
+  }
+  const byName = (a, b) => a[1].localeCompare(b[1]);
+  return [...starts.sort(byName), ...contains.sort(byName)].slice(0, LABEL_SUGGESTIONS);
+}
+
+function feedbackControl(item) {
+  const control = clone("feedback-template");
+  const id = `fb-${++controlCount}`;
+  control.dataset.historyId = item.id;
+  control.dataset.predicted = item.label;
+  const open = control.querySelector(".feedback-open");
+  const form = control.querySelector(".feedback-form");
+  const input = control.querySelector(".feedback-input");
+  const list = control.querySelector(".combobox-list");
+  const error = control.querySelector(".feedback-error");
+  const status = control.querySelector(".feedback-status");
+  const remove = control.querySelector(".feedback-remove");
+  input.id = `${id}-input`;
+  list.id = `${id}-options`;
+  form.id = `${id}-form`;
+  control.querySelector(".feedback-field-label").htmlFor = input.id;
+  input.setAttribute("aria-controls", list.id);
+  open.setAttribute("aria-controls", form.id);
+  let active = -1;
+
+  const setError = (message) => {
+    error.textContent = message;
+    error.hidden = !message;
+    if (message) input.setAttribute("aria-invalid", "true");
+    else input.removeAttribute("aria-invalid");
+  };
+  const options = () => Array.from(list.children);
+  const highlight = (index) => {
+    active = index;
+    options().forEach((option, i) => option.setAttribute("aria-selected", String(i === index)));
+    if (index >= 0) input.setAttribute("aria-activedescendant", options()[index].id);
+    else input.removeAttribute("aria-activedescendant");
+  };
+  const closeList = () => {
+    list.hidden = true;
+    input.setAttribute("aria-expanded", "false");
+    highlight(-1);
+  };
+  const fillList = () => {
+    const matches = suggestLabels(input.value);
+    list.replaceChildren(...matches.map(([classIndex, label], i) => {
+      const option = document.createElement("li");
+      option.id = `${id}-option-${i}`;
+      option.className = "combobox-option";
+      option.setAttribute("role", "option");
+      option.dataset.testid = "feedback-option";
+      option.dataset.classIndex = String(classIndex);
+      option.textContent = label;
+      const number = document.createElement("span");
+      number.className = "combobox-class";
+      number.textContent = `#${classIndex}`;
+      option.append(number);
+      return option;
+    }));
+    list.hidden = matches.length === 0;
+    input.setAttribute("aria-expanded", String(matches.length > 0));
+    highlight(-1);
+  };
+  const closeForm = ({ focus = true } = {}) => {
+    closeList();
+    setError("");
+    form.hidden = true;
+    open.hidden = false;
+    open.setAttribute("aria-expanded", "false");
+    if (focus) open.focus();
+  };
+
+  const send = async (label) => {
+    setError("");
+    closeList();
+    form.setAttribute("aria-busy", "true");
+    try {
+      const updated = await client.feedback(item.id, label);
+      learnLabels([updated.feedback]);
+      for (const each of feedbackControls(item.id)) showFeedback(each, updated.feedback);
+      closeForm({ focus: false });
+      status.textContent = `Correction saved: ${updated.feedback.label}.`;
+      remove.focus();
+    } catch (caught) {
+      if (handleAuthError(caught)) return;
+      setError(caught instanceof NotFoundError
+        ? "This prediction is no longer in the session's history."
+        : describe(caught));
+      input.focus();
+    } finally {
+      form.removeAttribute("aria-busy");
+    }
+  };
+
+  open.addEventListener("click", () => {
+    form.hidden = false;
+    open.hidden = true;
+    open.setAttribute("aria-expanded", "true");
+    input.value = "";
+    fillList();
+    input.focus();
+  });
+  control.querySelector(".feedback-cancel").addEventListener("click", () => closeForm());
+  input.addEventListener("input", () => {
+    setError("");
+    fillList();
+  });
+  input.addEventListener("keydown", (event) => {
+    const count = options().length;
+    if (event.key === "ArrowDown" && count) {
+      event.preventDefault();
+      list.hidden = false;
+      input.setAttribute("aria-expanded", "true");
+      highlight((active + 1) % count);
+    } else if (event.key === "ArrowUp" && count) {
+      event.preventDefault();
+      highlight(active <= 0 ? count - 1 : active - 1);
+    } else if (event.key === "Escape") {
+      event.preventDefault();
+      if (!list.hidden) closeList();
+      else closeForm();
+    }
+  });
+  input.addEventListener("blur", closeList);
+  // A click picks the option before the input loses focus.
+  list.addEventListener("mousedown", (event) => event.preventDefault());
+  list.addEventListener("click", (event) => {
+    const option = event.target.closest("[role=option]");
+    if (option) send(Number(option.dataset.classIndex));
+  });
+  form.addEventListener("submit", (event) => {
+    event.preventDefault();
+    if (active >= 0) {
+      send(Number(options()[active].dataset.classIndex));
+      return;
+    }
+    const text = input.value.trim();
+    if (!text) {
+      setError("Type a label or a class number.");
+      input.focus();
+      return;
+    }
+    send(/^\d+$/.test(text) ? Number(text) : text);
+  });
+  remove.addEventListener("click", async () => {
+    remove.disabled = true;
+    try {
+      await client.removeFeedback(item.id);
+      for (const each of feedbackControls(item.id)) showFeedback(each, null);
+      status.textContent = "Correction removed.";
+      open.focus();
+    } catch (caught) {
+      if (!handleAuthError(caught)) showAlert(`Could not remove the correction: ${describe(caught)}`);
+    } finally {
+      remove.disabled = false;
+    }
+  });
+
+  if (item.feedback) learnLabels([item.feedback]);
+  showFeedback(control, item.feedback ?? null);
+  return control;
 }
 
 // -- options form --------------------------------------------------------------------------------

@@ -64,6 +64,26 @@ export interface HistoryItem {
   top_k: Score[];
   options: Options;
   model: ModelInfo;
+  /** The captured image (capture on), or null; read it with historyImage(id). */
+  image: CapturedImage | null;
+  /** The corrected label the session gave (PUT .../feedback), or null. */
+  feedback: Feedback | null;
+}
+
+export interface CapturedImage {
+  sha256: string;
+  /** What the bytes are: image/jpeg, image/png, image/webp, image/gif or image/bmp. */
+  content_type: string;
+  /** Bytes. */
+  size: number;
+}
+
+/** A user's correction of a prediction. */
+export interface Feedback {
+  class_index: number;
+  label: string;
+  comment: string | null;
+  created_at: string;
 }
 
 /** The answer of predict(): the history item plus timings. */
@@ -116,10 +136,35 @@ export interface ModelVersion {
   /** The last activation (ISO 8601), or null. */
   activated_at: string | null;
   active: boolean;
+  /** The feedback this version's predictions got. */
+  feedback?: FeedbackQuality;
+}
+
+/** How much feedback a version got and the share agreeing with its top-1 (null without feedback). */
+export interface FeedbackQuality {
+  count: number;
+  agreement: number | null;
+}
+
+/** A version serving a share of the sessions; the others keep `baseline`. */
+export interface Canary {
+  version: string;
+  traffic_percent: number;
+  baseline: string;
+  started_at: string;
 }
 
 export interface ModelList {
-  models: { name: string; active_version: string | null; serving_version: string; versions: ModelVersion[] }[];
+  models: {
+    name: string;
+    active_version: string | null;
+    serving_version: string;
+    /** null without a canary. */
+    canary?: Canary | null;
+    /** The weights named in the server's config. */
+    configured?: { version: string; sha256: string; feedback: FeedbackQuality };
+    versions: ModelVersion[];
+  }[];
 }
 
 /** One item for predictStream(): an image, or an image with its own ref and option overrides. */
@@ -205,8 +250,8 @@ export class Client {
   options(): Promise<Options>;
   /** PATCH /v1/session/options; resolves to the options after the change. */
   setOptions(changes: OptionChanges): Promise<Options>;
-  /** DELETE /v1/session; clears the token. */
-  logout(): Promise<void>;
+  /** DELETE /v1/session; clears the token. `erase: true` also erases the session's history, feedback and captured images. */
+  logout(args?: { erase?: boolean }): Promise<void>;
 
   /** POST /v1/predict with the raw image; `overrides` apply to this request only. */
   predict(image: ImageInput, overrides?: PredictOverrides): Promise<Prediction>;
@@ -222,8 +267,8 @@ export class Client {
   models(args?: { adminKey?: string }): Promise<ModelList>;
   /** PUT a state_dict file as a new version (admin key), with its SHA-256. */
   publishVersion(name: string, version: string, weights: Uint8Array | ArrayBuffer | Blob, args: { adminKey: string }): Promise<ModelVersion>;
-  /** Serve `version` to new requests on every replica (admin key). */
-  activateVersion(name: string, version: string, args: { adminKey: string }): Promise<ModelVersion>;
+  /** Serve `version` to new requests on every replica (admin key); `trafficPercent` (1–100) below 100 makes it a canary for that share of sessions. */
+  activateVersion(name: string, version: string, args: { adminKey: string; trafficPercent?: number }): Promise<ModelVersion | (Canary & { name: string })>;
   /** Remove a version that is not active (admin key). */
   removeVersion(name: string, version: string, args: { adminKey: string }): Promise<void>;
 
@@ -233,6 +278,12 @@ export class Client {
   history(args?: { limit?: number; before?: string | null }): AsyncGenerator<HistoryItem, void, undefined>;
   /** GET /v1/history/<id>. */
   historyItem(id: string): Promise<HistoryItem>;
+  /** PUT /v1/history/<id>/feedback: the right label (class index or label name, any case); resolves to the item with its feedback. */
+  feedback(id: string, label: number | string, args?: { comment?: string }): Promise<HistoryItem>;
+  /** DELETE /v1/history/<id>/feedback. */
+  removeFeedback(id: string): Promise<void>;
+  /** GET /v1/history/<id>/image: the captured image as sent (NotFoundError where none was captured). */
+  historyImage(id: string): Promise<Blob>;
 }
 
 export default Client;

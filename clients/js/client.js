@@ -148,6 +148,10 @@ function float32FromBase64(text) {
   return values;
 }
 
+function historyPath(id) {
+  return `/v1/history/${encodeURIComponent(id)}`;
+}
+
 function versionPath(name, version) {
   return `/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}`;
 }
@@ -240,9 +244,12 @@ export class Client {
     return (await this.#request("PATCH", "/v1/session/options", { json: changes ?? {} })).options;
   }
 
-  /** DELETE /v1/session: log out; the token is refused from then on. */
-  async logout() {
-    await this.#request("DELETE", "/v1/session");
+  /**
+   * DELETE /v1/session: log out; the token is refused from then on. With `{erase: true}` the server
+   * also erases the session's history, feedback and captured images.
+   */
+  async logout({ erase = false } = {}) {
+    await this.#request("DELETE", `/v1/session${erase ? "?erase=true" : ""}`);
     this.#token = null;
   }
 
@@ -400,9 +407,15 @@ export class Client {
     });
   }
 
-  /** POST .../versions/<version>:activate: every replica serves it to new requests. */
-  activateVersion(name, version, { adminKey } = {}) {
-    return this.#request("POST", `${versionPath(name, version)}:activate`, { headers: { Authorization: `ApiKey ${adminKey}` } });
+  /**
+   * POST .../versions/<version>:activate: every replica serves it to new sessions' requests; with
+   * `trafficPercent` below 100, as a canary to that share of sessions only.
+   */
+  activateVersion(name, version, { adminKey, trafficPercent } = {}) {
+    return this.#request("POST", `${versionPath(name, version)}:activate`, {
+      headers: { Authorization: `ApiKey ${adminKey}` },
+      json: trafficPercent === undefined ? undefined : { traffic_percent: trafficPercent },
+    });
   }
 
   /** DELETE .../versions/<version> (not the active one). */
@@ -431,7 +444,30 @@ export class Client {
   }
 
   /** GET /v1/history/<id>: one item; NotFoundError if the session has no such item. */
-  historyItem(id) { return this.#request("GET", `/v1/history/${encodeURIComponent(id)}`); }
+  historyItem(id) { return this.#request("GET", historyPath(id)); }
+
+  /**
+   * PUT /v1/history/<id>/feedback: the right label for one of the session's predictions, a class
+   * index or a label name (any case), with an optional comment. Resolves to the history item, whose
+   * `feedback` is now set; a repeat replaces the earlier feedback.
+   */
+  async feedback(id, label, { comment } = {}) {
+    if (!(Number.isInteger(label) || typeof label === "string")) {
+      throw new TypeError("feedback(id, label): label must be a class index (integer) or a label name");
+    }
+    const json = comment === undefined || comment === null ? { label } : { label, comment };
+    return this.#request("PUT", `${historyPath(id)}/feedback`, { json });
+  }
+
+  /** DELETE /v1/history/<id>/feedback: take the feedback back. */
+  async removeFeedback(id) {
+    await this.#request("DELETE", `${historyPath(id)}/feedback`);
+  }
+
+  /** GET /v1/history/<id>/image: the image as sent (a Blob), where the server captured it. */
+  historyImage(id) {
+    return this.#request("GET", `${historyPath(id)}/image`, { headers: { Accept: "image/*" }, binary: true });
+  }
 
   // -- transport -------------------------------------------------------------------------------
 
@@ -445,7 +481,7 @@ export class Client {
     }
   }
 
-  async #request(method, path, { json, body, headers = {}, auth = true } = {}) {
+  async #request(method, path, { json, body, headers = {}, auth = true, binary = false } = {}) {
     const url = this.#url(path);
     const allHeaders = { Accept: "application/json", ...headers };
     if (json !== undefined) {
@@ -457,7 +493,7 @@ export class Client {
     for (let attempt = 0; ; attempt++) {
       let error;
       try {
-        return await this.#attempt(method, url, allHeaders, body);
+        return await this.#attempt(method, url, allHeaders, body, binary);
       } catch (caught) {
         error = caught;
       }
@@ -472,15 +508,18 @@ export class Client {
     }
   }
 
-  async #attempt(method, url, headers, body) {
+  // `binary`: a success's body is returned as a Blob (an error's is still read as JSON).
+  async #attempt(method, url, headers, body, binary = false) {
     const controller = new AbortController();
     const timer = this.timeout > 0 ? setTimeout(() => controller.abort(), this.timeout) : null;
     const fetch = this.#fetch;
     let response;
     let text;
+    let blob;
     try {
       response = await fetch(url, { method, headers, body, signal: controller.signal });
-      text = await response.text();
+      if (binary && response.ok) blob = await response.blob();
+      else text = await response.text();
     } catch (cause) {
       const timedOut = controller.signal.aborted;
       throw new ConnectionFailed(
@@ -493,6 +532,7 @@ export class Client {
     }
 
     const requestId = response.headers.get("X-Request-ID");
+    if (blob !== undefined) return blob;
     let data = null;
     if (text) {
       try { data = JSON.parse(text); } catch { data = null; }

@@ -3,6 +3,7 @@
     inference-client predict tests/data/cat.jpg tests/data/coffee.jpg --top-k 3
     inference-client history --token "$TOKEN" --limit 10
     inference-client predict tests/data/cat.jpg --json
+    inference-client feedback 1733061234567-0 "tiger cat" --token "$TOKEN" --comment "stripes"
 
 Exit status: 0 done, 1 the server refused or could not be reached (`error: <code>: <message>` on
 stderr), 2 a usage error (bad arguments, an image file that cannot be read).
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="inference-client",
                                      description="Classify images with the session-aware inference server.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{predict,history}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{predict,history,feedback}")
 
     predict = commands.add_parser("predict", parents=[common], help="classify images",
                                   description="Log in (unless --token), classify each image, print its top classes.")
@@ -64,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="List a session's predictions, newest first (needs --token).")
     history.add_argument("--limit", type=int, metavar="N", help="show at most N (default: all)")
     history.set_defaults(run=run_history)
+
+    feedback = commands.add_parser("feedback", parents=[common], help="correct a prediction's label",
+                                   description="Give the right label for one of a session's predictions "
+                                               "(needs --token: the session that made it).")
+    feedback.add_argument("id", metavar="ID", help="the history id of the prediction")
+    feedback.add_argument("label", metavar="LABEL", help="a class index (0-999) or a label name, e.g. 'tiger cat'")
+    feedback.add_argument("--comment", metavar="TEXT", help="a note for whoever trains the next version")
+    feedback.set_defaults(run=run_feedback)
     return parser
 
 
@@ -106,6 +115,31 @@ def run_history(args: argparse.Namespace) -> int:
     finally:
         _finish(client, logout=not args.token)
     return OK
+
+
+def run_feedback(args: argparse.Namespace) -> int:
+    if not args.token:
+        # A prediction belongs to the session that made it; a new session owns none.
+        print("error: feedback needs --token, the session that made the prediction", file=sys.stderr)
+        return USAGE
+    client = _client(args)
+    try:
+        item = client.feedback(args.id, feedback_label(args.label), args.comment)
+        if args.json:
+            _print_json(item)
+        else:
+            given = item["feedback"]
+            print(f"{item['id']}: predicted {item['label']} (class {item['predicted_class']}), "
+                  f"corrected to {given['label']} (class {given['class_index']})")
+    finally:
+        client.close()
+    return OK
+
+
+def feedback_label(text: str) -> int | str:
+    """A LABEL argument: digits are a class index, anything else a label name."""
+    stripped = text.strip()
+    return int(stripped) if stripped.isdigit() else text
 
 
 def print_prediction(image: str, result: dict[str, Any], out: TextIO | None = None) -> None:

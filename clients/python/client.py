@@ -48,10 +48,11 @@ class Client(BaseClient):
         """Merge `changes` into the session's options; returns all of them."""
         return self._send(protocol.set_options(changes))
 
-    def logout(self) -> None:
-        """Revoke the session on the server and forget its token."""
+    def logout(self, *, erase: bool = False) -> None:
+        """Revoke the session on the server and forget its token. With `erase=True` the server also
+        erases the session's history, feedback and captured images."""
         try:
-            self._send(protocol.logout())
+            self._send(protocol.logout(erase))
         except AuthError as error:
             if not self._already_logged_out(error):
                 raise
@@ -134,6 +135,18 @@ class Client(BaseClient):
     def history_item(self, history_id: str) -> dict[str, Any]:
         return self._send(protocol.history_item(history_id))
 
+    def feedback(self, history_id: str, label: int | str, comment: str | None = None) -> dict[str, Any]:
+        """Correct one of the session's predictions: `label` is a class index or a label name (any
+        case). Returns the history item with its `feedback`; a repeat replaces the earlier feedback."""
+        return self._send(protocol.feedback(history_id, label, comment))
+
+    def remove_feedback(self, history_id: str) -> None:
+        self._send(protocol.remove_feedback(history_id))
+
+    def history_image(self, history_id: str) -> bytes:
+        """The image of a history item as it was sent, where the server captured it (NotFoundError if not)."""
+        return self._send(protocol.history_image(history_id))
+
     # -- model versions (admin calls need a key listed in the server's auth.admin_api_keys) ----------
     def models(self, admin_key: str | None = None) -> dict[str, Any]:
         """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
@@ -143,8 +156,11 @@ class Client(BaseClient):
         """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
         return self._send(protocol.publish_version(name, version, weights, admin_key))
 
-    def activate_version(self, name: str, version: str, *, admin_key: str) -> dict[str, Any]:
-        return self._send(protocol.activate_version(name, version, admin_key))
+    def activate_version(self, name: str, version: str, *, admin_key: str,
+                         traffic_percent: int | None = None) -> dict[str, Any]:
+        """Serve `version` to every session, or (`traffic_percent` below 100) as a canary to that share
+        of sessions while the rest keep the version that served before."""
+        return self._send(protocol.activate_version(name, version, admin_key, traffic_percent))
 
     def remove_version(self, name: str, version: str, *, admin_key: str) -> None:
         self._send(protocol.remove_version(name, version, admin_key))

@@ -120,8 +120,10 @@ def publish_version(name: str, version: str, weights: str | os.PathLike[str] | b
         "X-Content-SHA256": hashlib.sha256(data).hexdigest()})
 
 
-def activate_version(name: str, version: str, admin_key: str) -> Call:
-    return Call("POST", _version_path(name, version) + ":activate", headers=_admin(admin_key))
+def activate_version(name: str, version: str, admin_key: str, traffic_percent: int | None = None) -> Call:
+    """Serve `version` to every session, or as a canary to `traffic_percent` (1-100) of sessions."""
+    body = None if traffic_percent is None else {"traffic_percent": traffic_percent}
+    return Call("POST", _version_path(name, version) + ":activate", json=body, headers=_admin(admin_key))
 
 
 def remove_version(name: str, version: str, admin_key: str) -> Call:
@@ -149,11 +151,36 @@ def session() -> Call:
 
 
 def history_item(history_id: str) -> Call:
-    return Call("GET", f"/v1/history/{quote(history_id, safe='')}")
+    return Call("GET", _history_path(history_id))
 
 
-def logout() -> Call:
-    return Call("DELETE", "/v1/session")
+def feedback(history_id: str, label: int | str, comment: str | None = None) -> Call:
+    """PUT the corrected label (a class index or a label name) for one of the session's predictions;
+    the answer is the history item, carrying the feedback. A repeat replaces the earlier one."""
+    if isinstance(label, bool) or not isinstance(label, int | str):
+        raise TypeError("label must be a class index (int) or a label name (str)")
+    body: dict[str, Any] = {"label": label}
+    if comment is not None:
+        body["comment"] = comment
+    return Call("PUT", _history_path(history_id) + "/feedback", json=body)
+
+
+def remove_feedback(history_id: str) -> Call:
+    return Call("DELETE", _history_path(history_id) + "/feedback")
+
+
+def history_image(history_id: str) -> Call:
+    """The image as it was sent, where the server captured it (capture on); its bytes."""
+    return Call("GET", _history_path(history_id) + "/image", headers={"Accept": "image/*"}, raw=True)
+
+
+def _history_path(history_id: str) -> str:
+    return f"/v1/history/{quote(history_id, safe='')}"
+
+
+def logout(erase: bool = False) -> Call:
+    """Log out; with `erase`, the server also erases the session's history, feedback and captured images."""
+    return Call("DELETE", "/v1/session", params={"erase": "true"} if erase else None)
 
 
 def query_params(overrides: Mapping[str, Any]) -> dict[str, str]:

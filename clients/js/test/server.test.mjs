@@ -1,5 +1,5 @@
 // The client against a real server: `python -m server --port 0` with its embedded Redis, started
-// once for this file with an API key and one CORS origin (see server-process.mjs).
+// once for this file with an API key, one CORS origin and capture on (see server-process.mjs).
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
 import { after, before, describe, test } from "node:test";
@@ -19,6 +19,7 @@ before(async () => {
   server = await startServer({
     INFERENCE_AUTH_API_KEYS: `sha256:${createHash("sha256").update(API_KEY).digest("hex")}`,
     INFERENCE_HTTP_CORS_ORIGINS: `${ALLOWED_ORIGIN},http://other.test`,
+    INFERENCE_CAPTURE_ENABLED: "true", // for historyImage; the images go in the server's temporary data folder
   });
 }, { timeout: 200_000 });
 
@@ -169,6 +170,53 @@ describe("history", () => {
       break;
     }
     assert.equal((await client.session()).predictions, 3);
+  });
+});
+
+describe("feedback", () => {
+  test("feedback by index and by name, replaced, refused, removed; another session gets 404", async () => {
+    const client = await loggedIn();
+    const other = await loggedIn();
+    const result = await client.predict(cat);
+    assert.equal(result.feedback ?? null, null);
+    assert.equal((await client.historyItem(result.id)).feedback, null);
+
+    const byIndex = await client.feedback(result.id, 282, { comment: "stripes" });
+    assert.equal(byIndex.id, result.id);
+    assert.equal(byIndex.feedback.class_index, 282);
+    assert.equal(byIndex.feedback.label, "tiger cat");
+    assert.equal(byIndex.feedback.comment, "stripes");
+    const byName = await client.feedback(result.id, "Egyptian CAT");
+    assert.deepEqual([byName.feedback.class_index, byName.feedback.comment], [285, null]);
+    assert.equal((await client.historyItem(result.id)).feedback.label, "Egyptian cat");
+
+    for (const label of ["no such label", 1000, -1]) {
+      await assert.rejects(client.feedback(result.id, label),
+        (e) => e instanceof ValidationError && e.code === "invalid_feedback" && e.status === 422);
+    }
+    await assert.rejects(client.feedback(result.id, 1, { comment: "x".repeat(501) }),
+      (e) => e instanceof ValidationError && e.code === "invalid_feedback");
+    await assert.rejects(other.feedback(result.id, 1),
+      (e) => e instanceof NotFoundError && e.code === "history_item_not_found");
+    await assert.rejects(other.removeFeedback(result.id), (e) => e instanceof NotFoundError);
+
+    await client.removeFeedback(result.id);
+    assert.equal((await client.historyItem(result.id)).feedback, null);
+  });
+
+  test("historyImage reads the captured image back byte for byte; logout({erase}) ends the session", async () => {
+    const client = await loggedIn();
+    const other = await loggedIn();
+    const result = await client.predict(new Blob([cat]));
+    const image = await client.historyImage(result.id);
+    assert.equal(image.type, "image/jpeg");
+    assert.deepEqual(new Uint8Array(await image.arrayBuffer()), new Uint8Array(cat));
+    await assert.rejects(other.historyImage(result.id), (e) => e instanceof NotFoundError);
+    const token = client.token;
+    await client.logout({ erase: true });
+    assert.equal(client.token, null);
+    await assert.rejects(new Client(server.url, { token }).historyItem(result.id),
+      (e) => e instanceof AuthError && e.status === 401);
   });
 });
 

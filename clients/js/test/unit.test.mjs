@@ -181,6 +181,59 @@ describe("requests", () => {
     assert.equal(c.token, null);
   });
 
+  test("feedback PUTs the label (index or name) and the comment; removeFeedback DELETEs it", async () => {
+    const item = { id: "1/0", feedback: { class_index: 282, label: "tiger cat", comment: "stripes" } };
+    const { fetch, calls } = fakeFetch(json(200, item), json(200, item), json(204));
+    const c = client(fetch);
+    assert.deepEqual(await c.feedback("1/0", 282, { comment: "stripes" }), item);
+    await c.feedback("1/0", "Tiger Cat");
+    await c.removeFeedback("1/0");
+    assert.deepEqual(calls.map((call) => [call.init.method, call.url.pathname]), [
+      ["PUT", "/v1/history/1%2F0/feedback"], ["PUT", "/v1/history/1%2F0/feedback"],
+      ["DELETE", "/v1/history/1%2F0/feedback"],
+    ]);
+    assert.deepEqual(JSON.parse(calls[0].init.body), { label: 282, comment: "stripes" });
+    assert.deepEqual(JSON.parse(calls[1].init.body), { label: "Tiger Cat" });
+    assert.equal(calls[0].headers.get("Content-Type"), "application/json");
+    assert.equal(calls[0].headers.get("Authorization"), "Bearer tok");
+    await assert.rejects(c.feedback("1-0", 2.5), TypeError);
+    await assert.rejects(c.feedback("1-0", null), TypeError);
+    assert.equal(calls.length, 3);
+  });
+
+  test("a refused feedback is a ValidationError or NotFoundError, not retried", async () => {
+    const { fetch, calls } = fakeFetch(apiError(422, "invalid_feedback"), apiError(404, "history_item_not_found"));
+    const c = client(fetch);
+    await assert.rejects(c.feedback("1-0", "no such label"),
+      (error) => error instanceof ValidationError && error.code === "invalid_feedback");
+    await assert.rejects(c.removeFeedback("9-0"), (error) => error instanceof NotFoundError && error.status === 404);
+    assert.equal(calls.length, 2);
+  });
+
+  test("historyImage returns the bytes as a Blob with their type; an error is still typed", async () => {
+    const image = new Response(JPEG, { status: 200, headers: { "Content-Type": "image/jpeg" } });
+    const { fetch, calls } = fakeFetch(image, apiError(404, "history_image_not_found"));
+    const c = client(fetch);
+    const blob = await c.historyImage("1-0");
+    assert.equal(blob.type, "image/jpeg");
+    assert.deepEqual(new Uint8Array(await blob.arrayBuffer()), JPEG);
+    assert.equal(calls[0].url.pathname, "/v1/history/1-0/image");
+    await assert.rejects(c.historyImage("1-0"), (error) => error instanceof NotFoundError);
+  });
+
+  test("logout({erase: true}) asks the server to erase; activateVersion sends traffic_percent", async () => {
+    const { fetch, calls } = fakeFetch(json(204), json(200, { version: "v2" }), json(200, { version: "v2" }));
+    const c = client(fetch);
+    await c.logout({ erase: true });
+    assert.equal(calls[0].url.search, "?erase=true");
+    assert.equal(c.token, null);
+    await c.activateVersion("m", "v2", { adminKey: "a", trafficPercent: 10 });
+    await c.activateVersion("m", "v2", { adminKey: "a" });
+    assert.deepEqual(JSON.parse(calls[1].init.body), { traffic_percent: 10 });
+    assert.equal(calls[1].url.pathname, "/v1/models/m/versions/v2:activate");
+    assert.equal(calls[2].init.body, undefined);
+  });
+
   test("history() pages through next/before", async () => {
     const { fetch, calls } = fakeFetch(
       json(200, { items: [{ id: "3-0" }, { id: "2-0" }], next: "2-0" }),
