@@ -1,6 +1,7 @@
 """Model versions: training jobs publish weights, an operator activates them, anyone logged in lists them.
 
     GET    /v1/models                                      versions, hashes, sizes, activation times
+    GET    /v1/models/<name>/labels                        the class labels (what feedback's label takes)
     PUT    /v1/models/<name>/versions/<version>            upload a state_dict (admin)
     DELETE /v1/models/<name>/versions/<version>            remove a version that is not active (admin)
     POST   /v1/models/<name>/versions/<version>:activate   serve it from now on, on every replica (admin);
@@ -35,6 +36,16 @@ class ModelsHandler(BaseHandler):
 
     async def get(self) -> None:
         self.write_json(await self.model_versions.listing())
+
+
+class LabelsHandler(BaseHandler):
+    """GET /v1/models/<name>/labels: the 1,000 names a correction can use, for a client's label search.
+    Tornado's ETag answers a repeat with 304."""
+
+    auth_policy = Policy.SESSION_OR_ADMIN
+
+    async def get(self, name: str) -> None:
+        self.write_json(self.model_versions.labels(name))
 
 
 @tornado.web.stream_request_body

@@ -594,6 +594,18 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "security": [{"bearer": []}, {"adminApiKey": []}],
             "responses": {"200": _json(_ref("ModelList"), "Versions."), **_AUTH_ERRORS},
         }},
+        "/v1/models/{name}/labels": {"get": {
+            "summary": "The class labels of the version serving everyone, index i naming class i: what a "
+                       "correction's label (PUT /v1/history/{id}/feedback) takes. Answers a matching "
+                       "If-None-Match with 304.",
+            "security": [{"bearer": []}, {"adminApiKey": []}],
+            "parameters": [_VERSION_PARAMETERS[0]],
+            "responses": {"200": _json({"type": "object", "required": ["name", "version", "labels"], "properties": {
+                "name": {"type": "string"}, "version": {"type": "string"},
+                "labels": {"type": "array", "items": {"type": "string"}}}}, "Labels."),
+                "304": {"description": "Not modified (If-None-Match)."},
+                "404": _error("Not the served model's name."), **_AUTH_ERRORS},
+        }},
         "/v1/models/{name}/versions/{version}": {
             "put": {
                 "summary": "Publish a version: the body is a PyTorch state_dict file (torch.save), checked "

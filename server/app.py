@@ -13,7 +13,7 @@ from handlers.base import HttpSettings, InFlight, NotFoundHandler
 from handlers.feedback import FeedbackExportHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import FeedbackHandler, HistoryHandler, HistoryImageHandler, HistoryItemHandler
-from handlers.models import ActivateHandler, ModelsHandler, ModelVersionHandler
+from handlers.models import ActivateHandler, LabelsHandler, ModelsHandler, ModelVersionHandler
 from handlers.oip import (
     InferHandler,
     ModelMetadataHandler,
@@ -68,6 +68,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/openapi.json", OpenAPIHandler),
     (r"/metrics", MetricsHandler),
     (r"/v1/models", ModelsHandler),
+    (r"/v1/models/(?P<name>[^/]+)/labels", LabelsHandler),
     (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+)", ModelVersionHandler),
     (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+):activate", ActivateHandler),
     # The Open Inference Protocol (KServe V2 / Triton), beside /v1; gRPC in handlers/grpc.py.

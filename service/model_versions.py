@@ -268,6 +268,12 @@ class ModelVersions:
         self.path_for(record).unlink(missing_ok=True)
         log.info("removed %s version %s", self.name, version)
 
+    def labels(self, name: str) -> dict[str, Any]:
+        """The class labels of the version serving everyone: index i names class i (what feedback takes)."""
+        self.check_name(name)
+        model = self.runner.served().model
+        return {"name": model.name, "version": model.version, "labels": model.labels}
+
     async def listing(self) -> dict[str, Any]:
         records, active = await self.registry.versions(self.name)
         quality = await self.feedback.quality() if self.feedback is not None else {}

@@ -105,6 +105,24 @@ def test_feedback_by_index_and_by_name_replaces_and_is_withdrawn(http: httpx.Cli
     assert http.delete(f"/v1/history/{item['id']}/feedback", headers=auth).status_code == 204  # idempotent
 
 
+def test_the_labels_a_correction_takes_are_listed_for_a_label_search(http: httpx.Client) -> None:
+    auth = login(http)
+    name = http.get("/v1/models", headers=auth).json()["models"][0]["name"]
+    listed = http.get(f"/v1/models/{name}/labels", headers=auth)
+    assert listed.status_code == 200
+    body = listed.json()
+    assert len(body["labels"]) == 1000 and body["labels"][285] == "Egyptian cat" and body["name"] == name
+    assert body["labels"][670] == "motor scooter"  # the name a correction by name resolves to 670
+    item = predict(http, auth)
+    assert give(http, auth, item["id"], {"label": body["labels"][670].upper()}).json()["feedback"]["class_index"] == 670
+    again = http.get(f"/v1/models/{name}/labels", headers={**auth, "If-None-Match": listed.headers["ETag"]})
+    assert again.status_code == 304
+    assert http.get(f"/v1/models/{name}/labels", headers=ADMIN).status_code == 200
+    assert http.get(f"/v1/models/{name}/labels").status_code == 401
+    missing = http.get("/v1/models/resnet50/labels", headers=auth)
+    assert missing.status_code == 404 and error_code(missing) == "model_not_found"
+
+
 def test_every_refusal_of_feedback(http: httpx.Client, feedback_server) -> None:
     auth, other = login(http), login(http)
     item = predict(http, auth)

@@ -151,6 +151,10 @@ def test_feedback_against_the_server(server: RunningServer, capsys: pytest.Captu
         other.login()
         cat = client.predict(CAT_PATH)
         assert client.history_item(cat["id"])["feedback"] is None
+        labels = client.labels(client.models()["models"][0]["name"])
+        assert len(labels) == 1000 and labels[282] == "tiger cat"
+        with pytest.raises(NotFoundError, match="model_not_found"):
+            client.labels("resnet50")
 
         by_index = client.feedback(cat["id"], 282, "stripes")
         assert by_index["id"] == cat["id"]

@@ -26,10 +26,12 @@ const els = {
 const client = new Client("", { token: sessionStorage.getItem(TOKEN_KEY) });
 const state = { sessionId: sessionStorage.getItem(SESSION_KEY), options: null, cursor: null, predictions: 0 };
 const objectUrls = [];
-// Class index -> label, for every label the server has named on this page (each result's and
-// history item's top k, and each correction): the correction search offers these. No route lists
-// all 1,000 labels; a name or class number typed in full is resolved by the server itself.
+// Class index -> label: the served model's whole list (GET /v1/models/<name>/labels, fetched once per
+// page after login), and until it arrives (or if it cannot) every label the server has named on this
+// page. The correction search offers these; a name or class number typed in full is resolved by the
+// server itself.
 const knownLabels = new Map();
+let labelsLoaded = false;
 let controlCount = 0;
 
 // -- small helpers -------------------------------------------------------------------------------
@@ -143,7 +145,20 @@ async function enterSession(session) {
   setLoggedIn(session);
   fillOptions(session.options);
   setCount(session.predictions);
+  loadLabels();  // in the background: the page works without it
   await loadHistory({ reset: true });
+}
+
+async function loadLabels() {
+  if (labelsLoaded) return;
+  try {
+    const { models } = await client.models();
+    const labels = await client.labels(models[0].name);
+    labels.forEach((label, classIndex) => knownLabels.set(classIndex, label));
+    labelsLoaded = true;
+  } catch (error) {
+    if (!handleAuthError(error)) console.warn(`label list unavailable: ${describe(error)}`);
+  }
 }
 
 // -- results -------------------------------------------------------------------------------------

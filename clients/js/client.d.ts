@@ -265,6 +265,8 @@ export class Client {
 
   /** GET /v1/models: the served model's versions (session token, or an admin key). */
   models(args?: { adminKey?: string }): Promise<ModelList>;
+  /** GET /v1/models/<name>/labels: the class labels, index i naming class i (what `feedback` takes). */
+  labels(name: string, args?: { adminKey?: string }): Promise<string[]>;
   /** PUT a state_dict file as a new version (admin key), with its SHA-256. */
   publishVersion(name: string, version: string, weights: Uint8Array | ArrayBuffer | Blob, args: { adminKey: string }): Promise<ModelVersion>;
   /** Serve `version` to new requests on every replica (admin key); `trafficPercent` (1–100) below 100 makes it a canary for that share of sessions. */

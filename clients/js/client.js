@@ -391,6 +391,13 @@ export class Client {
     return this.#request("GET", "/v1/models", { headers: adminKey ? { Authorization: `ApiKey ${adminKey}` } : {} });
   }
 
+  /** GET /v1/models/<name>/labels: the class labels, index i naming class i (what `feedback` takes). */
+  async labels(name, { adminKey } = {}) {
+    const body = await this.#request("GET", `/v1/models/${encodeURIComponent(name)}/labels`,
+      { headers: adminKey ? { Authorization: `ApiKey ${adminKey}` } : {} });
+    return body.labels;
+  }
+
   /**
    * PUT /v1/models/<name>/versions/<version>: publish a state_dict file (Uint8Array, ArrayBuffer or
    * Blob) with its SHA-256 (Web Crypto). Needs a key listed in the server's auth.admin_api_keys.

@@ -152,6 +152,10 @@ class Client(BaseClient):
         """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
         return self._send(protocol.models(admin_key))
 
+    def labels(self, name: str, admin_key: str | None = None) -> list[str]:
+        """GET /v1/models/<name>/labels: the model's class labels, index i naming class i."""
+        return (self._send(protocol.labels(name, admin_key)))["labels"]
+
     def publish_version(self, name: str, version: str, weights: Any, *, admin_key: str) -> dict[str, Any]:
         """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
         return self._send(protocol.publish_version(name, version, weights, admin_key))

@@ -106,6 +106,11 @@ def models(admin_key: str | None = None) -> Call:
     return Call("GET", "/v1/models", headers=_admin(admin_key) if admin_key else {})
 
 
+def labels(name: str, admin_key: str | None = None) -> Call:
+    """GET /v1/models/<name>/labels: the class labels, index i naming class i (what feedback takes)."""
+    return Call("GET", f"/v1/models/{quote(name, safe='')}/labels", headers=_admin(admin_key) if admin_key else {})
+
+
 def publish_version(name: str, version: str, weights: str | os.PathLike[str] | bytes | IO[bytes],
                     admin_key: str) -> Call:
     """PUT a state_dict file (a path, its bytes or a binary file) as a new version, with its SHA-256."""

@@ -180,6 +180,9 @@ describe("feedback", () => {
     const result = await client.predict(cat);
     assert.equal(result.feedback ?? null, null);
     assert.equal((await client.historyItem(result.id)).feedback, null);
+    const labels = await client.labels(result.model.name);
+    assert.equal(labels.length, 1000);
+    assert.equal(labels[282], "tiger cat");
 
     const byIndex = await client.feedback(result.id, 282, { comment: "stripes" });
     assert.equal(byIndex.id, result.id);
