@@ -59,7 +59,7 @@ SUPERVISOR = "supervisor process"
 REDIS = "redis-server"
 LOAD_GENERATOR = "load generator (wrk)"
 PROFILER = "profiler (py-spy, its own process)"
-ROLES = (RUNNER_THREADS, EVENT_LOOPS, SUPERVISOR, REDIS, LOAD_GENERATOR, PROFILER)
+ROLES = (RUNNER_THREADS, EVENT_LOOPS, SUPERVISOR, REDIS, LOAD_GENERATOR)
 
 # What a sampled stack was doing: the first frame from the leaf whose file matches a part, in this
 # order per role (so JSON encoding inside the session store counts as JSON, a hash inside the token
@@ -84,11 +84,14 @@ RUNNER_PARTS = (
                                   "/threading.py", "/queue.py")),
 )
 OTHER = "other"
+IDLE = "idle"
+# Leaf frames of a thread that waits (py-spy samples some waits as running): their samples carry no CPU.
+WAITS = (("/selectors.py", "select"), ("/threading.py", "wait"), ("/queue.py", "get"))
 UNSAMPLED_NATIVE = "native threads of the runtime (forward; no Python frame)"
 UNSAMPLED = "no sample (too little CPU to catch)"
 
 VARIANTS = {
-    "ours-onnx": [PYTHON, "-m", "server", "--port", "{port}"],
+    "ours": [PYTHON, "-m", "server", "--port", "{port}"],
     "free-store": [PYTHON, "-m", "bench.free_store", "--port", "{port}"],
 }
 
@@ -111,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def cpu_by_role(server: RunningServer, wrk: psutil.Process, profiler: psutil.Process | None = None,
+def cpu_by_role(server: RunningServer, wrk: psutil.Process, profiler: psutil.Process | None = None, *,
                 threads_out: dict[int, tuple[str, float]] | None = None) -> dict[str, float]:
     """CPU seconds so far of every thread of the server's tree, of its Redis, of wrk and of the profiler,
     by role; `threads_out` gets each serving thread's (role, seconds) by thread id."""
@@ -141,9 +144,10 @@ def cpu_by_role(server: RunningServer, wrk: psutil.Process, profiler: psutil.Pro
             if threads_out is not None and role in (RUNNER_THREADS, EVENT_LOOPS):
                 threads_out[thread.id] = (role, seconds)
     for role, proc in ((LOAD_GENERATOR, wrk), (PROFILER, profiler)):
-        with contextlib.suppress(psutil.Error, AttributeError):
-            times = proc.cpu_times()
-            totals[role] = times.user + times.system
+        if proc is not None:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                totals[role] = times.user + times.system
     return totals
 
 
@@ -160,7 +164,11 @@ def start_profiler(server: RunningServer, rate: int, seconds: float, out: Path) 
 
 
 def classify(frames: list[str], parts: tuple[tuple[str, tuple[str, ...]], ...]) -> str:
-    """The part the first frame from the leaf belongs to ("func (path:line)" as py-spy writes it)."""
+    """The part the first frame from the leaf belongs to ("func (path:line)" as py-spy writes it); IDLE
+    where the leaf is a wait."""
+    leaf = frames[-1] if frames else ""
+    if any(path in leaf and f"{function} (" in leaf for path, function in WAITS):
+        return IDLE
     for frame in reversed(frames):
         path = "/" + frame.rsplit(" (", 1)[-1]
         for name, fragments in parts:
@@ -169,25 +177,23 @@ def classify(frames: list[str], parts: tuple[tuple[str, tuple[str, ...]], ...]) 
     return OTHER
 
 
-def samples_by_thread(raw: Path) -> dict[int, Counter[str]]:
-    """Thread id -> Counter of what its on-CPU samples were doing (both roles' parts tried, the role is
-    applied later from the thread's measured role)."""
-    found: dict[int, Counter[str]] = {}
+def samples_by_thread(raw: Path) -> dict[int, Counter[tuple[str, str]]]:
+    """Thread id (the OS's, as psutil has it) -> Counter of what its on-CPU samples were doing, as
+    (event loop part, runner part): which applies follows from the thread's role."""
+    found: dict[int, Counter[tuple[str, str]]] = {}
     for line in raw.read_text(errors="replace").splitlines():
         stack, _, count = line.rpartition(" ")
-        match = re.search(r"thread \((?:0x)?([0-9a-fA-F]+)\)", stack)
+        match = re.search(r"thread \((\d+)\)", stack)
         if not match or not count.isdigit():
             continue
-        tid = int(match.group(1), 16 if "0x" in match.group(0) else 10)
         frames = stack.split(";")
-        main = "MainThread" in stack.split(";", 2)[0] or any(f.strip().endswith("MainThread") for f in frames[:2])
-        part = classify(frames, EVENT_LOOP_PARTS if main else RUNNER_PARTS)
-        found.setdefault(tid, Counter())[part] += int(count)
+        parts = classify(frames, EVENT_LOOP_PARTS), classify(frames, RUNNER_PARTS)
+        found.setdefault(int(match.group(1)), Counter())[parts] += int(count)
     return found
 
 
 def split_by_part(threads_before: dict[int, tuple[str, float]], threads_after: dict[int, tuple[str, float]],
-                  samples: dict[int, Counter[str]], images: int) -> dict[str, dict[str, float]]:
+                  samples: dict[int, Counter[tuple[str, str]]], images: int) -> dict[str, dict[str, float]]:
     """Role -> part -> ms of CPU per image: each thread's measured CPU in the window, split by its samples."""
     split: dict[str, dict[str, float]] = {EVENT_LOOPS: {}, RUNNER_THREADS: {}}
     for tid, (role, seconds) in threads_after.items():
@@ -197,8 +203,10 @@ def split_by_part(threads_before: dict[int, tuple[str, float]], threads_after: d
             part = UNSAMPLED_NATIVE if role == RUNNER_THREADS else UNSAMPLED
             split[role][part] = split[role].get(part, 0.0) + spent
             continue
-        total = sum(counts.values())
-        for part, n in counts.items():
+        busy = Counter({parts: n for parts, n in counts.items() if IDLE not in parts}) or counts
+        total = sum(busy.values())
+        for (event_part, runner_part), n in busy.items():
+            part = event_part if role == EVENT_LOOPS else runner_part
             split[role][part] = split[role].get(part, 0.0) + spent * n / total
     return {role: dict(sorted(parts.items(), key=lambda item: -item[1])) for role, parts in split.items()}
 
@@ -209,23 +217,17 @@ def measure(server: RunningServer, body: loadgen.Body, concurrency: int, tokens:
     py-spy samples the window and the event loops' and runners' CPU is split by what they were doing."""
     wait_idle(server)
     process, window = loadgen.start_wrk(server.base_url, "/v1/predict", body, concurrency, warmup, duration, tokens)
-    spy, raw = None, (work or Path(".")) / f"py-spy-{time.monotonic_ns()}.txt"
     threads_before: dict[int, tuple[str, float]] = {}
     threads_after: dict[int, tuple[str, float]] = {}
     try:
         wrk = psutil.Process(process.pid)
         sleep_until(window.start)
-        if profile_rate:
-            spy = start_profiler(server, profile_rate, duration, raw)
-        profiler = psutil.Process(spy.pid) if spy else None
-        before = cpu_by_role(server, wrk, profiler, threads_before)
+        before = cpu_by_role(server, wrk, threads_out=threads_before)
         sleep_until(window.end)
-        after = cpu_by_role(server, wrk, profiler, threads_after)
+        after = cpu_by_role(server, wrk, threads_out=threads_after)
     except BaseException:
         process.kill()
         process.wait(timeout=10)
-        if spy:
-            spy.kill()
         raise
     result = loadgen.finish_wrk(process, timeout=warmup + duration + 60)
     ok = int(result["ok"])
@@ -234,18 +236,52 @@ def measure(server: RunningServer, body: loadgen.Body, concurrency: int, tokens:
     row: Row = {"img_s": ok / result["window_s"], "p50_ms": result["p50_ms"], "errors": result["bad_status"],
                 "cpu_ms_per_image": per_image, "cpu_ms_per_image_total": total,
                 "runner_share": per_image[RUNNER_THREADS] / total if ok else float("nan")}
-    if spy is not None:
-        try:
-            spy.wait(timeout=duration + 30)
-        except subprocess.TimeoutExpired:
-            spy.kill()
-        if raw.is_file() and ok:
-            samples = samples_by_thread(raw)
+    if profile_rate and ok:
+        # A second window of the same load, sampled by py-spy: its samples split the first (clean)
+        # window's per-thread CPU, since py-spy itself takes CPU from the 2 cores the server runs on.
+        samples, profiled = profile_window(server, body, concurrency, tokens, warmup, duration, profile_rate,
+                                           work or Path("."))
+        row["profiled_window"] = profiled
+        if samples:
             row["cpu_ms_per_image_by_part"] = split_by_part(threads_before, threads_after, samples, ok)
             row["profile_samples"] = sum(sum(c.values()) for c in samples.values())
         else:
-            row["profile_error"] = f"py-spy wrote nothing (exit {spy.returncode}); it needs ptrace rights"
+            row["profile_error"] = profiled.get("error", "py-spy took no sample")
     return row
+
+
+def profile_window(server: RunningServer, body: loadgen.Body, concurrency: int, tokens: Path, warmup: float,
+                   duration: float, rate: int, work: Path) -> tuple[dict[int, Counter[tuple[str, str]]], Row]:
+    """The same load again with py-spy sampling the window: (samples by thread, what that window cost)."""
+    wait_idle(server)
+    raw = work / f"py-spy-{time.monotonic_ns()}.txt"
+    process, window = loadgen.start_wrk(server.base_url, "/v1/predict", body, concurrency, warmup, duration, tokens)
+    spy = None
+    try:
+        wrk = psutil.Process(process.pid)
+        sleep_until(window.start)
+        spy = start_profiler(server, rate, duration, raw)
+        profiler = psutil.Process(spy.pid) if spy else None
+        before = cpu_by_role(server, wrk, profiler)
+        sleep_until(window.end)
+        after = cpu_by_role(server, wrk, profiler)
+        if spy:
+            spy.wait(timeout=duration + 30)
+    except BaseException:
+        process.kill()
+        process.wait(timeout=10)
+        if spy:
+            spy.kill()
+        raise
+    result = loadgen.finish_wrk(process, timeout=warmup + duration + 60)
+    ok = int(result["ok"])
+    cost: Row = {"img_s": ok / result["window_s"],
+                 "profiler_cpu_ms_per_image": (after[PROFILER] - before[PROFILER]) * 1000 / ok if ok else None}
+    if spy is None:
+        return {}, {**cost, "error": "py-spy is not installed (pip install py-spy)"}
+    if not raw.is_file():
+        return {}, {**cost, "error": f"py-spy wrote nothing (exit {spy.returncode}); it needs ptrace rights"}
+    return samples_by_thread(raw), cost
 
 
 def run_variant(name: str, images: dict[str, Path], args: argparse.Namespace, work: Path) -> list[Row]:
@@ -294,7 +330,9 @@ def print_row(row: Row) -> None:
     print(f"    {'in-process pipeline right after (2 threads x 1)':<54} {inprocess['cpu_ms_per_image']:6.2f}")
     for role, parts in row.get("cpu_ms_per_image_by_part", {}).items():
         spent = sum(parts.values())
-        print(f"    {role} by part (py-spy, {row['profile_samples']} samples):")
+        print(f"    {role} by part (py-spy, {row['profile_samples']} samples in a second window at "
+              f"{row['profiled_window']['img_s']:.1f} img/s, py-spy itself "
+              f"{row['profiled_window']['profiler_cpu_ms_per_image'] or 0:.2f} ms CPU per image):")
         for part, ms in parts.items():
             print(f"        {part:<58} {ms:6.2f} ms  {ms / spent if spent else 0:6.1%}")
     if "profile_error" in row:
@@ -312,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
         images = {"coffee": COFFEE} if "coffee" in args.images else {}
         if "12mp" in args.images:
             images["cat_12mp"] = make_images(work)["cat_12mp"]
-        variants = ["ours-onnx", "free-store"] if args.free_store else ["ours-onnx"]
+        variants = ["ours", "free-store"] if args.free_store else ["ours"]
         rows = [row for name in variants for row in run_variant(name, images, args, work)]
     out = args.out / "cpu_split.json"
     out.write_text(json.dumps({"measured_at": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": rows}, indent=2))
