@@ -289,6 +289,7 @@ def run_variant(name: str, images: dict[str, Path], args: argparse.Namespace, wo
     data_dir.mkdir()
     env = {"INFERENCE_SERVER_DATA_DIR": str(data_dir), "INFERENCE_REDIS_URL": "embedded",
            "INFERENCE_MODEL_RUNTIME": args.runtime, "INFERENCE_MODEL_MAX_QUEUE": "256",
+           "INFERENCE_SESSIONS_LOGIN_RATE_LIMIT_PER_MINUTE": "0",  # one login per connection, all from 127.0.0.1
            "INFERENCE_MODEL_CACHE_DIR": str(args.cache_dir)}  # bench.run's ours, access log included
     spec = ServerSpec(name, VARIANTS[name], env, "/v1/predict", tuple(args.payloads), "/readyz", sessions=True,
                       data_dir=data_dir)

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from bench import loadgen, pipelines, report
 from bench.servers import (
     PYTHON,
@@ -244,6 +246,8 @@ def server_spec(name: str, settings: Settings, work: Path, best_runtime: pipelin
                "INFERENCE_REDIS_URL": settings.redis_url or "embedded",
                "INFERENCE_MODEL_RUNTIME": our_runtime(name),
                "INFERENCE_MODEL_MAX_QUEUE": str(MAX_QUEUE),
+               # One session per connection: up to 64 logins from 127.0.0.1 at once, over the per-address limit.
+               "INFERENCE_SESSIONS_LOGIN_RATE_LIMIT_PER_MINUTE": "0",
                "INFERENCE_MODEL_CACHE_DIR": str(work / "model-cache")}  # reuse the in-process run's export
         command = [PYTHON, "-m", "server", "--port", "{port}"]
         payloads: tuple[str, ...] = ("raw", "multipart")
@@ -428,7 +432,7 @@ def run_all_servers(settings: Settings, images: dict[str, Path], inprocess: list
             if name == report.PRIMARY else None
         try:
             got, info = run_server(spec, images, bodies, settings, work, progress, limit_after)
-        except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
+        except (RuntimeError, OSError, subprocess.SubprocessError, httpx.HTTPError) as exc:
             first = str(exc).splitlines()[0]
             notes.append(f"{name} failed: {first}")
             print(f"\n{name} FAILED: {exc}", flush=True)
