@@ -74,7 +74,11 @@ EVENT_LOOP_PARTS = (
     ("HTTP parse and write (Tornado, handlers)", ("/tornado/", "/handlers/", "/multipart")),
     ("hand-off to the runner", ("/inference/runner.py", "/inference/batching.py", "/concurrent/futures/")),
     ("use case (service/)", ("/service/",)),
-    ("asyncio loop, epoll", ("/asyncio/", "/selectors.py")),
+    # redis-py reads and writes through asyncio's streams; the runner's results wake the loop through its
+    # self-pipe (call_soon_threadsafe): both are socket work inside asyncio's own files.
+    ("asyncio socket I/O (Redis client's streams, wake-ups from the runner)",
+     ("/asyncio/selector_events.py", "/asyncio/streams.py")),
+    ("asyncio loop (scheduling, epoll)", ("/asyncio/", "/selectors.py")),
 )
 RUNNER_PARTS = (
     ("decode + resize/crop", ("/inference/imaging.py", "/PIL/", "/simplejpeg")),
