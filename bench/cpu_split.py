@@ -339,7 +339,7 @@ def print_row(row: Row) -> None:
               f"{row['profiled_window']['img_s']:.1f} img/s, py-spy itself "
               f"{row['profiled_window']['profiler_cpu_ms_per_image'] or 0:.2f} ms CPU per image):")
         for part, ms in parts.items():
-            print(f"        {part:<58} {ms:6.2f} ms  {ms / spent if spent else 0:6.1%}")
+            print(f"        {part:<72} {ms:6.2f} ms  {ms / spent if spent else 0:6.1%}")
     if "profile_error" in row:
         print(f"    no split by part: {row['profile_error']}")
     print(f"    ceiling: the runner threads get {row['runner_share']:.1%} of all CPU in the window, so with the "
