@@ -1,8 +1,14 @@
 """The in-process limit: images/s with no HTTP, for one thread layout per process.
 
 Run as a subprocess by bench.run (torch's thread count is process-wide, so each layout gets a fresh
-process):  python -m bench.inprocess --threads 2 --intra 1 --onnx m.onnx --duration 5 IMAGE...
+process):  python -m bench.inprocess --threads 2 --intra 1 --cache-dir DIR --duration 5 IMAGE...
 It prints one JSON list of rows on stdout.
+
+Every runtime this CPU offers (bench.pipelines.runtimes_here) runs end to end with the decoders
+`pipelines.combinations` pairs it with, and forward only on a zero image. Each runtime is first held
+to the accuracy guard the server applies (inference.selection.guard against the FP32 reference, on
+the guard's photos and option sets): only pipelines whose runtime passes may set the limit, the
+others are still measured and marked.
 """
 
 from __future__ import annotations
@@ -15,12 +21,15 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import pipelines
+from bench.pipelines import Runtime
 
 Work = Callable[[], Any]
+Row = dict[str, Any]
 
 
 def measure(work: Work, threads: int, duration: float, warmup: float) -> dict[str, float]:
@@ -60,12 +69,10 @@ def measure(work: Work, threads: int, duration: float, warmup: float) -> dict[st
 
 def server_process_settings() -> None:
     """The server's own process settings (server.malloc), so that the limit runs the pipeline the
-    way the server does; nothing on a checkout that predates them."""
-    try:
-        from server.config import load_config
-        from server.malloc import keep_freed_memory
-    except ImportError:
-        return
+    way the server does."""
+    from server.config import load_config
+    from server.malloc import keep_freed_memory
+
     keep_freed_memory(load_config().server.malloc_keep_mb)
 
 
@@ -74,74 +81,107 @@ def _process_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def onnx_runtime(onnx_path: Path, intra: int, cache_dir: Path | None) -> tuple[pipelines.Forward, str]:
-    """The server's own OnnxBackend when the repo has one (its export, its session options);
-    otherwise an ONNX Runtime session on the benchmark's own export."""
-    if cache_dir is not None:
-        try:
-            from inference.model import OnnxBackend, load_exported
-
-            _, path = load_exported(pipelines.MODEL_NAME, "default", cache_dir)
-            backend = OnnxBackend(path, intra_op_threads=intra)
-            return backend.forward, "inference.model.OnnxBackend"
-        except (ImportError, TypeError) as exc:
-            print(f"OnnxBackend unusable ({exc}); using the benchmark's own export", file=sys.stderr)
-    return pipelines.onnx_forward(onnx_path, intra), "bench export (TorchScript exporter, opset 17)"
+@dataclass(frozen=True)
+class Workload:
+    pipeline: str  # "<decoder>+<runtime key>", or "forward+<runtime key>"
+    decoder: str | None  # None: forward only
+    runtime: Runtime
+    image: str  # the image's stem, "-" for forward only
+    work: Work
 
 
-def workloads(images: list[Path], onnx_path: Path, intra: int, cache_dir: Path | None,
-              fast_only: bool = False) -> tuple[dict[tuple[str, str], Work], str]:
-    """(pipeline, image) -> a zero-argument callable doing one image end to end; and the ONNX source.
-    `fast_only`: just the fast pipeline per image (no torch import: a quick re-measure of the limit)."""
+def pipeline_key(decoder: str | None, runtime: Runtime) -> str:
+    return f"{decoder or 'forward'}+{runtime.key}"
+
+
+def label(decoder: str | None, runtime: Runtime) -> str:
+    if decoder is None:
+        return f"forward only: {runtime.label}" + (" (uint8 input)" if runtime.takes_pixels else "")
+    return f"{decoder} decode + {runtime.label}"
+
+
+def workloads(images: list[Path], backends: dict[Runtime, Any], only: set[str] | None) -> list[Workload]:
+    """Every (decoder, runtime) pipeline per image and every runtime forward only, narrowed to `only`
+    (pipeline keys) when given."""
     import numpy as np
 
-    onnx_fw, onnx_source = onnx_runtime(onnx_path, intra, cache_dir)
-    work: dict[tuple[str, str], Work] = {}
-    if not fast_only:
-        import torch
-
-        torch.set_num_threads(intra)
+    found: list[Workload] = []
+    for runtime, backend in backends.items():
+        forward = backend.forward
+        zeros = pipelines.zero_pixels() if runtime.takes_pixels else np.zeros((1, 3, 224, 224), dtype=np.float32)
+        found.append(Workload(pipeline_key(None, runtime), None, runtime, "-", lambda f=forward, z=zeros: f(z)))
+    decode: dict[str, Callable[[bytes], Any]] = {
+        "pillow-float": lambda data: pipelines.pillow_float_preprocess(data)[None],
+        "server": pipelines.server_prepare,
+    }
+    if any(runtime.runtime == "torch" for runtime in backends):
         transform = pipelines.seed_transform()
-        torch_fw = pipelines.torch_forward(pipelines.load_torch_module())
-        zeros = np.zeros((1, 3, 224, 224), dtype=np.float32)
-        work[("forward-torch", "-")] = lambda: torch_fw(zeros)
-        work[("forward-onnx", "-")] = lambda: onnx_fw(zeros)
-    for path in images:
-        data = path.read_bytes()
-        if not fast_only:
-            work[("seed", path.stem)] = lambda d=data: torch_fw(pipelines.seed_preprocess(d, transform)[None])
-        work[("fast", path.stem)] = lambda d=data: onnx_fw(pipelines.fast_preprocess(d)[None])
-    return work, onnx_source
+        decode["seed"] = lambda data: pipelines.seed_preprocess(data, transform)[None]
+    for decoder, runtime in pipelines.combinations(list(backends)):
+        forward = backends[runtime].forward
+        for path in images:
+            data = path.read_bytes()
+            found.append(Workload(pipeline_key(decoder, runtime), decoder, runtime, path.stem,
+                                  lambda f=forward, d=data, prep=decode[decoder]: f(prep(d))))
+    return [w for w in found if only is None or w.pipeline in only]
 
 
-PIPELINE_LABELS = {
-    "seed": "seed: PIL full decode + torchvision + torch eager",
-    "fast": "fast: draft decode preprocess + ONNX Runtime",
-    "forward-torch": "forward only: torch eager",
-    "forward-onnx": "forward only: ONNX Runtime",
-}
+def guard_runtimes(backends: dict[Runtime, Any], onnx_path: Path) -> dict[Runtime, Row]:
+    """The server's accuracy guard on each runtime: every guard photo and option set against the FP32
+    reference, within the tolerance for its precision."""
+    from inference import selection
+
+    cases = selection.guard_cases()
+    reference = selection.reference_probabilities(onnx_path, cases)
+    verdicts = {}
+    for runtime, backend in backends.items():
+        passed, worst = selection.guard(backend, cases, reference, selection.GUARD_TOLERANCE[runtime.precision])
+        verdicts[runtime] = {"passed": passed, "tolerance": selection.GUARD_TOLERANCE[runtime.precision],
+                             "worst": worst}
+    return verdicts
+
+
+def build_backends(runtimes: list[Runtime], onnx_path: Path, threads: int,
+                   intra: int) -> tuple[dict[Runtime, Any], dict[Runtime, str]]:
+    """The backends that build here, and why the others did not (a runtime missing or failing to compile)."""
+    backends, errors = {}, {}
+    for runtime in runtimes:
+        try:
+            backends[runtime] = pipelines.make_backend(runtime, onnx_path, threads=threads, intra=intra)
+        except Exception as exc:  # reported as a row: the run goes on with the others
+            errors[runtime] = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
+            print(f"{runtime.label} unavailable: {errors[runtime]}", file=sys.stderr)
+    return backends, errors
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.inprocess")
     parser.add_argument("images", nargs="+", type=Path)
-    parser.add_argument("--onnx", type=Path, required=True, help="fallback model when the server has no OnnxBackend")
-    parser.add_argument("--cache-dir", type=Path, help="OnnxBackend's export cache (omit: always use --onnx)")
+    parser.add_argument("--cache-dir", type=Path, required=True, help="the server's export cache")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--intra", type=int, default=1)
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--fast-only", action="store_true", help="only the fast pipeline (no torch)")
+    parser.add_argument("--only", nargs="+", help="just these pipelines (e.g. server+openvino-bf16), no guard")
     args = parser.parse_args(argv)
     server_process_settings()
-    rows = []
-    work_items, onnx_source = workloads(args.images, args.onnx, args.intra, args.cache_dir, args.fast_only)
-    for (pipeline, image), work in work_items.items():
-        stats = measure(work, args.threads, args.duration, args.warmup)
-        rows.append({"pipeline": pipeline, "label": PIPELINE_LABELS[pipeline], "image": image,
-                     "threads": args.threads, "intra_op_threads": args.intra, **stats,
-                     "onnx_model": onnx_source if pipeline in ("fast", "forward-onnx") else None})
-    print(json.dumps(rows))
+    only = set(args.only) if args.only else None
+    runtimes = pipelines.runtimes_here()
+    if only is not None:
+        runtimes = [r for r in runtimes if any(key.endswith(f"+{r.key}") for key in only)]
+    onnx_path = pipelines.exported_model(args.cache_dir)
+    backends, errors = build_backends(runtimes, onnx_path, args.threads, args.intra)
+    verdicts = guard_runtimes(backends, onnx_path) if only is None else {}
+    layout = {"threads": args.threads, "intra_op_threads": args.intra}
+    rows: list[Row] = [{"pipeline": pipeline_key(None, runtime), "decoder": None, "runtime": runtime.key,
+                        "label": label(None, runtime), "image": "-", **layout, "img_s": 0.0, "count": 0,
+                        "p50_ms": None, "error": error} for runtime, error in errors.items()]
+    for item in workloads(args.images, backends, only):
+        stats = measure(item.work, args.threads, args.duration, args.warmup)
+        rows.append({"pipeline": item.pipeline, "decoder": item.decoder, "runtime": item.runtime.key,
+                     "label": label(item.decoder, item.runtime), "image": item.image, **layout, **stats,
+                     "guard": verdicts.get(item.runtime)})
+    print(json.dumps(rows, default=str))
     return 0
 
 
