@@ -265,8 +265,8 @@ class Pipeline:
     is the runtime's (inference.pixels): this only says which."""
 
     options: Options
-    scale: np.ndarray  # (1, 1, 1, 3): 1 / (255 * std)
-    shift: np.ndarray  # (1, 1, 1, 3): -mean / std
+    scale: np.ndarray  # (1, 3, 1, 1): 1 / (255 * std)
+    shift: np.ndarray  # (1, 3, 1, 1): -mean / std
 
     @property
     def gray(self) -> bool:

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-#: The graph's inputs: pixels uint8 (N, H, W, 3); scale and shift float32 (N, 1, 1, 3).
+#: The graph's inputs: pixels uint8 (N, H, W, 3); scale and shift float32 (N, 3, 1, 1).
 PIXELS, SCALE, SHIFT = "pixels", "scale", "shift"
 # Bump when the wrapper changes: cached graphs are named after it.
-PIXEL_GRAPH_VERSION = "u8nhwc-1"
+PIXEL_GRAPH_VERSION = "u8nhwc-2"
 
 
 @dataclass(frozen=True)
@@ -30,8 +30,8 @@ class PixelBatch:
     """N images of one size as uint8 HWC, with the normalization each one is to get."""
 
     pixels: np.ndarray  # uint8 (N, H, W, 3)
-    scale: np.ndarray  # float32 (N, 1, 1, 3): 1 / (255 * std)
-    shift: np.ndarray  # float32 (N, 1, 1, 3): -mean / std
+    scale: np.ndarray  # float32 (N, 3, 1, 1): 1 / (255 * std)
+    shift: np.ndarray  # float32 (N, 3, 1, 1): -mean / std
 
     def __len__(self) -> int:
         return len(self.pixels)
@@ -59,15 +59,17 @@ class PixelBatch:
     def to_tensor(self) -> np.ndarray:
         """The float32 NCHW tensor the model sees: what the graph computes first, done with NumPy (for
         runtimes that take tensors, and for /v1/preprocess)."""
-        normalized = self.pixels.astype(np.float32) * self.scale + self.shift
-        return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2))
+        tensor = np.ascontiguousarray(self.pixels.transpose(0, 3, 1, 2), dtype=np.float32)
+        tensor *= self.scale
+        tensor += self.shift
+        return tensor
 
 
 @functools.lru_cache(maxsize=256)
 def normalization(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
-    """(scale, shift), each float32 (1, 1, 1, 3), so that pixel * scale + shift = (pixel / 255 - mean) / std."""
-    mean_array = np.asarray(mean, dtype=np.float32).reshape(1, 1, 1, 3)
-    std_array = np.asarray(std, dtype=np.float32).reshape(1, 1, 1, 3)
+    """(scale, shift), each float32 (1, 3, 1, 1), so that pixel * scale + shift = (pixel / 255 - mean) / std."""
+    mean_array = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
+    std_array = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
     scale, shift = 1.0 / (255.0 * std_array), -mean_array / std_array
     scale.flags.writeable = shift.flags.writeable = False  # shared by every batch built from this cache
     return scale, shift
@@ -99,14 +101,17 @@ def pixel_graph(onnx_path: Path) -> Path:
     graph.input.remove(tensor_input)
     graph.input.extend([
         helper.make_tensor_value_info(PIXELS, TensorProto.UINT8, ["batch", "height", "width", 3]),
-        helper.make_tensor_value_info(SCALE, TensorProto.FLOAT, ["batch", 1, 1, 3]),
-        helper.make_tensor_value_info(SHIFT, TensorProto.FLOAT, ["batch", 1, 1, 3]),
+        helper.make_tensor_value_info(SCALE, TensorProto.FLOAT, ["batch", 3, 1, 1]),
+        helper.make_tensor_value_info(SHIFT, TensorProto.FLOAT, ["batch", 3, 1, 1]),
     ])
+    # The transpose runs on the uint8 pixels (a quarter of the bytes), and the arithmetic in NCHW, the
+    # layout the first convolution reads: ordered so, the wrapper costs nothing measurable on ONNX
+    # Runtime and OpenVINO, where arithmetic in NHWC then a float transpose cost ~13 % of a forward.
     prologue = [
-        helper.make_node("Cast", [PIXELS], ["pixels__float"], to=TensorProto.FLOAT),
+        helper.make_node("Transpose", [PIXELS], ["pixels__nchw"], perm=[0, 3, 1, 2]),
+        helper.make_node("Cast", ["pixels__nchw"], ["pixels__float"], to=TensorProto.FLOAT),
         helper.make_node("Mul", ["pixels__float", SCALE], ["pixels__scaled"]),
-        helper.make_node("Add", ["pixels__scaled", SHIFT], ["pixels__nhwc"]),
-        helper.make_node("Transpose", ["pixels__nhwc"], [inner], perm=[0, 3, 1, 2]),
+        helper.make_node("Add", ["pixels__scaled", SHIFT], [inner]),
     ]
     nodes = prologue + list(graph.node)
     del graph.node[:]

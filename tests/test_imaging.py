@@ -150,7 +150,7 @@ def resize_then_crop(image: Image.Image, options: Options) -> np.ndarray:
     if pixels.ndim == 2:
         pixels = np.repeat(pixels[:, :, None], 3, axis=2)
     pipeline = imaging.pipeline_for(options)
-    return (pixels * pipeline.scale[0] + pipeline.shift[0]).transpose(2, 0, 1)
+    return pixels.transpose(2, 0, 1) * pipeline.scale[0] + pipeline.shift[0]
 
 
 def noise(width: int, height: int, seed: int = 0) -> Image.Image:

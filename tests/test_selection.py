@@ -117,8 +117,8 @@ def test_auto_measures_once_picks_a_passing_runtime_and_caches_the_choice(onnx_p
     trials = {(t["runtime"], t["precision"]): t for t in record["trials"]}
     assert set(trials) == {(c.runtime, c.precision) for c in MAY_PICK}
     winner = trials[chosen.runtime, chosen.precision]
-    assert winner["passed"] and winner["forwards_per_second"] > 0
-    assert all(winner["forwards_per_second"] >= t["forwards_per_second"] for t in trials.values() if t["passed"])
+    assert winner["passed"] and winner["images_per_second"] > 0
+    assert all(winner["images_per_second"] >= t["images_per_second"] for t in trials.values() if t["passed"])
     assert record["cpu"] == selection.cpu_model()[0]
 
     def no_second_measurement(*args, **kwargs):
