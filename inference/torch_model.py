@@ -142,9 +142,9 @@ class TorchBackend:
     def forward(self, batch: np.ndarray | PixelBatch, *, alone: bool = False) -> np.ndarray:
         with torch.inference_mode():
             if isinstance(batch, PixelBatch):  # uint8 to the device (a quarter of the bytes), normalized there
-                pixels = torch.from_numpy(batch.pixels).to(self.device, non_blocking=True)
+                pixels = torch.tensor(batch.pixels).to(self.device, non_blocking=True)  # a copy: the array is read-only
                 scale, shift = (torch.tensor(array, device=self.device) for array in (batch.scale, batch.shift))
-                inputs = (pixels.float() * scale + shift).permute(0, 3, 1, 2)
+                inputs = pixels.permute(0, 3, 1, 2).float() * scale + shift
             else:
                 inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
             return self.module(inputs).float().cpu().numpy()

@@ -69,8 +69,12 @@ def test_every_runtime_the_server_may_pick_passes_the_guard_against_torch_fp32_o
         assert not passed, f"the guard let {candidate} through, but against torch: {failures}"
 
 
-def test_the_pixel_graph_normalizes_like_the_float_pipeline(onnx_path: Path, torch_reference) -> None:
-    """uint8 in, normalization and layout inside the graph == the float32 tensor through the original graph."""
+def test_the_pixel_graph_normalizes_like_the_float_pipeline(default_model, onnx_path: Path, torch_reference) -> None:
+    """uint8 in, normalization and layout inside the graph == the float32 tensor through the original graph
+    (and torch normalizes the pixels it is given the same way)."""
+    torch_backend = TorchBackend(default_model.module)
+    for batch, _ in torch_reference.values():
+        assert np.abs(torch_backend.forward(batch) - torch_backend.forward(batch.to_tensor())).max() < 1e-4
     for candidate in (Candidate("onnxruntime", "fp32"), Candidate("openvino", "fp32")):
         backend = make_backend(make_config(), candidate, onnx_path)
         for batch, _ in torch_reference.values():
