@@ -70,7 +70,7 @@ class Candidate:
 
 @dataclass
 class Trial:
-    """What one candidate measured: its forwards per second, and the guard's verdict."""
+    """What one candidate measured: the images per second it served, and the guard's verdict."""
 
     runtime: str
     precision: str
@@ -157,7 +157,7 @@ def choose(onnx_path: Path, *, runtime: str, precision: str, workers: int, intra
     pool = candidates(runtime, precision, flags)
     if not pool:
         raise ModelLoadError(f"No runtime offers model.runtime = {runtime!r} with model.precision = {precision!r}.")
-    if len(pool) == 1 and precision != "auto":  # forced: nothing to choose, nothing to measure
+    if len(pool) == 1:  # the config names one: nothing to choose, nothing to measure
         return Choice(pool[0].runtime, pool[0].precision, cpu, [])
     path = onnx_path.with_name(f"{onnx_path.stem}.runtime-{_key(cpu, flags, pool)}.json")
     with open(onnx_path.parent / ".selection.lock", "w") as lock:
