@@ -54,7 +54,7 @@ GUARD_OPTIONS = {
     "crop160": Options(resize=182, crop=160),
 }
 # Bump when the trial changes what it measures: cached choices are keyed by it.
-SELECTION_VERSION = "2"
+SELECTION_VERSION = "3"
 _GUARD_MAX_PIXELS = 40_000_000
 _TRIAL_TIMEOUT_SECONDS = 600
 

@@ -23,7 +23,9 @@ from server.runtime import build_runner, make_backend, runtime_choice
 from sessions.options import Options
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, MODEL_CACHE, make_config
 
-PHOTOS = {"cat": CAT_JPEG, "coffee": COFFEE_JPEG}
+#: Every committed photo: the test photos and the guard's own (which include them).
+PHOTOS = {"cat": CAT_JPEG, "coffee": COFFEE_JPEG,
+          **{photo.stem: photo.read_bytes() for photo in sorted(selection.GUARD_DIR.glob("*.jpg"))}}
 #: The guard's option sets, plus the others the tests predict with.
 OPTION_SETS = {**selection.GUARD_OPTIONS,
                "small": Options(resize=128, crop=96),
