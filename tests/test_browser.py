@@ -223,5 +223,15 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
     expect(history_row.get_by_test_id("feedback-open")).to_be_focused()
     assert api_item(server, page, history_id)["feedback"] is None
 
+    # Log out and erase, confirmed: the history is gone from the server, and the page is logged out.
+    token = page.evaluate("sessionStorage.getItem('inference.token')")
+    page.once("dialog", lambda dialog: dialog.accept())
+    with page.expect_request(lambda request: request.method == "DELETE" and "erase=true" in request.url):
+        page.get_by_test_id("erase").click()  # the server's erase itself: tests/test_feedback.py
+    expect(page.get_by_test_id("login")).to_be_visible()
+    assert_in_view(page.get_by_test_id("login"), width)
+    with httpx.Client(base_url=server.url) as http:
+        assert http.get("/v1/session", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+
     problems = [text for text in page.problems if "status of 422" not in text]  # the unknown label
     assert problems == [], problems

@@ -14,7 +14,7 @@ const LABEL_SUGGESTIONS = 8;
 
 const $ = (id) => document.getElementById(id);
 const els = {
-  status: $("session-status"), login: $("login"), logout: $("logout"), alert: $("alert"),
+  status: $("session-status"), login: $("login"), logout: $("logout"), erase: $("erase"), alert: $("alert"),
   dropzone: $("dropzone"), dropHint: $("dropzone-hint"), fileInput: $("file-input"),
   results: $("results"), resultsEmpty: $("results-empty"),
   form: $("options-form"), fieldset: $("options-fieldset"), formError: $("options-error"),
@@ -66,6 +66,7 @@ function setLoggedIn(session) {
   const loggedIn = Boolean(session);
   els.login.hidden = loggedIn;
   els.logout.hidden = !loggedIn;
+  els.erase.hidden = !loggedIn;
   els.fileInput.disabled = !loggedIn;
   els.dropzone.classList.toggle("disabled", !loggedIn);
   els.fieldset.disabled = !loggedIn;
@@ -121,14 +122,16 @@ async function login() {
   }
 }
 
-async function logout() {
-  els.logout.disabled = true;
+/** Log out; with `erase`, the server also erases the session's history, corrections and images. */
+async function logout({ erase = false } = {}) {
+  if (erase && !window.confirm("Erase this session's history, corrections and stored images, and log out?")) return;
+  els.logout.disabled = els.erase.disabled = true;
   try {
-    await client.logout();
+    await client.logout({ erase });
   } catch (error) {
     if (!(error instanceof AuthError)) {
       showAlert(`Could not log out: ${describe(error)}`);
-      els.logout.disabled = false;
+      els.logout.disabled = els.erase.disabled = false;
       return;
     }
   }
@@ -136,7 +139,7 @@ async function logout() {
   forgetSession();
   clearResults();
   showAlert("");
-  els.logout.disabled = false;
+  els.logout.disabled = els.erase.disabled = false;
 }
 
 async function enterSession(session) {
@@ -635,7 +638,8 @@ async function saveOptions(event) {
 // -- wiring --------------------------------------------------------------------------------------
 
 els.login.addEventListener("click", login);
-els.logout.addEventListener("click", logout);
+els.logout.addEventListener("click", () => logout());
+els.erase.addEventListener("click", () => logout({ erase: true }));
 els.form.addEventListener("submit", saveOptions);
 els.form.addEventListener("input", (event) => {
   if (event.target.name) showFieldError(event.target.name, "");
