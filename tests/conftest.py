@@ -119,6 +119,9 @@ def make_config(redis_url: str = "", **sections: dict[str, Any]) -> Config:
     config.redis.url = redis_url or "redis://unused"
     # Tests log in far more often than a person; the login limit's own tests turn it back on.
     config.sessions.login_rate_limit_per_minute = 0
+    # Tests compare answers across paths within 1e-4: FP32 on every machine (auto still chooses the
+    # runtime). BF16, which `auto` may pick on a CPU with AMX, is held to its guard in test_selection.py.
+    config.model.precision = "fp32"
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(config, section), key, value)

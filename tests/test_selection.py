@@ -115,7 +115,7 @@ def test_auto_measures_once_picks_a_passing_runtime_and_caches_the_choice(onnx_p
                                                                           monkeypatch) -> None:
     graph = tmp_path / onnx_path.name  # a cache of its own, so this test measures
     graph.write_bytes(onnx_path.read_bytes())
-    config = make_config(model={"runtime_trial_seconds": 0.3, "cache_dir": str(tmp_path)})
+    config = make_config(model={"runtime_trial_seconds": 0.3, "cache_dir": str(tmp_path), "precision": "auto"})
     chosen = runtime_choice(config, graph)
     (cached,) = tmp_path.glob("*.runtime-*.json")
     record = json.loads(cached.read_text())
