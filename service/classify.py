@@ -94,8 +94,7 @@ class Classifier:
         session gets one answer. What is recorded stays the session's own options."""
         if self.versions is None:
             return options
-        version = (self.versions.version_for(session.id, options, session.canary_slot) if session is not None
-                   else self.versions.version_for(None, options))
+        version = self.versions.version_for(session, options)
         if version:
             await self.versions.ensure(version)
         return options if version == options.model_version else dataclasses.replace(options, model_version=version)

@@ -34,7 +34,7 @@ from service.feedback import FeedbackService, quality_view
 from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
 from sessions.model_registry import Canary, ModelEvent, ModelRegistry, VersionRecord
 from sessions.options import MODEL_VERSION, Options
-from sessions.store import iso, now_ms
+from sessions.store import Session, iso, now_ms
 
 log = logging.getLogger("inference.weights")
 T = TypeVar("T")
@@ -81,6 +81,16 @@ def in_canary(session_id: str, canary: Canary, slot: int | None = None) -> bool:
         return (slot + shift) % 100 < canary.traffic_percent
     digest = hashlib.sha256(f"{session_id}:{canary.version}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % 100 < canary.traffic_percent
+
+
+def choose_version(canary: Canary | None, session: Session | None, options: Options) -> str | None:
+    """The version a request runs: the session's pinned one, else `canary`'s where the canary serves
+    the session, else None (the active version). Anonymous requests (no session) run the active one."""
+    if options.model_version is not None:
+        return options.model_version
+    if canary is not None and session is not None and in_canary(session.id, canary, session.canary_slot):
+        return canary.version
+    return None
 
 
 class ModelVersions:
@@ -180,16 +190,8 @@ class ModelVersions:
         return ServedModel(model, self._backend_for(model))
 
     # -- activating, pinning, removing ------------------------------------------------------------
-    def version_for(self, session_id: str | None, options: Options, slot: int | None = None) -> str | None:
-        """The version a session's request runs: its pinned one, else the canary's where the canary
-        serves the session (`slot`: its canary slot), else None (the active version). Anonymous requests
-        run the active one."""
-        if options.model_version is not None:
-            return options.model_version
-        canary = self.canary
-        if canary is not None and session_id is not None and in_canary(session_id, canary, slot):
-            return canary.version
-        return None
+    def version_for(self, session: Session | None, options: Options) -> str | None:
+        return choose_version(self.canary, session, options)
 
     async def activate(self, version: str, traffic_percent: int = 100) -> dict[str, Any]:
         """Load `version` here, mark it active in Redis (which tells the other replicas), swap it in.

@@ -19,7 +19,7 @@ from PIL import Image
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
-from service.model_versions import in_canary
+from service.model_versions import choose_version
 from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
 from sessions.model_registry import Canary
 from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
@@ -229,12 +229,8 @@ class FakeVersions:
         self.ensured: list[str | None] = []
         self.checked: list[str] = []
 
-    def version_for(self, session_id: str | None, options: Options, slot: int | None = None) -> str | None:
-        if options.model_version is not None:
-            return options.model_version
-        if self.canary is not None and session_id is not None and in_canary(session_id, self.canary, slot):
-            return self.canary.version
-        return None
+    def version_for(self, session: Session | None, options: Options) -> str | None:
+        return choose_version(self.canary, session, options)
 
     async def ensure(self, version: str | None) -> None:
         self.ensured.append(version)
