@@ -359,26 +359,24 @@ class ModelRunner:
         prepared = self._preprocess(data, options)
         preprocessed = time.perf_counter()
         self.metrics.observe_preprocess(preprocessed - started)
-        result = self._classify_tensor_sync(prepared, preprocessed, served)
+        result = self._classify_tensor_sync([prepared], preprocessed, served)
         return BatchPrediction(result.probabilities, {"queue": _ms(started - submitted),
                                                       "preprocess": _ms(preprocessed - started),
                                                       "inference": result.timing_ms["inference"]}, served)
 
-    def _classify_tensor_sync(self, batch: np.ndarray | PixelBatch | list[PixelBatch], submitted: float,
+    def _classify_tensor_sync(self, batch: np.ndarray | list[PixelBatch], submitted: float,
                               served: ServedModel) -> BatchPrediction:
-        """`batch`: a float32 NCHW array, the images of one request as one PixelBatch, or as one each
-        (joined a forward at a time, never copied into one large array)."""
+        """`batch`: a float32 NCHW array, or the images of one request, one PixelBatch each (joined a
+        forward at a time, never copied into one large array)."""
         started = time.perf_counter()
         alone = self._alone()
-        height, width = batch.shape[-2:] if not isinstance(batch, list) else batch[0].shape[-2:]
+        height, width = batch[0].shape[-2:]
         logits = []
         for part in self.forward_batches(len(batch), height, width):
             began = time.perf_counter()
             chunk = batch[part.start:part.stop]
             if isinstance(chunk, list):
                 inputs: np.ndarray | PixelBatch = PixelBatch.concat(chunk)
-            elif isinstance(chunk, PixelBatch):
-                inputs = chunk
             else:
                 inputs = np.ascontiguousarray(chunk, dtype=np.float32)
             logits.append(self._forward(inputs, alone, served.backend).astype(np.float32, copy=False))
