@@ -199,8 +199,8 @@ def _measure_in_child(onnx_path: Path, out: Path, *, runtime: str, precision: st
 def measure_to_file(onnx_path: Path, out: Path, *, runtime: str, precision: str, workers: int,
                     intra_op_threads: int, trial_seconds: float) -> Choice:
     """Measure the candidates and write the choice to `out` atomically (what the child process does)."""
-    _, flags = cpu_model()
-    choice = measure(onnx_path, candidates(runtime, precision, flags), cpu=cpu_model()[0], workers=workers,
+    cpu, flags = cpu_model()
+    choice = measure(onnx_path, candidates(runtime, precision, flags), cpu=cpu, workers=workers,
                      make=lambda candidate: make_backend(candidate, onnx_path, workers=workers,
                                                          intra_op_threads=intra_op_threads),
                      trial_seconds=trial_seconds)
