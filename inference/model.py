@@ -15,7 +15,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -27,6 +26,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
+from inference.files import write_atomically
 from inference.pixels import PixelBatch, pixel_graph
 
 log = logging.getLogger(__name__)
@@ -170,9 +170,7 @@ def manifest_path(name: str, weights: str, cache_dir: Path) -> Path:
 def write_manifest(path: Path, model: LoadedModel, onnx_path: Path) -> None:
     manifest = {"name": model.name, "version": model.version, "weights_sha256": model.weights_sha256,
                 "labels": model.labels, "onnx": onnx_path.name}
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(manifest))
-    os.replace(partial, path)  # atomic: a reader never sees half a manifest
+    write_atomically(path, json.dumps(manifest))
 
 
 def load_exported(name: str, weights: str, cache_dir: Path) -> tuple[LoadedModel, Path]:

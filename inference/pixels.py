@@ -12,12 +12,13 @@ normalizations) share a batch.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from inference.files import write_atomically
 
 #: The graph's inputs: pixels uint8 (N, H, W, 3); scale and shift float32 (N, 3, 1, 1).
 PIXELS, SCALE, SHIFT = "pixels", "scale", "shift"
@@ -82,8 +83,8 @@ def one_image(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...
 
 
 def pixel_graph(onnx_path: Path) -> Path:
-    """The exported model behind the pixel inputs, written once next to it (atomically; callers hold the
-    export cache's lock or accept that two processes may both write the same file)."""
+    """The exported model behind the pixel inputs, written once next to it (two processes starting
+    together may both write it; each writes it whole)."""
     target = onnx_path.with_name(f"{onnx_path.stem}.{PIXEL_GRAPH_VERSION}.onnx")
     if target.is_file():
         return target
@@ -117,7 +118,5 @@ def pixel_graph(onnx_path: Path) -> Path:
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.checker.check_model(model)
-    partial = target.with_suffix(f".{os.getpid()}.partial")
-    onnx.save(model, str(partial))
-    os.replace(partial, target)
+    write_atomically(target, model.SerializeToString())
     return target

@@ -20,7 +20,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import subprocess
 import sys
 import threading
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from inference import imaging
+from inference.files import write_atomically
 from inference.model import Backend, ModelLoadError, OnnxBackend, softmax
 from inference.pixels import PIXEL_GRAPH_VERSION, PixelBatch
 from sessions.options import Options
@@ -204,9 +204,7 @@ def measure_to_file(onnx_path: Path, out: Path, *, runtime: str, precision: str,
                      make=lambda candidate: make_backend(candidate, onnx_path, workers=workers,
                                                          intra_op_threads=intra_op_threads),
                      trial_seconds=trial_seconds)
-    partial = out.with_suffix(f".{os.getpid()}.partial")
-    partial.write_text(json.dumps(asdict(choice), indent=1))
-    os.replace(partial, out)
+    write_atomically(out, json.dumps(asdict(choice), indent=1))
     return choice
 
 
