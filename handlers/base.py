@@ -192,6 +192,10 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Access-Control-Allow-Methods", ", ".join(allowed))
         self.set_header("Access-Control-Allow-Headers", ", ".join(CORS_REQUEST_HEADERS))
         self.set_header("Access-Control-Max-Age", "600")
+        self.no_content()
+
+    def no_content(self) -> None:
+        """Answer 204: no body, so no Content-Type either."""
         self.set_status(204)
         self.clear_header("Content-Type")
         self.finish()

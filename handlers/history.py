@@ -40,6 +40,4 @@ class FeedbackHandler(BaseHandler):
 
     async def delete(self, history_id: str) -> None:
         await self.feedback.withdraw(self.current_session, history_id)
-        self.set_status(204)
-        self.clear_header("Content-Type")
-        self.finish()
+        self.no_content()

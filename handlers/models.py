@@ -136,9 +136,7 @@ class ModelVersionHandler(BaseHandler):
             raise self.refusal
         self.model_versions.check_name(name, version)
         await self.model_versions.remove(version)
-        self.set_status(204)
-        self.clear_header("Content-Type")
-        self.finish()
+        self.no_content()
 
 
 class ActivateHandler(BaseHandler):

@@ -36,9 +36,7 @@ class SessionHandler(BaseHandler):
         if erase not in ("true", "false"):
             raise BadRequest(f"erase must be true or false, got {erase!r}.", code="invalid_parameter")
         await self.sessions.logout(self.current_session, erase=erase == "true")
-        self.set_status(204)
-        self.clear_header("Content-Type")
-        self.finish()
+        self.no_content()
 
 
 class OptionsHandler(BaseHandler):
