@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from handlers.oip_protocol import SERVER_VERSION
+from inference.imaging import MEDIA_TYPES
 from service.history import DEFAULT_PAGE, MAX_PAGE
 from service.model_versions import TRAFFIC_PERCENT
 from sessions.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
@@ -305,6 +306,7 @@ SCHEMAS: dict[str, Any] = {
     },
 }
 
+_IMAGE_CONTENT = {media: {"schema": {"type": "string", "format": "binary"}} for media in MEDIA_TYPES}
 _IMAGE_BODY = {
     "required": True,
     "content": {
@@ -312,8 +314,7 @@ _IMAGE_BODY = {
             "schema": {"type": "object", "required": ["image"],
                        "properties": {"image": {"type": "string", "format": "binary"}}}
         },
-        **{media: {"schema": {"type": "string", "format": "binary"}}
-           for media in ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")},
+        **_IMAGE_CONTENT,
     },
 }
 
@@ -537,9 +538,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "security": _BEARER,
             "parameters": [_HISTORY_ID_PARAMETER],
             "responses": {"200": {"description": "The image, with the media type its bytes have.",
-                                  "content": {media: {"schema": {"type": "string", "format": "binary"}}
-                                              for media in ("image/jpeg", "image/png", "image/webp", "image/gif",
-                                                            "image/bmp")}},
+                                  "content": _IMAGE_CONTENT},
                           "404": _error("No such item in this session (history_item_not_found), or its image was "
                                         "not captured or is past its retention (image_not_found)."),
                           **_AUTH_ERRORS},

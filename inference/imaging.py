@@ -39,6 +39,8 @@ _RESAMPLING = {
 #: size read from the header is that of the frame `load()` decodes (for a GIF, Pillow folds the first
 #: frame's bounds into it); a JPEG may decode smaller (draft).
 FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+#: The same formats as HTTP media types, in the same order.
+MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
 
 #: Defaults of the shape limits (server config: model.max_aspect_ratio, model.max_upscale).
 DEFAULT_MAX_ASPECT_RATIO = 100.0
