@@ -130,6 +130,7 @@ def _load_torchvision(name: str, weights: str) -> LoadedModel:
 
 class TorchBackend:
     name = "torch"
+    precision = "fp32"
 
     def __init__(self, module: torch.nn.Module, device: str = "cpu", *, intra_op_threads: int | None = None):
         if intra_op_threads is not None:

@@ -144,9 +144,7 @@ def auth_settings(config: Config) -> AuthSettings:
 def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner,
                         feedback: FeedbackService | None = None) -> ModelVersions:
     store_dir = Path(config.models.store_dir) if config.models.store_dir else config.data_path / "models"
-    # Published versions run on what the configured weights run on (test doubles may name neither).
-    backend = runner.backend
-    same_runtime = Candidate(getattr(backend, "name", "onnxruntime"), getattr(backend, "precision", "fp32"))
+    same_runtime = Candidate(runner.backend.name, runner.backend.precision)  # what the configured weights run on
     return ModelVersions(ModelRegistry(store.redis), runner, store_dir=store_dir,
                          backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
 

@@ -214,7 +214,7 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
         grpc_text = f" grpc={config.server.host}:{grpc_port}"
     log.info("ready on http://%s:%d model=%s version=%s runtime=%s precision=%s device=%s workers=%d%s pid=%d store=%s",
              config.server.host, port, runner.model.name, runner.model.version, runner.backend.name,
-             getattr(runner.backend, "precision", "fp32"), config.model.device, config.model.workers, grpc_text,
+             runner.backend.precision, config.model.device, config.model.workers, grpc_text,
              os.getpid(), store_text)
 
     stop = asyncio.Event()

@@ -369,7 +369,7 @@ def test_readiness_fails_without_redis(serve) -> None:
 class SlowBackend:
     """Wraps a backend and holds every forward until released."""
 
-    name = "slow"
+    name, precision = "slow", "fp32"
 
     def __init__(self, inner) -> None:
         self.inner, self.release, self.started = inner, threading.Event(), threading.Event()
@@ -421,7 +421,7 @@ def test_full_queue_gives_fast_503(serve, default_model) -> None:
 
 
 class FailingBackend:
-    name = "failing"
+    name, precision = "failing", "fp32"
 
     def forward(self, batch, alone=False):
         raise RuntimeError("boom inside forward")

@@ -298,7 +298,7 @@ class GatedBackend:
     """Holds every forward until released; counts the forwards that started."""
 
     def __init__(self, inner: Any):
-        self.inner, self.name = inner, inner.name
+        self.inner, self.name, self.precision = inner, inner.name, inner.precision
         self.started, self.lock, self.release = 0, threading.Lock(), threading.Event()
 
     def forward(self, batch: Any, *, alone: bool = False) -> Any:

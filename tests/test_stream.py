@@ -170,7 +170,7 @@ class GatedBackend:
     """Holds every forward until released; counts the forwards that started."""
 
     def __init__(self, inner: Any):
-        self.inner, self.name = inner, inner.name
+        self.inner, self.name, self.precision = inner, inner.name, inner.precision
         self.started = 0
         self.lock = threading.Lock()
         self.release = threading.Event()

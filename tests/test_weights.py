@@ -189,7 +189,7 @@ class HeldBackend:
     """Holds the forward of the request in flight until released."""
 
     def __init__(self, inner: Any):
-        self.inner, self.name = inner, inner.name
+        self.inner, self.name, self.precision = inner, inner.name, inner.precision
         self.entered, self.release = threading.Event(), threading.Event()
 
     def forward(self, batch: Any, *, alone: bool = False) -> Any:
