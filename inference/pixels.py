@@ -11,7 +11,6 @@ normalizations) share a batch.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,9 +42,6 @@ class PixelBatch:
         n, height, width, channels = self.pixels.shape
         return n, channels, height, width
 
-    def __getitem__(self, part: slice) -> PixelBatch:
-        return PixelBatch(self.pixels[part], self.scale[part], self.shift[part])
-
     @staticmethod
     def concat(batches: Sequence[PixelBatch]) -> PixelBatch:
         if len(batches) == 1:
@@ -66,20 +62,13 @@ class PixelBatch:
         return tensor
 
 
-@functools.lru_cache(maxsize=256)
 def normalization(mean: tuple[float, ...], std: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(scale, shift), each float32 (1, 3, 1, 1), so that pixel * scale + shift = (pixel / 255 - mean) / std."""
     mean_array = np.asarray(mean, dtype=np.float32).reshape(1, 3, 1, 1)
     std_array = np.asarray(std, dtype=np.float32).reshape(1, 3, 1, 1)
     scale, shift = 1.0 / (255.0 * std_array), -mean_array / std_array
-    scale.flags.writeable = shift.flags.writeable = False  # shared by every batch built from this cache
+    scale.flags.writeable = shift.flags.writeable = False  # shared by every batch of a cached pipeline
     return scale, shift
-
-
-def one_image(pixels: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> PixelBatch:
-    """A batch of one from a uint8 (H, W, 3) array."""
-    scale, shift = normalization(tuple(mean), tuple(std))
-    return PixelBatch(pixels[None], scale, shift)
 
 
 def pixel_graph(onnx_path: Path) -> Path:
