@@ -254,6 +254,33 @@ def test_python_client_stream_raises_auth_error_after_logout(server) -> None:
         assert all(item.ok for item in seen[:-1])
 
 
+def test_python_clients_raise_auth_error_when_the_last_image_is_refused(server) -> None:
+    """No result is owed after the refusal, so the stream would end quietly if the client waited
+    for the close: both clients raise on the refusal frame itself."""
+    def logged_out_then(api, http):
+        # The stream is open (ready came) when the generator is first asked: log out, then send one image.
+        assert http.delete("/v1/session", headers={"Authorization": f"Bearer {api.token}"}).status_code == 204
+        yield CAT_JPEG
+
+    with Client(server.url) as api, server.client() as http:
+        api.login()
+        seen = []
+        with pytest.raises(AuthError) as refused:
+            seen.extend(api.predict_stream(logged_out_then(api, http)))
+    assert refused.value.code == "session_revoked"
+
+    async def run() -> None:
+        async with AsyncClient(server.url) as api:
+            await api.login()
+            with server.client() as http:
+                async for _ in api.predict_stream(logged_out_then(api, http)):
+                    pass
+
+    with pytest.raises(AuthError) as refused:
+        asyncio.run(run())
+    assert refused.value.code == "session_revoked"
+
+
 def test_async_client_predict_stream(server) -> None:
     async def run() -> list[Any]:
         async with AsyncClient(server.url) as api:

@@ -377,6 +377,8 @@ export class Client {
         } else {
           lastError = streamFrameError(frame);
           yield { ref: frame.ref ?? null, seq: frame.seq ?? null, result: null, error: lastError };
+          // A refused token (logged out, expired) ends the stream even when no result is owed any more.
+          if (lastError instanceof AuthError) throw lastError;
         }
       }
     } finally {

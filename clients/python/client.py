@@ -119,6 +119,8 @@ class Client(BaseClient):
                     result = window.received(protocol.stream_frame(socket.recv(timeout)))
                     last_error = result.error
                     yield result
+                    if window.refusal is not None:
+                        raise window.refusal
             except ConnectionClosed as closed:
                 code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, None)
                 raise protocol.stream_closed(code, reason, last_error) from None

@@ -514,6 +514,7 @@ class StreamWindow:
             while window.room(): send(window.next_frames())   # until the window is full or images run out
             if window.done: break
             yield window.received(frame)                      # one result per frame read
+            if window.refusal: raise window.refusal            # the server closes the stream after it
 
     `size` is the server's `max_in_flight` (its ready frame), so a well-behaved client never sends
     an image the server would have to leave unread.
@@ -527,6 +528,7 @@ class StreamWindow:
         self.sent = 0
         self._exhausted = False
         self._next: Any = None
+        self.refusal: AuthError | None = None
 
     def room(self) -> bool:
         if self._exhausted or self.pending >= self.size:
@@ -552,4 +554,7 @@ class StreamWindow:
         result = stream_result(frame)
         if result.seq is not None:  # a frame about one of our images (not about the stream as a whole)
             self.pending -= 1
+        if isinstance(result.error, AuthError):
+            # A refused token (logged out, expired) ends the stream even when no result is owed any more.
+            self.refusal = result.error
         return result

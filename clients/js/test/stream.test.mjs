@@ -97,5 +97,19 @@ if (typeof globalThis.WebSocket !== "function") {
       await assert.rejects(collect(new Client(server.url, { token }).predictStream([cat])),
         (e) => e instanceof AuthError && e.code === "session_revoked");
     });
+
+    test("a logout during the stream throws AuthError even when no result is owed after it", async () => {
+      const client = new Client(server.url);
+      await client.login();
+      async function* loggedOutThen() {
+        await new Client(server.url, { token: client.token }).logout(); // the stream is open: ready came
+        yield cat;
+      }
+      const seen = [];
+      await assert.rejects((async () => { for await (const item of client.predictStream(loggedOutThen())) seen.push(item); })(),
+        (e) => e instanceof AuthError && e.code === "session_revoked");
+      assert.equal(seen.length, 1);
+      assert.equal(seen[0].error.code, "session_revoked");
+    });
   });
 }
