@@ -9,6 +9,12 @@ ends, or when the last session that sent it is erased.
 A 200 means recorded: the file is written and its holder recorded before the history entry names
 it. If the disk fails, the prediction is still recorded, with `image: null` (and an error in the
 log): the item never names an image that is not there.
+
+Deleting races with keeping: a session may send an image again while its file is being deleted.
+So a file to delete is first moved aside, Redis is asked again, and it is moved back if a session
+now holds it; `keep` checks the file after recording its holder and writes it again if it is gone.
+Files Redis does not know at all (a keep whose record failed, a write cut short by a crash) go with
+the sweep once they are older than the retention.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ log = logging.getLogger("inference.capture")
 
 DAY_MS = 24 * 3600 * 1000
 _SWEEP_BATCH = 500
+_HEX = frozenset("0123456789abcdef")
 
 # The formats the server reads (inference.imaging.FORMATS), by their first bytes.
 _SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"),
@@ -57,6 +64,8 @@ class CaptureRefs(Protocol):
     async def session_images(self, session_id: str) -> list[str]: ...
 
     async def seen_at(self, sha256: str) -> float | None: ...
+
+    async def seen_at_many(self, sha256s: list[str]) -> list[float | None]: ...
 
     async def older_than(self, cutoff_ms: int, limit: int) -> list[str]: ...
 
@@ -123,7 +132,7 @@ class Captures:
             return
         with contextlib.suppress(ServiceError, OSError):
             if await self.refs.release(session.id, kept[0].sha256):
-                await self._off_loop(self._delete, kept[0].sha256)
+                await self._delete_unless_held(kept[0].sha256)
 
     def _write(self, data: bytes) -> Captured:
         sha256 = hashlib.sha256(data).hexdigest()
@@ -173,22 +182,81 @@ class Captures:
         deleted = 0
         for sha256 in await self.refs.session_images(session_id):
             if await self.refs.release(session_id, sha256):
-                await self._off_loop(self._delete, sha256)
-                deleted += 1
+                deleted += await self._delete_unless_held(sha256)
         return deleted
 
     async def sweep(self, now: int | None = None) -> int:
-        """Delete the images nobody sent within the retention; how many."""
+        """Delete the images nobody sent within the retention, and files older than it that Redis
+        does not know; how many."""
         cutoff = (now_ms() if now is None else now) - self.retention_ms
         deleted = 0
         while True:
             due = await self.refs.older_than(cutoff, _SWEEP_BATCH)
             for sha256 in due:
                 if await self.refs.expire(sha256, cutoff):
-                    await self._off_loop(self._delete, sha256)
-                    deleted += 1
+                    deleted += await self._delete_unless_held(sha256)
             if len(due) < _SWEEP_BATCH:
-                return deleted
+                break
+        return deleted + await self._sweep_unknown_files(cutoff)
+
+    async def _sweep_unknown_files(self, cutoff_ms: int) -> int:
+        """Delete files older than the cutoff that no session holds, a folder at a time (so the
+        listing held in memory stays small whatever the store's size)."""
+        deleted = 0
+        for folder in await self._off_loop(self._folders):
+            images, leftovers = await self._off_loop(self._old_files, folder, cutoff_ms)
+            for path in leftovers:  # partial writes and deletions a crash cut short
+                await self._off_loop(self._unlink, path)
+            for start in range(0, len(images), _SWEEP_BATCH):
+                batch = images[start:start + _SWEEP_BATCH]
+                for sha256, seen in zip(batch, await self.refs.seen_at_many(batch), strict=True):
+                    if seen is None:
+                        deleted += await self._delete_unless_held(sha256)
+        return deleted
+
+    def _folders(self) -> list[Path]:
+        if not self.store_dir.is_dir():
+            return []
+        return sorted(entry for entry in self.store_dir.iterdir()
+                      if entry.is_dir() and len(entry.name) == 2 and set(entry.name) <= _HEX)
+
+    @staticmethod
+    def _old_files(folder: Path, cutoff_ms: int) -> tuple[list[str], list[Path]]:
+        """The images (by hash) and the leftover temporary files last written before the cutoff."""
+        images: list[str] = []
+        leftovers: list[Path] = []
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                try:
+                    if not entry.is_file() or entry.stat().st_mtime * 1000 >= cutoff_ms:
+                        continue
+                except FileNotFoundError:
+                    continue
+                if entry.name.startswith("."):
+                    leftovers.append(Path(entry.path))
+                elif len(entry.name) == 64 and set(entry.name) <= _HEX and entry.name.startswith(folder.name):
+                    images.append(entry.name)
+        return images, leftovers
+
+    async def _delete_unless_held(self, sha256: str) -> int:
+        """Delete an image Redis said nobody holds, unless a session sent it again meanwhile: 1 if
+        deleted. Moved aside first, so a keep that checks for the file after recording sees it gone
+        and writes it again, or this sees the record and moves it back."""
+        path = self.path(sha256)
+        aside = path.parent / f".{sha256}.{uuid.uuid4().hex}.deleting"
+        try:
+            await self._off_loop(os.replace, path, aside)
+        except FileNotFoundError:
+            return 0
+        try:
+            held = await self.refs.seen_at(sha256) is not None
+        except ServiceError:
+            held = True  # cannot tell: keep it; retention comes round again
+        if held:
+            await self._off_loop(os.replace, aside, path)
+            return 0
+        await self._off_loop(self._unlink, aside)
+        return 1
 
     async def sweep_forever(self, interval_seconds: float) -> None:
         """Retention, in one serving process: a sweep now and every interval."""
@@ -201,8 +269,9 @@ class Captures:
                 log.warning("capture retention sweep failed: %s", exc)
             await asyncio.sleep(interval_seconds)
 
-    def _delete(self, sha256: str) -> None:
-        self.path(sha256).unlink(missing_ok=True)
+    @staticmethod
+    def _unlink(path: Path) -> None:
+        path.unlink(missing_ok=True)
 
     async def _off_loop(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._io, fn, *args)

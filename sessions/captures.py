@@ -79,6 +79,11 @@ class CaptureRefs:
         return await self.redis.zscore(self._seen, sha256)
 
     @store_errors
+    async def seen_at_many(self, sha256s: list[str]) -> list[float | None]:
+        """`seen_at` for each of these images, in one call."""
+        return await self.redis.zmscore(self._seen, sha256s) if sha256s else []
+
+    @store_errors
     async def older_than(self, cutoff_ms: int, limit: int) -> list[str]:
         return await self.redis.zrangebyscore(self._seen, "-inf", cutoff_ms, start=0, num=limit)
 

@@ -452,10 +452,18 @@ def test_retention_deletes_images_nobody_sent_within_it(http: httpx.Client, feed
     item = predict(http, auth, png_bytes((7, 7, 7)), "image/png")
     captures = Captures(CaptureRefs(feedback_server.store.redis), store_dir=feedback_server.capture_dir,
                         enabled=True, retention_days=1)
+    # Files Redis does not know: an image whose holder was never recorded, a write a crash cut short.
+    unknown = hashlib.sha256(b"never recorded").hexdigest()
+    (feedback_server.capture_dir / unknown[:2]).mkdir(parents=True, exist_ok=True)
+    (feedback_server.capture_dir / unknown[:2] / unknown).write_bytes(b"never recorded")
+    partial = feedback_server.capture_dir / unknown[:2] / f".{unknown}.0.partial"
+    partial.write_bytes(b"never")
     assert loop_thread.run(captures.sweep()) == 0  # nothing is a day old
+    assert unknown in captured_files(feedback_server.capture_dir) and partial.exists()
     day_later = int(time.time() * 1000) + 24 * 3600 * 1000 + 1000
-    assert loop_thread.run(captures.sweep(now=day_later)) >= 1
+    assert loop_thread.run(captures.sweep(now=day_later)) >= 2
     assert item["image"]["sha256"] not in captured_files(feedback_server.capture_dir)
+    assert unknown not in captured_files(feedback_server.capture_dir) and not partial.exists()
     gone = http.get(f"/v1/history/{item['id']}/image", headers=auth)
     assert gone.status_code == 404 and error_code(gone) == "image_not_found"
     again = predict(http, auth, png_bytes((7, 7, 7)), "image/png")  # sent again: kept again

@@ -331,6 +331,9 @@ class FakeCaptureRefs:
     async def seen_at(self, sha256: str) -> float | None:
         return self.seen.get(sha256)
 
+    async def seen_at_many(self, sha256s: list[str]) -> list[float | None]:
+        return [self.seen.get(sha256) for sha256 in sha256s]
+
     async def older_than(self, cutoff_ms: int, limit: int) -> list[str]:
         return sorted(sha for sha, at in self.seen.items() if at <= cutoff_ms)[:limit]
 

@@ -94,3 +94,45 @@ def test_erase_deletes_only_images_no_other_session_holds_and_retention_ends_the
     assert asyncio.run(kept.sweep()) == 0
     assert asyncio.run(kept.sweep(now=now_ms() + DAY_MS + 1000)) == 1 and files(tmp_path) == []
     assert asyncio.run(kept.load(image)) is None
+
+
+class _Session:
+    def __init__(self, session_id: str) -> None:
+        self.id, self.deadline_ms = session_id, now_ms() + DAY_MS
+
+
+def test_the_sweep_deletes_old_files_redis_does_not_know_and_spares_the_rest(tmp_path: Path) -> None:
+    refs = FakeCaptureRefs()
+    kept = captures(tmp_path, refs)
+    held = solid_image(1)
+    asyncio.run(kept.keep(_Session("a"), held))  # type: ignore[arg-type]
+    orphan = solid_image(2)
+    orphan_sha = hashlib.sha256(orphan).hexdigest()
+    (tmp_path / orphan_sha[:2]).mkdir(exist_ok=True)
+    (tmp_path / orphan_sha[:2] / orphan_sha).write_bytes(orphan)  # written, then its record failed
+    (tmp_path / orphan_sha[:2] / f".{orphan_sha}.x.partial").write_bytes(b"cut short")
+    (tmp_path / "not-ours.txt").write_bytes(b"left alone")
+    assert asyncio.run(kept.sweep()) == 0 and len(files(tmp_path)) == 4  # all younger than the retention
+    # Past the retention for every file; the held image was sent again since, the other files by nobody:
+    refs.seen[hashlib.sha256(held).hexdigest()] = now_ms() + DAY_MS
+    assert asyncio.run(kept.sweep(now=now_ms() + DAY_MS + 1000)) == 1
+    assert files(tmp_path) == sorted([hashlib.sha256(held).hexdigest(), "not-ours.txt"])
+
+
+def test_an_image_sent_again_while_its_file_is_deleted_stays(tmp_path: Path) -> None:
+    class SentAgainDuringTheDelete(FakeCaptureRefs):
+        """Retention forgets the image; before the file goes, a session sends it again."""
+
+        async def expire(self, sha256: str, cutoff_ms: int) -> bool:
+            forgotten = await super().expire(sha256, cutoff_ms)
+            await self.add("b", sha256, now_ms(), now_ms() + DAY_MS)
+            return forgotten
+
+    refs = SentAgainDuringTheDelete()
+    kept = captures(tmp_path, refs)
+    image = solid_image(3)
+    asyncio.run(kept.keep(_Session("a"), image))  # type: ignore[arg-type]
+    assert asyncio.run(kept.sweep(now=now_ms() + DAY_MS + 1000)) == 0
+    assert files(tmp_path) == [hashlib.sha256(image).hexdigest()]  # moved aside, then back
+    record = {"sha256": hashlib.sha256(image).hexdigest(), "content_type": "image/png"}
+    assert asyncio.run(kept.read(record)) == (image, "image/png")
