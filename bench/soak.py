@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import threading
@@ -94,6 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             thread.join(60)
     finally:
         stop_server(server)
+        shutil.rmtree(work, ignore_errors=True)  # the server's log, its Redis data and captures
     elapsed = args.minutes * 60
     total = sum(outcomes.values())
     report = {

@@ -5,7 +5,9 @@ servers built with `make_app` exactly as the CLI builds them, run on a backgroun
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -109,7 +111,9 @@ def default_model() -> LoadedModel:
 
 
 # Exported ONNX graphs, shared by every test (and test subprocess) of one run: one export per run.
+# Removed when the process that made it exits (about 70 MB a run would pile up on a CI machine).
 MODEL_CACHE = Path(tempfile.mkdtemp(prefix="test-model-cache-"))
+atexit.register(shutil.rmtree, MODEL_CACHE, ignore_errors=True)
 
 
 def make_config(redis_url: str = "", **sections: dict[str, Any]) -> Config:
