@@ -7,6 +7,7 @@ The module's server has a Redis database of its own, emptied first, so counts ar
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import io
@@ -14,6 +15,7 @@ import json
 import tarfile
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,8 @@ from referencing import Registry, Resource
 from referencing.jsonschema import DRAFT202012
 from websockets.sync.client import connect as ws_connect
 
+from clients.python import AsyncClient, AuthError, Client
+from clients.python.cli import main as cli_main
 from service.auth import api_key_hash
 from service.capture import Captures
 from service.feedback import session_hash
@@ -330,6 +334,55 @@ def test_the_export_is_a_tar_of_json_class_and_image_per_item_and_jsonl(http: ht
     records = [json.loads(line) for line in lines.text.splitlines()]
     assert [r["key"] for r in records] == [key, square_key]  # oldest feedback first
     assert records[0] == {**record, "image": {**cat["image"], "file": None}}
+
+
+def test_the_python_clients_and_the_cli_download_the_export(http: httpx.Client, feedback_server, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    started = datetime.now(UTC) - timedelta(milliseconds=1)
+    auth, session_id = new_session(http)
+    cat = predict(http, auth)
+    assert give(http, auth, cat["id"], {"label": "tabby"}).status_code == 200
+    key = f"{session_hash(session_id)}-{cat['id']}"
+    since = {"since": int(started.timestamp() * 1000)}
+    expected = export(http, **since).content
+
+    with Client(feedback_server.url) as client:
+        written = client.export_feedback(tmp_path / "feedback.tar", admin_key=ADMIN_KEY, since=started)
+        assert written == len(expected) and (tmp_path / "feedback.tar").read_bytes() == expected
+        assert tar_items(expected)[key]["jpg"] == CAT_JPEG and tar_items(expected)[key]["cls"] == b"281"
+        with pytest.raises(AuthError) as refused:
+            client.export_feedback(tmp_path / "refused.tar", admin_key="wrong")
+        assert refused.value.code == "invalid_api_key" and not (tmp_path / "refused.tar").exists()
+
+    async def jsonl() -> bytes:
+        out = io.BytesIO()
+        async with AsyncClient(feedback_server.url) as client:
+            assert await client.export_feedback(out, admin_key=ADMIN_KEY, since=started,
+                                                model_version=cat["model"]["version"], export_format="jsonl") > 0
+        return out.getvalue()
+
+    (record,) = [json.loads(line) for line in asyncio.run(jsonl()).splitlines()]
+    assert record["key"] == key and record["feedback"]["label"] == "tabby"
+
+    monkeypatch.setenv("INFERENCE_ADMIN_KEY", ADMIN_KEY)
+    out = tmp_path / "cli.tar"
+    assert cli_main(["export", str(out), "--url", feedback_server.url, "--since", str(since["since"])]) == 0
+    assert out.read_bytes() == expected and f"wrote {len(expected)} bytes" in capsys.readouterr().err
+    monkeypatch.delenv("INFERENCE_ADMIN_KEY")
+    assert cli_main(["export", str(tmp_path / "none.tar"), "--url", feedback_server.url]) == 2
+    assert "needs an admin key" in capsys.readouterr().err and not (tmp_path / "none.tar").exists()
+
+
+def test_the_cli_writes_the_export_to_standard_output(http: httpx.Client, feedback_server,
+                                                     capsysbinary: pytest.CaptureFixture[bytes]) -> None:
+    auth, _ = new_session(http)
+    item = predict(http, auth)
+    assert give(http, auth, item["id"], {"label": 3}).status_code == 200
+    assert cli_main(["export", "-", "--url", feedback_server.url, "--admin-key", ADMIN_KEY, "--format", "jsonl",
+                     "--model-version", item["model"]["version"]]) == 0
+    records = [json.loads(line) for line in capsysbinary.readouterr().out.splitlines()]
+    assert item["id"] in {record["history_id"] for record in records}
 
 
 def test_export_filters_and_refusals(http: httpx.Client) -> None:

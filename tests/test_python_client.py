@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -507,3 +508,58 @@ def test_async_feedback_calls() -> None:
         ("PUT", b"/v1/history/1-0/feedback"), ("DELETE", b"/v1/history/1-0/feedback"),
         ("GET", b"/v1/history/1-0/image"), ("DELETE", b"/v1/session?erase=true")]
     assert json.loads(script.requests[0].content) == {"label": 3}
+
+
+class _CutOff(httpx.SyncByteStream, httpx.AsyncByteStream):
+    """A body that stops after its first chunk, as when the connection drops mid-download."""
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield b"first chunk"
+        raise httpx.ReadError("connection reset")
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        yield b"first chunk"
+        raise httpx.ReadError("connection reset")
+
+
+def test_the_export_download_is_retried_until_it_starts_and_streamed_to_the_path(sleeps: list[float],
+                                                                                 tmp_path: Path) -> None:
+    body = b"tar bytes " * 10_000
+    script = Script(error(503, "server_busy", {"Retry-After": "0"}),
+                    httpx.Response(200, content=body, headers={"Content-Type": "application/x-tar"}))
+    since = datetime(2026, 11, 30, 23, 0, tzinfo=timezone(timedelta(hours=-1)))
+    with mock_client(script) as client:
+        assert client.export_feedback(tmp_path / "f.tar", admin_key="adm", since=since, until=1796150310065,
+                                      model_version="v2", export_format="jsonl") == len(body)
+    assert (tmp_path / "f.tar").read_bytes() == body and len(sleeps) == 1
+    first, second = script.requests
+    assert first.url == second.url and first.url.path == "/v1/feedback/export"
+    assert dict(first.url.params) == {"since": "2026-12-01T00:00:00.000Z", "until": "1796150310065",
+                                      "model_version": "v2", "format": "jsonl"}
+    assert first.headers["Authorization"] == "ApiKey adm"  # the admin key, not the session's token
+
+    with pytest.raises(ValueError, match="naive"):
+        client.export_feedback(tmp_path / "x", admin_key="adm", since=datetime(2026, 12, 1))
+    with pytest.raises(ValueError, match="export_format"):
+        client.export_feedback(tmp_path / "x", admin_key="adm", export_format="zip")
+
+
+def test_a_download_cut_off_midway_raises_and_leaves_the_path_as_it_was(sleeps: list[float], tmp_path: Path) -> None:
+    target = tmp_path / "feedback.tar"
+    target.write_bytes(b"last week's export")
+    with mock_client(Script(httpx.Response(200, stream=_CutOff()))) as client, \
+            pytest.raises(ConnectionFailed, match="stopped after 11 bytes"):
+        client.export_feedback(target, admin_key="adm")
+    assert target.read_bytes() == b"last week's export" and sorted(tmp_path.iterdir()) == [target]
+    assert sleeps == []  # not retried: the answer had started
+
+    async def cut_off() -> None:
+        async def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, stream=_CutOff())
+
+        async with AsyncClient("http://mock", token="t", transport=httpx.MockTransport(handler)) as aclient:
+            await aclient.export_feedback(target, admin_key="adm")
+
+    with pytest.raises(ConnectionFailed, match="stopped after 11 bytes"):
+        asyncio.run(cut_off())
+    assert target.read_bytes() == b"last week's export" and sorted(tmp_path.iterdir()) == [target]

@@ -286,6 +286,14 @@ export class Client {
   removeFeedback(id: string): Promise<void>;
   /** GET /v1/history/<id>/image: the captured image as sent (NotFoundError where none was captured). */
   historyImage(id: string): Promise<Blob>;
+  /** GET /v1/feedback/export (admin key): the training export's body, a WebDataset tar or JSON lines, as a stream. */
+  exportFeedback(args: {
+    adminKey: string;
+    since?: Date | number | string;
+    until?: Date | number | string;
+    modelVersion?: string;
+    format?: "tar" | "jsonl";
+  }): Promise<ReadableStream<Uint8Array>>;
 }
 
 export default Client;

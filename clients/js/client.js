@@ -478,6 +478,24 @@ export class Client {
     return this.#request("GET", `${historyPath(id)}/image`, { headers: { Accept: "image/*" }, binary: true });
   }
 
+  /**
+   * GET /v1/feedback/export (admin key): the training export, a WebDataset tar (`format: "tar"`) or
+   * JSON lines (`"jsonl"`), as a ReadableStream of bytes to pipe where it goes, never whole in
+   * memory. `since`/`until`: a Date, epoch milliseconds or ISO 8601 text. Retried like any call
+   * until the answer starts; the per-attempt timeout covers the start, not the whole download.
+   *   await pipeline(Readable.fromWeb(await client.exportFeedback({ adminKey })), createWriteStream("f.tar"));
+   */
+  exportFeedback({ adminKey, since, until, modelVersion, format = "tar" } = {}) {
+    if (!["tar", "jsonl"].includes(format)) throw new TypeError(`exportFeedback: format must be "tar" or "jsonl"`);
+    const when = (value) => (value instanceof Date ? value.toISOString() : value);
+    const query = queryString({
+      since: when(since), until: when(until), model_version: modelVersion, format: format === "tar" ? undefined : format,
+    });
+    return this.#request("GET", `/v1/feedback/export${query}`, {
+      headers: { Authorization: `ApiKey ${adminKey}`, Accept: "application/x-tar, application/x-ndjson" }, stream: true,
+    });
+  }
+
   // -- transport -------------------------------------------------------------------------------
 
   #url(path) {
@@ -490,7 +508,7 @@ export class Client {
     }
   }
 
-  async #request(method, path, { json, body, headers = {}, auth = true, binary = false } = {}) {
+  async #request(method, path, { json, body, headers = {}, auth = true, binary = false, stream = false } = {}) {
     const url = this.#url(path);
     const allHeaders = { Accept: "application/json", ...headers };
     if (json !== undefined) {
@@ -502,7 +520,7 @@ export class Client {
     for (let attempt = 0; ; attempt++) {
       let error;
       try {
-        return await this.#attempt(method, url, allHeaders, body, binary);
+        return await this.#attempt(method, url, allHeaders, body, binary, stream);
       } catch (caught) {
         error = caught;
       }
@@ -517,8 +535,9 @@ export class Client {
     }
   }
 
-  // `binary`: a success's body is returned as a Blob (an error's is still read as JSON).
-  async #attempt(method, url, headers, body, binary = false) {
+  // `binary`: a success's body is returned as a Blob; `stream`: as its unread ReadableStream (an
+  // error's is still read as JSON).
+  async #attempt(method, url, headers, body, binary = false, stream = false) {
     const controller = new AbortController();
     const timer = this.timeout > 0 ? setTimeout(() => controller.abort(), this.timeout) : null;
     const fetch = this.#fetch;
@@ -527,6 +546,7 @@ export class Client {
     let blob;
     try {
       response = await fetch(url, { method, headers, body, signal: controller.signal });
+      if (stream && response.ok) return response.body;
       if (binary && response.ok) blob = await response.blob();
       else text = await response.text();
     } catch (cause) {

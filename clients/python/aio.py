@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterable, Mapping
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -149,6 +150,34 @@ class AsyncClient(BaseClient):
         """The image of a history item as it was sent, where the server captured it (NotFoundError if not)."""
         return await self._send(protocol.history_image(history_id))
 
+    async def export_feedback(self, destination: str | os.PathLike[str] | IO[bytes], *, admin_key: str,
+                              since: protocol.ExportTime | None = None, until: protocol.ExportTime | None = None,
+                              model_version: str | None = None, export_format: str = "tar") -> int:
+        """`Client.export_feedback` for asyncio; the file is written on a worker thread, off the loop."""
+        exchange = protocol.Exchange(protocol.feedback_export(
+            admin_key, since=since, until=until, model_version=model_version, export_format=export_format),
+            self.policy, self.token)
+        while (wait := exchange.after(await self._try_streamed(exchange.request))) is not None:
+            await asyncio.sleep(wait)
+        response = exchange.response()
+        target = protocol.download_target(destination)
+        written = 0
+        try:
+            out = await asyncio.to_thread(target.__enter__)
+            try:
+                async for chunk in response.aiter_bytes():
+                    await asyncio.to_thread(out.write, chunk)
+                    written += len(chunk)
+            except BaseException as error:
+                await asyncio.to_thread(target.__exit__, type(error), error, error.__traceback__)
+                raise
+            await asyncio.to_thread(target.__exit__, None, None, None)
+        except httpx.TransportError as error:
+            raise protocol.download_cut_off(exchange.call, written, error) from error
+        finally:
+            await response.aclose()
+        return written
+
     # -- model versions (admin calls need a key listed in the server's auth.admin_api_keys) ----------
     async def models(self, admin_key: str | None = None) -> dict[str, Any]:
         """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
@@ -203,3 +232,18 @@ class AsyncClient(BaseClient):
             return await self._http.request(**request)
         except httpx.TransportError as error:
             return error
+
+    async def _try_streamed(self, request: dict[str, Any]) -> protocol.Outcome:
+        """`_try` for an answer read as a stream: a success is returned unread and open."""
+        try:
+            response = await self._http.send(self._http.build_request(**request), stream=True)
+        except httpx.TransportError as error:
+            return error
+        if not response.is_success:
+            try:
+                await response.aread()  # an error's JSON, small
+            except httpx.TransportError as error:
+                return error
+            finally:
+                await response.aclose()
+        return response

@@ -4,6 +4,7 @@
     inference-client history --token "$TOKEN" --limit 10
     inference-client predict tests/data/cat.jpg --json
     inference-client feedback 1733061234567-0 "tiger cat" --token "$TOKEN" --comment "stripes"
+    INFERENCE_ADMIN_KEY=... inference-client export feedback.tar --since 2026-11-01T00:00:00Z
 
 Exit status: 0 done, 1 the server refused or could not be reached (`error: <code>: <message>` on
 stderr), 2 a usage error (bad arguments, an image file that cannot be read).
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any, TextIO
 
 from clients.python.client import Client
 from clients.python.errors import InferenceError
-from clients.python.protocol import DEFAULT_URL
+from clients.python.protocol import DEFAULT_URL, EXPORT_FORMATS
 
 OK, FAILED, USAGE = 0, 1, 2
+ADMIN_KEY_VARIABLE = "INFERENCE_ADMIN_KEY"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -51,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="inference-client",
                                      description="Classify images with the session-aware inference server.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{predict,history,feedback}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{predict,history,feedback,export}")
 
     predict = commands.add_parser("predict", parents=[common], help="classify images",
                                   description="Log in (unless --token), classify each image, print its top classes.")
@@ -73,6 +76,20 @@ def build_parser() -> argparse.ArgumentParser:
     feedback.add_argument("label", metavar="LABEL", help="a class index (0-999) or a label name, e.g. 'tiger cat'")
     feedback.add_argument("--comment", metavar="TEXT", help="a note for whoever trains the next version")
     feedback.set_defaults(run=run_feedback)
+
+    export = commands.add_parser("export", parents=[common], help="download the training export (admin)",
+                                 description="Download the corrected predictions as a WebDataset tar (or JSON "
+                                             "lines) for training: GET /v1/feedback/export, with an admin key.")
+    export.add_argument("out", metavar="OUT", help="the file to write ('-': standard output)")
+    export.add_argument("--admin-key", default=os.environ.get(ADMIN_KEY_VARIABLE),
+                        help="a key listed (hashed) in the server's auth.admin_api_keys "
+                             f"(default: ${ADMIN_KEY_VARIABLE}, which keeps it out of the process list)")
+    export.add_argument("--since", metavar="TIME", help="feedback from this time on (ISO 8601 or epoch ms)")
+    export.add_argument("--until", metavar="TIME", help="feedback before this time (ISO 8601 or epoch ms)")
+    export.add_argument("--model-version", metavar="V", help="only predictions of this model version")
+    export.add_argument("--format", dest="export_format", choices=EXPORT_FORMATS, default="tar",
+                        help="tar: a WebDataset, each item's JSON, class and image (default); jsonl: the JSON alone")
+    export.set_defaults(run=run_export)
     return parser
 
 
@@ -133,6 +150,22 @@ def run_feedback(args: argparse.Namespace) -> int:
                   f"corrected to {given['label']} (class {given['class_index']})")
     finally:
         client.close()
+    return OK
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if not args.admin_key:
+        print(f"error: export needs an admin key: --admin-key or ${ADMIN_KEY_VARIABLE}", file=sys.stderr)
+        return USAGE
+    client = _client(args)
+    try:
+        written = client.export_feedback(sys.stdout.buffer if args.out == "-" else args.out,
+                                         admin_key=args.admin_key, since=args.since, until=args.until,
+                                         model_version=args.model_version, export_format=args.export_format)
+    finally:
+        client.close()
+    if args.out != "-":
+        print(f"wrote {written} bytes to {args.out}", file=sys.stderr)
     return OK
 
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from time import sleep
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
 import httpx
 
@@ -149,6 +150,32 @@ class Client(BaseClient):
         """The image of a history item as it was sent, where the server captured it (NotFoundError if not)."""
         return self._send(protocol.history_image(history_id))
 
+    def export_feedback(self, destination: str | os.PathLike[str] | IO[bytes], *, admin_key: str,
+                        since: protocol.ExportTime | None = None, until: protocol.ExportTime | None = None,
+                        model_version: str | None = None, export_format: str = "tar") -> int:
+        """Download the training export (GET /v1/feedback/export, admin key) into `destination`, a
+        path or a binary file, as it arrives: never whole in memory. `export_format`: "tar" (a
+        WebDataset) or "jsonl". `since`/`until`: aware datetimes, epoch ms or ISO 8601 text. Returns
+        the bytes written. Retried like any call until the answer starts; a download cut off midway
+        raises ConnectionFailed, and a path is then left as it was."""
+        exchange = protocol.Exchange(protocol.feedback_export(
+            admin_key, since=since, until=until, model_version=model_version, export_format=export_format),
+            self.policy, self.token)
+        while (wait := exchange.after(self._try_streamed(exchange.request))) is not None:
+            sleep(wait)
+        response = exchange.response()
+        written = 0
+        try:
+            with protocol.download_target(destination) as out:
+                for chunk in response.iter_bytes():
+                    out.write(chunk)
+                    written += len(chunk)
+        except httpx.TransportError as error:
+            raise protocol.download_cut_off(exchange.call, written, error) from error
+        finally:
+            response.close()
+        return written
+
     # -- model versions (admin calls need a key listed in the server's auth.admin_api_keys) ----------
     def models(self, admin_key: str | None = None) -> dict[str, Any]:
         """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
@@ -201,3 +228,18 @@ class Client(BaseClient):
             return self._http.request(**request)
         except httpx.TransportError as error:
             return error
+
+    def _try_streamed(self, request: dict[str, Any]) -> protocol.Outcome:
+        """`_try` for an answer read as a stream: a success is returned unread and open."""
+        try:
+            response = self._http.send(self._http.build_request(**request), stream=True)
+        except httpx.TransportError as error:
+            return error
+        if not response.is_success:
+            try:
+                response.read()  # an error's JSON, small
+            except httpx.TransportError as error:
+                return error
+            finally:
+                response.close()
+        return response

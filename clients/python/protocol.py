@@ -18,8 +18,10 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import quote
@@ -177,6 +179,60 @@ def remove_feedback(history_id: str) -> Call:
 def history_image(history_id: str) -> Call:
     """The image as it was sent, where the server captured it (capture on); its bytes."""
     return Call("GET", _history_path(history_id) + "/image", headers={"Accept": "image/*"}, raw=True)
+
+
+#: An export filter's time: an aware datetime, epoch milliseconds, or ISO 8601 text as the server takes it.
+ExportTime = datetime | int | str
+EXPORT_FORMATS = ("tar", "jsonl")
+
+
+def feedback_export(admin_key: str, *, since: ExportTime | None = None, until: ExportTime | None = None,
+                    model_version: str | None = None, export_format: str = "tar") -> Call:
+    """GET /v1/feedback/export (admin key): the body, a WebDataset tar or JSON lines, is read as a
+    stream by the clients, never whole (`raw`)."""
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export_format must be one of {', '.join(EXPORT_FORMATS)}, not {export_format!r}")
+    params = {name: _export_time(name, value) for name, value in (("since", since), ("until", until))
+              if value is not None}
+    if model_version is not None:
+        params["model_version"] = model_version
+    if export_format != "tar":
+        params["format"] = export_format
+    return Call("GET", "/v1/feedback/export", params=params or None,
+                headers={**_admin(admin_key), "Accept": "application/x-tar, application/x-ndjson"}, raw=True)
+
+
+def _export_time(name: str, value: ExportTime) -> str:
+    if isinstance(value, datetime):
+        if value.tzinfo is None:  # local time or UTC? Guessing would export the wrong hours.
+            raise ValueError(f"{name} is a naive datetime: give it a timezone, e.g. datetime.now(UTC)")
+        return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise TypeError(f"{name} must be a datetime, epoch milliseconds (int) or ISO 8601 text")
+    return str(value)
+
+
+@contextmanager
+def download_target(destination: str | os.PathLike[str] | IO[bytes]) -> Iterator[IO[bytes]]:
+    """The binary file a download is written into. A path gets the bytes only once all of them came:
+    they go to a temporary file beside it, renamed over it at the end and removed if the download
+    fails, so a cut-off download never leaves a file that looks whole. A file object is written as is."""
+    if not isinstance(destination, str | os.PathLike):
+        yield destination
+        return
+    path = Path(destination)
+    partial = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.partial")
+    try:
+        with partial.open("wb") as file:
+            yield file
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def download_cut_off(call: Call, written: int, error: Exception) -> ConnectionFailed:
+    return ConnectionFailed("connection_failed", f"{call.method} {call.path} stopped after {written} bytes: "
+                                                 f"{error or type(error).__name__}")
 
 
 def _history_path(history_id: str) -> str:
@@ -399,6 +455,14 @@ class Exchange:
         wait = self.policy.wait(self.attempts, outcome)
         self.attempts += 1
         return wait
+
+    def response(self) -> httpx.Response:
+        """The final try's response where it succeeded (its body still to be read, as a stream), or
+        the typed error that `result` raises."""
+        if isinstance(self.outcome, httpx.Response) and self.outcome.is_success:
+            return self.outcome
+        self.result()
+        raise AssertionError("result() raises for a failed try")
 
     def result(self) -> Any:
         """The shaped JSON answer of the final try, or its typed error."""

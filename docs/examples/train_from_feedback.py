@@ -5,7 +5,7 @@
 
 1. downloads the corrected predictions: GET /v1/feedback/export, a WebDataset tar of `<key>.json`
    (the prediction, the corrected label, the options it was made under) and `<key>.<ext>` (the
-   captured image, where capture was on), streamed to a file;
+   captured image, where capture was on), streamed to a file by `Client.export_feedback`;
 2. fine-tunes the classifier's last layer (EfficientNet-Lite0's `_fc`) for one epoch on the images
    that have a correction, each preprocessed exactly as serving preprocessed it (the project's own
    `inference.imaging.preprocess`, under the options the record names);
@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from clients.python import Client, InferenceError
 
 IMAGE_EXTENSIONS = {"jpg", "jpeg", "png", "webp", "gif", "bmp"}
@@ -44,22 +42,6 @@ class Sample:
     class_index: int  # the corrected label: the target
     options: dict[str, Any]  # the options the prediction was made under
     model: dict[str, str]  # {name, version} that made the prediction
-
-
-def download_export(url: str, admin_key: str, path: Path, *, since: str | None = None, until: str | None = None,
-                    model_version: str | None = None, timeout: float = 600.0) -> Path:
-    """Stream the export to `path` (never all of it in memory); the filters are the route's own."""
-    params = {name: value for name, value in
-              {"since": since, "until": until, "model_version": model_version}.items() if value}
-    with httpx.stream("GET", f"{url.rstrip('/')}/v1/feedback/export", params=params, timeout=timeout,
-                      headers={"Authorization": f"ApiKey {admin_key}", "Accept": "application/x-tar"}) as answer:
-        if answer.status_code != 200:
-            answer.read()
-            raise SystemExit(f"export refused: {answer.status_code} {answer.text[:300]}")
-        with path.open("wb") as out:
-            for chunk in answer.iter_bytes():
-                out.write(chunk)
-    return path
 
 
 def read_samples(path: Path) -> tuple[list[Sample], int]:
@@ -150,18 +132,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-export", type=Path, help="also keep the downloaded tar here")
     args = parser.parse_args(argv)
 
-    with tempfile.TemporaryDirectory(prefix="feedback-export-") as scratch:
-        tar_path = args.keep_export or Path(scratch) / "feedback.tar"
-        download_export(args.url, args.admin_key, tar_path, since=args.since, until=args.until,
-                        model_version=args.model_version)
-        samples, without_image = read_samples(tar_path)
-    print(f"export: {len(samples)} corrected predictions with their image, {without_image} without (not captured)")
-    if not samples:
-        print("nothing to train on: turn capture on ([capture] enabled = true) and collect feedback first",
-              file=sys.stderr)
-        return 1
-
-    with Client(args.url) as client:
+    with Client(args.url, timeout=600.0) as client:
+        with tempfile.TemporaryDirectory(prefix="feedback-export-") as scratch:
+            tar_path = args.keep_export or Path(scratch) / "feedback.tar"
+            try:  # streamed to the file, never whole in memory
+                client.export_feedback(tar_path, admin_key=args.admin_key, since=args.since, until=args.until,
+                                       model_version=args.model_version)
+            except InferenceError as error:
+                print(f"export refused: {error.code}: {error.message}", file=sys.stderr)
+                return 1
+            samples, without_image = read_samples(tar_path)
+        print(f"export: {len(samples)} corrected predictions with their image, {without_image} without "
+              "(not captured)")
+        if not samples:
+            print("nothing to train on: turn capture on ([capture] enabled = true) and collect feedback first",
+                  file=sys.stderr)
+            return 1
         model_name = client.models(args.admin_key)["models"][0]["name"]
         weights, loss = fine_tune_last_layer(samples, base_weights=args.base_weights, model_name=model_name,
                                              epochs=args.epochs, learning_rate=args.learning_rate)

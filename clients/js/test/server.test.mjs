@@ -8,6 +8,7 @@ import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError
 import { CAT_CLASSES, COFFEE_CLASSES, readTestPhotos, startServer } from "./server-process.mjs";
 
 const API_KEY = "js-client-test-key";
+const ADMIN_KEY = "js-client-test-admin-key";
 const ALLOWED_ORIGIN = "http://example.test";
 
 let server;
@@ -18,6 +19,7 @@ before(async () => {
   [cat, coffee] = await readTestPhotos();
   server = await startServer({
     INFERENCE_AUTH_API_KEYS: `sha256:${createHash("sha256").update(API_KEY).digest("hex")}`,
+    INFERENCE_AUTH_ADMIN_API_KEYS: `sha256:${createHash("sha256").update(ADMIN_KEY).digest("hex")}`,
     INFERENCE_HTTP_CORS_ORIGINS: `${ALLOWED_ORIGIN},http://other.test`,
     INFERENCE_CAPTURE_ENABLED: "true", // for historyImage; the images go in the server's temporary data folder
   });
@@ -220,6 +222,30 @@ describe("feedback", () => {
     assert.equal(client.token, null);
     await assert.rejects(new Client(server.url, { token }).historyItem(result.id),
       (e) => e instanceof AuthError && e.status === 401);
+  });
+});
+
+describe("training export", () => {
+  const readAll = async (stream) => {
+    const chunks = [];
+    for await (const chunk of stream) chunks.push(chunk);
+    return Buffer.concat(chunks);
+  };
+
+  test("exportFeedback streams the tar and the JSON lines of the feedback since a time", async () => {
+    const since = new Date(Date.now() - 1);
+    const client = await loggedIn();
+    const result = await client.predict(cat);
+    await client.feedback(result.id, "tabby");
+    const tar = await readAll(await client.exportFeedback({ adminKey: ADMIN_KEY, since }));
+    assert.ok(tar.includes(Buffer.from(cat)), "the captured photo is in the tar, byte for byte");
+    assert.ok(tar.includes(Buffer.from(`${result.id}.json`)));
+    const lines = (await readAll(await client.exportFeedback({ adminKey: ADMIN_KEY, since, format: "jsonl" })))
+      .toString().trim().split("\n").map((line) => JSON.parse(line));
+    assert.deepEqual(lines.map((record) => [record.history_id, record.feedback.label]), [[result.id, "tabby"]]);
+    await assert.rejects(client.exportFeedback({ adminKey: "wrong" }),
+      (e) => e instanceof AuthError && e.code === "invalid_api_key");
+    assert.throws(() => client.exportFeedback({ adminKey: ADMIN_KEY, format: "zip" }), TypeError);
   });
 });
 
