@@ -189,6 +189,10 @@ class CaptureConfig:
     store_dir: str = ""
     # How often one serving process deletes the images past their retention.
     sweep_interval_seconds: float = 3600.0
+    # An image is not captured (the prediction is still recorded, with `image: null`) while the store's
+    # file system has less free space than this, so that capture cannot fill a disk that Redis, the
+    # logs and the model versions may share. 0: no check.
+    min_free_disk_bytes: int = 1 << 30
 
 
 @dataclass
@@ -411,6 +415,7 @@ def validate(config: Config) -> None:
         (1 <= config.feedback.export_page_size <= 10_000, "feedback.export_page_size must be between 1 and 10000."),
         (1 <= config.capture.retention_days <= 36_500, "capture.retention_days must be between 1 and 36500."),
         (config.capture.sweep_interval_seconds > 0, "capture.sweep_interval_seconds must be positive."),
+        (config.capture.min_free_disk_bytes >= 0, "capture.min_free_disk_bytes must not be negative."),
     ]
     for ok, message in checks:
         if not ok:

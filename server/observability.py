@@ -75,6 +75,10 @@ class Metrics:
         self.feedback = Counter("inference_feedback", "Feedback given on predictions (replacements count again), by "
                                 "the model version that predicted and whether the corrected label agrees with "
                                 "its top-1.", ["version", "agreement"], registry=self.registry)
+        self.capture_skipped = Counter("inference_capture_skipped", "Images not captured although capture is on "
+                                       "(the prediction is still recorded), by reason: low_disk (under "
+                                       "capture.min_free_disk_bytes) or disk_error.", ["reason"],
+                                       registry=self.registry)
         self.store_errors = Counter("inference_store_errors", "Requests that failed because Redis did.",
                                     registry=self.registry)
         self.open_connections = Gauge("inference_open_connections",
@@ -98,6 +102,9 @@ class Metrics:
 
     def observe_feedback(self, version: str, agrees: bool) -> None:
         self.feedback.labels(version, "true" if agrees else "false").inc()
+
+    def count_capture_skipped(self, reason: str) -> None:
+        self.capture_skipped.labels(reason).inc()
 
     def exposition(self) -> bytes:
         """The Prometheus text of this process, or of every serving process when they share metrics."""

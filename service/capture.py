@@ -23,8 +23,12 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import math
 import os
+import shutil
+import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +43,12 @@ log = logging.getLogger("inference.capture")
 DAY_MS = 24 * 3600 * 1000
 _SWEEP_BATCH = 500
 _HEX = frozenset("0123456789abcdef")
+_WARN_EVERY_SECONDS = 60.0  # a full disk fails every capture: one log line a minute, the metric counts them all
+
+
+class LowDisk(OSError):
+    """The store's file system is short of capture.min_free_disk_bytes: the image is not captured, so
+    that capture cannot fill the disk that Redis, the logs and the models may share."""
 
 # The formats the server reads (inference.imaging.FORMATS), by their first bytes.
 _SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"),
@@ -99,10 +109,15 @@ class Captured:
 
 
 class Captures:
-    def __init__(self, refs: CaptureRefs, *, store_dir: Path, enabled: bool, retention_days: int):
+    def __init__(self, refs: CaptureRefs, *, store_dir: Path, enabled: bool, retention_days: int,
+                 min_free_disk_bytes: int = 0, on_skipped: Callable[[str], None] | None = None):
+        """`on_skipped(reason)` is told of each image not captured: "low_disk" or "disk_error"."""
         self.refs, self.enabled = refs, enabled
         self.store_dir = store_dir.expanduser().resolve()
         self.retention_ms = retention_days * DAY_MS
+        self.min_free_disk_bytes = min_free_disk_bytes
+        self.on_skipped = on_skipped
+        self._last_warned = -math.inf
         self._io = ThreadPoolExecutor(1, thread_name_prefix="capture")
 
     def path(self, sha256: str) -> Path:
@@ -112,7 +127,7 @@ class Captures:
     async def keep(self, session: Session, data: bytes) -> tuple[Captured, bool] | None:
         """Store the image (if not there yet) and record that the session sent it. Returns what the
         history item names, and whether this session had not sent it before (for `undo`); None when
-        capture is off or the disk failed."""
+        capture is off, the disk is short of space or failed."""
         if not self.enabled:
             return None
         try:
@@ -122,9 +137,17 @@ class Captures:
             if not await self._off_loop(self.path(captured.sha256).is_file):
                 await self._off_loop(self._write, data)
         except OSError as exc:
-            log.error("could not capture an image (%s); recorded without it", exc)
+            self._not_captured("low_disk" if isinstance(exc, LowDisk) else "disk_error", exc)
             return None
         return captured, new
+
+    def _not_captured(self, reason: str, exc: OSError) -> None:
+        if self.on_skipped is not None:
+            self.on_skipped(reason)
+        if time.monotonic() - self._last_warned >= _WARN_EVERY_SECONDS:
+            self._last_warned = time.monotonic()
+            log.error("could not capture an image (%s); recorded without it. Logged at most once a minute; "
+                      "inference_capture_skipped_total counts every one.", exc)
 
     async def undo(self, session: Session, kept: tuple[Captured, bool] | None) -> None:
         """The prediction was not recorded after all: let go of an image kept only for it."""
@@ -139,6 +162,11 @@ class Captures:
         path = self.path(sha256)
         if not path.is_file():
             path.parent.mkdir(parents=True, exist_ok=True)
+            if self.min_free_disk_bytes:
+                free = shutil.disk_usage(path.parent).free
+                if free - len(data) < self.min_free_disk_bytes:
+                    raise LowDisk(f"{free} bytes free where {self.store_dir} is, under capture.min_free_disk_bytes "
+                                  f"({self.min_free_disk_bytes})")
             partial = path.parent / f".{sha256}.{uuid.uuid4().hex}.partial"
             try:
                 with partial.open("wb") as file:

@@ -126,6 +126,9 @@ def make_config(redis_url: str = "", **sections: dict[str, Any]) -> Config:
     # Tests compare answers across paths within 1e-4: FP32 on every machine (auto still chooses the
     # runtime). BF16, which `auto` may pick on a CPU with AMX, is held to its guard in test_selection.py.
     config.model.precision = "fp32"
+    # Whether capture keeps an image must not hang on the test machine's free disk; test_feedback.py
+    # tests the guard itself.
+    config.capture.min_free_disk_bytes = 0
     for section, values in sections.items():
         for key, value in values.items():
             setattr(getattr(config, section), key, value)

@@ -134,7 +134,8 @@ def test_two_replicas_agree_on_feedback_images_export_canary_and_erase(tmp_path:
     shared = {"INFERENCE_REDIS_URL": store.url, "INFERENCE_AUTH_SECRET_KEYS": "replica-secret-0123456789",
               "INFERENCE_AUTH_ADMIN_API_KEYS": api_key_hash(ADMIN_KEY), "INFERENCE_MODEL_RUNTIME": "torch",
               "INFERENCE_MODELS_STORE_DIR": str(tmp_path / "shared-models"),
-              "INFERENCE_CAPTURE_ENABLED": "true", "INFERENCE_CAPTURE_STORE_DIR": str(tmp_path / "shared-captures")}
+              "INFERENCE_CAPTURE_ENABLED": "true", "INFERENCE_CAPTURE_MIN_FREE_DISK_BYTES": "0",
+              "INFERENCE_CAPTURE_STORE_DIR": str(tmp_path / "shared-captures")}
     version = "replicated-canary"
     try:
         with server_process(tmp_path / "a", **shared) as (url_a, _), server_process(tmp_path / "b", **shared) as (

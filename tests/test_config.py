@@ -55,6 +55,7 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     ("[auth]\napi_keys = ['plain-text-key']\n", {}, "hash-key"),
     ("[redis]\nurl = 'http://x'\n", {}, "redis.url"),
     ("[server]\nmalloc_keep_mb = -1\n", {}, "server.malloc_keep_mb"),
+    ("", {"INFERENCE_CAPTURE_MIN_FREE_DISK_BYTES": "-1"}, "capture.min_free_disk_bytes must not be negative"),
     ("", {"INFERENCE_MODEL_WORKERS": "two"}, "INFERENCE_MODEL_WORKERS must be an integer"),
     ("", {"INFERENCE_MODEL_COLOUR": "x"}, "Unknown setting"),
     ("", {"INFERENCE_SERVER_MODE": "production"}, "auth.secret_keys is empty"),

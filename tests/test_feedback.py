@@ -500,6 +500,18 @@ def test_answers_match_the_documented_schemas(http: httpx.Client) -> None:
     check(http.delete("/v1/session", headers=auth, params={"erase": "maybe"}), "/v1/session", "delete")
 
 
+def test_short_of_disk_the_prediction_is_recorded_without_its_image(serve, redis_server, tmp_path: Path) -> None:
+    config = make_config(redis_server.url, capture={"enabled": True, "store_dir": str(tmp_path / "captures"),
+                                                    "min_free_disk_bytes": 1 << 62})
+    with serve(config) as running, running.client() as client:
+        auth = login(client)
+        item = predict(client, auth, png_bytes((1, 2, 3)), "image/png")
+        assert item["image"] is None and client.get(f"/v1/history/{item['id']}", headers=auth).json()["image"] is None
+        metrics = client.get("/metrics").text
+        assert 'inference_capture_skipped_total{reason="low_disk"} 1.0' in metrics
+        assert captured_files(tmp_path / "captures") == set()
+
+
 def test_retention_deletes_images_nobody_sent_within_it(http: httpx.Client, feedback_server, loop_thread) -> None:
     auth = login(http)
     item = predict(http, auth, png_bytes((7, 7, 7)), "image/png")

@@ -136,3 +136,25 @@ def test_an_image_sent_again_while_its_file_is_deleted_stays(tmp_path: Path) -> 
     assert files(tmp_path) == [hashlib.sha256(image).hexdigest()]  # moved aside, then back
     record = {"sha256": hashlib.sha256(image).hexdigest(), "content_type": "image/png"}
     assert asyncio.run(kept.read(record)) == (image, "image/png")
+
+
+def test_capture_stops_short_of_filling_the_disk_and_says_so_once_a_minute(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
+    refs, skipped = FakeCaptureRefs(), []
+    roomy = Captures(refs, store_dir=tmp_path, enabled=True, retention_days=1)
+    stored = solid_image(4)
+    assert asyncio.run(roomy.keep(_Session("a"), stored)) is not None  # type: ignore[arg-type]
+    full = Captures(refs, store_dir=tmp_path, enabled=True, retention_days=1, min_free_disk_bytes=1 << 62,
+                    on_skipped=skipped.append)
+    with caplog.at_level("ERROR", logger="inference.capture"):
+        assert asyncio.run(full.keep(_Session("b"), solid_image(5))) is None  # type: ignore[arg-type]
+        assert asyncio.run(full.keep(_Session("b"), solid_image(6))) is None  # type: ignore[arg-type]
+    assert skipped == ["low_disk", "low_disk"] and files(tmp_path) == [hashlib.sha256(stored).hexdigest()]
+    assert len(caplog.records) == 1 and "capture.min_free_disk_bytes" in caplog.text
+    # An image already stored costs no disk: it is still captured for another session.
+    assert asyncio.run(full.keep(_Session("b"), stored)) is not None  # type: ignore[arg-type]
+
+    (tmp_path / "blocked").write_bytes(b"a file where the store's folder should be")
+    broken = Captures(refs, store_dir=tmp_path / "blocked", enabled=True, retention_days=1, on_skipped=skipped.append)
+    assert asyncio.run(broken.keep(_Session("c"), solid_image(7))) is None  # type: ignore[arg-type]
+    assert skipped[-1] == "disk_error"

@@ -22,6 +22,7 @@ before(async () => {
     INFERENCE_AUTH_ADMIN_API_KEYS: `sha256:${createHash("sha256").update(ADMIN_KEY).digest("hex")}`,
     INFERENCE_HTTP_CORS_ORIGINS: `${ALLOWED_ORIGIN},http://other.test`,
     INFERENCE_CAPTURE_ENABLED: "true", // for historyImage; the images go in the server's temporary data folder
+    INFERENCE_CAPTURE_MIN_FREE_DISK_BYTES: "0", // whatever this machine's free disk
   });
 }, { timeout: 200_000 });
 
