@@ -257,28 +257,38 @@ def test_python_client_stream_raises_auth_error_after_logout(server) -> None:
 def test_python_clients_raise_auth_error_when_the_last_image_is_refused(server) -> None:
     """No result is owed after the refusal, so the stream would end quietly if the client waited
     for the close: both clients raise on the refusal frame itself."""
-    def logged_out_then(api, http):
+    def logged_out_then(api, http, pause: float | None):
         # The stream is open (ready came) when the generator is first asked: log out, then send one image.
         assert http.delete("/v1/session", headers={"Authorization": f"Bearer {api.token}"}).status_code == 204
         yield CAT_JPEG
+        if pause is not None:
+            # Time for the server to refuse that image and close, so that sending this one finds the
+            # stream closed: the refusal's error frame, already received, must still come first.
+            time.sleep(pause)
+            yield CAT_JPEG
 
-    with Client(server.url) as api, server.client() as http:
-        api.login()
-        seen = []
-        with pytest.raises(AuthError) as refused:
-            seen.extend(api.predict_stream(logged_out_then(api, http)))
-    assert refused.value.code == "session_revoked"
+    for pause in (None, 0.5):
+        seen: list[Any] = []
+        with Client(server.url) as api, server.client() as http:
+            api.login()
+            with pytest.raises(AuthError) as refused:
+                for item in api.predict_stream(logged_out_then(api, http, pause)):
+                    seen.append(item)
+        assert refused.value.code == "session_revoked"
+        assert [(item.seq, item.error.code) for item in seen] == [(0, "session_revoked")], pause
 
-    async def run() -> None:
-        async with AsyncClient(server.url) as api:
-            await api.login()
-            with server.client() as http:
-                async for _ in api.predict_stream(logged_out_then(api, http)):
-                    pass
+        async def run(pause: float | None) -> list[Any]:
+            async with AsyncClient(server.url) as api:
+                await api.login()
+                with server.client() as http:
+                    seen = []
+                    with pytest.raises(AuthError) as refused:
+                        async for item in api.predict_stream(logged_out_then(api, http, pause)):
+                            seen.append(item)
+                    assert refused.value.code == "session_revoked"
+                    return seen
 
-    with pytest.raises(AuthError) as refused:
-        asyncio.run(run())
-    assert refused.value.code == "session_revoked"
+        assert [(item.seq, item.error.code) for item in asyncio.run(run(pause))] == [(0, "session_revoked")], pause
 
 
 def test_async_client_predict_stream(server) -> None:

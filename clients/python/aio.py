@@ -109,11 +109,16 @@ class AsyncClient(BaseClient):
                     await asyncio.wait_for(socket.recv(), timeout)  # the close that follows a refusal
                     raise last_error
                 window = protocol.StreamWindow(images, overrides, ready["max_in_flight"])
+                closed_by_server = False
                 while True:
-                    while await asyncio.to_thread(window.room):  # next() may read a file: off the loop
+                    # next() may read a file: off the loop
+                    while not closed_by_server and await asyncio.to_thread(window.room):
                         header, data = await asyncio.to_thread(window.next_frames)
-                        await socket.send(header)
-                        await socket.send(data)
+                        try:
+                            await socket.send(header)
+                            await socket.send(data)
+                        except ConnectionClosed:  # as in Client.predict_stream: read what came first
+                            closed_by_server = True
                     if window.done:
                         return
                     result = window.received(protocol.stream_frame(await asyncio.wait_for(socket.recv(), timeout)))

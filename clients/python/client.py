@@ -110,11 +110,17 @@ class Client(BaseClient):
                     socket.recv(timeout)  # the close that follows a refusal
                     raise last_error
                 window = protocol.StreamWindow(images, overrides, ready["max_in_flight"])
+                closed_by_server = False
                 while True:
-                    while window.room():
+                    while not closed_by_server and window.room():
                         header, data = window.next_frames()
-                        socket.send(header)
-                        socket.send(data)
+                        try:
+                            socket.send(header)
+                            socket.send(data)
+                        except ConnectionClosed:
+                            # What the server sent before closing (a refusal's error frame, say) is
+                            # still to be read: recv() gives it, then raises.
+                            closed_by_server = True
                     if window.done:
                         return
                     result = window.received(protocol.stream_frame(socket.recv(timeout)))
