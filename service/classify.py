@@ -53,11 +53,10 @@ class Classifier:
         if session.replay_of:
             return await self._replay(session, session.replay_of), True
         run = await self._pin(session, options)
-        capturing = self.captures is not None and self.captures.enabled
-        if capturing and not isinstance(image, bytes):
+        if self._capturing and not isinstance(image, bytes):
             image = KeptImage(image)  # the runner reads the upload's bytes on its thread; capture reuses them
         prediction = await self.runner.predict(image, run)
-        kept = await self._capture(session, image) if capturing else None
+        kept = await self._capture(session, image) if self._capturing else None
         return await self._record(session, prediction.top_k, options, idempotency_key,
                                   timing_ms=prediction.timing_ms, model=prediction.model, kept=kept)
 
@@ -79,9 +78,8 @@ class Classifier:
             result = await self.runner.classify_tensor(tensor, self.runner.served(run.model_version))
         labels = result.served.model.labels
         if session is not None:
-            capturing = images is not None and self.captures is not None and self.captures.enabled
             for index, row in enumerate(result.probabilities):  # one Redis round trip each, in the order sent
-                kept = await self._capture(session, images[index]) if capturing and images is not None else None
+                kept = await self._capture(session, images[index]) if images is not None and self._capturing else None
                 await self._record(session, self.runner.top_k(row, options.top_k, labels), options,
                                    model=result.served.info, kept=kept)
         return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
@@ -98,6 +96,10 @@ class Classifier:
         if version:
             await self.versions.ensure(version)
         return options if version == options.model_version else dataclasses.replace(options, model_version=version)
+
+    @property
+    def _capturing(self) -> bool:
+        return self.captures is not None and self.captures.enabled
 
     async def _capture(self, session: Session, image: bytes | ImageSource) -> tuple[Captured, bool] | None:
         assert self.captures is not None
