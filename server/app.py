@@ -143,7 +143,7 @@ def auth_settings(config: Config) -> AuthSettings:
 
 def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner,
                         feedback: FeedbackService | None = None) -> ModelVersions:
-    store_dir = Path(config.models.store_dir) if config.models.store_dir else config.data_path / "models"
+    store_dir = config.folder(config.models.store_dir, "models")
     same_runtime = Candidate(runner.backend.name, runner.backend.precision)  # what the configured weights run on
     return ModelVersions(ModelRegistry(store.redis), runner, store_dir=store_dir,
                          backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
@@ -158,7 +158,7 @@ def make_feedback(config: Config, store: SessionStore, runner: ModelRunner) -> F
 
 def make_captures(config: Config, store: SessionStore, runner: ModelRunner) -> Captures:
     capture, metrics = config.capture, runner.metrics
-    store_dir = Path(capture.store_dir) if capture.store_dir else config.data_path / "captures"
+    store_dir = config.folder(capture.store_dir, "captures")
     return Captures(CaptureRefs(store.redis), store_dir=store_dir, enabled=capture.enabled,
                     retention_days=capture.retention_days, min_free_disk_bytes=capture.min_free_disk_bytes,
                     on_skipped=metrics.count_capture_skipped if isinstance(metrics, Metrics) else None)

@@ -213,6 +213,10 @@ class Config:
     def data_path(self) -> Path:
         return Path(self.server.data_dir).expanduser().resolve()
 
+    def folder(self, setting: str, default_name: str) -> Path:
+        """A folder setting's path: as set, or `<server.data_dir>/<default_name>` when it is empty."""
+        return Path(setting) if setting else self.data_path / default_name
+
     @property
     def serving_processes(self) -> int:
         """server.processes, with 0 resolved. Several processes pay on the CPU because each has its

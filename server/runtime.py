@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 def onnx_cache_dir(config: Config) -> Path:
-    return Path(config.model.cache_dir) if config.model.cache_dir else config.data_path / "model-cache"
+    return config.folder(config.model.cache_dir, "model-cache")
 
 
 def make_backend(config: Config, candidate: Candidate, path: Path) -> Backend:
