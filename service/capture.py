@@ -45,16 +45,16 @@ _SWEEP_BATCH = 500
 _HEX = frozenset("0123456789abcdef")
 _WARN_EVERY_SECONDS = 60.0  # a full disk fails every capture: one log line a minute, the metric counts them all
 
+# The formats the server reads (inference.imaging.FORMATS), by their first bytes.
+_SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"),
+               (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
+#: File extensions by media type (anything else, application/octet-stream: "bin").
+EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif", "image/bmp": "bmp"}
+
 
 class LowDisk(OSError):
     """The store's file system is short of capture.min_free_disk_bytes: the image is not captured, so
     that capture cannot fill the disk that Redis, the logs and the models may share."""
-
-# The formats the server reads (inference.imaging.FORMATS), by their first bytes.
-_SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"),
-               (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
-EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif",
-              "image/bmp": "bmp", "application/octet-stream": "bin"}
 
 
 def content_type(data: bytes) -> str:
@@ -144,8 +144,9 @@ class Captures:
     def _not_captured(self, reason: str, exc: OSError) -> None:
         if self.on_skipped is not None:
             self.on_skipped(reason)
-        if time.monotonic() - self._last_warned >= _WARN_EVERY_SECONDS:
-            self._last_warned = time.monotonic()
+        now = time.monotonic()
+        if now - self._last_warned >= _WARN_EVERY_SECONDS:
+            self._last_warned = now
             log.error("could not capture an image (%s); recorded without it. Logged at most once a minute; "
                       "inference_capture_skipped_total counts every one.", exc)
 

@@ -27,8 +27,8 @@ from service.capture import EXTENSIONS, Captures
 from sessions.errors import BadRequest
 from sessions.options import MODEL_VERSION
 
-FORMATS = ("tar", "jsonl")
 MEDIA_TYPES = {"tar": "application/x-tar", "jsonl": "application/x-ndjson"}
+FORMATS = tuple(MEDIA_TYPES)
 PARAMETERS = ("since", "until", "model_version", "format")
 _EPOCH_MS = re.compile(r"[0-9]{1,15}")
 _BLOCK = 512
