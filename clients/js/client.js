@@ -475,7 +475,7 @@ export class Client {
 
   /** GET /v1/history/<id>/image: the image as sent (a Blob), where the server captured it. */
   historyImage(id) {
-    return this.#request("GET", `${historyPath(id)}/image`, { headers: { Accept: "image/*" }, binary: true });
+    return this.#request("GET", `${historyPath(id)}/image`, { headers: { Accept: "image/*" }, answer: "blob" });
   }
 
   /**
@@ -492,7 +492,7 @@ export class Client {
       since: when(since), until: when(until), model_version: modelVersion, format: format === "tar" ? undefined : format,
     });
     return this.#request("GET", `/v1/feedback/export${query}`, {
-      headers: { Authorization: `ApiKey ${adminKey}`, Accept: "application/x-tar, application/x-ndjson" }, stream: true,
+      headers: { Authorization: `ApiKey ${adminKey}`, Accept: "application/x-tar, application/x-ndjson" }, answer: "stream",
     });
   }
 
@@ -508,7 +508,7 @@ export class Client {
     }
   }
 
-  async #request(method, path, { json, body, headers = {}, auth = true, binary = false, stream = false } = {}) {
+  async #request(method, path, { json, body, headers = {}, auth = true, answer = "json" } = {}) {
     const url = this.#url(path);
     const allHeaders = { Accept: "application/json", ...headers };
     if (json !== undefined) {
@@ -520,7 +520,7 @@ export class Client {
     for (let attempt = 0; ; attempt++) {
       let error;
       try {
-        return await this.#attempt(method, url, allHeaders, body, binary, stream);
+        return await this.#attempt(method, url, allHeaders, body, answer);
       } catch (caught) {
         error = caught;
       }
@@ -535,9 +535,9 @@ export class Client {
     }
   }
 
-  // `binary`: a success's body is returned as a Blob; `stream`: as its unread ReadableStream (an
-  // error's is still read as JSON).
-  async #attempt(method, url, headers, body, binary = false, stream = false) {
+  // `answer`: how a success's body is returned: "json" (parsed), "blob" (a Blob) or "stream" (its
+  // unread ReadableStream). An error's is read as JSON whatever it is.
+  async #attempt(method, url, headers, body, answer = "json") {
     const controller = new AbortController();
     const timer = this.timeout > 0 ? setTimeout(() => controller.abort(), this.timeout) : null;
     const fetch = this.#fetch;
@@ -546,8 +546,8 @@ export class Client {
     let blob;
     try {
       response = await fetch(url, { method, headers, body, signal: controller.signal });
-      if (stream && response.ok) return response.body;
-      if (binary && response.ok) blob = await response.blob();
+      if (answer === "stream" && response.ok) return response.body;
+      if (answer === "blob" && response.ok) blob = await response.blob();
       else text = await response.text();
     } catch (cause) {
       const timedOut = controller.signal.aborted;
