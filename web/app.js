@@ -377,9 +377,9 @@ function showFeedback(control, feedback) {
   const open = control.querySelector(".feedback-open");
   const about = document.createElement("span");
   about.className = "visually-hidden";
-  about.textContent = ` the correction of ${control.dataset.predicted}`;
+  about.textContent = feedback ? ` the correction of ${control.dataset.predicted}`
+    : ` prediction: ${control.dataset.predicted}`;
   open.replaceChildren(feedback ? "Change" : "Correct this", about);
-  if (!feedback) about.textContent = ` prediction: ${control.dataset.predicted}`;
   if (feedback) {
     control.querySelector(".feedback-given-label").textContent = feedback.label;
     given.title = `ImageNet class ${feedback.class_index}`;
