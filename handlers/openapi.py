@@ -25,6 +25,10 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+def _json_body(schema: dict[str, Any], *, required: bool) -> dict[str, Any]:
+    return {"required": required, "content": {"application/json": {"schema": schema}}}
+
+
 def _integer(bounds: tuple[int, int], **extra: Any) -> dict[str, Any]:
     low, high = bounds
     return {"type": "integer", "minimum": low, "maximum": high, **extra}
@@ -399,6 +403,8 @@ def _oip_paths(anonymous: bool) -> dict[str, Any]:
 _HISTORY_ID_PARAMETER = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
 _AUTH_ERRORS = {"401": _error("Missing, invalid, expired or revoked token."),
                 "503": _error("The session store is unavailable.")}
+# What a route with a JSON body may answer about the body itself (BaseHandler.json_object).
+_JSON_BODY_ERRORS = {"400": _error("Malformed JSON, or not an object."), "415": _error("The body is not JSON.")}
 _BEARER = [{"bearer": []}]
 _ADMIN = [{"adminApiKey": []}]
 _ADMIN_ERRORS = {"401": _error("Missing or wrong admin API key."),
@@ -432,12 +438,10 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         "/v1/sessions": {"post": {
             "summary": "Log in: create a session and get its token.",
             "security": [{}, {"apiKey": []}],
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                "type": "object", "properties": {"options": _ref("Options")}}}}},
+            "requestBody": _json_body({"type": "object", "properties": {"options": _ref("Options")}}, required=False),
             "responses": {"201": _json(_ref("Login"), "Session created."),
-                          "400": _error("Malformed JSON."),
+                          **_JSON_BODY_ERRORS,
                           "401": _error("API key missing or wrong (where API keys are configured)."),
-                          "415": _error("The body is not JSON."),
                           "422": _error("Invalid options."),
                           "503": _error("The session store is unavailable.")},
         }},
@@ -457,11 +461,9 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                     "responses": {"200": _json(_ref("OptionsResponse"), "Options."), **_AUTH_ERRORS}},
             "patch": {
                 "summary": "Merge the given options into the session's options.", "security": _BEARER,
-                "requestBody": {"required": True,
-                                "content": {"application/json": {"schema": _ref("Options")}}},
+                "requestBody": _json_body(_ref("Options"), required=True),
                 "responses": {"200": _json(_ref("OptionsResponse"), "The merged options."),
-                              "400": _error("Malformed JSON or not an object."),
-                              "415": _error("The body is not JSON."),
+                              **_JSON_BODY_ERRORS,
                               "422": _error("Unknown option or bad value; the message names it."),
                               **_AUTH_ERRORS},
             },
@@ -549,12 +551,10 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                            "label name); a repeat replaces the earlier feedback.",
                 "security": _BEARER,
                 "parameters": [_HISTORY_ID_PARAMETER],
-                "requestBody": {"required": True,
-                                "content": {"application/json": {"schema": _ref("FeedbackRequest")}}},
+                "requestBody": _json_body(_ref("FeedbackRequest"), required=True),
                 "responses": {"200": _json(_ref("HistoryItem"), "The item, with its feedback."),
-                              "400": _error("Malformed JSON or not an object."),
+                              **_JSON_BODY_ERRORS,
                               "404": _error("No such item in this session."),
-                              "415": _error("The body is not JSON."),
                               "422": _error("Unknown label, index out of range, or comment too long."),
                               **_AUTH_ERRORS},
             },
@@ -639,15 +639,14 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                        "activation at 100 ends it. A session's pinned model_version wins over both.",
             "security": _ADMIN,
             "parameters": _VERSION_PARAMETERS,
-            "requestBody": {"required": False, "content": {"application/json": {"schema": {
-                "type": "object", "additionalProperties": False,
-                "properties": {"traffic_percent": _integer(TRAFFIC_PERCENT, default=100)}}}}},
+            "requestBody": _json_body({"type": "object", "additionalProperties": False,
+                                       "properties": {"traffic_percent": _integer(TRAFFIC_PERCENT, default=100)}},
+                                      required=False),
             "responses": {"200": _json({"oneOf": [_ref("ModelVersion"), _ref("ConfiguredWeights"), _ref("Canary")]},
                                        "Active: a published version, the configured weights again, or a canary."),
-                          "400": _error("Malformed JSON, or not an object."),
+                          **_JSON_BODY_ERRORS,
                           "409": _error("The version's file is missing from the store, or a canary of the "
                                         "active version."),
-                          "415": _error("The body is not JSON."),
                           "422": _error("The stored file no longer loads (invalid_weights), or traffic_percent is "
                                         "not an integer from 1 to 100 (invalid_traffic_percent)."), **_ADMIN_ERRORS},
         }},
