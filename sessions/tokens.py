@@ -7,6 +7,8 @@ live (logout deletes the session, so a valid signature alone is not enough).
 from __future__ import annotations
 
 import functools
+import hashlib
+import hmac
 import re
 import secrets
 import time
@@ -38,6 +40,20 @@ class TokenSigner:
         # Config lists keys newest first; itsdangerous wants the signing (newest) key last.
         self._serializer = URLSafeTimedSerializer(list(reversed(secret_keys)), salt="session-token")
         self.max_age_seconds = max_age_seconds
+        # One derived key per secret, newest first: naming sessions never uses a signing key as it is.
+        self._ref_keys = [hmac.new(key.encode(), b"session-ref", hashlib.sha256).digest() for key in secret_keys]
+
+    def session_ref(self, session_id: str) -> str:
+        """How a session is named anywhere outside its own keys (the export, the access log, shared
+        indexes): 16 hex digits of an HMAC of its id under the newest secret key. Without the secret
+        it cannot be linked to the id, and a plain hash of the id in one place cannot be matched to it
+        in another."""
+        return self.session_refs(session_id)[0]
+
+    def session_refs(self, session_id: str) -> list[str]:
+        """The session's name under every configured secret key, newest first: data recorded before a
+        key rotation is still found under the name it was recorded with."""
+        return [hmac.new(key, session_id.encode(), hashlib.sha256).hexdigest()[:16] for key in self._ref_keys]
 
     def issue(self, session_id: str) -> str:
         return self._serializer.dumps(session_id)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 
 import pytest
@@ -49,3 +50,17 @@ def test_rotation_newest_signs_all_verify() -> None:
     old_token, new_token = old.issue(new_session_id()), rotated.issue(new_session_id())
     assert rotated.verify(old_token) and new_only.verify(new_token)
     assert code_of(old, new_token) == "invalid_signature"
+
+
+def test_session_ref_is_keyed_and_follows_rotation() -> None:
+    session_id = new_session_id()
+    old = TokenSigner(["old-key-0123456789"], 60)
+    rotated = TokenSigner(["new-key-0123456789", "old-key-0123456789"], 60)
+    ref = old.session_ref(session_id)
+    assert len(ref) == 16 and int(ref, 16) >= 0
+    # Keyed: neither a plain hash of the id nor the same under another secret.
+    assert ref not in hashlib.sha256(session_id.encode()).hexdigest()
+    assert rotated.session_ref(session_id) != ref
+    # Data named before a rotation is still found under the old key's name.
+    assert rotated.session_refs(session_id) == [rotated.session_ref(session_id), ref]
+    assert old.session_ref(new_session_id()) != ref
