@@ -31,6 +31,7 @@ from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
 from service.capture import Captures
 from service.classify import Classifier
+from service.client_address import Network, resolve
 from service.export import FeedbackExport
 from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
@@ -57,6 +58,9 @@ class HttpSettings:
     stream_ping_timeout_seconds: float = 30.0
     max_upload_bytes: int = 512 * 1024 * 1024
     upload_timeout_seconds: float = 600.0
+    # The peers whose forwarded headers name the client (http.trusted_proxies, where http.xheaders is on);
+    # empty: every request's client is its socket's peer.
+    trusted_proxies: tuple[Network, ...] = ()
 
 
 # Inference-Header-Content-Length: the Open Inference Protocol's binary form, both ways.
@@ -252,6 +256,14 @@ class BaseHandler(tornado.web.RequestHandler):
             raise BadRequest("Idempotency-Key must be 1 to 128 letters, digits or . _ : -",
                              code="invalid_idempotency_key")
         return key
+
+    @property
+    def client_address(self) -> str:
+        """Who sent this request, normalised: the socket's peer, or behind a trusted proxy the address it
+        forwarded (service.client_address). Every use of the client's address reads this one."""
+        headers = self.request.headers
+        return resolve(self.request.remote_ip or "", headers.get_list("X-Forwarded-For"), headers.get("X-Real-Ip"),
+                       self.http_settings.trusted_proxies)
 
     @property
     def current_session(self) -> Session:

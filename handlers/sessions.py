@@ -14,7 +14,7 @@ class LoginHandler(BaseHandler):
     auth_policy = Policy.PUBLIC
 
     async def post(self) -> None:
-        await self.auth.admit_login(self.request.headers.get("Authorization", ""), self.request.remote_ip or "")
+        await self.auth.admit_login(self.request.headers.get("Authorization", ""), self.client_address)
         body = self.json_object(required=False)
         token, session = await self.sessions.login(body.get("options") or {})
         self.write_json({

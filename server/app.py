@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -128,7 +129,9 @@ def http_settings(config: Config) -> HttpSettings:
         stream_max_in_flight=http.stream_max_in_flight, stream_auth_timeout_seconds=http.stream_auth_timeout_seconds,
         stream_max_errors=http.stream_max_errors, stream_ping_interval_seconds=http.stream_ping_interval_seconds,
         stream_ping_timeout_seconds=http.stream_ping_timeout_seconds, max_upload_bytes=config.models.max_upload_bytes,
-        upload_timeout_seconds=config.models.upload_timeout_seconds)
+        upload_timeout_seconds=config.models.upload_timeout_seconds,
+        # Tornado's own xheaders would believe any peer: handlers.base resolves the address instead.
+        trusted_proxies=tuple(map(ipaddress.ip_network, http.trusted_proxies)) if http.xheaders else ())
 
 
 def auth_settings(config: Config) -> AuthSettings:
@@ -205,7 +208,6 @@ def http_server(app: tornado.web.Application, config: Config, counts: SharedCoun
         # time before a request and slow headers alike.
         "idle_connection_timeout": http.idle_timeout_seconds,
         "body_timeout": http.body_timeout_seconds,
-        "xheaders": http.xheaders,
         "max_connections": http.max_connections,
         "write_timeout": http.write_timeout_seconds,
         "on_connections": app.settings["metrics"].open_connections.set,

@@ -6,6 +6,7 @@ Every value is checked at start; a bad one stops the server with a sentence nami
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import tomllib
@@ -72,9 +73,11 @@ class HttpConfig:
     write_timeout_seconds: float = 30.0
     # Open HTTP connections per serving process; past it a new connection gets a 503 and is closed.
     max_connections: int = 1000
-    # Take the client's address from X-Real-Ip / X-Forwarded-For (only behind a proxy that sets them):
-    # the login rate limit counts per address where no API keys are configured.
+    # Take the client's address from X-Forwarded-For (else X-Real-Ip), only on requests whose peer is
+    # one of trusted_proxies (addresses or CIDR networks): the login rate limit counts per address
+    # where no API keys are configured. Off: every request's client is its socket's peer.
     xheaders: bool = False
+    trusted_proxies: list[str] = field(default_factory=lambda: ["127.0.0.1", "::1"])
 
 
 @dataclass
@@ -424,6 +427,15 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    for proxy in config.http.trusted_proxies:
+        try:
+            ipaddress.ip_network(proxy)
+        except ValueError:
+            raise ConfigError(f"http.trusted_proxies entry {proxy!r} is not an IP address or a CIDR network "
+                              "such as '10.0.0.5' or '10.0.0.0/24' (no host bits set).") from None
+    if config.http.xheaders and not config.http.trusted_proxies:
+        raise ConfigError("http.xheaders is on but http.trusted_proxies is empty; list the proxies' addresses, "
+                          "or turn http.xheaders off.")
     if config.server.mode == "production" and not config.auth.secret_keys:
         raise ConfigError(
             "server.mode is 'production' but auth.secret_keys is empty; set INFERENCE_AUTH_SECRET_KEYS."

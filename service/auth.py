@@ -17,6 +17,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from service.client_address import rate_limit_bucket
 from sessions.errors import Forbidden, InvalidToken
 from sessions.store import Session, SessionStore
 from sessions.tokens import TokenSigner, VerifiedToken
@@ -132,9 +133,10 @@ class Authenticator:
     async def admit_login(self, authorization: str, client_address: str) -> None:
         """Check the API key (where keys are configured) and charge the login rate limit: per valid key,
         else per client address, so that wrong keys are throttled too and a fresh login never escapes a
-        session's rate limit for long."""
+        session's rate limit for long. `client_address` is the request's resolved address
+        (service.client_address); an IPv6 client is counted by its /64."""
         per_minute = self.settings.login_rate_limit_per_minute
-        address = f"address:{client_address}"
+        address = f"address:{rate_limit_bucket(client_address)}"
         if not self.settings.api_keys:  # none configured: anyone may log in
             await self.store.take_login(address, per_minute)
             return

@@ -92,3 +92,16 @@ def test_default_processes_are_one_per_core_on_the_cpu_runtimes_else_one() -> No
     assert config.serving_processes == 1
     config.server.processes = 3
     assert config.serving_processes == 3
+
+
+@pytest.mark.parametrize("text, env, fragment", [
+    ("[http]\ntrusted_proxies = ['nginx.internal']\n", {}, "http.trusted_proxies entry 'nginx.internal'"),
+    ("[http]\ntrusted_proxies = ['10.0.0.1/24']\n", {}, "no host bits set"),
+    ("", {"INFERENCE_HTTP_XHEADERS": "true", "INFERENCE_HTTP_TRUSTED_PROXIES": "[]"},
+     "http.xheaders is on but http.trusted_proxies is empty"),
+])
+def test_trusted_proxies_are_addresses_or_networks(tmp_path: Path, text: str, env: dict, fragment: str) -> None:
+    with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
+        load_config(write(tmp_path, text), env=env)
+    overridden = load_config(write(tmp_path, ""), env={"INFERENCE_HTTP_TRUSTED_PROXIES": "10.0.0.5, fd00::/64"})
+    assert overridden.http.trusted_proxies == ["10.0.0.5", "fd00::/64"]

@@ -1,5 +1,5 @@
 """Connection limits on real sockets: idle, header and body timeouts, the cap on open connections
-(with one process and on the multi-process accept path), the write timeout, and X-Real-Ip."""
+(with one process and on the multi-process accept path), the write timeout, and the client address behind a proxy."""
 
 from __future__ import annotations
 
@@ -295,3 +295,66 @@ def test_xheaders_take_the_client_address_from_x_real_ip(serve: Callable[..., An
 
         # The login rate limit counts per client address: the proxy's header names it.
         assert [log_in(first), log_in(first), log_in(second)] == [201, 429, 201]
+
+
+def own_loopback_address() -> str:
+    """A loopback address of this test's own to connect from (Linux routes all of 127/8 to lo): the
+    login limit's buckets live in Redis, shared by the whole run."""
+    number = uuid.uuid4().int
+    return f"127.{number % 250 + 1}.{number // 250 % 250}.{number // 62500 % 250 + 1}"
+
+
+def proxy_client(running: Any, peer: str) -> httpx.Client:
+    """A client whose connections come from `peer`, as a proxy's would."""
+    return running.client(transport=httpx.HTTPTransport(local_address=peer))
+
+
+def login_statuses(http: httpx.Client, headers: list[dict[str, str]]) -> list[int]:
+    return [http.post("/v1/sessions", headers=h).status_code for h in headers]
+
+
+def test_forwarded_headers_from_an_untrusted_peer_do_not_change_the_login_bucket(
+        serve: Callable[..., Any], runner: ModelRunner) -> None:
+    per_minute, peer = 5, own_loopback_address()
+    config = make_config(http={"xheaders": True, "trusted_proxies": ["192.0.2.0/24"]},  # the peer is not one
+                         sessions={"login_rate_limit_per_minute": per_minute})
+    spoofed = [{"X-Real-Ip": f"198.51.100.{n}", "X-Forwarded-For": f"203.0.113.{n}"} for n in range(20)]
+    with serve(config, runner=runner) as running, proxy_client(running, peer) as http:
+        started = time.monotonic()
+        statuses = login_statuses(http, spoofed)
+        refilled = int((time.monotonic() - started) * per_minute / 60)  # the bucket refills as time passes
+    # All 20 count against the peer's own bucket, whatever the headers say.
+    assert statuses[:per_minute] == [201] * per_minute and statuses[per_minute] == 429, statuses
+    assert statuses.count(201) <= per_minute + refilled, statuses
+
+
+def test_a_trusted_proxy_names_the_client_by_the_right_most_untrusted_hop(
+        serve: Callable[..., Any], runner: ModelRunner) -> None:
+    peer, subnet = own_loopback_address(), uuid.uuid4().int
+    first, second, third = (f"10.{subnet % 250}.{subnet // 250 % 250}.{host}" for host in (1, 2, 3))
+    config = make_config(http={"xheaders": True, "trusted_proxies": [peer]},
+                         sessions={"login_rate_limit_per_minute": 1})
+    with serve(config, runner=runner) as running, proxy_client(running, peer) as http:
+        assert login_statuses(http, [
+            {"X-Forwarded-For": f"1.1.1.1, {first}"},  # what the client wrote itself (left) is not read
+            {"X-Forwarded-For": f"8.8.8.8, {first}"},  # so the same client, whatever it writes: limited
+            {"X-Forwarded-For": f"::ffff:{first}"},  # the same address spelled as IPv4-mapped IPv6
+            {"X-Forwarded-For": second},  # another client behind the proxy: a bucket of its own
+            {"X-Real-Ip": third},  # X-Real-Ip where there is no X-Forwarded-For
+            {"X-Real-Ip": third},
+        ]) == [201, 429, 429, 201, 201, 429]
+
+
+def test_six_spellings_of_one_ipv6_64_share_one_login_bucket(serve: Callable[..., Any], runner: ModelRunner) -> None:
+    peer, number = own_loopback_address(), uuid.uuid4().int
+    prefix = f"2001:db8:{number % 65536:x}:{number // 65536 % 65536:x}"  # a /64 of this test's own
+    expanded = ":".join(part.zfill(4) for part in prefix.split(":"))
+    spellings = [f"{prefix}::1", f"{prefix.upper()}::1", f"{expanded}:0000:0000:0000:0001", f"[{prefix}::1]:443",
+                 f"{prefix}::2", f"{prefix}:ffff:ffff:ffff:ffff"]
+    config = make_config(http={"xheaders": True, "trusted_proxies": [peer]},
+                         sessions={"login_rate_limit_per_minute": 5})
+    with serve(config, runner=runner) as running, proxy_client(running, peer) as http:
+        started = time.monotonic()
+        statuses = login_statuses(http, [{"X-Forwarded-For": spelling} for spelling in spellings])
+        refilled = int((time.monotonic() - started) * 5 / 60)
+    assert statuses[:5] == [201] * 5 and (refilled or statuses[5] == 429), statuses
