@@ -449,8 +449,9 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "get": {"summary": "The current session.", "security": _BEARER,
                     "responses": {"200": _json(_ref("Session"), "The session."), **_AUTH_ERRORS}},
             "delete": {"summary": "Log out; the token stops working. With erase=true the session's history, "
-                                  "feedback and captured images are erased too (an image another session also "
-                                  "sent stays for that one).", "security": _BEARER,
+                                  "feedback, captured images and Idempotency-Keys are erased too (an image another "
+                                  "session also sent stays for that one); the token is revoked last, so after a 503 "
+                                  "retrying the same request finishes the erase.", "security": _BEARER,
                        "parameters": [{"name": "erase", "in": "query", "required": False,
                                        "schema": {"enum": ["true", "false"], "default": "false"}}],
                        "responses": {"204": {"description": "Logged out (and erased)."},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from inference.runner import ModelRunner
 from inference.selection import Candidate
 from server.balance import BalancedHTTPServer, GuardedHTTPServer, SharedCounts
 from server.config import Config
+from server.embedded_redis import RewriteAfterErase
 from server.observability import Metrics, log_request
 from server.runtime import build_backend
 from service.auth import Authenticator, AuthSettings
@@ -94,7 +96,9 @@ def make_app(
     signer = make_signer(config)
     feedback, captures = make_feedback(config, store, runner), make_captures(config, store, runner)
     versions = model_versions or make_model_versions(config, store, runner, feedback)
-    auth, classifier, sessions = use_cases(config, store, runner, signer, versions, feedback, captures)
+    rewrites = make_rewrite_after_erase(config, store)
+    auth, classifier, sessions = use_cases(config, store, runner, signer, versions, feedback, captures,
+                                           on_erased=rewrites.erased if rewrites else None)
     web_routes: list[Any] = [
         (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
         (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
@@ -113,6 +117,7 @@ def make_app(
         store=store,
         runner=runner,
         model_versions=versions,
+        rewrite_after_erase=rewrites,
         signer=signer,
         in_flight=InFlight(),
         metrics=runner.metrics,
@@ -167,13 +172,21 @@ def make_captures(config: Config, store: SessionStore, runner: ModelRunner) -> C
                     on_skipped=metrics.count_capture_skipped if isinstance(metrics, Metrics) else None)
 
 
+def make_rewrite_after_erase(config: Config, store: SessionStore) -> RewriteAfterErase | None:
+    """The embedded Redis' files rewritten after erases (redis.embedded_erase_rewrite_seconds); None for
+    an external Redis, whose persistence is its operator's (docs/operations.md)."""
+    interval = config.redis.embedded_erase_rewrite_seconds
+    return RewriteAfterErase(store.redis, interval) if config.redis.url == "embedded" and interval > 0 else None
+
+
 def use_cases(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,
               versions: ModelVersions | None, feedback: FeedbackService | None = None,
-              captures: Captures | None = None) -> tuple[Authenticator, Classifier, SessionService]:
+              captures: Captures | None = None, on_erased: Callable[[], None] | None = None,
+              ) -> tuple[Authenticator, Classifier, SessionService]:
     """The service layer for one process, shared by every transport."""
     return (Authenticator(signer, store, auth_settings(config)),
             Classifier(store, runner, versions, feedback, captures),
-            SessionService(store, signer, versions, feedback=feedback, captures=captures))
+            SessionService(store, signer, versions, feedback=feedback, captures=captures, on_erased=on_erased))
 
 
 def make_signer(config: Config) -> TokenSigner:

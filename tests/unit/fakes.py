@@ -57,6 +57,7 @@ class FakeStore:
         self.sessions: dict[str, _Stored] = {}
         self.created = 0  # sessions ever created: deals the canary slots, as the real store does
         self.revoked: set[str] = set()  # logout's tombstones
+        self.erasing: set[str] = set()  # sessions marked by begin_erase
         self.logins: dict[str, float] = {}  # who -> tokens left
         self.calls: list[tuple[str, Any]] = []  # (method, its main argument), in order
         self._last_id = (0, 0)
@@ -124,6 +125,8 @@ class FakeStore:
                      idempotency_key: str | None = None) -> tuple[str, bool]:
         self.calls.append(("record", entry))
         stored = self._live(session.id)
+        if session.id in self.erasing:
+            raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
         if idempotency_key and idempotency_key in stored.idempotent:
             return stored.idempotent[idempotency_key], True
         history_id = self._next_id()
@@ -167,11 +170,18 @@ class FakeStore:
 
     async def alive(self, session_id: str) -> bool:
         self.calls.append(("alive", session_id))
-        return session_id in self.sessions
+        return session_id in self.sessions and session_id not in self.erasing
 
-    async def delete(self, session: Session) -> None:
+    async def begin_erase(self, session_id: str) -> None:
+        self.calls.append(("begin_erase", session_id))
+        if session_id in self.sessions:
+            self.erasing.add(session_id)
+
+    async def delete(self, session: Session, *, erase: bool = False) -> None:
+        """Logout leaves a tombstone; an erase leaves nothing (its token then reads as not found)."""
         self.calls.append(("delete", session.id))
-        if self.sessions.pop(session.id, None) is not None:
+        self.erasing.discard(session.id)
+        if self.sessions.pop(session.id, None) is not None and not erase:
             self.revoked.add(session.id)
 
 

@@ -1,4 +1,4 @@
-"""service.sessions: logging in, changing options (a pinned version must exist) and logging out."""
+"""service.sessions: logging in, changing options (a pinned version must exist), logging out and erasing."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import asyncio
 import pytest
 
 from service.auth import Authenticator, AuthSettings, Policy
+from service.feedback import FeedbackService
 from service.sessions import SessionService
-from sessions.errors import BadOptions, InvalidToken
+from sessions.errors import BadOptions, InvalidToken, StoreUnavailable
 from sessions.options import Options
 from sessions.tokens import TokenSigner
-from tests.unit.fakes import FakeStore, FakeVersions
+from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions
 
 pytestmark = pytest.mark.unit
 
@@ -88,3 +89,35 @@ def test_logout_revokes_the_token(store: FakeStore, signer: TokenSigner) -> None
     with pytest.raises(InvalidToken) as caught:
         asyncio.run(auth.authenticate(Policy.SESSION, f"Bearer {token}"))
     assert caught.value.code == "session_revoked"
+
+
+def test_an_erase_revokes_last_so_a_retry_after_a_failure_finishes_it(store: FakeStore, signer: TokenSigner) -> None:
+    records, erased = FakeFeedbackRecords(), []
+    feedback = FeedbackService(store, records, labels=lambda: LABELS, max_comment_chars=10)  # type: ignore[arg-type]
+    sessions = SessionService(store, signer, feedback=feedback, on_erased=lambda: erased.append(1))  # type: ignore[arg-type]
+    token, session = asyncio.run(sessions.login({}))
+    auth = Authenticator(signer, store, AuthSettings())  # type: ignore[arg-type]
+    original, failures = records.erase_session, []
+
+    async def fails_once(session_id: str) -> int:
+        if not failures:
+            failures.append(session_id)
+            raise StoreUnavailable("The session store is unavailable; retry shortly.")
+        return await original(session_id)
+
+    records.erase_session = fails_once  # type: ignore[method-assign]
+    with pytest.raises(StoreUnavailable):
+        asyncio.run(sessions.logout(session, erase=True))
+    assert erased == []
+    # The token still works (the retry needs it), but nothing more is recorded for the session.
+    assert asyncio.run(auth.authenticate(Policy.SESSION, f"Bearer {token}")).session is not None
+    with pytest.raises(InvalidToken):
+        asyncio.run(store.record(session, {"predicted_class": 2}))
+    assert not asyncio.run(store.alive(session.id))
+
+    asyncio.run(sessions.logout(session, erase=True))
+    assert erased == [1]
+    with pytest.raises(InvalidToken) as caught:
+        asyncio.run(auth.authenticate(Policy.SESSION, f"Bearer {token}"))
+    assert caught.value.code == "session_not_found"  # an erase leaves no tombstone naming the session
+    assert store.called("begin_erase") == [session.id] * 2 and store.called("delete") == [session.id]
