@@ -610,8 +610,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"note: {note}")
     print(f"\nwrote {path} and its .md and .png in {results['elapsed_s']:.0f} s")
     if settings.full:
-        print(f"commit it, then regenerate bench/RESULTS.md: python -m bench.report {path.relative_to(REPO)} "
-              "--markdown" if path.is_relative_to(REPO) else "")
+        print(f"commit it, then regenerate bench/RESULTS.md: python -m bench.report {path} --markdown")
     return 0
 
 
