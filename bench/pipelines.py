@@ -177,7 +177,7 @@ def make_backend(runtime: Runtime, onnx_path: Path | None, *, threads: int, intr
     return OpenVinoBackend(onnx_path, precision=runtime.precision, workers=threads, intra_op_threads=intra)
 
 
-def served_runtime(cache_dir: Path, runtime: str) -> str:
+def served_runtime(cache_dir: Path, runtime: str, precision: str = "auto") -> str:
     """What our server with `model.runtime = runtime` and the export cache `cache_dir` runs on, e.g.
     "openvino fp32": with auto, the choice it cached for this CPU at its first start (read, not measured
     again, once a server has started on this cache)."""
@@ -187,5 +187,30 @@ def served_runtime(cache_dir: Path, runtime: str) -> str:
     from server.runtime import runtime_choice
 
     config = load_config()
-    config.model.runtime, config.model.cache_dir = runtime, str(cache_dir)
+    config.model.runtime, config.model.precision, config.model.cache_dir = runtime, precision, str(cache_dir)
     return str(runtime_choice(config, exported_model(cache_dir)))
+
+
+# The parts of inference.selection that decide whether a runtime passes the accuracy guard.
+_GUARD_FUNCTIONS = ("guard_cases", "reference_probabilities", "compare", "guard")
+
+
+def guard_identity() -> dict[str, Any]:
+    """What the accuracy guard was when a result was measured: its version, tolerances, option sets, the
+    digests of its photos and of its code. bench.report compares a result's with today's, so that a
+    result measured under an older guard says so."""
+    import hashlib
+    import inspect
+
+    from inference import selection
+
+    def digest(data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest()[:16]
+
+    code = "\n".join(inspect.getsource(getattr(selection, name)) if hasattr(selection, name) else f"{name}: none"
+                     for name in _GUARD_FUNCTIONS)
+    return {"selection_version": getattr(selection, "SELECTION_VERSION", None),
+            "tolerance": dict(selection.GUARD_TOLERANCE), "top5_overlap": selection.GUARD_TOP5_OVERLAP,
+            "options": sorted(selection.GUARD_OPTIONS),
+            "photos": {photo.name: digest(photo.read_bytes()) for photo in sorted(selection.GUARD_DIR.glob("*.jpg"))},
+            "code": digest(code.encode())}

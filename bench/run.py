@@ -42,8 +42,13 @@ from bench.servers import (
 )
 
 Row = dict[str, Any]
+RESULTS_DIR = REPO / "bench" / "results"
 COFFEE = REPO / "tests" / "data" / "coffee.jpg"
 CAT = REPO / "tests" / "data" / "cat.jpg"
+
+
+DEFAULT_CONCURRENCIES = (1, 4, 16, 64)
+DEFAULT_SERVERS = ("ours", "ours-matched", "ours-torch", "ours-oip", "flask", "litserve-torch", "litserve-best")
 
 
 @dataclass
@@ -55,6 +60,14 @@ class Settings:
     redis_url: str | None
     quick: bool
     stream: bool
+    inprocess_duration: float
+
+    @property
+    def full(self) -> bool:
+        """The run RESULTS.md is generated from: every default, nothing shortened or left out."""
+        return (not self.quick and self.stream and self.duration == 10.0 and self.warmup == 3.0
+                and self.inprocess_duration == 5.0 and self.concurrencies == list(DEFAULT_CONCURRENCIES)
+                and self.servers == list(DEFAULT_SERVERS))
 
 
 # ---------------------------------------------------------------- setup
@@ -67,7 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--redis-url", help="Redis for our server (default: its embedded Redis)")
     parser.add_argument("--duration", type=float, help="measured seconds per point (default 10, --quick 3)")
     parser.add_argument("--warmup", type=float, help="warm-up seconds per point (default 3, --quick 1)")
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=list(DEFAULT_CONCURRENCIES))
     parser.add_argument("--servers", nargs="+", help="subset of: ours ours-torch ours-oip flask litserve-torch "
                         "litserve-best, or (not in the default set) ours-onnx, litserve-onnx and the layouts "
                         "ours-onnx-1proc and ours-onnx-2x1 "
@@ -76,13 +89,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the Open Inference Protocol, REST binary (wrk) and gRPC (bench.grpc_load), compared "
                         "with ours' raw /v1/predict")
     parser.add_argument("--no-stream", action="store_true", help="skip the WebSocket stream (bench.stream)")
-    parser.add_argument("--inprocess-duration", type=float, help="seconds per in-process measurement")
-    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
+    parser.add_argument("--inprocess-duration", type=float, help="seconds per in-process measurement (default 5, "
+                        "--quick 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="where run-<date>-<cpu>.json (a full run, "
+                        "committed) or smoke-<date>-<cpu>.json (any other, git-ignored) and its .md and .png go")
     return parser.parse_args(argv)
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
-    default_servers = ["ours", "ours-torch", "ours-oip", "flask", "litserve-torch", "litserve-best"]
+    default_servers = list(DEFAULT_SERVERS)
     if args.quick:
         default_servers.remove("ours-torch")
     return Settings(
@@ -93,6 +108,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         redis_url=args.redis_url,
         quick=args.quick,
         stream=not args.no_stream,
+        inprocess_duration=args.inprocess_duration or (2.0 if args.quick else 5.0),
     )
 
 
@@ -141,7 +157,7 @@ def git_commit() -> str:
     return (out.stdout.strip() or "unknown") + (" (with uncommitted changes)" if dirty else "")
 
 
-def machine_info(load_generator: str) -> Row:
+def machine_info(load_generator: str, date: str) -> Row:
     from inference.selection import cpu_model, has_bf16
 
     cpu = lscpu_model()
@@ -155,7 +171,7 @@ def machine_info(load_generator: str) -> Row:
 
     return {"cpu_model": cpu, "cores": os.cpu_count(), "python": platform.python_version(),
             "bf16": has_bf16(flags), "amx": "amx_bf16" in flags,
-            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "commit": git_commit(),
+            "date": date, "commit": git_commit(),
             "platform": platform.platform(), "torch": version("torch"), "onnxruntime": version("onnxruntime"),
             "openvino": version("openvino"), "simplejpeg": version("simplejpeg"),
             "litserve": version("litserve"), "flask": version("flask"), "tornado": version("tornado"),
@@ -225,16 +241,52 @@ def paired_limit(image: Path, cache_dir: Path, best: dict[str, Row]) -> Row:
 
 # Our server as config.toml sets it up (ours-onnx: one process per core), and the layouts it is
 # compared with: threads in one process (the layout torch uses), and fewer threads per process.
-OUR_VARIANTS: dict[str, tuple[list[str], dict[str, str]]] = {
-    "ours-onnx-1proc": (["--processes", "1"], {}),
-    "ours-onnx-2x1": (["--processes", "2"], {"INFERENCE_MODEL_WORKERS": "1"}),
+OUR_VARIANTS: dict[str, dict[str, str]] = {
+    "ours-onnx-1proc": {"INFERENCE_SERVER_PROCESSES": "1"},
+    "ours-onnx-2x1": {"INFERENCE_SERVER_PROCESSES": "2", "INFERENCE_MODEL_WORKERS": "1"},
 }
 
 
-def our_runtime(name: str) -> str:
-    """model.runtime of one of our rows: ours and ours-oip run the default (auto)."""
+def layout(processes: int, runner_threads: int | str, intra_op_threads: int | str) -> Row:
+    """A server's thread layout: processes x runner threads per process (requests computed at once in
+    each) x intra-op threads per forward."""
+    return {"processes": processes, "runner_threads": runner_threads, "intra_op_threads": intra_op_threads}
+
+
+# The thread layout of every server in a serving comparison (ours-matched, litserve-best, litserve-torch):
+# one process per core, one request at a time in each, one intra-op thread. It is the layout LitServe can
+# run (its workers are processes, each serving one request at a time) and the server can be set to.
+SERVING_LAYOUT = layout(len(os.sched_getaffinity(0)), 1, 1)
+FLASK_LAYOUT = layout(1, "a thread per request", "torch's default")  # the seed app as it is
+
+
+def our_layout(env: dict[str, str]) -> Row:
+    """The thread layout our server runs with under `env` (config.toml plus these overrides)."""
+    from server.config import load_config
+
+    config = load_config(env={**os.environ, **env})
+    return layout(config.serving_processes, config.model.workers, config.model.intra_op_threads)
+
+
+def pipeline(decoder: str, runtime: str, precision: str) -> Row:
+    return {"decoder": decoder, "runtime": runtime, "precision": precision}
+
+
+def payloads_for(name: str) -> tuple[str, ...]:
+    if name == "ours-oip":
+        return ("oip-rest", "oip-grpc")
+    if name == report.MATCHED or not name.startswith("ours"):
+        return ("multipart",)  # the peers' body: the serving comparisons drive multipart only
+    return report.OUR_PAYLOADS
+
+
+def our_runtime(name: str, best_runtime: pipelines.Runtime) -> str:
+    """model.runtime of one of our rows: ours and ours-oip run the default (auto); ours-matched the runtime
+    litserve-best runs."""
     if name == "ours-torch":
         return "torch"
+    if name == report.MATCHED:
+        return best_runtime.runtime
     return "onnxruntime" if name.startswith("ours-onnx") else "auto"
 
 
@@ -244,33 +296,36 @@ def server_spec(name: str, settings: Settings, work: Path, best_runtime: pipelin
         data_dir.mkdir(exist_ok=True)
         env = {"INFERENCE_SERVER_DATA_DIR": str(data_dir),
                "INFERENCE_REDIS_URL": settings.redis_url or "embedded",
-               "INFERENCE_MODEL_RUNTIME": our_runtime(name),
+               "INFERENCE_MODEL_RUNTIME": our_runtime(name, best_runtime),
                "INFERENCE_MODEL_MAX_QUEUE": str(MAX_QUEUE),
                # One session per connection: up to 64 logins from 127.0.0.1 at once, over the per-address limit.
                "INFERENCE_SESSIONS_LOGIN_RATE_LIMIT_PER_MINUTE": "0",
                "INFERENCE_MODEL_CACHE_DIR": str(work / "model-cache")}  # reuse the in-process run's export
-        command = [PYTHON, "-m", "server", "--port", "{port}"]
-        payloads: tuple[str, ...] = ("raw", "multipart")
+        env.update(OUR_VARIANTS.get(name, {}))
+        if name == report.MATCHED:  # litserve-best's pipeline in SERVING_LAYOUT, no wider lone forwards
+            env.update({"INFERENCE_MODEL_PRECISION": best_runtime.precision,
+                        "INFERENCE_SERVER_PROCESSES": str(SERVING_LAYOUT["processes"]),
+                        "INFERENCE_MODEL_WORKERS": str(SERVING_LAYOUT["runner_threads"]),
+                        "INFERENCE_MODEL_INTRA_OP_THREADS": str(SERVING_LAYOUT["intra_op_threads"]),
+                        "INFERENCE_MODEL_IDLE_INTRA_OP_THREADS": "0"})
         grpc_port = None
-        extra_args, extra_env = OUR_VARIANTS.get(name, ([], {}))
-        command += extra_args
-        env.update(extra_env)
         if name == "ours-oip":  # the ours configuration, driven over the Open Inference Protocol
             grpc_port = free_port()
             env["INFERENCE_GRPC_PORT"] = str(grpc_port)
-            payloads = ("oip-rest", "oip-grpc")
-        return ServerSpec(name, command, env, "/v1/predict", payloads, "/readyz", sessions=True, data_dir=data_dir,
-                          grpc_port=grpc_port)
+        return ServerSpec(name, [PYTHON, "-m", "server", "--port", "{port}"], env, "/v1/predict", payloads_for(name),
+                          "/readyz", sessions=True, data_dir=data_dir, grpc_port=grpc_port, layout=our_layout(env))
     if name == "flask":
         return ServerSpec(name, [PYTHON, "-m", "bench.peers.flask_app", "--port", "{port}"], {}, "/predict",
-                          ("multipart",), None)
+                          payloads_for(name), None, layout=FLASK_LAYOUT, pipeline=pipeline("seed", "torch", "fp32"))
     # litserve-torch: the seed pipeline on torch eager; litserve-onnx: the seed decode on ONNX Runtime;
     # litserve-best: the server's decode on the runtime of the best in-process pipeline.
     runtime, decoder = {"litserve-torch": (pipelines.TORCH, "seed"), "litserve-onnx": (pipelines.ONNXRUNTIME, "seed"),
                         "litserve-best": (best_runtime, "server" if best_runtime.takes_pixels else "seed")}[name]
     return ServerSpec(name, [PYTHON, "-m", "bench.peers.litserve_app", "--port", "{port}", "--runtime",
                              runtime.runtime, "--precision", runtime.precision, "--decoder", decoder,
-                             "--cache-dir", str(work / "model-cache")], {}, "/predict", ("multipart",), "/health")
+                             "--workers", str(SERVING_LAYOUT["processes"]), "--cache-dir", str(work / "model-cache")],
+                      {}, "/predict", payloads_for(name), "/health", layout=SERVING_LAYOUT,
+                      pipeline=pipeline(decoder, runtime.runtime, runtime.precision))
 
 
 MAX_QUEUE = 256  # model.max_queue of our rows: the concurrencies measured stay below it
@@ -366,9 +421,12 @@ def run_server(spec: ServerSpec, images: dict[str, Path], bodies: dict[str, dict
     server idles meanwhile), for the ratios the targets use."""
     server = start_server(spec, work)
     try:
-        info: Row = {"ready_line": ready_line(server), "port": server.port}
+        info: Row = {"ready_line": ready_line(server), "port": server.port, "layout": spec.layout,
+                     "pipeline": spec.pipeline}
         if "INFERENCE_MODEL_RUNTIME" in spec.env:  # ours: what it serves on (auto's choice for this CPU)
-            info["runtime"] = pipelines.served_runtime(work / "model-cache", spec.env["INFERENCE_MODEL_RUNTIME"])
+            info["runtime"] = pipelines.served_runtime(work / "model-cache", spec.env["INFERENCE_MODEL_RUNTIME"],
+                                                       spec.env.get("INFERENCE_MODEL_PRECISION", "auto"))
+            info["pipeline"] = pipeline("server", *info["runtime"].split())
         tokens = None
         if spec.sessions:
             tokens = loadgen.create_tokens(server.base_url, max(settings.concurrencies), work / f"{spec.name}.tokens")
@@ -404,8 +462,7 @@ def litserve_importable() -> str | None:
 
 
 def count_points(settings: Settings, images: dict[str, Path]) -> int:
-    return sum(2 if name.startswith("ours") else 1 for name in settings.servers) * len(images) * len(
-        settings.concurrencies)
+    return sum(len(payloads_for(name)) for name in settings.servers) * len(images) * len(settings.concurrencies)
 
 
 def progress_labels(total: int) -> Iterator[str]:
@@ -490,14 +547,22 @@ def sigterm_as_interrupt() -> Iterator[None]:
             signal.signal(sig, old)
 
 
-def write_outputs(results: Row, out: Path) -> None:
+def results_stem(full: bool, started: time.struct_time, cpu: str) -> str:
+    """run-<UTC date and time>-<CPU>: a full run's results, committed; smoke-...: any other run's, ignored."""
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"\((r|tm)\)", "", cpu.lower())).strip("-")
+    return f"{'run' if full else 'smoke'}-{time.strftime('%Y-%m-%d-%H%M', started)}-{slug or 'cpu'}"
+
+
+def write_outputs(results: Row, out: Path, stem: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    (out / "results.md").write_text(report.markdown(results))
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    (out / f"{stem}.md").write_text(report.markdown(results))
     try:
-        report.chart(results, out / "chart.png")
+        report.chart(results, out / f"{stem}.png")
     except Exception as exc:  # the numbers matter more than the picture
         print(f"chart failed: {exc}", file=sys.stderr)
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -507,40 +572,45 @@ def main(argv: list[str] | None = None) -> int:
         print("error: wrk not found; install it with: apt-get install -y wrk", file=sys.stderr)
         return 2
     started = time.monotonic()
+    started_utc = time.gmtime()
     notes: list[str] = []
     with sigterm_as_interrupt(), tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         images = make_images(work)
         print(f"images: {', '.join(f'{k} = {describe(v)}' for k, v in images.items())}", flush=True)
         export_model(work / "model-cache")
-        inprocess = run_inprocess(images, work / "model-cache",
-                                  args.inprocess_duration or (2.0 if settings.quick else 5.0))
+        inprocess = run_inprocess(images, work / "model-cache", settings.inprocess_duration)
         points, servers = run_all_servers(settings, images, inprocess, work, notes)
         stream = run_stream(images, work, settings.quick) if settings.stream else None
         if settings.stream and stream is None:
-            notes.append("the WebSocket stream (bench.stream) failed; its target is N/A.")
+            notes.append("the WebSocket stream (bench.stream) failed; its target is not measured.")
         descriptions = {name: {"description": describe(path), "bytes": path.stat().st_size}
                         for name, path in images.items()}
     report.add_ratios(points, inprocess)
-    checks = report.verdict(points, inprocess, stream)
-    others = report.other_checks(points, inprocess)
+    cover = report.Coverage(tuple(images), tuple(settings.concurrencies))
+    checks = report.verdict(points, inprocess, stream, cover, servers)
+    others = report.other_checks(points, inprocess, cover)
     generator = f"{wrk_version()}, one thread per connection, Lua script bench/wrk/post_body.lua"
+    machine = machine_info(generator, time.strftime("%Y-%m-%d %H:%M UTC", started_utc))
     results = {
-        "machine": machine_info(generator), "load_generator": generator,
+        "machine": machine, "load_generator": generator, "guard": pipelines.guard_identity(),
         "settings": {"duration_s": settings.duration, "warmup_s": settings.warmup, "quick": settings.quick,
+                     "full": settings.full, "inprocess_duration_s": settings.inprocess_duration,
                      "concurrencies": settings.concurrencies, "servers": settings.servers,
-                     "redis_url": settings.redis_url or "embedded"},
+                     "redis_url": settings.redis_url or "embedded", "serving_layout": SERVING_LAYOUT},
         "images": descriptions, "inprocess": inprocess, "limits": report.limits(inprocess),
         "servers": servers, "points": points, "stream": stream, "verdict": checks, "other_checks": others,
         "notes": notes,
         "elapsed_s": round(time.monotonic() - started, 1),
     }
-    write_outputs(results, args.out)
-    print(f"\nTargets ({report.primary_server(points)}):\n{report.verdict_text(checks)}")
+    path = write_outputs(results, args.out, results_stem(settings.full, started_utc, machine["cpu_model"]))
+    print(f"\nTargets ({report.primary_server(points)}, {report.met(checks)}):\n{report.verdict_text(checks)}")
     print(f"\nOther checks:\n{report.verdict_text(others)}")
     for note in notes:
         print(f"note: {note}")
-    print(f"\nwrote {args.out}/results.json, results.md, chart.png in {results['elapsed_s']:.0f} s")
+    print(f"\nwrote {path} and its .md and .png in {results['elapsed_s']:.0f} s")
+    if settings.full:
+        print(f"commit it, then regenerate bench/RESULTS.md: python -m bench.report {path} --markdown")
     return 0
 
 

@@ -38,6 +38,8 @@ class ServerSpec:
     sessions: bool = False  # ours: Bearer tokens from POST /v1/sessions
     data_dir: Path | None = None  # ours: its data dir (embedded Redis socket lives there)
     grpc_port: int | None = None  # ours-oip: the Open Inference Protocol's gRPC port (grpc.port)
+    layout: dict[str, int | str] | None = None  # processes x runner threads x intra-op threads (bench.run)
+    pipeline: dict[str, str] | None = None  # decoder, runtime, precision, where known before it starts
     startup_timeout: float = 180.0
 
 
