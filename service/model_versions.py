@@ -319,7 +319,7 @@ class ModelVersions:
         pinnable = await self.registry.pinnable(self.name)
         none = quality_view(0, 0)
 
-        def quality_of(version: str) -> dict[str, Any]:
+        def pins_and_feedback(version: str) -> dict[str, Any]:
             # feedback: from sessions that did not choose the version (the canary's or the baseline's
             # share), the number to promote on; pinned_feedback: from sessions that pinned it.
             return {"pinnable": version in pinnable, "feedback": quality.get(version, none),
@@ -331,8 +331,8 @@ class ModelVersions:
             "serving_version": self.runner.model.version,  # what this replica runs now
             "canary": canary_view(canary) if canary is not None else None,
             "configured": {"version": self.base_version, "sha256": self._base.model.weights_sha256,
-                           **quality_of(self.base_version)},
-            "versions": [{**record.to_dict(active=record.version == active), **quality_of(record.version)}
+                           **pins_and_feedback(self.base_version)},
+            "versions": [{**record.to_dict(active=record.version == active), **pins_and_feedback(record.version)}
                          for record in records],
         }]}
 
