@@ -182,6 +182,14 @@ def test_only_the_active_version_the_canary_or_one_an_admin_marked_may_be_pinned
         assert http.patch("/v1/session/options", headers=auth, json={"model_version": None}).status_code == 200
         assert predict(http, auth)["model"]["version"] == default_model.version
 
+        # A pin to the active version lasts as long as it is active (or marked): another activation ends it.
+        on_configured = login(http, model_version=default_model.version)
+        assert activate(http, version).status_code == 200
+        refused = http.post("/v1/predict", headers={**on_configured, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+        assert refused.status_code == 403 and error_code(refused) == "model_version_not_pinnable"
+        assert activate(http, default_model.version).status_code == 200  # rolled back: active, so pinnable again
+        assert predict(http, on_configured)["model"]["version"] == default_model.version
+
         # Removing a version takes its mark with it: published again under the name, it is not pinnable.
         assert make_pinnable(http, version).status_code == 200
         assert http.delete(f"/v1/models/{MODEL}/versions/{version}", headers=ADMIN).status_code == 204
