@@ -6,6 +6,8 @@
     DELETE /v1/models/<name>/versions/<version>            remove a version that is not active (admin)
     POST   /v1/models/<name>/versions/<version>:activate   serve it from now on, on every replica (admin);
                                                            {"traffic_percent": N < 100}: to N% of sessions
+    PUT    /v1/models/<name>/versions/<version>/pinnable   let sessions pin it (admin)
+    DELETE /v1/models/<name>/versions/<version>/pinnable   no longer (admin)
 
 Admin routes take `Authorization: ApiKey <key>` with a key whose hash is in `auth.admin_api_keys`.
 """
@@ -148,3 +150,18 @@ class ActivateHandler(BaseHandler):
         self.model_versions.check_name(name, version)
         traffic_percent = parse_traffic_percent(self.json_object(required=False))
         self.write_json({"name": name, **await self.model_versions.activate(version, traffic_percent)})
+
+
+class PinnableHandler(BaseHandler):
+    """PUT and DELETE /v1/models/<name>/versions/<version>/pinnable: whether sessions may pin a version
+    that is neither active nor the canary's (those two always may be pinned)."""
+
+    auth_policy = Policy.ADMIN
+
+    async def put(self, name: str, version: str) -> None:
+        self.model_versions.check_name(name, version)
+        self.write_json(await self.model_versions.set_pinnable(version, True))
+
+    async def delete(self, name: str, version: str) -> None:
+        self.model_versions.check_name(name, version)
+        self.write_json(await self.model_versions.set_pinnable(version, False))

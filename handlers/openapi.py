@@ -37,6 +37,13 @@ def _integer(bounds: tuple[int, int], **extra: Any) -> dict[str, Any]:
 _THREE_NUMBERS = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
 _HISTORY_ID = {"type": "string", "pattern": "^[0-9]+-[0-9]+$"}  # a Redis stream id
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
+# Pinning: a session may pin the active version, the canary's, or one an admin marked pinnable.
+_PINNABLE = {"type": "boolean", "description": "An admin let sessions pin this version (PUT .../pinnable); the "
+                                              "active version and the canary's may be pinned regardless."}
+_PINNABLE_ANSWER = {"type": "object", "required": ["name", "version", "pinnable"],
+                    "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "pinnable": _PINNABLE}}
+_NOT_PINNABLE = _error("model_version names a version that is neither active, the canary's, nor marked pinnable "
+                       "(model_version_not_pinnable).")
 # Ranges and defaults come from sessions.options, which validates them: the schema cannot drift from it.
 _DEFAULTS = Options()
 
@@ -132,7 +139,10 @@ SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["count", "agreement"],
         "properties": {
-            "count": {"type": "integer", "minimum": 0, "description": "Feedback on this version's predictions."},
+            "count": {"type": "integer", "minimum": 0,
+                      "description": "Feedback on this version's predictions: as `feedback`, from the sessions it "
+                                     "was assigned to (the number to promote a canary on); as `pinned_feedback`, "
+                                     "from sessions that pinned it themselves."},
             "agreement": {"type": ["number", "null"], "minimum": 0, "maximum": 1,
                           "description": "The share of that feedback whose label is the prediction's top-1; "
                                          "null without feedback."},
@@ -194,7 +204,9 @@ SCHEMAS: dict[str, Any] = {
             "activated_at": {"type": ["string", "null"], "format": "date-time",
                              "description": "The last activation; null if never activated."},
             "active": {"type": "boolean"},
+            "pinnable": _PINNABLE,
             "feedback": _ref("Quality"),
+            "pinned_feedback": _ref("Quality"),
         },
     },
     "ConfiguredWeights": {
@@ -212,7 +224,7 @@ SCHEMAS: dict[str, Any] = {
     },
     "Canary": {
         "type": "object",
-        "description": "A version serving a share of the sessions (by a stable hash of the session id); the "
+        "description": "A version serving a share of the sessions (by each session's canary slot); the "
                        "others keep the baseline, the active version.",
         "required": ["version", "traffic_percent", "baseline", "started_at"],
         "properties": {
@@ -232,9 +244,10 @@ SCHEMAS: dict[str, Any] = {
             "properties": {
                 "name": {"type": "string"},
                 "configured": {"type": "object", "description": "The weights named in the config.",
-                               "required": ["version", "sha256", "feedback"],
+                               "required": ["version", "sha256", "pinnable", "feedback", "pinned_feedback"],
                                "properties": {"version": {"type": "string"}, "sha256": _SHA256,
-                                              "feedback": _ref("Quality")}},
+                                              "pinnable": _PINNABLE, "feedback": _ref("Quality"),
+                                              "pinned_feedback": _ref("Quality")}},
                 "active_version": {"type": ["string", "null"],
                                    "description": "null: no version was activated; the configured weights serve."},
                 "serving_version": {"type": "string", "description": "What the answering replica runs now."},
@@ -371,7 +384,9 @@ def _oip_paths(anonymous: bool) -> dict[str, Any]:
                       "400": _oip_error("Malformed request, unknown input, wrong datatype or shape."),
                       "401": _oip_error("Missing (where anonymous inference is off), invalid, expired or "
                                         "revoked token."),
+                      "403": _oip_error("The session's pinned model_version is not pinnable."),
                       "404": _oip_error("Unknown model or version."),
+                      "409": _oip_error("The session's pinned model_version was removed."),
                       "415": _oip_error("Compressed body."),
                       "422": _oip_error("A BYTES element is not a readable image."),
                       "429": _oip_error("Over the session's rate limit; see Retry-After."),
@@ -442,6 +457,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "responses": {"201": _json(_ref("Login"), "Session created."),
                           **_JSON_BODY_ERRORS,
                           "401": _error("API key missing or wrong (where API keys are configured)."),
+                          "403": _NOT_PINNABLE,
                           "422": _error("Invalid options."),
                           "503": _error("The session store is unavailable.")},
         }},
@@ -465,6 +481,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                 "requestBody": _json_body(_ref("Options"), required=True),
                 "responses": {"200": _json(_ref("OptionsResponse"), "The merged options."),
                               **_JSON_BODY_ERRORS,
+                              "403": _NOT_PINNABLE,
                               "422": _error("Unknown option or bad value; the message names it."),
                               **_AUTH_ERRORS},
             },
@@ -479,6 +496,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "413": _error("The body is over http.max_body_bytes."),
                           "415": _error("Unsupported Content-Type."),
                           "422": _error("Not a readable image, too many pixels, or bad option override."),
+                          "403": _NOT_PINNABLE,
                           "409": _error("The session's pinned model_version was removed."),
                           "500": _error("The model failed on this image."),
                           "401": _AUTH_ERRORS["401"],
@@ -651,6 +669,22 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "422": _error("The stored file no longer loads (invalid_weights), or traffic_percent is "
                                         "not an integer from 1 to 100 (invalid_traffic_percent)."), **_ADMIN_ERRORS},
         }},
+        "/v1/models/{name}/versions/{version}/pinnable": {
+            "put": {
+                "summary": "Let sessions pin this version (published, or the configured weights'); the active "
+                           "version and the canary's may always be pinned.",
+                "security": _ADMIN,
+                "parameters": _VERSION_PARAMETERS,
+                "responses": {"200": _json(_PINNABLE_ANSWER, "Pinnable."), **_ADMIN_ERRORS},
+            },
+            "delete": {
+                "summary": "No longer let sessions pin this version: sessions pinned to it are refused "
+                           "(403 model_version_not_pinnable) unless it is active or the canary's.",
+                "security": _ADMIN,
+                "parameters": _VERSION_PARAMETERS,
+                "responses": {"200": _json(_PINNABLE_ANSWER, "Not pinnable."), **_ADMIN_ERRORS},
+            },
+        },
         "/healthz": {"get": {"summary": "Liveness.", "security": [{}],
                              "responses": {"200": _json(_ref("Health"), "Alive.")}}},
         "/readyz": {"get": {"summary": "Readiness: model loaded and store answering.", "security": [{}],

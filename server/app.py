@@ -15,7 +15,7 @@ from handlers.base import HttpSettings, InFlight, NotFoundHandler
 from handlers.feedback import FeedbackExportHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import FeedbackHandler, HistoryHandler, HistoryImageHandler, HistoryItemHandler
-from handlers.models import ActivateHandler, LabelsHandler, ModelsHandler, ModelVersionHandler
+from handlers.models import ActivateHandler, LabelsHandler, ModelsHandler, ModelVersionHandler, PinnableHandler
 from handlers.oip import (
     InferHandler,
     ModelMetadataHandler,
@@ -74,6 +74,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/models/(?P<name>[^/]+)/labels", LabelsHandler),
     (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+)", ModelVersionHandler),
     (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+):activate", ActivateHandler),
+    (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+)/pinnable", PinnableHandler),
     # The Open Inference Protocol (KServe V2 / Triton), beside /v1; gRPC in handlers/grpc.py.
     (r"/v2", ServerMetadataHandler),
     (r"/v2/health/live", ServerLiveHandler),

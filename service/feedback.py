@@ -24,7 +24,7 @@ class FeedbackRecords(Protocol):
     """What this module needs of sessions.feedback.FeedbackStore."""
 
     async def set(self, session_id: str, history_id: str, record: dict[str, Any], *, at_ms: int,
-                  version: str, agrees: bool, keep_until_ms: int) -> bool: ...
+                  version: str, agrees: bool, keep_until_ms: int, pinned: bool = False) -> bool: ...
 
     async def get_many(self, session_id: str, history_ids: list[str]) -> list[dict[str, Any] | None]: ...
 
@@ -32,7 +32,7 @@ class FeedbackRecords(Protocol):
 
     async def erase_session(self, session_id: str) -> int: ...
 
-    async def stats(self) -> dict[str, tuple[int, int]]: ...
+    async def stats(self, *, pinned: bool = False) -> dict[str, tuple[int, int]]: ...
 
     async def page(self, since_ms: int | float, until_ms: int | float, *, after: tuple[float, int] | None,
                    limit: int) -> tuple[list[dict[str, Any]], tuple[float, int] | None]: ...
@@ -107,6 +107,9 @@ class FeedbackService:
                     "created_at": iso(created)}
         agrees = class_index == item["predicted_class"]
         version = item["model"]["version"]
+        # The recorded options hold model_version only where the session (or the request) pinned one:
+        # its feedback is counted apart from the sessions the version was assigned to.
+        pinned = "model_version" in item["options"]
         record = {
             "session": session_hash(session.id),
             "history_id": history_id,
@@ -114,12 +117,13 @@ class FeedbackService:
             "prediction": {"class_index": item["predicted_class"], "label": item["label"], "top_k": item["top_k"]},
             "feedback": feedback,
             "agrees": agrees,
+            "pinned": pinned,
             "model": item["model"],
             "options": item["options"],
             "image": item.get("image"),
         }
         await self.records.set(session.id, history_id, record, at_ms=created, version=version, agrees=agrees,
-                               keep_until_ms=session.deadline_ms)
+                               keep_until_ms=session.deadline_ms, pinned=pinned)
         if not await self.history.alive(session.id):
             # Erased (or logged out) while this request ran: its erase may have missed this record.
             await self.records.delete(session.id, history_id)
@@ -142,9 +146,12 @@ class FeedbackService:
     async def erase(self, session_id: str) -> int:
         return await self.records.erase_session(session_id)
 
-    async def quality(self) -> dict[str, dict[str, Any]]:
-        """version -> {"count": n, "agreement": share agreeing with the prediction (null without feedback)}."""
-        return {version: quality_view(count, agree) for version, (count, agree) in (await self.records.stats()).items()}
+    async def quality(self, *, pinned: bool = False) -> dict[str, dict[str, Any]]:
+        """version -> {"count": n, "agreement": share agreeing with the prediction (null without feedback)},
+        from the sessions the version was assigned to (the active one's or a canary's), or with `pinned`
+        from those that pinned it themselves."""
+        stats = await self.records.stats(pinned=pinned)
+        return {version: quality_view(count, agree) for version, (count, agree) in stats.items()}
 
 
 def quality_view(count: int, agree: int) -> dict[str, Any]:

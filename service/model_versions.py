@@ -7,9 +7,11 @@ it finish on the weights they started with. Every replica follows activations an
 Redis pub/sub, and re-reads the active version whenever it (re)subscribes, so one that was cut off
 catches up.
 
-A canary serves a version to a share of the sessions: a session is assigned by a stable hash of its
-id and the canary's version, so it keeps one version for as long as the canary lasts, and the
-others keep the active version. A session's pinned `model_version` wins over both.
+A canary serves a version to a share of the sessions: a session is assigned by its canary slot (or
+a stable hash of its id) and the canary's version, so it keeps one version for as long as the canary
+lasts, and the others keep the active version. A session's pinned `model_version` wins over both,
+but a session may pin only what an admin allows: the active version, the canary's, or one marked
+pinnable; a pin that stops being allowed is refused at its next use.
 
 Loading and checking weights run on this module's own thread, never on the runner's workers or the
 IOLoop, so serving goes on at full speed while a version is validated or loaded.
@@ -48,6 +50,11 @@ _CLOSE_TIMEOUT_SECONDS = 2.0
 class BadWeights(ServiceError):
     status = 422
     code = "invalid_weights"
+
+
+class VersionNotPinnable(ServiceError):
+    status = 403
+    code = "model_version_not_pinnable"
 
 
 class InvalidTrafficPercent(ServiceError):
@@ -226,7 +233,7 @@ class ModelVersions:
         baseline = await self.registry.active(self.name) or self.base_version
         if version == baseline:
             raise Conflict(f"Version {version!r} is active: it serves every session already.", code="version_active")
-        await self.ensure(version)  # loaded here before any session is sent to it
+        await self._hold(version)  # loaded here before any session is sent to it
         canary = Canary(version, traffic_percent, baseline, now_ms())
         if not await self.registry.start_canary(self.name, canary, configured=configured):
             raise NotFound(f"Version {version!r} was removed meanwhile.", code="model_version_not_found")
@@ -236,8 +243,18 @@ class ModelVersions:
         return canary_view(canary)
 
     async def ensure(self, version: str | None) -> None:
-        """Make a pinned `version` available to the runner; 409 when it was removed."""
-        if version is None or self.runner.has_version(version):
+        """Make the `version` a request runs (version_for) available to the runner: 409 when it was
+        removed, 403 when it is neither active, the canary's, nor marked pinnable (a pin made while it
+        was, or a per-request override), so a session cannot make this process load any version."""
+        if version is None:
+            return
+        if not await self.may_pin(version):
+            raise _removed(version)
+        await self._hold(version)
+
+    async def _hold(self, version: str) -> None:
+        """Load `version` into this process's runner unless it holds it; 409 when it was removed."""
+        if self.runner.has_version(version):
             return
         async with self._lock:
             if self.runner.has_version(version):
@@ -247,15 +264,33 @@ class ModelVersions:
                 return
             record = await self.registry.get(self.name, version)
             if record is None:
-                raise Conflict(f"Model version {version!r} was removed (or never published); set the session's "
-                               "model_version to null or to a version listed by GET /v1/models.",
-                               code="model_version_removed")
+                raise _removed(version)
             self.runner.add_version(await self._load(record))
 
-    async def exists(self, version: str) -> bool:
-        if version == self.base_version or self.runner.has_version(version):
+    async def may_pin(self, version: str) -> bool:
+        """Whether a session may pin `version`: False when there is no such version; 403
+        `model_version_not_pinnable` when there is, but it is neither active, the canary's, nor marked
+        pinnable by an admin. What this replica serves and its canary answer without Redis."""
+        if version == self.runner.model.version or (self.canary is not None and version == self.canary.version):
             return True
-        return await self.registry.get(self.name, version) is not None
+        status = await self.registry.pin_status(self.name, version, configured=version == self.base_version)
+        if status == "missing":
+            return False
+        if status == "not_pinnable":
+            raise VersionNotPinnable(f"Model version {version!r} is not pinnable: a session may pin the active "
+                                     "version, the canary's, or one an admin marked pinnable (GET /v1/models "
+                                     "lists them); set model_version to null to follow the active version.")
+        return True
+
+    async def set_pinnable(self, version: str, pinnable: bool) -> dict[str, Any]:
+        """Let sessions pin `version` (published, or the configured weights') or no longer; 404 for
+        an unknown version. Unmarked, replicas drop a copy they hold only for pins, and its pinned
+        sessions are refused (403) unless it is active or the canary's."""
+        if not await self.registry.mark_pinnable(self.name, version, pinnable,
+                                                 configured=version == self.base_version):
+            raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
+        log.info("%s version %s %s pinnable", self.name, version, "made" if pinnable else "no longer")
+        return {"name": self.name, "version": version, "pinnable": pinnable}
 
     async def remove(self, version: str) -> None:
         record = await self._record(version)
@@ -279,17 +314,26 @@ class ModelVersions:
     async def listing(self) -> dict[str, Any]:
         records, active = await self.registry.versions(self.name)
         quality = await self.feedback.quality() if self.feedback is not None else {}
+        pinned_quality = await self.feedback.quality(pinned=True) if self.feedback is not None else {}
         canary = await self.registry.canary(self.name)
+        pinnable = await self.registry.pinnable(self.name)
         none = quality_view(0, 0)
+
+        def pins_and_feedback(version: str) -> dict[str, Any]:
+            # feedback: from sessions that did not choose the version (the canary's or the baseline's
+            # share), the number to promote on; pinned_feedback: from sessions that pinned it.
+            return {"pinnable": version in pinnable, "feedback": quality.get(version, none),
+                    "pinned_feedback": pinned_quality.get(version, none)}
+
         return {"models": [{
             "name": self.name,
             "active_version": active,  # null: the weights named in the config
             "serving_version": self.runner.model.version,  # what this replica runs now
             "canary": canary_view(canary) if canary is not None else None,
             "configured": {"version": self.base_version, "sha256": self._base.model.weights_sha256,
-                           "feedback": quality.get(self.base_version, none)},
-            "versions": [{**record.to_dict(active=record.version == active),
-                          "feedback": quality.get(record.version, none)} for record in records],
+                           **pins_and_feedback(self.base_version)},
+            "versions": [{**record.to_dict(active=record.version == active), **pins_and_feedback(record.version)}
+                         for record in records],
         }]}
 
     async def _record(self, version: str) -> VersionRecord:
@@ -364,7 +408,7 @@ class ModelVersions:
         canary = await self.registry.canary(self.name)
         if canary is not None:
             try:
-                await self.ensure(canary.version)
+                await self._hold(canary.version)
             except ServiceError as exc:
                 log.error("cannot load %s canary version %s (%s); its sessions keep %s", self.name, canary.version,
                           exc.message, self.runner.model.version)
@@ -379,6 +423,10 @@ class ModelVersions:
         if event.event == "removed":
             self.runner.drop_version(event.version)
             self._prepared.pop(event.version, None)
+            return
+        if event.event == "unpinnable":  # held for pinned sessions only, unless it serves a canary here
+            if self.canary is None or self.canary.version != event.version:
+                self.runner.drop_version(event.version)
             return
         if event.event != "activated" or event.version == self.runner.model.version:
             return
@@ -400,6 +448,11 @@ class ModelVersions:
                 return
             self.runner.activate(served)
         log.info("following activation: now serving %s version %s", self.name, event.version)
+
+
+def _removed(version: str) -> Conflict:
+    return Conflict(f"Model version {version!r} was removed (or never published); set the session's model_version "
+                    "to null or to a version listed by GET /v1/models.", code="model_version_removed")
 
 
 def canary_view(canary: Canary) -> dict[str, Any]:

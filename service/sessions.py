@@ -59,9 +59,10 @@ class SessionService:
             self.on_erased()
 
     async def _check_version(self, changes: Any) -> None:
-        """Refuse pinning a version that does not exist."""
+        """Refuse pinning a version that does not exist (422), or one an admin did not make pinnable
+        (403 model_version_not_pinnable)."""
         version = changes.get("model_version") if isinstance(changes, dict) else None
         # A malformed name is the options' own error (BadOptions from Options.merged), not a look-up.
         if isinstance(version, str) and MODEL_VERSION.match(version) and self.versions is not None \
-                and not await self.versions.exists(version):
+                and not await self.versions.may_pin(version):
             raise BadOptions("model_version", f"No model version {version!r}; see GET /v1/models.")

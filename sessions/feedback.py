@@ -7,7 +7,9 @@ Redis Cluster slot:
     feedback:{<model>}:records         hash: "<session id>/<history id>" -> JSON record (service.feedback)
     feedback:{<model>}:index           sorted set: the same members, scored by the feedback's time (ms)
     feedback:{<model>}:stats           hash: count:<version>, agree:<version> (feedback that agrees
-                                       with the prediction's top-1)
+                                       with the prediction's top-1) from sessions the version was
+                                       assigned to; pinned_count:<version>, pinned_agree:<version>
+                                       from sessions that pinned it themselves (record.pinned)
     feedback:{<model>}:session:<id>    set: the members a session gave, for erasing them; expires
                                        with the session's hard deadline
 
@@ -25,16 +27,29 @@ from redis.asyncio.cluster import RedisCluster
 
 from sessions.store import store_errors
 
-# Set or replace one record; the counters lose the old record's share and gain the new one's.
-_SET_SCRIPT = """
-local old = redis.call('HGET', KEYS[1], ARGV[1])
-if old then
-    local record = cjson.decode(old)
-    redis.call('HINCRBY', KEYS[3], 'count:' .. record.model.version, -1)
-    if record.agrees then redis.call('HINCRBY', KEYS[3], 'agree:' .. record.model.version, -1) end
+# The counter prefix of feedback from sessions that pinned the version themselves: counted apart, so
+# that they cannot move the agreement an operator promotes a canary on.
+PINNED_PREFIX = "pinned_"
+
+# Takes a stored record's share out of the counters (KEYS[3]): those it was counted in, by its own
+# `pinned` (records from before pins were told apart count as assigned, as they were counted).
+_UNCOUNT = """
+local function uncount(text)
+    local record = cjson.decode(text)
+    local prefix = ''
+    if record.pinned == true then prefix = '""" + PINNED_PREFIX + """' end
+    redis.call('HINCRBY', KEYS[3], prefix .. 'count:' .. record.model.version, -1)
+    if record.agrees then redis.call('HINCRBY', KEYS[3], prefix .. 'agree:' .. record.model.version, -1) end
 end
-redis.call('HINCRBY', KEYS[3], 'count:' .. ARGV[4], 1)
-if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[3], 'agree:' .. ARGV[4], 1) end
+"""
+
+# Set or replace one record; the counters lose the old record's share and gain the new one's
+# (ARGV[7]: the counter prefix of the new one).
+_SET_SCRIPT = _UNCOUNT + """
+local old = redis.call('HGET', KEYS[1], ARGV[1])
+if old then uncount(old) end
+redis.call('HINCRBY', KEYS[3], ARGV[7] .. 'count:' .. ARGV[4], 1)
+if ARGV[5] == '1' then redis.call('HINCRBY', KEYS[3], ARGV[7] .. 'agree:' .. ARGV[4], 1) end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('ZADD', KEYS[2], ARGV[3], ARGV[1])
 redis.call('SADD', KEYS[4], ARGV[1])
@@ -44,16 +59,14 @@ return 0
 """
 
 # Remove the records ARGV names (one, or a whole session's): returns how many there were.
-_DELETE_SCRIPT = """
+_DELETE_SCRIPT = _UNCOUNT + """
 local removed = 0
 local members = ARGV
 if #ARGV == 0 then members = redis.call('SMEMBERS', KEYS[4]) end
 for _, member in ipairs(members) do
     local old = redis.call('HGET', KEYS[1], member)
     if old then
-        local record = cjson.decode(old)
-        redis.call('HINCRBY', KEYS[3], 'count:' .. record.model.version, -1)
-        if record.agrees then redis.call('HINCRBY', KEYS[3], 'agree:' .. record.model.version, -1) end
+        uncount(old)
         redis.call('HDEL', KEYS[1], member)
         redis.call('ZREM', KEYS[2], member)
         removed = removed + 1
@@ -83,12 +96,13 @@ class FeedbackStore:
 
     @store_errors
     async def set(self, session_id: str, history_id: str, record: dict[str, Any], *, at_ms: int,
-                  version: str, agrees: bool, keep_until_ms: int) -> bool:
+                  version: str, agrees: bool, keep_until_ms: int, pinned: bool = False) -> bool:
         """Set or replace the feedback on one history item; True if it replaced earlier feedback.
-        `keep_until_ms`: the session's hard deadline (its set of members is needed until then)."""
+        `keep_until_ms`: the session's hard deadline (its set of members is needed until then);
+        `pinned`: the session chose the version itself (the record says so too, as `pinned`)."""
         replaced = await self._set(keys=self._keys(session_id), args=[
             member(session_id, history_id), json.dumps(record, separators=(",", ":")), at_ms, version,
-            "1" if agrees else "0", keep_until_ms])
+            "1" if agrees else "0", keep_until_ms, PINNED_PREFIX if pinned else ""])
         return bool(replaced)
 
     @store_errors
@@ -108,12 +122,16 @@ class FeedbackStore:
         return int(await self._delete(keys=self._keys(session_id), args=[]))
 
     @store_errors
-    async def stats(self) -> dict[str, tuple[int, int]]:
-        """version -> (feedback count, how many agree with the prediction)."""
+    async def stats(self, *, pinned: bool = False) -> dict[str, tuple[int, int]]:
+        """version -> (feedback count, how many agree with the prediction), from the sessions it was
+        assigned to, or with `pinned` from those that pinned it."""
         fields = await self.redis.hgetall(self._stats)
         stats: dict[str, tuple[int, int]] = {}
         for field, value in fields.items():
             kind, _, version = field.partition(":")
+            if kind.startswith(PINNED_PREFIX) != pinned:
+                continue
+            kind = kind.removeprefix(PINNED_PREFIX)
             count, agree = stats.get(version, (0, 0))
             stats[version] = (int(value), agree) if kind == "count" else (count, int(value))
         return stats

@@ -7,10 +7,12 @@ name, under one hash tag so that each script's keys share a Redis Cluster slot:
     model:{<name>}:active      string: the active version (absent: the weights in the config)
     model:{<name>}:canary      string: JSON {version, traffic_percent, baseline, started_at} of a
                                version serving a share of the sessions (absent: none)
-and the pub/sub channel `model-events`, carrying JSON {"event": "activated" | "canary" | "removed",
-"name", "version"}; an activation of "" means back to the weights in the config. An activation
-ends any canary. Activating, starting a canary or removing changes the keys and publishes in one
-Lua script, so no replica can see the change without the message being sent.
+    model:{<name>}:pinnable    set: the versions an admin let sessions pin besides the active one
+                               and the canary's (removing a version takes it out)
+and the pub/sub channel `model-events`, carrying JSON {"event": "activated" | "canary" | "removed" |
+"unpinnable", "name", "version"}; an activation of "" means back to the weights in the config. An
+activation ends any canary. Activating, starting a canary, removing or unmarking changes the keys
+and publishes in one Lua script, so no replica can see the change without the message being sent.
 """
 
 from __future__ import annotations
@@ -60,8 +62,33 @@ local canary = redis.call('GET', KEYS[4])
 if canary and cjson.decode(canary).version == ARGV[1] then return 'canary' end
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return 'missing' end
 redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('SREM', KEYS[5], ARGV[1])
 redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 'removed'
+"""
+
+# Whether a session may pin ARGV[1] (ARGV[2] == '1': the configured weights, not in the versions
+# hash): 'missing', 'active', 'canary', 'marked' (an admin made it pinnable) or 'not_pinnable'.
+_PIN_STATUS_SCRIPT = """
+if ARGV[2] ~= '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 'missing' end
+local active = redis.call('GET', KEYS[2])
+if active == ARGV[1] or (not active and ARGV[2] == '1') then return 'active' end
+local canary = redis.call('GET', KEYS[3])
+if canary and cjson.decode(canary).version == ARGV[1] then return 'canary' end
+if redis.call('SISMEMBER', KEYS[4], ARGV[1]) == 1 then return 'marked' end
+return 'not_pinnable'
+"""
+
+# Mark (ARGV[3] == '1') or unmark ARGV[1] pinnable; 0: no such version. Unmarking is announced, so
+# that replicas drop a copy they loaded only for pinned sessions.
+_MARK_PINNABLE_SCRIPT = """
+if ARGV[2] ~= '1' and redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+if ARGV[3] == '1' then
+    redis.call('SADD', KEYS[2], ARGV[1])
+elseif redis.call('SREM', KEYS[2], ARGV[1]) == 1 then
+    redis.call('PUBLISH', ARGV[4], ARGV[5])
+end
+return 1
 """
 
 
@@ -101,7 +128,7 @@ class Canary:
 
 @dataclass(frozen=True)
 class ModelEvent:
-    event: str  # "activated" | "removed" (published) | "subscribed" (local: listening from now on)
+    event: str  # "activated" | "canary" | "removed" | "unpinnable" (published) | "subscribed" (local)
     name: str
     version: str
 
@@ -113,6 +140,8 @@ class ModelRegistry:
         self._remove = client.register_script(_REMOVE_SCRIPT)
         self._restore = client.register_script(_RESTORE_SCRIPT)
         self._canary = client.register_script(_CANARY_SCRIPT)
+        self._pin_status = client.register_script(_PIN_STATUS_SCRIPT)
+        self._mark_pinnable = client.register_script(_MARK_PINNABLE_SCRIPT)
 
     @staticmethod
     def _keys(name: str) -> tuple[str, str, str]:
@@ -122,6 +151,10 @@ class ModelRegistry:
     @staticmethod
     def _canary_key(name: str) -> str:
         return f"model:{{{name}}}:canary"
+
+    @staticmethod
+    def _pinnable_key(name: str) -> str:
+        return f"model:{{{name}}}:pinnable"
 
     @store_errors
     async def add(self, record: VersionRecord) -> bool:
@@ -188,8 +221,28 @@ class ModelRegistry:
     async def remove(self, name: str, version: str) -> str:
         """'removed', 'missing', 'active' or 'canary' (the versions serving are not removed)."""
         message = json.dumps({"event": "removed", "name": name, "version": version})
-        return await self._remove(keys=[*self._keys(name), self._canary_key(name)],
+        return await self._remove(keys=[*self._keys(name), self._canary_key(name), self._pinnable_key(name)],
                                   args=[version, EVENTS_CHANNEL, message])
+
+    @store_errors
+    async def pin_status(self, name: str, version: str, *, configured: bool) -> str:
+        """'missing', 'active', 'canary', 'marked' or 'not_pinnable' (sessions may pin the middle three).
+        `configured`: the version is the configured weights'."""
+        versions, _, active = self._keys(name)
+        return await self._pin_status(keys=[versions, active, self._canary_key(name), self._pinnable_key(name)],
+                                      args=[version, "1" if configured else "0"])
+
+    @store_errors
+    async def mark_pinnable(self, name: str, version: str, pinnable: bool, *, configured: bool) -> bool:
+        """Let sessions pin `version` (or no longer); False if there is no such version."""
+        message = json.dumps({"event": "unpinnable", "name": name, "version": version})
+        return bool(await self._mark_pinnable(keys=[self._keys(name)[0], self._pinnable_key(name)], args=[
+            version, "1" if configured else "0", "1" if pinnable else "0", EVENTS_CHANNEL, message]))
+
+    @store_errors
+    async def pinnable(self, name: str) -> set[str]:
+        """The versions an admin marked pinnable."""
+        return set(await self.redis.smembers(self._pinnable_key(name)))
 
     async def events(self) -> AsyncIterator[ModelEvent]:
         """Activations and removals as they are published. Ends with an exception when the connection

@@ -7,6 +7,7 @@ servers run the torch runtime to keep publishing short.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
@@ -20,10 +21,11 @@ import pytest
 import redis
 
 from service.auth import api_key_hash
+from sessions.store import CANARY_SLOTS_KEY
 from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, wait_for
 from tests.test_feedback import png_bytes
 from tests.test_replicas import server_process
-from tests.test_weights import ADMIN, ADMIN_KEY, MODEL, boosted_weights, put_version, weights_config
+from tests.test_weights import ADMIN, ADMIN_KEY, MODEL, boosted_weights, make_pinnable, put_version, weights_config
 
 CANARY_DB = 8
 COCK = 7  # the class the canary's weights always answer
@@ -44,6 +46,15 @@ def listing(http: httpx.Client) -> dict[str, Any]:
     return http.get("/v1/models", headers=ADMIN).json()["models"][0]
 
 
+def listed(http: httpx.Client, version: str) -> dict[str, Any]:
+    return next(entry for entry in listing(http)["versions"] if entry["version"] == version)
+
+
+def feedback(http: httpx.Client, auth: dict[str, str], item: dict[str, Any], label: int) -> None:
+    given = http.put(f"/v1/history/{item['id']}/feedback", headers=auth, json={"label": label})
+    assert given.status_code == 200, given.text
+
+
 @pytest.fixture(scope="module")
 def cock(default_model) -> bytes:
     return boosted_weights(default_model, COCK)
@@ -56,7 +67,7 @@ def canary_server(serve, redis_server, tmp_path_factory) -> Iterator[Any]:
         yield running
 
 
-def test_a_canary_serves_its_share_of_sessions_each_on_one_version_until_it_ends(canary_server, cock,
+def test_a_canary_serves_its_share_of_sessions_each_on_one_version_until_it_ends(canary_server, redis_server, cock,
                                                                                  default_model) -> None:
     version = f"canary-{uuid.uuid4().hex[:8]}"
     configured = default_model.version
@@ -83,17 +94,28 @@ def test_a_canary_serves_its_share_of_sessions_each_on_one_version_until_it_ends
 
         served: dict[str, set[str]] = {}
         sessions: dict[str, dict[str, str]] = {}
-        for _ in range(100):
+        numbers: dict[str, int] = {}  # each session's place in the store's count of sessions
+        store = redis.Redis(port=redis_server.port, db=CANARY_DB, decode_responses=True)
+        first = int(store.get(CANARY_SLOTS_KEY) or 0) + 1  # what the next login draws
+        for number in range(first, first + 100):
             auth = login(http)
             for _ in range(2):
                 result = predict(http, auth)
                 assert (result["predicted_class"] == COCK) == (result["model"]["version"] == version)
                 served.setdefault(auth["Authorization"], set()).add(result["model"]["version"])
             sessions[auth["Authorization"]] = auth
+            numbers[auth["Authorization"]] = number
+        assert int(store.get(CANARY_SLOTS_KEY)) == first + 99  # the 100 logins drew 100 consecutive numbers
         assert all(len(versions) == 1 for versions in served.values())  # each session kept its version
-        on_canary = [token for token, versions in served.items() if versions == {version}]
-        assert 10 <= len(on_canary) <= 32, len(on_canary)
-        canary_auth = sessions[on_canary[0]]
+        on_canary = {token for token, versions in served.items() if versions == {version}}
+        # The slot scheme (docs/model-versions.md), worked out here rather than by the server's code: the
+        # n-th session's slot is n * 37 mod 100, shifted by the version's hash; the canary takes it below
+        # 20. So exactly 20 of any 100 consecutive sessions, and which 20 is known; a hash of random ids
+        # would give 20 only on average, and other sessions.
+        shift = int.from_bytes(hashlib.sha256(version.encode()).digest()[:8], "big") % 100
+        assert on_canary == {token for token, number in numbers.items() if (number * 37 + shift) % 100 < 20}
+        assert len(on_canary) == 20
+        canary_auth = sessions[min(on_canary)]
         history = http.get("/v1/history", headers=canary_auth).json()["items"]
         assert {item["model"]["version"] for item in history} == {version}  # its history shows which
 
@@ -114,19 +136,117 @@ def test_a_canary_serves_its_share_of_sessions_each_on_one_version_until_it_ends
         assert http.delete(f"/v1/models/{MODEL}/versions/{version}", headers=ADMIN).status_code == 204
 
 
-def test_feedback_quality_is_per_version(canary_server, cock, default_model) -> None:
-    version = f"quality-{uuid.uuid4().hex[:8]}"
+def test_only_the_active_version_the_canary_or_one_an_admin_marked_may_be_pinned(canary_server, cock,
+                                                                                 default_model) -> None:
+    version = f"unpinned-{uuid.uuid4().hex[:8]}"
+    with canary_server.client() as http:
+        assert put_version(http, version, cock).status_code == 201  # published, never activated
+        refused = http.post("/v1/sessions", json={"options": {"model_version": version}})
+        assert refused.status_code == 403 and error_code(refused) == "model_version_not_pinnable"
+        auth = login(http)
+        refused = http.patch("/v1/session/options", headers=auth, json={"model_version": version})
+        assert refused.status_code == 403 and error_code(refused) == "model_version_not_pinnable"
+        refused = http.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=CAT_JPEG,
+                            params={"model_version": version})  # nor for one request
+        assert refused.status_code == 403 and error_code(refused) == "model_version_not_pinnable"
+        assert http.get("/v1/history", headers=auth).json()["items"] == []
+        unknown = http.patch("/v1/session/options", headers=auth, json={"model_version": "no-such-version"})
+        assert unknown.status_code == 422 and error_code(unknown) == "invalid_options"
+        assert listed(http, version)["pinnable"] is False
+
+        # Only an admin marks a version pinnable, and only one that exists.
+        path = f"/v1/models/{MODEL}/versions/{version}/pinnable"
+        assert http.put(path, headers=auth).status_code == 401
+        assert http.put(path).status_code == 401
+        missing = make_pinnable(http, "no-such-version")
+        assert missing.status_code == 404 and error_code(missing) == "model_version_not_found"
+        other_model = http.put(f"/v1/models/resnet50/versions/{version}/pinnable", headers=ADMIN)
+        assert other_model.status_code == 404 and error_code(other_model) == "model_not_found"
+        marked = make_pinnable(http, version)
+        assert marked.status_code == 200 and marked.json() == {"name": MODEL, "version": version, "pinnable": True}
+        assert make_pinnable(http, version).status_code == 200  # again: the same
+        assert listed(http, version)["pinnable"] is True
+        assert http.patch("/v1/session/options", headers=auth, json={"model_version": version}).status_code == 200
+        assert predict(http, auth)["model"]["version"] == version
+        pinned_at_login = login(http, model_version=version)
+        assert predict(http, pinned_at_login)["predicted_class"] == COCK
+
+        # Unmarked: its pinned sessions are refused at their next use, until they unpin.
+        unmarked = make_pinnable(http, version, pinnable=False)
+        assert unmarked.status_code == 200 and unmarked.json()["pinnable"] is False
+        assert listed(http, version)["pinnable"] is False
+        for session in (auth, pinned_at_login):
+            refused = http.post("/v1/predict", headers={**session, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+            assert refused.status_code == 403 and error_code(refused) == "model_version_not_pinnable"
+            assert "model_version" in refused.json()["error"]["message"]
+        assert http.patch("/v1/session/options", headers=auth, json={"model_version": None}).status_code == 200
+        assert predict(http, auth)["model"]["version"] == default_model.version
+
+        # A pin to the active version lasts as long as it is active (or marked): another activation ends it.
+        on_configured = login(http, model_version=default_model.version)
+        assert activate(http, version).status_code == 200
+        refused = http.post("/v1/predict", headers={**on_configured, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+        assert refused.status_code == 403 and error_code(refused) == "model_version_not_pinnable"
+        assert activate(http, default_model.version).status_code == 200  # rolled back: active, so pinnable again
+        assert predict(http, on_configured)["model"]["version"] == default_model.version
+
+        # Removing a version takes its mark with it: published again under the name, it is not pinnable.
+        assert make_pinnable(http, version).status_code == 200
+        assert http.delete(f"/v1/models/{MODEL}/versions/{version}", headers=ADMIN).status_code == 204
+        gone = http.post("/v1/predict", headers={**pinned_at_login, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+        assert gone.status_code == 409 and error_code(gone) == "model_version_removed"
+        assert put_version(http, version, cock).status_code == 201
+        assert listed(http, version)["pinnable"] is False
+        refused = http.post("/v1/predict", headers={**pinned_at_login, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
+        assert refused.status_code == 403 and error_code(refused) == "model_version_not_pinnable"
+        assert http.delete(f"/v1/models/{MODEL}/versions/{version}", headers=ADMIN).status_code == 204
+
+
+def test_a_pinned_sessions_feedback_does_not_move_the_agreement_of_the_sessions_a_canary_was_assigned(
+        canary_server, cock, default_model) -> None:
+    version = f"voted-{uuid.uuid4().hex[:8]}"
+    configured = default_model.version
     with canary_server.client() as http:
         assert put_version(http, version, cock).status_code == 201
-        auth = login(http, model_version=version)
-        items = [predict(http, auth) for _ in range(4)]
-        assert all(item["predicted_class"] == COCK for item in items)
-        for item, label in zip(items, [COCK, COCK, COCK, 281], strict=True):
-            given = http.put(f"/v1/history/{item['id']}/feedback", headers=auth, json={"label": label})
-            assert given.status_code == 200
-        entry = next(entry for entry in listing(http)["versions"] if entry["version"] == version)
-        assert entry["feedback"] == {"count": 4, "agreement": 0.75}
-        assert listing(http)["configured"]["version"] == default_model.version
+        assert activate(http, version, {"traffic_percent": 50}).status_code == 200
+        for _ in range(10):  # at 50%, one of any three consecutive new sessions is the canary's
+            assigned = login(http)
+            if predict(http, assigned)["model"]["version"] == version:
+                break
+        else:
+            pytest.fail("no session was assigned to the canary")
+        agreed, disagreed = predict(http, assigned), predict(http, assigned)
+        feedback(http, assigned, agreed, COCK)
+        feedback(http, assigned, disagreed, 281)
+        quality = {"count": 2, "agreement": 0.5}
+        assert listed(http, version)["feedback"] == quality
+        baseline = listing(http)["configured"]["feedback"]
+
+        # A session pins the canary (allowed: it serves a canary) and agrees with every prediction; another
+        # asks for it on one request. Their votes are counted apart: the assigned agreement does not move.
+        pinned = login(http, model_version=version)
+        votes = [predict(http, pinned) for _ in range(3)]
+        for item in votes:
+            feedback(http, pinned, item, COCK)
+        unpinned = login(http)
+        asked = http.post("/v1/predict", headers={**unpinned, "Content-Type": "image/jpeg"}, content=CAT_JPEG,
+                          params={"model_version": version})
+        assert asked.status_code == 200 and asked.json()["model"]["version"] == version
+        feedback(http, unpinned, asked.json(), COCK)
+        entry = listed(http, version)
+        assert entry["feedback"] == quality
+        assert entry["pinned_feedback"] == {"count": 4, "agreement": 1.0}
+        assert listing(http)["configured"]["feedback"] == baseline
+        # Replacing or withdrawing feedback moves its own counter only.
+        feedback(http, pinned, votes[0], 281)
+        assert http.delete(f"/v1/history/{votes[1]['id']}/feedback", headers=pinned).status_code == 204
+        feedback(http, assigned, disagreed, COCK)
+        entry = listed(http, version)
+        assert entry["feedback"] == {"count": 2, "agreement": 1.0}
+        assert entry["pinned_feedback"] == {"count": 3, "agreement": round(2 / 3, 4)}
+
+        assert activate(http, configured).status_code == 200  # ends the canary
+        assert http.delete(f"/v1/models/{MODEL}/versions/{version}", headers=ADMIN).status_code == 204
 
 
 def test_two_replicas_agree_on_feedback_images_export_canary_and_erase(tmp_path: Path, cock, default_model) -> None:

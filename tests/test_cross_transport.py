@@ -46,7 +46,7 @@ from sessions.errors import (
 )
 from tests.conftest import CAT_JPEG, error_code, free_port, login, wait_for
 from tests.test_replicas import server_process
-from tests.test_weights import ADMIN, ADMIN_KEY, MODEL, boosted_weights, put_version
+from tests.test_weights import ADMIN, ADMIN_KEY, MODEL, boosted_weights, make_pinnable, put_version
 
 TIMEOUT = 60
 TENCH, GOLDFISH = 0, 1  # ImageNet classes; each version's boosted class, and its name
@@ -148,6 +148,7 @@ def test_a_pinned_version_answers_and_is_refused_alike_on_every_transport_and_pr
         assert put_version(first, "goldfish", boosted_weights(default_model, GOLDFISH)).status_code == 201
         configured = first.get("/v1/models", headers=ADMIN).json()["models"][0]["serving_version"]
         assert configured not in ("tench", "goldfish")  # neither is active: only a pin selects them
+        assert all(make_pinnable(first, version).status_code == 200 for version in ("tench", "goldfish"))
         tench, goldfish = pin(first, "tench"), pin(first, "goldfish")
 
         # Neither version is loaded in a serving process yet (publishing only validates it), so each

@@ -57,6 +57,13 @@ def activate(http: httpx.Client, version: str) -> httpx.Response:
     return http.post(f"/v1/models/{MODEL}/versions/{version}:activate", headers=ADMIN)
 
 
+def make_pinnable(http: httpx.Client, version: str, pinnable: bool = True) -> httpx.Response:
+    """An admin lets sessions pin `version` (or no longer): they may pin only the active version, the
+    canary's, or one marked so."""
+    path = f"/v1/models/{MODEL}/versions/{version}/pinnable"
+    return http.put(path, headers=ADMIN) if pinnable else http.delete(path, headers=ADMIN)
+
+
 def predict(http: httpx.Client, auth: dict[str, str]) -> httpx.Response:
     return http.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=CAT_JPEG)
 
@@ -236,6 +243,7 @@ def test_pinned_versions_and_removal(weights_server, cock, hen) -> None:
         assert put_version(http, pinned_version, cock).status_code == 201
         assert put_version(http, active_version, hen).status_code == 201
         assert activate(http, active_version).status_code == 200
+        assert make_pinnable(http, pinned_version).status_code == 200
         pinned, follower = login(http), login(http)
         patched = http.patch("/v1/session/options", headers=pinned, json={"model_version": pinned_version})
         assert patched.status_code == 200 and patched.json()["options"]["model_version"] == pinned_version

@@ -19,7 +19,7 @@ from PIL import Image
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
-from service.model_versions import choose_version
+from service.model_versions import VersionNotPinnable, choose_version
 from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
 from sessions.model_registry import Canary
 from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
@@ -229,13 +229,15 @@ def fake_runner(backend: FakeBackend | None = None, version: str = "v1") -> Mode
 
 
 class FakeVersions:
-    """`service.model_versions.ModelVersions.ensure` and `exists`: `published` versions exist and load
+    """`service.model_versions.ModelVersions.ensure` and `may_pin`: `published` versions exist and load
     into the runner on `ensure`, as the real one loads them; any other (removed, or never published) is
-    refused with a 409."""
+    refused with a 409. Of those, the runner's active one, the canary's and the `pinnable` ones (all
+    published by default) may be pinned; another is refused with a 403."""
 
     def __init__(self, runner: ModelRunner | None = None, *, published: tuple[str, ...] = (),
-                 canary: Canary | None = None):
+                 canary: Canary | None = None, pinnable: tuple[str, ...] | None = None):
         self.runner, self.published, self.canary = runner, set(published), canary
+        self.pinnable = self.published if pinnable is None else set(pinnable)
         self.ensured: list[str | None] = []
         self.checked: list[str] = []
 
@@ -244,16 +246,24 @@ class FakeVersions:
 
     async def ensure(self, version: str | None) -> None:
         self.ensured.append(version)
-        if version is None or self.runner is None or self.runner.has_version(version):
+        if version is None:
             return
-        if version not in self.published:
+        if not await self.may_pin(version):
             raise Conflict(f"Model version {version!r} was removed (or never published).",
                            code="model_version_removed")
-        self.runner.add_version(ServedModel(fake_model(version), self.runner.backend))
+        if self.runner is not None and not self.runner.has_version(version):
+            self.runner.add_version(ServedModel(fake_model(version), self.runner.backend))
 
-    async def exists(self, version: str) -> bool:
+    async def may_pin(self, version: str) -> bool:
         self.checked.append(version)
-        return version in self.published or (self.runner is not None and self.runner.has_version(version))
+        active = self.runner is not None and version == self.runner.model.version
+        if active or (self.canary is not None and version == self.canary.version):
+            return True
+        if version not in self.published:
+            return False
+        if version not in self.pinnable:
+            raise VersionNotPinnable(f"Model version {version!r} is not pinnable.")
+        return True
 
 
 class FakeFeedbackRecords:
@@ -262,17 +272,20 @@ class FakeFeedbackRecords:
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], tuple[int, str]] = {}  # -> (time ms, JSON record)
-        self.counters: dict[str, list[int]] = {}  # version -> [count, agree]
+        self.counters: dict[str, list[int]] = {}  # version -> [count, agree], from assigned sessions
+        self.pinned_counters: dict[str, list[int]] = {}  # the same from sessions that pinned the version
         self.pages: list[int] = []  # records handed out by each page() call
 
     def _count(self, record: dict[str, Any], step: int) -> None:
-        counter = self.counters.setdefault(record["model"]["version"], [0, 0])
+        counters = self.pinned_counters if record.get("pinned") is True else self.counters
+        counter = counters.setdefault(record["model"]["version"], [0, 0])
         counter[0] += step
         counter[1] += step if record["agrees"] else 0
 
     async def set(self, session_id: str, history_id: str, record: dict[str, Any], *, at_ms: int,
-                  version: str, agrees: bool, keep_until_ms: int) -> bool:
+                  version: str, agrees: bool, keep_until_ms: int, pinned: bool = False) -> bool:
         assert record["model"]["version"] == version and record["agrees"] == agrees
+        assert record.get("pinned", False) == pinned
         old = self.records.get((session_id, history_id))
         if old is not None:
             self._count(json.loads(old[1]), -1)
@@ -296,8 +309,9 @@ class FakeFeedbackRecords:
             await self.delete(*key)
         return len(mine)
 
-    async def stats(self) -> dict[str, tuple[int, int]]:
-        return {version: (count, agree) for version, (count, agree) in self.counters.items()}
+    async def stats(self, *, pinned: bool = False) -> dict[str, tuple[int, int]]:
+        counters = self.pinned_counters if pinned else self.counters
+        return {version: (count, agree) for version, (count, agree) in counters.items()}
 
     async def page(self, since_ms: float, until_ms: float, *, after: tuple[float, int] | None,
                    limit: int) -> tuple[list[dict[str, Any]], tuple[float, int] | None]:

@@ -1,6 +1,6 @@
 """Canaries by session: the stable assignment, the share it serves, a pin winning over it, the body of an
-activation, and the classifier running (and recording) the chosen version while the session's options
-stay its own."""
+activation, the classifier running (and recording) the chosen version while the session's options
+stay its own, which versions may be pinned, and pinned sessions' feedback counted apart."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ import pytest
 
 from inference.runner import ModelRunner
 from service.classify import Classifier
-from service.model_versions import InvalidTrafficPercent, in_canary, parse_traffic_percent
+from service.feedback import FeedbackService
+from service.model_versions import InvalidTrafficPercent, VersionNotPinnable, in_canary, parse_traffic_percent
 from sessions.model_registry import Canary
 from sessions.options import Options
 from sessions.store import canary_slot
 from sessions.tokens import new_session_id
-from tests.unit.fakes import FakeStore, FakeVersions, solid_image
+from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions, solid_image
 
 pytestmark = pytest.mark.unit
 
@@ -76,3 +77,42 @@ def test_the_classifier_runs_each_session_on_its_version_and_a_pin_wins(store: F
     assert answer["model"]["version"] == "v3"
     anonymous = asyncio.run(classifier.classify_anonymous(solid_image(1), Options()))
     assert anonymous.model == {"name": "fake-net", "version": "v1"}
+
+
+def test_a_session_may_pin_only_the_active_version_the_canarys_or_a_marked_one(store: FakeStore,
+                                                                               runner: ModelRunner) -> None:
+    versions = FakeVersions(runner, published=("v2", "v3"), canary=Canary("v2", 50, "v1", 0), pinnable=())
+    classifier = Classifier(store, runner, versions)  # type: ignore[arg-type]
+    session = asyncio.run(store.create(Options()))
+    with pytest.raises(VersionNotPinnable) as caught:
+        asyncio.run(classifier.classify(session, solid_image(1), Options(model_version="v3")))
+    assert caught.value.status == 403 and caught.value.code == "model_version_not_pinnable"
+    assert not runner.has_version("v3")  # refused before anything was loaded
+    for allowed in ("v1", "v2"):  # the active version, the canary's
+        answer, _ = asyncio.run(classifier.classify(session, solid_image(1), Options(model_version=allowed)))
+        assert answer["model"]["version"] == allowed
+    versions.pinnable.add("v3")  # an admin marked it
+    answer, _ = asyncio.run(classifier.classify(session, solid_image(1), Options(model_version="v3")))
+    assert answer["model"]["version"] == "v3"
+
+
+def test_feedback_from_pinned_sessions_is_counted_apart_from_the_canarys_assigned_ones(store: FakeStore,
+                                                                                     runner: ModelRunner) -> None:
+    canary = Canary("v2", 100, "v1", 0)  # every unpinned session is assigned the canary
+    records = FakeFeedbackRecords()
+    feedback = FeedbackService(store, records, labels=lambda: LABELS, max_comment_chars=10)
+    classifier = Classifier(store, runner, FakeVersions(runner, published=("v2",), canary=canary))  # type: ignore[arg-type]
+    assigned, pinned = asyncio.run(store.create(Options())), asyncio.run(store.create(Options(model_version="v2")))
+    ours, _ = asyncio.run(classifier.classify(assigned, solid_image(1), assigned.options))
+    theirs = [asyncio.run(classifier.classify(pinned, solid_image(1), pinned.options))[0] for _ in range(3)]
+    assert {ours["model"]["version"]} | {item["model"]["version"] for item in theirs} == {"v2"}
+    wrong = (ours["predicted_class"] + 1) % len(LABELS)
+    asyncio.run(feedback.give(assigned, ours["id"], {"label": wrong}))
+    for item in theirs:  # the pinned session agrees with everything
+        asyncio.run(feedback.give(pinned, item["id"], {"label": item["predicted_class"]}))
+    assert asyncio.run(feedback.quality())["v2"] == {"count": 1, "agreement": 0.0}
+    assert asyncio.run(feedback.quality(pinned=True))["v2"] == {"count": 3, "agreement": 1.0}
+    asyncio.run(feedback.give(pinned, theirs[0]["id"], {"label": wrong}))  # replaced: within its own count
+    asyncio.run(feedback.erase(pinned.id))
+    assert asyncio.run(feedback.quality(pinned=True))["v2"] == {"count": 0, "agreement": None}
+    assert asyncio.run(feedback.quality())["v2"] == {"count": 1, "agreement": 0.0}
