@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from service.capture import EXTENSIONS, Captures
-from sessions.errors import BadRequest
+from sessions.errors import BadRequest, quoted, quoted_names
 from sessions.options import MODEL_VERSION
 
 MEDIA_TYPES = {"tar": "application/x-tar", "jsonl": "application/x-ndjson"}
@@ -58,7 +58,7 @@ def parse_time(text: str, name: str) -> int:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise BadRequest(f"{name} must be an ISO 8601 time such as 2026-01-31T12:00:00Z, or milliseconds since "
-                         f"the epoch; got {text!r}.", code="invalid_parameter") from None
+                         f"the epoch; got {quoted(text)}.", code="invalid_parameter") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return round(moment.timestamp() * 1000)
@@ -68,7 +68,7 @@ def parse_query(arguments: Mapping[str, str]) -> ExportQuery:
     """The export's query parameters, checked (400 `invalid_parameter` naming the bad one)."""
     unknown = sorted(set(arguments) - set(PARAMETERS))
     if unknown:
-        raise BadRequest(f"Unknown parameter(s) {', '.join(unknown)}; the export takes {', '.join(PARAMETERS)}.",
+        raise BadRequest(f"Unknown parameter(s) {quoted_names(unknown)}; the export takes {', '.join(PARAMETERS)}.",
                          code="invalid_parameter")
     since = parse_time(arguments["since"], "since") if arguments.get("since") else float("-inf")
     until = parse_time(arguments["until"], "until") if arguments.get("until") else float("inf")
@@ -76,10 +76,11 @@ def parse_query(arguments: Mapping[str, str]) -> ExportQuery:
         raise BadRequest("since must be before until.", code="invalid_parameter")
     version = arguments.get("model_version") or None
     if version is not None and not MODEL_VERSION.match(version):
-        raise BadRequest(f"model_version {version!r} is not a version name.", code="invalid_parameter")
+        raise BadRequest(f"model_version {quoted(version)} is not a version name.", code="invalid_parameter")
     export_format = arguments.get("format") or "tar"
     if export_format not in FORMATS:
-        raise BadRequest(f"format must be {' or '.join(FORMATS)}, got {export_format!r}.", code="invalid_parameter")
+        raise BadRequest(f"format must be {' or '.join(FORMATS)}, got {quoted(export_format)}.",
+                         code="invalid_parameter")
     return ExportQuery(since, until, version, export_format)
 
 
@@ -129,5 +130,11 @@ class FeedbackExport:
         return b"".join(parts)
 
 
+# Characters JSON allows raw in a string but that line readers split on (Python's str.splitlines, and
+# JavaScript before ES2019 reads the last two as line ends): escaped, so that one record is one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact JSON, as UTF-8 (not \\u-escaped), with no character a line reader takes for a line end."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS).encode()

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from sessions.errors import InvalidToken, ServiceError
+from sessions.errors import InvalidToken, ServiceError, quoted, quoted_names
 from sessions.store import Session, iso, now_ms
 
 
@@ -61,9 +61,9 @@ def resolve_label(label: Any, labels: list[str]) -> int:
     wanted = label.strip().casefold()
     matches = [index for index, name in enumerate(labels) if name.casefold() == wanted]
     if not matches:
-        raise InvalidFeedback(f"No class is labelled {label!r}; send a class index or one of the model's labels.")
+        raise InvalidFeedback(f"No class is labelled {quoted(label)}; send a class index or one of the model's labels.")
     if len(matches) > 1:
-        raise InvalidFeedback(f"Several classes are labelled {label!r} ({', '.join(map(str, matches))}); "
+        raise InvalidFeedback(f"Several classes are labelled {quoted(label)} ({', '.join(map(str, matches))}); "
                               "send the class index instead.")
     return matches[0]
 
@@ -86,7 +86,7 @@ class FeedbackService:
         """The class index and comment of a feedback body `{"label": ..., "comment": ...}`."""
         unknown = set(body) - {"label", "comment"}
         if unknown:
-            raise InvalidFeedback(f"Unknown field(s) {', '.join(sorted(unknown))}; send label and optionally comment.")
+            raise InvalidFeedback(f"Unknown field(s) {quoted_names(unknown)}; send label and optionally comment.")
         if "label" not in body:
             raise InvalidFeedback("Send the correct label: {\"label\": <class index or label name>}.")
         comment = body.get("comment")

@@ -31,7 +31,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable
+from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable, quoted
 from sessions.options import Options
 from sessions.tokens import VerifiedToken, new_session_id
 
@@ -455,7 +455,7 @@ class SessionStore:
         if before is not None:
             parsed = _parse_history_id(before)
             if parsed is None:
-                raise BadRequest(f"before must be a history id such as '1732540000000-0', got {before!r}.",
+                raise BadRequest(f"before must be a history id such as '1732540000000-0', got {quoted(before)}.",
                                  code="invalid_parameter")
             if parsed == (0, 0):  # nothing is older than the smallest id (and Redis refuses "(0-0")
                 return [], None
@@ -473,7 +473,7 @@ class SessionStore:
             rows = await self.redis.xrange(history_key, min=history_id, max=history_id, count=1)
             if rows:
                 return _entry(*rows[0])
-        raise NotFound(f"No history item {history_id!r} in this session.", code="history_item_not_found")
+        raise NotFound(f"No history item {quoted(history_id)} in this session.", code="history_item_not_found")
 
 
 def _flatten(fields: dict[str, Any]) -> list[Any]:

@@ -149,6 +149,31 @@ def test_every_refusal_of_feedback(http: httpx.Client, feedback_server) -> None:
     assert give(http, ADMIN, item["id"], {"label": 1}).status_code == 401
 
 
+def test_errors_quote_what_a_client_sent_shortened(http: httpx.Client) -> None:
+    """A 2 MB label, a long unknown field, history id, option, export parameter or OIP input name: the
+    error names it by a short prefix and its length, never whole."""
+    auth = login(http)
+    item = predict(http, auth)
+    huge = "x" * 2_000_000
+    long_name = "y" * 5_000
+    refusals = [
+        (give(http, auth, item["id"], {"label": huge}), 422),
+        (give(http, auth, item["id"], {"label": 1, long_name: 1}), 422),
+        (http.get(f"/v1/history/1-{'9' * 5_000}", headers=auth), 404),
+        (http.patch("/v1/session/options", headers=auth, json={long_name: 1}), 422),
+        (http.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, params={"top_k": long_name},
+                   content=CAT_JPEG), 422),
+        (export(http, since=long_name), 400),
+        (http.post("/v2/models/efficientnet_lite0/infer", headers=auth,
+                   json={"inputs": [{"name": long_name, "datatype": "BYTES", "shape": [1], "data": ["x"]}]}), 400),
+    ]
+    for response, status in refusals:
+        assert response.status_code == status, response.text[:200]
+        body = response.json()
+        message = body["error"]["message"] if isinstance(body["error"], dict) else body["error"]
+        assert len(message) < 300 and "characters)" in message, message[:300]
+
+
 def test_agreement_per_version_adds_up_known_feedback(http: httpx.Client) -> None:
     version = http.get("/v1/models", headers=ADMIN).json()["models"][0]["configured"]["version"]
     before = quality(http, version)
@@ -334,6 +359,20 @@ def test_the_export_is_a_tar_of_json_class_and_image_per_item_and_jsonl(http: ht
     records = [json.loads(line) for line in lines.text.splitlines()]
     assert [r["key"] for r in records] == [key, square_key]  # oldest feedback first
     assert records[0] == {**record, "image": {**cat["image"], "file": None}}
+
+
+def test_a_jsonl_record_is_one_line_whatever_its_comment_holds(http: httpx.Client) -> None:
+    started = int(time.time() * 1000)
+    auth = login(http)
+    comment = "next\x85line\u2028separator\u2029paragraph é 😀"
+    for item in (predict(http, auth), predict(http, auth)):
+        assert give(http, auth, item["id"], {"label": 1, "comment": comment}).status_code == 200
+    response = export(http, since=started, format="jsonl")
+    lines = response.text.splitlines()  # splits at U+0085, U+2028 and U+2029 too, as many line readers do
+    assert len(lines) == 2 and [json.loads(line)["feedback"]["comment"] for line in lines] == [comment] * 2
+    assert "é 😀".encode() in response.content  # the rest stays UTF-8, not \u-escaped
+    record = next(iter(tar_items(export(http, since=started).content).values()))["json"]
+    assert b"\\u2028" in record and json.loads(record)["feedback"]["comment"] == comment
 
 
 def test_the_python_clients_and_the_cli_download_the_export(http: httpx.Client, feedback_server, tmp_path: Path,

@@ -20,7 +20,7 @@ from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
 from service.model_versions import choose_version
-from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
+from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited, quoted
 from sessions.model_registry import Canary
 from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
 from sessions.store import HISTORY_ID, Session, canary_slot, now_ms
@@ -155,7 +155,7 @@ class FakeStore:
         for found, entry in stored.history if stored else []:
             if found == history_id:
                 return {"id": found, **json.loads(entry)}
-        raise NotFound(f"No history item {history_id!r} in this session.", code="history_item_not_found")
+        raise NotFound(f"No history item {quoted(history_id)} in this session.", code="history_item_not_found")
 
     async def update_options(self, session_id: str, changes: dict[str, Any]) -> Options:
         self.calls.append(("update_options", changes))

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from service.feedback import FeedbackService, InvalidFeedback, resolve_label, session_hash
-from sessions.errors import InvalidToken, NotFound
+from sessions.errors import QUOTE_CHARS, InvalidToken, NotFound, quoted, quoted_names
 from sessions.options import Options
 from sessions.store import Session
 from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore
@@ -39,6 +39,16 @@ def test_labels_resolve_by_index_or_case_insensitive_name() -> None:
     for bad in (4, -1, True, 1.0, None, "dog", "crane", ["tabby cat"]):
         with pytest.raises(InvalidFeedback):
             resolve_label(bad, labels)
+
+
+def test_an_error_quotes_a_label_by_a_short_prefix_and_its_length(store: FakeStore) -> None:
+    assert quoted("tabby") == "'tabby'" and quoted(7) == "7"
+    assert quoted("x" * 2_000_000) == f"{'x' * QUOTE_CHARS!r}… (2000000 characters)"
+    assert quoted_names(["b", "a", "c" * 1000, *"defg"]) == f"'a', 'b', {quoted('c' * 1000)}, 'd', 'e' and 2 more"
+    session, (history_id,) = recorded(store, (1, "v1"))
+    with pytest.raises(InvalidFeedback) as refused:
+        asyncio.run(service(store, FakeFeedbackRecords()).give(session, history_id, {"label": "z" * 2_000_000}))
+    assert len(refused.value.message) < 200 and "(2000000 characters)" in refused.value.message
 
 
 def test_feedback_is_recorded_replaced_counted_and_withdrawn(store: FakeStore) -> None:
