@@ -14,9 +14,10 @@ class LoginHandler(BaseHandler):
     auth_policy = Policy.PUBLIC
 
     async def post(self) -> None:
-        await self.auth.admit_login(self.request.headers.get("Authorization", ""), self.request.remote_ip or "")
+        owner = await self.auth.admit_login(self.request.headers.get("Authorization", ""),
+                                            self.request.remote_ip or "")
         body = self.json_object(required=False)
-        token, session = await self.sessions.login(body.get("options") or {})
+        token, session = await self.sessions.login(body.get("options") or {}, owner)
         self.write_json({
             "token": token,
             "session_id": session.id,

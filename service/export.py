@@ -2,11 +2,12 @@
 WebDataset tar (or JSON lines), streamed.
 
 The export reads the feedback index in pages of `feedback.export_page_size` records, oldest
-feedback first, and hands out each item's bytes as soon as they are built, so its memory is one
-page of records and one image whatever the export's size. A tar member is its 512-byte header
+feedback first, each page strictly after the last one's last score (a cursor that feedback added or
+removed meanwhile cannot shift), and hands out each item's bytes as soon as they are built, so its
+memory is one page of records and one image whatever the export's size. A tar member is its 512-byte header
 (tarfile.TarInfo.tobuf) and its data padded to 512 bytes; the archive ends with two zero blocks.
 
-Each item is a group of members sharing one key, `<session hash>-<history id>` (no dots, as
+Each item is a group of members sharing one key, `<session ref>-<history id>` (no dots, as
 WebDataset splits a name at its first dot):
     <key>.json     the record (docs/api.md#the-training-export); its `image.file` names the image member
     <key>.cls      the corrected class index, as decimal text
@@ -38,8 +39,8 @@ END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 class FeedbackPages(Protocol):
     """What the export needs of sessions.feedback.FeedbackStore."""
 
-    async def page(self, since_ms: int | float, until_ms: int | float, *, after: tuple[float, int] | None,
-                   limit: int) -> tuple[list[dict[str, Any]], tuple[float, int] | None]: ...
+    async def page(self, since_ms: int | float, until_ms: int | float, *, after: float | None,
+                   limit: int) -> tuple[list[dict[str, Any]], float | None]: ...
 
 
 @dataclass(frozen=True)
@@ -102,7 +103,7 @@ class FeedbackExport:
 
     async def stream(self, query: ExportQuery) -> AsyncIterator[bytes]:
         """The export's bytes, one item at a time (the caller writes and flushes each)."""
-        cursor: tuple[float, int] | None = None
+        cursor: float | None = None  # the last page's last score: no two records share one
         while True:
             records, cursor = await self.records.page(query.since_ms, query.until_ms, after=cursor,
                                                       limit=self.page_size)

@@ -54,11 +54,16 @@ def record(n: int) -> dict:
             "model": {"name": "fake-net", "version": "v1" if n < 20 else "v2"}, "options": {}, "image": None}
 
 
+def put(records: FakeFeedbackRecords, item: dict, *, at_ms: int) -> None:
+    asyncio.run(records.set([item["session"]], item["history_id"], item, at_ms=at_ms,
+                            version=item["model"]["version"], agrees=item["agrees"], keep_until_ms=0, owner="o",
+                            max_per_session=100, daily_limit=0))
+
+
 def test_line_breaks_json_leaves_raw_are_escaped_in_both_formats(tmp_path: Path) -> None:
     records = FakeFeedbackRecords()
     comment = "a\x85b\u2028c\u2029d é"
-    asyncio.run(records.set("s", "1-0", {**record(1), "feedback": {**record(1)["feedback"], "comment": comment}},
-                            at_ms=1000, version="v1", agrees=False, keep_until_ms=0))
+    put(records, {**record(1), "feedback": {**record(1)["feedback"], "comment": comment}}, at_ms=1000)
     exporter = FeedbackExport(records, Captures(FakeCaptureRefs(), store_dir=tmp_path, enabled=True, retention_days=1),
                               page_size=4)
 
@@ -75,8 +80,7 @@ def test_line_breaks_json_leaves_raw_are_escaped_in_both_formats(tmp_path: Path)
 def test_the_export_holds_one_page_at_a_time(tmp_path: Path) -> None:
     records = FakeFeedbackRecords()
     for n in range(25):
-        asyncio.run(records.set("s", f"{n}-0", record(n), at_ms=1000 + n, version=record(n)["model"]["version"],
-                                agrees=n % 2 == 0, keep_until_ms=0))
+        put(records, record(n), at_ms=1000 + n)
     exporter = FeedbackExport(records, Captures(FakeCaptureRefs(), store_dir=tmp_path, enabled=True, retention_days=1),
                               page_size=4)
 
