@@ -149,8 +149,9 @@ def test_every_refusal_of_feedback(http: httpx.Client, feedback_server) -> None:
         assert refused.status_code == 422 and error_code(refused) == "invalid_feedback", body
     assert give(http, auth, item["id"], {"label": 1, "comment": "x" * limit}).status_code == 200
     assert give(http, auth, item["id"], {"label": 1, "comment": "😀" * (limit // 4)}).status_code == 200
-    lone_surrogate = http.put(f"/v1/history/{item['id']}/feedback", headers={**auth, "Content-Type": "application/json"},
-                              content=b'{"label": 1, "comment": "\\ud83d"}')  # JSON can spell it; UTF-8 cannot
+    lone_surrogate = http.put(f"/v1/history/{item['id']}/feedback",  # JSON can spell one; UTF-8 cannot
+                              headers={**auth, "Content-Type": "application/json"},
+                              content=b'{"label": 1, "comment": "\\ud83d"}')
     assert lone_surrogate.status_code == 422 and error_code(lone_surrogate) == "invalid_feedback"
     assert error_code(http.put(f"/v1/history/{item['id']}/feedback", headers=auth, content=b"{")) == "malformed_json"
     assert error_code(give(http, auth, item["id"], [1])) == "invalid_json_type"
