@@ -36,7 +36,7 @@ from service.export import FeedbackExport
 from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
-from sessions.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType
+from sessions.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType, quoted
 from sessions.store import IDEMPOTENCY_KEY, Session, SessionStore
 
 log = logging.getLogger("inference.http")
@@ -189,7 +189,7 @@ class BaseHandler(tornado.web.RequestHandler):
         """CORS preflight: answered for the origins in http.cors_origins, refused for others."""
         origin = self.request.headers.get("Origin", "")
         if origin not in self.http_settings.cors_origins:
-            raise Forbidden(f"Origin {origin!r} is not allowed; list it in http.cors_origins.",
+            raise Forbidden(f"Origin {quoted(origin)} is not allowed; list it in http.cors_origins.",
                             code="cors_origin_not_allowed")
         allowed = [m.upper() for m in ("get", "post", "put", "patch", "delete")
                    if getattr(type(self), m) is not getattr(tornado.web.RequestHandler, m)]
@@ -361,4 +361,4 @@ class NotFoundHandler(BaseHandler):
     auth_policy = Policy.PUBLIC
 
     async def before_auth(self) -> None:
-        raise NotFound(f"No route {self.request.path!r}; see /openapi.json.", code="not_found")
+        raise NotFound(f"No route {quoted(self.request.path)}; see /openapi.json.", code="not_found")

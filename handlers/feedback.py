@@ -1,10 +1,22 @@
-"""The training export: GET /v1/feedback/export (admin), streamed item by item."""
+"""The feedback routes for admins: the training export, GET /v1/feedback/export, streamed item by
+item; and DELETE /v1/feedback, a purge by time and/or session."""
 
 from __future__ import annotations
 
 from handlers.base import BaseHandler
 from service import export
 from service.auth import Policy
+from service.feedback import parse_purge
+
+
+class FeedbackPurgeHandler(BaseHandler):
+    """DELETE /v1/feedback?since=&until=&session=<session ref> -> {"deleted": n}"""
+
+    auth_policy = Policy.ADMIN
+
+    async def delete(self) -> None:
+        query = parse_purge({name: self.get_query_argument(name) for name in self.request.query_arguments})
+        self.write_json({"deleted": await self.feedback.purge(query)})
 
 
 class FeedbackExportHandler(BaseHandler):

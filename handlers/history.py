@@ -35,6 +35,11 @@ class HistoryImageHandler(BaseHandler):
 class FeedbackHandler(BaseHandler):
     """PUT /v1/history/<id>/feedback {"label": <index or name>, "comment": ...}; DELETE removes it."""
 
+    @property
+    def rate_limit_cost(self) -> int:  # type: ignore[override]
+        """Giving feedback writes to Redis like a predict, and costs what a predict costs."""
+        return 1 if self.request.method == "PUT" else 0
+
     async def put(self, history_id: str) -> None:
         self.write_json(await self.feedback.give(self.current_session, history_id, self.json_object()))
 

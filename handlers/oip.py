@@ -27,7 +27,7 @@ from handlers.oip_protocol import (
     server_metadata,
 )
 from service.auth import Policy
-from sessions.errors import BadRequest, ServiceError, UnsupportedMediaType
+from sessions.errors import BadRequest, ServiceError, UnsupportedMediaType, quoted
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -142,13 +142,13 @@ class InferHandler(BaseHandler):
 
 def _parse_body(body: bytes, header_length: str | None, encoding: str | None) -> _RestRequest:
     if encoding and encoding.strip().lower() != "identity":
-        raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send the body uncompressed.")
+        raise UnsupportedMediaType(f"Content-Encoding {quoted(encoding)} is not supported; send the body uncompressed.")
     if header_length is None:
         head, binary = body, memoryview(b"")
     else:
         if not header_length.strip().isdigit() or int(header_length) > len(body):
             raise BadRequest(f"{HEADER_LENGTH} must be the JSON header's length in bytes, at most the body's "
-                             f"{len(body)}; got {header_length!r}.", code="invalid_header_length")
+                             f"{len(body)}; got {quoted(header_length)}.", code="invalid_header_length")
         split = int(header_length)
         head, binary = body[:split], memoryview(body)[split:]
     document = parse_json(head, "The inference request")
@@ -188,11 +188,11 @@ def _input(item: dict[str, Any], binary: memoryview, offset: int) -> tuple[RawIn
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if isinstance(size, bool) or not isinstance(size, int) or size < 0 or offset + size > len(binary):
-            raise BadRequest(f"Input {name!r}: binary_data_size {size!r} does not fit the {len(binary) - offset} "
-                             "bytes left after the JSON header.", code="invalid_tensor")
+            raise BadRequest(f"Input {quoted(name)}: binary_data_size {quoted(size)} does not fit the "
+                             f"{len(binary) - offset} bytes left after the JSON header.", code="invalid_tensor")
         return RawInput(name, datatype, shape, raw=binary[offset : offset + size]), offset + size
     if "data" not in item:
-        raise BadRequest(f"Input {name!r} has neither data nor the binary_data_size parameter.",
+        raise BadRequest(f"Input {quoted(name)} has neither data nor the binary_data_size parameter.",
                          code="invalid_tensor")
     data = _flatten(item["data"], name)
     if datatype == BYTES:
@@ -213,7 +213,7 @@ def _flatten(data: Any, name: str) -> list[Any]:
         if not isinstance(element, list):
             flat.append(element)
         elif depth >= _MAX_DATA_DEPTH:
-            raise BadRequest(f"Input {name!r}: data nests lists more than {_MAX_DATA_DEPTH} deep.",
+            raise BadRequest(f"Input {quoted(name)}: data nests lists more than {_MAX_DATA_DEPTH} deep.",
                              code="invalid_tensor")
         else:
             stack.extend((item, depth + 1) for item in reversed(element))
@@ -222,12 +222,12 @@ def _flatten(data: Any, name: str) -> list[Any]:
 
 def _base64(element: Any, name: str) -> bytes:
     if not isinstance(element, str):
-        raise BadRequest(f"Input {name!r}: in the JSON form a BYTES element is a base64 string.",
+        raise BadRequest(f"Input {quoted(name)}: in the JSON form a BYTES element is a base64 string.",
                          code="invalid_tensor")
     try:
         return base64.b64decode(element, validate=True)
     except (binascii.Error, ValueError):
-        raise BadRequest(f"Input {name!r}: a BYTES element is not valid base64 (in the JSON form each image is "
+        raise BadRequest(f"Input {quoted(name)}: a BYTES element is not valid base64 (in the JSON form each image is "
                          "sent as base64 text; the binary form takes the bytes as they are).",
                          code="invalid_tensor") from None
 

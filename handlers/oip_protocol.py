@@ -32,7 +32,7 @@ import numpy as np
 
 from inference.runner import ModelRunner
 from service.classify import Classifier
-from sessions.errors import BadRequest, NotFound
+from sessions.errors import BadRequest, NotFound, quoted
 from sessions.options import CROP_RANGE, Options
 from sessions.store import Session
 
@@ -81,9 +81,11 @@ def server_metadata() -> dict[str, Any]:
 def check_model(runner: ModelRunner, name: str, version: str | None) -> None:
     """Raise NotFound unless `name` (and `version`, when given) is the model this server runs."""
     if name != runner.model.name:
-        raise NotFound(f"Unknown model {name!r}; this server serves {runner.model.name!r}.", code="model_not_found")
+        raise NotFound(f"Unknown model {quoted(name)}; this server serves {runner.model.name!r}.",
+                       code="model_not_found")
     if version and version != runner.model.version:
-        raise NotFound(f"Model {name!r} has no version {version!r}; it serves version {runner.model.version!r}.",
+        raise NotFound(f"Model {quoted(name)} has no version {quoted(version)}; it serves version "
+                       f"{runner.model.version!r}.",
                        code="model_version_not_found")
 
 
@@ -100,12 +102,12 @@ def decode_bytes_elements(raw: bytes | memoryview, name: str) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(view):
         if offset + 4 > len(view):
-            raise BadRequest(f"Input {name!r}: BYTES data ends inside an element's 4-byte length prefix.",
+            raise BadRequest(f"Input {quoted(name)}: BYTES data ends inside an element's 4-byte length prefix.",
                              code="invalid_tensor")
         (length,) = _LENGTH.unpack_from(view, offset)
         offset += 4
         if offset + length > len(view):
-            raise BadRequest(f"Input {name!r}: a BYTES element claims {length} bytes but only "
+            raise BadRequest(f"Input {quoted(name)}: a BYTES element claims {length} bytes but only "
                              f"{len(view) - offset} remain.", code="invalid_tensor")
         elements.append(bytes(view[offset : offset + length]))
         offset += length
@@ -134,15 +136,15 @@ class RequestedOutput:
     @classmethod
     def from_parameters(cls, name: str, parameters: Mapping[str, Any]) -> RequestedOutput:
         if name != PROBABILITIES_OUTPUT:
-            raise BadRequest(f"Unknown output {name!r}; the model's output is {PROBABILITIES_OUTPUT!r}.",
+            raise BadRequest(f"Unknown output {quoted(name)}; the model's output is {PROBABILITIES_OUTPUT!r}.",
                              code="invalid_output")
         k = parameters.get("classification", 0)
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise BadRequest(f"Output {name!r}: the classification parameter must be a positive integer.",
+            raise BadRequest(f"Output {quoted(name)}: the classification parameter must be a positive integer.",
                              code="invalid_output")
         binary = parameters.get("binary_data")
         if binary is not None and not isinstance(binary, bool):
-            raise BadRequest(f"Output {name!r}: binary_data must be true or false.", code="invalid_output")
+            raise BadRequest(f"Output {quoted(name)}: binary_data must be true or false.", code="invalid_output")
         return cls(name, k, binary)
 
 
@@ -167,11 +169,11 @@ def parse_request(request_id: str, inputs: list[RawInput], outputs: list[Request
                          f"this request has {len(inputs)}.", code="invalid_input")
     tensor = inputs[0]
     if tensor.name not in (IMAGE_INPUT, TENSOR_INPUT):
-        raise BadRequest(f"Unknown input {tensor.name!r}; the model takes {IMAGE_INPUT!r} (BYTES [-1]) or "
+        raise BadRequest(f"Unknown input {quoted(tensor.name)}; the model takes {IMAGE_INPUT!r} (BYTES [-1]) or "
                          f"{TENSOR_INPUT!r} (FP32 [-1, 3, -1, -1]).", code="invalid_input")
     expected = BYTES if tensor.name == IMAGE_INPUT else FP32
     if tensor.datatype != expected:
-        raise BadRequest(f"Input {tensor.name!r} must be {expected}, got {tensor.datatype!r}.",
+        raise BadRequest(f"Input {quoted(tensor.name)} must be {expected}, got {quoted(tensor.datatype)}.",
                          code="invalid_datatype")
     shape = _check_shape(tensor)
     if len({output.name for output in outputs}) != len(outputs):
@@ -184,7 +186,7 @@ def parse_request(request_id: str, inputs: list[RawInput], outputs: list[Request
 def _check_shape(tensor: RawInput) -> list[int]:
     shape = tensor.shape
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
-        raise BadRequest(f"Input {tensor.name!r}: shape must be a list of integers.", code="invalid_shape")
+        raise BadRequest(f"Input {quoted(tensor.name)}: shape must be a list of integers.", code="invalid_shape")
     if tensor.name == IMAGE_INPUT:
         ok = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
         wanted = "[N] or [N, 1]"
@@ -192,8 +194,8 @@ def _check_shape(tensor: RawInput) -> list[int]:
         ok = len(shape) == 4 and shape[1] == 3 and all(MIN_SIDE <= side <= MAX_SIDE for side in shape[2:])
         wanted = f"[N, 3, H, W] with H and W between {MIN_SIDE} and {MAX_SIDE}"
     if not ok or not 1 <= shape[0] <= MAX_BATCH:
-        raise BadRequest(f"Input {tensor.name!r} has shape {shape}; it must be {wanted}, with N between 1 and "
-                         f"{MAX_BATCH}.", code="invalid_shape")
+        raise BadRequest(f"Input {quoted(tensor.name)} has shape {quoted(shape)}; it must be {wanted}, with N "
+                         f"between 1 and {MAX_BATCH}.", code="invalid_shape")
     return shape
 
 
@@ -203,9 +205,9 @@ def _images(tensor: RawInput, count: int) -> list[bytes]:
     else:
         images = list(tensor.elements or [])
         if not all(isinstance(element, bytes) for element in images):
-            raise BadRequest(f"Input {tensor.name!r}: every element must be bytes.", code="invalid_tensor")
+            raise BadRequest(f"Input {quoted(tensor.name)}: every element must be bytes.", code="invalid_tensor")
     if len(images) != count:
-        raise BadRequest(f"Input {tensor.name!r}: the shape says {count} elements, the data has {len(images)}.",
+        raise BadRequest(f"Input {quoted(tensor.name)}: the shape says {count} elements, the data has {len(images)}.",
                          code="invalid_tensor")
     return images
 
@@ -214,7 +216,7 @@ def _fp32(tensor: RawInput, shape: list[int]) -> np.ndarray:
     count = math.prod(shape)
     if tensor.raw is not None:
         if len(tensor.raw) != count * 4:
-            raise BadRequest(f"Input {tensor.name!r}: shape {shape} needs {count * 4} bytes of FP32 data, "
+            raise BadRequest(f"Input {quoted(tensor.name)}: shape {shape} needs {count * 4} bytes of FP32 data, "
                              f"got {len(tensor.raw)}.", code="invalid_tensor")
         # A copy: the slice of the body may be unaligned for float32, and runtimes want writable arrays.
         values = np.frombuffer(tensor.raw, dtype="<f4").copy()
@@ -222,12 +224,12 @@ def _fp32(tensor: RawInput, shape: list[int]) -> np.ndarray:
         try:
             values = np.asarray(tensor.elements if tensor.elements is not None else [], dtype=np.float32).ravel()
         except (TypeError, ValueError):
-            raise BadRequest(f"Input {tensor.name!r}: data must be numbers.", code="invalid_tensor") from None
+            raise BadRequest(f"Input {quoted(tensor.name)}: data must be numbers.", code="invalid_tensor") from None
         if values.size != count:
-            raise BadRequest(f"Input {tensor.name!r}: shape {shape} needs {count} values, got {values.size}.",
+            raise BadRequest(f"Input {quoted(tensor.name)}: shape {shape} needs {count} values, got {values.size}.",
                              code="invalid_tensor")
     if not np.isfinite(values).all():
-        raise BadRequest(f"Input {tensor.name!r} holds NaN or infinite values.", code="invalid_tensor")
+        raise BadRequest(f"Input {quoted(tensor.name)} holds NaN or infinite values.", code="invalid_tensor")
     return values.astype(np.float32, copy=False).reshape(shape)
 
 

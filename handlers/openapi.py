@@ -125,7 +125,8 @@ SCHEMAS: dict[str, Any] = {
         "properties": {
             "label": {"oneOf": [{"type": "integer", "minimum": 0},
                                 {"type": "string", "description": "A label name, case-insensitive."}]},
-            "comment": {"type": ["string", "null"], "description": "At most feedback.max_comment_chars (500)."},
+            "comment": {"type": ["string", "null"],
+                        "description": "At most feedback.max_comment_bytes (2000) bytes in UTF-8."},
         },
     },
     "CapturedImage": {
@@ -574,7 +575,12 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                 "responses": {"200": _json(_ref("HistoryItem"), "The item, with its feedback."),
                               **_JSON_BODY_ERRORS,
                               "404": _error("No such item in this session."),
+                              "409": _error("The session gave feedback on history.max_entries predictions already "
+                                            "(feedback_limit_reached)."),
                               "422": _error("Unknown label, index out of range, or comment too long."),
+                              "429": _error("Over the session's rate limit (rate_limited), or over "
+                                            "feedback.daily_limit for its API key or address "
+                                            "(feedback_rate_limited); see Retry-After."),
                               **_AUTH_ERRORS},
             },
             "delete": {
@@ -585,6 +591,25 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                               "404": _error("No such item in this session."), **_AUTH_ERRORS},
             },
         },
+        "/v1/feedback": {"delete": {
+            "summary": "Purge feedback: every record given in a time range, or one session's (by the name the "
+                       "export gives it), or one session's in a time range. See docs/api.md#purging-feedback.",
+            "security": _ADMIN,
+            "parameters": [
+                {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "Feedback given at or after this time: ISO 8601 (UTC unless it says) or epoch ms."},
+                {"name": "until", "in": "query", "required": False, "schema": {"type": "string"},
+                 "description": "Feedback given before this time: ISO 8601 or epoch ms."},
+                {"name": "session", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
+                 "description": "The session's name as the export's `session` field gives it."},
+            ],
+            "responses": {"200": _json({"type": "object", "required": ["deleted"],
+                                        "properties": {"deleted": {"type": "integer", "minimum": 0}}},
+                                       "How many records were removed."),
+                          "400": _error("A bad or unknown parameter, or none (invalid_parameter)."),
+                          **{code: _ADMIN_ERRORS[code] for code in ("401", "403", "503")}},
+        }},
         "/v1/feedback/export": {"get": {
             "summary": "The training export: every piece of feedback with its prediction, model version, options and "
                        "captured image, oldest feedback first, streamed as a WebDataset tar (members <key>.json, "

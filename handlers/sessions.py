@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from handlers.base import BaseHandler
 from service.auth import Policy
-from sessions.errors import BadRequest
+from sessions.errors import BadRequest, quoted
 
 
 class LoginHandler(BaseHandler):
@@ -14,9 +14,9 @@ class LoginHandler(BaseHandler):
     auth_policy = Policy.PUBLIC
 
     async def post(self) -> None:
-        await self.auth.admit_login(self.request.headers.get("Authorization", ""), self.client_address)
+        owner = await self.auth.admit_login(self.request.headers.get("Authorization", ""), self.client_address)
         body = self.json_object(required=False)
-        token, session = await self.sessions.login(body.get("options") or {})
+        token, session = await self.sessions.login(body.get("options") or {}, owner)
         self.write_json({
             "token": token,
             "session_id": session.id,
@@ -34,7 +34,7 @@ class SessionHandler(BaseHandler):
     async def delete(self) -> None:
         erase = self.get_query_argument("erase", "false")
         if erase not in ("true", "false"):
-            raise BadRequest(f"erase must be true or false, got {erase!r}.", code="invalid_parameter")
+            raise BadRequest(f"erase must be true or false, got {quoted(erase)}.", code="invalid_parameter")
         await self.sessions.logout(self.current_session, erase=erase == "true")
         self.no_content()
 

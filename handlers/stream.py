@@ -44,7 +44,7 @@ import tornado.websocket
 
 from handlers.base import BaseHandler, parse_json
 from service.auth import Policy
-from sessions.errors import BadRequest, InvalidToken, ServiceError
+from sessions.errors import BadRequest, InvalidToken, ServiceError, quoted_names
 from sessions.tokens import VerifiedToken
 
 log = logging.getLogger("inference.stream")
@@ -52,7 +52,6 @@ log = logging.getLogger("inference.stream")
 POLICY_VIOLATION = 1008
 _MAX_REF_LENGTH = 128
 _HEADER_KEYS = frozenset({"ref", "options"})
-_NAMES_SHOWN, _NAME_CHARS_SHOWN = 5, 40  # of unknown fields, in an error message (not an echo of the frame)
 
 
 class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
@@ -256,10 +255,7 @@ def _header_problem(header: Any) -> str | None:
         return "A JSON frame must be an object: {\"ref\": ..., \"options\": {...}}."
     unknown = set(header) - _HEADER_KEYS
     if unknown:
-        names = [name if len(name) <= _NAME_CHARS_SHOWN else name[:_NAME_CHARS_SHOWN] + "..."
-                 for name in sorted(unknown)[:_NAMES_SHOWN]]
-        more = f" and {len(unknown) - _NAMES_SHOWN} more" if len(unknown) > _NAMES_SHOWN else ""
-        return f"Unknown field(s) {', '.join(names)}{more} in a JSON frame; known: ref, options."
+        return f"Unknown field(s) {quoted_names(unknown)} in a JSON frame; known: ref, options."
     ref = header.get("ref")
     if ref is not None and not (isinstance(ref, str | int) and not isinstance(ref, bool)):
         return "ref must be a string or an integer."

@@ -12,7 +12,7 @@ import tornado.netutil
 import tornado.web
 
 from handlers.base import HttpSettings, InFlight, NotFoundHandler
-from handlers.feedback import FeedbackExportHandler
+from handlers.feedback import FeedbackExportHandler, FeedbackPurgeHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import FeedbackHandler, HistoryHandler, HistoryImageHandler, HistoryItemHandler
 from handlers.models import ActivateHandler, LabelsHandler, ModelsHandler, ModelVersionHandler, PinnableHandler
@@ -40,7 +40,7 @@ from service.auth import Authenticator, AuthSettings
 from service.capture import Captures
 from service.classify import Classifier
 from service.export import FeedbackExport
-from service.feedback import FeedbackService
+from service.feedback import FeedbackLimits, FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
 from sessions.captures import CaptureRefs
@@ -65,6 +65,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/history/([^/]+)/feedback", FeedbackHandler),
     (r"/v1/history/([^/]+)/image", HistoryImageHandler),
     (r"/v1/feedback/export", FeedbackExportHandler),
+    (r"/v1/feedback", FeedbackPurgeHandler),
     (r"/predict", PlainPredictHandler),
     (r"/healthz", LivenessHandler),
     (r"/readyz", ReadinessHandler),
@@ -95,7 +96,7 @@ def make_app(
     registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
     given; the caller starts them following other replicas (`await model_versions.start()`)."""
     signer = make_signer(config)
-    feedback, captures = make_feedback(config, store, runner), make_captures(config, store, runner)
+    feedback, captures = make_feedback(config, store, runner, signer), make_captures(config, store, runner)
     versions = model_versions or make_model_versions(config, store, runner, feedback)
     rewrites = make_rewrite_after_erase(config, store)
     auth, classifier, sessions = use_cases(config, store, runner, signer, versions, feedback, captures,
@@ -158,10 +159,12 @@ def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner
                          backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
 
 
-def make_feedback(config: Config, store: SessionStore, runner: ModelRunner) -> FeedbackService:
-    metrics = runner.metrics
+def make_feedback(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner) -> FeedbackService:
+    metrics, settings = runner.metrics, config.feedback
+    limits = FeedbackLimits(max_comment_bytes=settings.max_comment_bytes, max_per_session=config.history.max_entries,
+                            daily_limit=settings.daily_limit, retention_days=settings.retention_days)
     return FeedbackService(store, FeedbackStore(store.redis, runner.model.name), labels=lambda: runner.model.labels,
-                           max_comment_chars=config.feedback.max_comment_chars,
+                           signer=signer, limits=limits,
                            on_feedback=metrics.observe_feedback if isinstance(metrics, Metrics) else None)
 
 

@@ -193,6 +193,9 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     # One process enforces the capture retention (the others read it on every image read).
     capture_sweeper = asyncio.ensure_future(app.settings["captures"].sweep_forever(
         config.capture.sweep_interval_seconds)) if slot == 0 else None
+    # ... and the feedback retention.
+    feedback_sweeper = asyncio.ensure_future(app.settings["feedback"].sweep_forever(
+        config.feedback.sweep_interval_seconds)) if slot == 0 else None
     server = http_server(app, config, counts, slot)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]
@@ -237,6 +240,8 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
         session_counter.cancel()
     if capture_sweeper is not None:
         capture_sweeper.cancel()
+    if feedback_sweeper is not None:
+        feedback_sweeper.cancel()
     app.settings["captures"].close()
     if app.settings["rewrite_after_erase"] is not None:  # an erase's rewrite still waiting: now, not never
         await app.settings["rewrite_after_erase"].flush()

@@ -177,8 +177,15 @@ class ModelsConfig:
 
 @dataclass
 class FeedbackConfig:
-    # The longest comment PUT /v1/history/<id>/feedback takes (characters).
-    max_comment_chars: int = 500
+    # The longest comment PUT /v1/history/<id>/feedback takes, in bytes of UTF-8 (as it is stored).
+    max_comment_bytes: int = 2000
+    # Feedback given per UTC day by one API key (by one client address where auth.api_keys is empty),
+    # over all its sessions and shared by every replica (Redis); beyond it 429. 0: unlimited.
+    daily_limit: int = 1000
+    # Feedback records are deleted this many days after they were given (training data, not forever) ...
+    retention_days: int = 365
+    # ... by one serving process, this often.
+    sweep_interval_seconds: float = 3600.0
     # Records GET /v1/feedback/export reads from Redis at a time: its memory is bounded by this many
     # records (and one image), whatever the export's size.
     export_page_size: int = 200
@@ -424,7 +431,10 @@ def validate(config: Config) -> None:
          "model.max_forward_pixels must be at least 1048576 (one image at the largest crop)."),
         (config.model.max_request_pixels >= config.model.max_forward_pixels,
          "model.max_request_pixels must be at least model.max_forward_pixels."),
-        (1 <= config.feedback.max_comment_chars <= 100_000, "feedback.max_comment_chars must be between 1 and 100000."),
+        (1 <= config.feedback.max_comment_bytes <= 100_000, "feedback.max_comment_bytes must be between 1 and 100000."),
+        (config.feedback.daily_limit >= 0, "feedback.daily_limit must not be negative (0: unlimited)."),
+        (1 <= config.feedback.retention_days <= 36_500, "feedback.retention_days must be between 1 and 36500."),
+        (config.feedback.sweep_interval_seconds > 0, "feedback.sweep_interval_seconds must be positive."),
         (1 <= config.feedback.export_page_size <= 10_000, "feedback.export_page_size must be between 1 and 10000."),
         (1 <= config.capture.retention_days <= 36_500, "capture.retention_days must be between 1 and 36500."),
         (config.capture.sweep_interval_seconds > 0, "capture.sweep_interval_seconds must be positive."),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -154,11 +153,6 @@ def configure_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
 
 
-def session_hash(session_id: str) -> str:
-    """Logs carry this instead of the session id, which together with a signature is a credential."""
-    return hashlib.sha256(session_id.encode()).hexdigest()[:12]
-
-
 def log_request(handler: Any) -> None:
     """Tornado's log_function: one access line and the request metrics for every answer."""
     status = handler.get_status()
@@ -173,13 +167,16 @@ def log_request(handler: Any) -> None:
         if getattr(handler, "error_code", None) == "store_unavailable":
             metrics.store_errors.inc()
     session = getattr(handler, "session", None)
+    # The session's ref (sessions.tokens), not its id, which with a signature is a credential: the name
+    # the export and an admin's purge use, which nobody without the server secret can link to the id.
+    signer = handler.application.settings.get("signer")
     fields = {
         "request_id": getattr(handler, "request_id", "-"),
         "route": route,
         "method": request.method,
         "status": status,
         "duration_ms": round(seconds * 1000, 1),
-        "session": session_hash(session.id) if session is not None else None,
+        "session": signer.session_ref(session.id) if session is not None and signer is not None else None,
     }
     if getattr(handler, "error_code", None):
         fields["error"] = handler.error_code

@@ -130,16 +130,17 @@ class Authenticator:
                             code="admin_api_disabled")
         _check_api_key(key, self.settings.admin_api_keys, invalid="The admin API key is not valid.")
 
-    async def admit_login(self, authorization: str, client_address: str) -> None:
+    async def admit_login(self, authorization: str, client_address: str) -> str:
         """Check the API key (where keys are configured) and charge the login rate limit: per valid key,
         else per client address, so that wrong keys are throttled too and a fresh login never escapes a
         session's rate limit for long. `client_address` is the request's resolved address
-        (service.client_address); an IPv6 client is counted by its /64."""
+        (service.client_address); an IPv6 client is counted by its /64. Returns who was charged (the new
+        session's owner, whose limits its sessions share, such as feedback.daily_limit)."""
         per_minute = self.settings.login_rate_limit_per_minute
         address = f"address:{rate_limit_bucket(client_address)}"
         if not self.settings.api_keys:  # none configured: anyone may log in
             await self.store.take_login(address, per_minute)
-            return
+            return address
         key = _credential(authorization, "apikey")
         if key is None:
             raise InvalidToken("Logging in needs an 'Authorization: ApiKey <key>' header.", code="missing_api_key")
@@ -149,3 +150,4 @@ class Authenticator:
             await self.store.take_login(address, per_minute)
             raise
         await self.store.take_login(api_key_hash(key), per_minute)
+        return api_key_hash(key)

@@ -2,11 +2,12 @@
 WebDataset tar (or JSON lines), streamed.
 
 The export reads the feedback index in pages of `feedback.export_page_size` records, oldest
-feedback first, and hands out each item's bytes as soon as they are built, so its memory is one
-page of records and one image whatever the export's size. A tar member is its 512-byte header
+feedback first, each page strictly after the last one's last score (a cursor that feedback added or
+removed meanwhile cannot shift), and hands out each item's bytes as soon as they are built, so its
+memory is one page of records and one image whatever the export's size. A tar member is its 512-byte header
 (tarfile.TarInfo.tobuf) and its data padded to 512 bytes; the archive ends with two zero blocks.
 
-Each item is a group of members sharing one key, `<session hash>-<history id>` (no dots, as
+Each item is a group of members sharing one key, `<session ref>-<history id>` (no dots, as
 WebDataset splits a name at its first dot):
     <key>.json     the record (docs/api.md#the-training-export); its `image.file` names the image member
     <key>.cls      the corrected class index, as decimal text
@@ -24,7 +25,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from service.capture import EXTENSIONS, Captures
-from sessions.errors import BadRequest
+from sessions.errors import BadRequest, quoted, quoted_names
 from sessions.options import MODEL_VERSION
 
 MEDIA_TYPES = {"tar": "application/x-tar", "jsonl": "application/x-ndjson"}
@@ -38,8 +39,8 @@ END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
 class FeedbackPages(Protocol):
     """What the export needs of sessions.feedback.FeedbackStore."""
 
-    async def page(self, since_ms: int | float, until_ms: int | float, *, after: tuple[float, int] | None,
-                   limit: int) -> tuple[list[dict[str, Any]], tuple[float, int] | None]: ...
+    async def page(self, since_ms: int | float, until_ms: int | float, *, after: float | None,
+                   limit: int) -> tuple[list[dict[str, Any]], float | None]: ...
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def parse_time(text: str, name: str) -> int:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise BadRequest(f"{name} must be an ISO 8601 time such as 2026-01-31T12:00:00Z, or milliseconds since "
-                         f"the epoch; got {text!r}.", code="invalid_parameter") from None
+                         f"the epoch; got {quoted(text)}.", code="invalid_parameter") from None
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     return round(moment.timestamp() * 1000)
@@ -68,7 +69,7 @@ def parse_query(arguments: Mapping[str, str]) -> ExportQuery:
     """The export's query parameters, checked (400 `invalid_parameter` naming the bad one)."""
     unknown = sorted(set(arguments) - set(PARAMETERS))
     if unknown:
-        raise BadRequest(f"Unknown parameter(s) {', '.join(unknown)}; the export takes {', '.join(PARAMETERS)}.",
+        raise BadRequest(f"Unknown parameter(s) {quoted_names(unknown)}; the export takes {', '.join(PARAMETERS)}.",
                          code="invalid_parameter")
     since = parse_time(arguments["since"], "since") if arguments.get("since") else float("-inf")
     until = parse_time(arguments["until"], "until") if arguments.get("until") else float("inf")
@@ -76,10 +77,11 @@ def parse_query(arguments: Mapping[str, str]) -> ExportQuery:
         raise BadRequest("since must be before until.", code="invalid_parameter")
     version = arguments.get("model_version") or None
     if version is not None and not MODEL_VERSION.match(version):
-        raise BadRequest(f"model_version {version!r} is not a version name.", code="invalid_parameter")
+        raise BadRequest(f"model_version {quoted(version)} is not a version name.", code="invalid_parameter")
     export_format = arguments.get("format") or "tar"
     if export_format not in FORMATS:
-        raise BadRequest(f"format must be {' or '.join(FORMATS)}, got {export_format!r}.", code="invalid_parameter")
+        raise BadRequest(f"format must be {' or '.join(FORMATS)}, got {quoted(export_format)}.",
+                         code="invalid_parameter")
     return ExportQuery(since, until, version, export_format)
 
 
@@ -101,7 +103,7 @@ class FeedbackExport:
 
     async def stream(self, query: ExportQuery) -> AsyncIterator[bytes]:
         """The export's bytes, one item at a time (the caller writes and flushes each)."""
-        cursor: tuple[float, int] | None = None
+        cursor: float | None = None  # the last page's last score: no two records share one
         while True:
             records, cursor = await self.records.page(query.since_ms, query.until_ms, after=cursor,
                                                       limit=self.page_size)
@@ -129,5 +131,11 @@ class FeedbackExport:
         return b"".join(parts)
 
 
+# Characters JSON allows raw in a string but that line readers split on (Python's str.splitlines, and
+# JavaScript before ES2019 reads the last two as line ends): escaped, so that one record is one line.
+_LINE_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def _json(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+    """Compact JSON, as UTF-8 (not \\u-escaped), with no character a line reader takes for a line end."""
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).translate(_LINE_BREAKS).encode()

@@ -7,7 +7,7 @@ from typing import Any
 
 from service.capture import Captures
 from service.feedback import FeedbackService
-from sessions.errors import BadRequest
+from sessions.errors import BadRequest, quoted
 from sessions.store import Session, SessionStore
 
 MAX_PAGE = 100
@@ -20,7 +20,8 @@ def page_size(text: str | None) -> int:
     text = str(DEFAULT_PAGE) if text is None else text
     # ASCII digits only: str.isdigit() also takes digits int() refuses (a superscript two).
     if not _PAGE_SIZE.fullmatch(text) or not 1 <= int(text) <= MAX_PAGE:
-        raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}, got {text!r}.", code="invalid_parameter")
+        raise BadRequest(f"limit must be an integer from 1 to {MAX_PAGE}, got {quoted(text)}.",
+                         code="invalid_parameter")
     return int(text)
 
 

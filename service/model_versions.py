@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 from inference.model import Backend, LoadedModel, ModelLoadError
 from inference.runner import ModelRunner, ServedModel
 from service.feedback import FeedbackService, quality_view
-from sessions.errors import BadRequest, Conflict, NotFound, ServiceError
+from sessions.errors import BadRequest, Conflict, NotFound, ServiceError, quoted, quoted_names
 from sessions.model_registry import Canary, ModelEvent, ModelRegistry, VersionRecord
 from sessions.options import MODEL_VERSION, Options
 from sessions.store import Session, iso, now_ms
@@ -70,10 +70,10 @@ def parse_traffic_percent(body: dict[str, Any]) -> int:
     unknown = set(body) - {"traffic_percent"}
     low, high = TRAFFIC_PERCENT
     if unknown:
-        raise InvalidTrafficPercent(f"Unknown field(s) {', '.join(sorted(unknown))}; the body takes traffic_percent.")
+        raise InvalidTrafficPercent(f"Unknown field(s) {quoted_names(unknown)}; the body takes traffic_percent.")
     percent = body.get("traffic_percent", high)
     if isinstance(percent, bool) or not isinstance(percent, int) or not low <= percent <= high:
-        raise InvalidTrafficPercent(f"traffic_percent must be an integer from {low} to {high}, got {percent!r}.")
+        raise InvalidTrafficPercent(f"traffic_percent must be an integer from {low} to {high}, got {quoted(percent)}.")
     return percent
 
 
@@ -125,7 +125,7 @@ class ModelVersions:
     # -- publishing -------------------------------------------------------------------------------
     def check_name(self, name: str, version: str | None = None) -> None:
         if name != self.name:
-            raise NotFound(f"This server serves the model {self.name!r}, not {name!r}.", code="model_not_found")
+            raise NotFound(f"This server serves the model {self.name!r}, not {quoted(name)}.", code="model_not_found")
         if version is not None and not MODEL_VERSION.match(version):
             raise BadRequest("A version name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
                              "or digit.", code="invalid_version")

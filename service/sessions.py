@@ -26,11 +26,12 @@ class SessionService:
         self.feedback, self.captures = feedback, captures
         self.on_erased = on_erased
 
-    async def login(self, changes: Any) -> tuple[str, Session]:
-        """A new session with the default options merged with `changes`, and its signed token."""
+    async def login(self, changes: Any, owner: str | None = None) -> tuple[str, Session]:
+        """A new session with the default options merged with `changes`, and its signed token. `owner`:
+        who logged in, as service.auth.Authenticator.admit_login charged it."""
         options = Options().merged(changes)
         await self._check_version(changes)
-        session = await self.store.create(options)
+        session = await self.store.create(options, owner)
         return self.signer.issue(session.id), session
 
     async def update_options(self, session: Session, changes: Any) -> Options:

@@ -6,6 +6,30 @@ base handler maps them to the JSON error shape in one place.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from typing import Any
+
+#: The most characters of a client's input an error message quotes.
+QUOTE_CHARS = 40
+#: The most names (unknown fields, say) an error message lists.
+QUOTE_NAMES = 5
+
+
+def quoted(value: Any) -> str:
+    """A client's input as an error message quotes it: its repr, cut to QUOTE_CHARS characters with its
+    full length said, so that an error never echoes a large input back whole."""
+    if isinstance(value, str):
+        return repr(value) if len(value) <= QUOTE_CHARS else f"{value[:QUOTE_CHARS]!r}… ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= QUOTE_CHARS else f"{text[:QUOTE_CHARS]}… ({len(text)} characters)"
+
+
+def quoted_names(names: Iterable[Any]) -> str:
+    """Names a client sent (unknown fields, say), sorted, each quoted, at most QUOTE_NAMES of them."""
+    ordered = sorted(map(str, names))
+    listed = ", ".join(quoted(name) for name in ordered[:QUOTE_NAMES])
+    return listed if len(ordered) <= QUOTE_NAMES else f"{listed} and {len(ordered) - QUOTE_NAMES} more"
+
 
 class ServiceError(Exception):
     status: int = 500

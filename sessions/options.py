@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sessions.errors import BadOptions
+from sessions.errors import BadOptions, quoted
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 COLORS = ("rgb", "grayscale")
@@ -61,7 +61,7 @@ class Options:
         for name, value in changes.items():
             if name not in values:
                 known = ", ".join(values)
-                raise BadOptions(name, f"Unknown option {name!r}; known options are {known}.")
+                raise BadOptions(name, f"Unknown option {quoted(name)}; known options are {known}.")
             values[name] = _check_field(name, value)
         if values["crop"] > values["resize"]:
             raise BadOptions("crop", f"crop ({values['crop']}) must not exceed resize ({values['resize']}).")
@@ -102,7 +102,7 @@ def _check_field(name: str, value: Any) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise BadOptions(name, f"{name} must be an integer between {low} and {high}.")
         if not low <= value <= high:
-            raise BadOptions(name, f"{name} must be between {low} and {high}, got {value}.")
+            raise BadOptions(name, f"{name} must be between {low} and {high}, got {quoted(value)}.")
         return value
     if name in _CHOICES:
         if value not in _CHOICES[name]:
@@ -128,10 +128,10 @@ def _parse_text(name: str, text: str) -> Any:
         try:
             return int(text)
         except ValueError:
-            raise BadOptions(name, f"{name} must be an integer, got {text!r}.") from None
+            raise BadOptions(name, f"{name} must be an integer, got {quoted(text)}.") from None
     if name in ("mean", "std"):
         try:
             return [float(part) for part in text.split(",")]
         except ValueError:
-            raise BadOptions(name, f"{name} must be three comma-separated numbers, got {text!r}.") from None
+            raise BadOptions(name, f"{name} must be three comma-separated numbers, got {quoted(text)}.") from None
     return text

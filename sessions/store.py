@@ -1,13 +1,13 @@
 """The Redis-backed session store: the only code that knows Redis keys.
 
 Layout, per session, all under one hash tag so a session's keys share a Redis Cluster slot:
-    sess:{<id>}            hash: created_at, deadline (ms), predictions, canary_slot, opt:<name> (JSON per option),
-                           erasing (set while an erase is under way)
+    sess:{<id>}            hash: created_at, deadline (ms), predictions, canary_slot, owner, opt:<name> (JSON
+                           per option), erasing (set while an erase is under way)
     sess:{<id>}:history    stream: one entry per prediction, newest last, capped with MAXLEN
     sess:{<id>}:idem       hash: Idempotency-Key -> the history id it answered; expires with the session
     sess:{<id>}:revoked    tombstone left by logout for as long as the session could still have been used
                            (not by an erase, which leaves nothing that names the session)
-    login:{<who>}          token bucket of logins for one API key or client address
+    login:{<owner>}        token bucket of logins for one API key or client address (owner_name)
     canary:slots           sessions ever created: deals each new one its canary slot
 
 Every write is atomic on the server (HSET, HINCRBY, XADD, a Lua script, or WATCH/MULTI), never a
@@ -34,7 +34,7 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable
+from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable, quoted
 from sessions.options import Options
 from sessions.tokens import VerifiedToken, new_session_id
 
@@ -189,6 +189,9 @@ class Session:
     # 0..99, dealt at login from a shared counter (canary_slot): where the session falls in canaries.
     # None for sessions created before slots existed.
     canary_slot: int | None = None
+    # Who logged in (owner_name of the API key or client address the login was charged to), for limits
+    # shared by that caller's sessions. None for sessions created before owners were kept.
+    owner: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -210,6 +213,11 @@ def canary_slot(number: int) -> int:
     """The slot of the `number`th session: a canary at p percent takes exactly p of any 100 consecutive
     new sessions, where a hash of random ids would take p only on average."""
     return number * _SLOT_STRIDE % 100
+
+
+def owner_name(who: str) -> str:
+    """How Redis names an API key or client address (`who`, as service.auth charges logins to it)."""
+    return hashlib.sha256(who.encode()).hexdigest()[:32]
 
 
 STORE_UNAVAILABLE_MESSAGE = "The session store is unavailable; retry shortly."
@@ -351,7 +359,7 @@ class SessionStore:
         every replica; RateLimited (429) when it is empty. 0 per minute: unlimited."""
         if per_minute <= 0:
             return
-        key = "login:{" + hashlib.sha256(who.encode()).hexdigest()[:32] + "}"
+        key = "login:{" + owner_name(who) + "}"
         wait_ms = await self._login(keys=[key], args=[per_minute])
         if wait_ms:
             wait = max(1, -(-int(wait_ms) // 1000))
@@ -360,17 +368,21 @@ class SessionStore:
                               code="login_rate_limited", retry_after=wait)
 
     @store_errors
-    async def create(self, options: Options) -> Session:
+    async def create(self, options: Options, owner: str | None = None) -> Session:
+        """A new session; `owner`: who logged in (an API key or client address, see take_login)."""
         session_id = new_session_id()
         created = now_ms()
         deadline = created + self.max_lifetime_ms
         key, _, _ = self._keys(session_id)
         slot = canary_slot(await self.redis.incr(CANARY_SLOTS_KEY))
         fields = {"created_at": created, "deadline": deadline, "predictions": 0, "canary_slot": slot}
+        if owner is not None:
+            fields["owner"] = owner_name(owner)
         fields |= {_OPTION_PREFIX + k: v for k, v in options.to_redis().items()}
         expires = self._expiry(deadline)
         await self._create(keys=[key], args=[expires, *_flatten(fields)])
-        return Session(session_id, created, expires, deadline, options, 0, canary_slot=slot)
+        return Session(session_id, created, expires, deadline, options, 0, canary_slot=slot,
+                       owner=fields.get("owner"))
 
     @store_errors
     @_retried_once
@@ -412,6 +424,7 @@ class SessionStore:
             predictions=int(fields.get("predictions", 0)),
             replay_of=fields.get("__replay"),
             canary_slot=int(fields["canary_slot"]) if "canary_slot" in fields else None,
+            owner=fields.get("owner"),
         )
 
     @store_errors
@@ -483,7 +496,7 @@ class SessionStore:
         if before is not None:
             parsed = _parse_history_id(before)
             if parsed is None:
-                raise BadRequest(f"before must be a history id such as '1732540000000-0', got {before!r}.",
+                raise BadRequest(f"before must be a history id such as '1732540000000-0', got {quoted(before)}.",
                                  code="invalid_parameter")
             if parsed == (0, 0):  # nothing is older than the smallest id (and Redis refuses "(0-0")
                 return [], None
@@ -501,7 +514,7 @@ class SessionStore:
             rows = await self.redis.xrange(history_key, min=history_id, max=history_id, count=1)
             if rows:
                 return _entry(*rows[0])
-        raise NotFound(f"No history item {history_id!r} in this session.", code="history_item_not_found")
+        raise NotFound(f"No history item {quoted(history_id)} in this session.", code="history_item_not_found")
 
 
 def _flatten(fields: dict[str, Any]) -> list[Any]:

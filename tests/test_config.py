@@ -31,6 +31,7 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
         "INFERENCE_HTTP_LEGACY_PREDICT": "false",
         "INFERENCE_HTTP_CORS_ORIGINS": "https://a.example, https://b.example",
         "INFERENCE_HTTP_SHUTDOWN_GRACE_SECONDS": "2.5",
+        "INFERENCE_FEEDBACK_DAILY_LIMIT": "50",
         "INFERENCE_AUTH_SECRET_KEYS": '["new-key-0123456789abc", "old-key-0123456789abc"]',
         "UNRELATED": "x",
     })
@@ -39,6 +40,7 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     assert config.http.legacy_predict is False
     assert config.http.cors_origins == ["https://a.example", "https://b.example"]
     assert config.http.shutdown_grace_seconds == 2.5
+    assert config.feedback.daily_limit == 50
     assert config.auth.secret_keys == ["new-key-0123456789abc", "old-key-0123456789abc"]
 
 
@@ -56,6 +58,11 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     ("[redis]\nurl = 'http://x'\n", {}, "redis.url"),
     ("[server]\nmalloc_keep_mb = -1\n", {}, "server.malloc_keep_mb"),
     ("", {"INFERENCE_CAPTURE_MIN_FREE_DISK_BYTES": "-1"}, "capture.min_free_disk_bytes must not be negative"),
+    ("[feedback]\nmax_comment_bytes = 0\n", {}, "feedback.max_comment_bytes must be between 1 and 100000"),
+    ("[feedback]\nmax_comment_chars = 500\n", {}, "Unknown setting feedback.max_comment_chars"),
+    ("", {"INFERENCE_FEEDBACK_DAILY_LIMIT": "-1"}, "feedback.daily_limit must not be negative"),
+    ("", {"INFERENCE_FEEDBACK_RETENTION_DAYS": "0"}, "feedback.retention_days must be between 1 and 36500"),
+    ("", {"INFERENCE_FEEDBACK_SWEEP_INTERVAL_SECONDS": "0"}, "feedback.sweep_interval_seconds must be positive"),
     ("", {"INFERENCE_MODEL_WORKERS": "two"}, "INFERENCE_MODEL_WORKERS must be an integer"),
     ("", {"INFERENCE_MODEL_COLOUR": "x"}, "Unknown setting"),
     ("", {"INFERENCE_SERVER_MODE": "production"}, "auth.secret_keys is empty"),

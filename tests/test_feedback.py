@@ -32,14 +32,18 @@ from clients.python import AsyncClient, AuthError, Client
 from clients.python.cli import main as cli_main
 from service.auth import api_key_hash
 from service.capture import Captures
-from service.feedback import session_hash
+from service.feedback import FeedbackLimits, FeedbackService
 from sessions.captures import CaptureRefs
 from sessions.feedback import FeedbackStore
-from tests.conftest import CAT_JPEG, COFFEE_JPEG, error_code, login, make_config
+from sessions.tokens import TokenSigner
+from tests.conftest import CAT_JPEG, COFFEE_JPEG, TEST_SECRET, error_code, login, make_config
 
 ADMIN_KEY = "feedback-export-admin-key"
 ADMIN = {"Authorization": f"ApiKey {ADMIN_KEY}"}
 FEEDBACK_DB = 7
+FEEDBACK_LIMITS_DB = 13  # the daily limit test's own, so that its count starts at zero
+SIGNER = TokenSigner([TEST_SECRET], max_age_seconds=3600)
+session_ref = SIGNER.session_ref  # how the export, the access log and a purge name a session
 
 
 def predict(http: httpx.Client, auth: dict[str, str], image: bytes = CAT_JPEG,
@@ -136,17 +140,48 @@ def test_every_refusal_of_feedback(http: httpx.Client, feedback_server) -> None:
         assert missing.status_code == 404 and error_code(missing) == "history_item_not_found", history_id
         gone = http.delete(f"/v1/history/{history_id}/feedback", headers=who)
         assert gone.status_code == 404 and error_code(gone) == "history_item_not_found"
-    limit = feedback_server.config.feedback.max_comment_chars
+    limit = feedback_server.config.feedback.max_comment_bytes
     for body in ({"label": 1000}, {"label": -1}, {"label": "no such label"}, {"label": "cardigan"},  # two classes
                  {"label": True}, {"label": 3.5}, {"label": None}, {}, {"label": 1, "comment": "x" * (limit + 1)},
+                 {"label": 1, "comment": "😀" * (limit // 4) + "x"},
                  {"label": 1, "comment": 5}, {"label": 1, "extra": 1}):
         refused = give(http, auth, item["id"], body)
         assert refused.status_code == 422 and error_code(refused) == "invalid_feedback", body
     assert give(http, auth, item["id"], {"label": 1, "comment": "x" * limit}).status_code == 200
+    assert give(http, auth, item["id"], {"label": 1, "comment": "😀" * (limit // 4)}).status_code == 200
+    lone_surrogate = http.put(f"/v1/history/{item['id']}/feedback",  # JSON can spell one; UTF-8 cannot
+                              headers={**auth, "Content-Type": "application/json"},
+                              content=b'{"label": 1, "comment": "\\ud83d"}')
+    assert lone_surrogate.status_code == 422 and error_code(lone_surrogate) == "invalid_feedback"
     assert error_code(http.put(f"/v1/history/{item['id']}/feedback", headers=auth, content=b"{")) == "malformed_json"
     assert error_code(give(http, auth, item["id"], [1])) == "invalid_json_type"
     assert give(http, {}, item["id"], {"label": 1}).status_code == 401
     assert give(http, ADMIN, item["id"], {"label": 1}).status_code == 401
+
+
+def test_errors_quote_what_a_client_sent_shortened(http: httpx.Client) -> None:
+    """A 2 MB label, a long unknown field, history id, option, export parameter or OIP input name: the
+    error names it by a short prefix and its length, never whole."""
+    auth = login(http)
+    item = predict(http, auth)
+    huge = "x" * 2_000_000
+    long_name = "y" * 5_000
+    refusals = [
+        (give(http, auth, item["id"], {"label": huge}), 422),
+        (give(http, auth, item["id"], {"label": 1, long_name: 1}), 422),
+        (http.get(f"/v1/history/1-{'9' * 5_000}", headers=auth), 404),
+        (http.patch("/v1/session/options", headers=auth, json={long_name: 1}), 422),
+        (http.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, params={"top_k": long_name},
+                   content=CAT_JPEG), 422),
+        (export(http, since=long_name), 400),
+        (http.post("/v2/models/efficientnet_lite0/infer", headers=auth,
+                   json={"inputs": [{"name": long_name, "datatype": "BYTES", "shape": [1], "data": ["x"]}]}), 400),
+    ]
+    for response, status in refusals:
+        assert response.status_code == status, response.text[:200]
+        body = response.json()
+        message = body["error"]["message"] if isinstance(body["error"], dict) else body["error"]
+        assert len(message) < 300 and "characters)" in message, message[:300]
 
 
 def test_agreement_per_version_adds_up_known_feedback(http: httpx.Client) -> None:
@@ -314,12 +349,12 @@ def test_the_export_is_a_tar_of_json_class_and_image_per_item_and_jsonl(http: ht
     assert response.headers.get("Transfer-Encoding") == "chunked"  # streamed, not buffered to a length
     assert session_id.encode() not in response.content  # only its hash
     items = tar_items(response.content)
-    key = f"{session_hash(session_id)}-{cat['id']}"
-    assert set(items) == {key, f"{session_hash(session_id)}-{square['id']}"}
+    key = f"{session_ref(session_id)}-{cat['id']}"
+    assert set(items) == {key, f"{session_ref(session_id)}-{square['id']}"}
     assert set(items[key]) == {"json", "cls", "jpg"} and items[key]["jpg"] == CAT_JPEG
     assert items[key]["cls"] == b"285"
     record = json.loads(items[key]["json"])
-    assert record["key"] == key and record["session"] == session_hash(session_id) and record["history_id"] == cat["id"]
+    assert record["key"] == key and record["session"] == session_ref(session_id) and record["history_id"] == cat["id"]
     assert record["prediction"] == {"class_index": cat["predicted_class"], "label": cat["label"],
                                     "top_k": cat["top_k"]}
     assert record["feedback"]["class_index"] == 285 and record["feedback"]["label"] == "Egyptian cat"
@@ -327,7 +362,7 @@ def test_the_export_is_a_tar_of_json_class_and_image_per_item_and_jsonl(http: ht
     assert record["agrees"] is (cat["predicted_class"] == 285)
     assert record["model"] == cat["model"] and record["options"] == cat["options"]
     assert record["image"] == {**cat["image"], "file": f"{key}.jpg"}
-    square_key = f"{session_hash(session_id)}-{square['id']}"
+    square_key = f"{session_ref(session_id)}-{square['id']}"
     assert items[square_key]["png"] == png and items[square_key]["cls"] == b"670"
 
     lines = export(http, since=started, format="jsonl")
@@ -337,6 +372,20 @@ def test_the_export_is_a_tar_of_json_class_and_image_per_item_and_jsonl(http: ht
     assert records[0] == {**record, "image": {**cat["image"], "file": None}}
 
 
+def test_a_jsonl_record_is_one_line_whatever_its_comment_holds(http: httpx.Client) -> None:
+    started = int(time.time() * 1000)
+    auth = login(http)
+    comment = "next\x85line\u2028separator\u2029paragraph é 😀"
+    for item in (predict(http, auth), predict(http, auth)):
+        assert give(http, auth, item["id"], {"label": 1, "comment": comment}).status_code == 200
+    response = export(http, since=started, format="jsonl")
+    lines = response.text.splitlines()  # splits at U+0085, U+2028 and U+2029 too, as many line readers do
+    assert len(lines) == 2 and [json.loads(line)["feedback"]["comment"] for line in lines] == [comment] * 2
+    assert "é 😀".encode() in response.content  # the rest stays UTF-8, not \u-escaped
+    record = next(iter(tar_items(export(http, since=started).content).values()))["json"]
+    assert b"\\u2028" in record and json.loads(record)["feedback"]["comment"] == comment
+
+
 def test_the_python_clients_and_the_cli_download_the_export(http: httpx.Client, feedback_server, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -344,7 +393,7 @@ def test_the_python_clients_and_the_cli_download_the_export(http: httpx.Client, 
     auth, session_id = new_session(http)
     cat = predict(http, auth)
     assert give(http, auth, cat["id"], {"label": "tabby"}).status_code == 200
-    key = f"{session_hash(session_id)}-{cat['id']}"
+    key = f"{session_ref(session_id)}-{cat['id']}"
     since = {"since": int(started.timestamp() * 1000)}
     expected = export(http, **since).content
 
@@ -431,28 +480,171 @@ def test_a_large_export_pages_through_every_item_once(http: httpx.Client, feedba
     with http.stream("GET", "/v1/feedback/export", headers=ADMIN, params={"since": started}) as response:
         chunks = [chunk for chunk in response.iter_raw()]
     exported = tar_items(b"".join(chunks))
-    assert sorted(exported) == sorted(f"{session_hash(session_id)}-{item['id']}" for item in items)
-    assert all(exported[f"{session_hash(session_id)}-{item['id']}"]["png"] == png_bytes((n, 0, 0))
+    assert sorted(exported) == sorted(f"{session_ref(session_id)}-{item['id']}" for item in items)
+    assert all(exported[f"{session_ref(session_id)}-{item['id']}"]["png"] == png_bytes((n, 0, 0))
                for n, item in enumerate(items))
 
 
-def test_pages_of_the_feedback_index_split_records_of_one_millisecond(feedback_server, loop_thread) -> None:
+def test_pages_of_the_feedback_index_get_each_record_once_while_it_changes(feedback_server, loop_thread) -> None:
+    """Records of one millisecond, paged 3 at a time, while a record already read is withdrawn and another
+    arrives in that same millisecond: an offset within the millisecond would skip one."""
     store = FeedbackStore(feedback_server.store.redis, "page-test-model")
-    record = {"model": {"version": "v"}, "agrees": False}
 
-    async def fill_and_read() -> list[str]:
+    async def put(ref: str, n: int, at_ms: int) -> None:
+        await store.set([ref], f"{n}-0", {"model": {"version": "v"}, "agrees": False, "n": n}, at_ms=at_ms,
+                        version="v", agrees=False, keep_until_ms=2**41, owner="o", max_per_session=100,
+                        daily_limit=0)
+
+    async def fill_and_read() -> list[int]:
         for n in range(10):
-            await store.set("s", f"{n}-0", {**record, "n": n}, at_ms=5000 + (n >= 8), version="v", agrees=False,
-                            keep_until_ms=2**41)
-        seen, cursor = [], None
-        while True:
+            await put(f"{n % 3:016x}", n, 5000 + (n >= 8))
+        page, cursor = await store.page(0, 10**13, after=None, limit=3)
+        seen = [item["n"] for item in page]
+        await store.delete([f"{seen[0] % 3:016x}"], f"{seen[0]}-0")
+        await put(f"{9:016x}", 10, 5000)
+        while cursor is not None:
             page, cursor = await store.page(0, 10**13, after=cursor, limit=3)
-            seen += [f"{item['n']}" for item in page]
-            if cursor is None:
-                return seen
+            seen += [item["n"] for item in page]
+        return seen
 
-    assert sorted(loop_thread.run(fill_and_read()), key=int) == [str(n) for n in range(10)]
+    seen = loop_thread.run(fill_and_read())
+    assert sorted(seen) == list(range(11)), seen  # each exactly once, the one that came meanwhile too
     assert loop_thread.run(store.stats()) == {"v": (10, 0)}
+
+
+def feedback_key(model: str, name: str) -> str:
+    return f"feedback:{{{model}}}:{name}"
+
+
+def test_a_comment_is_stored_as_utf8_measured_in_redis(http: httpx.Client, redis_server) -> None:
+    """The bytes one feedback record takes in Redis for a 500-emoji comment: the record itself (HSTRLEN), its
+    member in the time index and the session's set. Stored \\u-escaped (ensure_ascii) the comment alone was
+    6,000 bytes; as UTF-8 it is 2,000."""
+    auth, session_id = new_session(http)
+    item = predict(http, auth)
+    comment = "😀" * 500
+    assert give(http, auth, item["id"], {"label": 1, "comment": comment}).status_code == 200
+    client = redis.Redis(port=redis_server.port, db=FEEDBACK_DB)
+    model, member = item["model"]["name"], f"{session_ref(session_id)}/{item['id']}"
+    stored = client.hget(feedback_key(model, "records"), member)
+    assert stored is not None and comment.encode() in stored
+    record_bytes = client.hstrlen(feedback_key(model, "records"), member)
+    index_bytes = len(member) + 8  # the member and its score
+    print(f"feedback record with a 500-emoji comment: {record_bytes} bytes of JSON, +{index_bytes} in the index, "
+          f"+{len(member)} in the session's set")
+    assert record_bytes < len(comment.encode()) + 1500  # the comment as UTF-8 and the rest of the record
+    assert client.sismember(feedback_key(model, f"session:{session_ref(session_id)}"), member)
+    assert client.pttl(feedback_key(model, f"session:{session_ref(session_id)}")) > 300 * 24 * 3600 * 1000
+
+
+def test_the_admin_purges_feedback_by_session_and_by_time(http: httpx.Client) -> None:
+    started = int(time.time() * 1000)
+    (purged, purged_id), (keeper, keeper_id) = new_session(http), new_session(http)
+    for auth in (purged, keeper, purged):
+        item = predict(http, auth)
+        assert give(http, auth, item["id"], {"label": 967}).status_code == 200
+    version = item["model"]["version"]
+    before = quality(http, version)["count"]
+
+    def purge(**params: Any) -> httpx.Response:
+        return http.delete("/v1/feedback", headers=ADMIN, params=params)
+
+    def exported_sessions() -> list[str]:
+        return [json.loads(line)["session"] for line in export(http, since=started, format="jsonl").text.splitlines()]
+
+    by_session = purge(session=session_ref(purged_id), since=started)
+    assert by_session.status_code == 200 and by_session.json() == {"deleted": 2}
+    assert exported_sessions() == [session_ref(keeper_id)] and quality(http, version)["count"] == before - 2
+    assert purge(session=session_ref(purged_id)).json() == {"deleted": 0}  # again: nothing left
+    later = int(time.time() * 1000) + 1
+    assert purge(since=later).json() == {"deleted": 0}
+    assert purge(since=started, until=later).json() == {"deleted": 1} and exported_sessions() == []
+    for params in ({}, {"session": purged_id}, {"session": "x" * 5000}, {"since": "soon"},
+                   {"since": later, "until": started}, {"sessions": session_ref(keeper_id)}):
+        refused = purge(**params)
+        assert refused.status_code == 400 and error_code(refused) == "invalid_parameter", params
+    assert http.delete("/v1/feedback", headers=keeper, params={"since": started}).status_code == 401
+
+
+def test_retention_sweeps_feedback_through_the_time_index(http: httpx.Client, feedback_server, redis_server,
+                                                         loop_thread) -> None:
+    auth, session_id = new_session(http)
+    item = predict(http, auth)
+    assert give(http, auth, item["id"], {"label": 3}).status_code == 200
+    given_at = int(time.time() * 1000)
+    feedback = FeedbackService(feedback_server.store, FeedbackStore(feedback_server.store.redis, item["model"]["name"]),
+                               labels=lambda: [], signer=SIGNER, limits=FeedbackLimits(retention_days=1))
+    assert loop_thread.run(feedback.sweep()) == 0
+    assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"]["class_index"] == 3
+    assert loop_thread.run(feedback.sweep(now=given_at + 24 * 3600 * 1000 + 1000)) >= 1
+    assert http.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"] is None
+    client = redis.Redis(port=redis_server.port, db=FEEDBACK_DB)
+    model, member = item["model"]["name"], f"{session_ref(session_id)}/{item['id']}"
+    assert client.zscore(feedback_key(model, "index"), member) is None
+    assert not client.sismember(feedback_key(model, f"session:{session_ref(session_id)}"), member)
+
+
+@pytest.fixture
+def server_with(serve, redis_server, feedback_server, tmp_path) -> Any:
+    """Another server on the module's Redis and model runner, with some settings changed."""
+
+    def start(db: int = FEEDBACK_DB, **sections: dict[str, Any]) -> Any:
+        """`db`: another Redis database than the module's (emptied first), for counts of its own."""
+        if db != FEEDBACK_DB:
+            redis.Redis(port=redis_server.port, db=db).flushdb()
+        config = feedback_config(redis_server.url, str(tmp_path / "captures"))
+        config.redis.url = f"{redis_server.url.rsplit('/', 1)[0]}/{db}"
+        for section, values in sections.items():
+            for key, value in values.items():
+                setattr(getattr(config, section), key, value)
+        return serve(config, runner=feedback_server.runner)
+
+    return start
+
+
+def test_giving_feedback_costs_one_from_the_sessions_rate_limit(server_with) -> None:
+    with server_with(sessions={"rate_limit_per_minute": 3}) as running, running.client() as http:
+        auth = login(http)
+        item = predict(http, auth)
+        assert http.get("/v1/history", headers=auth).status_code == 200  # reads are free
+        for label in (1, 2):
+            assert give(http, auth, item["id"], {"label": label}).status_code == 200
+        refused = give(http, auth, item["id"], {"label": 3})
+        assert refused.status_code == 429 and error_code(refused) == "rate_limited"
+        assert int(refused.headers["Retry-After"]) >= 1
+        assert http.delete(f"/v1/history/{item['id']}/feedback", headers=auth).status_code == 204  # free
+
+
+def test_feedback_is_bounded_per_session_by_the_history_and_per_address_a_day(server_with) -> None:
+    with server_with(db=FEEDBACK_LIMITS_DB, history={"max_entries": 1}, feedback={"daily_limit": 3}) as running, \
+            running.client() as http:
+        auth = login(http)
+        first = predict(http, auth)
+        assert give(http, auth, first["id"], {"label": 1}).status_code == 200
+        second = predict(http, auth)  # the history holds one: the first item is gone from it, its feedback stays
+        full = give(http, auth, second["id"], {"label": 1})
+        assert full.status_code == 409 and error_code(full) == "feedback_limit_reached"
+        for _ in range(2):  # every session of this client address counts toward its day
+            other = login(http)
+            assert give(http, other, predict(http, other)["id"], {"label": 2}).status_code == 200
+        other = login(http)
+        limited = give(http, other, predict(http, other)["id"], {"label": 2})
+        assert limited.status_code == 429 and error_code(limited) == "feedback_rate_limited"
+        assert 1 <= int(limited.headers["Retry-After"]) <= 24 * 3600
+
+
+def test_erase_finds_feedback_given_before_a_secret_rotation(http: httpx.Client, server_with) -> None:
+    started = int(time.time() * 1000)
+    auth, session_id = new_session(http)
+    item = predict(http, auth)
+    assert give(http, auth, item["id"], {"label": 5}).status_code == 200
+    rotated = ["a-newer-secret-0123456789", TEST_SECRET]  # the old token still verifies
+    with server_with(auth={"secret_keys": rotated, "admin_api_keys": [api_key_hash(ADMIN_KEY)]}) as running, \
+            running.client() as after:
+        assert after.get(f"/v1/history/{item['id']}", headers=auth).json()["feedback"]["class_index"] == 5
+        assert after.delete("/v1/session", headers=auth, params={"erase": "true"}).status_code == 204
+    assert not [line for line in export(http, since=started, format="jsonl").text.splitlines()
+                if json.loads(line)["session"] == session_ref(session_id)]
 
 
 def test_erase_removes_everything_of_the_session_from_the_export(http: httpx.Client) -> None:
@@ -462,10 +654,10 @@ def test_erase_removes_everything_of_the_session_from_the_export(http: httpx.Cli
         item = predict(http, auth, COFFEE_JPEG)
         assert give(http, auth, item["id"], {"label": 967}).status_code == 200
     sessions = {json.loads(line)["session"] for line in export(http, since=started, format="jsonl").text.splitlines()}
-    assert sessions == {session_hash(erased_id), session_hash(keeper_id)}
+    assert sessions == {session_ref(erased_id), session_ref(keeper_id)}
     assert http.delete("/v1/session", headers=erased, params={"erase": "true"}).status_code == 204
     items = tar_items(export(http, since=started).content)
-    assert {key.split("-")[0] for key in items} == {session_hash(keeper_id)}
+    assert {key.split("-")[0] for key in items} == {session_ref(keeper_id)}
     assert next(iter(items.values()))["jpg"] == COFFEE_JPEG  # the shared image stays for the keeper
 
 

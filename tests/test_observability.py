@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -9,8 +10,9 @@ import re
 import httpx
 import pytest
 
-from server.observability import JsonFormatter, session_hash
-from tests.conftest import CAT_JPEG, login, wait_for
+from server.observability import JsonFormatter
+from sessions.tokens import TokenSigner
+from tests.conftest import CAT_JPEG, TEST_SECRET, login, wait_for
 
 
 def scrape(client: httpx.Client) -> dict[str, float]:
@@ -71,6 +73,9 @@ def test_json_request_log_lines(client: httpx.Client, caplog: pytest.LogCaptureF
     record = logged()[0]
     line = json.loads(JsonFormatter().format(record))
     assert line["route"] == "/v1/session" and line["status"] == 200 and line["method"] == "GET"
-    assert line["session"] == session_hash(session_id) and session_id not in json.dumps(line)
+    # The session's ref, the name the feedback export gives it: not a plain hash anyone can recompute.
+    ref = TokenSigner([TEST_SECRET], 60).session_ref(session_id)
+    assert line["session"] == ref and session_id not in json.dumps(line)
+    assert hashlib.sha256(session_id.encode()).hexdigest()[:12] not in json.dumps(line)
     assert line["duration_ms"] >= 0 and line["level"] == "info"
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", line["ts"])

@@ -20,10 +20,11 @@ from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
 from service.model_versions import VersionNotPinnable, choose_version
-from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited
+from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited, quoted
+from sessions.feedback import DAY_MS
 from sessions.model_registry import Canary
 from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
-from sessions.store import HISTORY_ID, Session, canary_slot, now_ms
+from sessions.store import HISTORY_ID, Session, canary_slot, now_ms, owner_name
 from sessions.tokens import VerifiedToken, new_session_id
 
 CLASSES = 10
@@ -40,6 +41,7 @@ class _Stored:
     tokens: float | None = None  # the rate limit's bucket; None: full
     predictions: int = 0  # every one recorded, unlike the capped history
     canary_slot: int | None = None
+    owner: str | None = None
 
 
 class FakeStore:
@@ -79,7 +81,8 @@ class FakeStore:
 
     def _session(self, session_id: str, stored: _Stored, replay_of: str | None = None) -> Session:
         return Session(session_id, stored.created_at_ms, min(now_ms() + 600_000, stored.deadline_ms),
-                       stored.deadline_ms, stored.options, stored.predictions, replay_of, stored.canary_slot)
+                       stored.deadline_ms, stored.options, stored.predictions, replay_of, stored.canary_slot,
+                       stored.owner)
 
     def _next_id(self) -> str:
         """A Redis stream id: milliseconds and a sequence, always increasing."""
@@ -98,11 +101,12 @@ class FakeStore:
                               code="login_rate_limited", retry_after=60)
         self.logins[who] = tokens - 1
 
-    async def create(self, options: Options) -> Session:
+    async def create(self, options: Options, owner: str | None = None) -> Session:
         self.calls.append(("create", options))
         session_id, created = new_session_id(), now_ms()
         self.created += 1
-        stored = _Stored(created, created + self.max_lifetime_ms, options, canary_slot=canary_slot(self.created))
+        stored = _Stored(created, created + self.max_lifetime_ms, options, canary_slot=canary_slot(self.created),
+                         owner=owner_name(owner) if owner is not None else None)
         self.sessions[session_id] = stored
         return self._session(session_id, stored)
 
@@ -158,7 +162,7 @@ class FakeStore:
         for found, entry in stored.history if stored else []:
             if found == history_id:
                 return {"id": found, **json.loads(entry)}
-        raise NotFound(f"No history item {history_id!r} in this session.", code="history_item_not_found")
+        raise NotFound(f"No history item {quoted(history_id)} in this session.", code="history_item_not_found")
 
     async def update_options(self, session_id: str, changes: dict[str, Any]) -> Options:
         self.calls.append(("update_options", changes))
@@ -267,13 +271,16 @@ class FakeVersions:
 
 
 class FakeFeedbackRecords:
-    """`sessions.feedback.FeedbackStore` in memory: records by (session, history id), their time, and the
-    counters per version kept as the Lua scripts keep them (a replacement moves a record's share)."""
+    """`sessions.feedback.FeedbackStore` in memory: records by (session ref, history id), each with a score
+    of its own (its time, and its place among the feedback of that millisecond), the counters per version
+    kept as the Lua scripts keep them (a replacement moves a record's share), the bound per session and
+    the daily count per owner."""
 
     def __init__(self) -> None:
-        self.records: dict[tuple[str, str], tuple[int, str]] = {}  # -> (time ms, JSON record)
+        self.records: dict[tuple[str, str], tuple[float, str]] = {}  # -> (score, JSON record)
         self.counters: dict[str, list[int]] = {}  # version -> [count, agree], from assigned sessions
         self.pinned_counters: dict[str, list[int]] = {}  # the same from sessions that pinned the version
+        self.daily: dict[tuple[int, str], int] = {}  # (UTC day, owner) -> feedback given
         self.pages: list[int] = []  # records handed out by each page() call
 
     def _count(self, record: dict[str, Any], step: int) -> None:
@@ -282,45 +289,75 @@ class FakeFeedbackRecords:
         counter[0] += step
         counter[1] += step if record["agrees"] else 0
 
-    async def set(self, session_id: str, history_id: str, record: dict[str, Any], *, at_ms: int,
-                  version: str, agrees: bool, keep_until_ms: int, pinned: bool = False) -> bool:
+    async def set(self, refs: list[str], history_id: str, record: dict[str, Any], *, at_ms: int, version: str,
+                  agrees: bool, keep_until_ms: int, owner: str, max_per_session: int, daily_limit: int,
+                  pinned: bool = False) -> bool:
         assert record["model"]["version"] == version and record["agrees"] == agrees
         assert record.get("pinned", False) == pinned
-        old = self.records.get((session_id, history_id))
-        if old is not None:
-            self._count(json.loads(old[1]), -1)
+        replaced = any((ref, history_id) in self.records for ref in refs)
+        given = sum(1 for ref, _ in self.records if ref in refs)
+        if not replaced and given >= max_per_session:
+            raise Conflict(f"This session has given feedback on {given} predictions.", code="feedback_limit_reached")
+        day = at_ms // DAY_MS
+        if daily_limit > 0:
+            if self.daily.get((day, owner), 0) >= daily_limit:
+                raise RateLimited(f"Feedback is limited to {daily_limit} a day.", code="feedback_rate_limited",
+                                  retry_after=1)
+            self.daily[(day, owner)] = self.daily.get((day, owner), 0) + 1
+        for ref in refs:
+            await self.delete([ref], history_id)
+        # As the set script scores it: after the last of its millisecond, and never a score taken.
+        same_ms = [taken for taken, _ in self.records.values() if at_ms <= taken < at_ms + 1]
+        score = max(same_ms) + 1 / 1024 if same_ms else float(at_ms)
+        while any(taken == score for taken, _ in self.records.values()):
+            score += 1 / 1024
         self._count(record, 1)
-        self.records[(session_id, history_id)] = (at_ms, json.dumps(record))
-        return old is not None
+        self.records[(refs[0], history_id)] = (score, json.dumps(record))
+        return replaced
 
-    async def get_many(self, session_id: str, history_ids: list[str]) -> list[dict[str, Any] | None]:
-        found = [self.records.get((session_id, history_id)) for history_id in history_ids]
+    async def get_many(self, refs: list[str], history_ids: list[str]) -> list[dict[str, Any] | None]:
+        found = [next((self.records[(ref, h)] for ref in refs if (ref, h) in self.records), None)
+                 for h in history_ids]
         return [json.loads(item[1]) if item else None for item in found]
 
-    async def delete(self, session_id: str, history_id: str) -> bool:
-        old = self.records.pop((session_id, history_id), None)
-        if old is not None:
-            self._count(json.loads(old[1]), -1)
-        return old is not None
+    async def delete(self, refs: list[str], history_id: str) -> bool:
+        removed = False
+        for ref in refs:
+            old = self.records.pop((ref, history_id), None)
+            if old is not None:
+                self._count(json.loads(old[1]), -1)
+                removed = True
+        return removed
 
-    async def erase_session(self, session_id: str) -> int:
-        mine = [key for key in self.records if key[0] == session_id]
-        for key in mine:
-            await self.delete(*key)
-        return len(mine)
+    async def erase_session(self, refs: list[str]) -> int:
+        return await self.purge_session(refs)
+
+    async def purge_session(self, refs: list[str], since_ms: float = float("-inf"),
+                            until_ms: float = float("inf")) -> int:
+        chosen = [key for key, (score, _) in self.records.items() if key[0] in refs and since_ms <= score < until_ms]
+        for ref, history_id in chosen:
+            await self.delete([ref], history_id)
+        return len(chosen)
+
+    async def purge(self, since_ms: float, until_ms: float) -> int:
+        chosen = [key for key, (score, _) in self.records.items() if since_ms <= score < until_ms]
+        for ref, history_id in chosen:
+            await self.delete([ref], history_id)
+        return len(chosen)
 
     async def stats(self, *, pinned: bool = False) -> dict[str, tuple[int, int]]:
         counters = self.pinned_counters if pinned else self.counters
         return {version: (count, agree) for version, (count, agree) in counters.items()}
 
-    async def page(self, since_ms: float, until_ms: float, *, after: tuple[float, int] | None,
-                   limit: int) -> tuple[list[dict[str, Any]], tuple[float, int] | None]:
-        rows = sorted((at, key) for key, (at, _) in self.records.items() if since_ms <= at < until_ms)
-        start = after[1] if after is not None else 0
-        chosen = rows[start:start + limit]
+    async def page(self, since_ms: float, until_ms: float, *, after: float | None,
+                   limit: int) -> tuple[list[dict[str, Any]], float | None]:
+        low = since_ms if after is None else after
+        rows = sorted((score, key) for key, (score, _) in self.records.items()
+                      if since_ms <= score < until_ms and (score > low if after is not None else score >= low))
+        chosen = rows[:limit]
         self.pages.append(len(chosen))
         records = [json.loads(self.records[key][1]) for _, key in chosen]
-        return records, (0.0, start + limit) if len(chosen) == limit else None
+        return records, chosen[-1][0] if len(chosen) == limit else None
 
 
 class FakeCaptureRefs:

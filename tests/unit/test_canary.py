@@ -15,7 +15,7 @@ from service.model_versions import InvalidTrafficPercent, VersionNotPinnable, in
 from sessions.model_registry import Canary
 from sessions.options import Options
 from sessions.store import canary_slot
-from sessions.tokens import new_session_id
+from sessions.tokens import TokenSigner, new_session_id
 from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions, solid_image
 
 pytestmark = pytest.mark.unit
@@ -96,11 +96,11 @@ def test_a_session_may_pin_only_the_active_version_the_canarys_or_a_marked_one(s
     assert answer["model"]["version"] == "v3"
 
 
-def test_feedback_from_pinned_sessions_is_counted_apart_from_the_canarys_assigned_ones(store: FakeStore,
-                                                                                     runner: ModelRunner) -> None:
+def test_feedback_from_pinned_sessions_is_counted_apart_from_the_canarys_assigned_ones(
+        store: FakeStore, runner: ModelRunner, signer: TokenSigner) -> None:
     canary = Canary("v2", 100, "v1", 0)  # every unpinned session is assigned the canary
     records = FakeFeedbackRecords()
-    feedback = FeedbackService(store, records, labels=lambda: LABELS, max_comment_chars=10)
+    feedback = FeedbackService(store, records, labels=lambda: LABELS, signer=signer)
     classifier = Classifier(store, runner, FakeVersions(runner, published=("v2",), canary=canary))  # type: ignore[arg-type]
     assigned, pinned = asyncio.run(store.create(Options())), asyncio.run(store.create(Options(model_version="v2")))
     ours, _ = asyncio.run(classifier.classify(assigned, solid_image(1), assigned.options))

@@ -54,11 +54,33 @@ def record(n: int) -> dict:
             "model": {"name": "fake-net", "version": "v1" if n < 20 else "v2"}, "options": {}, "image": None}
 
 
+def put(records: FakeFeedbackRecords, item: dict, *, at_ms: int) -> None:
+    asyncio.run(records.set([item["session"]], item["history_id"], item, at_ms=at_ms,
+                            version=item["model"]["version"], agrees=item["agrees"], keep_until_ms=0, owner="o",
+                            max_per_session=100, daily_limit=0))
+
+
+def test_line_breaks_json_leaves_raw_are_escaped_in_both_formats(tmp_path: Path) -> None:
+    records = FakeFeedbackRecords()
+    comment = "a\x85b\u2028c\u2029d é"
+    put(records, {**record(1), "feedback": {**record(1)["feedback"], "comment": comment}}, at_ms=1000)
+    exporter = FeedbackExport(records, Captures(FakeCaptureRefs(), store_dir=tmp_path, enabled=True, retention_days=1),
+                              page_size=4)
+
+    async def export(export_format: str) -> bytes:
+        return b"".join([chunk async for chunk in exporter.stream(parse_query({"format": export_format}))])
+
+    (line,) = export_text = asyncio.run(export("jsonl")).decode().splitlines()
+    assert json.loads(line)["feedback"]["comment"] == comment and "d é" in export_text[0]
+    with tarfile.open(fileobj=io.BytesIO(asyncio.run(export("tar"))), mode="r|") as tar:
+        text = next(tar.extractfile(member).read() for member in tar if member.name.endswith(".json"))  # type: ignore[union-attr]
+    assert text.count(b"\\u") == 3 and json.loads(text)["feedback"]["comment"] == comment
+
+
 def test_the_export_holds_one_page_at_a_time(tmp_path: Path) -> None:
     records = FakeFeedbackRecords()
     for n in range(25):
-        asyncio.run(records.set("s", f"{n}-0", record(n), at_ms=1000 + n, version=record(n)["model"]["version"],
-                                agrees=n % 2 == 0, keep_until_ms=0))
+        put(records, record(n), at_ms=1000 + n)
     exporter = FeedbackExport(records, Captures(FakeCaptureRefs(), store_dir=tmp_path, enabled=True, retention_days=1),
                               page_size=4)
 

@@ -10,6 +10,7 @@ from service import history
 from service.feedback import FeedbackService
 from sessions.errors import BadRequest, NotFound
 from sessions.options import Options
+from sessions.tokens import TokenSigner
 from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore
 
 pytestmark = pytest.mark.unit
@@ -34,8 +35,8 @@ def test_page_size_of_digits_int_refuses_is_a_400(text: str) -> None:
         history.page_size(text)
 
 
-def test_pages_run_newest_first_and_items_are_found_by_id(store: FakeStore) -> None:
-    feedback = FeedbackService(store, FakeFeedbackRecords(), labels=lambda: LABELS, max_comment_chars=500)
+def test_pages_run_newest_first_and_items_are_found_by_id(store: FakeStore, signer: TokenSigner) -> None:
+    feedback = FeedbackService(store, FakeFeedbackRecords(), labels=lambda: LABELS, signer=signer)
     session = asyncio.run(store.create(Options()))
     ids = [asyncio.run(store.record(session, {"n": n}))[0] for n in range(3)]
     first, cursor = asyncio.run(history.page(store, feedback, session, 2, None))

@@ -93,7 +93,7 @@ def test_logout_revokes_the_token(store: FakeStore, signer: TokenSigner) -> None
 
 def test_an_erase_revokes_last_so_a_retry_after_a_failure_finishes_it(store: FakeStore, signer: TokenSigner) -> None:
     records, erased = FakeFeedbackRecords(), []
-    feedback = FeedbackService(store, records, labels=lambda: LABELS, max_comment_chars=10)  # type: ignore[arg-type]
+    feedback = FeedbackService(store, records, labels=lambda: LABELS, signer=signer)  # type: ignore[arg-type]
     sessions = SessionService(store, signer, feedback=feedback, on_erased=lambda: erased.append(1))  # type: ignore[arg-type]
     token, session = asyncio.run(sessions.login({}))
     auth = Authenticator(signer, store, AuthSettings())  # type: ignore[arg-type]
