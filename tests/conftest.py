@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import atexit
 import contextlib
+import os
 import shutil
 import socket
 import subprocess
@@ -16,7 +17,7 @@ import time
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import httpx
 import pytest
@@ -51,6 +52,36 @@ def wait_for(check: Callable[[], Any], timeout: float = 15.0, interval: float = 
             return True
         time.sleep(interval)
     return False
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 30.0, interval: float = 0.02) -> None:
+    """Wait for a condition instead of sleeping: poll `check` until it holds, or fail saying `what`
+    was awaited. The deadline is only a bound for a test that would otherwise hang; a test never
+    depends on how soon the condition holds."""
+    if not wait_for(check, timeout, interval):
+        pytest.fail(f"gave up after {timeout:g} s waiting for {what}")
+
+
+async def wait_until_async(check: Callable[[], Any], what: str, timeout: float = 30.0) -> None:
+    """`wait_until` inside a coroutine, for a condition that tasks on the same loop bring about."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def in_ci() -> bool:
+    """Whether this run is CI's (`CI=true`, as CI services set it)."""
+    return os.environ.get("CI") == "true"
+
+
+def tool_missing(reason: str) -> NoReturn:
+    """A test that needs a tool this machine lacks (Chromium, Playwright): skipped on a developer's
+    machine, failed under CI=true, where a skip would keep CI green without running the test."""
+    if in_ci():
+        pytest.fail(f"{reason} (CI=true: a missing tool fails the run rather than skipping the test)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:

@@ -1,6 +1,6 @@
 """The web page in a real headless Chromium (Python Playwright): log in, classify, change options,
-reload, see the history; correct a prediction at a desktop's and at a phone's width. Skipped, saying
-what to install, where Chromium or Playwright is missing.
+reload, see the history; correct a prediction at a desktop's and at a phone's width. Where Chromium
+or Playwright is missing: skipped, saying what to install, or failed under CI=true.
 
 Leaves full-page screenshots in tests/artifacts/ (browser.png, correct-this-<width>.png).
 """
@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import DATA, RunningServer
+from tests.conftest import DATA, RunningServer, tool_missing
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -31,14 +32,25 @@ try:
 except ImportError:  # pragma: no cover - depends on the machine
     sync_playwright = None
 
-pytestmark = [
-    pytest.mark.skipif(sync_playwright is None,
-                       reason="browser test needs the Python package playwright: .venv/bin/pip install playwright "
-                              "(never `playwright install`; the test uses the system Chromium)"),
-    pytest.mark.skipif(not CHROMIUM.exists() and not shutil.which("chromium"),
-                       reason="browser test needs Chromium at /usr/bin/chromium: apt-get install -y chromium"),
-    pytest.mark.timeout(90),
-]
+pytestmark = pytest.mark.timeout(90)
+
+
+def require_browser() -> str:
+    """The Chromium to drive; where it or Playwright is missing, the test skips saying what to
+    install, or fails under CI=true (tests.conftest.tool_missing)."""
+    if sync_playwright is None:
+        tool_missing("browser test needs the Python package playwright: .venv/bin/pip install playwright "
+                     "(never `playwright install`; the test uses the system Chromium)")
+    executable = str(CHROMIUM) if CHROMIUM.exists() else shutil.which("chromium")
+    if executable is None:
+        tool_missing("browser test needs Chromium at /usr/bin/chromium: apt-get install -y chromium")
+    return executable
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    # Session-scoped, so that it is decided before the module's server starts.
+    return require_browser()
 
 
 DESKTOP = {"width": 1280, "height": 800}
@@ -51,13 +63,12 @@ def viewport() -> dict[str, int]:
 
 
 @pytest.fixture
-def page(server: RunningServer, viewport: dict[str, int]):
-    executable = str(CHROMIUM) if CHROMIUM.exists() else shutil.which("chromium")
+def page(chromium: str, server: RunningServer, viewport: dict[str, int]):
     with sync_playwright() as playwright:
         try:
-            browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         except PlaywrightError as exc:
-            pytest.skip(f"Chromium at {executable} does not start headless: {exc}")
+            tool_missing(f"Chromium at {chromium} does not start headless: {exc}")
         try:
             context = browser.new_context(viewport=viewport)
             context.set_default_timeout(15_000)
@@ -235,3 +246,20 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
 
     problems = [text for text in page.problems if "status of 422" not in text]  # the unknown label
     assert problems == [], problems
+
+
+@pytest.mark.parametrize("missing", ["Chromium", "playwright"])
+def test_a_missing_browser_skips_but_fails_under_ci(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                   missing: str) -> None:
+    this_module = sys.modules[__name__]
+    if missing == "Chromium":
+        monkeypatch.setattr(this_module, "CHROMIUM", tmp_path / "chromium")
+        monkeypatch.setattr(shutil, "which", lambda name: None)
+    else:
+        monkeypatch.setattr(this_module, "sync_playwright", None)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match=f"needs .*{missing}.*CI=true"):
+        require_browser()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match=f"needs .*{missing}"):
+        require_browser()

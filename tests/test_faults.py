@@ -8,8 +8,6 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -18,39 +16,31 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import CAT_JPEG, COFFEE_JPEG, RedisServer, error_code, free_port, login, make_config, wait_for
-from tests.test_cli import ROOT, server_env
+from tests.conftest import (
+    CAT_JPEG,
+    COFFEE_JPEG,
+    RedisServer,
+    error_code,
+    free_port,
+    login,
+    make_config,
+    wait_for,
+    wait_until,
+)
+from tests.test_cli import ServerProcess
 
 
 def raw_predict(client: httpx.Client, auth: dict[str, str], **headers: str) -> httpx.Response:
     return client.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg", **headers}, content=COFFEE_JPEG)
 
 
-def start_server_process(tmp_path: Path, **env: str) -> tuple[subprocess.Popen[str], str]:
-    process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0"], cwd=ROOT,
-                               env=server_env(tmp_path, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True)
-    assert process.stdout is not None
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = process.stdout.readline()
-        if "ready on " in line:
-            url = line.split("ready on ")[1].split()[0]
-            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep the pipe drained
-            return process, url
-        if not line and process.poll() is not None:
-            break
-    process.kill()
-    raise AssertionError("server did not start")
-
-
 def test_redis_missing_at_start_then_ready_once_it_answers(tmp_path: Path) -> None:
     port = free_port()
-    process, url = start_server_process(tmp_path, INFERENCE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
-                                        INFERENCE_REDIS_CONNECT_TIMEOUT_SECONDS="0.5")
+    server = ServerProcess(tmp_path, INFERENCE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+                           INFERENCE_REDIS_CONNECT_TIMEOUT_SECONDS="0.5")
     redis_server = RedisServer(tmp_path / "redis", port)
     try:
-        with httpx.Client(base_url=url, timeout=30) as client:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
             not_ready = client.get("/readyz")
             assert not_ready.status_code == 503 and not_ready.json()["checks"]["store"] != "ok"
             assert client.get("/healthz").status_code == 200
@@ -59,8 +49,7 @@ def test_redis_missing_at_start_then_ready_once_it_answers(tmp_path: Path) -> No
             assert wait_for(lambda: client.get("/readyz").status_code == 200, timeout=10)
             assert client.post("/v1/sessions").status_code == 201
     finally:
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(30) == 0
+        assert server.stop() == 0
         redis_server.stop()
 
 
@@ -93,6 +82,7 @@ def test_redis_killed_under_load_loses_nothing_and_invents_nothing(serve, tmp_pa
     config = make_config(redis_server.url, redis={"connect_timeout_seconds": 0.5, "command_timeout_seconds": 0.5})
     clients, predicts_each = 3, 12
     told: dict[int, list[str]] = {n: [] for n in range(clients)}
+    refused_at: list[float] = []  # when an attempt got a 503 or no answer (Redis down), to be retried
     failures: list[str] = []
     try:
         with serve(config) as server:
@@ -109,7 +99,8 @@ def test_redis_killed_under_load_loses_nothing_and_invents_nothing(serve, tmp_pa
                             try:
                                 response = raw_predict(client, auths[n], **{"Idempotency-Key": key})
                             except httpx.HTTPError:
-                                time.sleep(0.1)
+                                refused_at.append(time.monotonic())
+                                time.sleep(0.1)  # a retrying client's pause, not a wait for a state
                                 continue
                             if response.status_code == 200:
                                 told[n].append(response.json()["id"])
@@ -117,6 +108,7 @@ def test_redis_killed_under_load_loses_nothing_and_invents_nothing(serve, tmp_pa
                             if response.status_code != 503:
                                 failures.append(f"{response.status_code} {response.text}")
                                 return
+                            refused_at.append(time.monotonic())
                             time.sleep(0.1)
                         else:
                             failures.append("a predict was never answered")
@@ -125,10 +117,12 @@ def test_redis_killed_under_load_loses_nothing_and_invents_nothing(serve, tmp_pa
             threads = [threading.Thread(target=run, args=(n,)) for n in range(clients)]
             for thread in threads:
                 thread.start()
-            time.sleep(1.0)
+            wait_until(lambda: all(told.values()), "every client to be answered once")
             redis_server.process.send_signal(signal.SIGKILL)
             redis_server.process.wait(10)
-            time.sleep(1.0)
+            killed = time.monotonic()
+            # Restarted only once the clients have met the outage, so that their retries span it.
+            wait_until(lambda: any(at > killed for at in refused_at), "a client to be refused while Redis is down")
             redis_server.start()
             for thread in threads:
                 thread.join(120)
@@ -145,61 +139,77 @@ def test_redis_killed_under_load_loses_nothing_and_invents_nothing(serve, tmp_pa
 
 
 def test_sigterm_mid_load_answers_every_request_it_accepted(tmp_path: Path) -> None:
-    process, url = start_server_process(tmp_path)
-    with httpx.Client(base_url=url, timeout=30) as client:
-        auth = login(client)
-    results: list[tuple[float, float, str]] = []  # sent, answered, outcome
+    server = ServerProcess(tmp_path)
+    process = server.process
     stop_sending = threading.Event()
-    sigterm_at: list[float] = []
+    try:
+        url = server.url
+        with httpx.Client(base_url=url, timeout=30) as client:
+            auth = login(client)
+        results: list[tuple[float, float, str]] = []  # sent, answered, outcome
+        sigterm_at: list[float] = []
 
-    def load() -> None:
-        while not stop_sending.is_set():
-            sent = time.monotonic()
-            try:
-                with httpx.Client(base_url=url, timeout=30) as client:  # one connection per request
-                    response = client.post("/v1/predict", content=CAT_JPEG,
-                                           headers={**auth, "Content-Type": "image/jpeg"})
-                results.append((sent, time.monotonic(), str(response.status_code)))
-            except httpx.ConnectError:  # the listening socket is closed: not accepted, fine
-                results.append((sent, time.monotonic(), "refused"))
-                return
-            except httpx.HTTPError as exc:
-                results.append((sent, time.monotonic(), type(exc).__name__))
-                return
+        def load() -> None:
+            while not stop_sending.is_set():
+                sent = time.monotonic()
+                try:
+                    with httpx.Client(base_url=url, timeout=30) as client:  # one connection per request
+                        response = client.post("/v1/predict", content=CAT_JPEG,
+                                               headers={**auth, "Content-Type": "image/jpeg"})
+                    results.append((sent, time.monotonic(), str(response.status_code)))
+                except httpx.ConnectError:  # the listening socket is closed: not accepted, fine
+                    results.append((sent, time.monotonic(), "refused"))
+                    return
+                except httpx.HTTPError as exc:
+                    results.append((sent, time.monotonic(), type(exc).__name__))
+                    return
 
-    threads = [threading.Thread(target=load) for _ in range(6)]
-    for thread in threads:
-        thread.start()
-    # One request certainly in flight at the signal: its headers and half its body are sent before.
-    host, port = url.removeprefix("http://").split(":")
-    in_flight = socket.create_connection((host, int(port)), timeout=30)
-    in_flight.sendall(("POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
-                       f"Authorization: {auth['Authorization']}\r\nContent-Length: {len(CAT_JPEG)}\r\n\r\n").encode()
-                      + CAT_JPEG[: len(CAT_JPEG) // 2])
-    time.sleep(2.0)
-    sigterm_at.append(time.monotonic())
-    process.send_signal(signal.SIGTERM)
-    time.sleep(0.2)
-    in_flight.sendall(CAT_JPEG[len(CAT_JPEG) // 2 :])
-    answer = b""
-    while chunk := in_flight.recv(65536):
-        answer += chunk
-    in_flight.close()
-    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
-    assert process.wait(60) == 0
-    stop_sending.set()
-    for thread in threads:
-        thread.join(30)
-    signalled = sigterm_at[0]
-    # Requests in flight when SIGTERM came were finished, with a real answer.
-    finished_after = [outcome for sent, answered, outcome in results if sent < signalled < answered]
-    # (Whether the load had a request in flight at that instant is chance; the one above did.)
-    assert set(finished_after) <= {"200", "refused"}, finished_after
-    # Nothing sent before the signal was cut off mid-request or failed on the server.
-    assert {outcome for sent, _, outcome in results if sent < signalled} <= {"200", "refused"}
-    # Sent after it: refused, or reset from the accept backlog of the closing socket; never a 5xx.
-    assert {outcome for sent, _, outcome in results if sent >= signalled} <= {
-        "200", "refused", "ReadError", "RemoteProtocolError"}
+        threads = [threading.Thread(target=load) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        # One request certainly in flight at the signal: the server has taken its headers (the 100
+        # Continue it sends once the request is admitted says so) and half its body is sent.
+        host, port = url.removeprefix("http://").split(":")
+        in_flight = socket.create_connection((host, int(port)), timeout=30)
+        in_flight.sendall(("POST /v1/predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/jpeg\r\n"
+                           f"Authorization: {auth['Authorization']}\r\nContent-Length: {len(CAT_JPEG)}\r\n"
+                           "Expect: 100-continue\r\n\r\n").encode())
+        continue_line = b"HTTP/1.1 100 (Continue)\r\n\r\n"
+        answer = b""
+        while len(answer) < len(continue_line) and (chunk := in_flight.recv(len(continue_line) - len(answer))):
+            answer += chunk
+        assert answer == continue_line, answer
+        in_flight.sendall(CAT_JPEG[: len(CAT_JPEG) // 2])
+        wait_until(lambda: len(results) >= 6, "the load to be answered")
+        mark = len(server.lines)
+        sigterm_at.append(time.monotonic())
+        process.send_signal(signal.SIGTERM)
+        server.wait_for(r"shutting down", after=mark, timeout=30)  # the rest of the body comes during the shutdown
+        in_flight.sendall(CAT_JPEG[len(CAT_JPEG) // 2 :])
+        answer = b""
+        while chunk := in_flight.recv(65536):
+            answer += chunk
+        in_flight.close()
+        assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+        assert process.wait(60) == 0
+        stop_sending.set()
+        for thread in threads:
+            thread.join(30)
+        signalled = sigterm_at[0]
+        # Requests in flight when SIGTERM came were finished, with a real answer.
+        finished_after = [outcome for sent, answered, outcome in results if sent < signalled < answered]
+        # (Whether the load had a request in flight at that instant is chance; the one above did.)
+        assert set(finished_after) <= {"200", "refused"}, finished_after
+        # Nothing sent before the signal was cut off mid-request or failed on the server.
+        assert {outcome for sent, _, outcome in results if sent < signalled} <= {"200", "refused"}
+        # Sent after it: refused, or reset from the accept backlog of the closing socket; never a 5xx.
+        assert {outcome for sent, _, outcome in results if sent >= signalled} <= {
+            "200", "refused", "ReadError", "RemoteProtocolError"}
+    finally:  # after a failure above, neither the load nor the server outlives the test
+        stop_sending.set()
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
 
 
 def test_tokens_and_images_never_reach_the_logs(client: httpx.Client, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,11 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from itsdangerous.timed import TimestampSigner
 
 from handlers.openapi import openapi_document
 from service.auth import api_key_hash
 from sessions.store import STORE_UNAVAILABLE_MESSAGE
-from tests.conftest import CAT_JPEG, RedisServer, error_code, login, make_config
+from sessions.tokens import TokenSigner
+from tests.conftest import CAT_JPEG, TEST_SECRET, RedisServer, error_code, login, make_config
 
 DEEP = b"[" * 100_000  # a few bytes that exhaust a recursive parser
 
@@ -123,13 +125,21 @@ def test_the_session_counter_runs_in_the_background(server, loop_thread, client:
     assert loop_thread.run(count_once()) >= 1
 
 
-def test_a_logout_tombstone_lives_no_longer_than_the_session_could(serve) -> None:
-    with serve(make_config(sessions={"ttl_seconds": 30})) as server, server.client() as client:
-        auth = login(client)
-        session_id = client.get("/v1/session", headers=auth).json()["session_id"]
+def test_a_logout_tombstone_lives_no_longer_than_the_session_could(serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tombstone lives as long as the session had left, not the full idle TTL. The session here
+    has 12 s left of its 30 s lifetime (its token was issued 18 s ago), though its idle TTL is 30 s."""
+    lifetime, age = 30, 18
+    config = make_config(sessions={"ttl_seconds": lifetime, "max_lifetime_seconds": lifetime})
+    with serve(config) as server, server.client() as client:
+        session_id = client.post("/v1/sessions").json()["session_id"]
+        issued_at = int(time.time()) - age
+        with monkeypatch.context() as backdated:
+            backdated.setattr(TimestampSigner, "get_timestamp", lambda signer: issued_at)
+            auth = {"Authorization": f"Bearer {TokenSigner([TEST_SECRET], lifetime).issue(session_id)}"}
         assert client.delete("/v1/session", headers=auth).status_code == 204
         ttl_ms = redis.Redis.from_url(server.config.redis.url).pttl(f"sess:{{{session_id}}}:revoked")
-        assert 0 < ttl_ms <= 30_000
+        left_ms = (issued_at + lifetime) * 1000 - time.time() * 1000  # what the session had left, now
+        assert abs(ttl_ms - left_ms) < 1000, (ttl_ms, left_ms)
         refused = client.get("/v1/session", headers=auth)
         assert refused.status_code == 401 and error_code(refused) == "session_revoked"
 

@@ -17,7 +17,7 @@ from inference.runner import ModelRunner
 from server.runtime import build_runner
 from sessions.errors import BadImage, BadRequest, InferenceFailed, ServiceBusy
 from sessions.options import Options
-from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config
+from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config, wait_until_async
 
 
 @pytest.fixture
@@ -92,7 +92,7 @@ def test_queue_is_bounded(default_model) -> None:
 
     async def main():
         admitted = [asyncio.ensure_future(runner.predict(CAT_JPEG, Options())) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await wait_until_async(lambda: runner.queue_depth == 2, "both requests admitted")
         with pytest.raises(ServiceBusy):
             await runner.predict(CAT_JPEG, Options())
         assert runner.queue_depth == 2

@@ -26,7 +26,7 @@ import torchvision
 from clients.python import AuthError, Client, ValidationError
 from server.runtime import build_runner
 from service.auth import api_key_hash
-from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config, wait_for
+from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config, wait_for, wait_until
 from tests.test_replicas import server_process
 
 ADMIN_KEY = "training-job-admin-key"
@@ -165,12 +165,13 @@ def test_activation_under_load_fails_no_request_and_new_requests_use_the_new_wei
         for thread in threads:
             thread.start()
         try:
-            time.sleep(1.0)
+            wait_until(lambda: len(results) >= 6, "the load to be answered on the old weights")
             activation = activate(http, version)
             activated = time.monotonic()
             assert activation.status_code == 200, activation.text
             assert activation.json()["active"] is True and activation.json()["activated_at"]
-            time.sleep(1.0)
+            wait_until(lambda: sum(started > activated for started, _, _ in results) >= 6,
+                       "the load to be answered after the activation")
         finally:
             stop.set()
             for thread in threads:
@@ -303,10 +304,8 @@ def test_two_processes_follow_an_activation_within_a_second(tmp_path: Path, cock
             assert predict(b, auth).json()["predicted_class"] in CAT_CLASSES
             assert activate(a, version).status_code == 200
             activated = time.monotonic()
-            while time.monotonic() - activated < 5:  # bounded poll; the assertion below is the real limit
-                if b.get("/v1/models", headers=ADMIN).json()["models"][0]["serving_version"] == version:
-                    break
-                time.sleep(0.02)
+            wait_until(lambda: b.get("/v1/models", headers=ADMIN).json()["models"][0]["serving_version"] == version,
+                       "replica b to serve the activated version", timeout=5)  # the assertion below is the real limit
             followed_after = time.monotonic() - activated
             print(f"replica b serves the activated version {followed_after * 1000:.0f} ms after the activation answer")
             assert followed_after < 1.0, f"replica b switched after {followed_after:.2f} s"
