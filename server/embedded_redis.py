@@ -20,7 +20,7 @@ from pathlib import Path
 import redis
 
 from server.config import ConfigError
-from server.private_files import private_dir
+from sessions.private_files import private_dir
 
 log = logging.getLogger(__name__)
 

@@ -14,6 +14,7 @@ import pytest
 from service.capture import Captures
 from service.export import FeedbackExport, parse_query, parse_time, tar_member
 from sessions.errors import BadRequest
+from sessions.tokens import TokenSigner
 from tests.unit.fakes import FakeCaptureRefs, FakeFeedbackRecords
 
 pytestmark = pytest.mark.unit
@@ -59,8 +60,9 @@ def test_the_export_holds_one_page_at_a_time(tmp_path: Path) -> None:
     for n in range(25):
         asyncio.run(records.set("s", f"{n}-0", record(n), at_ms=1000 + n, version=record(n)["model"]["version"],
                                 agrees=n % 2 == 0, keep_until_ms=0))
-    exporter = FeedbackExport(records, Captures(FakeCaptureRefs(), store_dir=tmp_path, enabled=True, retention_days=1),
-                              page_size=4)
+    captures = Captures(FakeCaptureRefs(), names=TokenSigner(["k"], 60), store_dir=tmp_path, enabled=True,
+                        retention_days=1)
+    exporter = FeedbackExport(records, captures, page_size=4)
 
     async def consume(query_text: dict[str, str]) -> tuple[list[bytes], list[int]]:
         chunks, pages_when_handed_out = [], []
