@@ -179,7 +179,7 @@ class FeedbackConfig:
 
 @dataclass
 class CaptureConfig:
-    # Keep every image a session predicts (once per content hash), for GET /v1/history/<id>/image
+    # Keep every image a session predicts (once per session and content hash), for GET /v1/history/<id>/image
     # and the training export.
     enabled: bool = False
     # Captured images are deleted this many days after a session last sent them.

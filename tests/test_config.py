@@ -56,6 +56,8 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     ("[redis]\nurl = 'http://x'\n", {}, "redis.url"),
     ("[server]\nmalloc_keep_mb = -1\n", {}, "server.malloc_keep_mb"),
     ("", {"INFERENCE_CAPTURE_MIN_FREE_DISK_BYTES": "-1"}, "capture.min_free_disk_bytes must not be negative"),
+    ("", {"INFERENCE_CAPTURE_MAX_SESSION_BYTES": "-1"}, "capture.max_session_bytes must not be negative"),
+    ("[capture]\nmax_queue = 0\n", {}, "capture.max_queue must be between 1 and 10000"),
     ("", {"INFERENCE_MODEL_WORKERS": "two"}, "INFERENCE_MODEL_WORKERS must be an integer"),
     ("", {"INFERENCE_MODEL_COLOUR": "x"}, "Unknown setting"),
     ("", {"INFERENCE_SERVER_MODE": "production"}, "auth.secret_keys is empty"),
