@@ -480,9 +480,7 @@ class Captures:
         this sees the record and moves it back."""
         path = self.path(ref, sha256)
         aside = path.parent / f".{sha256}.{uuid.uuid4().hex}.deleting"
-        try:
-            await self._off_loop(os.replace, path, aside)
-        except (FileNotFoundError, NotADirectoryError):
+        if not await self._off_loop(self._move_aside, path, aside):
             return 0
         try:
             held = await self.refs.seen_at(ref, sha256) is not None
@@ -493,6 +491,17 @@ class Captures:
             return 0
         await self._off_loop(self._unlink, aside)
         return 1
+
+    @staticmethod
+    def _move_aside(path: Path, aside: Path) -> bool:
+        """Rename a copy aside, unless it is gone or its folder is a link (never deleted through)."""
+        if path.parent.is_symlink():
+            return False
+        try:
+            os.replace(path, aside)
+        except (FileNotFoundError, NotADirectoryError):
+            return False
+        return True
 
     async def sweep_forever(self, interval_seconds: float) -> None:
         """Retention, in one serving process: a sweep now and every interval."""
