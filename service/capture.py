@@ -51,7 +51,6 @@ log = logging.getLogger("inference.capture")
 DAY_MS = 24 * 3600 * 1000
 _SWEEP_BATCH = 500
 _HEX = frozenset("0123456789abcdef")
-_REF_LENGTH = 16  # sessions.tokens.TokenSigner.session_ref
 _WARN_EVERY_SECONDS = 60.0  # a full disk fails every capture: one log line a minute, the metric counts them all
 
 # The formats the server reads (inference.imaging.FORMATS), by their first bytes.
@@ -190,11 +189,11 @@ class CaptureRefs(Protocol):
 
     async def seen_at(self, ref: str, sha256: str) -> float | None: ...
 
-    async def seen_at_many(self, members: list[str]) -> list[float | None]: ...
+    async def seen_at_many(self, ref: str, sha256s: list[str]) -> list[float | None]: ...
 
     async def copies(self, sha256: str) -> list[tuple[str, float]]: ...
 
-    async def older_than(self, cutoff_ms: int, limit: int) -> list[str]: ...
+    async def older_than(self, cutoff_ms: int, limit: int) -> list[tuple[str, str]]: ...
 
 
 class SessionNames(Protocol):
@@ -257,6 +256,7 @@ class Captures:
         "queue_full" or "malformed"; `on_queue_wait(seconds)` of how long each job waited for the
         capture thread."""
         self.refs, self.names, self.enabled = refs, names, enabled
+        self._ref_length = len(names.session_ref(""))  # how long a session's folder name is
         self.store_dir = store_dir.expanduser().resolve()
         self.retention_ms = retention_days * DAY_MS
         self.min_free_disk_bytes, self.max_session_bytes = min_free_disk_bytes, max_session_bytes
@@ -412,8 +412,7 @@ class Captures:
         deleted = 0
         while True:
             due = await self.refs.older_than(cutoff, _SWEEP_BATCH)
-            for copy in due:
-                ref, _, sha256 = copy.partition("/")
+            for ref, sha256 in due:
                 if await self.refs.expire(ref, sha256, cutoff):
                     deleted += await self._delete_unless_held(ref, sha256)
             if len(due) < _SWEEP_BATCH:
@@ -431,8 +430,7 @@ class Captures:
                 await self._off_loop(self._unlink, path)
             for start in range(0, len(images), _SWEEP_BATCH):
                 batch = images[start:start + _SWEEP_BATCH]
-                members = [f"{folder.name}/{sha256}" for sha256 in batch]
-                for sha256, seen in zip(batch, await self.refs.seen_at_many(members), strict=True):
+                for sha256, seen in zip(batch, await self.refs.seen_at_many(folder.name, batch), strict=True):
                     if seen is None:
                         deleted += await self._delete_unless_held(folder.name, sha256)
             await self._off_loop(self._remove_if_idle, folder, cutoff_ms)
@@ -445,7 +443,7 @@ class Captures:
             return []
         with os.scandir(self.store_dir) as entries:
             return sorted(Path(entry.path) for entry in entries
-                          if entry.is_dir(follow_symlinks=False) and len(entry.name) in (2, _REF_LENGTH)
+                          if entry.is_dir(follow_symlinks=False) and len(entry.name) in (2, self._ref_length)
                           and set(entry.name) <= _HEX)
 
     @staticmethod

@@ -77,7 +77,7 @@ _ALWAYS = 1 << 62  # a cutoff no time passes: forget whenever sent
 
 
 def member(ref: str, sha256: str) -> str:
-    """How the `sent` index names one session's copy of an image (the file `<ref>/<sha256>` too)."""
+    """How the `sent` index names one session's copy of an image."""
     return f"{ref}/{sha256}"
 
 
@@ -122,9 +122,9 @@ class CaptureRefs:
         return await self.redis.zscore(self._sent, member(ref, sha256))
 
     @store_errors
-    async def seen_at_many(self, members: list[str]) -> list[float | None]:
-        """`seen_at` for each of these copies (`member(ref, sha256)`), in one call."""
-        return await self.redis.zmscore(self._sent, members) if members else []
+    async def seen_at_many(self, ref: str, sha256s: list[str]) -> list[float | None]:
+        """`seen_at` for each of these images of the session, in one call."""
+        return await self.redis.zmscore(self._sent, [member(ref, sha256) for sha256 in sha256s]) if sha256s else []
 
     @store_errors
     async def copies(self, sha256: str) -> list[tuple[str, float]]:
@@ -133,6 +133,7 @@ class CaptureRefs:
         return [(ref, float(seen)) for ref, seen in zip(flat[::2], flat[1::2], strict=True)]
 
     @store_errors
-    async def older_than(self, cutoff_ms: int, limit: int) -> list[str]:
-        """Copies (`member(ref, sha256)`) last sent at or before the cutoff, oldest first."""
-        return await self.redis.zrangebyscore(self._sent, "-inf", cutoff_ms, start=0, num=limit)
+    async def older_than(self, cutoff_ms: int, limit: int) -> list[tuple[str, str]]:
+        """Copies (ref, sha256) last sent at or before the cutoff, oldest first."""
+        due = await self.redis.zrangebyscore(self._sent, "-inf", cutoff_ms, start=0, num=limit)
+        return [(ref, sha256) for ref, _, sha256 in (copy.partition("/") for copy in due)]

@@ -334,12 +334,13 @@ class FakeCaptureRefs:
     async def seen_at(self, ref: str, sha256: str) -> float | None:
         return self.seen.get(f"{ref}/{sha256}")
 
-    async def seen_at_many(self, members: list[str]) -> list[float | None]:
-        return [self.seen.get(member) for member in members]
+    async def seen_at_many(self, ref: str, sha256s: list[str]) -> list[float | None]:
+        return [self.seen.get(f"{ref}/{sha256}") for sha256 in sha256s]
 
     async def copies(self, sha256: str) -> list[tuple[str, float]]:
         return [(ref, float(self.seen[f"{ref}/{sha256}"])) for ref, held in self.sizes.items()
                 if sha256 in held and f"{ref}/{sha256}" in self.seen]
 
-    async def older_than(self, cutoff_ms: int, limit: int) -> list[str]:
-        return sorted((member for member, at in self.seen.items() if at <= cutoff_ms), key=self.seen.get)[:limit]
+    async def older_than(self, cutoff_ms: int, limit: int) -> list[tuple[str, str]]:
+        due = sorted((member for member, at in self.seen.items() if at <= cutoff_ms), key=self.seen.get)[:limit]
+        return [tuple(member.split("/")) for member in due]  # type: ignore[misc]

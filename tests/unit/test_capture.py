@@ -88,13 +88,19 @@ def jpeg_with_exif_thumbnail() -> bytes:
 
 
 IMAGES = {
-    "png": lambda: encoded("PNG"), "jpeg": lambda: encoded("JPEG", quality=90),
-    "jpeg progressive": lambda: encoded("JPEG", progressive=True), "jpeg restart markers": lambda: encoded(
-        "JPEG", restart_marker_blocks=1), "jpeg thumbnail": jpeg_with_exif_thumbnail,
-    "jpeg photo": lambda: (DATA / "cat.jpg").read_bytes(), "gif": lambda: encoded("GIF", mode="L"),
-    "gif animated": animated_gif, "bmp": lambda: encoded("BMP"), "bmp 1-bit": lambda: encoded("BMP", mode="1"),
+    "png": lambda: encoded("PNG"),
+    "jpeg": lambda: encoded("JPEG", quality=90),
+    "jpeg progressive": lambda: encoded("JPEG", progressive=True),
+    "jpeg restart markers": lambda: encoded("JPEG", restart_marker_blocks=1),
+    "jpeg thumbnail": jpeg_with_exif_thumbnail,
+    "jpeg photo": lambda: (DATA / "cat.jpg").read_bytes(),
+    "gif": lambda: encoded("GIF", mode="L"),
+    "gif animated": animated_gif,
+    "bmp": lambda: encoded("BMP"),
+    "bmp 1-bit": lambda: encoded("BMP", mode="1"),
     "bmp grey": lambda: encoded("BMP", mode="L"),
-    "webp": lambda: encoded("WEBP"), "webp lossless": lambda: encoded("WEBP", lossless=True),
+    "webp": lambda: encoded("WEBP"),
+    "webp lossless": lambda: encoded("WEBP", lossless=True),
 }
 
 
