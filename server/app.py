@@ -96,7 +96,7 @@ def make_app(
     registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
     given; the caller starts them following other replicas (`await model_versions.start()`)."""
     signer = make_signer(config)
-    feedback, captures = make_feedback(config, store, runner, signer), make_captures(config, store, runner)
+    feedback, captures = make_feedback(config, store, runner, signer), make_captures(config, store, runner, signer)
     versions = model_versions or make_model_versions(config, store, runner, feedback)
     rewrites = make_rewrite_after_erase(config, store)
     auth, classifier, sessions = use_cases(config, store, runner, signer, versions, feedback, captures,
@@ -168,12 +168,15 @@ def make_feedback(config: Config, store: SessionStore, runner: ModelRunner, sign
                            on_feedback=metrics.observe_feedback if isinstance(metrics, Metrics) else None)
 
 
-def make_captures(config: Config, store: SessionStore, runner: ModelRunner) -> Captures:
+def make_captures(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner) -> Captures:
     capture, metrics = config.capture, runner.metrics
     store_dir = config.folder(capture.store_dir, "captures")
-    return Captures(CaptureRefs(store.redis), store_dir=store_dir, enabled=capture.enabled,
+    observed = isinstance(metrics, Metrics)
+    return Captures(CaptureRefs(store.redis), names=signer, store_dir=store_dir, enabled=capture.enabled,
                     retention_days=capture.retention_days, min_free_disk_bytes=capture.min_free_disk_bytes,
-                    on_skipped=metrics.count_capture_skipped if isinstance(metrics, Metrics) else None)
+                    max_session_bytes=capture.max_session_bytes, max_queue=capture.max_queue,
+                    on_skipped=metrics.count_capture_skipped if observed else None,
+                    on_queue_wait=metrics.observe_capture_queue_wait if observed else None)
 
 
 def make_rewrite_after_erase(config: Config, store: SessionStore) -> RewriteAfterErase | None:

@@ -36,9 +36,9 @@ from server.observability import (
     forget_process_metrics,
     share_metrics_across_processes,
 )
-from server.private_files import owner_only, private_dir, write_private
 from server.runtime import build_runner, build_store, prepare_model
 from service.auth import api_key_hash
+from sessions.private_files import owner_only, private_dir, write_private
 
 log = logging.getLogger("inference.server")
 _EXIT_MODEL_LOAD_FAILED = 3  # a child that cannot load the model is not restarted: it would fail again

@@ -193,7 +193,7 @@ class FeedbackConfig:
 
 @dataclass
 class CaptureConfig:
-    # Keep every image a session predicts (once per content hash), for GET /v1/history/<id>/image
+    # Keep every image a session predicts (once per session and content hash), for GET /v1/history/<id>/image
     # and the training export.
     enabled: bool = False
     # Captured images are deleted this many days after a session last sent them.
@@ -207,6 +207,12 @@ class CaptureConfig:
     # file system has less free space than this, so that capture cannot fill a disk that Redis, the
     # logs and the model versions may share. 0: no check.
     min_free_disk_bytes: int = 1 << 30
+    # The most one session's captured images may take (each distinct image it sent, counted once);
+    # past it an image is not captured (the prediction is still recorded, with `image: null`). 0: no limit.
+    max_session_bytes: int = 256 << 20
+    # Images being captured at once per serving process (they wait for its one capture thread and its
+    # fsyncs); past it an image is not captured, so predicts never queue behind other sessions' writes.
+    max_queue: int = 32
 
 
 @dataclass
@@ -439,6 +445,8 @@ def validate(config: Config) -> None:
         (1 <= config.capture.retention_days <= 36_500, "capture.retention_days must be between 1 and 36500."),
         (config.capture.sweep_interval_seconds > 0, "capture.sweep_interval_seconds must be positive."),
         (config.capture.min_free_disk_bytes >= 0, "capture.min_free_disk_bytes must not be negative."),
+        (config.capture.max_session_bytes >= 0, "capture.max_session_bytes must not be negative."),
+        (1 <= config.capture.max_queue <= 10_000, "capture.max_queue must be between 1 and 10000."),
     ]
     for ok, message in checks:
         if not ok:

@@ -23,7 +23,7 @@ import redis
 import redis.asyncio as aioredis
 
 from server.config import ConfigError
-from server.private_files import private_dir
+from sessions.private_files import private_dir
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ class Metrics:
         self.forward_seconds = Histogram("inference_model_forward_seconds", "Time of one model forward.",
                                          buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.preprocess_seconds = Histogram("inference_preprocess_seconds", "Decode and preprocess, per image.",
-                                            buckets=_LATENCY_BUCKETS, registry=self.registry)
+                                            buckets=(0.0005, 0.001, 0.0025, *_LATENCY_BUCKETS), registry=self.registry)
         self.grpc_requests = Counter("inference_grpc_requests", "gRPC calls (Open Inference Protocol) by method "
                                      "and status.", ["method", "code"], registry=self.registry)
         self.grpc_latency = Histogram("inference_grpc_request_duration_seconds", "Time to answer a gRPC call, "
@@ -76,8 +76,13 @@ class Metrics:
                                 "its top-1.", ["version", "agreement"], registry=self.registry)
         self.capture_skipped = Counter("inference_capture_skipped", "Images not captured although capture is on "
                                        "(the prediction is still recorded), by reason: low_disk (under "
-                                       "capture.min_free_disk_bytes) or disk_error.", ["reason"],
+                                       "capture.min_free_disk_bytes), disk_error, quota (past "
+                                       "capture.max_session_bytes), queue_full (capture.max_queue) or "
+                                       "malformed (the image's end not found).", ["reason"],
                                        registry=self.registry)
+        self.capture_queue_wait = Histogram("inference_capture_queue_wait_seconds", "Time a capture job (a "
+                                            "write, a read, a delete) waited for the capture thread.",
+                                            buckets=(0.0005, 0.001, 0.0025, *_LATENCY_BUCKETS), registry=self.registry)
         self.store_errors = Counter("inference_store_errors", "Requests that failed because Redis did.",
                                     registry=self.registry)
         self.open_connections = Gauge("inference_open_connections",
@@ -104,6 +109,9 @@ class Metrics:
 
     def count_capture_skipped(self, reason: str) -> None:
         self.capture_skipped.labels(reason).inc()
+
+    def observe_capture_queue_wait(self, seconds: float) -> None:
+        self.capture_queue_wait.observe(seconds)
 
     def exposition(self) -> bytes:
         """The Prometheus text of this process, or of every serving process when they share metrics."""

@@ -40,4 +40,4 @@ async def image(store: SessionStore, captures: Captures, session: Session, histo
     """The captured image of one of the session's items, as sent, and its media type; 404 for another
     session's item, one not captured, or one past its retention."""
     entry = await store.history_item(session.id, history_id)
-    return await captures.read(entry.get("image"))
+    return await captures.read(session.id, entry.get("image"))

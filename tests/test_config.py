@@ -63,6 +63,8 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     ("", {"INFERENCE_FEEDBACK_DAILY_LIMIT": "-1"}, "feedback.daily_limit must not be negative"),
     ("", {"INFERENCE_FEEDBACK_RETENTION_DAYS": "0"}, "feedback.retention_days must be between 1 and 36500"),
     ("", {"INFERENCE_FEEDBACK_SWEEP_INTERVAL_SECONDS": "0"}, "feedback.sweep_interval_seconds must be positive"),
+    ("", {"INFERENCE_CAPTURE_MAX_SESSION_BYTES": "-1"}, "capture.max_session_bytes must not be negative"),
+    ("[capture]\nmax_queue = 0\n", {}, "capture.max_queue must be between 1 and 10000"),
     ("", {"INFERENCE_MODEL_WORKERS": "two"}, "INFERENCE_MODEL_WORKERS must be an integer"),
     ("", {"INFERENCE_MODEL_COLOUR": "x"}, "Unknown setting"),
     ("", {"INFERENCE_SERVER_MODE": "production"}, "auth.secret_keys is empty"),

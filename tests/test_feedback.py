@@ -30,6 +30,7 @@ from websockets.sync.client import connect as ws_connect
 
 from clients.python import AsyncClient, AuthError, Client
 from clients.python.cli import main as cli_main
+from server.app import make_signer
 from service.auth import api_key_hash
 from service.capture import Captures
 from service.feedback import FeedbackLimits, FeedbackService
@@ -245,10 +246,10 @@ def test_captured_images_are_read_back_byte_for_byte_by_their_session_only(http:
         refused = http.get(f"/v1/history/{item['id']}/image", headers=other)
         assert refused.status_code == 404 and error_code(refused) == "history_item_not_found"
     assert http.get(f"/v1/history/{jpeg['id']}/image").status_code == 401
-    # Stored once per content: the same image from another session is the same file.
-    again = predict(http, other)
-    assert again["image"] == jpeg["image"]
-    assert len([name for name in captured_files(feedback_server.capture_dir) if name == sha(CAT_JPEG)]) == 1
+    # Each session keeps its own copy: the same image from another session is a file of its own.
+    again = predict(http, other, png, "image/png")
+    assert again["image"] == multipart["image"]
+    assert len(list(feedback_server.capture_dir.rglob(sha(png)))) == 2
     assert not [name for name in captured_files(feedback_server.capture_dir) if name.endswith(".partial")]
 
 
@@ -708,13 +709,14 @@ def test_short_of_disk_the_prediction_is_recorded_without_its_image(serve, redis
 def test_retention_deletes_images_nobody_sent_within_it(http: httpx.Client, feedback_server, loop_thread) -> None:
     auth = login(http)
     item = predict(http, auth, png_bytes((7, 7, 7)), "image/png")
-    captures = Captures(CaptureRefs(feedback_server.store.redis), store_dir=feedback_server.capture_dir,
-                        enabled=True, retention_days=1)
+    captures = Captures(CaptureRefs(feedback_server.store.redis), names=make_signer(feedback_server.config),
+                        store_dir=feedback_server.capture_dir, enabled=True, retention_days=1)
     # Files Redis does not know: an image whose holder was never recorded, a write a crash cut short.
     unknown = hashlib.sha256(b"never recorded").hexdigest()
-    (feedback_server.capture_dir / unknown[:2]).mkdir(parents=True, exist_ok=True)
-    (feedback_server.capture_dir / unknown[:2] / unknown).write_bytes(b"never recorded")
-    partial = feedback_server.capture_dir / unknown[:2] / f".{unknown}.0.partial"
+    folder = feedback_server.capture_dir / "0123456789abcdef"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / unknown).write_bytes(b"never recorded")
+    partial = folder / f".{unknown}.0.partial"
     partial.write_bytes(b"never")
     assert loop_thread.run(captures.sweep()) == 0  # nothing is a day old
     assert unknown in captured_files(feedback_server.capture_dir) and partial.exists()

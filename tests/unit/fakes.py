@@ -361,46 +361,47 @@ class FakeFeedbackRecords:
 
 
 class FakeCaptureRefs:
-    """`sessions.captures.CaptureRefs` in memory: the holders of each image and when it was last sent."""
+    """`sessions.captures.CaptureRefs` in memory: each session's copies (by ref), their sizes, and when
+    the session last sent each."""
 
     def __init__(self) -> None:
-        self.owners: dict[str, set[str]] = {}
-        self.seen: dict[str, int] = {}
-        self.sessions: dict[str, set[str]] = {}
+        self.sizes: dict[str, dict[str, int]] = {}  # ref -> sha256 -> size
+        self.seen: dict[str, int] = {}  # "<ref>/<sha256>" -> ms
 
-    async def add(self, session_id: str, sha256: str, at_ms: int, keep_until_ms: int) -> bool:
-        new = sha256 not in self.sessions.setdefault(session_id, set())
-        self.sessions[session_id].add(sha256)
-        self.owners.setdefault(sha256, set()).add(session_id)
-        self.seen[sha256] = at_ms
-        return new
+    async def add(self, ref: str, sha256: str, size: int, at_ms: int, keep_until_ms: int, max_bytes: int) -> int:
+        held = self.sizes.setdefault(ref, {})
+        new = sha256 not in held
+        if new and max_bytes and sum(held.values()) + size > max_bytes:
+            return -1
+        held[sha256] = held.get(sha256, size)
+        self.seen[f"{ref}/{sha256}"] = at_ms
+        return 1 if new else 0
 
-    async def release(self, session_id: str, sha256: str) -> bool:
-        self.sessions.get(session_id, set()).discard(sha256)
-        owners = self.owners.get(sha256, set())
-        if session_id not in owners:
+    async def release(self, ref: str, sha256: str) -> bool:
+        return await self.expire(ref, sha256, 1 << 62)
+
+    async def expire(self, ref: str, sha256: str, cutoff_ms: int) -> bool:
+        member = f"{ref}/{sha256}"
+        if self.seen.get(member, 0) > cutoff_ms:
             return False
-        owners.discard(session_id)
-        if owners:
-            return False
-        self.seen.pop(sha256, None)
-        return True
+        held = self.sizes.get(ref, {}).pop(sha256, None) is not None
+        if ref in self.sizes and not self.sizes[ref]:
+            del self.sizes[ref]
+        return (self.seen.pop(member, None) is not None) or held
 
-    async def session_images(self, session_id: str) -> list[str]:
-        return sorted(self.sessions.get(session_id, set()))
+    async def session_images(self, ref: str) -> list[str]:
+        return sorted(self.sizes.get(ref, {}))
 
-    async def seen_at(self, sha256: str) -> float | None:
-        return self.seen.get(sha256)
+    async def seen_at(self, ref: str, sha256: str) -> float | None:
+        return self.seen.get(f"{ref}/{sha256}")
 
-    async def seen_at_many(self, sha256s: list[str]) -> list[float | None]:
-        return [self.seen.get(sha256) for sha256 in sha256s]
+    async def seen_at_many(self, ref: str, sha256s: list[str]) -> list[float | None]:
+        return [self.seen.get(f"{ref}/{sha256}") for sha256 in sha256s]
 
-    async def older_than(self, cutoff_ms: int, limit: int) -> list[str]:
-        return sorted(sha for sha, at in self.seen.items() if at <= cutoff_ms)[:limit]
+    async def copies(self, sha256: str) -> list[tuple[str, float]]:
+        return [(ref, float(self.seen[f"{ref}/{sha256}"])) for ref, held in self.sizes.items()
+                if sha256 in held and f"{ref}/{sha256}" in self.seen]
 
-    async def expire(self, sha256: str, cutoff_ms: int) -> bool:
-        if self.seen.get(sha256, 0) > cutoff_ms:
-            return False
-        self.seen.pop(sha256, None)
-        self.owners.pop(sha256, None)
-        return True
+    async def older_than(self, cutoff_ms: int, limit: int) -> list[tuple[str, str]]:
+        due = sorted((member for member, at in self.seen.items() if at <= cutoff_ms), key=self.seen.get)[:limit]
+        return [tuple(member.split("/")) for member in due]  # type: ignore[misc]

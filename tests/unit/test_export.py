@@ -14,6 +14,7 @@ import pytest
 from service.capture import Captures
 from service.export import FeedbackExport, parse_query, parse_time, tar_member
 from sessions.errors import BadRequest
+from sessions.tokens import TokenSigner
 from tests.unit.fakes import FakeCaptureRefs, FakeFeedbackRecords
 
 pytestmark = pytest.mark.unit
@@ -64,8 +65,9 @@ def test_line_breaks_json_leaves_raw_are_escaped_in_both_formats(tmp_path: Path)
     records = FakeFeedbackRecords()
     comment = "a\x85b\u2028c\u2029d é"
     put(records, {**record(1), "feedback": {**record(1)["feedback"], "comment": comment}}, at_ms=1000)
-    exporter = FeedbackExport(records, Captures(FakeCaptureRefs(), store_dir=tmp_path, enabled=True, retention_days=1),
-                              page_size=4)
+    captures = Captures(FakeCaptureRefs(), names=TokenSigner(["k"], 60), store_dir=tmp_path, enabled=True,
+                        retention_days=1)
+    exporter = FeedbackExport(records, captures, page_size=4)
 
     async def export(export_format: str) -> bytes:
         return b"".join([chunk async for chunk in exporter.stream(parse_query({"format": export_format}))])
@@ -81,8 +83,9 @@ def test_the_export_holds_one_page_at_a_time(tmp_path: Path) -> None:
     records = FakeFeedbackRecords()
     for n in range(25):
         put(records, record(n), at_ms=1000 + n)
-    exporter = FeedbackExport(records, Captures(FakeCaptureRefs(), store_dir=tmp_path, enabled=True, retention_days=1),
-                              page_size=4)
+    captures = Captures(FakeCaptureRefs(), names=TokenSigner(["k"], 60), store_dir=tmp_path, enabled=True,
+                        retention_days=1)
+    exporter = FeedbackExport(records, captures, page_size=4)
 
     async def consume(query_text: dict[str, str]) -> tuple[list[bytes], list[int]]:
         chunks, pages_when_handed_out = [], []
