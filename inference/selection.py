@@ -100,7 +100,8 @@ class Choice:
             if trial.error:
                 return f"{trial.runtime} {trial.precision}: {trial.error}"
             verdict = "" if trial.passed else f", failed the accuracy guard ({trial.worst.get('why', '')})"
-            return f"{trial.runtime} {trial.precision} {trial.images_per_second:.0f} img/s{verdict}"
+            speed = f"{trial.images_per_second:.0f} img/s" if trial.images_per_second else "guarded, not timed"
+            return f"{trial.runtime} {trial.precision} {speed}{verdict}"
         return f"{self.runtime} {self.precision} on {self.cpu} ({'; '.join(one(t) for t in self.trials)})"
 
     @property
