@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import json
@@ -281,6 +282,7 @@ def guard_cases() -> list[GuardCase]:
     return cases
 
 
+@functools.cache  # the photos and libraries do not change while a process runs
 def guard_key() -> str:
     """What the guard's cases are made of: the photos, the option sets and the decoders that turn them
     into pixels. A reference computed from other cases is not this guard's reference."""
