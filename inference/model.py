@@ -4,7 +4,8 @@ A runtime (`Backend`) takes a float32 NCHW batch as a NumPy array and returns lo
 array, so the rest of the server never touches torch tensors. Models are defined with
 torch/torchvision (`inference.torch_model`), but a process serving on ONNX Runtime never imports
 torch: the graph is exported once by a short-lived `python -m inference.torch_model` process and
-cached on disk with a manifest (labels, version), which is all a serving process reads. That keeps
+cached on disk with a manifest (labels, version) and torch FP32's answers on the accuracy guard's
+photos (the reference every runtime is checked against), which is all a serving process reads. That keeps
 each serving process near 0.2 GB instead of 1 GB, so several can share a machine (`--processes`).
 """
 
@@ -40,6 +41,11 @@ _EXPORT_TIMEOUT_SECONDS = 600
 
 class ModelLoadError(RuntimeError):
     """The configured model cannot be loaded; the message says what to do."""
+
+
+class AccuracyGuardFailed(ModelLoadError):
+    """A runtime's answers on an export differ from the model's torch FP32 reference beyond the guard's
+    tolerance (inference.selection); the message names the runtime, the photo and the difference."""
 
 
 @dataclass
@@ -190,9 +196,13 @@ def load_exported(name: str, weights: str, cache_dir: Path) -> tuple[LoadedModel
 
 
 def _complete(manifest: Path) -> bool:
+    """The manifest, its graph and the graph's torch FP32 reference for the current guard are all there."""
+    from inference.selection import reference_path  # imported here: selection imports this module
+
     if not manifest.is_file():
         return False
-    return (manifest.parent / json.loads(manifest.read_text())["onnx"]).is_file()
+    graph = manifest.parent / json.loads(manifest.read_text())["onnx"]
+    return graph.is_file() and reference_path(graph).is_file()
 
 
 def _export_in_child(name: str, weights: str, cache_dir: Path, manifest: Path) -> None:

@@ -2,22 +2,28 @@
 
 No runtime is fastest everywhere: OpenVINO in BF16 nearly doubles the forwards of a Xeon with AMX,
 while on a CPU without matrix units ONNX Runtime in FP32 may lead. So at the first start on a given
-CPU model with given weights, each candidate (runtime x precision) is compiled, checked against the
-FP32 reference on the photos in `inference/guard/` under several option sets, and timed with the
-server's own thread layout for a few seconds. The fastest that passes the guard is kept; the choice
-and every figure behind it are cached as JSON next to the exported graph, so later starts (and the
-other serving processes) read it instead of measuring again.
+CPU model with given weights, each candidate (runtime x precision) is compiled with the server's own
+thread layout, checked against the reference on the photos in `inference/guard/` under several option
+sets, and timed for a few seconds. The fastest that passes the guard is kept; the choice and every
+figure behind it are cached as JSON next to the exported graph, so later starts (and the other serving
+processes) read it instead of measuring again. A pool of one candidate (the config names it) is
+guarded but not timed, and when no candidate passes the server refuses to start.
 
-The guard, for every photo and option set: the same top-1 as the reference, at least 4 of its top 5,
-and every probability within GUARD_TOLERANCE of it (1e-3 in FP32, 0.03 in BF16). The tests hold every
-runtime and precision the server may pick to the same guard against torch FP32 (tests/test_selection.py).
+The reference is independent of the export it guards: torch FP32's probabilities on the guard's cases,
+computed when the graph is exported (by the process that has torch, `inference.torch_model`) and
+stored beside it (`reference_path`), so that an export error shows as a difference. The guard, for
+every photo and option set and each path a request may take through the runtime (the workers'
+compilation, the one for a forward alone, the float tensors' graph): the same top-1 as the reference,
+at least 4 of its top 5, and every probability within GUARD_TOLERANCE of it (1e-3 in FP32, 0.03 in BF16).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import io
 import json
 import logging
 import subprocess
@@ -34,7 +40,7 @@ import numpy as np
 
 from inference import imaging
 from inference.files import write_atomically
-from inference.model import Backend, ModelLoadError, OnnxBackend, softmax
+from inference.model import AccuracyGuardFailed, Backend, ModelLoadError, OnnxBackend, softmax
 from inference.pixels import PIXEL_GRAPH_VERSION, PixelBatch
 from sessions.options import Options
 
@@ -54,7 +60,9 @@ GUARD_OPTIONS = {
     "crop160": Options(resize=182, crop=160),
 }
 # Bump when the trial changes what it measures: cached choices are keyed by it.
-SELECTION_VERSION = "3"
+SELECTION_VERSION = "4"
+# Bump when what the reference holds changes: reference files are named by it.
+REFERENCE_VERSION = "torch-fp32-1"
 _GUARD_MAX_PIXELS = 40_000_000
 _TRIAL_TIMEOUT_SECONDS = 600
 
@@ -93,8 +101,20 @@ class Choice:
             if trial.error:
                 return f"{trial.runtime} {trial.precision}: {trial.error}"
             verdict = "" if trial.passed else f", failed the accuracy guard ({trial.worst.get('why', '')})"
-            return f"{trial.runtime} {trial.precision} {trial.images_per_second:.0f} img/s{verdict}"
+            speed = f"{trial.images_per_second:.0f} img/s" if trial.images_per_second else "guarded, not timed"
+            return f"{trial.runtime} {trial.precision} {speed}{verdict}"
         return f"{self.runtime} {self.precision} on {self.cpu} ({'; '.join(one(t) for t in self.trials)})"
+
+    @property
+    def refused(self) -> bool:
+        """No candidate passed the guard: nothing may serve."""
+        return not self.runtime
+
+    def refusal(self) -> str:
+        """Why nothing may serve, in one sentence: each candidate's worst case against the reference."""
+        reasons = "; ".join(f"{t.runtime} {t.precision}: {t.error or t.worst.get('why', '')}" for t in self.trials)
+        return (f"No runtime passed the accuracy guard against torch FP32 on this model's export ({reasons}), so "
+                "the server does not start; check the export, or set model.runtime = 'torch'.")
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Choice:
@@ -147,8 +167,9 @@ def make_backend(candidate: Candidate, path: Path, *, workers: int = 1, intra_op
 
 
 def choose(onnx_path: Path, *, runtime: str, precision: str, workers: int, intra_op_threads: int,
-           trial_seconds: float) -> Choice:
-    """The cached choice for this CPU, graph and libraries, or a new one measured now.
+           idle_intra_op_threads: int = 0, trial_seconds: float) -> Choice:
+    """The cached choice for this CPU, graph, thread layout and libraries, or a new one measured now;
+    raises ModelLoadError when no candidate passes the guard (or the guard could not run).
 
     The measuring runs in a child process, like the export: a server's parent process forks its
     serving processes afterwards, and the runtimes' thread pools do not survive a fork. One process
@@ -157,20 +178,22 @@ def choose(onnx_path: Path, *, runtime: str, precision: str, workers: int, intra
     pool = candidates(runtime, precision, flags)
     if not pool:
         raise ModelLoadError(f"No runtime offers model.runtime = {runtime!r} with model.precision = {precision!r}.")
-    if len(pool) == 1:  # the config names one: nothing to choose, nothing to measure
-        return Choice(pool[0].runtime, pool[0].precision, cpu, [])
-    path = onnx_path.with_name(f"{onnx_path.stem}.runtime-{_key(cpu, flags, pool)}.json")
+    layout = (workers, intra_op_threads, idle_intra_op_threads)
+    path = onnx_path.with_name(f"{onnx_path.stem}.runtime-{_key(cpu, flags, pool, layout)}.json")
     with open(onnx_path.parent / ".selection.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        cached = _read(path)
+        cached, failure = _read(path), ""
         if cached is None:
-            log.info("timing the runtimes on this CPU (once; cached as %s)", path.name)
-            _measure_in_child(onnx_path, path, runtime=runtime, precision=precision, workers=workers,
-                              intra_op_threads=intra_op_threads, trial_seconds=trial_seconds)
+            log.info("checking the runtimes against the accuracy guard on this CPU (once; cached as %s)", path.name)
+            failure = _measure_in_child(
+                onnx_path, path, runtime=runtime, precision=precision, workers=workers,
+                intra_op_threads=intra_op_threads, idle_intra_op_threads=idle_intra_op_threads,
+                trial_seconds=trial_seconds if len(pool) > 1 else 0.0)  # a pool of one: guarded, not timed
             cached = _read(path)
-    if cached is None:  # the trial itself failed: serve on the reference runtime, and try again next start
-        log.warning("timing the runtimes failed; serving on onnxruntime fp32 for now")
-        return Choice("onnxruntime", "fp32", cpu, [])
+    if cached is None:  # no runtime may serve unguarded: the start fails, and the next one tries again
+        raise ModelLoadError(f"Checking the runtimes against the accuracy guard failed: {failure.rstrip('.')}.")
+    if cached.refused:
+        raise ModelLoadError(cached.refusal())
     return cached
 
 
@@ -182,35 +205,37 @@ def _read(path: Path) -> Choice | None:
 
 
 def _measure_in_child(onnx_path: Path, out: Path, *, runtime: str, precision: str, workers: int,
-                      intra_op_threads: int, trial_seconds: float) -> None:
+                      intra_op_threads: int, idle_intra_op_threads: int, trial_seconds: float) -> str:
+    """Run the trial in a child process that writes `out`; why it failed ("" when it did not)."""
     command = [sys.executable, "-m", "inference.selection", str(onnx_path), str(out), "--runtime", runtime,
                "--precision", precision, "--workers", str(workers), "--intra-op-threads", str(intra_op_threads),
-               "--trial-seconds", str(trial_seconds)]
+               "--idle-intra-op-threads", str(idle_intra_op_threads), "--trial-seconds", str(trial_seconds)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=_TRIAL_TIMEOUT_SECONDS)
     except subprocess.TimeoutExpired:
-        log.warning("timing the runtimes took over %d s", _TRIAL_TIMEOUT_SECONDS)
-        return
+        return f"it took over {_TRIAL_TIMEOUT_SECONDS} s"
     if done.returncode != 0:
         lines = done.stderr.strip().splitlines()
-        log.warning("timing the runtimes failed: %s", lines[-1] if lines else f"exit {done.returncode}")
+        return lines[-1] if lines else f"exit {done.returncode}"
+    return ""
 
 
 def measure_to_file(onnx_path: Path, out: Path, *, runtime: str, precision: str, workers: int,
-                    intra_op_threads: int, trial_seconds: float) -> Choice:
-    """Measure the candidates and write the choice to `out` atomically (what the child process does)."""
+                    intra_op_threads: int, idle_intra_op_threads: int = 0, trial_seconds: float) -> Choice:
+    """Guard and time the candidates and write the choice to `out` atomically (what the child process does)."""
     cpu, flags = cpu_model()
     choice = measure(onnx_path, candidates(runtime, precision, flags), cpu=cpu, workers=workers,
                      make=lambda candidate: make_backend(candidate, onnx_path, workers=workers,
-                                                         intra_op_threads=intra_op_threads),
+                                                         intra_op_threads=intra_op_threads,
+                                                         idle_intra_op_threads=idle_intra_op_threads),
                      trial_seconds=trial_seconds)
     write_atomically(out, json.dumps(asdict(choice), indent=1))
     return choice
 
 
-def _key(cpu: str, flags: set[str], pool: list[Candidate]) -> str:
+def _key(cpu: str, flags: set[str], pool: list[Candidate], layout: tuple[int, ...]) -> str:
     parts = [cpu, *sorted(flags & {"amx_bf16", "amx_int8", "avx512_bf16", "avx512_vnni", "avx512f", "avx2"}),
-             *map(str, pool), PIXEL_GRAPH_VERSION, SELECTION_VERSION]
+             *map(str, pool), ",".join(map(str, layout)), PIXEL_GRAPH_VERSION, SELECTION_VERSION, guard_key()]
     for package in ("onnxruntime", "openvino"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             parts.append(f"{package}=={metadata.version(package)}")
@@ -219,7 +244,8 @@ def _key(cpu: str, flags: set[str], pool: list[Candidate]) -> str:
 
 def measure(onnx_path: Path, pool: list[Candidate], *, cpu: str, workers: int,
             make: Callable[[Candidate], Backend], trial_seconds: float) -> Choice:
-    """Guard and time every candidate; the fastest that passes wins (ONNX Runtime FP32 if none does)."""
+    """Guard every candidate against the export's torch FP32 reference, and time it unless `trial_seconds`
+    is 0; the fastest that passes wins. When none passes, the choice names no runtime (`refused`)."""
     cases = guard_cases()
     reference = reference_probabilities(onnx_path, cases)
     trials = []
@@ -228,13 +254,13 @@ def measure(onnx_path: Path, pool: list[Candidate], *, cpu: str, workers: int,
         try:
             backend = make(candidate)
             trial.passed, trial.worst = guard(backend, cases, reference, GUARD_TOLERANCE[candidate.precision])
-            # Timed even when it fails the guard: the log and docs say what it would have given.
-            trial.images_per_second = round(throughput(backend, workers, trial_seconds), 1)
+            if trial_seconds > 0:  # timed even when it fails the guard: the log and docs say what it would give
+                trial.images_per_second = round(throughput(backend, workers, trial_seconds), 1)
         except Exception as exc:  # a runtime that cannot compile here is simply not a candidate
             trial.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:200]
         trials.append(trial)
     passing = [t for t in trials if t.passed and not t.error]
-    best = max(passing, key=lambda t: t.images_per_second) if passing else Trial("onnxruntime", "fp32")
+    best = max(passing, key=lambda t: t.images_per_second) if passing else Trial("", "")
     return Choice(best.runtime, best.precision, cpu, trials, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
 
 
@@ -256,11 +282,48 @@ def guard_cases() -> list[GuardCase]:
     return cases
 
 
+@functools.cache  # the photos and libraries do not change while a process runs
+def guard_key() -> str:
+    """What the guard's cases are made of: the photos, the option sets and the decoders that turn them
+    into pixels. A reference computed from other cases is not this guard's reference."""
+    parts = [REFERENCE_VERSION, PIXEL_GRAPH_VERSION, repr(sorted(GUARD_OPTIONS.items()))]
+    parts += [f"{photo.name}:{hashlib.sha256(photo.read_bytes()).hexdigest()}"
+              for photo in sorted(GUARD_DIR.glob("*.jpg"))]
+    for package in ("pillow", "simplejpeg"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            parts.append(f"{package}=={metadata.version(package)}")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+
+def reference_path(onnx_path: Path) -> Path:
+    """Where the torch FP32 reference of the graph at `onnx_path` is kept: beside it, named by the guard."""
+    return onnx_path.with_name(f"{onnx_path.stem}.reference-{guard_key()}.npz")
+
+
+def write_reference(onnx_path: Path, cases: list[GuardCase], probabilities: list[np.ndarray]) -> Path:
+    """Store `probabilities` (torch FP32's, one row per case) as the reference of the graph at `onnx_path`."""
+    buffer = io.BytesIO()
+    np.savez(buffer, cases=np.array([case.name for case in cases]),
+             probabilities=np.stack(probabilities).astype(np.float32))
+    path = reference_path(onnx_path)
+    write_atomically(path, buffer.getvalue())
+    return path
+
+
 def reference_probabilities(onnx_path: Path, cases: list[GuardCase]) -> list[np.ndarray]:
-    """FP32 probabilities from ONNX Runtime on the exported graph's float input, the runtime that the
-    tests hold to torch FP32 within 1e-3."""
-    reference = OnnxBackend(onnx_path)
-    return [softmax(reference.forward(case.batch.to_tensor()))[0] for case in cases]
+    """torch FP32's probabilities for `cases`, as stored beside the graph at `onnx_path` when it was
+    exported: the reference every runtime on this graph is held to (read without torch)."""
+    path = reference_path(onnx_path)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            names, probabilities = stored["cases"].tolist(), stored["probabilities"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"The export {onnx_path.name} has no readable torch FP32 reference "
+                             f"({type(exc).__name__}); export it again (delete it from the model cache).") from None
+    if names != [case.name for case in cases]:
+        raise ModelLoadError(f"The torch FP32 reference beside {onnx_path.name} holds other guard cases; export it "
+                             "again (delete it from the model cache).")
+    return list(probabilities)
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> tuple[bool, dict[str, Any]]:
@@ -278,18 +341,39 @@ def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> t
                      "why": ", ".join(why)}
 
 
+#: Each way a request's batch reaches a runtime: the workers' compilation, the second compilation for
+#: a forward alone (model.idle_intra_op_threads), and the original graph for float tensors (the OIP's).
+GUARD_PATHS: dict[str, Callable[[Backend, PixelBatch], np.ndarray]] = {
+    "": lambda backend, batch: backend.forward(batch),
+    "a forward alone": lambda backend, batch: backend.forward(batch, alone=True),
+    "a float tensor": lambda backend, batch: backend.forward(batch.to_tensor()),
+}
+
+
 def guard(backend: Backend, cases: list[GuardCase], reference: list[np.ndarray],
           tolerance: float) -> tuple[bool, dict[str, Any]]:
-    """Whether `backend` passes on every case, and the worst case (a failing one first, else the one
-    with the largest probability change)."""
+    """Whether `backend` passes on every case through every path, and the worst case (a failing one
+    first, else the one with the largest probability change)."""
     results = []
     for case, expected in zip(cases, reference, strict=True):
-        ok, detail = compare(expected, softmax(backend.forward(case.batch))[0], tolerance)
-        results.append((ok, detail["max_delta"], {**detail, "case": case.name}))
+        for path, forward in GUARD_PATHS.items():
+            ok, detail = compare(expected, softmax(forward(backend, case.batch))[0], tolerance)
+            name = f"{case.name} ({path})" if path else case.name
+            results.append((ok, detail["max_delta"], {**detail, "case": name}))
     passed = all(ok for ok, _, _ in results)
     _, _, worst = min(results, key=lambda result: (result[0], -result[1]))  # failures first, then the largest change
     worst["why"] = f"{worst['why'] or 'passed'} on {worst['case']}"
     return passed, worst
+
+
+def check(backend: Backend, onnx_path: Path, what: str) -> None:
+    """Hold `backend`, serving the graph at `onnx_path`, to the guard against that graph's torch FP32
+    reference; raises AccuracyGuardFailed naming `what` (the runtime and the version) and the worst case."""
+    cases = guard_cases()
+    passed, worst = guard(backend, cases, reference_probabilities(onnx_path, cases),
+                          GUARD_TOLERANCE[backend.precision])
+    if not passed:
+        raise AccuracyGuardFailed(f"{what} fails the accuracy guard against its torch FP32 reference: {worst['why']}.")
 
 
 # -- the timing -----------------------------------------------------------------------------------
@@ -330,12 +414,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", default="auto", choices=PRECISIONS)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--intra-op-threads", type=int, default=1)
+    parser.add_argument("--idle-intra-op-threads", type=int, default=0)
     parser.add_argument("--trial-seconds", type=float, default=2.0)
     args = parser.parse_args(argv)
-    choice = measure_to_file(args.graph, args.out, runtime=args.runtime, precision=args.precision,
-                             workers=args.workers, intra_op_threads=args.intra_op_threads,
-                             trial_seconds=args.trial_seconds)
-    print(choice.summary())
+    try:
+        choice = measure_to_file(args.graph, args.out, runtime=args.runtime, precision=args.precision,
+                                 workers=args.workers, intra_op_threads=args.intra_op_threads,
+                                 idle_intra_op_threads=args.idle_intra_op_threads, trial_seconds=args.trial_seconds)
+    except ModelLoadError as exc:  # its one sentence is the parent's last line of stderr
+        print(exc, file=sys.stderr)
+        return 2
+    print(choice.refusal() if choice.refused else choice.summary())
     return 0
 
 

@@ -2,7 +2,8 @@
 and exporting to ONNX.
 
 Only a process that serves on the torch runtime, checks uploaded weights, or exports imports this
-module. Run as `python -m inference.torch_model` it exports a configured model and writes the
+module. Run as `python -m inference.torch_model` it exports a configured model, with torch FP32's
+answers on the accuracy guard's photos beside it (the reference, `write_reference`), and writes the
 manifest that a torch-free ONNX Runtime process loads (see `inference.model.load_exported`).
 """
 
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torchvision
 
+from inference import selection
 from inference.model import (
     EFFICIENTNET_LITE0,
     ONNX_EXPORT_VERSION,
@@ -30,6 +32,7 @@ from inference.model import (
     ModelLoadError,
     canonical_name,
     file_sha256,
+    softmax,
     write_manifest,
 )
 from inference.pixels import PixelBatch
@@ -152,12 +155,13 @@ class TorchBackend:
 
 
 def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
-    """Export `model` to ONNX once; later starts reuse the file keyed by weights and settings."""
+    """Export `model` to ONNX once, with its torch FP32 reference beside it; later starts reuse the files
+    keyed by weights and settings."""
     key = hashlib.sha256(
         f"{model.name}|{model.weights_sha256}|{ONNX_EXPORT_VERSION}|{torch.__version__}".encode()
     ).hexdigest()[:20]
     path = cache_dir / f"{model.name}-{key}.onnx"
-    if path.is_file():
+    if path.is_file() and selection.reference_path(path).is_file():
         return path
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Several processes (--processes N, or replicas sharing the folder) may start at once: one
@@ -166,7 +170,19 @@ def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.is_file():
             _export(model, path)
+        if not selection.reference_path(path).is_file():
+            write_reference(model, path)
     return path
+
+
+def write_reference(model: LoadedModel, onnx_path: Path) -> Path:
+    """torch FP32's probabilities on the accuracy guard's cases, stored beside the export: the reference
+    that the torch-free serving processes hold every runtime on this export to. Computed from the torch
+    module, not the export, so that an error in the export shows as a difference."""
+    backend = TorchBackend(model.module)
+    cases = selection.guard_cases()
+    probabilities = [softmax(backend.forward(case.batch.to_tensor()))[0] for case in cases]
+    return selection.write_reference(onnx_path, cases, probabilities)
 
 
 def _export(model: LoadedModel, path: Path) -> None:

@@ -36,24 +36,44 @@ def runtime_choice(config: Config, path: Path) -> Candidate:
     return Candidate(choice.runtime, choice.precision) if choice else Candidate("onnxruntime", "fp32")
 
 
+def _guarded_backend(config: Config, path: Path) -> Backend:
+    """The runtime that serves the exported graph at `path`, held to the accuracy guard: on the CPU by the
+    choice (in the child that measures, with this thread layout), on a GPU here, where it runs."""
+    choice = _choose(config, path)
+    if choice is not None:
+        return make_backend(config, Candidate(choice.runtime, choice.precision), path)
+    backend = make_backend(config, Candidate("onnxruntime", "fp32"), path)  # ONNX Runtime's CUDA provider
+    selection.check(backend, path, f"onnxruntime fp32 on {config.model.device}")
+    return backend
+
+
 def _choose(config: Config, path: Path) -> selection.Choice | None:
     model = config.model
     if model.device != "cpu":  # the GPU runs ONNX Runtime's CUDA provider; there is nothing to time
         return None
     return selection.choose(path, runtime=model.runtime, precision=model.precision, workers=model.workers,
-                            intra_op_threads=model.intra_op_threads, trial_seconds=model.runtime_trial_seconds)
+                            intra_op_threads=model.intra_op_threads, idle_intra_op_threads=model.idle_intra_op_threads,
+                            trial_seconds=model.runtime_trial_seconds)
 
 
 def build_backend(config: Config, model: LoadedModel, candidate: Candidate | None = None) -> Backend:
     """The configured runtime for a model loaded with torch: exported first, then run on `candidate` (a
-    published version runs on what the configured weights run on), else on what `auto` chooses for it."""
+    published version runs on what the configured weights run on), else on what `auto` chooses for it.
+
+    A `candidate` given for these weights was chosen on others', so it is held here to the accuracy guard
+    against these weights' own torch FP32 reference (raises AccuracyGuardFailed). The torch runtime is
+    its own reference."""
     from inference import torch_model  # imported here: the torch-free path never needs it
 
     if config.model.runtime == "torch":
         return torch_model.TorchBackend(model.module, config.model.device,
                                         intra_op_threads=config.model.intra_op_threads)
     path = torch_model.export_onnx(model, onnx_cache_dir(config))
-    return make_backend(config, candidate or runtime_choice(config, path), path)
+    if candidate is None:
+        return _guarded_backend(config, path)
+    backend = make_backend(config, candidate, path)
+    selection.check(backend, path, f"{candidate} on version {model.version}")
+    return backend
 
 
 def prepare_model(config: Config) -> None:
@@ -75,7 +95,7 @@ def build_runner(config: Config, model: LoadedModel | None = None, siblings: Sib
     never imports torch (see inference.model)."""
     if model is None and config.model.runtime != "torch":
         model, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
-        backend = make_backend(config, runtime_choice(config, path), path)
+        backend = _guarded_backend(config, path)
     else:
         if model is None:
             from inference.torch_model import load_model

@@ -30,7 +30,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from inference.model import Backend, LoadedModel, ModelLoadError
+from inference.model import AccuracyGuardFailed, Backend, LoadedModel, ModelLoadError
 from inference.runner import ModelRunner, ServedModel
 from service.feedback import FeedbackService, quality_view
 from sessions.errors import BadRequest, Conflict, NotFound, ServiceError, quoted, quoted_names
@@ -194,7 +194,12 @@ class ModelVersions:
         return dataclasses.replace(model, version=version)
 
     def _serve(self, model: LoadedModel) -> ServedModel:
-        return ServedModel(model, self._backend_for(model))
+        """`model` on the configured runtime, held to the accuracy guard against its own torch FP32
+        reference (at publish, and again wherever it is loaded): a version whose export disagrees is refused."""
+        try:
+            return ServedModel(model, self._backend_for(model))
+        except AccuracyGuardFailed as exc:
+            raise BadWeights(f"Version {model.version!r} was refused: {exc}") from None
 
     # -- activating, pinning, removing ------------------------------------------------------------
     def version_for(self, session: Session | None, options: Options) -> str | None:

@@ -8,6 +8,7 @@ The servers run the torch runtime (no ONNX export per version) to keep the tests
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import threading
@@ -339,6 +340,41 @@ def test_the_default_onnx_runtime_serves_an_activated_version(serve, redis_serve
         answer = predict(http, auth).json()
         assert answer["predicted_class"] == 7 and answer["model"]["version"] == version
         assert running.runner.backend.name == "onnxruntime"
+
+
+def test_a_version_whose_export_disagrees_with_its_torch_reference_is_refused(
+        serve, redis_server, default_model, tmp_path: Path, monkeypatch) -> None:
+    """At publish the version's export is held to the accuracy guard against the version's own torch FP32
+    answers, on the runtime it would be served with: an export error is a 422 that says what differs."""
+    from inference import torch_model
+    from tests.test_selection import reverse_the_classifier_bias
+
+    onnx_db = WEIGHTS_DB + 1  # the ONNX servers' database: a refused version writes nothing there
+    redis.Redis(port=redis_server.port, db=onnx_db).flushdb()
+    store_dir = tmp_path / "store"
+    config = weights_config(redis_server.url, store_dir, db=onnx_db, runtime="onnxruntime")
+    export, altered = torch_model._export, []
+
+    def altered_export(model, path: Path) -> None:  # what an exporter bug would leave in the cache
+        export(model, path)
+        reverse_the_classifier_bias(path)
+        altered.append(path)
+
+    with serve(config) as running, running.client() as http, contextlib.ExitStack() as cleanup:
+        # The export cache is shared by the whole run: no other test may find the altered graph.
+        cleanup.callback(lambda: [file.unlink() for path in altered for file in path.parent.glob(f"{path.stem}.*")])
+        monkeypatch.setattr(torch_model, "_export", altered_export)  # the served model's export is cached already
+        version = version_name("altered")
+        refused = put_version(http, version, boosted_weights(default_model, 11))  # weights of its own: a new export
+        assert refused.status_code == 422 and error_code(refused) == "invalid_weights", refused.text
+        message = refused.json()["error"]["message"]
+        assert message.startswith(f"Version {version!r} was refused: onnxruntime fp32 on version {version} fails "
+                                  "the accuracy guard against its torch FP32 reference: "), message
+        assert "(tolerance 0.001) on " in message and ".jpg " in message
+        listing = http.get("/v1/models", headers=ADMIN).json()["models"][0]
+        assert version not in {item["version"] for item in listing["versions"]}
+        assert activate(http, version).status_code == 404
+    assert not list((store_dir / MODEL).glob("*.pt"))  # nothing kept of it
 
 
 def test_activating_the_configured_version_rolls_back_to_the_configured_weights(
