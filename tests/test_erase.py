@@ -104,8 +104,9 @@ def test_an_erase_that_fails_part_way_is_finished_by_its_retry(erase_server: Any
         auth, session_id = new_session(http)
         fill_session(http, auth, image, comment, key)
         digest = hashlib.sha256(image).hexdigest()
-        image_path = erase_server.capture_dir / digest[:2] / digest
-        assert image_path.is_file()
+        copies = list(erase_server.capture_dir.glob(f"*/{digest}"))  # <session ref>/<sha256>
+        assert len(copies) == 1 and copies[0].is_file()
+        image_path, ref = copies[0], copies[0].parent.name
 
         failed = http.delete("/v1/session", headers=auth, params={"erase": "true"})
         assert failed.status_code == 503 and error_code(failed) == "store_unavailable", failed.text
@@ -117,8 +118,8 @@ def test_an_erase_that_fails_part_way_is_finished_by_its_retry(erase_server: Any
 
         assert http.delete("/v1/session", headers=auth, params={"erase": "true"}).status_code == 204
         assert error_code(http.get("/v1/session", headers=auth)) == "session_not_found"
-    assert not image_path.exists()
-    assert keys_naming(erase_server.redis, session_id, comment, key) == []
+    assert not image_path.exists() and not image_path.parent.exists()
+    assert keys_naming(erase_server.redis, session_id, ref, comment, key) == []
 
 
 def test_logout_takes_the_client_chosen_idempotency_keys_with_it(erase_server: Any) -> None:

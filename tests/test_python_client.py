@@ -171,7 +171,7 @@ def test_feedback_against_the_server(server: RunningServer, capsys: pytest.Captu
                 client.feedback(cat["id"], label)
             assert refused.value.code == "invalid_feedback" and refused.value.status == 422
         with pytest.raises(ValidationError, match="invalid_feedback"):
-            client.feedback(cat["id"], 1, "x" * 501)
+            client.feedback(cat["id"], 1, "x" * 2001)  # feedback.max_comment_bytes
         with pytest.raises(NotFoundError, match="history_item_not_found"):
             other.feedback(cat["id"], 1)  # another session's prediction
         with pytest.raises(NotFoundError, match="history_item_not_found"):

@@ -200,7 +200,7 @@ describe("feedback", () => {
       await assert.rejects(client.feedback(result.id, label),
         (e) => e instanceof ValidationError && e.code === "invalid_feedback" && e.status === 422);
     }
-    await assert.rejects(client.feedback(result.id, 1, { comment: "x".repeat(501) }),
+    await assert.rejects(client.feedback(result.id, 1, { comment: "x".repeat(2001) }),
       (e) => e instanceof ValidationError && e.code === "invalid_feedback");
     await assert.rejects(other.feedback(result.id, 1),
       (e) => e instanceof NotFoundError && e.code === "history_item_not_found");
