@@ -25,6 +25,11 @@ def _error(description: str) -> dict[str, Any]:
     return _json(_ref("Error"), description)
 
 
+# A session's requests over sessions.rate_limit_per_minute (predict, preprocess, feedback, the stream's images).
+_RATE_LIMITED = _error("Over the session's rate limit, sessions.rate_limit_per_minute (rate_limited); see "
+                       "Retry-After.")
+
+
 def _json_body(schema: dict[str, Any], *, required: bool) -> dict[str, Any]:
     return {"required": required, "content": {"application/json": {"schema": schema}}}
 
@@ -501,6 +506,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "409": _error("The session's pinned model_version was removed."),
                           "500": _error("The model failed on this image."),
                           "401": _AUTH_ERRORS["401"],
+                          "429": _RATE_LIMITED,
                           "503": _error("Queue full or session store unavailable; see Retry-After.")},
         }},
         "/v1/preprocess": {"post": {
@@ -519,6 +525,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "415": _error("Unsupported Content-Type."),
                           "422": _error("Not a readable image, too many pixels, or bad option override."),
                           "401": _AUTH_ERRORS["401"],
+                          "429": _RATE_LIMITED,
                           "503": _error("Queue full or session store unavailable; see Retry-After.")},
         }},
         "/v1/stream": {"get": {
@@ -578,7 +585,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                               "409": _error("The session gave feedback on history.max_entries predictions already "
                                             "(feedback_limit_reached)."),
                               "422": _error("Unknown label, index out of range, or comment too long."),
-                              "429": _error("Over the session's rate limit (rate_limited), or over "
+                              "429": _error("Over sessions.rate_limit_per_minute (rate_limited), or over "
                                             "feedback.daily_limit for its API key or address "
                                             "(feedback_rate_limited); see Retry-After."),
                               **_AUTH_ERRORS},

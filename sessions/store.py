@@ -406,8 +406,9 @@ class SessionStore:
             raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
         if reply[0] == "rate_limited":
             wait = max(1, -(-int(reply[1]) // 1000))
-            raise RateLimited(f"This session is over its limit of {self.rate_limit_per_minute} predictions "
-                              f"a minute; retry in {wait} s.", retry_after=wait)
+            raise RateLimited(f"This session is over its limit of {self.rate_limit_per_minute} requests a "
+                              f"minute (predictions, preprocessing and feedback; sessions.rate_limit_per_minute); "
+                              f"retry in {wait} s.", retry_after=wait)
         fields = dict(zip(reply[::2], reply[1::2], strict=True))
         return self._session(token.session_id, fields, expires)
 

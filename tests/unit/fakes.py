@@ -120,7 +120,7 @@ class FakeStore:
             tokens = per_minute if stored.tokens is None else stored.tokens
             if tokens < cost:
                 wait = max(1, math.ceil((cost - tokens) * 60 / per_minute))
-                raise RateLimited(f"This session is over its limit of {per_minute} predictions a minute; "
+                raise RateLimited(f"This session is over its limit of {per_minute} requests a minute; "
                                   f"retry in {wait} s.", retry_after=wait)
             stored.tokens = tokens - cost
         return self._session(token.session_id, stored)
