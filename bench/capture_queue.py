@@ -6,7 +6,7 @@ new SHA-256, so every captured image is a new file: a write and an fsync on the 
 capture thread). Reports, per run, the predict latency (p50, p99, from the client) and the capture
 queue's wait (`inference_capture_queue_wait_seconds`, read from /metrics before and after the
 measured window: p50 and p99 to the histogram's bucket, and the mean), the images not captured by
-reason (`queue_full` past `capture.max_queue`), and writes them to --out as capture_queue.json.
+reason (`queue_full` past `capture.max_queue`), and writes them to --out as capture-run-<date>-<cpu>.json (capture-smoke-… with --quick).
 
 The load generator is this process (asyncio + httpx) on the same machine as the server: it takes CPU
 from the server, the same in both runs. See bench/README.md.
@@ -195,21 +195,23 @@ def run_once(args: argparse.Namespace, work: Path, capture: bool, jpeg: bytes) -
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from bench.run import machine_info  # the machine, date and commit, as the main benchmark records them
+    from bench.run import machine_info, results_stem  # the machine, date, commit and file name, as bench.run has them
 
-    began = time.monotonic()
+    began, started = time.monotonic(), time.gmtime()
     jpeg = base_jpeg(args.image_side)
     with tempfile.TemporaryDirectory(prefix="bench-capture-") as folder:
         work = Path(folder)
         runs = [run_once(args, work, capture, jpeg) for capture in (False, True)]
-    results = {"machine": machine_info("python asyncio + httpx"), "quick": args.quick,
+    machine = machine_info("python asyncio + httpx", time.strftime("%Y-%m-%d %H:%M UTC", started))
+    results = {"machine": machine, "quick": args.quick,
                "settings": {"sessions": args.sessions, "duration_s": args.duration, "warmup_s": args.warmup,
                             "processes": args.processes or "one per core", "max_queue": args.max_queue or "config",
                             "image": f"{args.image_side}x{args.image_side} JPEG, {len(jpeg)} bytes, "
                                      "a distinct comment per request"},
                "runs": runs, "elapsed_s": round(time.monotonic() - began, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / "capture_queue.json"
+    # capture-run-<date>-<cpu>.json is committed; a --quick run's, capture-smoke-..., is not (.gitignore).
+    path = args.out / f"capture-{results_stem(not args.quick, started, machine['cpu_model'])}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     for run in runs:
         print(f"capture {'on ' if run['capture'] else 'off'}: {run['requests']} predicts ({run['errors']} errors), "
