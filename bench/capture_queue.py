@@ -6,7 +6,8 @@ new SHA-256, so every captured image is a new file: a write and an fsync on the 
 capture thread). Reports, per run, the predict latency (p50, p99, from the client) and the capture
 queue's wait (`inference_capture_queue_wait_seconds`, read from /metrics before and after the
 measured window: p50 and p99 to the histogram's bucket, and the mean), the images not captured by
-reason (`queue_full` past `capture.max_queue`), and writes them to --out as capture-run-<date>-<cpu>.json (capture-smoke-… with --quick).
+reason (`queue_full` past `capture.max_queue`), and writes them to --out as
+capture-run-<date>-<cpu>.json (capture-smoke-… with --quick).
 
 The load generator is this process (asyncio + httpx) on the same machine as the server: it takes CPU
 from the server, the same in both runs. See bench/README.md.

@@ -30,6 +30,15 @@ _RATE_LIMITED = _error("Over the session's rate limit, sessions.rate_limit_per_m
                        "Retry-After.")
 
 
+# The purge's and the export's time range: which feedback, by when it was given.
+_FEEDBACK_TIME_RANGE = [
+    {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "Feedback given at or after this time: ISO 8601 (UTC unless it says) or epoch ms."},
+    {"name": "until", "in": "query", "required": False, "schema": {"type": "string"},
+     "description": "Feedback given before this time: ISO 8601 or epoch ms."},
+]
+
+
 def _json_body(schema: dict[str, Any], *, required: bool) -> dict[str, Any]:
     return {"required": required, "content": {"application/json": {"schema": schema}}}
 
@@ -603,10 +612,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                        "export gives it), or one session's in a time range. See docs/api.md#purging-feedback.",
             "security": _ADMIN,
             "parameters": [
-                {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
-                 "description": "Feedback given at or after this time: ISO 8601 (UTC unless it says) or epoch ms."},
-                {"name": "until", "in": "query", "required": False, "schema": {"type": "string"},
-                 "description": "Feedback given before this time: ISO 8601 or epoch ms."},
+                *_FEEDBACK_TIME_RANGE,
                 {"name": "session", "in": "query", "required": False,
                  "schema": {"type": "string", "pattern": "^[0-9a-f]{16}$"},
                  "description": "The session's name as the export's `session` field gives it."},
@@ -623,10 +629,7 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                        "<key>.cls and <key>.<ext>) or as JSON lines. See docs/api.md#the-training-export.",
             "security": _ADMIN,
             "parameters": [
-                {"name": "since", "in": "query", "required": False, "schema": {"type": "string"},
-                 "description": "Feedback given at or after this time: ISO 8601 (UTC unless it says) or epoch ms."},
-                {"name": "until", "in": "query", "required": False, "schema": {"type": "string"},
-                 "description": "Feedback given before this time: ISO 8601 or epoch ms."},
+                *_FEEDBACK_TIME_RANGE,
                 {"name": "model_version", "in": "query", "required": False,
                  "schema": {"type": "string", "pattern": MODEL_VERSION.pattern},
                  "description": "Only feedback on predictions of this model version."},

@@ -182,6 +182,17 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
+    def stop_server(self, http: Any, store: SessionStore) -> None:
+        """Stop a server listening on this loop (an HTTPServer): no new connections, the open ones
+        closed, then its store's connections."""
+
+        async def stop() -> None:
+            http.stop()
+            await http.close_all_connections()
+            await store.close()
+
+        self.run(stop())
+
 
 @pytest.fixture(scope="session")
 def loop_thread() -> Iterator[LoopThread]:
@@ -219,12 +230,7 @@ def serve(loop_thread: LoopThread, redis_server: RedisServer, default_model: Loa
         try:
             yield RunningServer(f"http://127.0.0.1:{port}", config, store, runner)
         finally:
-            async def stop() -> None:
-                http.stop()
-                await http.close_all_connections()
-                await store.close()
-
-            loop_thread.run(stop())
+            loop_thread.stop_server(http, store)
             if owns_runner:
                 runner.close()
 

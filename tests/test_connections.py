@@ -141,12 +141,7 @@ def balanced_server(loop_thread: LoopThread, config: Config, runner: ModelRunner
     try:
         yield f"http://127.0.0.1:{port}", counts
     finally:
-        async def stop() -> None:
-            server.stop()
-            await server.close_all_connections()
-            await store.close()
-
-        loop_thread.run(stop())
+        loop_thread.stop_server(server, store)
 
 
 @pytest.fixture(params=["one process", "balanced"])

@@ -179,12 +179,7 @@ def test_erased_data_leaves_the_embedded_redis_files(tmp_path: Path, loop_thread
             assert files_containing(folder, keeper_id) == {keeper_id}
             assert http.get("/v1/session", headers=keeper).status_code == 200
     finally:
-        async def stop() -> None:
-            server.stop()
-            await server.close_all_connections()
-            await store.close()
-
-        loop_thread.run(stop())
+        loop_thread.stop_server(server, store)
         runner.close()
         client.close()
         embedded.stop()
