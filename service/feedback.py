@@ -212,8 +212,9 @@ class FeedbackService:
 
     async def erase(self, session_id: str) -> int:
         """Remove every record the session gave, under its name for every secret key (a record given before
-        a key rotation is named with the older key); how many. Safe to repeat."""
-        return await self.records.erase_session(self.signer.session_refs(session_id))
+        a key rotation is named with the older key), and under its raw id (how records were named before
+        refs); how many. Safe to repeat."""
+        return await self.records.erase_session([*self.signer.session_refs(session_id), session_id])
 
     async def purge(self, query: PurgeQuery) -> int:
         """An admin's purge: the records given in the query's time range, of one session where it names one;

@@ -648,6 +648,28 @@ def test_erase_finds_feedback_given_before_a_secret_rotation(http: httpx.Client,
                 if json.loads(line)["session"] == session_ref(session_id)]
 
 
+def test_erase_finds_feedback_recorded_before_sessions_were_named_by_ref(http: httpx.Client, redis_server) -> None:
+    """Feedback stored by the earlier layout, keyed by the raw session id, goes with the session's erase too."""
+    auth, session_id = new_session(http)
+    item = predict(http, auth)
+    client = redis.Redis(port=redis_server.port, db=FEEDBACK_DB)
+    model, version = item["model"]["name"], item["model"]["version"]
+    before = quality(http, version)["count"]
+    member = f"{session_id}/{item['id']}"  # what the earlier store wrote: the id itself, a plain hash inside
+    record = {"session": hashlib.sha256(session_id.encode()).hexdigest()[:16], "history_id": item["id"],
+              "feedback": {"class_index": 1, "comment": "given before refs"}, "agrees": False, "model": item["model"]}
+    client.hset(feedback_key(model, "records"), member, json.dumps(record))
+    client.zadd(feedback_key(model, "index"), {member: int(time.time() * 1000)})
+    client.sadd(feedback_key(model, f"session:{session_id}"), member)
+    client.hincrby(feedback_key(model, "stats"), f"count:{version}", 1)
+    assert quality(http, version)["count"] == before + 1
+    assert http.delete("/v1/session", headers=auth, params={"erase": "true"}).status_code == 204
+    assert client.hget(feedback_key(model, "records"), member) is None
+    assert client.zscore(feedback_key(model, "index"), member) is None
+    assert not client.exists(feedback_key(model, f"session:{session_id}"))
+    assert quality(http, version)["count"] == before
+
+
 def test_erase_removes_everything_of_the_session_from_the_export(http: httpx.Client) -> None:
     started = int(time.time() * 1000)
     (erased, erased_id), (keeper, keeper_id) = new_session(http), new_session(http)
