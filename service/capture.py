@@ -187,6 +187,8 @@ class CaptureRefs(Protocol):
 
     async def session_images(self, ref: str) -> list[str]: ...
 
+    async def release_legacy(self, session_id: str) -> list[str]: ...
+
     async def seen_at(self, ref: str, sha256: str) -> float | None: ...
 
     async def seen_at_many(self, ref: str, sha256s: list[str]) -> list[float | None]: ...
@@ -387,7 +389,18 @@ class Captures:
             for sha256 in await self.refs.session_images(ref):
                 await self.refs.release(ref, sha256)
             deleted += await self._off_loop(self._remove_folder, self.store_dir / ref)
+        # Images it sent under the earlier layout: a shared file each, deleted once no session holds it.
+        for sha256 in await self.refs.release_legacy(session_id):
+            deleted += await self._off_loop(self._remove_legacy_file, self.store_dir / sha256[:2] / sha256)
         return deleted
+
+    @staticmethod
+    def _remove_legacy_file(path: Path) -> int:
+        """Delete one file of the earlier layout; never through a link. 1 if it was there."""
+        if path.parent.is_symlink() or not path.is_file() or path.is_symlink():
+            return 0
+        path.unlink(missing_ok=True)
+        return 1
 
     @staticmethod
     def _remove_folder(folder: Path) -> int:

@@ -15,6 +15,10 @@ keys, all under the hash tag `{captures}` so that each script's keys share a Red
 
 A copy is deleted when its retention ends or its session is erased; the scripts say when, and the
 caller deletes the file.
+
+The earlier layout (one shared file per image, `<sha256[:2]>/<sha256>`) named sessions by their ids
+(captures:{captures}:session:<id>, :owners:<sha256>, :seen); its keys are read only to erase a session
+that sent images before the change (release_legacy).
 """
 
 from __future__ import annotations
@@ -72,6 +76,17 @@ end
 return found
 """
 
+# The earlier layout's release: the session lets go of an image; 1 if no session holds it any more (its
+# shared file is to be deleted). KEYS: the image's holders, the index of when images were sent, the session's
+# images; ARGV: the image, the session id.
+_LEGACY_RELEASE_SCRIPT = """
+redis.call('SREM', KEYS[3], ARGV[1])
+if redis.call('SREM', KEYS[1], ARGV[2]) == 0 then return 0 end
+if redis.call('SCARD', KEYS[1]) > 0 then return 0 end
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 _BASE = "captures:{captures}"
 _ALWAYS = 1 << 62  # a cutoff no time passes: forget whenever sent
 
@@ -88,6 +103,7 @@ class CaptureRefs:
         self._keep = client.register_script(_KEEP_SCRIPT)
         self._forget = client.register_script(_FORGET_SCRIPT)
         self._copies = client.register_script(_COPIES_SCRIPT)
+        self._legacy_release = client.register_script(_LEGACY_RELEASE_SCRIPT)
 
     def _keys(self, ref: str, sha256: str) -> list[str]:
         return [self._sent, f"{_BASE}:session:{ref}", f"{_BASE}:copies:{sha256}"]
@@ -110,6 +126,18 @@ class CaptureRefs:
         (delete the file)."""
         return bool(await self._forget(keys=self._keys(ref, sha256),
                                        args=[member(ref, sha256), sha256, ref, cutoff_ms]))
+
+    @store_errors
+    async def release_legacy(self, session_id: str) -> list[str]:
+        """Let go of every image the session sent under the earlier layout (named by its id): the images
+        no session holds any more, whose shared files are to be deleted. Safe to repeat."""
+        session_key = f"{_BASE}:session:{session_id}"
+        orphans = []
+        for sha256 in sorted(await self.redis.smembers(session_key)):
+            if await self._legacy_release(keys=[f"{_BASE}:owners:{sha256}", f"{_BASE}:seen", session_key],
+                                          args=[sha256, session_id]):
+                orphans.append(sha256)
+        return orphans
 
     @store_errors
     async def session_images(self, ref: str) -> list[str]:

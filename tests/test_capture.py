@@ -161,3 +161,27 @@ def test_no_capture_key_names_a_session_or_its_images_after_its_erase_and_after_
             captures.close()
         assert capture_entries(capture_redis) == []
         assert [path for path in tmp_path.rglob("*") if path.is_file()] == []
+
+
+def test_an_erase_also_removes_what_the_earlier_shared_layout_kept_of_the_session(
+        serve, redis_server, capture_redis, tmp_path: Path) -> None:
+    """Images sent before copies were kept per session: one shared file each, and keys naming the session
+    by its id. Its erase takes its keys, and each file no other session holds."""
+    with serve(capture_config(redis_server, tmp_path)) as server, server.client() as client:
+        erased, keeper = login(client), login(client)
+        erased_id, keeper_id = session_id(client, erased), session_id(client, keeper)
+        own, shared = png_bytes((10, 11, 12)), png_bytes((13, 14, 15))
+        for image, holders in ((own, [erased_id]), (shared, [erased_id, keeper_id])):
+            digest = sha(image)
+            (tmp_path / digest[:2]).mkdir(exist_ok=True)
+            (tmp_path / digest[:2] / digest).write_bytes(image)
+            capture_redis.zadd("captures:{captures}:seen", {digest: int(time.time() * 1000)})
+            capture_redis.sadd(f"captures:{{captures}}:owners:{digest}", *holders)
+            for holder in holders:
+                capture_redis.sadd(f"captures:{{captures}}:session:{holder}", digest)
+        assert client.delete("/v1/session", headers=erased, params={"erase": "true"}).status_code == 204
+        assert not (tmp_path / sha(own)[:2] / sha(own)).exists()
+        assert (tmp_path / sha(shared)[:2] / sha(shared)).read_bytes() == shared  # the keeper still holds it
+        left = capture_entries(capture_redis)
+        assert not [entry for entry in left if erased_id in entry or sha(own) in entry]
+        assert capture_redis.smembers(f"captures:{{captures}}:owners:{sha(shared)}") == {keeper_id}

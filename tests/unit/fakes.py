@@ -367,6 +367,7 @@ class FakeCaptureRefs:
     def __init__(self) -> None:
         self.sizes: dict[str, dict[str, int]] = {}  # ref -> sha256 -> size
         self.seen: dict[str, int] = {}  # "<ref>/<sha256>" -> ms
+        self.legacy_holders: dict[str, set[str]] = {}  # the earlier layout: sha256 -> session ids
 
     async def add(self, ref: str, sha256: str, size: int, at_ms: int, keep_until_ms: int, max_bytes: int) -> int:
         held = self.sizes.setdefault(ref, {})
@@ -391,6 +392,17 @@ class FakeCaptureRefs:
 
     async def session_images(self, ref: str) -> list[str]:
         return sorted(self.sizes.get(ref, {}))
+
+    async def release_legacy(self, session_id: str) -> list[str]:
+        orphans = []
+        for sha256, holders in sorted(self.legacy_holders.items()):
+            if session_id in holders:
+                holders.discard(session_id)
+                if not holders:
+                    orphans.append(sha256)
+        for sha256 in orphans:
+            del self.legacy_holders[sha256]
+        return orphans
 
     async def seen_at(self, ref: str, sha256: str) -> float | None:
         return self.seen.get(f"{ref}/{sha256}")
