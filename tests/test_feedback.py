@@ -670,6 +670,24 @@ def test_erase_finds_feedback_recorded_before_sessions_were_named_by_ref(http: h
     assert quality(http, version)["count"] == before
 
 
+def test_the_python_clients_purge_feedback_by_session(feedback_server) -> None:
+    with Client(feedback_server.url) as client:
+        client.login()
+        item = client.predict(CAT_JPEG)
+        client.feedback(item["id"], 5)
+        ref = session_ref(client.session()["session_id"])
+        with pytest.raises(ValueError, match="since, until or session"):
+            client.purge_feedback(admin_key=ADMIN_KEY)
+        assert client.purge_feedback(admin_key=ADMIN_KEY, session=ref) == 1
+        assert client.history_item(item["id"])["feedback"] is None
+
+        async def purge_again() -> int:
+            async with AsyncClient(feedback_server.url) as admin:
+                return await admin.purge_feedback(admin_key=ADMIN_KEY, session=ref, until=datetime.now(UTC))
+
+        assert asyncio.run(purge_again()) == 0
+
+
 def test_erase_removes_everything_of_the_session_from_the_export(http: httpx.Client) -> None:
     started = int(time.time() * 1000)
     (erased, erased_id), (keeper, keeper_id) = new_session(http), new_session(http)

@@ -24,7 +24,7 @@ import redis
 import torch
 import torchvision
 
-from clients.python import AuthError, Client, ValidationError
+from clients.python import AuthError, Client, InferenceError, ValidationError
 from server.runtime import build_runner
 from service.auth import api_key_hash
 from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config, wait_for, wait_until
@@ -289,6 +289,26 @@ def test_python_client_publishes_activates_and_lists(weights_server, cock, tmp_p
         assert api.predict(CAT_JPEG)["predicted_class"] == 7
         with pytest.raises(ValidationError):
             api.set_options(model_version="nope-not-here")
+
+
+def test_python_client_marks_a_version_pinnable_and_unmarks_it(weights_server, cock, tmp_path) -> None:
+    version = version_name("pinnable")
+    path = tmp_path / "weights.pt"
+    path.write_bytes(cock)
+    with Client(weights_server.url) as api:
+        api.login()
+        api.publish_version(MODEL, version, path, admin_key=ADMIN_KEY)
+        with pytest.raises(InferenceError) as refused:
+            api.set_options(model_version=version)  # published, never activated, not marked
+        assert (refused.value.status, refused.value.code) == (403, "model_version_not_pinnable")
+        marked = api.set_pinnable(MODEL, version, admin_key=ADMIN_KEY)
+        assert marked == {"name": MODEL, "version": version, "pinnable": True}
+        assert api.set_options(model_version=version)["model_version"] == version
+        assert api.predict(CAT_JPEG)["model"]["version"] == version
+        assert api.set_pinnable(MODEL, version, admin_key=ADMIN_KEY, pinnable=False)["pinnable"] is False
+        with pytest.raises(InferenceError) as unmarked:
+            api.predict(CAT_JPEG)  # the pin is refused at its next use
+        assert unmarked.value.code == "model_version_not_pinnable"
 
 
 def test_two_processes_follow_an_activation_by_pubsub(tmp_path: Path, cock, default_model) -> None:

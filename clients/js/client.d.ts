@@ -273,6 +273,8 @@ export class Client {
   activateVersion(name: string, version: string, args: { adminKey: string; trafficPercent?: number }): Promise<ModelVersion | (Canary & { name: string })>;
   /** Remove a version that is not active (admin key). */
   removeVersion(name: string, version: string, args: { adminKey: string }): Promise<void>;
+  /** Let sessions pin `version` (admin key), or with `pinnable: false` no longer; the active version and the canary's always may be pinned. */
+  setPinnable(name: string, version: string, args: { adminKey: string; pinnable?: boolean }): Promise<{ name: string; version: string; pinnable: boolean }>;
 
   /** GET /v1/history: one page, newest first. */
   historyPage(args?: { limit?: number; before?: string | null }): Promise<HistoryPage>;
@@ -294,6 +296,13 @@ export class Client {
     modelVersion?: string;
     format?: "tar" | "jsonl";
   }): Promise<ReadableStream<Uint8Array>>;
+  /** DELETE /v1/feedback (admin key): the feedback given in a time range and/or of one session (the export's `session` field); how many records went. */
+  purgeFeedback(args: {
+    adminKey: string;
+    since?: Date | number | string;
+    until?: Date | number | string;
+    session?: string;
+  }): Promise<number>;
 }
 
 export default Client;

@@ -128,6 +128,11 @@ async function imageBody(image) {
   return [bytes, sniffImageType(bytes) ?? "application/octet-stream"];
 }
 
+/** A feedback time as the server takes it: a Date as ISO 8601, epoch milliseconds or text as given. */
+function timeParam(value) {
+  return value instanceof Date ? value.toISOString() : value;
+}
+
 function queryString(params) {
   const query = new URLSearchParams();
   for (const [name, value] of Object.entries(params ?? {})) {
@@ -432,6 +437,16 @@ export class Client {
     await this.#request("DELETE", versionPath(name, version), { headers: { Authorization: `ApiKey ${adminKey}` } });
   }
 
+  /**
+   * PUT (or with `pinnable: false`, DELETE) .../versions/<version>/pinnable: whether sessions may pin
+   * the version with the model_version option (the active version and the canary's always may).
+   */
+  setPinnable(name, version, { adminKey, pinnable = true } = {}) {
+    return this.#request(pinnable ? "PUT" : "DELETE", `${versionPath(name, version)}/pinnable`, {
+      headers: { Authorization: `ApiKey ${adminKey}` },
+    });
+  }
+
   // -- history ---------------------------------------------------------------------------------
 
   /** GET /v1/history: one page, newest first: {items, next}; pass `next` back as `before`. */
@@ -487,13 +502,26 @@ export class Client {
    */
   exportFeedback({ adminKey, since, until, modelVersion, format = "tar" } = {}) {
     if (!["tar", "jsonl"].includes(format)) throw new TypeError(`exportFeedback: format must be "tar" or "jsonl"`);
-    const when = (value) => (value instanceof Date ? value.toISOString() : value);
     const query = queryString({
-      since: when(since), until: when(until), model_version: modelVersion, format: format === "tar" ? undefined : format,
+      since: timeParam(since), until: timeParam(until), model_version: modelVersion, format: format === "tar" ? undefined : format,
     });
     return this.#request("GET", `/v1/feedback/export${query}`, {
       headers: { Authorization: `ApiKey ${adminKey}`, Accept: "application/x-tar, application/x-ndjson" }, answer: "stream",
     });
+  }
+
+  /**
+   * DELETE /v1/feedback (admin key): the feedback given in a time range (`since`/`until`, as in
+   * exportFeedback) and/or of one session (`session`: the export's `session` field). Resolves to how
+   * many records went. At least one of the three is needed: a purge of everything is never guessed.
+   */
+  async purgeFeedback({ adminKey, since, until, session } = {}) {
+    if (since === undefined && until === undefined && session === undefined) {
+      throw new TypeError("purgeFeedback: give since, until or session");
+    }
+    const query = queryString({ since: timeParam(since), until: timeParam(until), session });
+    const answer = await this.#request("DELETE", `/v1/feedback${query}`, { headers: { Authorization: `ApiKey ${adminKey}` } });
+    return answer.deleted;
   }
 
   // -- transport -------------------------------------------------------------------------------

@@ -206,6 +206,17 @@ class AsyncClient(BaseClient):
     async def remove_version(self, name: str, version: str, *, admin_key: str) -> None:
         await self._send(protocol.remove_version(name, version, admin_key))
 
+    async def set_pinnable(self, name: str, version: str, *, admin_key: str, pinnable: bool = True) -> dict[str, Any]:
+        """Let sessions pin `version` (the model_version option), or with `pinnable=False` no longer; a
+        session may always pin the active version and the canary's."""
+        return await self._send(protocol.set_pinnable(name, version, admin_key, pinnable))
+
+    async def purge_feedback(self, *, admin_key: str, since: protocol.ExportTime | None = None,
+                       until: protocol.ExportTime | None = None, session: str | None = None) -> int:
+        """Delete the feedback given in a time range and/or of one session (the export's `session`
+        field); how many records went."""
+        return await self._send(protocol.purge_feedback(admin_key, since=since, until=until, session=session))
+
     # -- life cycle -------------------------------------------------------------------------------
     async def aclose(self) -> None:
         await self._http.aclose()

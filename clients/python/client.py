@@ -204,6 +204,17 @@ class Client(BaseClient):
     def remove_version(self, name: str, version: str, *, admin_key: str) -> None:
         self._send(protocol.remove_version(name, version, admin_key))
 
+    def set_pinnable(self, name: str, version: str, *, admin_key: str, pinnable: bool = True) -> dict[str, Any]:
+        """Let sessions pin `version` (the model_version option), or with `pinnable=False` no longer; a
+        session may always pin the active version and the canary's."""
+        return self._send(protocol.set_pinnable(name, version, admin_key, pinnable))
+
+    def purge_feedback(self, *, admin_key: str, since: protocol.ExportTime | None = None,
+                       until: protocol.ExportTime | None = None, session: str | None = None) -> int:
+        """Delete the feedback given in a time range and/or of one session (the export's `session`
+        field); how many records went."""
+        return self._send(protocol.purge_feedback(admin_key, since=since, until=until, session=session))
+
     # -- life cycle -------------------------------------------------------------------------------
     def close(self) -> None:
         self._http.close()

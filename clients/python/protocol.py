@@ -137,6 +137,11 @@ def remove_version(name: str, version: str, admin_key: str) -> Call:
     return Call("DELETE", _version_path(name, version), headers=_admin(admin_key))
 
 
+def set_pinnable(name: str, version: str, admin_key: str, pinnable: bool = True) -> Call:
+    """Mark `version` pinnable (sessions may then choose it with the model_version option), or unmark it."""
+    return Call("PUT" if pinnable else "DELETE", _version_path(name, version) + "/pinnable", headers=_admin(admin_key))
+
+
 def _version_path(name: str, version: str) -> str:
     return f"/v1/models/{quote(name, safe='')}/versions/{quote(version, safe='')}"
 
@@ -200,6 +205,19 @@ def feedback_export(admin_key: str, *, since: ExportTime | None = None, until: E
         params["format"] = export_format
     return Call("GET", "/v1/feedback/export", params=params or None,
                 headers={**_admin(admin_key), "Accept": "application/x-tar, application/x-ndjson"}, raw=True)
+
+
+def purge_feedback(admin_key: str, *, since: ExportTime | None = None, until: ExportTime | None = None,
+                   session: str | None = None) -> Call:
+    """DELETE /v1/feedback (admin key): the feedback given in a time range, or one session's (`session`:
+    the export's `session` field), or one session's in a time range; the answer is how many went."""
+    params = {name: _export_time(name, value) for name, value in (("since", since), ("until", until))
+              if value is not None}
+    if session is not None:
+        params["session"] = session
+    if not params:  # the server refuses it too: a purge of everything is never guessed
+        raise ValueError("purge_feedback needs since, until or session")
+    return Call("DELETE", "/v1/feedback", params=params, headers=_admin(admin_key), shape=lambda body: body["deleted"])
 
 
 def _export_time(name: str, value: ExportTime) -> str:

@@ -252,6 +252,26 @@ describe("requests", () => {
     assert.equal(calls[1].headers.get("Authorization"), "ApiKey adm"); // the admin key, not the token
   });
 
+  test("setPinnable marks and unmarks a version; purgeFeedback sends its range and resolves to the count", async () => {
+    const { fetch, calls } = fakeFetch(json(200, { name: "m", version: "v2", pinnable: true }),
+      json(200, { name: "m", version: "v2", pinnable: false }), json(200, { deleted: 3 }));
+    const c = client(fetch);
+    assert.equal((await c.setPinnable("m", "v2", { adminKey: "adm" })).pinnable, true);
+    assert.equal((await c.setPinnable("m", "v2", { adminKey: "adm", pinnable: false })).pinnable, false);
+    assert.deepEqual(calls.slice(0, 2).map((call) => [call.init.method, call.url.pathname]), [
+      ["PUT", "/v1/models/m/versions/v2/pinnable"], ["DELETE", "/v1/models/m/versions/v2/pinnable"],
+    ]);
+    assert.equal(await c.purgeFeedback({ adminKey: "adm", until: new Date(Date.UTC(2026, 11, 1)), session: "0123456789abcdef" }), 3);
+    assert.equal(calls[2].init.method, "DELETE");
+    assert.equal(calls[2].url.pathname, "/v1/feedback");
+    assert.deepEqual(Object.fromEntries(calls[2].url.searchParams), {
+      until: "2026-12-01T00:00:00.000Z", session: "0123456789abcdef",
+    });
+    assert.equal(calls[2].headers.get("Authorization"), "ApiKey adm");
+    await assert.rejects(c.purgeFeedback({ adminKey: "adm" }), TypeError); // never a purge of everything
+    assert.equal(calls.length, 3);
+  });
+
   test("history() pages through next/before", async () => {
     const { fetch, calls } = fakeFetch(
       json(200, { items: [{ id: "3-0" }, { id: "2-0" }], next: "2-0" }),
