@@ -38,6 +38,8 @@ from server.observability import (
 )
 from server.runtime import build_runner, build_store, prepare_model
 from service.auth import api_key_hash
+from service.retention import sweep_forever
+from sessions.errors import ServiceError
 from sessions.private_files import owner_only, private_dir, write_private
 
 log = logging.getLogger("inference.server")
@@ -191,11 +193,13 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     session_counter = asyncio.ensure_future(count_sessions_forever(store, runner.metrics.active_sessions)) \
         if slot == 0 else None
     # One process enforces the capture retention (the others read it on every image read).
-    capture_sweeper = asyncio.ensure_future(app.settings["captures"].sweep_forever(
-        config.capture.sweep_interval_seconds)) if slot == 0 else None
+    capture_sweeper = asyncio.ensure_future(sweep_forever(
+        app.settings["captures"].sweep, config.capture.sweep_interval_seconds, "captured images",
+        errors=(ServiceError, OSError))) if slot == 0 else None
     # ... and the feedback retention.
-    feedback_sweeper = asyncio.ensure_future(app.settings["feedback"].sweep_forever(
-        config.feedback.sweep_interval_seconds)) if slot == 0 else None
+    feedback_sweeper = asyncio.ensure_future(sweep_forever(
+        app.settings["feedback"].sweep, config.feedback.sweep_interval_seconds, "feedback records")) \
+        if slot == 0 else None
     server = http_server(app, config, counts, slot)
     server.add_sockets(sockets)
     port = sockets[0].getsockname()[1]

@@ -514,17 +514,6 @@ class Captures:
             return False
         return True
 
-    async def sweep_forever(self, interval_seconds: float) -> None:
-        """Retention, in one serving process: a sweep now and every interval."""
-        while True:
-            try:
-                deleted = await self.sweep()
-                if deleted:
-                    log.info("capture retention: deleted %d images", deleted)
-            except (ServiceError, OSError) as exc:  # Redis or the disk down: try again next time
-                log.warning("capture retention sweep failed: %s", exc)
-            await asyncio.sleep(interval_seconds)
-
     @staticmethod
     def _unlink(path: Path) -> None:
         path.unlink(missing_ok=True)

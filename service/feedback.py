@@ -13,8 +13,6 @@ given (the sweep, in one serving process). Giving feedback costs one from the se
 
 from __future__ import annotations
 
-import asyncio
-import logging
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -24,8 +22,6 @@ from service.export import parse_time
 from sessions.errors import BadRequest, InvalidToken, ServiceError, quoted, quoted_names
 from sessions.store import Session, iso, now_ms
 from sessions.tokens import TokenSigner
-
-log = logging.getLogger("inference.feedback")
 
 DAY_MS = 24 * 3600 * 1000
 SESSION_REF = re.compile(r"[0-9a-f]{16}")
@@ -226,17 +222,6 @@ class FeedbackService:
     async def sweep(self, now: int | None = None) -> int:
         """Retention: remove the records given more than feedback.retention_days ago; how many."""
         return await self.records.purge(float("-inf"), (now_ms() if now is None else now) - self.retention_ms)
-
-    async def sweep_forever(self, interval_seconds: float) -> None:
-        """Retention, in one serving process: a sweep now and every interval."""
-        while True:
-            try:
-                removed = await self.sweep()
-                if removed:
-                    log.info("feedback retention: removed %d records", removed)
-            except ServiceError as exc:  # Redis down: try again next time
-                log.warning("feedback retention sweep failed: %s", exc)
-            await asyncio.sleep(interval_seconds)
 
     async def quality(self, *, pinned: bool = False) -> dict[str, dict[str, Any]]:
         """version -> {"count": n, "agreement": share agreeing with the prediction (null without feedback)},
