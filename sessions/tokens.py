@@ -33,6 +33,10 @@ class VerifiedToken:
     issued_at: float  # Unix seconds; the session's hard deadline is issued_at + max lifetime
 
 
+def _ref(key: bytes, session_id: str) -> str:
+    return hmac.new(key, session_id.encode(), hashlib.sha256).hexdigest()[:16]
+
+
 class TokenSigner:
     def __init__(self, secret_keys: list[str], max_age_seconds: int):
         if not secret_keys:
@@ -48,12 +52,12 @@ class TokenSigner:
         indexes): 16 hex digits of an HMAC of its id under the newest secret key. Without the secret
         it cannot be linked to the id, and a plain hash of the id in one place cannot be matched to it
         in another."""
-        return self.session_refs(session_id)[0]
+        return _ref(self._ref_keys[0], session_id)
 
     def session_refs(self, session_id: str) -> list[str]:
         """The session's name under every configured secret key, newest first: data recorded before a
         key rotation is still found under the name it was recorded with."""
-        return [hmac.new(key, session_id.encode(), hashlib.sha256).hexdigest()[:16] for key in self._ref_keys]
+        return [_ref(key, session_id) for key in self._ref_keys]
 
     def issue(self, session_id: str) -> str:
         return self._serializer.dumps(session_id)
