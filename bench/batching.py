@@ -26,10 +26,10 @@ from typing import Any
 import numpy as np
 
 from bench.run import COFFEE, REPO
+from core.options import Options
 from inference.torch_model import load_model
 from server.config import Config, load_config
 from server.runtime import build_backend, build_runner, onnx_cache_dir
-from sessions.options import Options
 
 Row = dict[str, Any]
 

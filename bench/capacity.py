@@ -19,9 +19,10 @@ import time
 import redis
 
 from bench.servers import free_port
+from core.clock import iso, now_ms
+from core.options import Options
 from server.embedded_redis import redis_server_binary
-from sessions.options import Options
-from sessions.store import SessionStore, connect, iso, now_ms
+from sessions.store import SessionStore, connect
 from sessions.tokens import TokenSigner
 
 SIGNER = TokenSigner(["capacity-measurement-key"], max_age_seconds=3600)

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from core.session import Session
 from server import cli
-from sessions.store import Session, SessionStore
+from sessions.store import SessionStore
 from sessions.tokens import VerifiedToken
 
 _real_touch = SessionStore.touch

@@ -116,8 +116,8 @@ def pillow_float_preprocess(data: bytes) -> np.ndarray:
     float32 array (no libjpeg-turbo-direct decode, nothing inside the graph)."""
     from PIL import Image
 
+    from core.options import Options
     from inference.imaging import pipeline_for
-    from sessions.options import Options
 
     options = Options()
     image = Image.open(io.BytesIO(data))
@@ -130,17 +130,17 @@ def pillow_float_preprocess(data: bytes) -> np.ndarray:
 
 def server_prepare(data: bytes) -> Any:
     """The server's own decode -> a PixelBatch of one (uint8 NHWC + its normalization)."""
+    from core.options import Options
     from inference.imaging import prepare
-    from sessions.options import Options
 
     return prepare(data, Options(), max_pixels=10**9)
 
 
 def zero_pixels() -> Any:
     """A 224x224 PixelBatch of one (forward-only rows of the runtimes that take pixels)."""
+    from core.options import Options
     from inference.imaging import pipeline_for
     from inference.pixels import PixelBatch
-    from sessions.options import Options
 
     pipeline = pipeline_for(Options())
     return PixelBatch(np.zeros((1, 224, 224, 3), dtype=np.uint8), pipeline.scale, pipeline.shift)

@@ -27,6 +27,8 @@ from typing import Any
 
 import tornado.web
 
+from core.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType, quoted
+from core.session import IDEMPOTENCY_KEY, Session
 from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
 from service.capture import Captures
@@ -36,8 +38,7 @@ from service.export import FeedbackExport
 from service.feedback import FeedbackService
 from service.model_versions import ModelVersions
 from service.sessions import SessionService
-from sessions.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType, quoted
-from sessions.store import IDEMPOTENCY_KEY, Session, SessionStore
+from sessions.store import SessionStore
 
 log = logging.getLogger("inference.http")
 

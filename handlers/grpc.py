@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
+from core.errors import BadRequest, NotFound, ServiceBusy, ServiceError, StoreUnavailable
 from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
 from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from handlers.oip_protocol import (
@@ -43,7 +44,6 @@ from handlers.oip_protocol import (
 from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy
 from service.classify import Classifier
-from sessions.errors import BadRequest, NotFound, ServiceBusy, ServiceError, StoreUnavailable
 from sessions.store import SessionStore
 
 log = logging.getLogger("inference.grpc")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from core.errors import ServiceError
 from handlers.base import BaseHandler
 from handlers.openapi import openapi_document
 from service.auth import Policy
-from sessions.errors import ServiceError
 
 
 class LivenessHandler(BaseHandler):

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from core.errors import BadRequest, ServiceError, UnsupportedMediaType, quoted
 from handlers.base import BaseHandler, parse_json
 from handlers.oip_protocol import (
     BYTES,
@@ -27,7 +28,6 @@ from handlers.oip_protocol import (
     server_metadata,
 )
 from service.auth import Policy
-from sessions.errors import BadRequest, ServiceError, UnsupportedMediaType, quoted
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 

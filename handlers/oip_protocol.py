@@ -30,11 +30,11 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import BadRequest, NotFound, quoted
+from core.options import CROP_RANGE, Options
+from core.session import Session
 from inference.runner import ModelRunner
 from service.classify import Classifier
-from sessions.errors import BadRequest, NotFound, quoted
-from sessions.options import CROP_RANGE, Options
-from sessions.store import Session
 
 SERVER_NAME = "session-inference-server"  # the distribution's name in pyproject.toml
 # The one version string (here, in /v2 and gRPC's ServerMetadata, and in /openapi.json's info): the

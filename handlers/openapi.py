@@ -6,11 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from core.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
 from handlers.oip_protocol import SERVER_VERSION
 from inference.imaging import MEDIA_TYPES
 from service.history import DEFAULT_PAGE, MAX_PAGE
 from service.model_versions import TRAFFIC_PERCENT
-from sessions.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -58,7 +58,7 @@ _PINNABLE_ANSWER = {"type": "object", "required": ["name", "version", "pinnable"
                     "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "pinnable": _PINNABLE}}
 _NOT_PINNABLE = _error("model_version names a version that is neither active, the canary's, nor marked pinnable "
                        "(model_version_not_pinnable).")
-# Ranges and defaults come from sessions.options, which validates them: the schema cannot drift from it.
+# Ranges and defaults come from core.options, which validates them: the schema cannot drift from it.
 _DEFAULTS = Options()
 
 SCHEMAS: dict[str, Any] = {

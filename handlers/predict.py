@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import tornado.web
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
+from core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from core.options import Options
 from handlers.base import BaseHandler
 from inference import imaging
 from service.auth import Policy
-from sessions.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
-from sessions.options import Options
 
 IMAGE_TYPES = frozenset(imaging.MEDIA_TYPES)
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of the maximum size

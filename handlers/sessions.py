@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+from core.errors import BadRequest, quoted
 from handlers.base import BaseHandler
 from service.auth import Policy
-from sessions.errors import BadRequest, quoted
 
 
 class LoginHandler(BaseHandler):

@@ -42,9 +42,9 @@ from typing import Any
 
 import tornado.websocket
 
+from core.errors import BadRequest, InvalidToken, ServiceError, quoted_names
 from handlers.base import BaseHandler, parse_json
 from service.auth import Policy
-from sessions.errors import BadRequest, InvalidToken, ServiceError, quoted_names
 from sessions.tokens import VerifiedToken
 
 log = logging.getLogger("inference.stream")

@@ -23,9 +23,9 @@ import PIL
 import simplejpeg
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from core.errors import BadImage
+from core.options import Options
 from inference.pixels import PixelBatch, normalization
-from sessions.errors import BadImage
-from sessions.options import Options
 
 _RESAMPLING = {
     "bilinear": Image.Resampling.BILINEAR,

@@ -27,7 +27,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from inference.files import write_atomically
+from core.files import write_atomically
 from inference.pixels import PixelBatch, pixel_graph
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from inference.files import write_atomically
+from core.files import write_atomically
 
 #: The graph's inputs: pixels uint8 (N, H, W, 3); scale and shift float32 (N, 3, 1, 1).
 PIXELS, SCALE, SHIFT = "pixels", "scale", "shift"

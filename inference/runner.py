@@ -23,12 +23,12 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
+from core.errors import BadImage, Conflict, InferenceFailed, ServiceBusy
+from core.options import Options
 from inference import imaging
 from inference.batching import MicroBatcher
 from inference.model import Backend, LoadedModel, softmax
 from inference.pixels import PixelBatch
-from sessions.errors import BadImage, Conflict, InferenceFailed, ServiceBusy
-from sessions.options import Options
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
+from core.files import write_atomically
+from core.options import Options
 from inference import imaging
-from inference.files import write_atomically
 from inference.model import AccuracyGuardFailed, Backend, ModelLoadError, OnnxBackend, softmax
 from inference.pixels import PIXEL_GRAPH_VERSION, PixelBatch
-from sessions.options import Options
 
 log = logging.getLogger(__name__)
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torchvision
 
+from core.options import CROP_RANGE
 from inference import selection
 from inference.model import (
     EFFICIENTNET_LITE0,
@@ -36,7 +37,6 @@ from inference.model import (
     write_manifest,
 )
 from inference.pixels import PixelBatch
-from sessions.options import CROP_RANGE
 
 log = logging.getLogger(__name__)
 

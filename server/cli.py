@@ -23,6 +23,8 @@ from pathlib import Path
 import tornado.httpserver
 import tornado.netutil
 
+from core.errors import ServiceError
+from core.files import owner_only, private_dir, write_private
 from handlers.base import InFlight
 from inference.model import ModelLoadError
 from server.app import http_server, make_app
@@ -39,8 +41,6 @@ from server.observability import (
 from server.runtime import build_runner, build_store, prepare_model
 from service.auth import api_key_hash
 from service.retention import sweep_forever
-from sessions.errors import ServiceError
-from sessions.private_files import owner_only, private_dir, write_private
 
 log = logging.getLogger("inference.server")
 _EXIT_MODEL_LOAD_FAILED = 3  # a child that cannot load the model is not restarted: it would fail again

@@ -22,8 +22,8 @@ from pathlib import Path
 import redis
 import redis.asyncio as aioredis
 
+from core.files import private_dir
 from server.config import ConfigError
-from sessions.private_files import private_dir
 
 log = logging.getLogger(__name__)
 

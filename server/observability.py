@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
-from sessions.errors import ServiceError
+from core.errors import ServiceError
 
 access_log = logging.getLogger("inference.access")
 

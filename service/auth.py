@@ -17,9 +17,10 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from core.errors import Forbidden, InvalidToken
+from core.session import Session
 from service.client_address import rate_limit_bucket
-from sessions.errors import Forbidden, InvalidToken
-from sessions.store import Session, SessionStore
+from sessions.store import SessionStore
 from sessions.tokens import TokenSigner, VerifiedToken
 
 

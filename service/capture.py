@@ -2,7 +2,7 @@
 content hash, so that the session can read it back and training can use it with its feedback.
 
 Each session keeps its own copies, in a folder named by its session_ref: `capture.store_dir` as
-`<ref>/<sha256>`, 0700 folders and 0600 files (sessions.private_files). Nothing a session is told
+`<ref>/<sha256>`, 0700 folders and 0600 files (core.files). Nothing a session is told
 depends on what other sessions sent: an image another session sent is written, fsynced and counted
 against the disk and the quota exactly like a new one. Only the image is kept, not whatever follows
 it in the upload (`image_length`), and a session keeps at most `capture.max_session_bytes`.
@@ -41,10 +41,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from core.clock import now_ms
+from core.errors import NotFound, ServiceError
+from core.files import private_dir, write_private
+from core.session import Session
 from inference.runner import ImageSource
-from sessions.errors import NotFound, ServiceError
-from sessions.private_files import private_dir, write_private
-from sessions.store import Session, now_ms
 
 log = logging.getLogger("inference.capture")
 

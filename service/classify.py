@@ -16,12 +16,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from core.clock import iso, now_ms
+from core.errors import Conflict, NotFound
+from core.options import Options
+from core.session import Session
 from inference.runner import BatchPrediction, ClassScore, ImageSource, ModelRunner, Prediction
 from service.capture import Captured, KeptImage
 from service.feedback import with_defaults
-from sessions.errors import Conflict, NotFound
-from sessions.options import Options
-from sessions.store import Session, SessionStore, iso, now_ms
+from sessions.store import SessionStore
 
 if TYPE_CHECKING:
     from service.capture import Captures

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from core.errors import BadRequest, quoted, quoted_names
+from core.options import MODEL_VERSION
 from service.capture import EXTENSIONS, Captures
-from sessions.errors import BadRequest, quoted, quoted_names
-from sessions.options import MODEL_VERSION
 
 MEDIA_TYPES = {"tar": "application/x-tar", "jsonl": "application/x-ndjson"}
 FORMATS = tuple(MEDIA_TYPES)

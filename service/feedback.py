@@ -18,9 +18,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from core.clock import iso, now_ms
+from core.errors import BadRequest, InvalidToken, ServiceError, quoted, quoted_names
+from core.session import Session
 from service.export import parse_time
-from sessions.errors import BadRequest, InvalidToken, ServiceError, quoted, quoted_names
-from sessions.store import Session, iso, now_ms
 from sessions.tokens import TokenSigner
 
 DAY_MS = 24 * 3600 * 1000

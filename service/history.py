@@ -5,10 +5,11 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from core.errors import BadRequest, quoted
+from core.session import Session
 from service.capture import Captures
 from service.feedback import FeedbackService
-from sessions.errors import BadRequest, quoted
-from sessions.store import Session, SessionStore
+from sessions.store import SessionStore
 
 MAX_PAGE = 100
 _PAGE_SIZE = re.compile(r"[0-9]{1,3}")

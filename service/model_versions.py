@@ -30,13 +30,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+from core.clock import iso, now_ms
+from core.errors import BadRequest, Conflict, NotFound, ServiceError, quoted, quoted_names
+from core.options import MODEL_VERSION, Options
+from core.session import Session
 from inference.model import AccuracyGuardFailed, Backend, LoadedModel, ModelLoadError
 from inference.runner import ModelRunner, ServedModel
 from service.feedback import FeedbackService, quality_view
-from sessions.errors import BadRequest, Conflict, NotFound, ServiceError, quoted, quoted_names
 from sessions.model_registry import Canary, ModelEvent, ModelRegistry, VersionRecord
-from sessions.options import MODEL_VERSION, Options
-from sessions.store import Session, iso, now_ms
 
 log = logging.getLogger("inference.weights")
 T = TypeVar("T")

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from core.options import Options
 from inference.runner import ImageSource, ModelRunner
-from sessions.options import Options
 
 
 async def preprocess(runner: ModelRunner, image: bytes | ImageSource, options: Options) -> np.ndarray:

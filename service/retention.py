@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 
-from sessions.errors import ServiceError
+from core.errors import ServiceError
 
 log = logging.getLogger("inference.retention")
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from sessions.errors import BadOptions
-from sessions.options import MODEL_VERSION, Options
-from sessions.store import Session, SessionStore
+from core.errors import BadOptions
+from core.options import MODEL_VERSION, Options
+from core.session import Session
+from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
 
 if TYPE_CHECKING:

@@ -29,7 +29,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from sessions.errors import Conflict, RateLimited
+from core.errors import Conflict, RateLimited
 from sessions.store import store_errors
 
 DAY_MS = 24 * 3600 * 1000

@@ -25,7 +25,8 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
-from sessions.store import iso, store_errors
+from core.clock import iso
+from sessions.store import store_errors
 
 EVENTS_CHANNEL = "model-events"
 

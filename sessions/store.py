@@ -21,10 +21,7 @@ import hashlib
 import json
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote
 
@@ -34,8 +31,10 @@ from redis.asyncio.sentinel import Sentinel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable, quoted
-from sessions.options import Options
+from core.clock import now_ms
+from core.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable, quoted
+from core.options import Options
+from core.session import Session
 from sessions.tokens import VerifiedToken, new_session_id
 
 log = logging.getLogger(__name__)
@@ -161,46 +160,9 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 2))
 return 1
 """
 
-IDEMPOTENCY_KEY = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def iso(ms: int | float) -> str:
-    """Milliseconds since the epoch as an ISO 8601 UTC timestamp."""
-    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-@dataclass(frozen=True)
-class Session:
-    id: str
-    created_at_ms: int
-    expires_at_ms: int
-    deadline_ms: int
-    options: Options
-    predictions: int
-    # Set when this request repeats an idempotency key already answered: that answer's history id.
-    replay_of: str | None = None
-    # 0..99, dealt at login from a shared counter (canary_slot): where the session falls in canaries.
-    # None for sessions created before slots existed.
-    canary_slot: int | None = None
-    # Who logged in (owner_name of the API key or client address the login was charged to), for limits
-    # shared by that caller's sessions. None for sessions created before owners were kept.
-    owner: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "session_id": self.id,
-            "created_at": iso(self.created_at_ms),
-            "expires_at": iso(self.expires_at_ms),
-            "options": self.options.to_dict(),
-            "predictions": self.predictions,
-        }
 
 
 #: The count of sessions ever created, which deals each new session its canary slot.

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from sessions.errors import InvalidToken
+from core.errors import InvalidToken
 
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$")
 _SESSION_ID_SHAPE = re.compile(r"^[0-9a-f]{32}$")

@@ -24,11 +24,7 @@ import numpy as np
 import pytest
 from websockets.sync.client import connect as ws_connect
 
-from handlers.grpc import grpc_status
-from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
-from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.auth import api_key_hash
-from sessions.errors import (
+from core.errors import (
     BadImage,
     BadOptions,
     BadRequest,
@@ -44,6 +40,10 @@ from sessions.errors import (
     StoreUnavailable,
     UnsupportedMediaType,
 )
+from handlers.grpc import grpc_status
+from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
+from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.auth import api_key_hash
 from tests.conftest import CAT_JPEG, error_code, free_port, login, wait_for
 from tests.test_replicas import server_process
 from tests.test_weights import ADMIN, ADMIN_KEY, MODEL, boosted_weights, make_pinnable, put_version

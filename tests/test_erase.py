@@ -16,13 +16,13 @@ import pytest
 import redis
 from PIL import Image
 
+from core.errors import StoreUnavailable
 from inference.model import LoadedModel
 from server.app import listen, make_app
 from server.embedded_redis import EmbeddedRedis
 from server.runtime import build_runner, build_store
 from service.capture import Captures
 from service.feedback import FeedbackService
-from sessions.errors import StoreUnavailable
 from sessions.store import STORE_UNAVAILABLE_MESSAGE, SessionStore
 from tests.conftest import LoopThread, RedisServer, error_code, make_config, wait_for
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 import torch
 
+from core.options import Options
 from inference.torch_model import TorchBackend, load_model
 from server.runtime import build_runner
-from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config
 from tests.test_cli import running_server
 from tests.test_runtimes import PHOTOS, probabilities

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from core.errors import BadImage
+from core.options import Options
 from inference import imaging
 from server.runtime import build_runner
-from sessions.errors import BadImage
-from sessions.options import Options
 from tests.conftest import CAT_JPEG, RunningServer, error_code, login, make_config
 
 MODEL = "efficientnet_lite0"

@@ -10,9 +10,9 @@ import pytest
 import torchvision.transforms as T
 from PIL import Image, ImageOps
 
+from core.errors import BadImage
+from core.options import Options
 from inference import imaging
-from sessions.errors import BadImage
-from sessions.options import Options
 from tests.conftest import CAT_JPEG
 
 MAX_PIXELS = 40_000_000

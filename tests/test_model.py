@@ -9,10 +9,10 @@ import pytest
 import torch
 import torchvision
 
+from core.options import Options
 from inference.imaging import preprocess
 from inference.model import ModelLoadError, softmax
 from inference.torch_model import TorchBackend, imagenet_labels, load_model
-from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG
 
 

@@ -13,6 +13,8 @@ import pytest
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from core.errors import BadRequest
+from core.options import Options
 from handlers.oip_protocol import (
     RawInput,
     RequestedOutput,
@@ -21,8 +23,6 @@ from handlers.oip_protocol import (
     parse_request,
 )
 from inference.imaging import preprocess
-from sessions.errors import BadRequest
-from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, login, make_config
 
 MODEL = "efficientnet_lite0"

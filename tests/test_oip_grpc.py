@@ -22,6 +22,8 @@ import httpx
 import numpy as np
 import pytest
 
+from core.errors import BadImage, InvalidToken, NotFound, RateLimited, ServiceBusy, StoreUnavailable
+from core.options import Options
 from handlers.grpc import grpc_status
 from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
 from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -30,8 +32,6 @@ from server.app import make_signer, use_cases
 from server.config import ConfigError, validate
 from server.grpc_server import start_grpc_server
 from server.runtime import build_runner
-from sessions.errors import BadImage, InvalidToken, NotFound, RateLimited, ServiceBusy, StoreUnavailable
-from sessions.options import Options
 from sessions.tokens import new_session_id
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_JPEG, DATA, free_port, login, make_config, wait_for
 

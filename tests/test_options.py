@@ -6,8 +6,8 @@ import dataclasses
 
 import pytest
 
-from sessions.errors import BadOptions
-from sessions.options import Options
+from core.errors import BadOptions
+from core.options import Options
 
 
 def test_defaults_and_round_trip_through_redis_fields() -> None:

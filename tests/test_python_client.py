@@ -29,8 +29,8 @@ from clients.python import (
 )
 from clients.python import client as sync_module
 from clients.python.cli import main
+from core.errors import NotFound
 from service.auth import api_key_hash
-from sessions.errors import NotFound
 from tests.conftest import (
     CAT_CLASSES,
     CAT_JPEG,

@@ -16,11 +16,11 @@ from tornado.websocket import WebSocketHandler
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from core.errors import BadOptions
+from core.options import Options
 from handlers.base import BaseHandler
 from server.app import ROUTES, route_template
 from service.auth import Policy
-from sessions.errors import BadOptions
-from sessions.options import Options
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, login, make_config
 
 # Changing these sets is a security decision: a new public or token-optional route is added on purpose.

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.errors import BadImage, BadRequest, InferenceFailed, ServiceBusy
+from core.options import Options
 from handlers.predict import ImageUpload
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner
 from server.runtime import build_runner
-from sessions.errors import BadImage, BadRequest, InferenceFailed, ServiceBusy
-from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config, wait_until_async
 
 

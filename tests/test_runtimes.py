@@ -15,11 +15,11 @@ import pytest
 import torch
 import torchvision
 
+from core.options import Options
 from inference.imaging import preprocess
 from inference.model import ModelLoadError, OnnxBackend, load_exported, manifest_path, softmax
 from inference.torch_model import TorchBackend, export_onnx, load_model
 from server.runtime import build_runner
-from sessions.options import Options
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, DATA, MODEL_CACHE, make_config
 
 PHOTOS = {"cat": CAT_JPEG, "coffee": COFFEE_JPEG}
@@ -113,7 +113,7 @@ import server.app, server.cli  # everything a serving process imports
 from server.config import Config
 from inference.imaging import preprocess
 from server.runtime import build_runner
-from sessions.options import Options
+from core.options import Options
 
 config = Config()
 config.model.cache_dir = {str(MODEL_CACHE)!r}

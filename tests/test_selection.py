@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.options import Options
 from inference import imaging, selection
 from inference.model import ModelLoadError, softmax
 from inference.openvino_backend import OpenVinoBackend
@@ -22,7 +23,6 @@ from inference.pixels import PixelBatch
 from inference.selection import Candidate
 from inference.torch_model import TorchBackend, export_onnx
 from server.runtime import build_runner, make_backend, runtime_choice
-from sessions.options import Options
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, MODEL_CACHE, make_config
 
 #: Every committed photo: the test photos and the guard's own (which include them).

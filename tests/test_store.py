@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import redis as sync_redis
 
-from sessions.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable
-from sessions.options import Options
+from core.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable
+from core.options import Options
 from sessions.store import SessionStore, connect
 from sessions.tokens import TokenSigner
 

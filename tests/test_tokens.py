@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from sessions.errors import InvalidToken
+from core.errors import InvalidToken
 from sessions.tokens import TokenSigner, new_session_id
 
 

@@ -81,10 +81,10 @@ def fine_tune_last_layer(samples: list[Sample], *, base_weights: str, model_name
     PUT /v1/models/<name>/versions/<v> takes, and the last batch's loss."""
     import torch
 
+    from core.options import Options
     from inference.imaging import preprocess
     from inference.torch_model import load_model
     from server.config import Config
-    from sessions.options import Options
 
     torch.manual_seed(seed)
     model = load_model(model_name, base_weights).module  # the architecture exactly as the server builds it

@@ -16,15 +16,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from core.clock import now_ms
+from core.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited, quoted
+from core.options import IMAGENET_MEAN, IMAGENET_STD, Options
+from core.session import Session
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
 from service.model_versions import VersionNotPinnable, choose_version
-from sessions.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited, quoted
 from sessions.feedback import DAY_MS
 from sessions.model_registry import Canary
-from sessions.options import IMAGENET_MEAN, IMAGENET_STD, Options
-from sessions.store import HISTORY_ID, Session, canary_slot, now_ms, owner_name
+from sessions.store import HISTORY_ID, canary_slot, owner_name
 from sessions.tokens import VerifiedToken, new_session_id
 
 CLASSES = 10

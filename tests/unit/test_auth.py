@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
+from core.errors import Forbidden, InvalidToken, RateLimited, ServiceError
+from core.options import Options
+from core.session import Session
 from service.auth import Authenticator, AuthSettings, Policy, api_key_hash
-from sessions.errors import Forbidden, InvalidToken, RateLimited, ServiceError
-from sessions.options import Options
-from sessions.store import Session
 from sessions.tokens import TokenSigner
 from tests.unit.fakes import FakeStore
 

@@ -8,12 +8,12 @@ import asyncio
 
 import pytest
 
+from core.options import Options
 from inference.runner import ModelRunner
 from service.classify import Classifier
 from service.feedback import FeedbackService
 from service.model_versions import InvalidTrafficPercent, VersionNotPinnable, in_canary, parse_traffic_percent
 from sessions.model_registry import Canary
-from sessions.options import Options
 from sessions.store import canary_slot
 from sessions.tokens import TokenSigner, new_session_id
 from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions, solid_image

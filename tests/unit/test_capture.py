@@ -17,11 +17,11 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from core.clock import now_ms
+from core.options import Options
 from inference.runner import ModelRunner
 from service.capture import DAY_MS, Captures, KeptImage, content_type, image_length
 from service.classify import Classifier
-from sessions.options import Options
-from sessions.store import now_ms
 from sessions.tokens import TokenSigner
 from tests.conftest import DATA
 from tests.unit.conftest import SECRET

@@ -10,11 +10,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from core.errors import Conflict, InvalidToken
+from core.options import Options
+from core.session import Session
 from inference.runner import ModelRunner
 from service.classify import Classifier
-from sessions.errors import Conflict, InvalidToken
-from sessions.options import Options
-from sessions.store import Session
 from sessions.tokens import VerifiedToken
 from tests.unit.fakes import LABELS, FakeBackend, FakeStore, FakeVersions, solid_image
 

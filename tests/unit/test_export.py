@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from core.errors import BadRequest
 from service.capture import Captures
 from service.export import FeedbackExport, parse_query, parse_time, tar_member
-from sessions.errors import BadRequest
 from sessions.tokens import TokenSigner
 from tests.unit.fakes import FakeCaptureRefs, FakeFeedbackRecords
 

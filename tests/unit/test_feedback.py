@@ -7,10 +7,10 @@ import asyncio
 
 import pytest
 
+from core.errors import QUOTE_CHARS, BadRequest, Conflict, InvalidToken, NotFound, RateLimited, quoted, quoted_names
+from core.options import Options
+from core.session import Session
 from service.feedback import FeedbackLimits, FeedbackService, InvalidFeedback, parse_purge, resolve_label
-from sessions.errors import QUOTE_CHARS, BadRequest, Conflict, InvalidToken, NotFound, RateLimited, quoted, quoted_names
-from sessions.options import Options
-from sessions.store import Session
 from sessions.tokens import TokenSigner
 from tests.unit.conftest import SECRET
 from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore

@@ -6,10 +6,10 @@ import asyncio
 
 import pytest
 
+from core.errors import BadRequest, NotFound
+from core.options import Options
 from service import history
 from service.feedback import FeedbackService
-from sessions.errors import BadRequest, NotFound
-from sessions.options import Options
 from sessions.tokens import TokenSigner
 from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore
 

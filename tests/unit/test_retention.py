@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from core.errors import StoreUnavailable
 from service.retention import sweep_forever
-from sessions.errors import StoreUnavailable
 
 pytestmark = pytest.mark.unit
 

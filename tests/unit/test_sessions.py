@@ -6,11 +6,11 @@ import asyncio
 
 import pytest
 
+from core.errors import BadOptions, InvalidToken, StoreUnavailable
+from core.options import Options
 from service.auth import Authenticator, AuthSettings, Policy
 from service.feedback import FeedbackService
 from service.sessions import SessionService
-from sessions.errors import BadOptions, InvalidToken, StoreUnavailable
-from sessions.options import Options
 from sessions.tokens import TokenSigner
 from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions
 

@@ -1,6 +1,9 @@
-"""Files in the data folder hold every session, the signing secret and the captured images: this user's
-only (0700 folders, 0600 files), whatever the umask, and tightened where an earlier version left them
-readable. Here, below the server and the service layer, so that both use the one way."""
+"""Files written whole or not at all, and the data folder kept this user's only.
+
+The data folder holds every session, the signing secret and the captured images: 0700 folders and
+0600 files, whatever the umask, tightened where an earlier version left them readable. The export
+cache (graphs, manifests, runtime choices) is written by several processes at once: a reader never
+sees half a file. On the ground floor, so that every package uses the one way."""
 
 from __future__ import annotations
 
@@ -38,3 +41,14 @@ def write_private(path: Path, data: str | bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temporary)
         raise
+
+
+def write_atomically(path: Path, data: bytes | str) -> None:
+    """Write `path` through a file of this process's own and a rename: several processes may write the
+    same cache file at once, and a reader never sees half of one."""
+    partial = path.with_suffix(f".{os.getpid()}.partial")
+    if isinstance(data, str):
+        partial.write_text(data)
+    else:
+        partial.write_bytes(data)
+    os.replace(partial, path)

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sessions.errors import BadOptions, quoted
+from core.errors import BadOptions, quoted
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 COLORS = ("rgb", "grayscale")
