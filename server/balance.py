@@ -32,7 +32,7 @@ import multiprocessing
 import socket
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import tornado.httpserver
@@ -99,7 +99,10 @@ class GuardedHTTPServer(tornado.httpserver.HTTPServer):
     Connections come in through `adopt`: from Tornado's accept loop, or from an accept made
     elsewhere (the shutdown backlog, server/cli.py)."""
 
-    def initialize(self, *args: Any, max_connections: int, write_timeout: float,
+    # Tornado's `initialize` is the constructor of its Configurable classes (HTTPServer(...) calls it), and
+    # a subclass's constructor takes arguments of its own; mypy exempts __init__ from the override check but
+    # cannot know that `initialize` is one.
+    def initialize(self, *args: Any, max_connections: int, write_timeout: float,  # type: ignore[override]
                    on_connections: Callable[[int], None] | None = None, **kwargs: Any) -> None:
         """`on_connections` hears this process's count of open connections when it changes."""
         super().initialize(*args, **kwargs)
@@ -144,12 +147,13 @@ class GuardedHTTPServer(tornado.httpserver.HTTPServer):
 class BalancedHTTPServer(GuardedHTTPServer):
     """A GuardedHTTPServer that shares its count of open connections and accepts as described above."""
 
-    def initialize(self, *args: Any, counts: SharedCounts, slot: int, **kwargs: Any) -> None:
+    # A constructor with arguments of its own, as GuardedHTTPServer.initialize says.
+    def initialize(self, *args: Any, counts: SharedCounts, slot: int, **kwargs: Any) -> None:  # type: ignore[override]
         self.counts, self.slot = counts, slot
         super().initialize(*args, **kwargs)
         self._accepts: list[_BalancedAccept] = []
 
-    def add_sockets(self, sockets: list[socket.socket]) -> None:
+    def add_sockets(self, sockets: Iterable[socket.socket]) -> None:
         for listening in sockets:
             accept = _BalancedAccept(self, listening)
             self._accepts.append(accept)

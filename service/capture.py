@@ -39,7 +39,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar, TypeVarTuple
 
 from core.clock import now_ms
 from core.errors import NotFound, ServiceError
@@ -48,6 +48,8 @@ from core.session import Session
 from inference.runner import ImageSource
 
 log = logging.getLogger("inference.capture")
+_Args = TypeVarTuple("_Args")
+_Result = TypeVar("_Result")
 
 DAY_MS = 24 * 3600 * 1000
 _SWEEP_BATCH = 500
@@ -103,6 +105,8 @@ def image_length(data: bytes) -> int | None:
 def _png_end(data: bytes) -> int | None:
     position = 8
     while position + 12 <= len(data):
+        length: int
+        kind: bytes
         length, kind = struct.unpack_from(">I4s", data, position)
         position += 12 + length  # length, type, data, CRC
         if kind == b"IEND":
@@ -166,6 +170,12 @@ def _gif_end(data: bytes) -> int | None:
 
 def _bmp_end(data: bytes) -> int | None:
     """The pixel data's offset plus its size: rows padded to 4 bytes, or the header's size for RLE."""
+    offset: int
+    width: int
+    height: int
+    bits: int
+    compression: int
+    image_size: int
     offset, header = struct.unpack_from("<II", data, 10)
     if header == 12:  # OS/2 BITMAPCOREHEADER
         width, height, _, bits = struct.unpack_from("<HHHH", data, 18)
@@ -519,11 +529,11 @@ class Captures:
     def _unlink(path: Path) -> None:
         path.unlink(missing_ok=True)
 
-    async def _off_loop(self, fn: Any, *args: Any) -> Any:
+    async def _off_loop(self, fn: Callable[[*_Args], _Result], *args: *_Args) -> _Result:
         """Run `fn` on the capture thread, reporting how long it waited there."""
         queued = time.monotonic()
 
-        def timed() -> Any:
+        def timed() -> _Result:
             if self.on_queue_wait is not None:
                 self.on_queue_wait(time.monotonic() - queued)
             return fn(*args)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
+from sessions.replies import members, text_set, texts
 from sessions.store import store_errors
 
 _BYTES = "bytes"  # the session hash's total; the other fields are 64-hex image hashes
@@ -133,7 +134,7 @@ class CaptureRefs:
         no session holds any more, whose shared files are to be deleted. Safe to repeat."""
         session_key = f"{_BASE}:session:{session_id}"
         orphans = []
-        for sha256 in sorted(await self.redis.smembers(session_key)):
+        for sha256 in sorted(text_set(await self.redis.smembers(session_key))):
             if await self._legacy_release(keys=[f"{_BASE}:owners:{sha256}", f"{_BASE}:seen", session_key],
                                           args=[sha256, session_id]):
                 orphans.append(sha256)
@@ -142,7 +143,7 @@ class CaptureRefs:
     @store_errors
     async def session_images(self, ref: str) -> list[str]:
         """The images the session holds a copy of."""
-        return sorted(field for field in await self.redis.hkeys(f"{_BASE}:session:{ref}") if field != _BYTES)
+        return sorted(field for field in texts(await self.redis.hkeys(f"{_BASE}:session:{ref}")) if field != _BYTES)
 
     @store_errors
     async def seen_at(self, ref: str, sha256: str) -> float | None:
@@ -163,5 +164,5 @@ class CaptureRefs:
     @store_errors
     async def older_than(self, cutoff_ms: int, limit: int) -> list[tuple[str, str]]:
         """Copies (ref, sha256) last sent at or before the cutoff, oldest first."""
-        due = await self.redis.zrangebyscore(self._sent, "-inf", cutoff_ms, start=0, num=limit)
+        due = members(await self.redis.zrangebyscore(self._sent, "-inf", cutoff_ms, start=0, num=limit))
         return [(ref, sha256) for ref, _, sha256 in (copy.partition("/") for copy in due)]

@@ -30,6 +30,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from core.errors import Conflict, RateLimited
+from sessions.replies import members, scored_members, text_dict, text_set
 from sessions.store import store_errors
 
 DAY_MS = 24 * 3600 * 1000
@@ -211,8 +212,8 @@ class FeedbackStore:
         """Remove the records given under these refs at a time in [since_ms, until_ms); how many."""
         removed = 0
         for ref in refs:
-            removed += await self._remove_members(sorted(await self.redis.smembers(self._session_key(ref))),
-                                                  since_ms, until_ms)
+            given = text_set(await self.redis.smembers(self._session_key(ref)))
+            removed += await self._remove_members(sorted(given), since_ms, until_ms)
         return removed
 
     @store_errors
@@ -221,18 +222,18 @@ class FeedbackStore:
         retention sweep, and the admin's purge by time)."""
         removed = 0
         while True:
-            members = await self.redis.zrangebyscore(self._index, _bound(since_ms), f"({_bound(until_ms)}",
-                                                     start=0, num=_BATCH)
-            batch_removed = await self._remove_members(members, since_ms, until_ms)
+            batch = members(await self.redis.zrangebyscore(self._index, _bound(since_ms), f"({_bound(until_ms)}",
+                                                           start=0, num=_BATCH))
+            batch_removed = await self._remove_members(batch, since_ms, until_ms)
             removed += batch_removed
-            if len(members) < _BATCH or batch_removed == 0:
+            if len(batch) < _BATCH or batch_removed == 0:
                 return removed
 
     @store_errors
     async def stats(self, *, pinned: bool = False) -> dict[str, tuple[int, int]]:
         """version -> (feedback count, how many agree with the prediction), from the sessions it was
         assigned to, or with `pinned` from those that pinned it."""
-        fields = await self.redis.hgetall(self._stats)
+        fields = text_dict(await self.redis.hgetall(self._stats))
         stats: dict[str, tuple[int, int]] = {}
         for field, value in fields.items():
             kind, _, version = field.partition(":")
@@ -251,8 +252,8 @@ class FeedbackStore:
         score, so the next page starts strictly after it, and a record added or removed meanwhile
         cannot make a page skip or repeat another."""
         low = f"({after!r}" if after is not None else _bound(since_ms)
-        rows = await self.redis.zrangebyscore(self._index, low, f"({_bound(until_ms)}", start=0, num=limit,
-                                              withscores=True)
+        rows = scored_members(await self.redis.zrangebyscore(self._index, low, f"({_bound(until_ms)}", start=0,
+                                                             num=limit, withscores=True))
         if not rows:
             return [], None
         texts = await self.redis.hmget(self._records, [name for name, _ in rows])

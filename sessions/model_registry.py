@@ -26,6 +26,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from core.clock import iso
+from sessions.replies import optional_text, text_dict, text_set
 from sessions.store import store_errors
 
 EVENTS_CHANNEL = "model-events"
@@ -167,24 +168,24 @@ class ModelRegistry:
     @store_errors
     async def get(self, name: str, version: str) -> VersionRecord | None:
         versions, activated, _ = self._keys(name)
-        meta = await self.redis.hget(versions, version)
+        meta = optional_text(await self.redis.hget(versions, version))
         if meta is None:
             return None
-        return _record(name, version, meta, await self.redis.hget(activated, version))
+        return _record(name, version, meta, optional_text(await self.redis.hget(activated, version)))
 
     @store_errors
     async def versions(self, name: str) -> tuple[list[VersionRecord], str | None]:
         """Every version of `name` (oldest upload first) and the active one."""
         versions, activated, active = self._keys(name)
-        metas = await self.redis.hgetall(versions)
-        times = await self.redis.hgetall(activated)
+        metas = text_dict(await self.redis.hgetall(versions))
+        times = text_dict(await self.redis.hgetall(activated))
         records = [_record(name, version, meta, times.get(version)) for version, meta in metas.items()]
         records.sort(key=lambda record: (record.uploaded_at_ms, record.version))
-        return records, await self.redis.get(active)
+        return records, optional_text(await self.redis.get(active))
 
     @store_errors
     async def active(self, name: str) -> str | None:
-        return await self.redis.get(self._keys(name)[2])
+        return optional_text(await self.redis.get(self._keys(name)[2]))
 
     @store_errors
     async def activate(self, name: str, version: str, at_ms: int) -> bool:
@@ -222,16 +223,18 @@ class ModelRegistry:
     async def remove(self, name: str, version: str) -> str:
         """'removed', 'missing', 'active' or 'canary' (the versions serving are not removed)."""
         message = json.dumps({"event": "removed", "name": name, "version": version})
-        return await self._remove(keys=[*self._keys(name), self._canary_key(name), self._pinnable_key(name)],
-                                  args=[version, EVENTS_CHANNEL, message])
+        outcome: str = await self._remove(keys=[*self._keys(name), self._canary_key(name), self._pinnable_key(name)],
+                                          args=[version, EVENTS_CHANNEL, message])
+        return outcome
 
     @store_errors
     async def pin_status(self, name: str, version: str, *, configured: bool) -> str:
         """'missing', 'active', 'canary', 'marked' or 'not_pinnable' (sessions may pin the middle three).
         `configured`: the version is the configured weights'."""
         versions, _, active = self._keys(name)
-        return await self._pin_status(keys=[versions, active, self._canary_key(name), self._pinnable_key(name)],
-                                      args=[version, "1" if configured else "0"])
+        status: str = await self._pin_status(keys=[versions, active, self._canary_key(name), self._pinnable_key(name)],
+                                             args=[version, "1" if configured else "0"])
+        return status
 
     @store_errors
     async def mark_pinnable(self, name: str, version: str, pinnable: bool, *, configured: bool) -> bool:
@@ -243,7 +246,7 @@ class ModelRegistry:
     @store_errors
     async def pinnable(self, name: str) -> set[str]:
         """The versions an admin marked pinnable."""
-        return set(await self.redis.smembers(self._pinnable_key(name)))
+        return set(text_set(await self.redis.smembers(self._pinnable_key(name))))
 
     async def events(self) -> AsyncIterator[ModelEvent]:
         """Activations and removals as they are published. Ends with an exception when the connection

@@ -35,6 +35,7 @@ from core.clock import now_ms
 from core.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable, quoted
 from core.options import Options
 from core.session import Session
+from sessions.replies import stream_entries, text_dict
 from sessions.tokens import VerifiedToken, new_session_id
 
 log = logging.getLogger(__name__)
@@ -231,19 +232,22 @@ def connect(url: str, connect_timeout: float, command_timeout: float) -> aioredi
     - redis+sentinel://[:password@]host:port[,host:port...]/service[/db] (Redis Sentinel: the
       client asks the sentinels for the master of `service` and follows it through a failover).
     """
-    timeouts = {"socket_connect_timeout": connect_timeout, "socket_timeout": command_timeout}
     if url.startswith(CLUSTER_SCHEME):
         password, nodes, _ = _multi_host_url(url, CLUSTER_SCHEME)
         return RedisCluster(startup_nodes=[ClusterNode(host, port) for host, port in nodes],
-                            password=password, decode_responses=True, **timeouts)
+                            password=password, decode_responses=True,
+                            socket_connect_timeout=connect_timeout, socket_timeout=command_timeout)
+    timeouts = {"socket_connect_timeout": connect_timeout, "socket_timeout": command_timeout}
     if url.startswith(SENTINEL_SCHEME):
         password, nodes, path = _multi_host_url(url, SENTINEL_SCHEME)
         service, _, db = path.partition("/")
         if not service:
             raise ValueError("a redis+sentinel:// URL names the master's service: redis+sentinel://host:port/mymaster")
-        sentinel = Sentinel(nodes, sentinel_kwargs=timeouts, **timeouts)
-        return sentinel.master_for(service, password=password, db=int(db or 0), decode_responses=True,
-                                   health_check_interval=30)
+        sentinel = Sentinel(nodes, sentinel_kwargs=timeouts, socket_connect_timeout=connect_timeout,
+                            socket_timeout=command_timeout)
+        master: aioredis.Redis = sentinel.master_for(service, password=password, db=int(db or 0),
+                                                     decode_responses=True, health_check_interval=30)
+        return master
     return aioredis.from_url(url, decode_responses=True, health_check_interval=30, **timeouts)
 
 
@@ -337,14 +341,15 @@ class SessionStore:
         deadline = created + self.max_lifetime_ms
         key, _, _ = self._keys(session_id)
         slot = canary_slot(await self.redis.incr(CANARY_SLOTS_KEY))
-        fields = {"created_at": created, "deadline": deadline, "predictions": 0, "canary_slot": slot}
-        if owner is not None:
-            fields["owner"] = owner_name(owner)
+        owned_by = owner_name(owner) if owner is not None else None
+        fields: dict[str, int | str] = {"created_at": created, "deadline": deadline, "predictions": 0,
+                                        "canary_slot": slot}
+        if owned_by is not None:
+            fields["owner"] = owned_by
         fields |= {_OPTION_PREFIX + k: v for k, v in options.to_redis().items()}
         expires = self._expiry(deadline)
         await self._create(keys=[key], args=[expires, *_flatten(fields)])
-        return Session(session_id, created, expires, deadline, options, 0, canary_slot=slot,
-                       owner=fields.get("owner"))
+        return Session(session_id, created, expires, deadline, options, 0, canary_slot=slot, owner=owned_by)
 
     @store_errors
     @_retried_once
@@ -395,7 +400,7 @@ class SessionStore:
         """Merge `changes` into the session's options, validated against the current values."""
         key, _, _ = self._keys(session_id)
         while True:
-            fields = await self.redis.hgetall(key)
+            fields = text_dict(await self.redis.hgetall(key))
             if not fields:
                 raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
             options = self._session(session_id, fields, 0).options.merged(changes)
@@ -464,7 +469,7 @@ class SessionStore:
             if parsed == (0, 0):  # nothing is older than the smallest id (and Redis refuses "(0-0")
                 return [], None
         start = f"({before}" if before else "+"
-        rows = await self.redis.xrevrange(history_key, max=start, min="-", count=limit + 1)
+        rows = stream_entries(await self.redis.xrevrange(history_key, max=start, min="-", count=limit + 1))
         items = [_entry(history_id, fields) for history_id, fields in rows[:limit]]
         next_id = items[-1]["id"] if len(rows) > limit else None
         return items, next_id
@@ -474,7 +479,7 @@ class SessionStore:
     async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]:
         _, history_key, _ = self._keys(session_id)
         if _parse_history_id(history_id) is not None:
-            rows = await self.redis.xrange(history_key, min=history_id, max=history_id, count=1)
+            rows = stream_entries(await self.redis.xrange(history_key, min=history_id, max=history_id, count=1))
             if rows:
                 return _entry(*rows[0])
         raise NotFound(f"No history item {quoted(history_id)} in this session.", code="history_item_not_found")
