@@ -26,7 +26,6 @@ import tornado.httpserver
 
 from inference.model import LoadedModel
 from inference.runner import ModelRunner
-from inference.torch_model import load_model
 from server.app import listen, make_app
 from server.config import Config
 from server.embedded_redis import redis_server_binary
@@ -138,6 +137,9 @@ def redis_server() -> Iterator[RedisServer]:
 
 @pytest.fixture(scope="session")
 def default_model() -> LoadedModel:
+    # Imported here: torch takes seconds to import, and the unit tier (tests/unit) loads this file too.
+    from inference.torch_model import load_model
+
     return load_model("efficientnet_lite0", "default")
 
 

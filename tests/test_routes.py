@@ -73,13 +73,6 @@ def test_every_route_is_authenticated_or_explicitly_public(client: httpx.Client)
             assert response.json()["error"]["code"] == expected, (method, path)
 
 
-def test_a_handler_that_overrides_prepare_is_refused() -> None:
-    with pytest.raises(TypeError, match="overrides prepare"):
-        class Sneaky(BaseHandler):
-            async def prepare(self) -> None:
-                pass
-
-
 def assert_stream_needs_a_token(url: httpx.URL) -> None:
     """Without a token, an image sent on the socket is refused: policy-violation close, no result."""
     with ws_connect(str(url), open_timeout=10) as socket:

@@ -9,6 +9,8 @@ import pytest
 from core.errors import BadOptions
 from core.options import Options
 
+pytestmark = pytest.mark.unit
+
 
 def test_defaults_and_round_trip_through_redis_fields() -> None:
     options = Options().merged({"top_k": 3, "mean": [0.5, 0.5, 0.5]})

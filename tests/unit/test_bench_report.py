@@ -14,6 +14,8 @@ import pytest
 from bench import pipelines, report
 from bench.pipelines import ONNXRUNTIME, OPENVINO_FP32
 
+pytestmark = pytest.mark.unit
+
 Row = dict[str, Any]
 
 

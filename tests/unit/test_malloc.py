@@ -6,7 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+import pytest
+
+pytestmark = pytest.mark.unit
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # Join a 3.6 MB body from its chunks and split a multipart part out of it, as a worker thread does
 # for a 12 MP upload, 20 times; print the page faults per body. The first argument goes to

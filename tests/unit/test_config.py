@@ -9,6 +9,8 @@ import pytest
 
 from server.config import Config, ConfigError, load_config
 
+pytestmark = pytest.mark.unit
+
 
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "config.toml"
