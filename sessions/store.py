@@ -462,7 +462,7 @@ class SessionStore:
         """Newest first; `next` is the id to pass as `before` for the following page, or None."""
         _, history_key, _ = self._keys(session_id)
         if before is not None:
-            parsed = _parse_history_id(before)
+            parsed = parse_history_id(before)
             if parsed is None:
                 raise BadRequest(f"before must be a history id such as '1732540000000-0', got {quoted(before)}.",
                                  code="invalid_parameter")
@@ -478,7 +478,7 @@ class SessionStore:
     @_retried_once
     async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]:
         _, history_key, _ = self._keys(session_id)
-        if _parse_history_id(history_id) is not None:
+        if parse_history_id(history_id) is not None:
             rows = stream_entries(await self.redis.xrange(history_key, min=history_id, max=history_id, count=1))
             if rows:
                 return _entry(*rows[0])
@@ -492,7 +492,7 @@ def _flatten(fields: dict[str, Any]) -> list[Any]:
 _MAX_ID_PART = 2**64 - 1
 
 
-def _parse_history_id(text: str) -> tuple[int, int] | None:
+def parse_history_id(text: str) -> tuple[int, int] | None:
     """A Redis stream id as its two unsigned 64-bit numbers, or None (Redis errors on anything else)."""
     if not HISTORY_ID.match(text):
         return None

@@ -18,8 +18,10 @@ SECRET = "unit-test-secret-0123456789"
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects: an unmarked test here would silently leave the tier
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `redis`: the real store's half of the contract tests (test_store_contract.py), deliberately outside.
     unmarked = [item.nodeid for item in items
-                if item.path.is_relative_to(HERE) and item.get_closest_marker("unit") is None]
+                if item.path.is_relative_to(HERE) and item.get_closest_marker("unit") is None
+                and item.get_closest_marker("redis") is None]
     if unmarked:
         raise pytest.UsageError("tests/unit needs `pytestmark = pytest.mark.unit` in every module; unmarked: "
                                 + ", ".join(unmarked))

@@ -26,7 +26,7 @@ from inference.runner import ModelRunner, ServedModel
 from service.model_versions import VersionNotPinnable, choose_version
 from sessions.feedback import DAY_MS
 from sessions.model_registry import Canary
-from sessions.store import HISTORY_ID, canary_slot, owner_name
+from sessions.store import canary_slot, owner_name, parse_history_id
 from sessions.tokens import VerifiedToken, new_session_id
 
 CLASSES = 10
@@ -147,13 +147,14 @@ class FakeStore:
     async def history(self, session_id: str, *, limit: int,
                       before: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
         self.calls.append(("history", session_id))
-        if before is not None and not HISTORY_ID.match(before):
-            raise BadRequest(f"before must be a history id such as '1732540000000-0', got {before!r}.",
+        # The real store's parse: an id past Redis' 64-bit parts is refused like any other bad id.
+        bound = parse_history_id(before) if before is not None else None
+        if before is not None and bound is None:
+            raise BadRequest(f"before must be a history id such as '1732540000000-0', got {quoted(before)}.",
                              code="invalid_parameter")
         stored = self.sessions.get(session_id)
         rows = list(reversed(stored.history)) if stored else []  # a stream of a gone session reads empty
-        if before is not None:
-            bound = _id_key(before)
+        if bound is not None:
             rows = [row for row in rows if _id_key(row[0]) < bound]
         items = [{"id": history_id, **json.loads(entry)} for history_id, entry in rows[:limit]]
         return items, items[-1]["id"] if len(rows) > limit else None
@@ -161,8 +162,9 @@ class FakeStore:
     async def history_item(self, session_id: str, history_id: str) -> dict[str, Any]:
         self.calls.append(("history_item", history_id))
         stored = self.sessions.get(session_id)
-        for found, entry in stored.history if stored else []:
-            if found == history_id:
+        wanted = parse_history_id(history_id)  # as Redis reads it: "5-01" names the entry "5-1"
+        for found, entry in stored.history if stored and wanted is not None else []:
+            if _id_key(found) == wanted:
                 return {"id": found, **json.loads(entry)}
         raise NotFound(f"No history item {quoted(history_id)} in this session.", code="history_item_not_found")
 
