@@ -11,10 +11,6 @@ from collections.abc import Sequence
 from typing import cast
 
 
-def text(reply: bytes | str) -> str:
-    return cast(str, reply)
-
-
 def optional_text(reply: bytes | str | None) -> str | None:
     return cast(str | None, reply)
 
