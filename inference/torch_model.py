@@ -20,12 +20,12 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 
 from core.options import CROP_RANGE
 from inference import selection
+from inference.backends.torch_backend import TorchBackend
 from inference.model import (
     EFFICIENTNET_LITE0,
     ONNX_EXPORT_VERSION,
@@ -36,7 +36,6 @@ from inference.model import (
     softmax,
     write_manifest,
 )
-from inference.pixels import PixelBatch
 
 log = logging.getLogger(__name__)
 
@@ -129,29 +128,6 @@ def _load_torchvision(name: str, weights: str) -> LoadedModel:
     _load_state(module, _state_dict_from(path, name), path, name)
     sha = file_sha256(path)
     return LoadedModel(name, "file-" + sha[:12], module.eval(), imagenet_labels(), sha)
-
-
-class TorchBackend:
-    name = "torch"
-    precision = "fp32"
-
-    def __init__(self, module: torch.nn.Module, device: str = "cpu", *, intra_op_threads: int | None = None):
-        if intra_op_threads is not None:
-            torch.set_num_threads(intra_op_threads)  # process-wide: one torch runtime per process
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("model.device is 'cuda' but no CUDA GPU is visible; set model.device = 'cpu'.")
-        self.module = module.to(self.device).eval()
-
-    def forward(self, batch: np.ndarray | PixelBatch, *, alone: bool = False) -> np.ndarray:
-        with torch.inference_mode():
-            if isinstance(batch, PixelBatch):  # uint8 to the device (a quarter of the bytes), normalized there
-                pixels = torch.tensor(batch.pixels).to(self.device, non_blocking=True)  # a copy: the array is read-only
-                scale, shift = (torch.tensor(array, device=self.device) for array in (batch.scale, batch.shift))
-                inputs = pixels.permute(0, 3, 1, 2).float() * scale + shift
-            else:
-                inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            return self.module(inputs).float().cpu().numpy()
 
 
 def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:
