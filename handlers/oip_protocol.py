@@ -34,6 +34,7 @@ from core.errors import BadRequest, NotFound, quoted
 from core.options import CROP_RANGE, Options
 from core.session import Session
 from inference.backends import oip_platform
+from inference.postprocess import top_k
 from inference.runner import ModelRunner
 from service.classify import Classifier
 
@@ -283,5 +284,5 @@ def _output(runner: ModelRunner, probabilities: np.ndarray, requested: Requested
         return OutputTensor(requested.name, FP32, [batch, classes], probabilities, requested.binary)
     k = min(requested.classification, classes)
     elements = [f"{score.score:f}:{score.class_index}:{score.label}".encode()
-                for row in probabilities for score in runner.top_k(row, k, labels)]
+                for row in probabilities for score in top_k(row, k, labels)]
     return OutputTensor(requested.name, BYTES, [batch, k], elements, requested.binary)

@@ -20,7 +20,8 @@ from core.clock import iso, now_ms
 from core.errors import Conflict, NotFound
 from core.options import Options
 from core.session import Session
-from inference.runner import BatchPrediction, ClassScore, ImageSource, ModelRunner, Prediction
+from inference.postprocess import ClassScore, top_k
+from inference.runner import BatchPrediction, ImageSource, ModelRunner, Prediction
 from service.capture import Captured, KeptImage
 from service.feedback import with_defaults
 from sessions.store import SessionStore
@@ -82,7 +83,7 @@ class Classifier:
         if session is not None:
             for index, row in enumerate(result.probabilities):  # one Redis round trip each, in the order sent
                 kept = await self._capture(session, images[index]) if images is not None and self._capturing else None
-                await self._record(session, self.runner.top_k(row, options.top_k, labels), options,
+                await self._record(session, top_k(row, options.top_k, labels), options,
                                    model=result.served.info, kept=kept)
         return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
 
