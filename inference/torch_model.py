@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 import torchvision
 
+from core.errors import BadWeights
 from core.options import CROP_RANGE
 from inference import selection
 from inference.backends.torch_backend import TorchBackend
@@ -128,6 +130,34 @@ def _load_torchvision(name: str, weights: str) -> LoadedModel:
     _load_state(module, _state_dict_from(path, name), path, name)
     sha = file_sha256(path)
     return LoadedModel(name, "file-" + sha[:12], module.eval(), imagenet_labels(), sha)
+
+
+# The fixed input of the validation forward: a deterministic ramp rather than zeros, so that every
+# layer sees varied values.
+_CHECK_SHAPE = (1, 3, 224, 224)
+
+
+def load_checked(name: str, path: Path, version: str, sha256: str | None = None) -> LoadedModel:
+    """A fresh copy of the architecture `name` with the weights at `path` (published as `version`),
+    checked by one forward on a fixed input; raises BadWeights (422) saying what is wrong."""
+    try:
+        model = load_model(name, str(path))  # torch.load(weights_only=True): no pickle code
+    except ModelLoadError as exc:
+        raise BadWeights(str(exc).replace(str(path), "the uploaded file")) from None
+    if sha256 is not None and model.weights_sha256 != sha256:
+        raise BadWeights("The file changed while it was read; upload it again.")
+    example = torch.linspace(-2.0, 2.0, steps=int(torch.tensor(_CHECK_SHAPE).prod())).reshape(_CHECK_SHAPE)
+    try:
+        with torch.inference_mode():
+            logits = model.module(example)
+    except Exception as exc:
+        raise BadWeights(f"The model failed on a test input with these weights ({type(exc).__name__}).") from None
+    expected = (1, len(model.labels))
+    if tuple(logits.shape) != expected:
+        raise BadWeights(f"The model gives {tuple(logits.shape)} logits on one image, not {expected}.")
+    if not bool(torch.isfinite(logits).all()):
+        raise BadWeights("The model gives NaN or infinite logits with these weights.")
+    return dataclasses.replace(model, version=version)
 
 
 def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:

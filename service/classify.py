@@ -28,8 +28,8 @@ from sessions.store import SessionStore
 
 if TYPE_CHECKING:
     from service.capture import Captures
+    from service.catalogue import ModelCatalogue
     from service.feedback import FeedbackService
-    from service.model_versions import ModelVersions
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class BatchResult:
 
 
 class Classifier:
-    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelVersions | None = None,
+    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelCatalogue | None = None,
                  feedback: FeedbackService | None = None, captures: Captures | None = None):
         self.store, self.runner, self.versions, self.feedback = store, runner, versions, feedback
         self.captures = captures
