@@ -82,7 +82,7 @@ EVENT_LOOP_PARTS = (
 )
 RUNNER_PARTS = (
     ("decode + resize/crop", ("/inference/imaging.py", "/PIL/", "/simplejpeg")),
-    ("forward", ("/inference/model.py", "/inference/openvino_backend.py", "/inference/pixels.py",
+    ("forward", ("/inference/model.py", "/inference/backends/", "/inference/pixels.py",
                  "/onnxruntime/", "/openvino/")),
     ("runner queue and futures", ("/inference/runner.py", "/inference/batching.py", "/concurrent/futures/",
                                   "/threading.py", "/queue.py")),

@@ -164,15 +164,15 @@ def make_backend(runtime: Runtime, onnx_path: Path | None, *, threads: int, intr
     """A backend with `.forward(batch)`, as the server builds it for `threads` concurrent forwards of
     `intra` threads each (torch: process-wide thread count)."""
     if runtime.runtime == "torch":
-        from inference.torch_model import TorchBackend
+        from inference.backends.torch_backend import TorchBackend
 
         return TorchBackend(load_torch_module(), intra_op_threads=intra)
     assert onnx_path is not None
     if runtime.runtime == "onnxruntime":
-        from inference.model import OnnxBackend
+        from inference.backends.onnxruntime_backend import OnnxBackend
 
         return OnnxBackend(onnx_path, intra_op_threads=intra)
-    from inference.openvino_backend import OpenVinoBackend
+    from inference.backends.openvino_backend import OpenVinoBackend
 
     return OpenVinoBackend(onnx_path, precision=runtime.precision, workers=threads, intra_op_threads=intra)
 

@@ -93,6 +93,11 @@ class BadOptions(ServiceError):
         self.field = field
 
 
+class BadWeights(ServiceError):
+    status = 422
+    code = "invalid_weights"
+
+
 class BadImage(ServiceError):
     status = 422
     code = "invalid_image"

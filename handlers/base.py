@@ -32,11 +32,11 @@ from core.session import IDEMPOTENCY_KEY, Session
 from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
 from service.capture import Captures
+from service.catalogue import ModelCatalogue
 from service.classify import Classifier
 from service.client_address import Network, resolve
 from service.export import FeedbackExport
 from service.feedback import FeedbackService
-from service.model_versions import ModelVersions
 from service.sessions import SessionService
 from sessions.store import SessionStore
 
@@ -169,7 +169,7 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.settings["runner"]
 
     @property
-    def model_versions(self) -> ModelVersions:
+    def model_versions(self) -> ModelCatalogue:
         return self.settings["model_versions"]
 
     @property

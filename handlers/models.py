@@ -25,7 +25,7 @@ import tornado.web
 from core.errors import BadRequest, PayloadTooLarge
 from handlers.base import BaseHandler
 from service.auth import Policy
-from service.model_versions import parse_traffic_percent
+from service.canary import parse_traffic_percent
 
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 CHECKSUM_HEADER = "X-Content-SHA256"

@@ -33,6 +33,8 @@ import numpy as np
 from core.errors import BadRequest, NotFound, quoted
 from core.options import CROP_RANGE, Options
 from core.session import Session
+from inference.backends import oip_platform
+from inference.postprocess import top_k
 from inference.runner import ModelRunner
 from service.classify import Classifier
 
@@ -54,7 +56,6 @@ MAX_BATCH = 64
 #: A preprocessed tensor's height and width: the options' crop range, which the ONNX export spans too.
 MIN_SIDE, MAX_SIDE = CROP_RANGE
 
-_PLATFORMS = {"onnxruntime": "onnxruntime_onnx", "torch": "pytorch_libtorch"}
 _LENGTH = struct.Struct("<I")
 
 
@@ -65,7 +66,7 @@ def model_metadata(runner: ModelRunner) -> dict[str, Any]:
     return {
         "name": runner.model.name,
         "versions": [runner.model.version],
-        "platform": _PLATFORMS.get(runner.backend.name, runner.backend.name),
+        "platform": oip_platform(runner.backend.name),
         "inputs": [
             {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
             {"name": TENSOR_INPUT, "datatype": FP32, "shape": [-1, 3, -1, -1]},
@@ -283,5 +284,5 @@ def _output(runner: ModelRunner, probabilities: np.ndarray, requested: Requested
         return OutputTensor(requested.name, FP32, [batch, classes], probabilities, requested.binary)
     k = min(requested.classification, classes)
     elements = [f"{score.score:f}:{score.class_index}:{score.label}".encode()
-                for row in probabilities for score in runner.top_k(row, k, labels)]
+                for row in probabilities for score in top_k(row, k, labels)]
     return OutputTensor(requested.name, BYTES, [batch, k], elements, requested.binary)

@@ -9,8 +9,8 @@ from typing import Any
 from core.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
 from handlers.oip_protocol import SERVER_VERSION
 from inference.imaging import MEDIA_TYPES
+from service.canary import TRAFFIC_PERCENT
 from service.history import DEFAULT_PAGE, MAX_PAGE
-from service.model_versions import TRAFFIC_PERCENT
 
 
 def _ref(name: str) -> dict[str, str]:

@@ -16,10 +16,7 @@ import numpy as np
 from inference.pixels import PixelBatch
 
 if TYPE_CHECKING:
-    from inference.runner import ClassScore, ServedModel
-
-#: (one row of logits, k, labels) -> the top k.
-Postprocess = Callable[[np.ndarray, int, list[str]], "list[ClassScore]"]
+    from inference.runner import ServedModel
 
 
 @dataclass
@@ -27,9 +24,8 @@ class Pending:
     """A preprocessed image waiting for a batch slot."""
 
     tensor: PixelBatch  # one image
-    top_k: int
     served: ServedModel
-    future: asyncio.Future[tuple[list[ClassScore], int, float]]
+    future: asyncio.Future[tuple[np.ndarray, int, float]]
 
     @property
     def pixels(self) -> int:
@@ -42,20 +38,19 @@ class MicroBatcher:
     tensor shape and model version."""
 
     def __init__(self, *, max_batch_size: int, max_delay: float, max_forward_pixels: int, workers: int,
-                 run_forward: Callable[[PixelBatch, ServedModel], Any], postprocess: Postprocess,
+                 run_forward: Callable[[PixelBatch, ServedModel], Any],
                  observe_forward: Callable[[int, float], None]):
         self.max_batch_size, self.max_delay, self.max_forward_pixels = max_batch_size, max_delay, max_forward_pixels
         self.workers = workers
         self._run_forward = run_forward  # awaitable: the forward on the runner's executor
-        self._postprocess, self._observe_forward = postprocess, observe_forward
+        self._observe_forward = observe_forward
         self._queue: asyncio.Queue[Pending] | None = None  # created on first use, inside the running loop
         self._loop_task: asyncio.Task[None] | None = None
         self._running: set[asyncio.Task[None]] = set()
 
-    async def classify(self, tensor: np.ndarray, top_k: int, served: ServedModel) -> tuple[list[ClassScore], int,
-                                                                                            float]:
-        """The image's top k, the size of the batch it ran in, and that forward's seconds."""
-        pending = Pending(tensor, top_k, served, asyncio.get_running_loop().create_future())
+    async def forward(self, tensor: PixelBatch, served: ServedModel) -> tuple[np.ndarray, int, float]:
+        """The image's row of logits, the size of the batch it ran in, and that forward's seconds."""
+        pending = Pending(tensor, served, asyncio.get_running_loop().create_future())
         self._ensure_loop().put_nowait(pending)
         return await pending.future
 
@@ -115,7 +110,6 @@ class MicroBatcher:
                 self._observe_forward(len(group), elapsed)
                 for item, row in zip(group, logits, strict=True):
                     if not item.future.done():  # the caller may have gone
-                        item.future.set_result((self._postprocess(row, item.top_k, served.model.labels),
-                                                len(group), elapsed))
+                        item.future.set_result((row, len(group), elapsed))
         finally:
             free_workers.release()

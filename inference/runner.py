@@ -29,6 +29,7 @@ from inference import imaging
 from inference.batching import MicroBatcher
 from inference.model import Backend, LoadedModel, softmax
 from inference.pixels import PixelBatch
+from inference.postprocess import ClassScore, top_k
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -86,16 +87,6 @@ class _NoSiblings:
 
     def others(self) -> int:
         return 0
-
-
-@dataclass(frozen=True)
-class ClassScore:
-    class_index: int
-    label: str
-    score: float
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"class_index": self.class_index, "label": self.label, "score": self.score}
 
 
 @dataclass(frozen=True)
@@ -160,7 +151,7 @@ class ModelRunner:
         # The batching strategy: straight through (one executor hop per image), or micro-batches.
         self._batcher = MicroBatcher(
             max_batch_size=max_batch_size, max_delay=max_batch_delay_ms / 1000.0, max_forward_pixels=max_forward_pixels,
-            workers=workers, run_forward=self._forward_on_executor, postprocess=self._top_k,
+            workers=workers, run_forward=self._forward_on_executor,
             observe_forward=self.metrics.observe_forward) if max_batch_size > 1 else None
 
     # -- model versions: an atomic reference swap; in-flight requests keep the one they started on --
@@ -208,54 +199,145 @@ class ModelRunner:
         """Requests admitted and not yet answered (queued plus running)."""
         return self._admitted
 
+    # -- the requests: each runs the one pipeline below -------------------------------------------
     async def predict(self, data: bytes | ImageSource, options: Options) -> Prediction:
         """Decode, preprocess and classify one image under `options`."""
         served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
-        if self._batcher is None:
-            # One executor hop does every stage: the lowest latency, and on CPUs batching does not pay.
-            return await self._submit(self._predict_sync, data, options, time.perf_counter(), served)
-        return await self._admitted_call(self._predict_batched(self._batcher, data, options, served))
+        probabilities, timing_ms = await self._run(served, [data], options)
+        return Prediction(top_k(probabilities[0], options.top_k, served.model.labels), timing_ms, served.info)
 
-    async def _predict_batched(self, batcher: MicroBatcher, data: bytes | ImageSource, options: Options,
-                               served: ServedModel) -> Prediction:
-        submitted = time.perf_counter()
-        prepared = await asyncio.get_running_loop().run_in_executor(self._executor, self._preprocess, data, options)
-        preprocessed = time.perf_counter()
-        scores, batch_size, inference = await batcher.classify(prepared, options.top_k, served)
-        return Prediction(top_k=scores, timing_ms={
-            "preprocess": _ms(preprocessed - submitted),
-            "inference": _ms(inference),
-            "batch_wait": _ms(time.perf_counter() - preprocessed - inference),
-            "batch_size": batch_size,
-        }, model=served.info)
+    async def classify_images(self, images: Sequence[bytes], options: Options) -> BatchPrediction:
+        """Decode and preprocess each image under `options`, then classify them together (the Open
+        Inference Protocol's batches, with full probabilities). Refused (422) before any decoding past
+        max_request_pixels."""
+        self.check_request(len(images), options.crop, options.crop)
+        served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
+        probabilities, timing_ms = await self._run(served, list(images), options)
+        return BatchPrediction(probabilities, timing_ms, served)
 
-    def _preprocess(self, data: bytes | ImageSource, options: Options) -> PixelBatch:
-        if not isinstance(data, bytes):
-            data = data.image_bytes()
-        return imaging.prepare(data, options, max_pixels=self.max_image_pixels,
-                               max_aspect_ratio=self.max_aspect_ratio, max_upscale=self.max_upscale)
-
-    def _preprocess_tensor(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
-        return self._preprocess(data, options).to_tensor()[0]
+    async def classify_tensor(self, batch: np.ndarray, served: ServedModel | None = None) -> BatchPrediction:
+        """Classify an already preprocessed float32 NCHW batch (the pipeline from its forward on: one
+        admitted hop, forwards of at most max_forward_pixels each); refused (422) past max_request_pixels."""
+        self.check_request(len(batch), batch.shape[-2], batch.shape[-1])
+        served = served or self._active
+        logits, timing_ms = await self._submit(self._forward, served, batch, time.perf_counter())
+        return BatchPrediction(softmax(logits), timing_ms, served)
 
     async def preprocess(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
         """The (3, crop, crop) float32 tensor the model would see under `options`; admitted like a
         predict, since decoding a large image costs about as much as a forward."""
         return await self._submit(self._preprocess_tensor, data, options)
 
-    async def _forward_on_executor(self, batch: PixelBatch, served: ServedModel) -> np.ndarray:
-        return await asyncio.get_running_loop().run_in_executor(self._executor, self._forward, batch, False,
-                                                                served.backend)
+    def check_request(self, images: int, height: int, width: int) -> None:
+        """Refuse (422) a request that gives the model more than max_request_pixels in all."""
+        pixels = images * height * width
+        if pixels > self.max_request_pixels:
+            raise BadImage(f"The request gives the model {images} images of {width}x{height}, {pixels} pixels; "
+                           f"the limit is {self.max_request_pixels} pixels per request (model.max_request_pixels). "
+                           "Send fewer images per request or use a smaller crop.", code="request_too_large")
 
-    # -- the stages: decode and preprocess (_preprocess), forward (_forward), postprocess (_top_k) --
-    def _forward(self, batch: np.ndarray | PixelBatch, alone: bool = False,
-                 backend: Backend | None = None) -> np.ndarray:
+    def forward_batches(self, images: int, height: int, width: int) -> list[range]:
+        """The images each forward takes: as many as fit in max_forward_pixels, at least one."""
+        step = max(1, self.max_forward_pixels // (height * width))
+        return [range(start, min(start + step, images)) for start in range(0, images, step)]
+
+    # -- the pipeline: admission, then decode and preprocess, forward, postprocess ------------------
+    async def _run(self, served: ServedModel, images: list[bytes | ImageSource],
+                   options: Options) -> tuple[np.ndarray, dict[str, float]]:
+        """Class probabilities (N, classes) for `images` under `options`, and the stages' times.
+
+        One image is admitted once for the whole pipeline. Several are preprocessed in parallel (one
+        admitted hop each), then share one admitted hop of forwards: a protocol request carries its
+        own batch, so it is not micro-batched with others."""
+        if len(images) == 1:
+            return await self._admitted_call(self._run_one(served, images[0], options))
+        submitted = time.perf_counter()
+        prepared = await asyncio.gather(*(self._submit(self._preprocess, data, options) for data in images))
+        preprocessed = time.perf_counter()
+        logits, timing_ms = await self._submit(self._forward, served, list(prepared), preprocessed)
+        return softmax(logits), {"preprocess": _ms(preprocessed - submitted), **timing_ms}
+
+    async def _run_one(self, served: ServedModel, data: bytes | ImageSource,
+                       options: Options) -> tuple[np.ndarray, dict[str, float]]:
+        submitted = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        if self._batcher is None:
+            # One executor hop does every stage: the lowest latency, and on CPUs batching does not pay.
+            logits, timing_ms = await loop.run_in_executor(self._executor, self._preprocess_and_forward, served,
+                                                           data, options, submitted)
+            return softmax(logits), timing_ms
+        # Micro-batching wraps the forward alone: the image waits for others to share it.
+        prepared = await loop.run_in_executor(self._executor, self._preprocess, data, options)
+        preprocessed = time.perf_counter()
+        row, batch_size, inference = await self._batcher.forward(prepared, served)
+        return softmax(row[None].astype(np.float32, copy=False)), {
+            "preprocess": _ms(preprocessed - submitted),
+            "inference": _ms(inference),
+            "batch_wait": _ms(time.perf_counter() - preprocessed - inference),
+            "batch_size": batch_size,
+        }
+
+    def _preprocess_and_forward(self, served: ServedModel, data: bytes | ImageSource, options: Options,
+                                submitted: float) -> tuple[np.ndarray, dict[str, float]]:
+        started = time.perf_counter()
+        prepared = self._preprocess(data, options)
+        preprocessed = time.perf_counter()
+        logits, timing_ms = self._forward(served, [prepared], preprocessed)
+        return logits, {"queue": _ms(started - submitted), "preprocess": _ms(preprocessed - started),
+                        "inference": timing_ms["inference"]}
+
+    # -- the stages ---------------------------------------------------------------------------------
+    def _decode(self, data: bytes | ImageSource, options: Options) -> PixelBatch:
+        if not isinstance(data, bytes):
+            data = data.image_bytes()
+        return imaging.prepare(data, options, max_pixels=self.max_image_pixels,
+                               max_aspect_ratio=self.max_aspect_ratio, max_upscale=self.max_upscale)
+
+    def _preprocess(self, data: bytes | ImageSource, options: Options) -> PixelBatch:
+        """Decode and preprocess one image (the stage the preprocess metric times)."""
+        started = time.perf_counter()
+        prepared = self._decode(data, options)
+        self.metrics.observe_preprocess(time.perf_counter() - started)
+        return prepared
+
+    def _preprocess_tensor(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
+        return self._decode(data, options).to_tensor()[0]
+
+    def _forward(self, served: ServedModel, batch: np.ndarray | list[PixelBatch],
+                 submitted: float) -> tuple[np.ndarray, dict[str, float]]:
+        """Logits (N, classes) of `batch`: a float32 NCHW array, or one PixelBatch per image (joined a
+        forward at a time, never copied into one large array), in forwards of at most max_forward_pixels."""
+        started = time.perf_counter()
+        alone = self._alone()
+        height, width = batch[0].shape[-2:]
+        logits = []
+        for part in self.forward_batches(len(batch), height, width):
+            began = time.perf_counter()
+            chunk = batch[part.start:part.stop]
+            if isinstance(chunk, list):
+                inputs: np.ndarray | PixelBatch = PixelBatch.concat(chunk)
+            else:
+                inputs = np.ascontiguousarray(chunk, dtype=np.float32)
+            logits.append(self._backend_forward(served.backend, inputs, alone).astype(np.float32, copy=False))
+            self.metrics.observe_forward(len(part), time.perf_counter() - began)
+        finished = time.perf_counter()
+        return (logits[0] if len(logits) == 1 else np.concatenate(logits),
+                {"queue": _ms(started - submitted), "inference": _ms(finished - started)})
+
+    async def _forward_on_executor(self, batch: PixelBatch, served: ServedModel) -> np.ndarray:
+        """The micro-batcher's forward: one, on the runner's threads."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, self._backend_forward,
+                                                                served.backend, batch, False)
+
+    @staticmethod
+    def _backend_forward(backend: Backend, batch: np.ndarray | PixelBatch, alone: bool) -> np.ndarray:
         try:
-            return (backend or self.backend).forward(batch, alone=alone)
+            return backend.forward(batch, alone=alone)
         except Exception as exc:
             log.exception("model forward failed")
             raise InferenceFailed("The model failed on this image; the error was logged.") from exc
 
+    # -- admission ----------------------------------------------------------------------------------
     async def _submit(self, fn: Any, *args: Any) -> Any:
         return await self._admitted_call(asyncio.get_running_loop().run_in_executor(self._executor, fn, *args))
 
@@ -282,108 +364,6 @@ class ModelRunner:
         """No other image in flight on this machine: a forward may use every core. Read without a
         lock: a stale count only picks the other thread layout for one forward."""
         return self._admitted <= 1 and self._siblings.others() == 0
-
-    def _predict_sync(self, data: bytes | ImageSource, options: Options, submitted: float,
-                      served: ServedModel) -> Prediction:
-        started = time.perf_counter()
-        prepared = self._preprocess(data, options)
-        preprocessed = time.perf_counter()
-        logits = self._forward(prepared, self._alone(), served.backend)
-        finished = time.perf_counter()
-        self.metrics.observe_preprocess(preprocessed - started)
-        self.metrics.observe_forward(1, finished - preprocessed)
-        return Prediction(
-            top_k=self._top_k(logits[0], options.top_k, served.model.labels),
-            timing_ms={
-                "queue": _ms(started - submitted),
-                "preprocess": _ms(preprocessed - started),
-                "inference": _ms(finished - preprocessed),
-            },
-            model=served.info,
-        )
-
-    def _top_k(self, logits: np.ndarray, k: int, labels: list[str] | None = None) -> list[ClassScore]:
-        return self.top_k(softmax(logits.astype(np.float32, copy=False)), k, labels)
-
-    def top_k(self, probabilities: np.ndarray, k: int, labels: list[str] | None = None) -> list[ClassScore]:
-        """The `k` best classes of one probability row, best first (scores rounded like every answer);
-        labels of the active model unless given."""
-        labels = labels or self.model.labels
-        k = min(k, probabilities.shape[-1])
-        best = np.argpartition(probabilities, -k)[-k:]
-        best = best[np.argsort(probabilities[best])[::-1]]
-        return [ClassScore(int(i), labels[i], round(float(probabilities[i]), 6)) for i in best]
-
-    # -- whole batches with full probabilities (the Open Inference Protocol) ----------------------
-    async def classify_images(self, images: Sequence[bytes], options: Options) -> BatchPrediction:
-        """Decode and preprocess each image under `options`, then classify them together.
-
-        One image takes one executor hop, like `predict`; several are preprocessed in parallel
-        (one hop each, each admitted) and then share one hop of forwards of at most
-        max_forward_pixels each. Not micro-batched with other requests: a protocol request carries
-        its own batch. Refused (422) before any decoding past max_request_pixels.
-        """
-        self.check_request(len(images), options.crop, options.crop)
-        served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
-        submitted = time.perf_counter()
-        if len(images) == 1:
-            return await self._submit(self._classify_one_sync, images[0], options, submitted, served)
-        prepared = await asyncio.gather(*(self._submit(self._preprocess, data, options) for data in images))
-        preprocessed = time.perf_counter()
-        result = await self._submit(self._classify_tensor_sync, list(prepared), preprocessed, served)
-        return BatchPrediction(result.probabilities, {"preprocess": _ms(preprocessed - submitted),
-                                                      **result.timing_ms}, served)
-
-    async def classify_tensor(self, batch: np.ndarray, served: ServedModel | None = None) -> BatchPrediction:
-        """Classify an already preprocessed float32 NCHW batch (one admitted hop, forwards of at most
-        max_forward_pixels each); refused (422) past max_request_pixels."""
-        self.check_request(len(batch), batch.shape[-2], batch.shape[-1])
-        return await self._submit(self._classify_tensor_sync, batch, time.perf_counter(), served or self._active)
-
-    def check_request(self, images: int, height: int, width: int) -> None:
-        """Refuse (422) a request that gives the model more than max_request_pixels in all."""
-        pixels = images * height * width
-        if pixels > self.max_request_pixels:
-            raise BadImage(f"The request gives the model {images} images of {width}x{height}, {pixels} pixels; "
-                           f"the limit is {self.max_request_pixels} pixels per request (model.max_request_pixels). "
-                           "Send fewer images per request or use a smaller crop.", code="request_too_large")
-
-    def forward_batches(self, images: int, height: int, width: int) -> list[range]:
-        """The images each forward takes: as many as fit in max_forward_pixels, at least one."""
-        step = max(1, self.max_forward_pixels // (height * width))
-        return [range(start, min(start + step, images)) for start in range(0, images, step)]
-
-    def _classify_one_sync(self, data: bytes, options: Options, submitted: float,
-                           served: ServedModel) -> BatchPrediction:
-        started = time.perf_counter()
-        prepared = self._preprocess(data, options)
-        preprocessed = time.perf_counter()
-        self.metrics.observe_preprocess(preprocessed - started)
-        result = self._classify_tensor_sync([prepared], preprocessed, served)
-        return BatchPrediction(result.probabilities, {"queue": _ms(started - submitted),
-                                                      "preprocess": _ms(preprocessed - started),
-                                                      "inference": result.timing_ms["inference"]}, served)
-
-    def _classify_tensor_sync(self, batch: np.ndarray | list[PixelBatch], submitted: float,
-                              served: ServedModel) -> BatchPrediction:
-        """`batch`: a float32 NCHW array, or the images of one request, one PixelBatch each (joined a
-        forward at a time, never copied into one large array)."""
-        started = time.perf_counter()
-        alone = self._alone()
-        height, width = batch[0].shape[-2:]
-        logits = []
-        for part in self.forward_batches(len(batch), height, width):
-            began = time.perf_counter()
-            chunk = batch[part.start:part.stop]
-            if isinstance(chunk, list):
-                inputs: np.ndarray | PixelBatch = PixelBatch.concat(chunk)
-            else:
-                inputs = np.ascontiguousarray(chunk, dtype=np.float32)
-            logits.append(self._forward(inputs, alone, served.backend).astype(np.float32, copy=False))
-            self.metrics.observe_forward(len(part), time.perf_counter() - began)
-        finished = time.perf_counter()
-        return BatchPrediction(softmax(logits[0] if len(logits) == 1 else np.concatenate(logits)),
-                               {"queue": _ms(started - submitted), "inference": _ms(finished - started)}, served)
 
     def close(self) -> None:
         if self._batcher is not None:

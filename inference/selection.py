@@ -40,14 +40,12 @@ import numpy as np
 
 from core.files import write_atomically
 from core.options import Options
-from inference import imaging
-from inference.model import AccuracyGuardFailed, Backend, ModelLoadError, OnnxBackend, softmax
+from inference import backends, imaging
+from inference.model import AccuracyGuardFailed, Backend, ModelLoadError, softmax
 from inference.pixels import PIXEL_GRAPH_VERSION, PixelBatch
 
 log = logging.getLogger(__name__)
 
-RUNTIMES = ("auto", "onnxruntime", "openvino", "torch")
-PRECISIONS = ("auto", "fp32", "bf16")
 GUARD_TOLERANCE = {"fp32": 1e-3, "bf16": 0.03}
 GUARD_TOP5_OVERLAP = 4
 GUARD_DIR = Path(__file__).with_name("guard")
@@ -144,10 +142,10 @@ def has_bf16(flags: set[str]) -> bool:
 
 
 def candidates(runtime: str, precision: str, flags: set[str]) -> list[Candidate]:
-    """What `auto` may pick from, narrowed by what the config forces."""
-    pool = [Candidate("onnxruntime", "fp32"), Candidate("openvino", "fp32")]
-    if has_bf16(flags) or precision == "bf16":
-        pool.append(Candidate("openvino", "bf16"))
+    """What `auto` may pick from (each exported runtime on the CPU, in each of its precisions; BF16 only
+    where the CPU has it natively, unless forced), narrowed by what the config forces."""
+    pool = [Candidate(spec.name, offered) for spec in backends.SPECS.values() if spec.exported and "cpu" in spec.devices
+            for offered in spec.precisions if offered != "bf16" or has_bf16(flags) or precision == "bf16"]
     return [c for c in pool if runtime in ("auto", c.runtime) and precision in ("auto", c.precision)]
 
 
@@ -155,15 +153,11 @@ def make_backend(candidate: Candidate, path: Path, *, workers: int = 1, intra_op
                  idle_intra_op_threads: int = 0, device: str = "cpu") -> Backend:
     """`candidate`'s runtime on the exported graph at `path`: `workers` forwards at once of
     `intra_op_threads` threads each, and a forward alone on `idle_intra_op_threads`."""
-    if candidate.runtime == "openvino":
-        from inference.openvino_backend import OpenVinoBackend  # imported here: most processes never load it
-
-        return OpenVinoBackend(path, precision=candidate.precision, workers=workers,
-                               intra_op_threads=intra_op_threads, idle_intra_op_threads=idle_intra_op_threads)
-    if candidate.runtime == "onnxruntime":
-        return OnnxBackend(path, intra_op_threads=intra_op_threads, idle_intra_op_threads=idle_intra_op_threads,
-                           device=device)
-    raise ModelLoadError(f"No runtime named {candidate.runtime!r} runs an exported graph.")
+    spec = backends.spec(candidate.runtime)
+    if not spec.exported:
+        raise ModelLoadError(f"The runtime {candidate.runtime!r} does not run an exported graph.")
+    return spec.factory(path, candidate.precision, backends.Layout(workers, intra_op_threads, idle_intra_op_threads,
+                                                                   device))
 
 
 def choose(onnx_path: Path, *, runtime: str, precision: str, workers: int, intra_op_threads: int,
@@ -410,8 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m inference.selection")
     parser.add_argument("graph", type=Path)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--runtime", default="auto", choices=RUNTIMES)
-    parser.add_argument("--precision", default="auto", choices=PRECISIONS)
+    parser.add_argument("--runtime", default="auto", choices=backends.runtimes())
+    parser.add_argument("--precision", default="auto", choices=backends.precisions())
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--intra-op-threads", type=int, default=1)
     parser.add_argument("--idle-intra-op-threads", type=int, default=0)

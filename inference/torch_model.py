@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import io
@@ -20,12 +21,13 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import torch
 import torchvision
 
+from core.errors import BadWeights
 from core.options import CROP_RANGE
 from inference import selection
+from inference.backends.torch_backend import TorchBackend
 from inference.model import (
     EFFICIENTNET_LITE0,
     ONNX_EXPORT_VERSION,
@@ -36,7 +38,6 @@ from inference.model import (
     softmax,
     write_manifest,
 )
-from inference.pixels import PixelBatch
 
 log = logging.getLogger(__name__)
 
@@ -131,27 +132,32 @@ def _load_torchvision(name: str, weights: str) -> LoadedModel:
     return LoadedModel(name, "file-" + sha[:12], module.eval(), imagenet_labels(), sha)
 
 
-class TorchBackend:
-    name = "torch"
-    precision = "fp32"
+# The fixed input of the validation forward: a deterministic ramp rather than zeros, so that every
+# layer sees varied values.
+_CHECK_SHAPE = (1, 3, 224, 224)
 
-    def __init__(self, module: torch.nn.Module, device: str = "cpu", *, intra_op_threads: int | None = None):
-        if intra_op_threads is not None:
-            torch.set_num_threads(intra_op_threads)  # process-wide: one torch runtime per process
-        self.device = torch.device(device)
-        if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ModelLoadError("model.device is 'cuda' but no CUDA GPU is visible; set model.device = 'cpu'.")
-        self.module = module.to(self.device).eval()
 
-    def forward(self, batch: np.ndarray | PixelBatch, *, alone: bool = False) -> np.ndarray:
+def load_checked(name: str, path: Path, version: str, sha256: str | None = None) -> LoadedModel:
+    """A fresh copy of the architecture `name` with the weights at `path` (published as `version`),
+    checked by one forward on a fixed input; raises BadWeights (422) saying what is wrong."""
+    try:
+        model = load_model(name, str(path))  # torch.load(weights_only=True): no pickle code
+    except ModelLoadError as exc:
+        raise BadWeights(str(exc).replace(str(path), "the uploaded file")) from None
+    if sha256 is not None and model.weights_sha256 != sha256:
+        raise BadWeights("The file changed while it was read; upload it again.")
+    example = torch.linspace(-2.0, 2.0, steps=int(torch.tensor(_CHECK_SHAPE).prod())).reshape(_CHECK_SHAPE)
+    try:
         with torch.inference_mode():
-            if isinstance(batch, PixelBatch):  # uint8 to the device (a quarter of the bytes), normalized there
-                pixels = torch.tensor(batch.pixels).to(self.device, non_blocking=True)  # a copy: the array is read-only
-                scale, shift = (torch.tensor(array, device=self.device) for array in (batch.scale, batch.shift))
-                inputs = pixels.permute(0, 3, 1, 2).float() * scale + shift
-            else:
-                inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            return self.module(inputs).float().cpu().numpy()
+            logits = model.module(example)
+    except Exception as exc:
+        raise BadWeights(f"The model failed on a test input with these weights ({type(exc).__name__}).") from None
+    expected = (1, len(model.labels))
+    if tuple(logits.shape) != expected:
+        raise BadWeights(f"The model gives {tuple(logits.shape)} logits on one image, not {expected}.")
+    if not bool(torch.isfinite(logits).all()):
+        raise BadWeights("The model gives NaN or infinite logits with these weights.")
+    return dataclasses.replace(model, version=version)
 
 
 def export_onnx(model: LoadedModel, cache_dir: Path) -> Path:

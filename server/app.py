@@ -38,10 +38,10 @@ from server.observability import Metrics, log_request
 from server.runtime import build_backend
 from service.auth import Authenticator, AuthSettings
 from service.capture import Captures
+from service.catalogue import ModelCatalogue
 from service.classify import Classifier
 from service.export import FeedbackExport
 from service.feedback import FeedbackLimits, FeedbackService
-from service.model_versions import ModelVersions
 from service.sessions import SessionService
 from sessions.captures import CaptureRefs
 from sessions.feedback import FeedbackStore
@@ -90,7 +90,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
 
 
 def make_app(
-    config: Config, store: SessionStore, runner: ModelRunner, model_versions: ModelVersions | None = None
+    config: Config, store: SessionStore, runner: ModelRunner, model_versions: ModelCatalogue | None = None
 ) -> tornado.web.Application:
     """Build the Tornado application around a session store and a model runner (whose metrics
     registry the app shares, so /metrics shows both). Model versions use the store's Redis unless
@@ -152,10 +152,10 @@ def auth_settings(config: Config) -> AuthSettings:
 
 
 def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner,
-                        feedback: FeedbackService | None = None) -> ModelVersions:
+                        feedback: FeedbackService | None = None) -> ModelCatalogue:
     store_dir = config.folder(config.models.store_dir, "models")
     same_runtime = Candidate(runner.backend.name, runner.backend.precision)  # what the configured weights run on
-    return ModelVersions(ModelRegistry(store.redis), runner, store_dir=store_dir,
+    return ModelCatalogue(ModelRegistry(store.redis), runner, store_dir=store_dir,
                          backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
 
 
@@ -187,7 +187,7 @@ def make_rewrite_after_erase(config: Config, store: SessionStore) -> RewriteAfte
 
 
 def use_cases(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner,
-              versions: ModelVersions | None, feedback: FeedbackService | None = None,
+              versions: ModelCatalogue | None, feedback: FeedbackService | None = None,
               captures: Captures | None = None, on_erased: Callable[[], None] | None = None,
               ) -> tuple[Authenticator, Classifier, SessionService]:
     """The service layer for one process, shared by every transport."""

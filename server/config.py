@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from inference import imaging, runner, selection
+from inference import backends, imaging, runner
 
 ENV_PREFIX = "INFERENCE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
@@ -244,9 +244,23 @@ class Config:
         model on it), one process with worker threads is the better trade."""
         if self.server.processes:
             return self.server.processes
-        if self.model.runtime != "torch" and self.model.device == "cpu":
+        if backends.runs_exported(self.model.runtime) and self.model.device == "cpu":
             return len(os.sched_getaffinity(0))
         return 1
+
+
+def _runtime_checks(runtime: str, precision: str, device: str) -> list[tuple[bool, str]]:
+    """The precision and device a runtime offers (inference.backends: each runtime's row says)."""
+    row = backends.SPECS.get(runtime)
+    offering = [name for name, spec in backends.SPECS.items() if precision in spec.precisions]
+    where = {"cpu": "the CPU", "cuda": "a CUDA GPU"}
+    return [
+        (row is None or precision in (backends.AUTO, *row.precisions),
+         f"model.precision {precision!r} needs model.runtime {' or '.join(map(repr, [*offering, backends.AUTO]))}."),
+        (row is None or backends.device_kind(device) in row.devices,
+         f"model.runtime {runtime!r} runs on {' or '.join(where.get(d, d) for d in row.devices) if row else ''}; "
+         "set model.device = 'cpu' or another runtime."),
+    ]
 
 
 def load_config(path: str | Path | None = None, env: typing.Mapping[str, str] | None = None) -> Config:
@@ -412,15 +426,12 @@ def validate(config: Config) -> None:
         (config.sessions.max_lifetime_seconds >= config.sessions.ttl_seconds,
          "sessions.max_lifetime_seconds must be at least sessions.ttl_seconds."),
         (1 <= config.history.max_entries <= 100_000, "history.max_entries must be between 1 and 100000."),
-        (config.model.runtime in selection.RUNTIMES,
-         f"model.runtime must be one of {', '.join(map(repr, selection.RUNTIMES))}."),
-        (config.model.precision in selection.PRECISIONS,
-         f"model.precision must be one of {', '.join(map(repr, selection.PRECISIONS))} (INT8 is not offered: "
+        (config.model.runtime in backends.runtimes(),
+         f"model.runtime must be one of {', '.join(map(repr, backends.runtimes()))}."),
+        (config.model.precision in backends.precisions(),
+         f"model.precision must be one of {', '.join(map(repr, backends.precisions()))} (INT8 is not offered: "
          "docs/performance.md says why)."),
-        (config.model.precision != "bf16" or config.model.runtime in {"auto", "openvino"},
-         "model.precision 'bf16' needs model.runtime 'openvino' or 'auto'."),
-        (config.model.runtime != "openvino" or config.model.device == "cpu",
-         "model.runtime 'openvino' runs on the CPU; set model.device = 'cpu' or another runtime."),
+        *_runtime_checks(config.model.runtime, config.model.precision, config.model.device),
         (0.1 <= config.model.runtime_trial_seconds <= 60, "model.runtime_trial_seconds must be between 0.1 and 60."),
         (config.model.device == "cpu" or config.model.device.startswith("cuda"),
          "model.device must be 'cpu' or 'cuda[:N]'."),

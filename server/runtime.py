@@ -7,7 +7,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from inference import selection
+from inference import backends, selection
 from inference.model import Backend, LoadedModel, load_exported
 from inference.runner import ModelRunner, SiblingLoad
 from inference.selection import Candidate
@@ -33,7 +33,14 @@ def runtime_choice(config: Config, path: Path) -> Candidate:
     """The runtime and precision to serve the exported graph at `path` with: the configured one, or with
     `auto` the one measured for this CPU (cached; measured now on the first start)."""
     choice = _choose(config, path)
-    return Candidate(choice.runtime, choice.precision) if choice else Candidate("onnxruntime", "fp32")
+    return Candidate(choice.runtime, choice.precision) if choice else _on_device(config)
+
+
+def _on_device(config: Config) -> Candidate:
+    """What a GPU runs the export on: the configured runtime, else the first that runs there."""
+    model = config.model
+    spec = backends.SPECS.get(model.runtime) or backends.first_exported_on(model.device)
+    return Candidate(spec.name, model.precision if model.precision in spec.precisions else spec.precisions[0])
 
 
 def _guarded_backend(config: Config, path: Path) -> Backend:
@@ -42,14 +49,15 @@ def _guarded_backend(config: Config, path: Path) -> Backend:
     choice = _choose(config, path)
     if choice is not None:
         return make_backend(config, Candidate(choice.runtime, choice.precision), path)
-    backend = make_backend(config, Candidate("onnxruntime", "fp32"), path)  # ONNX Runtime's CUDA provider
-    selection.check(backend, path, f"onnxruntime fp32 on {config.model.device}")
+    candidate = _on_device(config)
+    backend = make_backend(config, candidate, path)
+    selection.check(backend, path, f"{candidate} on {config.model.device}")
     return backend
 
 
 def _choose(config: Config, path: Path) -> selection.Choice | None:
     model = config.model
-    if model.device != "cpu":  # the GPU runs ONNX Runtime's CUDA provider; there is nothing to time
+    if model.device != "cpu":  # a GPU runs one runtime (_on_device); there is nothing to time
         return None
     return selection.choose(path, runtime=model.runtime, precision=model.precision, workers=model.workers,
                             intra_op_threads=model.intra_op_threads, idle_intra_op_threads=model.idle_intra_op_threads,
@@ -65,9 +73,11 @@ def build_backend(config: Config, model: LoadedModel, candidate: Candidate | Non
     its own reference."""
     from inference import torch_model  # imported here: the torch-free path never needs it
 
-    if config.model.runtime == "torch":
-        return torch_model.TorchBackend(model.module, config.model.device,
-                                        intra_op_threads=config.model.intra_op_threads)
+    if not backends.runs_exported(config.model.runtime):  # the runtime runs the torch module itself
+        spec, settings = backends.spec(config.model.runtime), config.model
+        precision = settings.precision if settings.precision in spec.precisions else spec.precisions[0]
+        return spec.factory(model.module, precision, backends.Layout(
+            settings.workers, settings.intra_op_threads, settings.idle_intra_op_threads, settings.device))
     path = torch_model.export_onnx(model, onnx_cache_dir(config))
     if candidate is None:
         return _guarded_backend(config, path)
@@ -79,8 +89,8 @@ def build_backend(config: Config, model: LoadedModel, candidate: Candidate | Non
 def prepare_model(config: Config) -> None:
     """Export the configured model and choose its runtime unless both are cached, and log the choice with
     the figures behind it (the server does this once, before its serving processes load the model);
-    raises ModelLoadError. Nothing to prepare for torch."""
-    if config.model.runtime != "torch":
+    raises ModelLoadError. Nothing to prepare for a runtime that runs the torch module itself."""
+    if backends.runs_exported(config.model.runtime):
         _, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
         choice = _choose(config, path)
         if choice is not None:
@@ -91,9 +101,9 @@ def build_runner(config: Config, model: LoadedModel | None = None, siblings: Sib
                  metrics: Metrics | None = None) -> ModelRunner:
     """Load the model (unless given) and wrap it in a runner; raises ModelLoadError.
 
-    Unless the runtime is torch and no model is given, this process loads the cached export only and
-    never imports torch (see inference.model)."""
-    if model is None and config.model.runtime != "torch":
+    Unless the runtime runs the torch module or a model is given, this process loads the cached export
+    only and never imports torch (see inference.model)."""
+    if model is None and backends.runs_exported(config.model.runtime):
         model, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
         backend = _guarded_backend(config, path)
     else:

@@ -20,15 +20,16 @@ from core.clock import iso, now_ms
 from core.errors import Conflict, NotFound
 from core.options import Options
 from core.session import Session
-from inference.runner import BatchPrediction, ClassScore, ImageSource, ModelRunner, Prediction
+from inference.postprocess import ClassScore, top_k
+from inference.runner import BatchPrediction, ImageSource, ModelRunner, Prediction
 from service.capture import Captured, KeptImage
 from service.feedback import with_defaults
 from sessions.store import SessionStore
 
 if TYPE_CHECKING:
     from service.capture import Captures
+    from service.catalogue import ModelCatalogue
     from service.feedback import FeedbackService
-    from service.model_versions import ModelVersions
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class BatchResult:
 
 
 class Classifier:
-    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelVersions | None = None,
+    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelCatalogue | None = None,
                  feedback: FeedbackService | None = None, captures: Captures | None = None):
         self.store, self.runner, self.versions, self.feedback = store, runner, versions, feedback
         self.captures = captures
@@ -82,7 +83,7 @@ class Classifier:
         if session is not None:
             for index, row in enumerate(result.probabilities):  # one Redis round trip each, in the order sent
                 kept = await self._capture(session, images[index]) if images is not None and self._capturing else None
-                await self._record(session, self.runner.top_k(row, options.top_k, labels), options,
+                await self._record(session, top_k(row, options.top_k, labels), options,
                                    model=result.served.info, kept=kept)
         return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
 

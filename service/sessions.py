@@ -13,12 +13,12 @@ from sessions.tokens import TokenSigner
 
 if TYPE_CHECKING:
     from service.capture import Captures
+    from service.catalogue import ModelCatalogue
     from service.feedback import FeedbackService
-    from service.model_versions import ModelVersions
 
 
 class SessionService:
-    def __init__(self, store: SessionStore, signer: TokenSigner, versions: ModelVersions | None = None, *,
+    def __init__(self, store: SessionStore, signer: TokenSigner, versions: ModelCatalogue | None = None, *,
                  feedback: FeedbackService | None = None, captures: Captures | None = None,
                  on_erased: Callable[[], None] | None = None):
         """`on_erased()` is told of each erase once it is complete (the embedded Redis then rewrites

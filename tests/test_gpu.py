@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from core.options import Options
-from inference.torch_model import TorchBackend, load_model
+from inference.backends.torch_backend import TorchBackend
+from inference.torch_model import load_model
 from server.runtime import build_runner
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config
 from tests.test_cli import running_server

@@ -10,9 +10,10 @@ import torch
 import torchvision
 
 from core.options import Options
+from inference.backends.torch_backend import TorchBackend
 from inference.imaging import preprocess
 from inference.model import ModelLoadError, softmax
-from inference.torch_model import TorchBackend, imagenet_labels, load_model
+from inference.torch_model import imagenet_labels, load_model
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG
 
 

@@ -16,9 +16,11 @@ import torch
 import torchvision
 
 from core.options import Options
+from inference.backends.onnxruntime_backend import OnnxBackend
+from inference.backends.torch_backend import TorchBackend
 from inference.imaging import preprocess
-from inference.model import ModelLoadError, OnnxBackend, load_exported, manifest_path, softmax
-from inference.torch_model import TorchBackend, export_onnx, load_model
+from inference.model import ModelLoadError, load_exported, manifest_path, softmax
+from inference.torch_model import export_onnx, load_model
 from server.runtime import build_runner
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, DATA, MODEL_CACHE, make_config
 

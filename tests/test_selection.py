@@ -17,11 +17,12 @@ import pytest
 
 from core.options import Options
 from inference import imaging, selection
+from inference.backends.openvino_backend import OpenVinoBackend
+from inference.backends.torch_backend import TorchBackend
 from inference.model import ModelLoadError, softmax
-from inference.openvino_backend import OpenVinoBackend
 from inference.pixels import PixelBatch
 from inference.selection import Candidate
-from inference.torch_model import TorchBackend, export_onnx
+from inference.torch_model import export_onnx
 from server.runtime import build_runner, make_backend, runtime_choice
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, MODEL_CACHE, make_config
 

@@ -1,5 +1,5 @@
 """Test doubles for the service layer: an in-memory session store, a model backend with known logits,
-and the few `ModelVersions` methods the use cases call. No Redis, no torch, no weights.
+and the few `ModelCatalogue` methods the use cases call. No Redis, no torch, no weights.
 
 Each fake keeps the contract of what it stands for (the errors and their codes, idempotency replays,
 the history's cap and order, JSON round trips) and counts the calls a test may want to see.
@@ -23,7 +23,8 @@ from core.session import Session
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
-from service.model_versions import VersionNotPinnable, choose_version
+from service.canary import choose_version
+from service.catalogue import VersionNotPinnable
 from sessions.feedback import DAY_MS
 from sessions.model_registry import Canary
 from sessions.store import canary_slot, owner_name, parse_history_id
@@ -237,7 +238,7 @@ def fake_runner(backend: FakeBackend | None = None, version: str = "v1") -> Mode
 
 
 class FakeVersions:
-    """`service.model_versions.ModelVersions.ensure` and `may_pin`: `published` versions exist and load
+    """`service.catalogue.ModelCatalogue.ensure` and `may_pin`: `published` versions exist and load
     into the runner on `ensure`, as the real one loads them; any other (removed, or never published) is
     refused with a 409. Of those, the runner's active one, the canary's and the `pinnable` ones (all
     published by default) may be pinned; another is refused with a 403."""

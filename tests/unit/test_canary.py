@@ -10,9 +10,10 @@ import pytest
 
 from core.options import Options
 from inference.runner import ModelRunner
+from service.canary import InvalidTrafficPercent, in_canary, parse_traffic_percent
+from service.catalogue import VersionNotPinnable
 from service.classify import Classifier
 from service.feedback import FeedbackService
-from service.model_versions import InvalidTrafficPercent, VersionNotPinnable, in_canary, parse_traffic_percent
 from sessions.model_registry import Canary
 from sessions.store import canary_slot
 from sessions.tokens import TokenSigner, new_session_id

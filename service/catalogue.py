@@ -1,11 +1,10 @@
-"""Weights pushed from training: validated, stored, activated on every replica.
+"""The model catalogue: weights pushed from training, validated, stored, activated on every replica.
 
 A version's file lives in `models.store_dir` (in a multi-host deployment, a volume the replicas
 share) as `<name>/<version>.<sha256 prefix>.pt`; its metadata and the active version live in Redis
 (`sessions.model_registry`). Activation is a reference swap in the runner: requests admitted before
 it finish on the weights they started with. Every replica follows activations and removals over
-Redis pub/sub, and re-reads the active version whenever it (re)subscribes, so one that was cut off
-catches up.
+Redis pub/sub (service.follower).
 
 A canary serves a version to a share of the sessions: a session is assigned by its canary slot (or
 a stable hash of its id) and the canary's version, so it keeps one version for as long as the canary
@@ -20,8 +19,6 @@ IOLoop, so serving goes on at full speed while a version is validated or loaded.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import hashlib
 import logging
 import os
 import uuid
@@ -31,26 +28,18 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from core.clock import iso, now_ms
-from core.errors import BadRequest, Conflict, NotFound, ServiceError, quoted, quoted_names
+from core.errors import BadRequest, BadWeights, Conflict, NotFound, ServiceError, quoted
 from core.options import MODEL_VERSION, Options
 from core.session import Session
-from inference.model import AccuracyGuardFailed, Backend, LoadedModel, ModelLoadError
+from inference.model import AccuracyGuardFailed, Backend, LoadedModel
 from inference.runner import ModelRunner, ServedModel
+from service.canary import canary_view, choose_version
 from service.feedback import FeedbackService, quality_view
-from sessions.model_registry import Canary, ModelEvent, ModelRegistry, VersionRecord
+from service.follower import VersionFollower
+from sessions.model_registry import Canary, ModelRegistry, VersionRecord
 
 log = logging.getLogger("inference.weights")
 T = TypeVar("T")
-
-# The fixed input of the validation forward: a deterministic ramp rather than zeros, so that every
-# layer sees varied values.
-_CHECK_SHAPE = (1, 3, 224, 224)
-_CLOSE_TIMEOUT_SECONDS = 2.0
-
-
-class BadWeights(ServiceError):
-    status = 422
-    code = "invalid_weights"
 
 
 class VersionNotPinnable(ServiceError):
@@ -58,51 +47,9 @@ class VersionNotPinnable(ServiceError):
     code = "model_version_not_pinnable"
 
 
-class InvalidTrafficPercent(ServiceError):
-    status = 422
-    code = "invalid_traffic_percent"
-
-
-TRAFFIC_PERCENT = (1, 100)
-
-
-def parse_traffic_percent(body: dict[str, Any]) -> int:
-    """The share of sessions an activation serves (100 unless the body says): 422 outside 1..100."""
-    unknown = set(body) - {"traffic_percent"}
-    low, high = TRAFFIC_PERCENT
-    if unknown:
-        raise InvalidTrafficPercent(f"Unknown field(s) {quoted_names(unknown)}; the body takes traffic_percent.")
-    percent = body.get("traffic_percent", high)
-    if isinstance(percent, bool) or not isinstance(percent, int) or not low <= percent <= high:
-        raise InvalidTrafficPercent(f"traffic_percent must be an integer from {low} to {high}, got {quoted(percent)}.")
-    return percent
-
-
-def in_canary(session_id: str, canary: Canary, slot: int | None = None) -> bool:
-    """Whether the canary serves this session: stable for the session and the canary's version.
-
-    `slot`: the session's canary slot (sessions.store.canary_slot), shifted by a hash of the version so
-    that each canary takes other sessions, and exactly its share of any 100 consecutive new ones. A
-    session older than slots falls back to a hash of its id and the version."""
-    if slot is not None:
-        shift = int.from_bytes(hashlib.sha256(canary.version.encode()).digest()[:8], "big")
-        return (slot + shift) % 100 < canary.traffic_percent
-    digest = hashlib.sha256(f"{session_id}:{canary.version}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") % 100 < canary.traffic_percent
-
-
-def choose_version(canary: Canary | None, session: Session | None, options: Options) -> str | None:
-    """The version a request runs: the session's pinned one, else `canary`'s where the canary serves
-    the session, else None (the active version). Anonymous requests (no session) run the active one."""
-    if options.model_version is not None:
-        return options.model_version
-    if canary is not None and session is not None and in_canary(session.id, canary, session.canary_slot):
-        return canary.version
-    return None
-
-
-class ModelVersions:
-    """Publishes, activates, removes and follows model versions for this process's runner."""
+class ModelCatalogue:
+    """Publishes, activates, removes and lists model versions, and loads the one a request runs into
+    this process's runner; a VersionFollower keeps it in step with the other replicas."""
 
     def __init__(self, registry: ModelRegistry, runner: ModelRunner, *, store_dir: Path,
                  backend_for: Callable[[LoadedModel], Backend], feedback: FeedbackService | None = None):
@@ -114,14 +61,14 @@ class ModelVersions:
         self._backend_for = backend_for
         self.name = runner.model.name
         self.base_version = runner.model.version  # the weights the config names, served until an activation
-        self._base = runner.served()  # kept so that sessions may pin the configured weights too
+        self.base = runner.served()  # kept so that sessions may pin the configured weights too
         self.model_dir = store_dir.expanduser().resolve() / self.name
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="weights")
-        self._lock = asyncio.Lock()  # one load-and-swap at a time in this process
-        self._prepared: dict[str, ServedModel] = {}  # the last validated upload, ready to activate
-        self._follower: asyncio.Task[None] | None = None
-        self._closing = False
-        self.canary: Canary | None = None  # as this replica last read it (kept current by _follow)
+        self.lock = asyncio.Lock()  # one load-and-swap at a time in this process
+        self.prepared: dict[str, ServedModel] = {}  # the last validated upload, ready to activate
+        self.canary: Canary | None = None  # as this replica last read it (kept current by the follower)
+        self.pinnable: set[str] = set()  # versions marked pinnable, as this replica last read them
+        self._follower = VersionFollower(self)
 
     # -- publishing -------------------------------------------------------------------------------
     def check_name(self, name: str, version: str | None = None) -> None:
@@ -158,7 +105,7 @@ class ModelVersions:
                                "publish under a new name.", code="version_exists")
         finally:
             upload.unlink(missing_ok=True)
-        self._prepared = {version: served}
+        self.prepared = {version: served}
         log.info("published %s version %s (sha256 %s, %d bytes)", self.name, version, sha256[:12], size)
         return record
 
@@ -168,31 +115,11 @@ class ModelVersions:
                            "under a new name.", code="version_exists")
 
     def _load_checked(self, path: Path, version: str, sha256: str | None = None) -> LoadedModel:
-        """A fresh copy of the architecture with these weights, checked by one forward on a fixed input."""
         # Imported on the first upload or version load only, so a process that never gets one
-        # stays torch-free on ONNX Runtime (see inference.model).
-        import torch
+        # stays torch-free on an exported runtime (see inference.model).
+        from inference.torch_model import load_checked
 
-        from inference.torch_model import load_model
-
-        try:
-            model = load_model(self.name, str(path))  # torch.load(weights_only=True): no pickle code
-        except ModelLoadError as exc:
-            raise BadWeights(str(exc).replace(str(path), "the uploaded file")) from None
-        if sha256 is not None and model.weights_sha256 != sha256:
-            raise BadWeights("The file changed while it was read; upload it again.")
-        example = torch.linspace(-2.0, 2.0, steps=int(torch.tensor(_CHECK_SHAPE).prod())).reshape(_CHECK_SHAPE)
-        try:
-            with torch.inference_mode():
-                logits = model.module(example)
-        except Exception as exc:
-            raise BadWeights(f"The model failed on a test input with these weights ({type(exc).__name__}).") from None
-        expected = (1, len(model.labels))
-        if tuple(logits.shape) != expected:
-            raise BadWeights(f"The model gives {tuple(logits.shape)} logits on one image, not {expected}.")
-        if not bool(torch.isfinite(logits).all()):
-            raise BadWeights("The model gives NaN or infinite logits with these weights.")
-        return dataclasses.replace(model, version=version)
+        return load_checked(self.name, path, version, sha256)
 
     def _serve(self, model: LoadedModel) -> ServedModel:
         """`model` on the configured runtime, held to the accuracy guard against its own torch FP32
@@ -213,18 +140,18 @@ class ModelVersions:
         if traffic_percent < 100:
             return await self._start_canary(version, traffic_percent)
         if version == self.base_version:
-            async with self._lock:
+            async with self.lock:
                 await self.registry.restore_configured(self.name)
-                self.runner.activate(self._base)
+                self.runner.activate(self.base)
                 self.canary = None
             log.info("activated %s's configured weights (%s)", self.name, version)
-            return {"version": version, "sha256": self._base.model.weights_sha256, "configured": True,
+            return {"version": version, "sha256": self.base.model.weights_sha256, "configured": True,
                     "activated_at": iso(now_ms()), "active": True}
-        async with self._lock:
+        async with self.lock:
             record = await self._record(version)
-            served = self._prepared.pop(version, None)
+            served = self.prepared.pop(version, None)
             if served is None:
-                served = self.runner.served(version) if self.runner.has_version(version) else await self._load(record)
+                served = self.runner.served(version) if self.runner.has_version(version) else await self.load(record)
             if not await self.registry.activate(self.name, version, now_ms()):
                 raise NotFound(f"Version {version!r} was removed meanwhile.", code="model_version_not_found")
             self.runner.activate(served)
@@ -239,7 +166,7 @@ class ModelVersions:
         baseline = await self.registry.active(self.name) or self.base_version
         if version == baseline:
             raise Conflict(f"Version {version!r} is active: it serves every session already.", code="version_active")
-        await self._hold(version)  # loaded here before any session is sent to it
+        await self.hold(version)  # loaded here before any session is sent to it
         canary = Canary(version, traffic_percent, baseline, now_ms())
         if not await self.registry.start_canary(self.name, canary, configured=configured):
             raise NotFound(f"Version {version!r} was removed meanwhile.", code="model_version_not_found")
@@ -256,22 +183,22 @@ class ModelVersions:
             return
         if not await self.may_pin(version):
             raise _removed(version)
-        await self._hold(version)
+        await self.hold(version)
 
-    async def _hold(self, version: str) -> None:
+    async def hold(self, version: str) -> None:
         """Load `version` into this process's runner unless it holds it; 409 when it was removed."""
         if self.runner.has_version(version):
             return
-        async with self._lock:
+        async with self.lock:
             if self.runner.has_version(version):
                 return
             if version == self.base_version:
-                self.runner.add_version(self._base)
+                self.runner.add_version(self.base)
                 return
             record = await self.registry.get(self.name, version)
             if record is None:
                 raise _removed(version)
-            self.runner.add_version(await self._load(record))
+            self.runner.add_version(await self.load(record))
 
     async def may_pin(self, version: str) -> bool:
         """Whether a session may pin `version`: False when there is no such version; 403
@@ -295,6 +222,7 @@ class ModelVersions:
         if not await self.registry.mark_pinnable(self.name, version, pinnable,
                                                  configured=version == self.base_version):
             raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
+        (self.pinnable.add if pinnable else self.pinnable.discard)(version)
         log.info("%s version %s %s pinnable", self.name, version, "made" if pinnable else "no longer")
         return {"name": self.name, "version": version, "pinnable": pinnable}
 
@@ -307,9 +235,27 @@ class ModelVersions:
         if outcome == "missing":
             raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
         self.runner.drop_version(version)
-        self._prepared.pop(version, None)
+        self.prepared.pop(version, None)
         self.path_for(record).unlink(missing_ok=True)
         log.info("removed %s version %s", self.name, version)
+
+    def listed_versions(self) -> list[str]:
+        """The version names this server answers with now, active first: the active one, the configured
+        weights', the canary's and those marked pinnable (as this replica last read them)."""
+        canary = [self.canary.version] if self.canary is not None else []
+        named = [self.runner.model.version, self.base_version, *canary, *sorted(self.pinnable)]
+        return list(dict.fromkeys(named))
+
+    async def served_for_version(self, version: str | None) -> ServedModel:
+        """The model that answers for `version`: the active one for None, else that version, loaded as a
+        pin loads it: 404 `model_version_not_found` when there is no such version, 403
+        `model_version_not_pinnable` when it may not be served, 409 when it was removed meanwhile."""
+        if version is None:
+            return self.runner.served()
+        if not await self.may_pin(version):
+            raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
+        await self.hold(version)
+        return self.runner.served(version)
 
     def labels(self, name: str) -> dict[str, Any]:
         """The class labels of the version serving everyone: index i names class i (what feedback takes)."""
@@ -336,7 +282,7 @@ class ModelVersions:
             "active_version": active,  # null: the weights named in the config
             "serving_version": self.runner.model.version,  # what this replica runs now
             "canary": canary_view(canary) if canary is not None else None,
-            "configured": {"version": self.base_version, "sha256": self._base.model.weights_sha256,
+            "configured": {"version": self.base_version, "sha256": self.base.model.weights_sha256,
                            **pins_and_feedback(self.base_version)},
             "versions": [{**record.to_dict(active=record.version == active), **pins_and_feedback(record.version)}
                          for record in records],
@@ -348,7 +294,7 @@ class ModelVersions:
             raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
         return record
 
-    async def _load(self, record: VersionRecord) -> ServedModel:
+    async def load(self, record: VersionRecord) -> ServedModel:
         path = self.path_for(record)
         if not path.is_file():
             raise Conflict(f"The file of version {record.version!r} is missing from models.store_dir.",
@@ -359,101 +305,14 @@ class ModelVersions:
     async def _off_path(self, fn: Any, *args: Any) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
-    # -- following the other replicas --------------------------------------------------------------
+    # -- following the other replicas (service.follower) --------------------------------------------
     async def start(self) -> None:
-        """Serve the active version, then follow activations and removals until close(). A replica
-        that starts after an activation so never answers with the older weights; one that starts
-        while Redis is down serves the configured weights and catches up once it is back."""
-        try:
-            await self._catch_up()
-        except ServiceError as exc:
-            log.warning("could not read the active model version (%s); serving %s until Redis answers",
-                        exc.message, self.runner.model.version)
-        self._follower = asyncio.get_running_loop().create_task(self._follow())
+        """Serve the active version, then follow the other replicas until close()."""
+        await self._follower.start()
 
     async def close(self) -> None:
-        self._closing = True
-        if self._follower is not None:
-            self._follower.cancel()
-            # redis-py can turn a cancellation inside a reconnect into a connection error, which the
-            # follower's retry loop would take for Redis trouble; the flag ends it then, and the wait
-            # is bounded either way, so a shutdown never hangs here.
-            await asyncio.wait({self._follower}, timeout=_CLOSE_TIMEOUT_SECONDS)
+        await self._follower.close()
         self._loader.shutdown(wait=False, cancel_futures=True)
-
-    async def _follow(self) -> None:
-        delay, failing = 0.25, False
-        while True:
-            try:
-                async for event in self.registry.events():
-                    if event.event == "subscribed":
-                        await self._catch_up()  # whatever happened while we were not listening
-                    else:
-                        await self._apply(event)
-                    delay, failing = 0.25, False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down or restarted: keep serving, resubscribe later
-                if self._closing:
-                    return
-                if not failing:
-                    log.warning("not following model versions (%s); retrying", exc)
-                failing = True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
-
-    async def _catch_up(self) -> None:
-        await self._follow_canary()
-        active = await self.registry.active(self.name)
-        if (active or self.base_version) != self.runner.model.version:
-            await self._apply(ModelEvent("activated", self.name, active or ""))
-
-    async def _follow_canary(self) -> None:
-        """Read the canary (an activation ends it, a canary event starts or changes it) and load its
-        version here before any session is sent to it."""
-        canary = await self.registry.canary(self.name)
-        if canary is not None:
-            try:
-                await self._hold(canary.version)
-            except ServiceError as exc:
-                log.error("cannot load %s canary version %s (%s); its sessions keep %s", self.name, canary.version,
-                          exc.message, self.runner.model.version)
-                canary = None
-        self.canary = canary
-
-    async def _apply(self, event: ModelEvent) -> None:
-        if event.name != self.name:
-            return
-        if event.event in ("activated", "canary"):
-            await self._follow_canary()
-        if event.event == "removed":
-            self.runner.drop_version(event.version)
-            self._prepared.pop(event.version, None)
-            return
-        if event.event == "unpinnable":  # held for pinned sessions only, unless it serves a canary here
-            if self.canary is None or self.canary.version != event.version:
-                self.runner.drop_version(event.version)
-            return
-        if event.event != "activated" or event.version == self.runner.model.version:
-            return
-        if not event.version:  # back to the configured weights, unless something newer was activated
-            async with self._lock:
-                if await self.registry.active(self.name) is None:
-                    self.runner.activate(self._base)
-            log.info("following activation: now serving %s's configured weights", self.name)
-            return
-        async with self._lock:
-            record = await self.registry.get(self.name, event.version)
-            if record is None or await self.registry.active(self.name) != event.version:
-                return  # superseded or removed since: the later event will say what to do
-            try:
-                served = self._prepared.pop(event.version, None) or await self._load(record)
-            except ServiceError as exc:
-                log.error("cannot load %s version %s (%s); still serving %s", self.name, event.version,
-                          exc.message, self.runner.model.version)
-                return
-            self.runner.activate(served)
-        log.info("following activation: now serving %s version %s", self.name, event.version)
 
 
 def _removed(version: str) -> Conflict:
@@ -461,6 +320,3 @@ def _removed(version: str) -> Conflict:
                     "to null or to a version listed by GET /v1/models.", code="model_version_removed")
 
 
-def canary_view(canary: Canary) -> dict[str, Any]:
-    return {"version": canary.version, "traffic_percent": canary.traffic_percent, "baseline": canary.baseline,
-            "started_at": iso(canary.started_at_ms)}

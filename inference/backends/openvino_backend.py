@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from inference.model import Lazy, ModelLoadError
 from inference.pixels import PixelBatch, pixel_graph
+
+if TYPE_CHECKING:
+    from inference.backends import Layout
 
 #: model.precision -> OpenVINO's inference precision hint.
 PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -65,3 +68,10 @@ class OpenVinoBackend:
         if request is None:
             request = requests[id(compiled)] = compiled.create_infer_request()
         return request
+
+
+def make(graph: Path, precision: str, layout: Layout) -> OpenVinoBackend:
+    """The registry's factory (inference.backends)."""
+    return OpenVinoBackend(graph, precision=precision, workers=layout.workers,
+                           intra_op_threads=layout.intra_op_threads,
+                           idle_intra_op_threads=layout.idle_intra_op_threads)

@@ -1,0 +1,125 @@
+"""The replica follower: every replica follows activations, canaries and removals over Redis pub/sub,
+and re-reads the active version whenever it (re)subscribes, so one that was cut off catches up."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+from core.errors import ServiceError
+from sessions.model_registry import ModelEvent
+
+if TYPE_CHECKING:
+    from service.catalogue import ModelCatalogue
+
+log = logging.getLogger("inference.weights")
+_CLOSE_TIMEOUT_SECONDS = 2.0
+
+
+class VersionFollower:
+    """Keeps one process's catalogue in step with the versions activated, started as canaries, made
+    unpinnable or removed anywhere."""
+
+    def __init__(self, catalogue: ModelCatalogue):
+        self.catalogue = catalogue
+        self._follower: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        """Serve the active version, then follow activations and removals until close(). A replica
+        that starts after an activation so never answers with the older weights; one that starts
+        while Redis is down serves the configured weights and catches up once it is back."""
+        try:
+            await self._catch_up()
+        except ServiceError as exc:
+            log.warning("could not read the active model version (%s); serving %s until Redis answers",
+                        exc.message, self.catalogue.runner.model.version)
+        self._follower = asyncio.get_running_loop().create_task(self._follow())
+
+    async def close(self) -> None:
+        self._closing = True
+        if self._follower is not None:
+            self._follower.cancel()
+            # redis-py can turn a cancellation inside a reconnect into a connection error, which the
+            # follower's retry loop would take for Redis trouble; the flag ends it then, and the wait
+            # is bounded either way, so a shutdown never hangs here.
+            await asyncio.wait({self._follower}, timeout=_CLOSE_TIMEOUT_SECONDS)
+
+    async def _follow(self) -> None:
+        delay, failing = 0.25, False
+        while True:
+            try:
+                async for event in self.catalogue.registry.events():
+                    if event.event == "subscribed":
+                        await self._catch_up()  # whatever happened while we were not listening
+                    else:
+                        await self._apply(event)
+                    delay, failing = 0.25, False
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # Redis down or restarted: keep serving, resubscribe later
+                if self._closing:
+                    return
+                if not failing:
+                    log.warning("not following model versions (%s); retrying", exc)
+                failing = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    async def _catch_up(self) -> None:
+        await self._follow_canary()
+        self.catalogue.pinnable = await self.catalogue.registry.pinnable(self.catalogue.name)
+        active = await self.catalogue.registry.active(self.catalogue.name)
+        if (active or self.catalogue.base_version) != self.catalogue.runner.model.version:
+            await self._apply(ModelEvent("activated", self.catalogue.name, active or ""))
+
+    async def _follow_canary(self) -> None:
+        """Read the canary (an activation ends it, a canary event starts or changes it) and load its
+        version here before any session is sent to it."""
+        canary = await self.catalogue.registry.canary(self.catalogue.name)
+        if canary is not None:
+            try:
+                await self.catalogue.hold(canary.version)
+            except ServiceError as exc:
+                log.error("cannot load %s canary version %s (%s); its sessions keep %s", self.catalogue.name,
+                          canary.version, exc.message, self.catalogue.runner.model.version)
+                canary = None
+        self.catalogue.canary = canary
+
+    async def _apply(self, event: ModelEvent) -> None:
+        if event.name != self.catalogue.name:
+            return
+        if event.event in ("activated", "canary"):
+            await self._follow_canary()
+        if event.event == "removed":
+            self.catalogue.runner.drop_version(event.version)
+            self.catalogue.prepared.pop(event.version, None)
+            return
+        if event.event == "unpinnable":  # held for pinned sessions only, unless it serves a canary here
+            self.catalogue.pinnable.discard(event.version)
+            if self.catalogue.canary is None or self.catalogue.canary.version != event.version:
+                self.catalogue.runner.drop_version(event.version)
+            return
+        if event.event != "activated" or event.version == self.catalogue.runner.model.version:
+            return
+        if not event.version:  # back to the configured weights, unless something newer was activated
+            async with self.catalogue.lock:
+                if await self.catalogue.registry.active(self.catalogue.name) is None:
+                    self.catalogue.runner.activate(self.catalogue.base)
+            log.info("following activation: now serving %s's configured weights", self.catalogue.name)
+            return
+        async with self.catalogue.lock:
+            record = await self.catalogue.registry.get(self.catalogue.name, event.version)
+            if record is None or await self.catalogue.registry.active(self.catalogue.name) != event.version:
+                return  # superseded or removed since: the later event will say what to do
+            try:
+                served = self.catalogue.prepared.pop(event.version, None) or await self.catalogue.load(record)
+            except ServiceError as exc:
+                log.error("cannot load %s version %s (%s); still serving %s", self.catalogue.name, event.version,
+                          exc.message, self.catalogue.runner.model.version)
+                return
+            self.catalogue.runner.activate(served)
+        log.info("following activation: now serving %s version %s", self.catalogue.name, event.version)
+
+

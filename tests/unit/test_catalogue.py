@@ -1,0 +1,70 @@
+"""What the model catalogue tells the Open Inference Protocol's dataplane: the versions this server answers
+with, and the model that answers for a version named in a URL (as a pin would load it)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from core.errors import NotFound
+from inference.runner import ModelRunner, ServedModel
+from service.catalogue import ModelCatalogue, VersionNotPinnable
+from sessions.model_registry import Canary, VersionRecord
+from tests.unit.fakes import FakeBackend, fake_model
+
+pytestmark = pytest.mark.unit
+
+
+class Registry:
+    """The two reads of sessions.model_registry.ModelRegistry that resolving a version makes."""
+
+    def __init__(self, statuses: dict[str, str]):
+        self.statuses = statuses  # version -> "missing" | "not_pinnable" | "ok"
+
+    async def pin_status(self, name: str, version: str, *, configured: bool) -> str:
+        return self.statuses.get(version, "missing")
+
+    async def get(self, name: str, version: str) -> VersionRecord | None:
+        return VersionRecord(name, version, "0" * 64, 1, 0) if self.statuses.get(version) == "ok" else None
+
+
+def catalogue(runner: ModelRunner, tmp_path: Path, **statuses: str) -> ModelCatalogue:
+    made = ModelCatalogue(Registry(statuses), runner, store_dir=tmp_path,  # type: ignore[arg-type]
+                          backend_for=lambda model: FakeBackend())
+
+    async def load(record: VersionRecord) -> ServedModel:  # what publishing stored, without torch
+        return ServedModel(fake_model(record.version), FakeBackend())
+
+    made.load = load  # type: ignore[method-assign]
+    return made
+
+
+def test_listed_versions_are_the_active_first_then_configured_canary_and_pinnable(runner: ModelRunner,
+                                                                                   tmp_path: Path) -> None:
+    versions = catalogue(runner, tmp_path)
+    assert versions.listed_versions() == ["v1"]
+    versions.canary, versions.pinnable = Canary("v3", 10, "v1", 0), {"v2", "v3"}
+    assert versions.listed_versions() == ["v1", "v3", "v2"]
+    runner.activate(ServedModel(fake_model("v4"), FakeBackend()))
+    assert versions.listed_versions() == ["v4", "v1", "v3", "v2"]
+
+
+def test_served_for_version_resolves_like_a_pin(runner: ModelRunner, tmp_path: Path) -> None:
+    versions = catalogue(runner, tmp_path, v2="ok", v5="not_pinnable")
+
+    async def resolve(version: str | None) -> Any:
+        return await versions.served_for_version(version)
+
+    assert asyncio.run(resolve(None)) is runner.served()
+    assert asyncio.run(resolve("v1")) is runner.served()
+    served = asyncio.run(resolve("v2"))  # loaded on first use, then held
+    assert served.model.version == "v2" and runner.has_version("v2")
+    with pytest.raises(NotFound) as missing:
+        asyncio.run(resolve("ghost"))
+    assert missing.value.code == "model_version_not_found"
+    with pytest.raises(VersionNotPinnable):
+        asyncio.run(resolve("v5"))
+    assert not runner.has_version("v5")
