@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 from core.clock import now_ms
 from core.errors import NotFound, ServiceError
-from core.files import private_dir, write_private
+from core.files import private_dir, write_atomically
 from core.session import Session
 from inference.runner import ImageSource
 
@@ -339,7 +339,7 @@ class Captures:
             if free - len(data) < self.min_free_disk_bytes:
                 raise LowDisk(f"{free} bytes free where {self.store_dir} is, under capture.min_free_disk_bytes "
                               f"({self.min_free_disk_bytes})")
-        write_private(path, data)
+        write_atomically(path, data, private=True)
 
     # -- reading ------------------------------------------------------------------------------------
     async def read(self, session_id: str, image: dict[str, Any] | None) -> tuple[bytes, str]:
