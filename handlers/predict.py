@@ -7,13 +7,13 @@ from dataclasses import dataclass
 import tornado.web
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
+from core import images
 from core.errors import BadRequest, NotFound, UnsupportedMediaType
 from core.options import Options
 from handlers.uploads import UploadHandler
-from inference import imaging
 from service.auth import Policy
 
-IMAGE_TYPES = frozenset(imaging.MEDIA_TYPES)
+IMAGE_TYPES = frozenset(images.MEDIA_TYPES)
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of the maximum size
 _DRAIN_FACTOR = 4
 
@@ -60,7 +60,7 @@ class ImageUploadHandler(UploadHandler):
         if _media_type(content_type) not in IMAGE_TYPES | {"multipart/form-data"}:
             raise UnsupportedMediaType(
                 "Send the image as multipart/form-data (field 'image') or as a raw body with Content-Type "
-                "image/jpeg, image/png, image/webp, image/gif or image/bmp."
+                f"{images.MEDIA_TYPES_SENTENCE}."
             )
         upload = ImageUpload(tuple(self._chunks), content_type)
         self._chunks = []
