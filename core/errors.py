@@ -6,6 +6,7 @@ base handler maps them to the JSON error shape in one place.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from typing import Any
 
@@ -29,6 +30,19 @@ def quoted_names(names: Iterable[Any]) -> str:
     ordered = sorted(map(str, names))
     listed = ", ".join(quoted(name) for name in ordered[:QUOTE_NAMES])
     return listed if len(ordered) <= QUOTE_NAMES else f"{listed} and {len(ordered) - QUOTE_NAMES} more"
+
+
+def error_document(code: str, message: str, *, oip: bool = False) -> dict[str, Any]:
+    """The body every error is answered with: `{"error": {"code", "message"}}`, or with `oip` the Open
+    Inference Protocol's `{"error": "<message>"}` (its clients, tritonclient, read that form)."""
+    if oip:
+        return {"error": message}
+    return {"error": {"code": code, "message": message}}
+
+
+def error_json(code: str, message: str, *, oip: bool = False) -> str:
+    """`error_document` serialised, as every HTTP answer of an error carries it."""
+    return json.dumps(error_document(code, message, oip=oip))
 
 
 class ServiceError(Exception):

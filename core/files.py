@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -26,16 +27,23 @@ def private_dir(path: Path) -> None:
     owner_only(path, 0o700)
 
 
-def write_private(path: Path, data: str | bytes) -> None:
-    """Write `path` whole or not at all (a crash leaves the old file or none), readable by its owner only;
-    the temporary file is a dot-file beside it."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+@contextlib.contextmanager
+def written_whole(path: Path, *, private: bool = False) -> Iterator[Path]:
+    """A temporary path beside `path` for the block to write; renamed over `path` when the block ends and
+    removed if it fails, so that a reader (or a crash) sees the old file or the new one, never half of one.
+
+    `private`: a file of the data folder (the signing secret, a captured image), the only copy there is:
+    made 0600 whatever the umask, its folder 0700, and the caller syncs it before the rename. Otherwise a
+    cache file that several processes may write at once: the temporary name is this process's own."""
+    if private:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+        os.close(fd)
+        temporary = Path(name)
+    else:
+        temporary = path.with_suffix(f".{os.getpid()}.partial")
     try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -43,12 +51,11 @@ def write_private(path: Path, data: str | bytes) -> None:
         raise
 
 
-def write_atomically(path: Path, data: bytes | str) -> None:
-    """Write `path` through a file of this process's own and a rename: several processes may write the
-    same cache file at once, and a reader never sees half of one."""
-    partial = path.with_suffix(f".{os.getpid()}.partial")
-    if isinstance(data, str):
-        partial.write_text(data)
-    else:
-        partial.write_bytes(data)
-    os.replace(partial, path)
+def write_atomically(path: Path, data: bytes | str, *, private: bool = False) -> None:
+    """Write `path` whole or not at all (written_whole); `private` for the data folder's files."""
+    with written_whole(path, private=private) as temporary, \
+            open(temporary, "wb" if isinstance(data, bytes) else "w") as file:
+        file.write(data)
+        if private:  # the only copy: on disk before it replaces the old one
+            file.flush()
+            os.fsync(file.fileno())

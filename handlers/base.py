@@ -27,7 +27,7 @@ from typing import Any
 
 import tornado.web
 
-from core.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType, quoted
+from core.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType, error_json, quoted
 from core.session import IDEMPOTENCY_KEY, Session
 from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
@@ -314,13 +314,9 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_status(status_code)
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         self.clear_header("Inference-Header-Content-Length")
-        self.finish(json.dumps(self.error_body(code, message)))
-
-    def error_body(self, code: str, message: str) -> dict[str, Any]:
-        # The Open Inference Protocol's clients (tritonclient) read `{"error": "<message>"}`.
-        if self.request.path == "/v2" or self.request.path.startswith("/v2/"):
-            return {"error": message}
-        return {"error": {"code": code, "message": message}}
+        # Under /v2 the Open Inference Protocol's form (its clients read `{"error": "<message>"}`).
+        oip = self.request.path == "/v2" or self.request.path.startswith("/v2/")
+        self.finish(error_json(code, message, oip=oip))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
         # Expected domain errors are part of the API, not failures: one line, no traceback.

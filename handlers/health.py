@@ -44,7 +44,10 @@ class OpenAPIHandler(BaseHandler):
     auth_policy = Policy.PUBLIC
 
     def get(self) -> None:
-        self.write_json(openapi_document(legacy_predict=self.http_settings.legacy_predict))
+        # The app's own route table, as routed: each API route carries its template as its route_name.
+        routes = [(rule.target_kwargs["route_name"], rule.target) for rule in self.application.wildcard_router.rules
+                  if "route_name" in rule.target_kwargs]
+        self.write_json(openapi_document(routes, legacy_predict=self.http_settings.legacy_predict))
 
 
 class MetricsHandler(BaseHandler):

@@ -22,8 +22,9 @@ from typing import IO
 
 import tornado.web
 
-from core.errors import BadRequest, PayloadTooLarge
+from core.errors import BadRequest
 from handlers.base import BaseHandler
+from handlers.uploads import UploadHandler
 from service.auth import Policy
 from service.canary import parse_traffic_percent
 
@@ -51,25 +52,23 @@ class LabelsHandler(BaseHandler):
 
 
 @tornado.web.stream_request_body
-class ModelVersionHandler(BaseHandler):
+class ModelVersionHandler(UploadHandler):
     """PUT (upload, streamed to a file in the store while it is hashed) and DELETE of one version."""
 
     auth_policy = Policy.ADMIN
-    defers_refusals = True  # answered once the body is drained (any method: this handler streams every
-    # body), so the client reads the error instead of a reset connection
+    # Refusals wait for the body's end for any method: this handler streams every body.
     _file: IO[bytes] | None = None
     _path: Path | None = None
 
     def initialize(self, route_name: str = "unmatched") -> None:
         super().initialize(route_name)
-        self._received = 0  # data_received may run for any method, OPTIONS included
         self._digest = hashlib.sha256()
-        self._limit = self.http_settings.max_upload_bytes
+        self.upload_limit = self.http_settings.max_upload_bytes
 
     def can_drain(self) -> bool:
         # Only the admin key's holder may send a body past http.max_body_bytes (up to twice the upload
         # limit is drained, then cut): for anyone else a larger one is refused at once.
-        limit = self._limit * 2 if self.principal.admin else self.http_settings.max_body_bytes
+        limit = self.upload_limit * 2 if self.principal.admin else self.http_settings.max_body_bytes
         return self.declared_length() <= limit
 
     async def after_auth(self) -> None:
@@ -77,10 +76,10 @@ class ModelVersionHandler(BaseHandler):
         # http.max_body_bytes and http.body_timeout_seconds.
         if self.request.method != "PUT":
             return
-        self.request.connection.set_max_body_size(self._limit * 2)
+        self.request.connection.set_max_body_size(self.upload_limit * 2)
         self.request.connection.set_body_timeout(self.http_settings.upload_timeout_seconds)
         if not self.can_drain():
-            self._refuse_oversized()
+            self.refuse_oversized()
         name, version = self.path_kwargs["name"], self.path_kwargs["version"]
         self.model_versions.check_name(name, version)
         if not _SHA256_HEX.match(self.request.headers.get(CHECKSUM_HEADER, "")):
@@ -90,8 +89,7 @@ class ModelVersionHandler(BaseHandler):
         self._file = self._path.open("wb")
 
     def data_received(self, chunk: bytes) -> None:
-        self._received += len(chunk)
-        if self.refusal or self._file is None or self._received > self._limit:
+        if not self.keeps(chunk) or self._file is None:
             return
         self._digest.update(chunk)
         self._file.write(chunk)  # chunks of ~64 KB to a local file: short enough for the IOLoop
@@ -111,15 +109,11 @@ class ModelVersionHandler(BaseHandler):
         if self._path is not None:
             self._path.unlink(missing_ok=True)  # published files were renamed away already
 
-    def _refuse_oversized(self) -> None:
-        self.set_header("Connection", "close")
-        raise PayloadTooLarge(f"The file is larger than models.max_upload_bytes ({self._limit} bytes).")
+    def oversized_message(self) -> str:
+        return f"The file is larger than models.max_upload_bytes ({self.upload_limit} bytes)."
 
     async def put(self, name: str, version: str) -> None:
-        if self.refusal:
-            raise self.refusal
-        if self._received > self._limit:
-            self._refuse_oversized()
+        self.raise_refusal()
         assert self._file is not None and self._path is not None
         self._file.close()
         self._file = None

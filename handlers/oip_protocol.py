@@ -7,7 +7,7 @@ exactly as `POST /v1/predict` does), and the outputs, classification extension i
 transport only maps its own wire form to `RawInput`/`RequestedOutput` and `OutputTensor` back.
 
 The model takes one of two inputs per request:
-- `image`: BYTES `[N]` or `[N, 1]`, each element one encoded image (JPEG, PNG, WebP, GIF, BMP),
+- `image`: BYTES `[N]` or `[N, 1]`, each element one encoded image (a format of core.images),
   preprocessed under the session's options (defaults when anonymous);
 - `preprocessed`: FP32 `[N, 3, H, W]`, already normalized, fed to the model as is.
 It answers `probabilities`: FP32 `[N, classes]`, or with the `classification: k` parameter on the

@@ -4,11 +4,15 @@ validates real responses against these schemas, so it cannot drift from the code
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
+import tornado.web
+
+from core.images import MEDIA_TYPES
 from core.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
 from handlers.oip_protocol import SERVER_VERSION
-from inference.imaging import MEDIA_TYPES
+from service.auth import Policy
 from service.canary import TRAFFIC_PERCENT
 from service.history import DEFAULT_PAGE, MAX_PAGE
 
@@ -373,18 +377,17 @@ _MODEL = {"name": "model", "in": "path", "required": True, "schema": {"type": "s
 _VERSION = {"name": "version", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
-def _oip_paths(anonymous: bool) -> dict[str, Any]:
+def _oip_paths() -> dict[str, Any]:
     """The Open Inference Protocol's REST routes; each model route also takes /versions/{version}."""
     unknown = {"404": _oip_error("Unknown model or version.")}
-    metadata = {"get": {"summary": "Model metadata: its inputs and outputs (-1: variable).", "security": [{}],
+    metadata = {"get": {"summary": "Model metadata: its inputs and outputs (-1: variable).",
                         "responses": {"200": _json(_ref("OipModelMetadata"), "Metadata."), **unknown}}}
-    ready = {"get": {"summary": "Model readiness.", "security": [{}],
+    ready = {"get": {"summary": "Model readiness.",
                      "responses": {"200": _json({"type": "object", "required": ["ready"], "properties": {
                          "name": {"type": "string"}, "ready": {"const": True}}}, "Ready."), **unknown}}}
     infer = {"post": {
         "summary": "Infer (Open Inference Protocol): BYTES images under the session's options, or an FP32 "
                    "preprocessed tensor; with a token each image is recorded in the session's history.",
-        "security": [{}, {"bearer": []}] if anonymous else _BEARER,
         "parameters": [{"name": "Inference-Header-Content-Length", "in": "header", "required": False,
                         "schema": {"type": "integer", "minimum": 0},
                         "description": "Binary tensor data extension: the JSON header's length; the tensors' "
@@ -409,11 +412,11 @@ def _oip_paths(anonymous: bool) -> dict[str, Any]:
                       "503": _oip_error("Queue full or session store unavailable; see Retry-After.")},
     }}
     paths: dict[str, Any] = {
-        "/v2": {"get": {"summary": "Server metadata and the protocol extensions served.", "security": [{}],
+        "/v2": {"get": {"summary": "Server metadata and the protocol extensions served.",
                         "responses": {"200": _json(_ref("OipServerMetadata"), "Metadata.")}}},
-        "/v2/health/live": {"get": {"summary": "Liveness.", "security": [{}], "responses": {"200": _json(
+        "/v2/health/live": {"get": {"summary": "Liveness.", "responses": {"200": _json(
             {"type": "object", "required": ["live"], "properties": {"live": {"const": True}}}, "Alive.")}}},
-        "/v2/health/ready": {"get": {"summary": "Readiness: model loaded and store answering.", "security": [{}],
+        "/v2/health/ready": {"get": {"summary": "Readiness: model loaded and store answering.",
                                      "responses": {"200": _json({"type": "object", "required": ["ready"],
                                                                  "properties": {"ready": {"type": "boolean"}}},
                                                                 "Ready."),
@@ -463,11 +466,12 @@ def _document_malformed_requests(paths: dict[str, Any]) -> None:
                                      f"{description} A request that is not valid HTTP gets the /v1 error shape.")
 
 
-def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
+def _prose() -> dict[str, Any]:
+    """What is written by hand for each route: summaries, parameters, bodies and answers, by route and
+    method. Which routes and methods there are, and their security, come from the route table."""
     paths: dict[str, Any] = {
         "/v1/sessions": {"post": {
             "summary": "Log in: create a session and get its token.",
-            "security": [{}, {"apiKey": []}],
             "requestBody": _json_body({"type": "object", "properties": {"options": _ref("Options")}}, required=False),
             "responses": {"201": _json(_ref("Login"), "Session created."),
                           **_JSON_BODY_ERRORS,
@@ -477,22 +481,22 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                           "503": _error("The session store is unavailable.")},
         }},
         "/v1/session": {
-            "get": {"summary": "The current session.", "security": _BEARER,
+            "get": {"summary": "The current session.",
                     "responses": {"200": _json(_ref("Session"), "The session."), **_AUTH_ERRORS}},
             "delete": {"summary": "Log out; the token stops working. With erase=true the session's history, "
                                   "feedback, captured images and Idempotency-Keys are erased too (an image another "
                                   "session also sent stays for that one); the token is revoked last, so after a 503 "
-                                  "retrying the same request finishes the erase.", "security": _BEARER,
+                                  "retrying the same request finishes the erase.",
                        "parameters": [{"name": "erase", "in": "query", "required": False,
                                        "schema": {"enum": ["true", "false"], "default": "false"}}],
                        "responses": {"204": {"description": "Logged out (and erased)."},
                                      "400": _error("erase is neither true nor false."), **_AUTH_ERRORS}},
         },
         "/v1/session/options": {
-            "get": {"summary": "The session's options.", "security": _BEARER,
+            "get": {"summary": "The session's options.",
                     "responses": {"200": _json(_ref("OptionsResponse"), "Options."), **_AUTH_ERRORS}},
             "patch": {
-                "summary": "Merge the given options into the session's options.", "security": _BEARER,
+                "summary": "Merge the given options into the session's options.",
                 "requestBody": _json_body(_ref("Options"), required=True),
                 "responses": {"200": _json(_ref("OptionsResponse"), "The merged options."),
                               **_JSON_BODY_ERRORS,
@@ -503,7 +507,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         },
         "/v1/predict": {"post": {
             "summary": "Classify one image under the session's options and record it in the history.",
-            "security": _BEARER,
             "parameters": _OPTION_OVERRIDES,
             "requestBody": _IMAGE_BODY,
             "responses": {"200": _json(_ref("Prediction"), "Classified and recorded."),
@@ -521,7 +524,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         "/v1/preprocess": {"post": {
             "summary": "The tensor the model would see for this image under the session's options "
                        "(nothing is classified or recorded).",
-            "security": _BEARER,
             "parameters": _OPTION_OVERRIDES,
             "requestBody": _IMAGE_BODY,
             "responses": {"200": {"description": "The float32 (3, crop, crop) tensor: NumPy .npy by default, "
@@ -545,14 +547,12 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                        "\"ref\", \"seq\", \"result\": Prediction} or {\"type\": \"error\", \"ref\", \"seq\", "
                        "\"status\", \"error\": {\"code\", \"message\"}}. A missing or bad token closes the socket "
                        "with code 1008 and the error code as the reason. See docs/streaming.md.",
-            "security": _BEARER,
             "responses": {"101": {"description": "Switching to the WebSocket protocol."},
                           "400": {"description": "Not a WebSocket upgrade request."},
                           "403": {"description": "Cross-origin upgrade from an origin not in http.cors_origins."}},
         }},
         "/v1/history": {"get": {
             "summary": "The session's predictions, newest first.",
-            "security": _BEARER,
             "parameters": [
                 {"name": "limit", "in": "query", "required": False,
                  "schema": _integer((1, MAX_PAGE), default=DEFAULT_PAGE)},
@@ -565,7 +565,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         }},
         "/v1/history/{id}": {"get": {
             "summary": "One history item.",
-            "security": _BEARER,
             "parameters": [{"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}],
             "responses": {"200": _json(_ref("HistoryItem"), "The item."),
                           "404": _error("No such item in this session."), **_AUTH_ERRORS},
@@ -573,7 +572,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         "/v1/history/{id}/image": {"get": {
             "summary": "The image of one of the session's predictions, byte for byte as sent, where capture is on "
                        "(capture.enabled) and its retention has not ended.",
-            "security": _BEARER,
             "parameters": [_HISTORY_ID_PARAMETER],
             "responses": {"200": {"description": "The image, with the media type its bytes have.",
                                   "content": _IMAGE_CONTENT},
@@ -585,7 +583,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "put": {
                 "summary": "Say which label is right for one of the session's predictions (a class index or a "
                            "label name); a repeat replaces the earlier feedback.",
-                "security": _BEARER,
                 "parameters": [_HISTORY_ID_PARAMETER],
                 "requestBody": _json_body(_ref("FeedbackRequest"), required=True),
                 "responses": {"200": _json(_ref("HistoryItem"), "The item, with its feedback."),
@@ -601,7 +598,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             },
             "delete": {
                 "summary": "Withdraw the feedback on one of the session's predictions.",
-                "security": _BEARER,
                 "parameters": [_HISTORY_ID_PARAMETER],
                 "responses": {"204": {"description": "No feedback on the item any more."},
                               "404": _error("No such item in this session."), **_AUTH_ERRORS},
@@ -610,7 +606,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         "/v1/feedback": {"delete": {
             "summary": "Purge feedback: every record given in a time range, or one session's (by the name the "
                        "export gives it), or one session's in a time range. See docs/api.md#purging-feedback.",
-            "security": _ADMIN,
             "parameters": [
                 *_FEEDBACK_TIME_RANGE,
                 {"name": "session", "in": "query", "required": False,
@@ -627,7 +622,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "summary": "The training export: every piece of feedback with its prediction, model version, options and "
                        "captured image, oldest feedback first, streamed as a WebDataset tar (members <key>.json, "
                        "<key>.cls and <key>.<ext>) or as JSON lines. See docs/api.md#the-training-export.",
-            "security": _ADMIN,
             "parameters": [
                 *_FEEDBACK_TIME_RANGE,
                 {"name": "model_version", "in": "query", "required": False,
@@ -644,14 +638,12 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
         }},
         "/v1/models": {"get": {
             "summary": "The served model's versions with their hash, size and activation time.",
-            "security": [{"bearer": []}, {"adminApiKey": []}],
             "responses": {"200": _json(_ref("ModelList"), "Versions."), **_AUTH_ERRORS},
         }},
         "/v1/models/{name}/labels": {"get": {
             "summary": "The class labels of the version serving everyone, index i naming class i: what a "
                        "correction's label (PUT /v1/history/{id}/feedback) takes. Answers a matching "
                        "If-None-Match with 304.",
-            "security": [{"bearer": []}, {"adminApiKey": []}],
             "parameters": [_VERSION_PARAMETERS[0]],
             "responses": {"200": _json({"type": "object", "required": ["name", "version", "labels"], "properties": {
                 "name": {"type": "string"}, "version": {"type": "string"},
@@ -664,7 +656,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                 "summary": "Publish a version: the body is a PyTorch state_dict file (torch.save), checked "
                            "against X-Content-SHA256, loaded into a copy of the architecture and run once on a "
                            "fixed input before it is stored. Not active until activated.",
-                "security": _ADMIN,
                 "parameters": [*_VERSION_PARAMETERS,
                                {"name": "X-Content-SHA256", "in": "header", "required": True,
                                 "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}],
@@ -679,7 +670,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             },
             "delete": {
                 "summary": "Remove a version that is not active; sessions pinned to it get 409 from then on.",
-                "security": _ADMIN,
                 "parameters": _VERSION_PARAMETERS,
                 "responses": {"204": {"description": "Removed."},
                               "409": _error("The version is active."), **_ADMIN_ERRORS},
@@ -691,7 +681,6 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
                        "rolls back to them. With traffic_percent below 100, a canary: the version serves that "
                        "share of the sessions (each keeps its version) and the others keep the active one; an "
                        "activation at 100 ends it. A session's pinned model_version wins over both.",
-            "security": _ADMIN,
             "parameters": _VERSION_PARAMETERS,
             "requestBody": _json_body({"type": "object", "additionalProperties": False,
                                        "properties": {"traffic_percent": _integer(TRAFFIC_PERCENT, default=100)}},
@@ -708,43 +697,87 @@ def openapi_document(*, legacy_predict: bool = True) -> dict[str, Any]:
             "put": {
                 "summary": "Let sessions pin this version (published, or the configured weights'); the active "
                            "version and the canary's may always be pinned.",
-                "security": _ADMIN,
                 "parameters": _VERSION_PARAMETERS,
                 "responses": {"200": _json(_PINNABLE_ANSWER, "Pinnable."), **_ADMIN_ERRORS},
             },
             "delete": {
                 "summary": "No longer let sessions pin this version: sessions pinned to it are refused "
                            "(403 model_version_not_pinnable) unless it is active or the canary's.",
-                "security": _ADMIN,
                 "parameters": _VERSION_PARAMETERS,
                 "responses": {"200": _json(_PINNABLE_ANSWER, "Not pinnable."), **_ADMIN_ERRORS},
             },
         },
-        "/healthz": {"get": {"summary": "Liveness.", "security": [{}],
+        "/healthz": {"get": {"summary": "Liveness.",
                              "responses": {"200": _json(_ref("Health"), "Alive.")}}},
-        "/readyz": {"get": {"summary": "Readiness: model loaded and store answering.", "security": [{}],
+        "/readyz": {"get": {"summary": "Readiness: model loaded and store answering.",
                             "responses": {"200": _json(_ref("Readiness"), "Ready."),
                                           "503": _json(_ref("Readiness"), "Not ready; checks say why.")}}},
-        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format).", "security": [{}],
+        "/metrics": {"get": {"summary": "Prometheus metrics (text exposition format).",
                              "responses": {"200": {"description": "Metrics.",
                                                    "content": {"text/plain": {"schema": {"type": "string"}}}}}}},
-        "/openapi.json": {"get": {"summary": "This document.", "security": [{}],
+        "/openapi.json": {"get": {"summary": "This document.",
                                   "responses": {"200": {"description": "OpenAPI 3.1 document.",
                                                         "content": {"application/json": {}}}}}},
     }
-    paths.update(_oip_paths(anonymous=legacy_predict))
-    if legacy_predict:
-        paths["/predict"] = {"post": {
-            "summary": "Session-less classification, as in the simple Flask example.",
-            "security": [{}],
-            "requestBody": _IMAGE_BODY,
-            "responses": {"200": _json(_ref("PlainPrediction"), "The top-1 class index."),
-                          "400": _error("Malformed multipart body or no 'image' field."),
-                          "413": _error("Body too large."),
-                          "415": _error("Unsupported Content-Type."),
-                          "422": _error("Not a readable image."),
-                          "503": _error("Queue full.")},
-        }}
+    paths.update(_oip_paths())
+    paths["/predict"] = {"post": {
+        "summary": "Session-less classification, as in the simple Flask example.",
+        "requestBody": _IMAGE_BODY,
+        "responses": {"200": _json(_ref("PlainPrediction"), "The top-1 class index."),
+                      "400": _error("Malformed multipart body or no 'image' field."),
+                      "413": _error("Body too large."),
+                      "415": _error("Unsupported Content-Type."),
+                      "422": _error("Not a readable image."),
+                      "503": _error("Queue full.")},
+    }}
+    return paths
+
+
+def security(policy: Policy, *, anonymous: bool) -> list[dict[str, list[str]]]:
+    """The OpenAPI security a route's auth_policy means (`{}`: no credential needed)."""
+    return {
+        Policy.PUBLIC: [{}],
+        Policy.SESSION: _BEARER,
+        Policy.STREAM: _BEARER,
+        Policy.OPTIONAL_SESSION: [{}, *_BEARER] if anonymous else _BEARER,
+        Policy.ADMIN: _ADMIN,
+        Policy.SESSION_OR_ADMIN: [*_BEARER, *_ADMIN],
+    }[policy]
+
+
+# Credentials a route checks beyond its policy: login takes an API key where auth.api_keys is set.
+_ALSO_ACCEPTS = {"/v1/sessions": [{"apiKey": []}]}
+# Routed always, documented only where http.legacy_predict is on (else it answers 404).
+_LEGACY_ROUTES = {"/predict"}
+_METHODS = ("get", "post", "put", "patch", "delete")
+
+
+def _methods(handler: type[tornado.web.RequestHandler]) -> list[str]:
+    return [method for method in _METHODS
+            if getattr(handler, method) is not getattr(tornado.web.RequestHandler, method)]
+
+
+def _undescribed(handler: type[tornado.web.RequestHandler]) -> dict[str, Any]:
+    """A route without prose here still appears, with its handler's first docstring line."""
+    summary = (handler.__doc__ or handler.__name__).strip().splitlines()[0]
+    return {"summary": summary, "responses": {"200": {"description": "Not described yet."},
+                                              "default": _error("An error.")}}
+
+
+def openapi_document(routes: Iterable[tuple[str, type[tornado.web.RequestHandler]]], *,
+                     legacy_predict: bool = True) -> dict[str, Any]:
+    """The document for `routes`, (template, handler) as the app routes them: each route's methods and
+    security come from its handler and its auth_policy, the rest from the prose above."""
+    prose = _prose()
+    paths: dict[str, Any] = {}
+    for template, handler in routes:
+        if template in _LEGACY_ROUTES and not legacy_predict:
+            continue
+        described = prose.get(template, {})
+        policy = getattr(handler, "auth_policy", Policy.SESSION)
+        required = security(policy, anonymous=legacy_predict) + _ALSO_ACCEPTS.get(template, [])
+        paths[template] = {method: {**(described.get(method) or _undescribed(handler)), "security": required}
+                           for method in _methods(handler)}
     _document_malformed_requests(paths)
     return {
         "openapi": "3.1.0",

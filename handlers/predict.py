@@ -7,19 +7,19 @@ from dataclasses import dataclass
 import tornado.web
 from tornado.httputil import HTTPFile, HTTPInputError, parse_body_arguments
 
-from core.errors import BadRequest, NotFound, PayloadTooLarge, UnsupportedMediaType
+from core import images
+from core.errors import BadRequest, NotFound, UnsupportedMediaType
 from core.options import Options
-from handlers.base import BaseHandler
-from inference import imaging
+from handlers.uploads import UploadHandler
 from service.auth import Policy
 
-IMAGE_TYPES = frozenset(imaging.MEDIA_TYPES)
+IMAGE_TYPES = frozenset(images.MEDIA_TYPES)
 _MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around an image of the maximum size
 _DRAIN_FACTOR = 4
 
 
 @tornado.web.stream_request_body
-class ImageUploadHandler(BaseHandler):
+class ImageUploadHandler(UploadHandler):
     """Receives one image, as multipart field `image` or as a raw image body.
 
     The body is streamed so that an oversized upload is never held in memory: past the limit it is
@@ -27,48 +27,40 @@ class ImageUploadHandler(BaseHandler):
     """
 
     _chunks: list[bytes]
-    _received: int
-    defers_refusals = True  # answered once the body is drained (unkept): Tornado drops the connection
-    # if we answer mid-body, and the client would see a reset instead of our error.
 
     def initialize(self, route_name: str = "unmatched") -> None:
         super().initialize(route_name)
-        self._chunks, self._received = [], 0  # data_received may run for any method, OPTIONS included
-        self._limit = self.http_settings.max_body_bytes + _MULTIPART_OVERHEAD
+        self._chunks = []  # data_received may run for any method, OPTIONS included
+        self.upload_limit = self.http_settings.max_body_bytes + _MULTIPART_OVERHEAD
 
     async def before_auth(self) -> None:
-        self.request.connection.set_max_body_size(self._limit * _DRAIN_FACTOR)
+        self.request.connection.set_max_body_size(self.upload_limit * _DRAIN_FACTOR)
         if not self.can_drain():
             # Far too large: answer now, without reading. A client that sent `Expect: 100-continue`
             # (curl does for large bodies) reads this 413 before sending a byte of the body.
-            self._refuse_oversized()
+            self.refuse_oversized()
 
     def can_drain(self) -> bool:
-        return self.declared_length() <= self._limit * _DRAIN_FACTOR
+        return self.declared_length() <= self.upload_limit * _DRAIN_FACTOR
 
     def data_received(self, chunk: bytes) -> None:
         # Past the limit, or with a refusal pending, chunks are dropped unread.
-        self._received += len(chunk)
-        if self.refusal or self._received > self._limit:
-            self._chunks = []
-        else:
+        if self.keeps(chunk):
             self._chunks.append(chunk)
+        else:
+            self._chunks = []
 
-    def _refuse_oversized(self) -> None:
-        self.set_header("Connection", "close")
-        raise PayloadTooLarge(f"The body is larger than the limit of {self.http_settings.max_body_bytes} bytes.")
+    def oversized_message(self) -> str:
+        return f"The body is larger than the limit of {self.http_settings.max_body_bytes} bytes."
 
     def uploaded_image(self) -> ImageUpload:
         """The body as received, for the runner to read the image out of (see ImageUpload)."""
-        if self.refusal:
-            raise self.refusal
-        if self._received > self._limit:
-            self._refuse_oversized()
+        self.raise_refusal()
         content_type = self.request.headers.get("Content-Type", "")
         if _media_type(content_type) not in IMAGE_TYPES | {"multipart/form-data"}:
             raise UnsupportedMediaType(
                 "Send the image as multipart/form-data (field 'image') or as a raw body with Content-Type "
-                "image/jpeg, image/png, image/webp, image/gif or image/bmp."
+                f"{images.MEDIA_TYPES_SENTENCE}."
             )
         upload = ImageUpload(tuple(self._chunks), content_type)
         self._chunks = []

@@ -42,7 +42,7 @@ from typing import Any
 
 import tornado.websocket
 
-from core.errors import BadRequest, InvalidToken, ServiceError, quoted_names
+from core.errors import BadRequest, InvalidToken, ServiceError, error_document, quoted_names
 from handlers.base import BaseHandler, parse_json
 from service.auth import Policy
 from sessions.tokens import VerifiedToken
@@ -229,7 +229,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
     @staticmethod
     def _error_frame(exc: ServiceError, ref: Any, seq: int | None) -> dict[str, Any]:
         frame: dict[str, Any] = {"type": "error", "ref": ref, "seq": seq, "status": exc.status,
-                                 "error": {"code": exc.code, "message": exc.message}}
+                                 **error_document(exc.code, exc.message)}
         if "Retry-After" in exc.headers:
             frame["retry_after"] = int(exc.headers["Retry-After"])
         return frame

@@ -3,10 +3,11 @@ security headers, and JSON errors like every other route."""
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import tornado.web
+
+from core.errors import error_json
 
 # The page loads only its own files: no inline script or style, no third-party origin.
 CONTENT_SECURITY_POLICY = (
@@ -28,4 +29,4 @@ class WebAssetHandler(tornado.web.StaticFileHandler):
         self.set_header("Content-Type", "application/json; charset=UTF-8")
         code = "not_found" if status_code == 404 else "method_not_allowed" if status_code == 405 else "http_error"
         message = "No such file." if status_code == 404 else self._reason
-        self.finish(json.dumps({"error": {"code": code, "message": message}}))
+        self.finish(error_json(code, message))

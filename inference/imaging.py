@@ -23,6 +23,7 @@ import PIL
 import simplejpeg
 from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
+from core import images
 from core.errors import BadImage
 from core.options import Options
 from inference.pixels import PixelBatch, normalization
@@ -33,19 +34,16 @@ _RESAMPLING = {
     "nearest": Image.Resampling.NEAREST,
 }
 
-#: The formats the API promises, as Pillow names them. Pillow tries only these, so a TIFF, ICO or PSD
+#: The formats the API promises (core.images), as Pillow names them. Pillow tries only these, so a TIFF, ICO or PSD
 #: is refused from its signature whatever Content-Type it came with; some other plugins decode while
 #: opening (an ICO decodes its largest entry), before any size check could run. For these five the
 #: size read from the header is that of the frame `load()` decodes (for a GIF, Pillow folds the first
 #: frame's bounds into it); a JPEG may decode smaller (draft).
-FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
-#: The same formats as HTTP media types, in the same order.
-MEDIA_TYPES = ("image/jpeg", "image/png", "image/webp", "image/gif", "image/bmp")
+FORMATS = images.PILLOW_NAMES
 
 #: Defaults of the shape limits (server config: model.max_aspect_ratio, model.max_upscale).
 DEFAULT_MAX_ASPECT_RATIO = 100.0
 DEFAULT_MAX_UPSCALE = 256.0
-_FORMAT_NAMES = "JPEG, PNG, WebP, GIF, BMP"
 
 #: The filters' support radius in source pixels at scale 1 (Pillow's libImaging/Resample.c); nearest
 #: reads only the pixel under each sample.
@@ -73,7 +71,7 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise BadImage(f"The image has more pixels than the limit of {max_pixels} (model.max_image_pixels).",
                        code="image_too_large") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-        raise BadImage(f"The body is not an image in a format the server reads ({_FORMAT_NAMES}).",
+        raise BadImage(f"The body is not an image in a format the server reads ({images.NAMES}).",
                        code="invalid_image") from None
     width, height = image.size
     if width < 1 or height < 1:

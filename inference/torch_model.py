@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import io
 import logging
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 import torchvision
 
 from core.errors import BadWeights
+from core.files import written_whole
 from core.options import CROP_RANGE
 from inference import selection
 from inference.backends.torch_backend import TorchBackend
@@ -198,7 +198,6 @@ def _export(model: LoadedModel, path: Path) -> None:
     # The model sees crop x crop, so it takes every side the options' crop range allows.
     low, high = CROP_RANGE
     height, width = torch.export.Dim("height", min=low, max=high), torch.export.Dim("width", min=low, max=high)
-    partial = path.with_suffix(f".{os.getpid()}.partial")
     quiet = [logging.getLogger(name) for name in ("onnxscript", "onnx_ir", "torch.onnx", "torch.export")]
     levels = [logger.level for logger in quiet]
     try:
@@ -211,16 +210,15 @@ def _export(model: LoadedModel, path: Path) -> None:
                 input_names=["input"], output_names=["logits"],
                 dynamic_shapes=({0: batch, 2: height, 3: width},), external_data=False,
             )
-            program.save(str(partial))
+            with written_whole(path) as partial:  # a reader never sees a half-written file
+                program.save(str(partial))
     except Exception as exc:
-        partial.unlink(missing_ok=True)
         raise ModelLoadError(
             f"Could not export {model.name} to ONNX ({type(exc).__name__}); set model.runtime = 'torch'."
         ) from None
     finally:
         for logger, level in zip(quiet, levels, strict=True):
             logger.setLevel(level)
-    os.replace(partial, path)  # atomic: a reader never sees a half-written file
 
 
 def main(argv: list[str] | None = None) -> int:

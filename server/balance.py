@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import json
 import logging
 import multiprocessing
 import socket
@@ -38,6 +37,8 @@ from typing import Any
 import tornado.httpserver
 import tornado.ioloop
 import tornado.iostream
+
+from core.errors import error_json
 
 log = logging.getLogger("inference.http")
 
@@ -174,8 +175,7 @@ class BalancedHTTPServer(GuardedHTTPServer):
 # answered by Tornado itself with these bytes, before any handler exists; clients get the JSON error
 # every other answer carries instead (the route is unknown, so it has the /v1 shape).
 _TORNADO_MALFORMED_ANSWER = b"HTTP/1.1 400 Bad Request\r\n\r\n"
-_MALFORMED_BODY = json.dumps({"error": {"code": "malformed_request",
-                                        "message": "The request is not valid HTTP/1.1."}}).encode()
+_MALFORMED_BODY = error_json("malformed_request", "The request is not valid HTTP/1.1.").encode()
 _MALFORMED_ANSWER = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/json; charset=UTF-8\r\n"
                      b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_MALFORMED_BODY) + _MALFORMED_BODY)
 
@@ -229,8 +229,8 @@ def refuse_connection(connection: socket.socket, limit: int) -> None:
     """Answer a connection over the cap with a 503 `too_many_connections` and close it, without
     blocking: the answer fits in a fresh socket's send buffer. What the client already sent is read
     first, so that the close is a FIN rather than a reset, which could discard the answer."""
-    body = json.dumps({"error": {"code": "too_many_connections", "message": f"This server process has {limit} "
-                                 "open connections, its limit (http.max_connections); retry shortly."}})
+    body = error_json("too_many_connections", f"This server process has {limit} open connections, its limit "
+                      "(http.max_connections); retry shortly.")
     answer = ("HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json; charset=UTF-8\r\n"
               f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}")
     with contextlib.suppress(OSError):

@@ -24,7 +24,7 @@ import tornado.httpserver
 import tornado.netutil
 
 from core.errors import ServiceError
-from core.files import owner_only, private_dir, write_private
+from core.files import owner_only, private_dir, write_atomically
 from handlers.base import InFlight
 from inference.model import ModelLoadError
 from server.app import http_server, make_app
@@ -121,7 +121,7 @@ def development_secret(data_dir: Path) -> str:
         log.warning("%s holds no usable secret (%d characters, at least %d needed); writing a new one: sessions "
                     "signed with the old one end", path, len(secret), _MIN_SECRET_CHARS)
     secret = secrets.token_urlsafe(48)
-    write_private(path, secret)
+    write_atomically(path, secret, private=True)
     return secret
 
 

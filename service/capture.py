@@ -41,9 +41,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, TypeVarTuple
 
+from core import images
 from core.clock import now_ms
 from core.errors import NotFound, ServiceError
-from core.files import private_dir, write_private
+from core.files import private_dir, write_atomically
 from core.session import Session
 from inference.runner import ImageSource
 
@@ -56,13 +57,6 @@ _SWEEP_BATCH = 500
 _HEX = frozenset("0123456789abcdef")
 _WARN_EVERY_SECONDS = 60.0  # a full disk fails every capture: one log line a minute, the metric counts them all
 
-# The formats the server reads (inference.imaging.FORMATS), by their first bytes.
-_SIGNATURES = ((b"\xff\xd8\xff", "image/jpeg"), (b"\x89PNG\r\n\x1a\n", "image/png"), (b"GIF87a", "image/gif"),
-               (b"GIF89a", "image/gif"), (b"BM", "image/bmp"))
-#: File extensions by media type (anything else, application/octet-stream: "bin").
-EXTENSIONS = {"image/jpeg": "jpg", "image/png": "png", "image/webp": "webp", "image/gif": "gif", "image/bmp": "bmp"}
-
-
 class LowDisk(OSError):
     """The store's file system is short of capture.min_free_disk_bytes: the image is not captured, so
     that capture cannot fill the disk that Redis, the logs and the models may share."""
@@ -70,9 +64,8 @@ class LowDisk(OSError):
 
 def content_type(data: bytes) -> str:
     """The image's media type from its first bytes (what it is, whatever the request said)."""
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "image/webp"
-    return next((kind for signature, kind in _SIGNATURES if data.startswith(signature)), "application/octet-stream")
+    image_format = images.sniff(data)
+    return image_format.media_type if image_format else "application/octet-stream"
 
 
 # -- where an image ends ------------------------------------------------------------------------------
@@ -83,23 +76,19 @@ def content_type(data: bytes) -> str:
 def image_length(data: bytes) -> int | None:
     """How many bytes from the start of `data` the image itself takes; None where its structure cannot
     be walked to its end (a truncated or malformed file, another format)."""
+    image_format = images.sniff(data)
+    if image_format is None:
+        return None
     try:
-        if data.startswith(b"\x89PNG\r\n\x1a\n"):
-            end = _png_end(data)
-        elif data.startswith(b"\xff\xd8"):
-            end = _jpeg_end(data)
-        elif data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-            size = struct.unpack_from("<I", data, 4)[0]
-            end = 8 + size + (size & 1)
-        elif data[:6] in (b"GIF87a", b"GIF89a"):
-            end = _gif_end(data)
-        elif data[:2] == b"BM":
-            end = _bmp_end(data)
-        else:
-            return None
+        end = _ENDS[image_format.media_type](data)
     except (IndexError, struct.error):
         return None
     return end if end is not None and 0 < end <= len(data) else None
+
+
+def _webp_end(data: bytes) -> int | None:
+    size = struct.unpack_from("<I", data, 4)[0]  # the RIFF chunk's size, padded to even
+    return 8 + size + (size & 1)
 
 
 def _png_end(data: bytes) -> int | None:
@@ -185,6 +174,13 @@ def _bmp_end(data: bytes) -> int | None:
     if compression in (0, 3, 6):  # BI_RGB, BI_BITFIELDS, BI_ALPHABITFIELDS
         return offset + (abs(width) * bits + 31) // 32 * 4 * abs(height)
     return offset + image_size
+
+
+#: Where an image ends, by format (core.images): a format added there needs its walk here.
+_ENDS: dict[str, Callable[[bytes], int | None]] = {
+    "image/jpeg": _jpeg_end, "image/png": _png_end, "image/webp": _webp_end, "image/gif": _gif_end,
+    "image/bmp": _bmp_end,
+}
 
 
 class CaptureRefs(Protocol):
@@ -349,7 +345,7 @@ class Captures:
             if free - len(data) < self.min_free_disk_bytes:
                 raise LowDisk(f"{free} bytes free where {self.store_dir} is, under capture.min_free_disk_bytes "
                               f"({self.min_free_disk_bytes})")
-        write_private(path, data)
+        write_atomically(path, data, private=True)
 
     # -- reading ------------------------------------------------------------------------------------
     async def read(self, session_id: str, image: dict[str, Any] | None) -> tuple[bytes, str]:

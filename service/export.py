@@ -11,7 +11,7 @@ Each item is a group of members sharing one key, `<session ref>-<history id>` (n
 WebDataset splits a name at its first dot):
     <key>.json     the record (docs/api.md#the-training-export); its `image.file` names the image member
     <key>.cls      the corrected class index, as decimal text
-    <key>.<ext>    the captured image as it was sent (jpg, png, webp, gif or bmp), where there is one
+    <key>.<ext>    the captured image as it was sent (its format's extension, core.images), where there is one
 """
 
 from __future__ import annotations
@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from core import images
 from core.errors import BadRequest, quoted, quoted_names
 from core.options import MODEL_VERSION
-from service.capture import EXTENSIONS, Captures
+from service.capture import Captures
 
 MEDIA_TYPES = {"tar": "application/x-tar", "jsonl": "application/x-ndjson"}
 FORMATS = tuple(MEDIA_TYPES)
@@ -121,7 +122,7 @@ class FeedbackExport:
         if export_format == "jsonl":  # no image bytes: `file` is null
             return _json({"key": key, **record, "image": {**image, "file": None} if image else None}) + b"\n"
         data = await self.captures.load(image)  # None: not captured, or past its retention
-        file = f"{key}.{EXTENSIONS.get(image['content_type'], 'bin')}" if image and data is not None else None
+        file = f"{key}.{images.extension(image['content_type'])}" if image and data is not None else None
         mtime = datetime.fromisoformat(record["feedback"]["created_at"]).timestamp()
         described = {**image, "file": file} if image else None
         parts = [tar_member(f"{key}.json", _json({"key": key, **record, "image": described}), mtime),

@@ -22,8 +22,9 @@ from schemathesis.specs.openapi.checks import (
 from schemathesis.transport.serialization import serialize_binary
 
 from handlers.openapi import openapi_document
+from server.app import ROUTES, route_template
 
-schema = schemathesis.openapi.from_dict(openapi_document())
+schema = schemathesis.openapi.from_dict(openapi_document([(route_template(p), h) for p, h in ROUTES]))
 
 
 @schemathesis.serializer("image/bmp")  # the other image types have serializers built in

@@ -8,7 +8,7 @@
 //   await client.login();
 //   const result = await client.predict(bytes);          // {id, label, top_k, ...}
 
-const OPTION_NAMES = ["resize", "crop", "interpolation", "color", "mean", "std", "top_k"];
+const OPTION_NAMES = ["resize", "crop", "interpolation", "color", "mean", "std", "top_k", "model_version"];
 
 // -- errors ------------------------------------------------------------------------------------
 
