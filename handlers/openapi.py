@@ -7,8 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from core.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
-from handlers.oip_protocol import SERVER_VERSION
 from inference.imaging import MEDIA_TYPES
+from service.dataplane import SERVER_VERSION
 from service.history import DEFAULT_PAGE, MAX_PAGE
 from service.model_versions import TRAFFIC_PERCENT
 

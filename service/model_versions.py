@@ -456,6 +456,29 @@ class ModelVersions:
         log.info("following activation: now serving %s version %s", self.name, event.version)
 
 
+    # -- temporary (issue 23): the model catalogue's two methods the OIP dataplane reads; the split of
+    # this module into a catalogue replaces them ----------------------------------------------------
+    def listed_versions(self) -> list[str]:
+        """The versions this process answers with, the active one first: the canary's and those held for
+        pinned sessions or named in a request."""
+        held = [self.runner.model.version]
+        if self.canary is not None:
+            held.append(self.canary.version)
+        held.extend(self.runner._pinned)  # temporary: the catalogue will own the loaded versions
+        return list(dict.fromkeys(held))
+
+    async def served_for_version(self, version: str | None) -> ServedModel:
+        """The served model that answers `version` (None: the active one), loaded here if need be; 404
+        `model_version_not_found` for an unknown version, 403 `model_version_not_pinnable` for one that
+        may not be served."""
+        if version is None or version == self.runner.model.version:
+            return self.runner.served()
+        if not await self.may_pin(version):
+            raise NotFound(f"Model {self.name!r} has no version {quoted(version)}; it serves version "
+                           f"{self.runner.model.version!r}.", code="model_version_not_found")
+        await self._hold(version)
+        return self.runner.served(version)
+
 def _removed(version: str) -> Conflict:
     return Conflict(f"Model version {version!r} was removed (or never published); set the session's model_version "
                     "to null or to a version listed by GET /v1/models.", code="model_version_removed")

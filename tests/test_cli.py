@@ -18,7 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.cli import DataDirInUse, RestartBudget, development_secret, lock_data_dir
+from server.data_dir import DataDirInUse, development_secret, lock_data_dir
+from server.supervisor import RestartBudget
 from server.embedded_redis import redis_server_binary, redis_server_version
 from tests.conftest import CAT_CLASSES, CAT_JPEG, MODEL_CACHE
 

@@ -15,14 +15,14 @@ from tritonclient.utils import InferenceServerException
 
 from core.errors import BadRequest
 from core.options import Options
-from handlers.oip_protocol import (
+from inference.imaging import preprocess
+from service.dataplane import (
     RawInput,
     RequestedOutput,
     decode_bytes_elements,
     encode_bytes_elements,
     parse_request,
 )
-from inference.imaging import preprocess
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, login, make_config
 
 MODEL = "efficientnet_lite0"
