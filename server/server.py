@@ -116,8 +116,7 @@ class Server:
         background tasks; the store and the runner stay open for whoever made them."""
         started, self._started = self._started, []
         await asyncio.gather(*(transport.stop(grace) for transport in started))
-        for task in self._tasks:
-            task.cancel()
+        await _cancel(self._tasks)
         self._tasks = []
         self.use_cases.captures.close()
         if self.rewrite_after_erase is not None:  # an erase's rewrite still waiting: now, not never
@@ -143,6 +142,19 @@ class Server:
             await asyncio.sleep(0.02)
         if in_flight.count:
             log.warning("%d requests still in flight after %.0fs; closing them", in_flight.count, grace)
+
+
+async def _cancel(tasks: list[asyncio.Future[None]], attempts: int = 50) -> None:
+    """Cancel `tasks` and wait for them to end, so that nothing they use is closed under them. redis-py can
+    turn a cancellation into a connection error, which a sweep's retry takes for Redis trouble: such a
+    task is cancelled again (and the wait is bounded either way, so a shutdown never hangs here)."""
+    pending = set(tasks)
+    for _ in range(attempts):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
 
 
 async def serve(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str,
