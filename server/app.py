@@ -30,7 +30,7 @@ from handlers.stream import StreamHandler
 from handlers.web import WebAssetHandler
 from server.balance import BalancedHTTPServer, GuardedHTTPServer, SharedCounts
 from server.config import Config
-from server.observability import log_request
+from server.observability import access_logger
 from service.use_cases import UseCases
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,7 +87,7 @@ def make_app(config: Config, use_cases: UseCases) -> tornado.web.Application:
         http=http_settings(config),
         use_cases=use_cases,
         default_handler_class=NotFoundHandler,
-        log_function=log_request,
+        log_function=access_logger(use_cases.metrics, use_cases.auth.signer),
     )
 
 
