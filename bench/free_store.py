@@ -4,10 +4,10 @@
 
 The server's session store is wrapped (FreeStore, handed to the composition root): `touch` goes to
 Redis once per session and then returns that session from memory, and `record` only encodes the entry
-as the real one does. Everything else (HTTP, tokens, the runner, metrics, logs) is the real server. `bench.cpu_split --free-store` runs it beside the
-real one to show what the server would reach if both round trips cost nothing. It breaks the
-product's promises (a logout or an options change is not seen, nothing is recorded), which is why
-it lives here and not behind a setting.
+as the real one does. Everything else (HTTP, tokens, the runner, metrics, logs) is the real server.
+`bench.cpu_split --free-store` runs it beside the real one to show what the server would reach if both
+round trips cost nothing. It breaks the product's promises (a logout or an options change is not seen,
+nothing is recorded), which is why it lives here and not behind a setting.
 """
 
 from __future__ import annotations
