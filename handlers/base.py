@@ -1,7 +1,7 @@
 """The base handler: everything cross-cutting lives here, so route handlers stay short.
 
-- dependencies (settings, use cases, store, runner) come from the application settings, which the
-  app factory (server/app.py) fills;
+- dependencies come from the application settings, which the composition root (server/) fills: the
+  HTTP settings and ONE use-case container (service.use_cases.UseCases), read nowhere else;
 - authentication: each route class declares its `auth_policy` (service.auth.Policy), and the one
   `prepare()` here resolves it through service.auth before any handler method runs. Subclasses do
   not override `prepare()` (a class that tries is refused at import); they use the hooks
@@ -29,16 +29,18 @@ import tornado.web
 
 from core.errors import BadRequest, Forbidden, NotFound, ServiceError, UnsupportedMediaType, error_json, quoted
 from core.session import IDEMPOTENCY_KEY, Session
-from inference.runner import ModelRunner
 from service.auth import Authenticator, Policy, Principal
 from service.capture import Captures
 from service.catalogue import ModelCatalogue
 from service.classify import Classifier
 from service.client_address import Network, resolve
+from service.dataplane import DataPlane
 from service.export import FeedbackExport
 from service.feedback import FeedbackService
+from service.history import History
+from service.preprocess import Preprocessor
 from service.sessions import SessionService
-from sessions.store import SessionStore
+from service.use_cases import InFlight, UseCases
 
 log = logging.getLogger("inference.http")
 
@@ -91,19 +93,6 @@ def set_cors_headers(handler: tornado.web.RequestHandler, allowed_origins: tuple
         handler.set_header("Access-Control-Expose-Headers", ", ".join(CORS_EXPOSED_HEADERS))
 
 
-class InFlight:
-    """Counts requests between `prepare()` and `finish()`, so shutdown can wait for them."""
-
-    def __init__(self) -> None:
-        self.count = 0
-
-    def enter(self) -> None:
-        self.count += 1
-
-    def leave(self) -> None:
-        self.count -= 1
-
-
 class BaseHandler(tornado.web.RequestHandler):
     #: Who may call this route (service.auth.Policy); every route is authenticated unless it says so.
     auth_policy: Policy = Policy.SESSION
@@ -137,44 +126,52 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.settings["http"]
 
     @property
+    def use_cases(self) -> UseCases:
+        return self.settings["use_cases"]
+
+    @property
     def auth(self) -> Authenticator:
-        return self.settings["auth"]
+        return self.use_cases.auth
 
     @property
     def classifier(self) -> Classifier:
-        return self.settings["classifier"]
-
-    @property
-    def captures(self) -> Captures:
-        return self.settings["captures"]
-
-    @property
-    def feedback_export(self) -> FeedbackExport:
-        return self.settings["feedback_export"]
-
-    @property
-    def feedback(self) -> FeedbackService:
-        return self.settings["feedback"]
+        return self.use_cases.classifier
 
     @property
     def sessions(self) -> SessionService:
-        return self.settings["sessions"]
+        return self.use_cases.sessions
 
     @property
-    def store(self) -> SessionStore:
-        return self.settings["store"]
+    def history(self) -> History:
+        return self.use_cases.history
 
     @property
-    def runner(self) -> ModelRunner:
-        return self.settings["runner"]
+    def preprocessor(self) -> Preprocessor:
+        return self.use_cases.preprocessor
+
+    @property
+    def dataplane(self) -> DataPlane:
+        return self.use_cases.dataplane
+
+    @property
+    def captures(self) -> Captures:
+        return self.use_cases.captures
+
+    @property
+    def feedback(self) -> FeedbackService:
+        return self.use_cases.feedback
+
+    @property
+    def feedback_export(self) -> FeedbackExport:
+        return self.use_cases.feedback_export
 
     @property
     def model_versions(self) -> ModelCatalogue:
-        return self.settings["model_versions"]
+        return self.use_cases.model_versions
 
     @property
     def in_flight(self) -> InFlight:
-        return self.settings["in_flight"]
+        return self.use_cases.in_flight
 
     # -- request life cycle -------------------------------------------------------------------
     def set_default_headers(self) -> None:

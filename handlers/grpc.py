@@ -1,9 +1,9 @@
 """The Open Inference Protocol over gRPC: `inference.GRPCInferenceService`, what `tritonclient.grpc` speaks.
 
 grpcio's asyncio server runs on the same event loop as Tornado, in the same process, with the same
-session store, token signer and model runner, so a session and its history are one thing whichever
+use cases (service.use_cases.UseCases), so a session and its history are one thing whichever
 transport a client uses. This module maps protobuf messages to the transport-neutral protocol in
-`handlers/oip_protocol.py` and back; validation, inference, recording and outputs live there.
+`service/dataplane.py` and back; readiness, validation, inference, recording and outputs live there.
 
 Errors: a bad or missing token is UNAUTHENTICATED, bad input INVALID_ARGUMENT, an unknown model or
 version NOT_FOUND, a session pinned to a removed model version FAILED_PRECONDITION, a full queue or
@@ -12,8 +12,8 @@ fixed message (the traceback goes to the log, never the client).
 
 The generated messages register the protocol's names (`inference.*`) in protobuf's default pool, so
 a process cannot also import tritonclient.grpc (its copy claims the same names): import this module
-only where the server runs (server/grpc_server.py, which server/cli.py imports only when grpc.port is
-set). Serving it (port, TLS, limits) is composition: server/grpc_server.py.
+only where the server runs (server/transports/grpc.py, imported only when grpc.port is set). Serving it
+(port, TLS, limits) is composition: server/transports/grpc.py.
 """
 
 from __future__ import annotations
@@ -27,24 +27,12 @@ from typing import Any, TypeVar
 import grpc
 from grpc import aio
 
-from core.errors import BadRequest, NotFound, ServiceBusy, ServiceError, StoreUnavailable
+from core.errors import BadRequest, ServiceBusy, ServiceError, StoreUnavailable
 from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
 from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
-from handlers.oip_protocol import (
-    BYTES,
-    InferenceRequest,
-    RawInput,
-    RequestedOutput,
-    check_model,
-    infer,
-    model_metadata,
-    parse_request,
-    server_metadata,
-)
-from inference.runner import ModelRunner
-from service.auth import Authenticator, Policy
-from service.classify import Classifier
-from sessions.store import SessionStore
+from service.auth import Policy
+from service.dataplane import BYTES, InferenceRequest, RawInput, RequestedOutput, parse_request, server_metadata
+from service.use_cases import UseCases
 
 log = logging.getLogger("inference.grpc")
 
@@ -104,9 +92,8 @@ def _answering(method: _Handler[Message]) -> _Handler[Message]:
 
 
 class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, auth: Authenticator, classifier: Classifier, store: SessionStore, runner: ModelRunner,
-                 metrics: Any):
-        self.auth, self.classifier, self.store, self.runner, self.metrics = auth, classifier, store, runner, metrics
+    def __init__(self, use_cases: UseCases):
+        self.auth, self.dataplane, self.metrics = use_cases.auth, use_cases.dataplane, use_cases.metrics
 
     @_answering
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
@@ -114,17 +101,15 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
 
     @_answering
     async def ServerReady(self, request: pb.ServerReadyRequest, context: aio.ServicerContext) -> pb.ServerReadyResponse:
-        try:
-            await self.store.ping()
-        except ServiceError:
-            return pb.ServerReadyResponse(ready=False)
-        return pb.ServerReadyResponse(ready=True)
+        return pb.ServerReadyResponse(ready=(await self.dataplane.readiness()).ready)
 
     @_answering
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
         try:
-            check_model(self.runner, request.name, request.version)
-        except NotFound:
+            await self.dataplane.check_model(request.name, request.version or None)
+        except ServiceError as exc:
+            if exc.status not in (403, 404):  # no such model or version, or one this server may not serve
+                raise
             return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=True)
 
@@ -138,8 +123,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        check_model(self.runner, request.name, request.version)
-        metadata = model_metadata(self.runner)
+        metadata = await self.dataplane.model_metadata(request.name, request.version or None)
         tensor = pb.ModelMetadataResponse.TensorMetadata
         return pb.ModelMetadataResponse(
             name=metadata["name"], versions=metadata["versions"], platform=metadata["platform"],
@@ -157,9 +141,10 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
             return parsed[0].batch_size
 
         principal = await self.auth.authenticate(Policy.OPTIONAL_SESSION, _authorization(context), cost=batch_size)
-        check_model(self.runner, request.model_name, request.model_version)
+        version = request.model_version or None
+        await self.dataplane.check_model(request.model_name, version)
         batch_size()
-        result = await infer(self.classifier, principal.session, parsed[0])
+        result = await self.dataplane.infer(principal.session, parsed[0], version)
         return pb.ModelInferResponse(
             model_name=result.model_name,
             model_version=result.model_version,

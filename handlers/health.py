@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from core.errors import ServiceError
 from handlers.base import BaseHandler
 from handlers.openapi import openapi_document
 from service.auth import Policy
@@ -25,17 +24,11 @@ class ReadinessHandler(BaseHandler):
     auth_policy = Policy.PUBLIC
 
     async def get(self) -> None:
-        checks = {"model": "ok"}  # the app exists only once its model is loaded
-        try:
-            await self.store.ping()
-            checks["store"] = "ok"
-        except ServiceError as exc:
-            checks["store"] = exc.message
-        ready = all(value == "ok" for value in checks.values())
-        if not ready:
+        readiness = await self.dataplane.readiness()
+        if not readiness.ready:
             self.set_header("Retry-After", "1")
-        self.write_json({"status": "ready" if ready else "not_ready", "checks": checks},
-                        status=200 if ready else 503)
+        self.write_json({"status": "ready" if readiness.ready else "not_ready", "checks": readiness.checks},
+                        status=200 if readiness.ready else 503)
 
 
 class OpenAPIHandler(BaseHandler):
@@ -57,6 +50,5 @@ class MetricsHandler(BaseHandler):
     auth_policy = Policy.PUBLIC
 
     async def get(self) -> None:
-        metrics = self.settings["metrics"]
         self.set_header("Content-Type", CONTENT_TYPE_LATEST)
-        self.finish(metrics.exposition())
+        self.finish(self.use_cases.metrics.exposition())

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 from handlers.base import BaseHandler
-from service import history
+from service.history import page_size
 
 
 class HistoryHandler(BaseHandler):
     """GET /v1/history?limit=N&before=<id>"""
 
     async def get(self) -> None:
-        limit = history.page_size(self.get_query_argument("limit", None))
+        limit = page_size(self.get_query_argument("limit", None))
         before = self.get_query_argument("before", None) or None
-        items, next_id = await history.page(self.store, self.feedback, self.current_session, limit, before)
+        items, next_id = await self.history.page(self.current_session, limit, before)
         self.write_json({"items": items, "next": next_id})
 
 
@@ -20,14 +20,14 @@ class HistoryItemHandler(BaseHandler):
     """GET /v1/history/<id>"""
 
     async def get(self, history_id: str) -> None:
-        self.write_json(await history.item(self.store, self.feedback, self.current_session, history_id))
+        self.write_json(await self.history.item(self.current_session, history_id))
 
 
 class HistoryImageHandler(BaseHandler):
     """GET /v1/history/<id>/image: the captured image, byte for byte, to the session that sent it."""
 
     async def get(self, history_id: str) -> None:
-        data, media_type = await history.image(self.store, self.captures, self.current_session, history_id)
+        data, media_type = await self.history.image(self.current_session, history_id)
         self.set_header("Content-Type", media_type)
         self.finish(data)
 

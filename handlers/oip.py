@@ -2,7 +2,7 @@
 
 The wire forms live here (JSON `data`, and the binary tensor data extension: a JSON header of
 `Inference-Header-Content-Length` bytes followed by the tensors' bytes); validation, running and
-outputs are shared with gRPC in `handlers/oip_protocol.py`. Errors are `{"error": "<message>"}`
+outputs are shared with gRPC in the dataplane, `service/dataplane.py`. Errors are `{"error": "<message>"}`
 (BaseHandler gives every /v2 path that shape).
 """
 
@@ -14,20 +14,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from core.errors import BadRequest, ServiceError, UnsupportedMediaType, quoted
+from core.errors import BadRequest, UnsupportedMediaType, quoted
 from handlers.base import BaseHandler, parse_json
-from handlers.oip_protocol import (
-    BYTES,
-    InferenceRequest,
-    RawInput,
-    RequestedOutput,
-    check_model,
-    infer,
-    model_metadata,
-    parse_request,
-    server_metadata,
-)
 from service.auth import Policy
+from service.dataplane import BYTES, InferenceRequest, RawInput, RequestedOutput, parse_request, server_metadata
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
 
@@ -56,9 +46,7 @@ class ServerReadyHandler(BaseHandler):
     auth_policy = Policy.PUBLIC
 
     async def get(self) -> None:
-        try:
-            await self.store.ping()
-        except ServiceError:
+        if not (await self.dataplane.readiness()).ready:
             self.set_header("Retry-After", "1")
             self.write_json({"ready": False}, status=503)
             return
@@ -70,9 +58,8 @@ class ModelMetadataHandler(BaseHandler):
 
     auth_policy = Policy.PUBLIC
 
-    def get(self, model: str, version: str | None = None) -> None:
-        check_model(self.runner, model, version)
-        self.write_json(model_metadata(self.runner))
+    async def get(self, model: str, version: str | None = None) -> None:
+        self.write_json(await self.dataplane.model_metadata(model, version))
 
 
 class ModelReadyHandler(BaseHandler):
@@ -80,8 +67,8 @@ class ModelReadyHandler(BaseHandler):
 
     auth_policy = Policy.PUBLIC
 
-    def get(self, model: str, version: str | None = None) -> None:
-        check_model(self.runner, model, version)
+    async def get(self, model: str, version: str | None = None) -> None:
+        await self.dataplane.check_model(model, version)
         self.write_json({"name": model, "ready": True})
 
 
@@ -107,9 +94,9 @@ class InferHandler(BaseHandler):
         return self.parsed().request.batch_size
 
     async def post(self, model: str, version: str | None = None) -> None:
-        check_model(self.runner, model, version)
+        await self.dataplane.check_model(model, version)
         parsed = self.parsed()
-        result = await infer(self.classifier, self.session, parsed.request)
+        result = await self.dataplane.infer(self.session, parsed.request, version)
         header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
         if parsed.request.id:
             header["id"] = parsed.request.id

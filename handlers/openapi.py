@@ -11,9 +11,9 @@ import tornado.web
 
 from core.images import MEDIA_TYPES
 from core.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
-from handlers.oip_protocol import SERVER_VERSION
 from service.auth import Policy
 from service.canary import TRAFFIC_PERCENT
+from service.dataplane import SERVER_VERSION
 from service.history import DEFAULT_PAGE, MAX_PAGE
 
 

@@ -14,7 +14,6 @@ import io
 import numpy as np
 
 from handlers.predict import ImageUploadHandler
-from service.preprocess import preprocess
 
 NPY_MEDIA_TYPE = "application/x-npy"
 JSON_MEDIA_TYPE = "application/json"
@@ -52,7 +51,7 @@ class PreprocessHandler(ImageUploadHandler):
     async def post(self) -> None:
         image = self.uploaded_image()
         options = self.options_with_query()
-        tensor = await preprocess(self.runner, image, options)
+        tensor = await self.preprocessor.preprocess(image, options)
         self.add_header("Vary", "Accept")
         if wants_json(self.request.headers.get("Accept", "")):
             self.write_json({

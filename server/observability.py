@@ -8,12 +8,16 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess, values
 
 from core.errors import ServiceError
+
+if TYPE_CHECKING:
+    from sessions.tokens import TokenSigner
 
 access_log = logging.getLogger("inference.access")
 
@@ -161,33 +165,35 @@ def configure_logging(level: str, log_format: str) -> None:
     root.setLevel(level.upper())
 
 
-def log_request(handler: Any) -> None:
+def access_logger(metrics: Metrics | None, signer: TokenSigner | None) -> Callable[[Any], None]:
     """Tornado's log_function: one access line and the request metrics for every answer."""
-    status = handler.get_status()
-    request = handler.request
-    route = getattr(handler, "route_name", type(handler).__name__)
-    seconds = request.request_time()
-    metrics: Metrics | None = handler.application.settings.get("metrics")
-    if metrics is not None:
-        method = request.method if request.method in _METHODS else "OTHER"
-        metrics.requests.labels(route, method, str(status)).inc()
-        metrics.latency.labels(route).observe(seconds)
-        if getattr(handler, "error_code", None) == "store_unavailable":
-            metrics.store_errors.inc()
-    session = getattr(handler, "session", None)
-    # The session's ref (sessions.tokens), not its id, which with a signature is a credential: the name
-    # the export and an admin's purge use, which nobody without the server secret can link to the id.
-    signer = handler.application.settings.get("signer")
-    fields = {
-        "request_id": getattr(handler, "request_id", "-"),
-        "route": route,
-        "method": request.method,
-        "status": status,
-        "duration_ms": round(seconds * 1000, 1),
-        "session": signer.session_ref(session.id) if session is not None and signer is not None else None,
-    }
-    if getattr(handler, "error_code", None):
-        fields["error"] = handler.error_code
-    access_log.log(logging.INFO if status < 500 else logging.ERROR,
-                   "%d %s %s %.1fms request_id=%s", status, request.method, request.path,
-                   fields["duration_ms"], fields["request_id"], extra=fields)
+
+    def log_request(handler: Any) -> None:
+        status = handler.get_status()
+        request = handler.request
+        route = getattr(handler, "route_name", type(handler).__name__)
+        seconds = request.request_time()
+        if metrics is not None:
+            method = request.method if request.method in _METHODS else "OTHER"
+            metrics.requests.labels(route, method, str(status)).inc()
+            metrics.latency.labels(route).observe(seconds)
+            if getattr(handler, "error_code", None) == "store_unavailable":
+                metrics.store_errors.inc()
+        session = getattr(handler, "session", None)
+        # The session's ref (sessions.tokens), not its id, which with a signature is a credential: the name
+        # the export and an admin's purge use, which nobody without the server secret can link to the id.
+        fields = {
+            "request_id": getattr(handler, "request_id", "-"),
+            "route": route,
+            "method": request.method,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 1),
+            "session": signer.session_ref(session.id) if session is not None and signer is not None else None,
+        }
+        if getattr(handler, "error_code", None):
+            fields["error"] = handler.error_code
+        access_log.log(logging.INFO if status < 500 else logging.ERROR,
+                       "%d %s %s %.1fms request_id=%s", status, request.method, request.path,
+                       fields["duration_ms"], fields["request_id"], extra=fields)
+
+    return log_request

@@ -26,19 +26,23 @@ def page_size(text: str | None) -> int:
     return int(text)
 
 
-async def page(store: SessionStore, feedback: FeedbackService, session: Session, limit: int,
-               before: str | None) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of the session's history, each item with its feedback (null where none was given)."""
-    items, next_id = await store.history(session.id, limit=limit, before=before)
-    return await feedback.attach(session.id, items), next_id
+class History:
+    """A session's history as the transports read it: pages and items with their feedback, and the
+    captured images."""
 
+    def __init__(self, store: SessionStore, feedback: FeedbackService, captures: Captures):
+        self.store, self.feedback, self.captures = store, feedback, captures
 
-async def item(store: SessionStore, feedback: FeedbackService, session: Session, history_id: str) -> dict[str, Any]:
-    return (await feedback.attach(session.id, [await store.history_item(session.id, history_id)]))[0]
+    async def page(self, session: Session, limit: int, before: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of the session's history, each item with its feedback (null where none was given)."""
+        items, next_id = await self.store.history(session.id, limit=limit, before=before)
+        return await self.feedback.attach(session.id, items), next_id
 
+    async def item(self, session: Session, history_id: str) -> dict[str, Any]:
+        return (await self.feedback.attach(session.id, [await self.store.history_item(session.id, history_id)]))[0]
 
-async def image(store: SessionStore, captures: Captures, session: Session, history_id: str) -> tuple[bytes, str]:
-    """The captured image of one of the session's items, as sent, and its media type; 404 for another
-    session's item, one not captured, or one past its retention."""
-    entry = await store.history_item(session.id, history_id)
-    return await captures.read(session.id, entry.get("image"))
+    async def image(self, session: Session, history_id: str) -> tuple[bytes, str]:
+        """The captured image of one of the session's items, as sent, and its media type; 404 for another
+        session's item, one not captured, or one past its retention."""
+        entry = await self.store.history_item(session.id, history_id)
+        return await self.captures.read(session.id, entry.get("image"))

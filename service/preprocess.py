@@ -9,7 +9,11 @@ from core.options import Options
 from inference.runner import ImageSource, ModelRunner
 
 
-async def preprocess(runner: ModelRunner, image: bytes | ImageSource, options: Options) -> np.ndarray:
-    """The (3, crop, crop) tensor as little-endian float32, whatever the host's byte order."""
-    tensor = await runner.preprocess(image, options)
-    return tensor.astype("<f4", copy=False)
+class Preprocessor:
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+
+    async def preprocess(self, image: bytes | ImageSource, options: Options) -> np.ndarray:
+        """The (3, crop, crop) tensor as little-endian float32, whatever the host's byte order."""
+        tensor = await self.runner.preprocess(image, options)
+        return tensor.astype("<f4", copy=False)

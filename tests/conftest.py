@@ -1,5 +1,5 @@
 """Shared fixtures: a real Redis server that the suite starts itself, the real default model, and
-servers built with `make_app` exactly as the CLI builds them, run on a background IOLoop thread.
+servers built by `server.server.Server` exactly as the CLI builds them, run on a background IOLoop thread.
 """
 
 from __future__ import annotations
@@ -22,15 +22,14 @@ from typing import Any, NoReturn, TypeVar
 import httpx
 import pytest
 import redis
-import tornado.httpserver
+import tornado.netutil
 
 from inference.model import LoadedModel
 from inference.runner import ModelRunner
-from server.app import listen, make_app
 from server.config import Config
 from server.embedded_redis import redis_server_binary
 from server.runtime import build_runner, build_store
-from sessions.store import SessionStore
+from server.server import Server
 
 DATA = Path(__file__).parent / "data"
 CAT_JPEG = (DATA / "cat.jpg").read_bytes()
@@ -184,14 +183,26 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
-    def stop_server(self, http: Any, store: SessionStore) -> None:
-        """Stop a server listening on this loop (an HTTPServer): no new connections, the open ones
-        closed, then its store's connections."""
+    def start_server(self, config: Config, runner: ModelRunner, redis_url: str | None = None) -> Server:
+        """A Server (server/server.py) for `config` and `runner` with its transports started on this loop,
+        HTTP on a free port of 127.0.0.1, without the background tasks of a serving process (tests drive
+        model versions themselves); its store uses `redis_url` (default: the config's)."""
+
+        async def start() -> Server:
+            store = build_store(config, redis_url or config.redis.url)
+            server = Server(config, store, runner, tornado.netutil.bind_sockets(0, "127.0.0.1"))
+            await server.start(background=False)
+            return server
+
+        return self.run(start())
+
+    def stop_server(self, server: Server) -> None:
+        """Stop a server started by start_server: its transports at once (no grace), then its store's
+        connections."""
 
         async def stop() -> None:
-            http.stop()
-            await http.close_all_connections()
-            await store.close()
+            await server.stop(0)
+            await server.store.close()
 
         self.run(stop())
 
@@ -204,8 +215,10 @@ def loop_thread() -> Iterator[LoopThread]:
 
 
 class RunningServer:
-    def __init__(self, url: str, config: Config, store: SessionStore, runner: ModelRunner):
-        self.url, self.config, self.store, self.runner = url, config, store, runner
+    def __init__(self, server: Server):
+        self.server, self.config, self.store, self.runner = server, server.config, server.store, server.runner
+        self.use_cases = server.use_cases
+        self.url = f"http://127.0.0.1:{server.http.port}"
 
     def client(self, **kwargs: Any) -> httpx.Client:
         return httpx.Client(base_url=self.url, **{"timeout": 60, **kwargs})
@@ -213,7 +226,7 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def serve(loop_thread: LoopThread, redis_server: RedisServer, default_model: LoadedModel) -> Callable[..., Any]:
-    """`with serve(config) as server:` runs make_app(config, store, runner) on a free port."""
+    """`with serve(config) as server:` runs a Server(config, store, runner) on a free port."""
 
     @contextlib.contextmanager
     def _serve(config: Config | None = None, runner: ModelRunner | None = None) -> Iterator[RunningServer]:
@@ -223,16 +236,11 @@ def serve(loop_thread: LoopThread, redis_server: RedisServer, default_model: Loa
         owns_runner = runner is None
         runner = runner or build_runner(config, default_model)
 
-        async def start() -> tuple[tornado.httpserver.HTTPServer, SessionStore, int]:
-            store = build_store(config, config.redis.url)
-            http, port = listen(make_app(config, store, runner), config, "127.0.0.1", 0)
-            return http, store, port
-
-        http, store, port = loop_thread.run(start())
+        server = loop_thread.start_server(config, runner)
         try:
-            yield RunningServer(f"http://127.0.0.1:{port}", config, store, runner)
+            yield RunningServer(server)
         finally:
-            loop_thread.stop_server(http, store)
+            loop_thread.stop_server(server)
             if owns_runner:
                 runner.close()
 

@@ -18,7 +18,7 @@ import pytest
 import redis
 from PIL import Image
 
-from server.app import make_signer
+from server.server import make_signer
 from service.capture import Captures
 from sessions.captures import CaptureRefs
 from tests.conftest import login, make_config

@@ -18,8 +18,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.cli import DataDirInUse, RestartBudget, development_secret, lock_data_dir
+from server.data_dir import DataDirInUse, development_secret, lock_data_dir
 from server.embedded_redis import redis_server_binary, redis_server_version
+from server.supervisor import RestartBudget
 from tests.conftest import CAT_CLASSES, CAT_JPEG, MODEL_CACHE
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -17,10 +17,10 @@ import pytest
 import tornado.netutil
 
 from inference.runner import ModelRunner
-from server.app import http_server, make_app
 from server.balance import SharedCounts
 from server.config import Config
 from server.runtime import build_runner, build_store
+from server.server import Server
 from tests.conftest import CAT_JPEG, LoopThread, RedisServer, login, make_config, wait_for
 
 SHORT = 0.3  # the timeouts under test, in seconds
@@ -127,21 +127,20 @@ CAP = 3
 
 @contextlib.contextmanager
 def balanced_server(loop_thread: LoopThread, config: Config, runner: ModelRunner) -> Iterator[tuple[str, SharedCounts]]:
-    """make_app behind the multi-process accept path (BalancedHTTPServer) as process 0 of 1."""
+    """The server behind the multi-process accept path (BalancedHTTPServer) as process 0 of 1."""
     counts = SharedCounts(1)
 
-    async def start() -> tuple[Any, Any, int]:
+    async def start() -> Server:
         store = build_store(config, config.redis.url)
-        server = http_server(make_app(config, store, runner), config, counts, 0)
-        sockets = tornado.netutil.bind_sockets(0, "127.0.0.1")
-        server.add_sockets(sockets)
-        return server, store, sockets[0].getsockname()[1]
+        server = Server(config, store, runner, tornado.netutil.bind_sockets(0, "127.0.0.1"), counts=counts, slot=0)
+        await server.start(background=False)
+        return server
 
-    server, store, port = loop_thread.run(start())
+    server = loop_thread.run(start())
     try:
-        yield f"http://127.0.0.1:{port}", counts
+        yield f"http://127.0.0.1:{server.http.port}", counts
     finally:
-        loop_thread.stop_server(server, store)
+        loop_thread.stop_server(server)
 
 
 @pytest.fixture(params=["one process", "balanced"])

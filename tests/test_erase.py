@@ -18,9 +18,8 @@ from PIL import Image
 
 from core.errors import StoreUnavailable
 from inference.model import LoadedModel
-from server.app import listen, make_app
 from server.embedded_redis import EmbeddedRedis
-from server.runtime import build_runner, build_store
+from server.runtime import build_runner
 from service.capture import Captures
 from service.feedback import FeedbackService
 from sessions.store import STORE_UNAVAILABLE_MESSAGE, SessionStore
@@ -146,14 +145,9 @@ def test_erased_data_leaves_the_embedded_redis_files(tmp_path: Path, loop_thread
     config = make_config(redis={"url": "embedded", "embedded_erase_rewrite_seconds": 0.1})
     runner = build_runner(config, default_model)
 
-    async def start() -> tuple[Any, SessionStore, Any, int]:
-        store = build_store(config, embedded.url)  # as the CLI does: config says "embedded", this is its socket
-        app = make_app(config, store, runner)
-        server, port = listen(app, config, "127.0.0.1", 0)
-        return server, store, app, port
-
-    server, store, app, port = loop_thread.run(start())
-    rewrites = app.settings["rewrite_after_erase"]
+    # As the CLI does: config says "embedded", this is its socket.
+    server = loop_thread.start_server(config, runner, embedded.url)
+    port, rewrites = server.http.port, server.rewrite_after_erase
     client = redis.Redis(unix_socket_path=str(embedded.socket), socket_timeout=5)
     folder = embedded.data_dir
     try:
@@ -179,7 +173,7 @@ def test_erased_data_leaves_the_embedded_redis_files(tmp_path: Path, loop_thread
             assert files_containing(folder, keeper_id) == {keeper_id}
             assert http.get("/v1/session", headers=keeper).status_code == 200
     finally:
-        loop_thread.stop_server(server, store)
+        loop_thread.stop_server(server)
         runner.close()
         client.close()
         embedded.stop()

@@ -30,7 +30,7 @@ from websockets.sync.client import connect as ws_connect
 
 from clients.python import AsyncClient, AuthError, Client
 from clients.python.cli import main as cli_main
-from server.app import make_signer
+from server.server import make_signer
 from service.auth import api_key_hash
 from service.capture import Captures
 from service.feedback import FeedbackLimits, FeedbackService

@@ -28,10 +28,10 @@ from handlers.grpc import grpc_status
 from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
 from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from inference.imaging import preprocess
-from server.app import make_signer, use_cases
 from server.config import ConfigError, validate
-from server.grpc_server import start_grpc_server
 from server.runtime import build_runner
+from server.server import make_signer
+from server.transports.grpc import GrpcTransport
 from sessions.tokens import new_session_id
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_JPEG, DATA, free_port, login, make_config, wait_for
 
@@ -46,13 +46,13 @@ def start_grpc(loop_thread, running, **grpc_settings: Any) -> tuple[Any, str]:
     for key, value in grpc_settings.items():
         setattr(config.grpc, key, value)
 
-    async def start() -> tuple[Any, int]:
-        auth, classifier, _ = use_cases(config, running.store, running.runner, make_signer(config), None)
-        return await start_grpc_server(config, auth, classifier, running.store, running.runner,
-                                       host="127.0.0.1", port=0)
+    async def start() -> GrpcTransport:
+        transport = GrpcTransport(config, running.use_cases, host="127.0.0.1", port=0)
+        await transport.start()
+        return transport
 
-    server, port = loop_thread.run(start())
-    return server, f"127.0.0.1:{port}"
+    transport = loop_thread.run(start())
+    return transport, f"127.0.0.1:{transport.port}"
 
 
 @pytest.fixture(scope="module")

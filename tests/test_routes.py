@@ -106,7 +106,7 @@ def test_the_app_serves_only_api_routes_and_public_static_files(server) -> None:
     from handlers.web import WebAssetHandler
     from server.app import make_app
 
-    app = make_app(server.config, server.store, server.runner)
+    app = make_app(server.config, server.use_cases)
     api = {pattern for pattern, _ in ROUTES}
     for rule in app.wildcard_router.rules:
         pattern = rule.matcher.regex.pattern.removesuffix("$")

@@ -38,14 +38,15 @@ def test_page_size_of_digits_int_refuses_is_a_400(text: str) -> None:
 def test_pages_run_newest_first_and_items_are_found_by_id(store: FakeStore, signer: TokenSigner) -> None:
     feedback = FeedbackService(store, FakeFeedbackRecords(), labels=lambda: LABELS, signer=signer)
     session = asyncio.run(store.create(Options()))
+    pages = history.History(store, feedback, captures=None)  # type: ignore[arg-type]  # no image is read here
     ids = [asyncio.run(store.record(session, {"n": n}))[0] for n in range(3)]
-    first, cursor = asyncio.run(history.page(store, feedback, session, 2, None))
+    first, cursor = asyncio.run(pages.page(session, 2, None))
     assert [item["n"] for item in first] == [2, 1] and cursor == ids[1]
-    rest, cursor = asyncio.run(history.page(store, feedback, session, 2, cursor))
+    rest, cursor = asyncio.run(pages.page(session, 2, cursor))
     assert [item["n"] for item in rest] == [0] and cursor is None
     # Items recorded before capture existed read as not captured; none has feedback yet.
-    assert asyncio.run(history.item(store, feedback, session, ids[0])) == {"id": ids[0], "n": 0, "image": None,
+    assert asyncio.run(pages.item(session, ids[0])) == {"id": ids[0], "n": 0, "image": None,
                                                                             "feedback": None}
     with pytest.raises(NotFound) as caught:
-        asyncio.run(history.item(store, feedback, session, "1-0"))
+        asyncio.run(pages.item(session, "1-0"))
     assert caught.value.code == "history_item_not_found"

@@ -1,10 +1,11 @@
-"""The Open Inference Protocol (KServe V2, Triton's) without a transport.
+"""The Open Inference Protocol (KServe V2, Triton's) without a transport: its dataplane.
 
-Everything that REST (`handlers/oip.py`) and gRPC (`handlers/grpc.py`) share lives here, so
-the two cannot drift: the model's metadata, the BYTES length-prefix codec, validating an inference
-request into images or a preprocessed tensor, running it (and recording it in the caller's session
-exactly as `POST /v1/predict` does), and the outputs, classification extension included. Each
-transport only maps its own wire form to `RawInput`/`RequestedOutput` and `OutputTensor` back.
+As MLServer's DataPlane, everything that REST (`handlers/oip.py`) and gRPC (`handlers/grpc.py`) share
+lives here, so the two cannot drift: readiness (also `/readyz`'s), server and model metadata, the
+model-and-version check, the BYTES length-prefix codec, validating an inference request into images or
+a preprocessed tensor, running it (and recording it in the caller's session exactly as
+`POST /v1/predict` does), and the outputs, classification extension included. Each transport only
+maps its own wire form to `RawInput`/`RequestedOutput` and `OutputTensor` back.
 
 The model takes one of two inputs per request:
 - `image`: BYTES `[N]` or `[N, 1]`, each element one encoded image (a format of core.images),
@@ -16,27 +17,31 @@ What a request gives the model is bounded: N x crop x crop (N x H x W for `prepr
 `model.max_request_pixels`, checked by the runner before any image is decoded (422
 `request_too_large`); it runs larger batches as forwards of at most `model.max_forward_pixels`.
 A session pinned to a model version (the `model_version` option) is answered by that version, on
-either input, as on /v1, and the response's `model_version` names the version that answered.
+either input, as on /v1; a version named in the request (`/v2/models/<m>/versions/<v>/infer`, gRPC's
+`model_version`) answers that request, where the model catalogue may serve it (the active version, the
+canary's, or one marked pinnable). The response's `model_version` names the version that answered.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from core.errors import BadRequest, NotFound, quoted
+from core.errors import BadRequest, NotFound, ServiceError, quoted
 from core.options import CROP_RANGE, Options
 from core.session import Session
 from inference.backends import oip_platform
 from inference.postprocess import top_k
-from inference.runner import ModelRunner
+from inference.runner import ServedModel
 from service.classify import Classifier
+from sessions.store import SessionStore
 
 SERVER_NAME = "session-inference-server"  # the distribution's name in pyproject.toml
 # The one version string (here, in /v2 and gRPC's ServerMetadata, and in /openapi.json's info): the
@@ -59,35 +64,81 @@ MIN_SIDE, MAX_SIDE = CROP_RANGE
 _LENGTH = struct.Struct("<I")
 
 
-# -- metadata -----------------------------------------------------------------------------------
-def model_metadata(runner: ModelRunner) -> dict[str, Any]:
-    """The model's name, version, platform and tensors; -1 marks a variable dimension."""
-    classes = len(runner.model.labels)
-    return {
-        "name": runner.model.name,
-        "versions": [runner.model.version],
-        "platform": oip_platform(runner.backend.name),
-        "inputs": [
-            {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
-            {"name": TENSOR_INPUT, "datatype": FP32, "shape": [-1, 3, -1, -1]},
-        ],
-        "outputs": [{"name": PROBABILITIES_OUTPUT, "datatype": FP32, "shape": [-1, classes]}],
-    }
+# -- readiness and metadata -------------------------------------------------------------------
+class ModelCatalogue(Protocol):
+    """The model versions this process may answer with (service/catalogue.py)."""
+
+    def listed_versions(self) -> list[str]: ...
+
+    async def served_for_version(self, version: str | None) -> ServedModel: ...
+
+
+@dataclass(frozen=True)
+class Readiness:
+    """Whether this process can serve: each check's "ok" or why not."""
+
+    checks: dict[str, str]
+
+    @property
+    def ready(self) -> bool:
+        return all(value == "ok" for value in self.checks.values())
 
 
 def server_metadata() -> dict[str, Any]:
     return {"name": SERVER_NAME, "version": SERVER_VERSION, "extensions": list(EXTENSIONS)}
 
 
-def check_model(runner: ModelRunner, name: str, version: str | None) -> None:
-    """Raise NotFound unless `name` (and `version`, when given) is the model this server runs."""
-    if name != runner.model.name:
-        raise NotFound(f"Unknown model {quoted(name)}; this server serves {runner.model.name!r}.",
-                       code="model_not_found")
-    if version and version != runner.model.version:
-        raise NotFound(f"Model {quoted(name)} has no version {quoted(version)}; it serves version "
-                       f"{runner.model.version!r}.",
-                       code="model_version_not_found")
+class DataPlane:
+    """The protocol's use cases, shared by every transport that speaks it (and /readyz)."""
+
+    def __init__(self, classifier: Classifier, catalogue: ModelCatalogue, store: SessionStore):
+        self.classifier, self.catalogue, self.store = classifier, catalogue, store
+
+    async def readiness(self) -> Readiness:
+        """The model is loaded (this object exists only once it is) and the session store answers."""
+        checks = {"model": "ok"}
+        try:
+            await self.store.ping()
+            checks["store"] = "ok"
+        except ServiceError as exc:
+            checks["store"] = exc.message
+        return Readiness(checks)
+
+    async def check_model(self, name: str, version: str | None) -> ServedModel:
+        """The served model `name` (at `version`, when given): NotFound unless this server runs that model
+        and may answer with that version (403 `model_version_not_pinnable` for one it may not serve)."""
+        active = await self.catalogue.served_for_version(None)
+        if name != active.model.name:
+            raise NotFound(f"Unknown model {quoted(name)}; this server serves {active.model.name!r}.",
+                           code="model_not_found")
+        return await self.catalogue.served_for_version(version) if version else active
+
+    async def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
+        """The model's name, the versions it may be asked for, its platform and tensors; -1 marks a
+        variable dimension."""
+        served = await self.check_model(name, version)
+        return {
+            "name": served.model.name,
+            "versions": self.catalogue.listed_versions(),
+            "platform": oip_platform(served.backend.name),
+            "inputs": [
+                {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
+                {"name": TENSOR_INPUT, "datatype": FP32, "shape": [-1, 3, -1, -1]},
+            ],
+            "outputs": [{"name": PROBABILITIES_OUTPUT, "datatype": FP32, "shape": [-1, len(served.model.labels)]}],
+        }
+
+    async def infer(self, session: Session | None, request: InferenceRequest,
+                    version: str | None = None) -> InferenceResult:
+        """Classify (and, with a session, record) the request's batch through service.classify, as every
+        transport does, and build the requested outputs. A `version` named in the request answers it in
+        place of the session's (checked by the caller with check_model)."""
+        options = session.options if session is not None else Options()
+        run = dataclasses.replace(options, model_version=version) if version else options
+        result = await self.classifier.classify_batch(session, run, images=request.images, tensor=request.tensor)
+        wanted = request.outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
+        return InferenceResult(result.model_name, result.model_version,
+                               [_output(result.probabilities, output, result.labels) for output in wanted])
 
 
 # -- the BYTES codec ----------------------------------------------------------------------------
@@ -266,19 +317,7 @@ class InferenceResult:
     outputs: list[OutputTensor]
 
 
-async def infer(classifier: Classifier, session: Session | None, request: InferenceRequest) -> InferenceResult:
-    """Classify (and, with a session, record) the request's batch through service.classify, as every
-    transport does, and build the requested outputs."""
-    options = session.options if session is not None else Options()
-    result = await classifier.classify_batch(session, options, images=request.images, tensor=request.tensor)
-    wanted = request.outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]
-    return InferenceResult(result.model_name, result.model_version,
-                           [_output(classifier.runner, result.probabilities, output, result.labels)
-                            for output in wanted])
-
-
-def _output(runner: ModelRunner, probabilities: np.ndarray, requested: RequestedOutput,
-            labels: list[str]) -> OutputTensor:
+def _output(probabilities: np.ndarray, requested: RequestedOutput, labels: list[str]) -> OutputTensor:
     batch, classes = probabilities.shape
     if not requested.classification:
         return OutputTensor(requested.name, FP32, [batch, classes], probabilities, requested.binary)

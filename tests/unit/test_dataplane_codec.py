@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from core.errors import BadRequest
-from handlers.oip_protocol import (
+from service.dataplane import (
     RawInput,
     RequestedOutput,
     decode_bytes_elements,

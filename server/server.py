@@ -1,0 +1,268 @@
+"""The composition root: one `Server` per serving process builds the use cases, once, around a store
+and a runner, hands them to each transport (server/transports/, listed once in TRANSPORTS), and owns
+the process's life: the signals, the drain of requests in flight, and the background tasks (model
+versions followed from the other replicas, the retention sweeps, the session gauge)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+from collections.abc import Callable
+
+from core.errors import ServiceError
+from inference.runner import ModelRunner
+from inference.selection import Candidate
+from server.balance import SharedCounts
+from server.config import Config, ConfigError
+from server.embedded_redis import RewriteAfterErase
+from server.observability import Metrics, count_sessions_forever
+from server.runtime import build_backend, build_runner, build_store
+from server.transports import Transport
+from server.transports import grpc as grpc_transport
+from server.transports import http as http_transport
+from service.auth import Authenticator, AuthSettings
+from service.capture import Captures
+from service.catalogue import ModelCatalogue
+from service.classify import Classifier
+from service.dataplane import DataPlane
+from service.export import FeedbackExport
+from service.feedback import FeedbackLimits, FeedbackService
+from service.history import History
+from service.preprocess import Preprocessor
+from service.retention import sweep_forever
+from service.sessions import SessionService
+from service.use_cases import InFlight, UseCases
+from sessions.captures import CaptureRefs
+from sessions.feedback import FeedbackStore
+from sessions.model_registry import ModelRegistry
+from sessions.store import SessionStore
+from sessions.tokens import TokenSigner
+
+log = logging.getLogger("inference.server")
+
+#: The transports each serving process runs, in start order, each built from the server (None where the
+#: config turns it off). A new transport is a module in server/transports/ and a line here.
+TRANSPORTS: tuple[Callable[[Server], Transport | None], ...] = (
+    http_transport.for_server,
+    grpc_transport.for_server,
+)
+
+#: Wraps the session store a serving process builds (the benchmark's experiments; None in production).
+StoreWrapper = Callable[[SessionStore], SessionStore]
+
+
+class Server:
+    """One serving process: the use cases built once, the transports, the background tasks."""
+
+    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, sockets: list[socket.socket], *,
+                 counts: SharedCounts | None = None, slot: int = 0, model_versions: ModelCatalogue | None = None):
+        """`sockets`: the listening HTTP sockets; `counts` and `slot`: this is process `slot` of several
+        sharing them (see server.balance)."""
+        self.config, self.store, self.runner, self.sockets = config, store, runner, sockets
+        self.counts, self.slot = counts, slot
+        self.rewrite_after_erase = make_rewrite_after_erase(config, store)
+        self.use_cases = build_use_cases(config, store, runner, model_versions,
+                                         on_erased=self.rewrite_after_erase.erased if self.rewrite_after_erase
+                                         else None)
+        self.transports: list[Transport] = [t for make in TRANSPORTS if (t := make(self)) is not None]
+        self._started: list[Transport] = []
+        self._tasks: list[asyncio.Future[None]] = []
+        self._following = False
+
+    @property
+    def http(self) -> http_transport.HttpTransport:
+        """The HTTP transport (always first)."""
+        transport = self.transports[0]
+        assert isinstance(transport, http_transport.HttpTransport)
+        return transport
+
+    async def start(self, *, background: bool = True) -> list[str]:
+        """Start the transports and return where each listens. With `background` (what a serving process
+        does; tests leave it off), first serve the active model version and follow activations, and in
+        process 0 run the sweeps and the session gauge. A port that cannot be bound is a ConfigError."""
+        if background:
+            await self.use_cases.model_versions.start()  # serve the active version, follow activations
+            self._following = True
+            if self.slot == 0:
+                self._start_background_tasks()
+        addresses = []
+        for transport in self.transports:
+            try:
+                addresses.append(await transport.start())
+            except OSError as exc:  # the port is taken: one sentence, like any bad setting
+                await self.stop(0)
+                raise ConfigError(str(exc)) from None
+            self._started.append(transport)
+        return addresses
+
+    def _start_background_tasks(self) -> None:
+        config, use_cases = self.config, self.use_cases
+        self._tasks = [
+            # One process counts the sessions for the gauge (a keyspace scan), in the background.
+            asyncio.ensure_future(count_sessions_forever(self.store, self.runner.metrics.active_sessions)),
+            # One process enforces the capture retention (the others read it on every image read) ...
+            asyncio.ensure_future(sweep_forever(use_cases.captures.sweep, config.capture.sweep_interval_seconds,
+                                                "captured images", errors=(ServiceError, OSError))),
+            # ... and the feedback retention.
+            asyncio.ensure_future(sweep_forever(use_cases.feedback.sweep, config.feedback.sweep_interval_seconds,
+                                                "feedback records")),
+        ]
+
+    async def stop(self, grace: float) -> None:
+        """Stop every transport at once (each drains what it has in flight within `grace`), then the
+        background tasks; the store and the runner stay open for whoever made them."""
+        started, self._started = self._started, []
+        await asyncio.gather(*(transport.stop(grace) for transport in started))
+        await _cancel(self._tasks)
+        self._tasks = []
+        self.use_cases.captures.close()
+        if self.rewrite_after_erase is not None:  # an erase's rewrite still waiting: now, not never
+            await self.rewrite_after_erase.flush()
+        if self._following:
+            self._following = False
+            await self.use_cases.model_versions.close()
+
+    async def drain(self, grace: float) -> None:
+        """Wait until no request has been in flight for a moment (connections just taken from the
+        backlog need a few milliseconds to have their requests read), or the grace runs out."""
+        in_flight = self.use_cases.in_flight
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        quiet_since = None
+        while loop.time() < deadline:
+            if in_flight.count > 0:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= 0.2:
+                break
+            await asyncio.sleep(0.02)
+        if in_flight.count:
+            log.warning("%d requests still in flight after %.0fs; closing them", in_flight.count, grace)
+
+
+async def _cancel(tasks: list[asyncio.Future[None]], attempts: int = 50) -> None:
+    """Cancel `tasks` and wait for them to end, so that nothing they use is closed under them. redis-py can
+    turn a cancellation into a connection error, which a sweep's retry takes for Redis trouble: such a
+    task is cancelled again (and the wait is bounded either way, so a shutdown never hangs here)."""
+    pending = set(tasks)
+    for _ in range(attempts):
+        if not pending:
+            return
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=0.1)
+
+
+async def serve(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str,
+                counts: SharedCounts | None = None, slot: int = 0, wrap_store: StoreWrapper | None = None) -> int:
+    """One serving process: load the model, serve until SIGTERM/SIGINT, then drain and close.
+    `counts` and `slot`: this is process `slot` of several sharing the sockets (see server.balance)."""
+    counts = counts or SharedCounts(1)
+    runner = build_runner(config, siblings=counts.siblings(slot))
+    store = build_store(config, redis_url)
+    if wrap_store is not None:
+        store = wrap_store(store)
+    server = Server(config, store, runner, sockets, counts=counts, slot=slot)
+    try:
+        addresses = await server.start()
+    except ConfigError:
+        runner.close()
+        await store.close()
+        raise
+    log.info("ready on %s model=%s version=%s runtime=%s precision=%s device=%s workers=%d pid=%d store=%s",
+             " ".join(addresses), runner.model.name, runner.model.version, runner.backend.name,
+             runner.backend.precision, config.model.device, config.model.workers, os.getpid(), store_text)
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+
+    log.info("shutting down: no new connections, finishing requests in flight")
+    await server.stop(config.http.shutdown_grace_seconds)
+    runner.close()
+    await store.close()
+    log.info("stopped")
+    return 0
+
+
+def auth_settings(config: Config) -> AuthSettings:
+    # Anonymous inference (POST /predict, tokenless OIP): production mode needs
+    # http.allow_anonymous_in_production on top of http.legacy_predict.
+    anonymous = config.http.legacy_predict and (
+        config.server.mode != "production" or config.http.allow_anonymous_in_production)
+    return AuthSettings(api_keys=tuple(config.auth.api_keys), admin_api_keys=tuple(config.auth.admin_api_keys),
+                        anonymous_inference=anonymous,
+                        login_rate_limit_per_minute=config.sessions.login_rate_limit_per_minute)
+
+
+def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner,
+                        feedback: FeedbackService | None = None) -> ModelCatalogue:
+    store_dir = config.folder(config.models.store_dir, "models")
+    same_runtime = Candidate(runner.backend.name, runner.backend.precision)  # what the configured weights run on
+    return ModelCatalogue(ModelRegistry(store.redis), runner, store_dir=store_dir,
+                         backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
+
+
+def make_feedback(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner) -> FeedbackService:
+    metrics, settings = runner.metrics, config.feedback
+    limits = FeedbackLimits(max_comment_bytes=settings.max_comment_bytes, max_per_session=config.history.max_entries,
+                            daily_limit=settings.daily_limit, retention_days=settings.retention_days)
+    return FeedbackService(store, FeedbackStore(store.redis, runner.model.name), labels=lambda: runner.model.labels,
+                           signer=signer, limits=limits,
+                           on_feedback=metrics.observe_feedback if isinstance(metrics, Metrics) else None)
+
+
+def make_captures(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner) -> Captures:
+    capture, metrics = config.capture, runner.metrics
+    store_dir = config.folder(capture.store_dir, "captures")
+    observed = isinstance(metrics, Metrics)
+    return Captures(CaptureRefs(store.redis), names=signer, store_dir=store_dir, enabled=capture.enabled,
+                    retention_days=capture.retention_days, min_free_disk_bytes=capture.min_free_disk_bytes,
+                    max_session_bytes=capture.max_session_bytes, max_queue=capture.max_queue,
+                    on_skipped=metrics.count_capture_skipped if observed else None,
+                    on_queue_wait=metrics.observe_capture_queue_wait if observed else None)
+
+
+def make_rewrite_after_erase(config: Config, store: SessionStore) -> RewriteAfterErase | None:
+    """The embedded Redis' files rewritten after erases (redis.embedded_erase_rewrite_seconds); None for
+    an external Redis, whose persistence is its operator's (docs/operations.md)."""
+    interval = config.redis.embedded_erase_rewrite_seconds
+    return RewriteAfterErase(store.redis, interval) if config.redis.url == "embedded" and interval > 0 else None
+
+
+def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner,
+                    model_versions: ModelCatalogue | None = None,
+                    on_erased: Callable[[], None] | None = None) -> UseCases:
+    """The service layer for one process, shared by every transport. Model versions use the store's Redis
+    unless given; `on_erased`: told after an erase (the embedded Redis' rewrite)."""
+    signer = make_signer(config)
+    feedback, captures = make_feedback(config, store, runner, signer), make_captures(config, store, runner, signer)
+    versions = model_versions or make_model_versions(config, store, runner, feedback)
+    classifier = Classifier(store, runner, versions, feedback, captures)
+    return UseCases(
+        auth=Authenticator(signer, store, auth_settings(config)),
+        classifier=classifier,
+        sessions=SessionService(store, signer, versions, feedback=feedback, captures=captures, on_erased=on_erased),
+        history=History(store, feedback, captures),
+        preprocessor=Preprocessor(runner),
+        dataplane=DataPlane(classifier, versions, store),
+        feedback=feedback,
+        feedback_export=FeedbackExport(feedback.records, captures, page_size=config.feedback.export_page_size),
+        captures=captures,
+        model_versions=versions,
+        in_flight=InFlight(),
+        metrics=runner.metrics,
+    )
+
+
+def make_signer(config: Config) -> TokenSigner:
+    """The token signer for config's keys: the HTTP app and the gRPC service each get one."""
+    if not config.auth.secret_keys:
+        raise ValueError("config.auth.secret_keys is empty; the CLI fills it in development mode")
+    return TokenSigner(config.auth.secret_keys, max_age_seconds=config.sessions.max_lifetime_seconds)
