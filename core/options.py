@@ -10,6 +10,7 @@ import functools
 import json
 import math
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +86,56 @@ class Options:
         return Options().merged({k: json.loads(v) for k, v in fields if k in known})
 
 
-_INT_RANGES = {"resize": RESIZE_RANGE, "crop": CROP_RANGE, "top_k": TOP_K_RANGE}
-_CHOICES = {"interpolation": INTERPOLATIONS, "color": COLORS}
+# What each option accepts beyond its type, by name: validation below and describe_fields() read these.
+INT_RANGES = {"resize": RESIZE_RANGE, "crop": CROP_RANGE, "top_k": TOP_K_RANGE}
+CHOICES = {"interpolation": INTERPOLATIONS, "color": COLORS}
+PATTERNS = {"model_version": MODEL_VERSION}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One option as a schema states it: its JSON kind, default and the constraints validation applies."""
+
+    name: str
+    kind: str  # "integer", "string" or "numbers" (a list of `length` numbers)
+    default: Any
+    nullable: bool = False
+    range: tuple[int, int] | None = None
+    choices: tuple[str, ...] | None = None
+    pattern: str | None = None
+    length: int | None = None
+
+
+_KINDS = {int: "integer", str: "string"}
+
+
+def describe_fields(cls: type = Options, *, ranges: Mapping[str, tuple[int, int]] = INT_RANGES,
+                    choices: Mapping[str, tuple[str, ...]] = CHOICES,
+                    patterns: Mapping[str, re.Pattern[str]] = PATTERNS) -> list[FieldSpec]:
+    """Each field of the dataclass `cls` (Options unless told) with its type, default and the range, choices or
+    pattern the mappings give it, so that a document describing options follows a field added here."""
+    hints = typing.get_type_hints(cls)
+    specs = []
+    for field in dataclasses.fields(cls):
+        hint, nullable = hints[field.name], False
+        arguments = typing.get_args(hint)
+        if type(None) in arguments:  # `X | None`
+            nullable = True
+            (hint,) = [argument for argument in arguments if argument is not type(None)]
+            arguments = typing.get_args(hint)
+        length = None
+        if typing.get_origin(hint) is tuple and arguments and all(a in (int, float) for a in arguments):
+            kind, length = "numbers", len(arguments)
+        elif hint in _KINDS:
+            kind = _KINDS[hint]
+        else:
+            raise TypeError(f"Option {field.name} has type {hint}, which describe_fields cannot state.")
+        pattern = patterns.get(field.name)
+        default = None if field.default is dataclasses.MISSING else field.default
+        specs.append(FieldSpec(
+            name=field.name, kind=kind, default=default, nullable=nullable, range=ranges.get(field.name),
+            choices=choices.get(field.name), pattern=pattern.pattern if pattern else None, length=length))
+    return specs
 
 
 def _check_field(name: str, value: Any) -> Any:
@@ -97,16 +146,16 @@ def _check_field(name: str, value: Any) -> Any:
             raise BadOptions(name, "model_version must be null or a version name: 1 to 64 letters, digits, "
                                    "'.', '_' or '-', starting with a letter or digit.")
         return value
-    if name in _INT_RANGES:
-        low, high = _INT_RANGES[name]
+    if name in INT_RANGES:
+        low, high = INT_RANGES[name]
         if isinstance(value, bool) or not isinstance(value, int):
             raise BadOptions(name, f"{name} must be an integer between {low} and {high}.")
         if not low <= value <= high:
             raise BadOptions(name, f"{name} must be between {low} and {high}, got {quoted(value)}.")
         return value
-    if name in _CHOICES:
-        if value not in _CHOICES[name]:
-            raise BadOptions(name, f"{name} must be one of {', '.join(_CHOICES[name])}.")
+    if name in CHOICES:
+        if value not in CHOICES[name]:
+            raise BadOptions(name, f"{name} must be one of {', '.join(CHOICES[name])}.")
         return value
     # mean and std: three finite floats; std strictly positive.
     if (
@@ -124,7 +173,7 @@ def _check_field(name: str, value: Any) -> Any:
 
 
 def _parse_text(name: str, text: str) -> Any:
-    if name in _INT_RANGES:
+    if name in INT_RANGES:
         try:
             return int(text)
         except ValueError:

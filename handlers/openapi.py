@@ -4,13 +4,13 @@ validates real responses against these schemas, so it cannot drift from the code
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import tornado.web
 
 from core.images import MEDIA_TYPES
-from core.options import COLORS, CROP_RANGE, INTERPOLATIONS, MODEL_VERSION, RESIZE_RANGE, TOP_K_RANGE, Options
+from core.options import MODEL_VERSION, FieldSpec, describe_fields
 from service.auth import Policy
 from service.canary import TRAFFIC_PERCENT
 from service.dataplane import SERVER_VERSION
@@ -52,7 +52,6 @@ def _integer(bounds: tuple[int, int], **extra: Any) -> dict[str, Any]:
     return {"type": "integer", "minimum": low, "maximum": high, **extra}
 
 
-_THREE_NUMBERS = {"type": "array", "items": {"type": "number"}, "minItems": 3, "maxItems": 3}
 _HISTORY_ID = {"type": "string", "pattern": "^[0-9]+-[0-9]+$"}  # a Redis stream id
 _SHA256 = {"type": "string", "pattern": "^[0-9a-f]{64}$"}
 # Pinning: a session may pin the active version, the canary's, or one an admin marked pinnable.
@@ -62,8 +61,61 @@ _PINNABLE_ANSWER = {"type": "object", "required": ["name", "version", "pinnable"
                     "properties": {"name": {"type": "string"}, "version": {"type": "string"}, "pinnable": _PINNABLE}}
 _NOT_PINNABLE = _error("model_version names a version that is neither active, the canary's, nor marked pinnable "
                        "(model_version_not_pinnable).")
-# Ranges and defaults come from core.options, which validates them: the schema cannot drift from it.
-_DEFAULTS = Options()
+
+
+# The options' schemas come from core.options (each field's type, default, range, choices, pattern), which
+# validates them: the document cannot drift from it. Only prose is written here, and a field needs none.
+_OPTION_PROSE = {
+    "crop": "Must not exceed resize.",
+    "model_version": "Pins the session to this model version (see GET /v1/models); absent or null: the active "
+                     "version.",
+}
+# As query text a list of numbers is written comma-separated.
+_OVERRIDE_PROSE = {"mean": "three comma-separated numbers", "std": "three comma-separated positive numbers"}
+
+
+def _option_value(spec: FieldSpec, *, nullable: bool) -> dict[str, Any]:
+    """The JSON schema of one option's value (`nullable`: where JSON null is accepted)."""
+    schema: dict[str, Any]
+    if spec.choices is not None:
+        schema = {"enum": [*spec.choices, *([None] if nullable else [])]}
+    elif spec.kind == "numbers":
+        schema = {"type": "array", "items": {"type": "number"}, "minItems": spec.length, "maxItems": spec.length}
+    else:
+        schema = {"type": [spec.kind, "null"] if nullable else spec.kind}
+    if spec.range is not None:
+        schema["minimum"], schema["maximum"] = spec.range
+    if spec.pattern is not None:
+        schema["pattern"] = spec.pattern
+    return schema
+
+
+def options_schema(specs: Iterable[FieldSpec], prose: Mapping[str, str] = _OPTION_PROSE) -> dict[str, Any]:
+    """The Options object: every field of `specs` with its constraints and default, plus any prose."""
+    properties = {}
+    for spec in specs:
+        schema = _option_value(spec, nullable=spec.nullable)
+        if spec.default is not None:
+            schema["default"] = list(spec.default) if isinstance(spec.default, tuple) else spec.default
+        if spec.name in prose:
+            schema["description"] = prose[spec.name]
+        properties[spec.name] = schema
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def option_overrides(specs: Iterable[FieldSpec],
+                     prose: Mapping[str, str] = _OVERRIDE_PROSE) -> list[dict[str, Any]]:
+    """The query parameters that override each option for one request, as Options.with_query parses them."""
+    parameters = []
+    for spec in specs:
+        if spec.kind == "numbers":
+            schema = {"type": "string", "description": prose.get(spec.name, f"{spec.length} comma-separated numbers")}
+        else:
+            schema = _option_value(spec, nullable=False)  # query text has no null
+        parameters.append({"name": spec.name, "in": "query", "required": False, "schema": schema,
+                           "description": "Overrides the session's option for this request only."})
+    return parameters
+
 
 SCHEMAS: dict[str, Any] = {
     "Error": {
@@ -78,22 +130,7 @@ SCHEMAS: dict[str, Any] = {
             }
         },
     },
-    "Options": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "resize": _integer(RESIZE_RANGE, default=_DEFAULTS.resize),
-            "crop": _integer(CROP_RANGE, default=_DEFAULTS.crop, description="Must not exceed resize."),
-            "interpolation": {"enum": list(INTERPOLATIONS), "default": _DEFAULTS.interpolation},
-            "color": {"enum": list(COLORS), "default": _DEFAULTS.color},
-            "mean": _THREE_NUMBERS,
-            "std": _THREE_NUMBERS,
-            "top_k": _integer(TOP_K_RANGE, default=_DEFAULTS.top_k),
-            "model_version": {"type": ["string", "null"], "pattern": MODEL_VERSION.pattern,
-                              "description": "Pins the session to this model version (see GET /v1/models); "
-                                             "absent or null: the active version."},
-        },
-    },
+    "Options": options_schema(describe_fields()),
     "Login": {
         "type": "object",
         "required": ["token", "session_id", "expires_at", "options"],
@@ -354,20 +391,7 @@ _IMAGE_BODY = {
     },
 }
 
-_OPTION_OVERRIDES = [
-    {"name": name, "in": "query", "required": False, "schema": schema,
-     "description": "Overrides the session's option for this request only."}
-    for name, schema in {
-        "resize": _integer(RESIZE_RANGE),
-        "crop": _integer(CROP_RANGE),
-        "interpolation": {"enum": list(INTERPOLATIONS)},
-        "color": {"enum": list(COLORS)},
-        "mean": {"type": "string", "description": "three comma-separated numbers"},
-        "std": {"type": "string", "description": "three comma-separated positive numbers"},
-        "top_k": _integer(TOP_K_RANGE),
-        "model_version": {"type": "string", "pattern": MODEL_VERSION.pattern},
-    }.items()
-]
+_OPTION_OVERRIDES = option_overrides(describe_fields())
 
 def _oip_error(description: str) -> dict[str, Any]:
     return _json(_ref("OipError"), description)
