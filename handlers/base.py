@@ -302,8 +302,8 @@ class BaseHandler(tornado.web.RequestHandler):
                 self.set_header(name, value)
         elif isinstance(exc, tornado.web.HTTPError):
             code = _HTTP_CODES.get(status_code, "http_error")
-            message = exc.log_message % exc.args if exc.log_message and exc.args else exc.log_message
-            message = message or _reason(status_code)
+            logged = exc.log_message % exc.args if exc.log_message and exc.args else exc.log_message
+            message = logged or _reason(status_code)
         else:
             code, message = ("internal_error", "The server failed on this request; it was logged.") \
                 if status_code >= 500 else (_HTTP_CODES.get(status_code, "http_error"), _reason(status_code))

@@ -67,6 +67,7 @@ def _answering(method: _Handler[Message]) -> _Handler[Message]:
     async def wrapper(self: InferenceService, request: Any, context: aio.ServicerContext) -> Message:
         started = time.perf_counter()
         metrics = self.metrics
+        failure: Exception
         try:
             response = await method(self, request, context)
             metrics.grpc_requests.labels(method.__name__, "OK").inc()

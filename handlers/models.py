@@ -76,8 +76,7 @@ class ModelVersionHandler(UploadHandler):
         # http.max_body_bytes and http.body_timeout_seconds.
         if self.request.method != "PUT":
             return
-        self.request.connection.set_max_body_size(self.upload_limit * 2)
-        self.request.connection.set_body_timeout(self.http_settings.upload_timeout_seconds)
+        self.allow_body(self.upload_limit * 2, self.http_settings.upload_timeout_seconds)
         if not self.can_drain():
             self.refuse_oversized()
         name, version = self.path_kwargs["name"], self.path_kwargs["version"]

@@ -462,8 +462,9 @@ _AUTH_ERRORS = {"401": _error("Missing, invalid, expired or revoked token."),
                 "503": _error("The session store is unavailable.")}
 # What a route with a JSON body may answer about the body itself (BaseHandler.json_object).
 _JSON_BODY_ERRORS = {"400": _error("Malformed JSON, or not an object."), "415": _error("The body is not JSON.")}
-_BEARER = [{"bearer": []}]
-_ADMIN = [{"adminApiKey": []}]
+Security = list[dict[str, list[str]]]  # OpenAPI: any one of the listed credential sets
+_BEARER: Security = [{"bearer": []}]
+_ADMIN: Security = [{"adminApiKey": []}]
 _ADMIN_ERRORS = {"401": _error("Missing or wrong admin API key."),
                  "403": _error("The admin API is off (auth.admin_api_keys is empty)."),
                  "404": _error("Another model name, or no such version."),
@@ -757,20 +758,21 @@ def _prose() -> dict[str, Any]:
     return paths
 
 
-def security(policy: Policy, *, anonymous: bool) -> list[dict[str, list[str]]]:
+def security(policy: Policy, *, anonymous: bool) -> Security:
     """The OpenAPI security a route's auth_policy means (`{}`: no credential needed)."""
-    return {
+    by_policy: dict[Policy, Security] = {
         Policy.PUBLIC: [{}],
         Policy.SESSION: _BEARER,
         Policy.STREAM: _BEARER,
         Policy.OPTIONAL_SESSION: [{}, *_BEARER] if anonymous else _BEARER,
         Policy.ADMIN: _ADMIN,
         Policy.SESSION_OR_ADMIN: [*_BEARER, *_ADMIN],
-    }[policy]
+    }
+    return by_policy[policy]
 
 
 # Credentials a route checks beyond its policy: login takes an API key where auth.api_keys is set.
-_ALSO_ACCEPTS = {"/v1/sessions": [{"apiKey": []}]}
+_ALSO_ACCEPTS: dict[str, Security] = {"/v1/sessions": [{"apiKey": []}]}
 # Routed always, documented only where http.legacy_predict is on (else it answers 404).
 _LEGACY_ROUTES = {"/predict"}
 _METHODS = ("get", "post", "put", "patch", "delete")

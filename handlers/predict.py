@@ -34,7 +34,7 @@ class ImageUploadHandler(UploadHandler):
         self.upload_limit = self.http_settings.max_body_bytes + _MULTIPART_OVERHEAD
 
     async def before_auth(self) -> None:
-        self.request.connection.set_max_body_size(self.upload_limit * _DRAIN_FACTOR)
+        self.allow_body(self.upload_limit * _DRAIN_FACTOR)
         if not self.can_drain():
             # Far too large: answer now, without reading. A client that sent `Expect: 100-continue`
             # (curl does for large bodies) reads this 413 before sending a byte of the body.

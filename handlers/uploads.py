@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from typing import NoReturn
 
+from tornado.http1connection import HTTP1Connection
+
 from core.errors import PayloadTooLarge
 from handlers.base import BaseHandler
 
@@ -26,6 +28,15 @@ class UploadHandler(BaseHandler):
     def initialize(self, route_name: str = "unmatched") -> None:
         super().initialize(route_name)
         self._received = 0  # data_received may run for any method, OPTIONS included
+
+    def allow_body(self, max_bytes: int, timeout_seconds: float | None = None) -> None:
+        """Let this request's body grow to `max_bytes` (and take `timeout_seconds`), past the server's
+        http.max_body_bytes: Tornado's HTTP/1 connection carries both bounds, per request."""
+        connection = self.request.connection
+        assert isinstance(connection, HTTP1Connection), "uploads are served over HTTP/1"
+        connection.set_max_body_size(max_bytes)
+        if timeout_seconds is not None:
+            connection.set_body_timeout(timeout_seconds)
 
     def oversized_message(self) -> str:
         """The sentence a 413 says: which limit the body passed."""

@@ -134,19 +134,19 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
                 pid, status = os.wait()
         except ChildProcessError:
             break
-        slot = children.pop(pid, None)
+        crashed_slot = children.pop(pid, None)
         forget_process_metrics(metrics_dir, pid)
         code = os.waitstatus_to_exitcode(status)
-        if slot is None or stopping:
+        if crashed_slot is None or stopping:
             failed |= code != 0
             continue
         if code not in (0, EXIT_MODEL_LOAD_FAILED):
-            counts.reset(slot)  # the crashed process's connections and work are gone with it
-            pause = budget.pause(slot)
+            counts.reset(crashed_slot)  # the crashed process's connections and work are gone with it
+            pause = budget.pause(crashed_slot)
             if pause is not None:
                 log.warning("worker process %d exited with %d; starting another in %.1fs (restart %d of at most "
                             "%d per %gs)", pid, code, pause, budget.recent, budget.max_restarts, budget.window)
-                pending[slot] = time.monotonic() + pause
+                pending[crashed_slot] = time.monotonic() + pause
                 continue
             log.error("worker process %d exited with %d after %d restarts within %gs (server.max_restarts per "
                       "server.restart_window_seconds); stopping the server rather than crash-looping", pid, code,
