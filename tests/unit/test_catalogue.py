@@ -9,7 +9,9 @@ from typing import Any
 
 import pytest
 
-from core.errors import NotFound
+from core.errors import Conflict, NotFound
+from core.options import Options
+from core.session import Session
 from inference.runner import ServedModel
 from service.catalogue import ModelCatalogue, VersionNotPinnable
 from sessions.model_registry import Canary, VersionRecord
@@ -67,3 +69,22 @@ def test_served_for_version_resolves_like_a_pin(tmp_path: Path) -> None:
     with pytest.raises(VersionNotPinnable):
         asyncio.run(resolve("v5"))
     assert not versions.loaded.has("v5")
+
+
+def test_served_for_runs_a_pin_else_the_canarys_else_the_active_version(tmp_path: Path) -> None:
+    versions = catalogue(tmp_path, v2="ok", v3="ok", v5="not_pinnable")
+    session = Session("s1", 0, 0, 0, Options(), 0, canary_slot=0)
+
+    def run(options: Options, in_session: Session | None = session) -> str:
+        return asyncio.run(versions.served_for(in_session, options)).model.version
+
+    assert run(Options()) == "v1"
+    versions.canary = Canary("v3", 100, "v1", 0)  # every session is in it
+    assert run(Options()) == "v3" and versions.loaded.has("v3")
+    assert run(Options(), None) == "v1"  # no session, no canary
+    assert run(Options(model_version="v2")) == "v2"  # a pin wins, loaded on first use
+    with pytest.raises(VersionNotPinnable):
+        run(Options(model_version="v5"))
+    with pytest.raises(Conflict) as removed:
+        run(Options(model_version="ghost"))
+    assert removed.value.code == "model_version_removed" and not versions.loaded.has("ghost")
