@@ -29,7 +29,7 @@ from bench.run import COFFEE, REPO
 from core.options import Options
 from inference.torch_model import load_model
 from server.config import Config, load_config
-from server.runtime import build_backend, build_runner, onnx_cache_dir
+from server.runtime import build_backend, build_runner, build_served, onnx_cache_dir
 
 Row = dict[str, Any]
 
@@ -77,7 +77,7 @@ def forward_rows(args: argparse.Namespace, backend: Any) -> list[Row]:
     return rows
 
 
-async def drive(runner: Any, image: bytes, concurrency: int, warmup: float, duration: float) -> Row:
+async def drive(runner: Any, served: Any, image: bytes, concurrency: int, warmup: float, duration: float) -> Row:
     """`concurrency` callers predicting in a loop; only answers inside the measured window count."""
     latencies: list[float] = []
     batches: list[float] = []
@@ -86,7 +86,7 @@ async def drive(runner: Any, image: bytes, concurrency: int, warmup: float, dura
 
     async def caller() -> None:
         while (sent := time.perf_counter()) < end:
-            prediction = await runner.predict(image, Options())
+            prediction = await runner.predict(served, image, Options())
             if sent >= start:
                 latencies.append(time.perf_counter() - sent)
                 batches.append(prediction.timing_ms.get("batch_size", 1))
@@ -101,11 +101,12 @@ async def drive(runner: Any, image: bytes, concurrency: int, warmup: float, dura
 async def runner_rows(args: argparse.Namespace, model: Any, image: bytes) -> list[Row]:
     """One event loop for every point: a batching runner keeps its queue on the loop it started on."""
     rows = []
+    served = build_served(config_for(args, 1), model)  # the model and its runtime do not depend on batching
     for max_batch in args.max_batch_sizes:
-        runner = build_runner(config_for(args, max_batch), model)
+        runner = build_runner(config_for(args, max_batch))
         try:
             for concurrency in args.concurrency:
-                row = await drive(runner, image, concurrency, 1.0, args.duration)
+                row = await drive(runner, served, image, concurrency, 1.0, args.duration)
                 row.update(max_batch_size=max_batch, concurrency=concurrency)
                 rows.append(row)
                 print(f"    max_batch_size {max_batch:3d}, c{concurrency:<3d}: {row['img_s']:8.1f} img/s, "

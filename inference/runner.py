@@ -1,7 +1,8 @@
 """The model runner: the only code that knows threads and batches.
 
-Callers hand it plain data (image bytes, or an upload to read them from, and an Options value) and
-await a Prediction. Reading the upload, decoding, preprocessing and the forward pass all run on the
+Callers hand it the model version to run (a ServedModel, which the model catalogue picks per request)
+and plain data (image bytes, or an upload to read them from, and an Options value), and await a
+Prediction. Reading the upload, decoding, preprocessing and the forward pass all run on the
 runner's own thread pool, never on the IOLoop.
 A bounded count of admitted requests keeps the backlog finite: beyond it callers get a fast 503.
 With `max_batch_size > 1`, preprocessed images wait up to `max_batch_delay_ms` to share a forward
@@ -23,7 +24,7 @@ from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from core.errors import BadImage, Conflict, InferenceFailed, ServiceBusy
+from core.errors import BadImage, InferenceFailed, ServiceBusy
 from core.options import Options
 from inference import imaging
 from inference.batching import MicroBatcher
@@ -119,10 +120,11 @@ class BatchPrediction:
 
 
 class ModelRunner:
+    """Runs requests on the model version each caller hands in (a ServedModel, chosen at admission by the
+    model catalogue): the runner itself holds no versions."""
+
     def __init__(
         self,
-        model: LoadedModel,
-        backend: Backend,
         *,
         workers: int,
         max_queue: int,
@@ -136,8 +138,6 @@ class ModelRunner:
         metrics: RunnerMetrics | None = None,
         siblings: SiblingLoad | None = None,
     ):
-        self._active = ServedModel(model, backend)
-        self._pinned: dict[str, ServedModel] = {}  # versions sessions pinned, other than the active one
         self.max_queue = max_queue
         self.max_image_pixels = max_image_pixels
         self.max_aspect_ratio = max_aspect_ratio
@@ -154,72 +154,30 @@ class ModelRunner:
             workers=workers, run_forward=self._forward_on_executor,
             observe_forward=self.metrics.observe_forward) if max_batch_size > 1 else None
 
-    # -- model versions: an atomic reference swap; in-flight requests keep the one they started on --
-    @property
-    def model(self) -> LoadedModel:
-        return self._active.model
-
-    @property
-    def backend(self) -> Backend:
-        return self._active.backend
-
-    @backend.setter
-    def backend(self, backend: Backend) -> None:
-        self._active = ServedModel(self._active.model, backend)
-
-    def activate(self, served: ServedModel) -> None:
-        """Serve `served` to every request admitted from now on."""
-        self._pinned.pop(served.model.version, None)
-        self._active = served
-
-    def add_version(self, served: ServedModel) -> None:
-        """Keep `served` loaded for sessions that pin its version."""
-        if served.model.version != self._active.model.version:
-            self._pinned[served.model.version] = served
-
-    def drop_version(self, version: str) -> None:
-        self._pinned.pop(version, None)
-
-    def has_version(self, version: str) -> bool:
-        return version == self._active.model.version or version in self._pinned
-
-    def served(self, version: str | None = None) -> ServedModel:
-        """The active model, or the pinned `version` (409 when this process does not hold it)."""
-        active = self._active
-        if version is None or version == active.model.version:
-            return active
-        pinned = self._pinned.get(version)
-        if pinned is None:
-            raise Conflict(f"Model version {version!r} was removed; unpin it (model_version: null) or pin "
-                           "another version.", code="model_version_removed")
-        return pinned
-
     @property
     def queue_depth(self) -> int:
         """Requests admitted and not yet answered (queued plus running)."""
         return self._admitted
 
     # -- the requests: each runs the one pipeline below -------------------------------------------
-    async def predict(self, data: bytes | ImageSource, options: Options) -> Prediction:
-        """Decode, preprocess and classify one image under `options`."""
-        served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
+    async def predict(self, served: ServedModel, data: bytes | ImageSource, options: Options) -> Prediction:
+        """Decode, preprocess and classify one image under `options` with `served`."""
         probabilities, timing_ms = await self._run(served, [data], options)
         return Prediction(top_k(probabilities[0], options.top_k, served.model.labels), timing_ms, served.info)
 
-    async def classify_images(self, images: Sequence[bytes], options: Options) -> BatchPrediction:
-        """Decode and preprocess each image under `options`, then classify them together (the Open
-        Inference Protocol's batches, with full probabilities). Refused (422) before any decoding past
+    async def classify_images(self, served: ServedModel, images: Sequence[bytes], options: Options) -> BatchPrediction:
+        """Decode and preprocess each image under `options`, then classify them together with `served` (the
+        Open Inference Protocol's batches, with full probabilities). Refused (422) before any decoding past
         max_request_pixels."""
         self.check_request(len(images), options.crop, options.crop)
-        served = self.served(options.model_version)  # chosen at admission: a swap cannot change it
         probabilities, timing_ms = await self._run(served, list(images), options)
         return BatchPrediction(probabilities, timing_ms, served)
 
-    async def classify_tensor(self, batch: np.ndarray, served: ServedModel | None = None) -> BatchPrediction:
-        """Classify an already preprocessed float32 NCHW batch (the pipeline from its forward on: one
-        admitted hop, forwards of at most max_forward_pixels each); refused (422) past max_request_pixels."""
+    async def classify_tensor(self, served: ServedModel, batch: np.ndarray) -> BatchPrediction:
+        """Classify an already preprocessed float32 NCHW batch with `served` (the pipeline from its forward
+        on: one admitted hop, forwards of at most max_forward_pixels each); refused (422) past
+        max_request_pixels."""
         self.check_request(len(batch), batch.shape[-2], batch.shape[-1])
-        served = served or self._active
         logits, timing_ms = await self._submit(self._forward, served, batch, time.perf_counter())
         return BatchPrediction(softmax(logits), timing_ms, served)
 

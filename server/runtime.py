@@ -1,4 +1,4 @@
-"""Assembling the model runtime from config: model, backend (runtime) and runner."""
+"""Assembling the model runtime from config: model, backend (runtime), the served model and the runner."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from PIL import Image
 
 from inference import backends, selection
 from inference.model import Backend, LoadedModel, load_exported
-from inference.runner import ModelRunner, SiblingLoad
+from inference.runner import ModelRunner, ServedModel, SiblingLoad
 from inference.selection import Candidate
 from server.config import Config
 from server.observability import Metrics
@@ -97,28 +97,30 @@ def prepare_model(config: Config) -> None:
             log.info("runtime: %s", choice.summary())
 
 
-def build_runner(config: Config, model: LoadedModel | None = None, siblings: SiblingLoad | None = None,
-                 metrics: Metrics | None = None) -> ModelRunner:
-    """Load the model (unless given) and wrap it in a runner; raises ModelLoadError.
+def build_served(config: Config, model: LoadedModel | None = None) -> ServedModel:
+    """The configured weights (unless `model` is given) on the configured runtime: what the model
+    catalogue serves until an activation; raises ModelLoadError.
 
     Unless the runtime runs the torch module or a model is given, this process loads the cached export
     only and never imports torch (see inference.model)."""
     if model is None and backends.runs_exported(config.model.runtime):
         model, path = load_exported(config.model.name, config.model.weights, onnx_cache_dir(config))
-        backend = _guarded_backend(config, path)
-    else:
-        if model is None:
-            from inference.torch_model import load_model
+        return ServedModel(model, _guarded_backend(config, path))
+    if model is None:
+        from inference.torch_model import load_model
 
-            model = load_model(config.model.name, config.model.weights)
-        backend = build_backend(config, model)
+        model = load_model(config.model.name, config.model.weights)
+    return ServedModel(model, build_backend(config, model))
+
+
+def build_runner(config: Config, siblings: SiblingLoad | None = None, metrics: Metrics | None = None) -> ModelRunner:
+    """The runner with the configured threads, queue and image bounds; it runs whichever ServedModel a
+    request hands it (build_served makes the configured one)."""
     # Pillow's own decompression-bomb check is process-wide and also runs on images it opens by itself
     # (nested in a container) before any size reaches imaging.open_image; at its default (~89 MP,
     # refused at twice that) it would let far more through than the configured limit.
     Image.MAX_IMAGE_PIXELS = config.model.max_image_pixels
     return ModelRunner(
-        model,
-        backend,
         workers=config.model.workers,
         max_queue=config.model.max_queue,
         max_image_pixels=config.model.max_image_pixels,

@@ -1,5 +1,6 @@
 """The composition root: one `Server` per serving process builds the use cases, once, around a store
-and a runner, hands them to each transport (server/transports/, listed once in TRANSPORTS), and owns
+and a runner (and the configured model version, which the model catalogue serves until an activation),
+hands them to each transport (server/transports/, listed once in TRANSPORTS), and owns
 the process's life: the signals, the drain of requests in flight, and the background tasks (model
 versions followed from the other replicas, the retention sweeps, the session gauge)."""
 
@@ -13,13 +14,13 @@ import socket
 from collections.abc import Callable
 
 from core.errors import ServiceError
-from inference.runner import ModelRunner
+from inference.runner import ModelRunner, ServedModel
 from inference.selection import Candidate
 from server.balance import SharedCounts
 from server.config import Config, ConfigError
 from server.embedded_redis import RewriteAfterErase
 from server.observability import Metrics, count_sessions_forever
-from server.runtime import build_backend, build_runner, build_store
+from server.runtime import build_backend, build_runner, build_served, build_store
 from server.transports import Transport
 from server.transports import grpc as grpc_transport
 from server.transports import http as http_transport
@@ -57,14 +58,16 @@ StoreWrapper = Callable[[SessionStore], SessionStore]
 class Server:
     """One serving process: the use cases built once, the transports, the background tasks."""
 
-    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, sockets: list[socket.socket], *,
-                 counts: SharedCounts | None = None, slot: int = 0, model_versions: ModelCatalogue | None = None):
-        """`sockets`: the listening HTTP sockets; `counts` and `slot`: this is process `slot` of several
-        sharing them (see server.balance)."""
+    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel,
+                 sockets: list[socket.socket], *, counts: SharedCounts | None = None, slot: int = 0,
+                 model_versions: ModelCatalogue | None = None):
+        """`served`: the configured weights on their runtime (server.runtime.build_served); `sockets`: the
+        listening HTTP sockets; `counts` and `slot`: this is process `slot` of several sharing them (see
+        server.balance)."""
         self.config, self.store, self.runner, self.sockets = config, store, runner, sockets
         self.counts, self.slot = counts, slot
         self.rewrite_after_erase = make_rewrite_after_erase(config, store)
-        self.use_cases = build_use_cases(config, store, runner, model_versions,
+        self.use_cases = build_use_cases(config, store, runner, served, model_versions,
                                          on_erased=self.rewrite_after_erase.erased if self.rewrite_after_erase
                                          else None)
         self.transports: list[Transport] = [t for make in TRANSPORTS if (t := make(self)) is not None]
@@ -162,11 +165,12 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     """One serving process: load the model, serve until SIGTERM/SIGINT, then drain and close.
     `counts` and `slot`: this is process `slot` of several sharing the sockets (see server.balance)."""
     counts = counts or SharedCounts(1)
+    served = build_served(config)
     runner = build_runner(config, siblings=counts.siblings(slot))
     store = build_store(config, redis_url)
     if wrap_store is not None:
         store = wrap_store(store)
-    server = Server(config, store, runner, sockets, counts=counts, slot=slot)
+    server = Server(config, store, runner, served, sockets, counts=counts, slot=slot)
     try:
         addresses = await server.start()
     except ConfigError:
@@ -174,8 +178,8 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
         await store.close()
         raise
     log.info("ready on %s model=%s version=%s runtime=%s precision=%s device=%s workers=%d pid=%d store=%s",
-             " ".join(addresses), runner.model.name, runner.model.version, runner.backend.name,
-             runner.backend.precision, config.model.device, config.model.workers, os.getpid(), store_text)
+             " ".join(addresses), served.model.name, served.model.version, served.backend.name,
+             served.backend.precision, config.model.device, config.model.workers, os.getpid(), store_text)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -201,19 +205,21 @@ def auth_settings(config: Config) -> AuthSettings:
                         login_rate_limit_per_minute=config.sessions.login_rate_limit_per_minute)
 
 
-def make_model_versions(config: Config, store: SessionStore, runner: ModelRunner,
+def make_model_versions(config: Config, store: SessionStore, served: ServedModel,
                         feedback: FeedbackService | None = None) -> ModelCatalogue:
     store_dir = config.folder(config.models.store_dir, "models")
-    same_runtime = Candidate(runner.backend.name, runner.backend.precision)  # what the configured weights run on
-    return ModelCatalogue(ModelRegistry(store.redis), runner, store_dir=store_dir,
+    same_runtime = Candidate(served.backend.name, served.backend.precision)  # what the configured weights run on
+    return ModelCatalogue(ModelRegistry(store.redis), served, store_dir=store_dir,
                          backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
 
 
-def make_feedback(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner) -> FeedbackService:
+def make_feedback(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner, model_name: str,
+                  labels: Callable[[], list[str]]) -> FeedbackService:
+    """`labels`: those of the version serving everyone (what feedback's class indexes name)."""
     metrics, settings = runner.metrics, config.feedback
     limits = FeedbackLimits(max_comment_bytes=settings.max_comment_bytes, max_per_session=config.history.max_entries,
                             daily_limit=settings.daily_limit, retention_days=settings.retention_days)
-    return FeedbackService(store, FeedbackStore(store.redis, runner.model.name), labels=lambda: runner.model.labels,
+    return FeedbackService(store, FeedbackStore(store.redis, model_name), labels=labels,
                            signer=signer, limits=limits,
                            on_feedback=metrics.observe_feedback if isinstance(metrics, Metrics) else None)
 
@@ -236,14 +242,19 @@ def make_rewrite_after_erase(config: Config, store: SessionStore) -> RewriteAfte
     return RewriteAfterErase(store.redis, interval) if config.redis.url == "embedded" and interval > 0 else None
 
 
-def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner,
+def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel,
                     model_versions: ModelCatalogue | None = None,
                     on_erased: Callable[[], None] | None = None) -> UseCases:
-    """The service layer for one process, shared by every transport. Model versions use the store's Redis
-    unless given; `on_erased`: told after an erase (the embedded Redis' rewrite)."""
+    """The service layer for one process, shared by every transport. Model versions (serving `served`
+    until an activation) use the store's Redis unless given; `on_erased`: told after an erase (the
+    embedded Redis' rewrite)."""
     signer = make_signer(config)
-    feedback, captures = make_feedback(config, store, runner, signer), make_captures(config, store, runner, signer)
-    versions = model_versions or make_model_versions(config, store, runner, feedback)
+    # The catalogue is built after feedback (it reports each version's quality); feedback reads the
+    # labels of whatever it serves by then.
+    feedback = make_feedback(config, store, runner, signer, served.model.name,
+                             labels=lambda: versions.active.model.labels)
+    captures = make_captures(config, store, runner, signer)
+    versions = model_versions or make_model_versions(config, store, served, feedback)
     classifier = Classifier(store, runner, versions, feedback, captures)
     return UseCases(
         auth=Authenticator(signer, store, auth_settings(config)),

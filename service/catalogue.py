@@ -2,9 +2,9 @@
 
 A version's file lives in `models.store_dir` (in a multi-host deployment, a volume the replicas
 share) as `<name>/<version>.<sha256 prefix>.pt`; its metadata and the active version live in Redis
-(`sessions.model_registry`). Activation is a reference swap in the runner: requests admitted before
-it finish on the weights they started with. Every replica follows activations and removals over
-Redis pub/sub (service.follower).
+(`sessions.model_registry`). Activation is a reference swap in this process's LoadedVersions
+(service.loaded_versions): requests admitted before it finish on the weights they started with.
+Every replica follows activations and removals over Redis pub/sub (service.follower).
 
 A canary serves a version to a share of the sessions: a session is assigned by its canary slot (or
 a stable hash of its id) and the canary's version, so it keeps one version for as long as the canary
@@ -32,10 +32,11 @@ from core.errors import BadRequest, BadWeights, Conflict, NotFound, ServiceError
 from core.options import MODEL_VERSION, Options
 from core.session import Session
 from inference.model import AccuracyGuardFailed, Backend, LoadedModel
-from inference.runner import ModelRunner, ServedModel
+from inference.runner import ServedModel
 from service.canary import canary_view, choose_version
 from service.feedback import FeedbackService, quality_view
 from service.follower import VersionFollower
+from service.loaded_versions import LoadedVersions
 from sessions.model_registry import Canary, ModelRegistry, VersionRecord
 
 log = logging.getLogger("inference.weights")
@@ -48,20 +49,21 @@ class VersionNotPinnable(ServiceError):
 
 
 class ModelCatalogue:
-    """Publishes, activates, removes and lists model versions, and loads the one a request runs into
-    this process's runner; a VersionFollower keeps it in step with the other replicas."""
+    """Publishes, activates, removes and lists model versions, and picks (loading it on first use) the
+    one each request runs; a VersionFollower keeps it in step with the other replicas."""
 
-    def __init__(self, registry: ModelRegistry, runner: ModelRunner, *, store_dir: Path,
+    def __init__(self, registry: ModelRegistry, configured: ServedModel, *, store_dir: Path,
                  backend_for: Callable[[LoadedModel], Backend], feedback: FeedbackService | None = None):
-        """`store_dir`: models.store_dir resolved; `backend_for`: the configured runtime for a model
-        loaded with torch (the composition root knows which); `feedback`: the quality of each version."""
+        """`configured`: the weights the config names, served until an activation; `store_dir`:
+        models.store_dir resolved; `backend_for`: the configured runtime for a model loaded with torch
+        (the composition root knows which); `feedback`: the quality of each version."""
         self.registry = registry
         self.feedback = feedback
-        self.runner = runner
+        self.loaded = LoadedVersions(configured)  # the versions this process holds, swapped by reference
         self._backend_for = backend_for
-        self.name = runner.model.name
-        self.base_version = runner.model.version  # the weights the config names, served until an activation
-        self.base = runner.served()  # kept so that sessions may pin the configured weights too
+        self.name = configured.model.name
+        self.base_version = configured.model.version
+        self.base = configured  # kept so that sessions may pin the configured weights too
         self.model_dir = store_dir.expanduser().resolve() / self.name
         self._loader = ThreadPoolExecutor(1, thread_name_prefix="weights")
         self.lock = asyncio.Lock()  # one load-and-swap at a time in this process
@@ -130,8 +132,23 @@ class ModelCatalogue:
             raise BadWeights(f"Version {model.version!r} was refused: {exc}") from None
 
     # -- activating, pinning, removing ------------------------------------------------------------
+    @property
+    def active(self) -> ServedModel:
+        """The version serving everyone not pinned or in a canary."""
+        return self.loaded.active
+
     def version_for(self, session: Session | None, options: Options) -> str | None:
         return choose_version(self.canary, session, options)
+
+    async def served_for(self, session: Session | None, options: Options) -> ServedModel:
+        """The model a request runs: the session's pin, else a canary's where one serves the session,
+        else the active one; loaded into this process on first use, so whichever serving process or
+        transport takes a request, the session gets one answer. 409 `model_version_removed` for a
+        version removed, 403 `model_version_not_pinnable` for one that may not be pinned (see ensure)."""
+        version = self.version_for(session, options)
+        if version:
+            await self.ensure(version)
+        return self.loaded.get(version)
 
     async def activate(self, version: str, traffic_percent: int = 100) -> dict[str, Any]:
         """Load `version` here, mark it active in Redis (which tells the other replicas), swap it in.
@@ -142,7 +159,7 @@ class ModelCatalogue:
         if version == self.base_version:
             async with self.lock:
                 await self.registry.restore_configured(self.name)
-                self.runner.activate(self.base)
+                self.loaded.activate(self.base)
                 self.canary = None
             log.info("activated %s's configured weights (%s)", self.name, version)
             return {"version": version, "sha256": self.base.model.weights_sha256, "configured": True,
@@ -151,10 +168,10 @@ class ModelCatalogue:
             record = await self._record(version)
             served = self.prepared.pop(version, None)
             if served is None:
-                served = self.runner.served(version) if self.runner.has_version(version) else await self.load(record)
+                served = self.loaded.get(version) if self.loaded.has(version) else await self.load(record)
             if not await self.registry.activate(self.name, version, now_ms()):
                 raise NotFound(f"Version {version!r} was removed meanwhile.", code="model_version_not_found")
-            self.runner.activate(served)
+            self.loaded.activate(served)
             self.canary = None
         log.info("activated %s version %s", self.name, version)
         return (await self._record(version)).to_dict(active=True)
@@ -176,7 +193,7 @@ class ModelCatalogue:
         return canary_view(canary)
 
     async def ensure(self, version: str | None) -> None:
-        """Make the `version` a request runs (version_for) available to the runner: 409 when it was
+        """Make the `version` a request runs (version_for) loaded in this process: 409 when it was
         removed, 403 when it is neither active, the canary's, nor marked pinnable (a pin made while it
         was, or a per-request override), so a session cannot make this process load any version."""
         if version is None:
@@ -186,25 +203,25 @@ class ModelCatalogue:
         await self.hold(version)
 
     async def hold(self, version: str) -> None:
-        """Load `version` into this process's runner unless it holds it; 409 when it was removed."""
-        if self.runner.has_version(version):
+        """Load `version` into this process unless it holds it; 409 when it was removed."""
+        if self.loaded.has(version):
             return
         async with self.lock:
-            if self.runner.has_version(version):
+            if self.loaded.has(version):
                 return
             if version == self.base_version:
-                self.runner.add_version(self.base)
+                self.loaded.hold(self.base)
                 return
             record = await self.registry.get(self.name, version)
             if record is None:
                 raise _removed(version)
-            self.runner.add_version(await self.load(record))
+            self.loaded.hold(await self.load(record))
 
     async def may_pin(self, version: str) -> bool:
         """Whether a session may pin `version`: False when there is no such version; 403
         `model_version_not_pinnable` when there is, but it is neither active, the canary's, nor marked
         pinnable by an admin. What this replica serves and its canary answer without Redis."""
-        if version == self.runner.model.version or (self.canary is not None and version == self.canary.version):
+        if version == self.active.model.version or (self.canary is not None and version == self.canary.version):
             return True
         status = await self.registry.pin_status(self.name, version, configured=version == self.base_version)
         if status == "missing":
@@ -234,7 +251,7 @@ class ModelCatalogue:
             raise Conflict(f"Version {version!r} is {what}; activate another one first.", code="version_active")
         if outcome == "missing":
             raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
-        self.runner.drop_version(version)
+        self.loaded.drop(version)
         self.prepared.pop(version, None)
         self.path_for(record).unlink(missing_ok=True)
         log.info("removed %s version %s", self.name, version)
@@ -243,7 +260,7 @@ class ModelCatalogue:
         """The version names this server answers with now, active first: the active one, the configured
         weights', the canary's and those marked pinnable (as this replica last read them)."""
         canary = [self.canary.version] if self.canary is not None else []
-        named = [self.runner.model.version, self.base_version, *canary, *sorted(self.pinnable)]
+        named = [self.active.model.version, self.base_version, *canary, *sorted(self.pinnable)]
         return list(dict.fromkeys(named))
 
     async def served_for_version(self, version: str | None) -> ServedModel:
@@ -251,16 +268,16 @@ class ModelCatalogue:
         pin loads it: 404 `model_version_not_found` when there is no such version, 403
         `model_version_not_pinnable` when it may not be served, 409 when it was removed meanwhile."""
         if version is None:
-            return self.runner.served()
+            return self.active
         if not await self.may_pin(version):
             raise NotFound(f"No version {version!r} of {self.name}.", code="model_version_not_found")
         await self.hold(version)
-        return self.runner.served(version)
+        return self.loaded.get(version)
 
     def labels(self, name: str) -> dict[str, Any]:
         """The class labels of the version serving everyone: index i names class i (what feedback takes)."""
         self.check_name(name)
-        model = self.runner.served().model
+        model = self.active.model
         return {"name": model.name, "version": model.version, "labels": model.labels}
 
     async def listing(self) -> dict[str, Any]:
@@ -280,7 +297,7 @@ class ModelCatalogue:
         return {"models": [{
             "name": self.name,
             "active_version": active,  # null: the weights named in the config
-            "serving_version": self.runner.model.version,  # what this replica runs now
+            "serving_version": self.active.model.version,  # what this replica runs now
             "canary": canary_view(canary) if canary is not None else None,
             "configured": {"version": self.base_version, "sha256": self.base.model.weights_sha256,
                            **pins_and_feedback(self.base_version)},

@@ -1,15 +1,15 @@
 """Classify and record: the one place a prediction is made and recorded, for every transport.
 
-The order is always: pin (the session's model version) -> load it in this process if it is not yet
--> run the model -> capture the image (where capture is on) -> record in the session's history. A 200
-means recorded: the history write happens before the answer is built, and if it fails the caller
-gets the store's error rather than an unrecorded result; a captured image is on disk before the
-entry that names it is written. Anonymous calls (no session) run the model and record nothing.
+The order is always: pick the session's model version (service.catalogue's served_for: its pin, else
+a canary's, else the active one; loaded in this process if it is not yet) -> run the model -> capture
+the image (where capture is on) -> record in the session's history. A 200 means recorded: the history
+write happens before the answer is built, and if it fails the caller gets the store's error rather than
+an unrecorded result; a captured image is on disk before the entry that names it is written. Anonymous
+calls (no session) run the model and record nothing.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ class BatchResult:
 
 
 class Classifier:
-    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelCatalogue | None = None,
+    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelCatalogue,
                  feedback: FeedbackService | None = None, captures: Captures | None = None):
         self.store, self.runner, self.versions, self.feedback = store, runner, versions, feedback
         self.captures = captures
@@ -55,30 +55,31 @@ class Classifier:
         gets the first answer and records nothing."""
         if session.replay_of:
             return await self._replay(session, session.replay_of), True
-        run = await self._pin(session, options)
+        served = await self.versions.served_for(session, options)  # chosen at admission: a swap cannot change it
         if self._capturing and not isinstance(image, bytes):
             image = KeptImage(image)  # the runner reads the upload's bytes on its thread; capture reuses them
-        prediction = await self.runner.predict(image, run)
+        prediction = await self.runner.predict(served, image, options)
         kept = await self._capture(session, image) if self._capturing else None
         return await self._record(session, prediction.top_k, options, idempotency_key,
-                                  timing_ms=prediction.timing_ms, model=prediction.model, kept=kept)
+                                  timing_ms=prediction.timing_ms, model=served.info, kept=kept)
 
     async def classify_anonymous(self, image: bytes | ImageSource, options: Options) -> Prediction:
-        """Classify without a session: nothing is recorded."""
-        return await self.runner.predict(image, options)
+        """Classify without a session: nothing is recorded. The active version, or one this process holds
+        already (409 otherwise): an anonymous request does not make it load one."""
+        return await self.runner.predict(self.versions.loaded.get(options.model_version), image, options)
 
     async def classify_batch(self, session: Session | None, options: Options, *,
                              images: Sequence[bytes] | None = None, tensor: np.ndarray | None = None) -> BatchResult:
         """Classify encoded `images` (preprocessed under `options`) or a preprocessed NCHW `tensor`
         with the session's model version, and record each image in the session's history, in order."""
-        run = await self._pin(session, options)
+        served = await self.versions.served_for(session, options)
         result: BatchPrediction
         if images is not None:
-            result = await self.runner.classify_images(images, run)
+            result = await self.runner.classify_images(served, images, options)
         else:
             assert tensor is not None
             # Preprocessing options do not apply to a tensor, but the session's version does.
-            result = await self.runner.classify_tensor(tensor, self.runner.served(run.model_version))
+            result = await self.runner.classify_tensor(served, tensor)
         labels = result.served.model.labels
         if session is not None:
             for index, row in enumerate(result.probabilities):  # one Redis round trip each, in the order sent
@@ -86,19 +87,6 @@ class Classifier:
                 await self._record(session, top_k(row, options.top_k, labels), options,
                                    model=result.served.info, kept=kept)
         return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
-
-    async def _pin(self, session: Session | None, options: Options) -> Options:
-        """The options to run with: the session's version chosen (its pin, else a canary's where one
-        serves the session, else the active one), and loaded into this process before the runner
-        looks for it; 409 `model_version_removed` when a pinned version was removed. A process loads
-        a version on first use, so whichever serving process or transport takes a request, the
-        session gets one answer. What is recorded stays the session's own options."""
-        if self.versions is None:
-            return options
-        version = self.versions.version_for(session, options)
-        if version:
-            await self.versions.ensure(version)
-        return options if version == options.model_version else dataclasses.replace(options, model_version=version)
 
     @property
     def _capturing(self) -> bool:
@@ -110,7 +98,7 @@ class Classifier:
 
     async def _record(self, session: Session, top_k: list[ClassScore], options: Options,
                       idempotency_key: str | None = None, *, timing_ms: dict[str, float] | None = None,
-                      model: dict[str, str] | None = None,
+                      model: dict[str, str],
                       kept: tuple[Captured, bool] | None = None) -> tuple[dict[str, Any], bool]:
         """Append one classified image to the session's history: the one shape every route records."""
         best = top_k[0]
@@ -120,7 +108,7 @@ class Classifier:
             "label": best.label,
             "top_k": [score.to_dict() for score in top_k],
             "options": options.to_dict(),
-            "model": model or self.runner.served().info,  # the version that ran, even across a swap
+            "model": model,  # the version that ran, even across a swap
             "image": kept[0].to_dict() if kept else None,  # the captured image, where capture is on
         }
         try:

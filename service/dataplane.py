@@ -310,7 +310,7 @@ class OutputTensor:
 @dataclass(frozen=True)
 class InferenceResult:
     """The outputs and the model version that produced them: a pinned session's version, which need
-    not be the active one (`runner.model`), so each transport names this one in its response."""
+    not be the active one (`catalogue.active`), so each transport names this one in its response."""
 
     model_name: str
     model_version: str

@@ -34,7 +34,7 @@ class VersionFollower:
             await self._catch_up()
         except ServiceError as exc:
             log.warning("could not read the active model version (%s); serving %s until Redis answers",
-                        exc.message, self.catalogue.runner.model.version)
+                        exc.message, self.catalogue.active.model.version)
         self._follower = asyncio.get_running_loop().create_task(self._follow())
 
     async def close(self) -> None:
@@ -71,7 +71,7 @@ class VersionFollower:
         await self._follow_canary()
         self.catalogue.pinnable = await self.catalogue.registry.pinnable(self.catalogue.name)
         active = await self.catalogue.registry.active(self.catalogue.name)
-        if (active or self.catalogue.base_version) != self.catalogue.runner.model.version:
+        if (active or self.catalogue.base_version) != self.catalogue.active.model.version:
             await self._apply(ModelEvent("activated", self.catalogue.name, active or ""))
 
     async def _follow_canary(self) -> None:
@@ -83,7 +83,7 @@ class VersionFollower:
                 await self.catalogue.hold(canary.version)
             except ServiceError as exc:
                 log.error("cannot load %s canary version %s (%s); its sessions keep %s", self.catalogue.name,
-                          canary.version, exc.message, self.catalogue.runner.model.version)
+                          canary.version, exc.message, self.catalogue.active.model.version)
                 canary = None
         self.catalogue.canary = canary
 
@@ -93,20 +93,20 @@ class VersionFollower:
         if event.event in ("activated", "canary"):
             await self._follow_canary()
         if event.event == "removed":
-            self.catalogue.runner.drop_version(event.version)
+            self.catalogue.loaded.drop(event.version)
             self.catalogue.prepared.pop(event.version, None)
             return
         if event.event == "unpinnable":  # held for pinned sessions only, unless it serves a canary here
             self.catalogue.pinnable.discard(event.version)
             if self.catalogue.canary is None or self.catalogue.canary.version != event.version:
-                self.catalogue.runner.drop_version(event.version)
+                self.catalogue.loaded.drop(event.version)
             return
-        if event.event != "activated" or event.version == self.catalogue.runner.model.version:
+        if event.event != "activated" or event.version == self.catalogue.active.model.version:
             return
         if not event.version:  # back to the configured weights, unless something newer was activated
             async with self.catalogue.lock:
                 if await self.catalogue.registry.active(self.catalogue.name) is None:
-                    self.catalogue.runner.activate(self.catalogue.base)
+                    self.catalogue.loaded.activate(self.catalogue.base)
             log.info("following activation: now serving %s's configured weights", self.catalogue.name)
             return
         async with self.catalogue.lock:
@@ -117,9 +117,9 @@ class VersionFollower:
                 served = self.catalogue.prepared.pop(event.version, None) or await self.catalogue.load(record)
             except ServiceError as exc:
                 log.error("cannot load %s version %s (%s); still serving %s", self.catalogue.name, event.version,
-                          exc.message, self.catalogue.runner.model.version)
+                          exc.message, self.catalogue.active.model.version)
                 return
-            self.catalogue.runner.activate(served)
+            self.catalogue.loaded.activate(served)
         log.info("following activation: now serving %s version %s", self.catalogue.name, event.version)
 
 

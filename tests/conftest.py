@@ -25,10 +25,10 @@ import redis
 import tornado.netutil
 
 from inference.model import LoadedModel
-from inference.runner import ModelRunner
+from inference.runner import ModelRunner, ServedModel
 from server.config import Config
 from server.embedded_redis import redis_server_binary
-from server.runtime import build_runner, build_store
+from server.runtime import build_runner, build_served, build_store
 from server.server import Server
 
 DATA = Path(__file__).parent / "data"
@@ -183,14 +183,16 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
-    def start_server(self, config: Config, runner: ModelRunner, redis_url: str | None = None) -> Server:
-        """A Server (server/server.py) for `config` and `runner` with its transports started on this loop,
-        HTTP on a free port of 127.0.0.1, without the background tasks of a serving process (tests drive
-        model versions themselves); its store uses `redis_url` (default: the config's)."""
+    def start_server(self, config: Config, runner: ModelRunner, served: ServedModel,
+                     redis_url: str | None = None) -> Server:
+        """A Server (server/server.py) for `config`, `runner` and the configured `served` model with its
+        transports started on this loop, HTTP on a free port of 127.0.0.1, without the background tasks of
+        a serving process (tests drive model versions themselves); its store uses `redis_url` (default:
+        the config's)."""
 
         async def start() -> Server:
             store = build_store(config, redis_url or config.redis.url)
-            server = Server(config, store, runner, tornado.netutil.bind_sockets(0, "127.0.0.1"))
+            server = Server(config, store, runner, served, tornado.netutil.bind_sockets(0, "127.0.0.1"))
             await server.start(background=False)
             return server
 
@@ -218,6 +220,8 @@ class RunningServer:
     def __init__(self, server: Server):
         self.server, self.config, self.store, self.runner = server, server.config, server.store, server.runner
         self.use_cases = server.use_cases
+        self.versions = server.use_cases.model_versions
+        self.served = self.versions.base  # the configured weights on their runtime, to share with another server
         self.url = f"http://127.0.0.1:{server.http.port}"
 
     def client(self, **kwargs: Any) -> httpx.Client:
@@ -226,17 +230,20 @@ class RunningServer:
 
 @pytest.fixture(scope="session")
 def serve(loop_thread: LoopThread, redis_server: RedisServer, default_model: LoadedModel) -> Callable[..., Any]:
-    """`with serve(config) as server:` runs a Server(config, store, runner) on a free port."""
+    """`with serve(config) as server:` runs a Server(config, store, runner, served) on a free port; a test
+    passes `runner` and `served` (the configured model on its runtime) to reuse another server's."""
 
     @contextlib.contextmanager
-    def _serve(config: Config | None = None, runner: ModelRunner | None = None) -> Iterator[RunningServer]:
+    def _serve(config: Config | None = None, runner: ModelRunner | None = None,
+               served: ServedModel | None = None) -> Iterator[RunningServer]:
         config = config or make_config(redis_server.url)
         if config.redis.url == "redis://unused":
             config.redis.url = redis_server.url
         owns_runner = runner is None
-        runner = runner or build_runner(config, default_model)
+        runner = runner or build_runner(config)
+        served = served or build_served(config, default_model)
 
-        server = loop_thread.start_server(config, runner)
+        server = loop_thread.start_server(config, runner, served)
         try:
             yield RunningServer(server)
         finally:

@@ -381,41 +381,45 @@ class SlowBackend:
 
 
 def test_ioloop_stays_responsive_while_inference_is_busy(serve, default_model) -> None:
-    from server.runtime import build_runner
+    from inference.runner import ServedModel
+    from server.runtime import build_runner, build_served
 
     config = make_config()
-    runner = build_runner(config, default_model)
-    runner.backend = SlowBackend(runner.backend)
-    with serve(config, runner=runner) as server, server.client() as client:
+    runner, configured = build_runner(config), build_served(config, default_model)
+    slow = SlowBackend(configured.backend)
+    with serve(config, runner=runner, served=ServedModel(configured.model, slow)) as server, \
+            server.client() as client:
         auth = login(client)
         with ThreadPoolExecutor(2) as pool:
             pending = [pool.submit(predict, client, auth) for _ in range(2)]
-            assert runner.backend.started.wait(10)
+            assert slow.started.wait(10)
             started = time.perf_counter()
             assert client.get("/healthz").status_code == 200
             assert client.get("/v1/session", headers=auth).status_code == 200
             assert time.perf_counter() - started < 0.5
             assert not any(f.done() for f in pending)
-            runner.backend.release.set()
+            slow.release.set()
             assert [f.result().status_code for f in pending] == [200, 200]
     runner.close()
 
 
 def test_full_queue_gives_fast_503(serve, default_model) -> None:
-    from server.runtime import build_runner
+    from inference.runner import ServedModel
+    from server.runtime import build_runner, build_served
 
     config = make_config(model={"max_queue": 1, "workers": 1})
-    runner = build_runner(config, default_model)
-    runner.backend = SlowBackend(runner.backend)
-    with serve(config, runner=runner) as server, server.client() as client:
+    runner, configured = build_runner(config), build_served(config, default_model)
+    slow = SlowBackend(configured.backend)
+    with serve(config, runner=runner, served=ServedModel(configured.model, slow)) as server, \
+            server.client() as client:
         auth = login(client)
         with ThreadPoolExecutor(1) as pool:
             first = pool.submit(predict, client, auth)
-            assert runner.backend.started.wait(10)
+            assert slow.started.wait(10)
             busy = predict(client, auth)
             assert busy.status_code == 503 and error_code(busy) == "server_busy"
             assert busy.headers["Retry-After"] == "1"
-            runner.backend.release.set()
+            slow.release.set()
             assert first.result().status_code == 200
     runner.close()
 
@@ -428,18 +432,18 @@ class FailingBackend:
 
 
 def test_failing_model_gives_500_inference_failed(serve, default_model) -> None:
-    from server.runtime import build_runner
+    from inference.runner import ServedModel
+    from server.runtime import build_runner, build_served
 
     config = make_config()
-    runner = build_runner(config, default_model)
-    healthy = runner.backend
-    runner.backend = FailingBackend()
-    with serve(config, runner=runner) as server, server.client() as client:
+    runner, configured = build_runner(config), build_served(config, default_model)
+    with serve(config, runner=runner, served=ServedModel(configured.model, FailingBackend())) as server, \
+            server.client() as client:
         auth = login(client)
         response = predict(client, auth)
         assert response.status_code == 500 and error_code(response) == "inference_failed"
         assert "boom" not in response.text and "Traceback" not in response.text
-        runner.backend = healthy
+        server.versions.loaded.activate(configured)  # the healthy backend
         assert predict(client, auth).status_code == 200
         assert client.get("/v1/session", headers=auth).json()["predictions"] == 1
     runner.close()

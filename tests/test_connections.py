@@ -16,10 +16,10 @@ import httpx
 import pytest
 import tornado.netutil
 
-from inference.runner import ModelRunner
+from inference.runner import ModelRunner, ServedModel
 from server.balance import SharedCounts
 from server.config import Config
-from server.runtime import build_runner, build_store
+from server.runtime import build_runner, build_served, build_store
 from server.server import Server
 from tests.conftest import CAT_JPEG, LoopThread, RedisServer, login, make_config, wait_for
 
@@ -28,11 +28,17 @@ PATIENCE = 5.0  # how long a test waits for something that a working limit does 
 
 
 @pytest.fixture(scope="module")
-def runner(default_model: Any) -> Iterator[ModelRunner]:
+def runner() -> Iterator[ModelRunner]:
     """One model runner for the module's servers (their HTTP settings differ, the model does not)."""
-    shared = build_runner(make_config(), default_model)
+    shared = build_runner(make_config())
     yield shared
     shared.close()
+
+
+@pytest.fixture(scope="module")
+def served(default_model: Any) -> ServedModel:
+    """The model the balanced server serves, on its runtime."""
+    return build_served(make_config(), default_model)
 
 
 def connect(url: str, receive_buffer: int | None = None) -> socket.socket:
@@ -126,13 +132,15 @@ CAP = 3
 
 
 @contextlib.contextmanager
-def balanced_server(loop_thread: LoopThread, config: Config, runner: ModelRunner) -> Iterator[tuple[str, SharedCounts]]:
+def balanced_server(loop_thread: LoopThread, config: Config, runner: ModelRunner,
+                    served: ServedModel) -> Iterator[tuple[str, SharedCounts]]:
     """The server behind the multi-process accept path (BalancedHTTPServer) as process 0 of 1."""
     counts = SharedCounts(1)
 
     async def start() -> Server:
         store = build_store(config, config.redis.url)
-        server = Server(config, store, runner, tornado.netutil.bind_sockets(0, "127.0.0.1"), counts=counts, slot=0)
+        server = Server(config, store, runner, served, tornado.netutil.bind_sockets(0, "127.0.0.1"), counts=counts,
+                        slot=0)
         await server.start(background=False)
         return server
 
@@ -145,10 +153,11 @@ def balanced_server(loop_thread: LoopThread, config: Config, runner: ModelRunner
 
 @pytest.fixture(params=["one process", "balanced"])
 def capped(request: pytest.FixtureRequest, serve: Callable[..., Any], loop_thread: LoopThread,
-           redis_server: RedisServer, runner: ModelRunner) -> Iterator[tuple[str, SharedCounts | None]]:
+           redis_server: RedisServer, runner: ModelRunner,
+           served: ServedModel) -> Iterator[tuple[str, SharedCounts | None]]:
     config = make_config(redis_server.url, http={"max_connections": CAP})
     if request.param == "balanced":
-        with balanced_server(loop_thread, config, runner) as (url, counts):
+        with balanced_server(loop_thread, config, runner, served) as (url, counts):
             yield url, counts
     else:
         with serve(config, runner=runner) as running:

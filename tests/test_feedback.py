@@ -598,7 +598,7 @@ def server_with(serve, redis_server, feedback_server, tmp_path) -> Any:
         for section, values in sections.items():
             for key, value in values.items():
                 setattr(getattr(config, section), key, value)
-        return serve(config, runner=feedback_server.runner)
+        return serve(config, runner=feedback_server.runner, served=feedback_server.served)
 
     return start
 

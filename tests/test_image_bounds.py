@@ -152,7 +152,7 @@ def test_a_tiff_is_not_an_accepted_format(no_decoding: None) -> None:
 
 def test_pillows_own_bomb_limit_follows_the_configured_one(default_model, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", Image.MAX_IMAGE_PIXELS)  # restored after the test
-    runner = build_runner(make_config(model={"max_image_pixels": 1_234_567}), default_model)
+    runner = build_runner(make_config(model={"max_image_pixels": 1_234_567}))
     runner.close()
     assert Image.MAX_IMAGE_PIXELS == 1_234_567
 

@@ -55,7 +55,7 @@ def test_health_and_metadata(triton: httpclient.InferenceServerClient, server, c
     assert client.get("/v2/health/ready").json() == {"ready": True}
     metadata = triton.get_server_metadata()
     assert {"binary_tensor_data", "classification"} <= set(metadata["extensions"])
-    version = server.runner.model.version
+    version = server.versions.active.model.version
     for model_metadata in (triton.get_model_metadata(MODEL), triton.get_model_metadata(MODEL, version)):
         assert model_metadata["versions"] == [version]
         assert model_metadata["inputs"] == [{"name": "image", "datatype": "BYTES", "shape": [-1]},

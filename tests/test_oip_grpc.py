@@ -28,8 +28,9 @@ from handlers.grpc import grpc_status
 from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
 from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from inference.imaging import preprocess
+from inference.runner import ServedModel
 from server.config import ConfigError, validate
-from server.runtime import build_runner
+from server.runtime import build_runner, build_served
 from server.server import make_signer
 from server.transports.grpc import GrpcTransport
 from sessions.tokens import new_session_id
@@ -91,7 +92,7 @@ def test_tritonclient_grpc_health_metadata_infer_and_errors(grpc_address: str, s
     auth = login(client, top_k=4)
     token = auth["Authorization"]
     expected = v1_top(client, CAT_JPEG, auth)
-    version = server.runner.model.version
+    version = server.versions.active.model.version
     np.save(tmp_path / "cat.npy", preprocess(CAT_JPEG, Options(), max_pixels=40_000_000)[None])
     cat, coffee = str(DATA / "cat.jpg"), str(DATA / "coffee.jpg")
     image = {"name": "image", "datatype": "BYTES", "files": [cat]}
@@ -319,12 +320,11 @@ def server_live(address: str) -> grpc.RpcError | pb.ServerLiveResponse:
 def test_calls_beyond_max_concurrent_calls_are_refused_before_authentication(serve, loop_thread,
                                                                             default_model) -> None:
     config = make_config(grpc={"max_concurrent_calls": 2}, model={"workers": 2, "max_queue": 16})
-    runner = build_runner(config, default_model)
-    gate = GatedBackend(runner.backend)
-    runner.backend = gate
+    runner, configured = build_runner(config), build_served(config, default_model)
+    gate = GatedBackend(configured.backend)
     forged = "Bearer forged.token.here"
     try:
-        with serve(config, runner=runner) as running:
+        with serve(config, runner=runner, served=ServedModel(configured.model, gate)) as running:
             grpc_server, address = start_grpc(loop_thread, running)
             try:
                 with grpc.insecure_channel(address) as channel:

@@ -44,7 +44,7 @@ def top_class(response: dict[str, Any]) -> int:
 
 def test_a_pinnable_version_is_named_in_rest_urls_and_listed(versions_server) -> None:
     running, pinnable, unmarked = versions_server
-    active = running.runner.model.version
+    active = running.versions.active.model.version
     infer = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64encode(CAT_JPEG).decode()]}],
              "outputs": [{"name": "probabilities", "parameters": {"classification": 1}}]}
     with running.client() as http:
@@ -87,7 +87,7 @@ def test_tritonclient_http_names_a_pinnable_and_a_canary_version(versions_server
             assert canary in triton.get_model_metadata(MODEL)["versions"]
             assert triton.is_model_ready(MODEL, canary)
         finally:  # the active version again serves everyone
-            active = running.runner.model.version
+            active = running.versions.active.model.version
             assert http.post(f"/v1/models/{MODEL}/versions/{active}:activate", headers=ADMIN).status_code == 200
     triton.close()
 

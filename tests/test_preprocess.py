@@ -27,7 +27,7 @@ def test_the_tensor_fed_to_the_model_in_process_gives_predicts_top_k(client: htt
         tensor = np.load(io.BytesIO(response.content), allow_pickle=False)
         assert tensor.dtype == np.float32 and tensor.shape == (3, 224, 224)
 
-        logits = server.runner.backend.forward(tensor[None])[0]
+        logits = server.versions.active.backend.forward(tensor[None])[0]
         probabilities = softmax(logits)
         in_process = list(np.argsort(probabilities)[::-1][:5])
         predicted = client.post("/v1/predict", headers={**auth, "Content-Type": "image/jpeg"}, content=image).json()

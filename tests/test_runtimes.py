@@ -21,7 +21,7 @@ from inference.backends.torch_backend import TorchBackend
 from inference.imaging import preprocess
 from inference.model import ModelLoadError, load_exported, manifest_path, softmax
 from inference.torch_model import export_onnx, load_model
-from server.runtime import build_runner
+from server.runtime import build_runner, build_served
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, DATA, MODEL_CACHE, make_config
 
 PHOTOS = {"cat": CAT_JPEG, "coffee": COFFEE_JPEG}
@@ -77,12 +77,12 @@ def test_draft_decode_keeps_the_top_1(default_model) -> None:
 
 def test_micro_batching_gives_each_caller_its_own_result(default_model) -> None:
     config = make_config(model={"max_batch_size": 8, "max_batch_delay_ms": 20, "workers": 1})
-    runner = build_runner(config, default_model)
+    runner, served = build_runner(config), build_served(config, default_model)
 
     async def main():
         requests = [(CAT_JPEG, Options(top_k=1 + i % 4)) for i in range(6)]
         requests += [(COFFEE_JPEG, Options(top_k=2)), (COFFEE_JPEG, Options(top_k=3, crop=192))]
-        return requests, await asyncio.gather(*(runner.predict(image, options) for image, options in requests))
+        return requests, await asyncio.gather(*(runner.predict(served, image, options) for image, options in requests))
 
     requests, results = asyncio.run(main())
     runner.close()
@@ -91,8 +91,8 @@ def test_micro_batching_gives_each_caller_its_own_result(default_model) -> None:
         assert len(result.top_k) == options.top_k
         assert result.top_k[0].class_index in (CAT_CLASSES if image is CAT_JPEG else COFFEE_CLASSES)
     # Batched answers equal unbatched ones.
-    single = build_runner(make_config(), default_model)
-    alone = asyncio.run(single.predict(CAT_JPEG, Options(top_k=4)))
+    single = build_runner(make_config())
+    alone = asyncio.run(single.predict(build_served(make_config(), default_model), CAT_JPEG, Options(top_k=4)))
     single.close()
     batched = results[3]
     assert [s.class_index for s in batched.top_k] == [s.class_index for s in alone.top_k]
@@ -114,15 +114,15 @@ import json, sys
 import server.app, server.cli  # everything a serving process imports
 from server.config import Config
 from inference.imaging import preprocess
-from server.runtime import build_runner
+from server.runtime import build_runner, build_served
 from core.options import Options
 
 config = Config()
 config.model.cache_dir = {str(MODEL_CACHE)!r}
-runner = build_runner(config)
+runner, served = build_runner(config), build_served(config)
 image = open({str(DATA / 'cat.jpg')!r}, "rb").read()
-logits = runner.backend.forward(preprocess(image, Options(), max_pixels=10**8)[None])
-print(json.dumps({{"version": runner.model.version, "labels": runner.model.labels, "top1": int(logits.argmax()),
+logits = served.backend.forward(preprocess(image, Options(), max_pixels=10**8)[None])
+print(json.dumps({{"version": served.model.version, "labels": served.model.labels, "top1": int(logits.argmax()),
                   "torch": "torch" in sys.modules}}))
 """
     manifest = manifest_path("efficientnet_lite0", "default", MODEL_CACHE)

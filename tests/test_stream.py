@@ -26,8 +26,9 @@ from websockets.sync.client import connect as ws_connect
 
 from clients.python import AsyncClient, AuthError, Client, ValidationError
 from handlers.stream import StreamHandler
+from inference.runner import ServedModel
 from server.balance import GuardedHTTPServer
-from server.runtime import build_runner
+from server.runtime import build_runner, build_served
 from sessions.tokens import TokenSigner
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, login, make_config, wait_until
 
@@ -185,9 +186,8 @@ class GatedBackend:
 def test_backpressure_bounds_the_images_in_flight_per_connection(serve, default_model,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(http={"stream_max_in_flight": 3}, model={"workers": 2, "max_queue": 64})
-    runner = build_runner(config, default_model)
-    gate = GatedBackend(runner.backend)
-    runner.backend = gate
+    runner, configured = build_runner(config), build_served(config, default_model)
+    gate = GatedBackend(configured.backend)
     # The server's side of each image frame: how many it began to handle, and how many images the
     # connection had in flight once it had taken each one.
     images_read: list[int] = []
@@ -204,7 +204,8 @@ def test_backpressure_bounds_the_images_in_flight_per_connection(serve, default_
 
     monkeypatch.setattr(StreamHandler, "_handle_frame", recorded)
     try:
-        with serve(config, runner=runner) as running, running.client() as http:
+        with serve(config, runner=runner, served=ServedModel(configured.model, gate)) as running, \
+                running.client() as http:
             socket = ws_connect(stream_url(running), additional_headers=login(http), open_timeout=TIMEOUT)
             with socket:
                 ready = frame(socket)
@@ -336,7 +337,7 @@ def test_async_client_predict_stream(server) -> None:
 # -- limits -------------------------------------------------------------------------------------
 def test_protocol_errors_past_the_limit_close_the_stream_with_1008(serve, server, client: httpx.Client) -> None:
     auth = login(client)
-    with serve(make_config(http={"stream_max_errors": 3}), runner=server.runner) as running, \
+    with serve(make_config(http={"stream_max_errors": 3}), runner=server.runner, served=server.served) as running, \
             open_stream(running, auth) as socket:
         for _ in range(3):  # errors about an image are not protocol errors: not counted
             socket.send(b"GIF89a broken")
@@ -458,7 +459,7 @@ def test_a_client_that_sends_and_never_reads_stops_being_read_then_is_dropped(
     monkeypatch.setattr(GuardedHTTPServer, "adopt", adopt_with_small_send_buffer)
     monkeypatch.setattr(StreamHandler, "write_message", counted)
     config = make_config(http={"stream_max_errors": 10_000, "write_timeout_seconds": 0.5})
-    with serve(config, runner=server.runner) as running:
+    with serve(config, runner=server.runner, served=server.served) as running:
         stream = RawStream(stream_url(running), login(client), receive_buffer=4096)
         try:
             assert json.loads(stream.recv()[1])["type"] == "ready"
@@ -488,7 +489,7 @@ def test_a_stream_that_does_not_answer_pings_is_closed(serve, server, client: ht
     monkeypatch.setattr(StreamHandler, "on_pong",
                         lambda self, data: pongs.append(self.request.headers["Authorization"]))
     config = make_config(http={"stream_ping_interval_seconds": 0.2, "stream_ping_timeout_seconds": 0.2})
-    with serve(config, runner=server.runner) as running:
+    with serve(config, runner=server.runner, served=server.served) as running:
         auth = login(client)
         with open_stream(running, auth) as answering:  # websockets answers pings: the stream stays
             wait_until(lambda: pongs.count(auth["Authorization"]) >= 3, "three pings answered")

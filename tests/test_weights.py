@@ -25,7 +25,8 @@ import torch
 import torchvision
 
 from clients.python import AuthError, Client, InferenceError, ValidationError
-from server.runtime import build_runner
+from inference.runner import ServedModel
+from server.runtime import build_runner, build_served
 from service.auth import api_key_hash
 from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config, wait_for, wait_until
 from tests.test_replicas import server_process
@@ -146,7 +147,7 @@ def test_publishing_checks_the_key_the_checksum_the_size_and_the_weights(weights
 
 def test_activation_under_load_fails_no_request_and_new_requests_use_the_new_weights(weights_server, cock) -> None:
     version = version_name("load")
-    before = weights_server.runner.model.version
+    before = weights_server.versions.active.model.version
     results: list[tuple[float, float, httpx.Response]] = []
     stop = threading.Event()
 
@@ -209,12 +210,12 @@ class HeldBackend:
 
 def test_a_request_in_flight_finishes_on_the_old_weights(serve, redis_server, default_model, tmp_path, hen) -> None:
     config = weights_config(redis_server.url, tmp_path)
-    runner = build_runner(config, default_model)
-    held = HeldBackend(runner.backend)
-    runner.backend = held  # the current (old) weights, held mid-forward
+    runner, configured = build_runner(config), build_served(config, default_model)
+    held = HeldBackend(configured.backend)  # the current (old) weights, held mid-forward
     version = version_name("inflight")
     try:
-        with serve(config, runner=runner) as running, running.client() as http:
+        with serve(config, runner=runner, served=ServedModel(configured.model, held)) as running, \
+                running.client() as http:
             auth = login(http)
             assert put_version(http, version, hen).status_code == 201
             in_flight: list[httpx.Response] = []
@@ -352,14 +353,14 @@ def test_the_default_onnx_runtime_serves_an_activated_version(serve, redis_serve
     config = weights_config(redis_server.url, tmp_path / "store", db=onnx_db, runtime="onnxruntime")
     with serve(config) as running, running.client() as http:
         auth = login(http)
-        assert running.runner.backend.name == "onnxruntime"
+        assert running.versions.active.backend.name == "onnxruntime"
         assert predict(http, auth).json()["predicted_class"] in CAT_CLASSES
         version = version_name("onnx")
         assert put_version(http, version, cock).status_code == 201
         assert activate(http, version).status_code == 200
         answer = predict(http, auth).json()
         assert answer["predicted_class"] == 7 and answer["model"]["version"] == version
-        assert running.runner.backend.name == "onnxruntime"
+        assert running.versions.active.backend.name == "onnxruntime"
 
 
 def test_a_version_whose_export_disagrees_with_its_torch_reference_is_refused(

@@ -10,7 +10,7 @@ import pytest
 
 from inference.runner import ModelRunner
 from sessions.tokens import TokenSigner
-from tests.unit.fakes import FakeBackend, FakeStore, fake_runner
+from tests.unit.fakes import FakeBackend, FakeStore, FakeVersions, fake_runner
 
 HERE = Path(__file__).parent
 SECRET = "unit-test-secret-0123456789"
@@ -43,7 +43,13 @@ def backend() -> FakeBackend:
 
 
 @pytest.fixture
-def runner(backend: FakeBackend) -> Iterator[ModelRunner]:
-    runner = fake_runner(backend)
+def runner() -> Iterator[ModelRunner]:
+    runner = fake_runner()
     yield runner
     runner.close()
+
+
+@pytest.fixture
+def versions(backend: FakeBackend) -> FakeVersions:
+    """The model catalogue's part the use cases call, serving fake_model("v1") on `backend`."""
+    return FakeVersions(backend)

@@ -1,5 +1,6 @@
 """Test doubles for the service layer: an in-memory session store, a model backend with known logits,
-and the few `ModelCatalogue` methods the use cases call. No Redis, no torch, no weights.
+and the few `ModelCatalogue` methods the use cases call (with the versions it holds loaded). No Redis,
+no torch, no weights.
 
 Each fake keeps the contract of what it stands for (the errors and their codes, idempotency replays,
 the history's cap and order, JSON round trips) and counts the calls a test may want to see.
@@ -25,6 +26,7 @@ from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
 from service.canary import choose_version
 from service.catalogue import VersionNotPinnable
+from service.loaded_versions import LoadedVersions
 from sessions.feedback import DAY_MS
 from sessions.model_registry import Canary
 from sessions.store import canary_slot, owner_name, parse_history_id
@@ -231,27 +233,39 @@ def fake_model(version: str = "v1") -> LoadedModel:
     return LoadedModel("fake-net", version, None, list(LABELS), "0" * 64)
 
 
-def fake_runner(backend: FakeBackend | None = None, version: str = "v1") -> ModelRunner:
-    """A real ModelRunner (decoding, preprocessing, top-k, pinned versions) around a FakeBackend."""
-    return ModelRunner(fake_model(version), backend or FakeBackend(), workers=1, max_queue=16,
-                       max_image_pixels=1024 * 1024)
+def fake_runner() -> ModelRunner:
+    """A real ModelRunner (decoding, preprocessing, top-k); the model it runs comes with each call."""
+    return ModelRunner(workers=1, max_queue=16, max_image_pixels=1024 * 1024)
 
 
 class FakeVersions:
-    """`service.catalogue.ModelCatalogue.ensure` and `may_pin`: `published` versions exist and load
-    into the runner on `ensure`, as the real one loads them; any other (removed, or never published) is
-    refused with a 409. Of those, the runner's active one, the canary's and the `pinnable` ones (all
-    published by default) may be pinned; another is refused with a 403."""
+    """`service.catalogue.ModelCatalogue`'s `served_for`, `ensure`, `may_pin` and `loaded`, serving
+    `fake_model(active)` on `backend`: `published` versions exist and load (on that backend) on `ensure`,
+    as the real one loads them; any other (removed, or never published) is refused with a 409. Of those,
+    the active one, the canary's and the `pinnable` ones (all published by default) may be pinned;
+    another is refused with a 403."""
 
-    def __init__(self, runner: ModelRunner | None = None, *, published: tuple[str, ...] = (),
-                 canary: Canary | None = None, pinnable: tuple[str, ...] | None = None):
-        self.runner, self.published, self.canary = runner, set(published), canary
+    def __init__(self, backend: FakeBackend | None = None, *, published: tuple[str, ...] = (),
+                 canary: Canary | None = None, pinnable: tuple[str, ...] | None = None, active: str = "v1"):
+        self.backend = backend or FakeBackend()
+        self.loaded = LoadedVersions(ServedModel(fake_model(active), self.backend))
+        self.published, self.canary = set(published), canary
         self.pinnable = self.published if pinnable is None else set(pinnable)
         self.ensured: list[str | None] = []
         self.checked: list[str] = []
 
+    @property
+    def active(self) -> ServedModel:
+        return self.loaded.active
+
     def version_for(self, session: Session | None, options: Options) -> str | None:
         return choose_version(self.canary, session, options)
+
+    async def served_for(self, session: Session | None, options: Options) -> ServedModel:
+        version = self.version_for(session, options)
+        if version:
+            await self.ensure(version)
+        return self.loaded.get(version)
 
     async def ensure(self, version: str | None) -> None:
         self.ensured.append(version)
@@ -260,13 +274,12 @@ class FakeVersions:
         if not await self.may_pin(version):
             raise Conflict(f"Model version {version!r} was removed (or never published).",
                            code="model_version_removed")
-        if self.runner is not None and not self.runner.has_version(version):
-            self.runner.add_version(ServedModel(fake_model(version), self.runner.backend))
+        if not self.loaded.has(version):
+            self.loaded.hold(ServedModel(fake_model(version), self.backend))
 
     async def may_pin(self, version: str) -> bool:
         self.checked.append(version)
-        active = self.runner is not None and version == self.runner.model.version
-        if active or (self.canary is not None and version == self.canary.version):
+        if version == self.active.model.version or (self.canary is not None and version == self.canary.version):
             return True
         if version not in self.published:
             return False

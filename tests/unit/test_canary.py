@@ -61,7 +61,7 @@ def test_traffic_percent_is_one_to_a_hundred_and_defaults_to_all() -> None:
 def test_the_classifier_runs_each_session_on_its_version_and_a_pin_wins(store: FakeStore,
                                                                         runner: ModelRunner) -> None:
     canary = Canary("v2", 50, "v1", 0)
-    versions = FakeVersions(runner, published=("v2", "v3"), canary=canary)
+    versions = FakeVersions(published=("v2", "v3"), canary=canary)
     classifier = Classifier(store, runner, versions)  # type: ignore[arg-type]
     served: dict[str, set[str]] = {}
     for _ in range(20):
@@ -82,13 +82,13 @@ def test_the_classifier_runs_each_session_on_its_version_and_a_pin_wins(store: F
 
 def test_a_session_may_pin_only_the_active_version_the_canarys_or_a_marked_one(store: FakeStore,
                                                                                runner: ModelRunner) -> None:
-    versions = FakeVersions(runner, published=("v2", "v3"), canary=Canary("v2", 50, "v1", 0), pinnable=())
+    versions = FakeVersions(published=("v2", "v3"), canary=Canary("v2", 50, "v1", 0), pinnable=())
     classifier = Classifier(store, runner, versions)  # type: ignore[arg-type]
     session = asyncio.run(store.create(Options()))
     with pytest.raises(VersionNotPinnable) as caught:
         asyncio.run(classifier.classify(session, solid_image(1), Options(model_version="v3")))
     assert caught.value.status == 403 and caught.value.code == "model_version_not_pinnable"
-    assert not runner.has_version("v3")  # refused before anything was loaded
+    assert not versions.loaded.has("v3")  # refused before anything was loaded
     for allowed in ("v1", "v2"):  # the active version, the canary's
         answer, _ = asyncio.run(classifier.classify(session, solid_image(1), Options(model_version=allowed)))
         assert answer["model"]["version"] == allowed
@@ -102,7 +102,7 @@ def test_feedback_from_pinned_sessions_is_counted_apart_from_the_canarys_assigne
     canary = Canary("v2", 100, "v1", 0)  # every unpinned session is assigned the canary
     records = FakeFeedbackRecords()
     feedback = FeedbackService(store, records, labels=lambda: LABELS, signer=signer)
-    classifier = Classifier(store, runner, FakeVersions(runner, published=("v2",), canary=canary))  # type: ignore[arg-type]
+    classifier = Classifier(store, runner, FakeVersions(published=("v2",), canary=canary))  # type: ignore[arg-type]
     assigned, pinned = asyncio.run(store.create(Options())), asyncio.run(store.create(Options(model_version="v2")))
     ours, _ = asyncio.run(classifier.classify(assigned, solid_image(1), assigned.options))
     theirs = [asyncio.run(classifier.classify(pinned, solid_image(1), pinned.options))[0] for _ in range(3)]
