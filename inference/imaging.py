@@ -126,7 +126,7 @@ def _load(image: Image.Image, min_short_side: int | None, *, data: bytes | None 
             decoded = _turbo_decode(data, width, height, factor, gray or image.mode == "L")
             if decoded is not None:
                 return decoded
-        if factor > 1:  # Pillow's draft picks the same factor from the size asked for
+        if factor > 1 and min_short_side is not None:  # Pillow's draft picks the same factor from the size asked for
             scale = min_short_side / min(width, height)
             image.draft(image.mode if image.mode in ("L", "RGB") else "RGB",
                         (math.ceil(width * scale), math.ceil(height * scale)))
@@ -289,7 +289,8 @@ class Pipeline:
 
     def __call__(self, image: Image.Image) -> np.ndarray:
         """The normalized (3, crop, crop) float32 tensor."""
-        return self.batch(image).to_tensor()[0]
+        tensor: np.ndarray = self.batch(image).to_tensor()[0]
+        return tensor
 
 
 @functools.lru_cache(maxsize=256)
@@ -313,5 +314,6 @@ def preprocess(data: bytes, options: Options, *, max_pixels: int, draft: bool = 
                max_aspect_ratio: float = DEFAULT_MAX_ASPECT_RATIO,
                max_upscale: float = DEFAULT_MAX_UPSCALE) -> np.ndarray:
     """Bytes to the normalized (3, crop, crop) float32 tensor the model sees under `options`."""
-    return prepare(data, options, max_pixels=max_pixels, draft=draft, max_aspect_ratio=max_aspect_ratio,
-                   max_upscale=max_upscale).to_tensor()[0]
+    tensor: np.ndarray = prepare(data, options, max_pixels=max_pixels, draft=draft, max_aspect_ratio=max_aspect_ratio,
+                                 max_upscale=max_upscale).to_tensor()[0]
+    return tensor

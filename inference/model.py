@@ -87,7 +87,8 @@ class Lazy(Generic[T]):
     """A value made on first use, once, whichever thread asks first."""
 
     def __init__(self, make: Callable[[], T]):
-        self._make, self._value, self._lock = make, None, threading.Lock()
+        self._make, self._lock = make, threading.Lock()
+        self._value: T | None = None
 
     def get(self) -> T:
         if self._value is None:
@@ -175,4 +176,5 @@ def _export_in_child(name: str, weights: str, cache_dir: Path, manifest: Path) -
 def softmax(logits: np.ndarray) -> np.ndarray:
     shifted = logits - logits.max(axis=-1, keepdims=True)
     exp = np.exp(shifted)
-    return exp / exp.sum(axis=-1, keepdims=True)
+    probabilities: np.ndarray = exp / exp.sum(axis=-1, keepdims=True)
+    return probabilities

@@ -17,10 +17,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar, TypeVarTuple
 
 import numpy as np
 
@@ -34,6 +34,7 @@ from inference.postprocess import ClassScore, top_k
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 
 class SiblingLoad(Protocol):
@@ -259,7 +260,8 @@ class ModelRunner:
         return prepared
 
     def _preprocess_tensor(self, data: bytes | ImageSource, options: Options) -> np.ndarray:
-        return self._decode(data, options).to_tensor()[0]
+        tensor: np.ndarray = self._decode(data, options).to_tensor()[0]
+        return tensor
 
     def _forward(self, served: ServedModel, batch: np.ndarray | list[PixelBatch],
                  submitted: float) -> tuple[np.ndarray, dict[str, float]]:
@@ -296,7 +298,7 @@ class ModelRunner:
             raise InferenceFailed("The model failed on this image; the error was logged.") from exc
 
     # -- admission ----------------------------------------------------------------------------------
-    async def _submit(self, fn: Any, *args: Any) -> Any:
+    async def _submit(self, fn: Callable[[*Args], T], *args: *Args) -> T:
         return await self._admitted_call(asyncio.get_running_loop().run_in_executor(self._executor, fn, *args))
 
     async def _admitted_call(self, work: Awaitable[T]) -> T:

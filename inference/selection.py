@@ -122,7 +122,7 @@ class Choice:
 
 def cpu_model() -> tuple[str, set[str]]:
     """The CPU's model name and feature flags (Linux' /proc/cpuinfo; empty elsewhere)."""
-    name, flags = "unknown CPU", set()
+    name, flags = "unknown CPU", set[str]()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
         for line in cpuinfo:
             key, _, value = line.partition(":")

@@ -210,6 +210,8 @@ def _export(model: LoadedModel, path: Path) -> None:
                 input_names=["input"], output_names=["logits"],
                 dynamic_shapes=({0: batch, 2: height, 3: width},), external_data=False,
             )
+            if program is None:  # only the legacy exporter returns nothing; dynamo=True returns the program
+                raise RuntimeError("torch.onnx.export returned no program")
             with written_whole(path) as partial:  # a reader never sees a half-written file
                 program.save(str(partial))
     except Exception as exc:

@@ -13,6 +13,8 @@ import signal
 import socket
 from collections.abc import Callable
 
+import redis.asyncio as aioredis
+
 from core.errors import ServiceError
 from inference.runner import ModelRunner, ServedModel
 from inference.selection import Candidate
@@ -105,7 +107,7 @@ class Server:
         config, use_cases = self.config, self.use_cases
         self._tasks = [
             # One process counts the sessions for the gauge (a keyspace scan), in the background.
-            asyncio.ensure_future(count_sessions_forever(self.store, self.runner.metrics.active_sessions)),
+            asyncio.ensure_future(count_sessions_forever(self.store, metrics_of(self.runner).active_sessions)),
             # One process enforces the capture retention (the others read it on every image read) ...
             asyncio.ensure_future(sweep_forever(use_cases.captures.sweep, config.capture.sweep_interval_seconds,
                                                 "captured images", errors=(ServiceError, OSError))),
@@ -213,33 +215,44 @@ def make_model_versions(config: Config, store: SessionStore, served: ServedModel
                          backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
 
 
+def metrics_of(runner: ModelRunner) -> Metrics:
+    """The server's metrics registry, which the runner reports into too (server.runtime.build_runner
+    gives every runner one), so that /metrics shows both."""
+    metrics = runner.metrics
+    if not isinstance(metrics, Metrics):
+        raise TypeError("the runner was built without the server's Metrics; build it with server.runtime.build_runner")
+    return metrics
+
+
 def make_feedback(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner, model_name: str,
                   labels: Callable[[], list[str]]) -> FeedbackService:
     """`labels`: those of the version serving everyone (what feedback's class indexes name)."""
-    metrics, settings = runner.metrics, config.feedback
+    metrics, settings = metrics_of(runner), config.feedback
     limits = FeedbackLimits(max_comment_bytes=settings.max_comment_bytes, max_per_session=config.history.max_entries,
                             daily_limit=settings.daily_limit, retention_days=settings.retention_days)
     return FeedbackService(store, FeedbackStore(store.redis, model_name), labels=labels,
                            signer=signer, limits=limits,
-                           on_feedback=metrics.observe_feedback if isinstance(metrics, Metrics) else None)
+                           on_feedback=metrics.observe_feedback)
 
 
 def make_captures(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner) -> Captures:
-    capture, metrics = config.capture, runner.metrics
+    capture, metrics = config.capture, metrics_of(runner)
     store_dir = config.folder(capture.store_dir, "captures")
-    observed = isinstance(metrics, Metrics)
     return Captures(CaptureRefs(store.redis), names=signer, store_dir=store_dir, enabled=capture.enabled,
                     retention_days=capture.retention_days, min_free_disk_bytes=capture.min_free_disk_bytes,
                     max_session_bytes=capture.max_session_bytes, max_queue=capture.max_queue,
-                    on_skipped=metrics.count_capture_skipped if observed else None,
-                    on_queue_wait=metrics.observe_capture_queue_wait if observed else None)
+                    on_skipped=metrics.count_capture_skipped, on_queue_wait=metrics.observe_capture_queue_wait)
 
 
 def make_rewrite_after_erase(config: Config, store: SessionStore) -> RewriteAfterErase | None:
     """The embedded Redis' files rewritten after erases (redis.embedded_erase_rewrite_seconds); None for
     an external Redis, whose persistence is its operator's (docs/operations.md)."""
     interval = config.redis.embedded_erase_rewrite_seconds
-    return RewriteAfterErase(store.redis, interval) if config.redis.url == "embedded" and interval > 0 else None
+    if config.redis.url != "embedded" or interval <= 0:
+        return None
+    client = store.redis
+    assert isinstance(client, aioredis.Redis), "the embedded Redis is one server, never a cluster"
+    return RewriteAfterErase(client, interval)
 
 
 def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel,
@@ -268,7 +281,7 @@ def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner, se
         captures=captures,
         model_versions=versions,
         in_flight=InFlight(),
-        metrics=runner.metrics,
+        metrics=metrics_of(runner),
     )
 
 

@@ -87,7 +87,7 @@ def image_length(data: bytes) -> int | None:
 
 
 def _webp_end(data: bytes) -> int | None:
-    size = struct.unpack_from("<I", data, 4)[0]  # the RIFF chunk's size, padded to even
+    size: int = struct.unpack_from("<I", data, 4)[0]  # the RIFF chunk's size, padded to even
     return 8 + size + (size & 1)
 
 

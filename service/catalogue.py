@@ -25,7 +25,7 @@ import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, TypeVarTuple
 
 from core.clock import iso, now_ms
 from core.errors import BadRequest, BadWeights, Conflict, NotFound, ServiceError, quoted
@@ -41,6 +41,7 @@ from sessions.model_registry import Canary, ModelRegistry, VersionRecord
 
 log = logging.getLogger("inference.weights")
 T = TypeVar("T")
+Args = TypeVarTuple("Args")
 
 
 class VersionNotPinnable(ServiceError):
@@ -319,7 +320,7 @@ class ModelCatalogue:
         model = await self._off_path(self._load_checked, path, record.version, record.sha256)
         return await self._off_path(self._serve, model)
 
-    async def _off_path(self, fn: Any, *args: Any) -> Any:
+    async def _off_path(self, fn: Callable[[*Args], T], *args: *Args) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
 
     # -- following the other replicas (service.follower) --------------------------------------------

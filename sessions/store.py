@@ -21,7 +21,7 @@ import hashlib
 import json
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar
 from urllib.parse import unquote
 
@@ -186,7 +186,7 @@ def owner_name(who: str) -> str:
 STORE_UNAVAILABLE_MESSAGE = "The session store is unavailable; retry shortly."
 
 
-def store_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def store_errors(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Turn a lost, slow or failing Redis into one domain error (503 with Retry-After). Clients get a
     fixed sentence: Redis' own text (addresses, paths, OOM details) goes only to the log."""
 
@@ -201,7 +201,7 @@ def store_errors(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]
     return wrapper
 
 
-def _retried_once(method: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
+def _retried_once(method: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, Coroutine[Any, Any, R]]:
     """Retry once on a dead connection, for operations that are safe to repeat.
 
     After a Redis restart every pooled connection is dead and fails once; reads retry on a fresh

@@ -58,9 +58,11 @@ class OnnxBackend:
     def forward(self, batch: np.ndarray | PixelBatch, *, alone: bool = False) -> np.ndarray:
         # InferenceSession.run is thread-safe and releases the GIL.
         if isinstance(batch, PixelBatch):
-            return (self.idle_session if alone else self.session).run(None, batch.feeds())[0]
+            logits: np.ndarray = (self.idle_session if alone else self.session).run(None, batch.feeds())[0]
+            return logits
         tensor_session = self._tensor_session.get()
-        return tensor_session.run(None, {tensor_session.get_inputs()[0].name: batch})[0]
+        tensor_logits: np.ndarray = tensor_session.run(None, {tensor_session.get_inputs()[0].name: batch})[0]
+        return tensor_logits
 
 
 def make(graph: Path, precision: str, layout: Layout) -> OnnxBackend:

@@ -58,9 +58,11 @@ class OpenVinoBackend:
         if isinstance(batch, PixelBatch):
             request = self._request(self.idle_compiled if alone else self.compiled)
             # infer() copies the inputs in and the output out (shares neither), and releases the GIL.
-            return request.infer(batch.feeds())[0]
+            logits: np.ndarray = request.infer(batch.feeds())[0]
+            return logits
         request = self._request(self._tensor_compiled.get())
-        return request.infer([batch])[0]
+        tensor_logits: np.ndarray = request.infer([batch])[0]
+        return tensor_logits
 
     def _request(self, compiled: Any) -> Any:
         requests: dict[int, Any] = self._requests.__dict__.setdefault("by_compilation", {})

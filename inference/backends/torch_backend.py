@@ -43,7 +43,8 @@ class TorchBackend:
                 inputs = pixels.permute(0, 3, 1, 2).float() * scale + shift
             else:
                 inputs = torch.from_numpy(batch).to(self.device, non_blocking=True)
-            return self.module(inputs).float().cpu().numpy()
+            logits: np.ndarray = self.module(inputs).float().cpu().numpy()
+            return logits
 
 
 def make(module: torch.nn.Module, precision: str, layout: Layout) -> TorchBackend:
