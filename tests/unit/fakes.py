@@ -24,8 +24,7 @@ from core.session import Session
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
-from service.canary import choose_version
-from service.catalogue import VersionNotPinnable
+from service.catalogue import ModelCatalogue, VersionNotPinnable
 from service.loaded_versions import LoadedVersions
 from sessions.feedback import DAY_MS
 from sessions.model_registry import Canary
@@ -254,18 +253,11 @@ class FakeVersions:
         self.ensured: list[str | None] = []
         self.checked: list[str] = []
 
-    @property
-    def active(self) -> ServedModel:
-        return self.loaded.active
-
-    def version_for(self, session: Session | None, options: Options) -> str | None:
-        return choose_version(self.canary, session, options)
-
-    async def served_for(self, session: Session | None, options: Options) -> ServedModel:
-        version = self.version_for(session, options)
-        if version:
-            await self.ensure(version)
-        return self.loaded.get(version)
+    # The real catalogue's routing, run on this fake's canary, loaded versions and ensure(): what the
+    # unit tests of the use cases exercise is the code that serves.
+    active = ModelCatalogue.active
+    version_for = ModelCatalogue.version_for
+    served_for = ModelCatalogue.served_for
 
     async def ensure(self, version: str | None) -> None:
         self.ensured.append(version)
