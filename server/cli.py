@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import getpass
 import logging
 import os
 import secrets
+import socket
 import sys
 
 import tornado.netutil
+from redis.exceptions import RedisError
 
 from core.files import private_dir
 from inference.model import ModelLoadError
@@ -19,13 +22,22 @@ from server.data_dir import DataDirInUse, development_secret, lock_data_dir
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.malloc import keep_freed_memory
 from server.observability import configure_logging
-from server.runtime import prepare_model
+from server.runtime import build_store, prepare_model
 from server.server import StoreWrapper, serve
 from server.supervisor import supervise
 from service.auth import api_key_hash
 
 log = logging.getLogger("inference.server")
 _EXIT_DATA_DIR_IN_USE = 2
+_EXIT_PORT_UNAVAILABLE = 2  # like a bad setting: the fix is in the config or on the command line
+
+
+class PortUnavailable(Exception):
+    """The HTTP port cannot be bound; the message names it and the fix."""
+
+
+class StoreUnreachable(Exception):
+    """An external Redis does not answer at start-up; the message names it (password redacted)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -65,7 +77,10 @@ def main(argv: list[str] | None = None, *, wrap_store: StoreWrapper | None = Non
     except DataDirInUse as exc:
         log.error("%s", exc)
         return _EXIT_DATA_DIR_IN_USE
-    except (ModelLoadError, ConfigError, EmbeddedRedisError) as exc:
+    except PortUnavailable as exc:
+        log.error("%s", exc)
+        return _EXIT_PORT_UNAVAILABLE
+    except (ModelLoadError, ConfigError, EmbeddedRedisError, StoreUnreachable) as exc:
         log.error("%s", exc)
         return 1
 
@@ -81,8 +96,9 @@ def _hash_key(key: str | None) -> int:
 
 
 def run(config: Config, wrap_store: StoreWrapper | None = None) -> int:
-    """Lock the data folder, start the store and bind the port once, then serve in this process or in
-    `processes` forks."""
+    """Lock the data folder, bind the port once (before anything starts, so that a port in use costs
+    nothing), start the embedded store or check that the configured one answers, then serve in this
+    process or in `processes` forks."""
     data_dir = config.data_path
     private_dir(data_dir)  # sessions, the secret: this user's only
     lock = lock_data_dir(data_dir)  # before anything in the folder is written
@@ -90,14 +106,16 @@ def run(config: Config, wrap_store: StoreWrapper | None = None) -> int:
     try:
         if not config.auth.secret_keys:  # production mode refuses this in config validation
             config.auth.secret_keys = [development_secret(data_dir)]
+        sockets = bind_port(config.server.host, config.server.port)
         redis_url = config.redis.url
         if redis_url == "embedded":
             embedded = EmbeddedRedis(data_dir, binary=config.redis.embedded_binary,
                                      maxmemory_mb=config.redis.embedded_maxmemory_mb,
                                      production=config.server.mode == "production")
             redis_url = embedded.start(pass_fds=(lock,))
+        else:
+            asyncio.run(check_store_reachable(config))
         store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
-        sockets = tornado.netutil.bind_sockets(config.server.port, config.server.host)
         prepare_model(config)  # export and choose the runtime once, here, so that serving processes read the cache
         if config.serving_processes == 1:
             return asyncio.run(serve(config, sockets, redis_url, store_text, wrap_store=wrap_store))
@@ -106,6 +124,34 @@ def run(config: Config, wrap_store: StoreWrapper | None = None) -> int:
         if embedded:
             embedded.stop()
         os.close(lock)
+
+
+def bind_port(host: str, port: int) -> list[socket.socket]:
+    """The listening sockets for host:port; raises PortUnavailable, in one sentence, where they cannot be bound."""
+    try:
+        return tornado.netutil.bind_sockets(port, host)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            raise PortUnavailable(f"Port {port} on {host} is already in use; stop the program that holds it, or "
+                                  f"choose another port with --port or server.port.") from None
+        raise PortUnavailable(f"Cannot listen on {host}:{port} ({exc.strerror}); check server.host and "
+                              f"server.port (or --host and --port).") from None
+
+
+async def check_store_reachable(config: Config) -> None:
+    """Ping the configured Redis once (within redis.connect_timeout_seconds) before the model loads:
+    a server that cannot reach its store refuses to start (docs/operations.md, "Start-up")."""
+    store = build_store(config, config.redis.url)
+    try:
+        # The client itself, not the store's ping: that one retries and logs a warning of its own, and
+        # this is to be said once.
+        await store.redis.ping()
+    except (RedisError, OSError) as exc:
+        reason = str(exc).rstrip(".")  # redis-py's own words: refused, timed out, wrong password
+        raise StoreUnreachable(f"Cannot reach Redis at {_redact(config.redis.url)} ({reason}); "
+                               "check redis.url.") from None
+    finally:
+        await store.close()
 
 
 def _redact(url: str) -> str:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -282,3 +283,29 @@ def test_a_stop_during_a_restart_pause_ends_the_server_at_once(tmp_path: Path) -
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(30)
+
+
+def test_a_port_in_use_stops_start_up_with_one_sentence_before_redis_starts(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "server", "--port", str(port)], cwd=ROOT, capture_output=True,
+                                text=True, env=server_env(tmp_path), timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert f"Port {port} on 127.0.0.1 is already in use;" in result.stderr and "--port or server.port" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "redis").exists()  # the embedded Redis never started
+
+
+def test_an_unreachable_redis_stops_start_up_with_one_sentence_and_never_says_ready(tmp_path: Path) -> None:
+    with socket.socket() as closed:  # a local port nobody listens on
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+    url = f"redis://:hunter2@127.0.0.1:{port}/0"
+    result = subprocess.run([sys.executable, "-m", "server", "--port", "0"], cwd=ROOT, capture_output=True, text=True,
+                            env=server_env(tmp_path, INFERENCE_REDIS_URL=url), timeout=60)
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"Cannot reach Redis at redis://***@127.0.0.1:{port}/0 (" in line and line.endswith("; check redis.url.")
+    assert "hunter2" not in result.stderr and "ready" not in result.stderr
