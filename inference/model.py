@@ -19,6 +19,7 @@ import logging
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
@@ -37,6 +38,7 @@ EFFICIENTNET_LITE0 = "efficientnet_lite0"
 # Bump when the export settings change: the cache keys include it.
 ONNX_EXPORT_VERSION = "dynamo-opset18-dynamic-nhw-1"
 _EXPORT_TIMEOUT_SECONDS = 600
+_EXPORT_PROGRESS_SECONDS = 15  # how often a running export says it still is
 
 
 class ModelLoadError(RuntimeError):
@@ -162,15 +164,26 @@ def _export_in_child(name: str, weights: str, cache_dir: Path, manifest: Path) -
     log.info("exporting %s to ONNX in a child process (once; cached in %s)", name, cache_dir)
     command = [sys.executable, "-m", "inference.torch_model", "--name", name, "--weights", weights,
                "--cache-dir", str(cache_dir), "--manifest", str(manifest)]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=_EXPORT_TIMEOUT_SECONDS)
-    except subprocess.TimeoutExpired:
-        raise ModelLoadError(f"Exporting {name} to ONNX took over {_EXPORT_TIMEOUT_SECONDS} s; "
-                             "set model.runtime = 'torch'.") from None
-    if done.returncode != 0:
-        lines = done.stderr.strip().splitlines()
+    started = time.monotonic()
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as child:
+        # The export takes from seconds to minutes: say it is still running now and then.
+        while True:
+            try:
+                _, stderr = child.communicate(timeout=_EXPORT_PROGRESS_SECONDS)
+                break
+            except subprocess.TimeoutExpired:
+                elapsed = time.monotonic() - started
+                if elapsed >= _EXPORT_TIMEOUT_SECONDS:
+                    child.kill()
+                    child.communicate()
+                    raise ModelLoadError(f"Exporting {name} to ONNX took over {_EXPORT_TIMEOUT_SECONDS} s; "
+                                         "set model.runtime = 'torch'.") from None
+                log.info("still exporting %s to ONNX (%.0f s so far)", name, elapsed)
+    if child.returncode != 0:
+        lines = stderr.strip().splitlines()
         # The child's last line is a ModelLoadError's one sentence, or the end of a traceback.
-        raise ModelLoadError(lines[-1] if lines else f"Exporting {name} to ONNX failed ({done.returncode}).")
+        raise ModelLoadError(lines[-1] if lines else f"Exporting {name} to ONNX failed ({child.returncode}).")
+    log.info("exported %s to ONNX in %.1f s", name, time.monotonic() - started)
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:
