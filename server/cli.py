@@ -36,8 +36,6 @@ class PortUnavailable(Exception):
     """The HTTP port cannot be bound; the message names it and the fix."""
 
 
-class StoreUnreachable(Exception):
-    """An external Redis does not answer at start-up; the message names it (password redacted)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -80,7 +78,7 @@ def main(argv: list[str] | None = None, *, wrap_store: StoreWrapper | None = Non
     except PortUnavailable as exc:
         log.error("%s", exc)
         return _EXIT_PORT_UNAVAILABLE
-    except (ModelLoadError, ConfigError, EmbeddedRedisError, StoreUnreachable) as exc:
+    except (ModelLoadError, ConfigError, EmbeddedRedisError) as exc:
         log.error("%s", exc)
         return 1
 
@@ -97,8 +95,8 @@ def _hash_key(key: str | None) -> int:
 
 def run(config: Config, wrap_store: StoreWrapper | None = None) -> int:
     """Lock the data folder, bind the port once (before anything starts, so that a port in use costs
-    nothing), start the embedded store or check that the configured one answers, then serve in this
-    process or in `processes` forks."""
+    nothing), start the embedded store or ping the configured one, then serve in this process or in
+    `processes` forks."""
     data_dir = config.data_path
     private_dir(data_dir)  # sessions, the secret: this user's only
     lock = lock_data_dir(data_dir)  # before anything in the folder is written
@@ -114,7 +112,7 @@ def run(config: Config, wrap_store: StoreWrapper | None = None) -> int:
                                      production=config.server.mode == "production")
             redis_url = embedded.start(pass_fds=(lock,))
         else:
-            asyncio.run(check_store_reachable(config))
+            asyncio.run(warn_if_store_unreachable(config))
         store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
         prepare_model(config)  # export and choose the runtime once, here, so that serving processes read the cache
         if config.serving_processes == 1:
@@ -138,9 +136,10 @@ def bind_port(host: str, port: int) -> list[socket.socket]:
                               f"server.port (or --host and --port).") from None
 
 
-async def check_store_reachable(config: Config) -> None:
-    """Ping the configured Redis once (within redis.connect_timeout_seconds) before the model loads:
-    a server that cannot reach its store refuses to start (docs/operations.md, "Start-up")."""
+async def warn_if_store_unreachable(config: Config) -> None:
+    """Ping the configured Redis once (within redis.connect_timeout_seconds) before the model loads, and
+    say in one line if it does not answer. The server still starts: /readyz answers 503 until Redis
+    does (docs/operations.md, "Faults and retries"), so that Redis and the server may start together."""
     store = build_store(config, config.redis.url)
     try:
         # The client itself, not the store's ping: that one retries and logs a warning of its own, and
@@ -148,8 +147,8 @@ async def check_store_reachable(config: Config) -> None:
         await store.redis.ping()
     except (RedisError, OSError) as exc:
         reason = str(exc).rstrip(".")  # redis-py's own words: refused, timed out, wrong password
-        raise StoreUnreachable(f"Cannot reach Redis at {_redact(config.redis.url)} ({reason}); "
-                               "check redis.url.") from None
+        log.warning("Cannot reach Redis at %s (%s); check redis.url. Serving anyway: /readyz answers 503 "
+                    "until it answers.", _redact(config.redis.url), reason)
     finally:
         await store.close()
 

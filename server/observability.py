@@ -24,6 +24,10 @@ access_log = logging.getLogger("inference.access")
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
+# Health probes (a load balancer's or an orchestrator's, every few seconds) are logged at debug: at
+# info they would drown the requests people make.
+PROBE_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
 _SHARED_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # Label values come from fixed sets: a made-up method must not become a new time series.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -192,7 +196,10 @@ def access_logger(metrics: Metrics | None, signer: TokenSigner | None) -> Callab
         }
         if getattr(handler, "error_code", None):
             fields["error"] = handler.error_code
-        access_log.log(logging.INFO if status < 500 else logging.ERROR,
+        level = logging.INFO if status < 500 else logging.ERROR
+        if level == logging.INFO and request.path in PROBE_PATHS:
+            level = logging.DEBUG
+        access_log.log(level,
                        "%d %s %s %.1fms request_id=%s", status, request.method, request.path,
                        fields["duration_ms"], fields["request_id"], extra=fields)
 

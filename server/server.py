@@ -163,9 +163,11 @@ async def _cancel(tasks: list[asyncio.Future[None]], attempts: int = 50) -> None
 
 
 async def serve(config: Config, sockets: list[socket.socket], redis_url: str, store_text: str,
-                counts: SharedCounts | None = None, slot: int = 0, wrap_store: StoreWrapper | None = None) -> int:
+                counts: SharedCounts | None = None, slot: int = 0, wrap_store: StoreWrapper | None = None,
+                on_ready: Callable[[str], None] | None = None) -> int:
     """One serving process: load the model, serve until SIGTERM/SIGINT, then drain and close.
-    `counts` and `slot`: this is process `slot` of several sharing the sockets (see server.balance)."""
+    `counts` and `slot`: this is process `slot` of several sharing the sockets (see server.balance).
+    `on_ready`: told the ready line's text instead of logging it (the supervisor logs one line for all)."""
     counts = counts or SharedCounts(1)
     served = build_served(config)
     runner = build_runner(config, siblings=counts.siblings(slot))
@@ -179,9 +181,16 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
         runner.close()
         await store.close()
         raise
-    log.info("ready on %s model=%s version=%s runtime=%s precision=%s device=%s workers=%d pid=%d store=%s",
-             " ".join(addresses), served.model.name, served.model.version, served.backend.name,
-             served.backend.precision, config.model.device, config.model.workers, os.getpid(), store_text)
+    details = (f"model={served.model.name} version={served.model.version} runtime={served.backend.name} "
+               f"precision={served.backend.precision} device={config.model.device} workers={config.model.workers} "
+               f"store={store_text}")
+    browser = browser_url(config.server.host, server.http.port)
+    ready = f"ready on {' '.join(addresses)} (open {browser} in a browser) {details}"
+    if on_ready is None:
+        log.info("%s pid=%d", ready, os.getpid())
+    else:
+        log.debug("serving process %d (slot %d): %s", os.getpid(), slot, ready)
+        on_ready(ready)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -195,6 +204,15 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     await store.close()
     log.info("stopped")
     return 0
+
+
+def browser_url(host: str, port: int) -> str:
+    """The page's address for `host` as configured: a wildcard address is this machine's loopback."""
+    if host in ("", "0.0.0.0", "::"):
+        host = "localhost"
+    elif ":" in host:  # an IPv6 literal
+        host = f"[{host}]"
+    return f"http://{host}:{port}/"
 
 
 def auth_settings(config: Config) -> AuthSettings:

@@ -8,6 +8,7 @@ import collections
 import contextlib
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -69,8 +70,9 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
               wrap_store: StoreWrapper | None = None) -> int:
     """Fork `config.serving_processes` children that share the listening sockets; each loads the model once.
 
-    The parent only forwards SIGTERM/SIGINT and restarts a child that crashes (within a RestartBudget),
-    so a load balancer in front sees one port. Forking happens before any model or event loop exists.
+    The parent only forwards SIGTERM/SIGINT, restarts a child that crashes (within a RestartBudget),
+    so a load balancer in front sees one port, and logs one "ready" line once every child serves (each
+    tells it so on a pipe). Forking happens before any model or event loop exists.
     """
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
@@ -78,6 +80,10 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
     metrics_dir = config.data_path / "metrics"  # every child's metrics, so that any one reports all
     shutil.rmtree(metrics_dir, ignore_errors=True)  # counts of an earlier run would add up
     metrics_dir.mkdir(parents=True)
+    ready = ReadyLine(config.serving_processes)
+    ready_read, ready_write = os.pipe()
+    os.set_blocking(ready_read, False)
+    os.set_blocking(ready_write, False)  # a child never waits on the parent to say it is ready
 
     def start(slot: int) -> None:
         pid = os.fork()
@@ -89,7 +95,14 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
             code = 1
             try:
                 share_metrics_across_processes(metrics_dir)
-                code = asyncio.run(serve(config, sockets, redis_url, store_text, counts, slot, wrap_store))
+                os.close(ready_read)
+
+                def tell_ready(line: str) -> None:
+                    with contextlib.suppress(OSError):  # one write under PIPE_BUF: whole or not at all
+                        os.write(ready_write, f"{slot} {os.getpid()} {line}".encode()[:select.PIPE_BUF - 1] + b"\n")
+
+                code = asyncio.run(serve(config, sockets, redis_url, store_text, counts, slot, wrap_store,
+                                         on_ready=tell_ready))
             except ModelLoadError as exc:
                 log.error("%s", exc)
                 code = EXIT_MODEL_LOAD_FAILED
@@ -123,17 +136,16 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
         if not children and not pending:
             break
         try:
-            if pending:
-                # A pause is running: poll, so that a stop, another exit or the end of the pause is
-                # seen within _POLL_SECONDS.
-                pid, status = os.waitpid(-1, os.WNOHANG) if children else (0, 0)
-                if pid == 0:
-                    time.sleep(_POLL_SECONDS)
-                    continue
-            else:
-                pid, status = os.wait()
+            # Poll, so that a stop, another exit, the end of a pause or a child's "ready" is seen
+            # within _POLL_SECONDS.
+            pid, status = os.waitpid(-1, os.WNOHANG) if children else (0, 0)
         except ChildProcessError:
             break
+        if pid == 0:
+            if select.select([ready_read], [], [], _POLL_SECONDS)[0]:
+                with contextlib.suppress(BlockingIOError):
+                    ready.read(os.read(ready_read, 1 << 16))
+            continue
         crashed_slot = children.pop(pid, None)
         forget_process_metrics(metrics_dir, pid)
         code = os.waitstatus_to_exitcode(status)
@@ -153,7 +165,32 @@ def supervise(config: Config, sockets: list[socket.socket], redis_url: str, stor
                       budget.recent, budget.window)
         failed = True
         forward(signal.SIGTERM, None)
+    os.close(ready_read)
+    os.close(ready_write)
     return 1 if failed else 0
+
+
+class ReadyLine:
+    """The supervisor's one "ready" line: logged once every slot's first process has said it serves
+    (`slot pid line` on the pipe); a process that replaces a crashed one gets a short line of its own."""
+
+    def __init__(self, processes: int):
+        self.processes = processes
+        self._pids: dict[int, int] = {}  # slot -> pid of its process that said ready
+        self._announced = False
+        self._partial = b""
+
+    def read(self, data: bytes) -> None:
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for raw in lines:
+            slot, pid, line = raw.decode(errors="replace").split(" ", 2)
+            self._pids[int(slot)] = int(pid)
+            if self._announced:
+                log.info("serving process %s ready (slot %s)", pid, slot)
+            elif len(self._pids) == self.processes:
+                self._announced = True
+                log.info("%s processes=%d pids=%s", line, self.processes,
+                         ",".join(str(self._pids[s]) for s in sorted(self._pids)))
 
 
 def _exit_at_once(_signum: int, _frame: object) -> None:

@@ -79,3 +79,19 @@ def test_json_request_log_lines(client: httpx.Client, caplog: pytest.LogCaptureF
     assert hashlib.sha256(session_id.encode()).hexdigest()[:12] not in json.dumps(line)
     assert line["duration_ms"] >= 0 and line["level"] == "info"
     assert re.match(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$", line["ts"])
+
+
+def test_health_probes_are_logged_at_debug_and_other_requests_at_info(client: httpx.Client,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="inference.access")
+    paths = ["/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/v1/models"]
+    for path in paths:
+        assert client.get(path, headers={"X-Request-ID": f"probe-log{path}"}).status_code < 500  # 401 for /v1/models
+
+    def levels() -> dict[str, int]:  # by path, the access line's third word
+        return {path: r.levelno for r in caplog.records if r.name == "inference.access"
+                and (path := r.getMessage().split()[2]) in paths}
+
+    assert wait_for(lambda: len(levels()) == len(paths), timeout=5)
+    assert levels() == {"/healthz": logging.DEBUG, "/readyz": logging.DEBUG, "/v2/health/live": logging.DEBUG,
+                        "/v2/health/ready": logging.DEBUG, "/v1/models": logging.INFO}
