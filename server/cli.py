@@ -147,8 +147,8 @@ async def warn_if_store_unreachable(config: Config) -> None:
         await store.redis.ping()
     except (RedisError, OSError) as exc:
         reason = str(exc).rstrip(".")  # redis-py's own words: refused, timed out, wrong password
-        log.warning("Cannot reach Redis at %s (%s); check redis.url. Serving anyway: /readyz answers 503 "
-                    "until it answers.", _redact(config.redis.url), reason)
+        log.warning("Cannot reach Redis at %s (%s); check redis.url. The server starts and says ready once "
+                    "Redis answers (/readyz answers 503 until then).", _redact(config.redis.url), reason)
     finally:
         await store.close()
 

@@ -7,6 +7,7 @@ versions followed from the other replicas, the retention sweeps, the session gau
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
 from core.errors import ServiceError
 from inference.runner import ModelRunner, ServedModel
@@ -181,6 +183,13 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
         runner.close()
         await store.close()
         raise
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    # "ready" means ready: not said until the store answers (server.cli has said once if it did not).
+    if not await _store_answers(store, stop):
+        return await _shut_down(server, runner, store, config)
     details = (f"model={served.model.name} version={served.model.version} runtime={served.backend.name} "
                f"precision={served.backend.precision} device={config.model.device} workers={config.model.workers} "
                f"store={store_text}")
@@ -191,13 +200,25 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     else:
         log.debug("serving process %d (slot %d): %s", os.getpid(), slot, ready)
         on_ready(ready)
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
     await stop.wait()
+    return await _shut_down(server, runner, store, config)
 
+
+async def _store_answers(store: SessionStore, stop: asyncio.Event, retry_seconds: float = 0.5) -> bool:
+    """Wait until the session store answers a ping (True), or until a stop is asked for (False). The
+    transports serve meanwhile: /readyz answers 503 until then."""
+    while not stop.is_set():
+        try:
+            await store.redis.ping()
+            return True
+        except (RedisError, OSError) as exc:
+            log.debug("waiting for Redis: %s", exc)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), retry_seconds)
+    return False
+
+
+async def _shut_down(server: Server, runner: ModelRunner, store: SessionStore, config: Config) -> int:
     log.info("shutting down: no new connections, finishing requests in flight")
     await server.stop(config.http.shutdown_grace_seconds)
     runner.close()

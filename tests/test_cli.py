@@ -22,7 +22,7 @@ import pytest
 from server.data_dir import DataDirInUse, development_secret, lock_data_dir
 from server.embedded_redis import redis_server_binary, redis_server_version
 from server.supervisor import RestartBudget
-from tests.conftest import CAT_CLASSES, CAT_JPEG, MODEL_CACHE
+from tests.conftest import CAT_CLASSES, CAT_JPEG, MODEL_CACHE, free_port, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,8 +38,8 @@ def server_env(data_dir: Path, **extra: str) -> dict[str, str]:
 class ServerProcess:
     """`python -m server --port 0` with its log read on a thread, so that a test can wait for any line."""
 
-    def __init__(self, data_dir: Path, **extra: str):
-        self.process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0"], cwd=ROOT,
+    def __init__(self, data_dir: Path, *, port: int = 0, **extra: str):
+        self.process = subprocess.Popen([sys.executable, "-m", "server", "--port", str(port)], cwd=ROOT,
                                         env=server_env(data_dir, **extra), stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True)
         self.lines: list[str] = []
@@ -301,15 +301,24 @@ def test_a_port_in_use_stops_start_up_with_one_sentence_before_redis_starts(tmp_
     assert not (tmp_path / "redis").exists()  # the embedded Redis never started
 
 
-def test_an_unreachable_redis_is_named_once_in_one_sentence(tmp_path: Path) -> None:
-    with socket.socket() as closed:  # a local port nobody listens on
-        closed.bind(("127.0.0.1", 0))
-        port = closed.getsockname()[1]
-    server = ServerProcess(tmp_path, INFERENCE_REDIS_URL=f"redis://:hunter2@127.0.0.1:{port}/0",
+def test_an_unreachable_redis_is_named_once_and_ready_is_said_only_once_it_answers(tmp_path: Path) -> None:
+    redis_port, http_port = free_port(), free_port()  # nobody listens on either yet
+    server = ServerProcess(tmp_path, port=http_port, INFERENCE_REDIS_URL=f"redis://:hunter2@127.0.0.1:{redis_port}/0",
                            INFERENCE_REDIS_CONNECT_TIMEOUT_SECONDS="0.5")
+    redis_server = None
     try:
-        server.wait_for(rf"Cannot reach Redis at redis://\*\*\*@127\.0\.0\.1:{port}/0 \(.*\); check redis\.url\.")
-        assert server.url.startswith("http://")  # still serves (/readyz 503 until Redis answers: test_faults.py)
+        server.wait_for(rf"Cannot reach Redis at redis://\*\*\*@127\.0\.0\.1:{redis_port}/0 \(.*\); check redis\.url\.")
+        # It serves without Redis (/readyz 503: test_faults.py), but does not say it is ready.
+        url = f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: _status(f"{url}/readyz") == 503, "the server to serve /readyz without Redis", timeout=300,
+                   interval=0.2)
+        assert not [line for line in server.lines if "ready on http" in line], "".join(server.lines)
+        redis_server = subprocess.Popen(
+            [redis_server_binary(""), "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--requirepass", "hunter2", "--dir", str(tmp_path)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        server.wait_for(rf"ready on http://127\.0\.0\.1:{http_port} ")
+        assert _status(f"{url}/readyz") == 200
         assert server.stop() == 0
         assert len([line for line in server.lines if "Redis at" in line]) == 1, "".join(server.lines)
         assert "hunter2" not in "".join(server.lines) and "Traceback" not in "".join(server.lines)
@@ -317,6 +326,16 @@ def test_an_unreachable_redis_is_named_once_in_one_sentence(tmp_path: Path) -> N
         if server.process.poll() is None:
             server.process.kill()
             server.process.wait(30)
+        if redis_server is not None:
+            redis_server.terminate()
+            redis_server.wait(10)
+
+
+def _status(url: str) -> int:
+    try:
+        return httpx.get(url, timeout=5).status_code
+    except httpx.HTTPError:
+        return 0
 
 
 def test_several_serving_processes_say_ready_in_one_line_with_the_url_to_open(tmp_path: Path) -> None:
