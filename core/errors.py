@@ -64,8 +64,16 @@ class BadRequest(ServiceError):
     code = "bad_request"
 
 
+# What a 401 tells the client to do: each InvalidToken message for a session's token ends with one.
+LOG_IN_AGAIN = "log in again: POST /v1/sessions"
+SEND_TOKEN = "send 'Authorization: Bearer <token>' with the token from POST /v1/sessions"
+SESSION_REVOKED = f"This session was logged out; {LOG_IN_AGAIN}."
+SESSION_NOT_FOUND = f"This session has expired or no longer exists; {LOG_IN_AGAIN}."
+
+
 class InvalidToken(ServiceError):
-    """Missing, malformed, forged, expired or revoked credentials; `code` says which."""
+    """Missing, malformed, forged, expired or revoked credentials; `code` says which, and the message
+    what to do (log in again, send a token, or which key setting lets a key in)."""
 
     status = 401
     code = "invalid_token"

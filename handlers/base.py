@@ -189,9 +189,7 @@ class BaseHandler(tornado.web.RequestHandler):
         if origin not in self.http_settings.cors_origins:
             raise Forbidden(f"Origin {quoted(origin)} is not allowed; list it in http.cors_origins.",
                             code="cors_origin_not_allowed")
-        allowed = [m.upper() for m in ("get", "post", "put", "patch", "delete")
-                   if getattr(type(self), m) is not getattr(tornado.web.RequestHandler, m)]
-        self.set_header("Access-Control-Allow-Methods", ", ".join(allowed))
+        self.set_header("Access-Control-Allow-Methods", ", ".join(implemented_methods(type(self))))
         self.set_header("Access-Control-Allow-Headers", ", ".join(CORS_REQUEST_HEADERS))
         self.set_header("Access-Control-Max-Age", "600")
         self.no_content()
@@ -208,6 +206,7 @@ class BaseHandler(tornado.web.RequestHandler):
         self._counted = True
         if self.request.method == "OPTIONS":
             return
+        self.check_method()
         try:
             await self.before_auth()
             principal = await self.auth.authenticate(
@@ -222,6 +221,12 @@ class BaseHandler(tornado.web.RequestHandler):
                 self.set_header("Connection", "close")  # answered now: the unread body ends the connection
                 raise
             self.refusal = exc
+
+    def check_method(self) -> None:
+        """A method this route does not implement is answered 405 before anything else (its credential
+        included): write_error names the allowed ones."""
+        if self.request.method not in implemented_methods(type(self)):
+            raise tornado.web.HTTPError(405)
 
     async def before_auth(self) -> None:
         """Checks made before the credential is looked at (none by default)."""
@@ -300,6 +305,13 @@ class BaseHandler(tornado.web.RequestHandler):
             status_code, code, message = exc.status, exc.code, exc.message
             for name, value in exc.headers.items():
                 self.set_header(name, value)
+        elif isinstance(exc, tornado.web.HTTPError) and status_code == 405:
+            # Raised by check_method, or by Tornado itself for a method it does not know.
+            allowed = [*implemented_methods(type(self)), "OPTIONS"]
+            self.set_header("Allow", ", ".join(allowed))
+            code = _HTTP_CODES[405]
+            message = (f"{quoted(self.request.method)} is not allowed on {quoted(self.request.path)}; "
+                       f"it allows {', '.join(allowed)}.")
         elif isinstance(exc, tornado.web.HTTPError):
             code = _HTTP_CODES.get(status_code, "http_error")
             logged = exc.log_message % exc.args if exc.log_message and exc.args else exc.log_message
@@ -342,6 +354,13 @@ _HTTP_CODES = {
 }
 
 
+def implemented_methods(handler_class: type[tornado.web.RequestHandler]) -> list[str]:
+    """The methods a route answers (besides OPTIONS): those its handler class implements. CORS
+    preflights list them, and a 405 names them in `Allow`."""
+    return [method.upper() for method in ("get", "head", "post", "put", "patch", "delete")
+            if getattr(handler_class, method) is not getattr(tornado.web.RequestHandler, method)]
+
+
 def _reason(status_code: int) -> str:
     try:
         return HTTPStatus(status_code).phrase + "."
@@ -354,5 +373,5 @@ class NotFoundHandler(BaseHandler):
 
     auth_policy = Policy.PUBLIC
 
-    async def before_auth(self) -> None:
+    def check_method(self) -> None:  # no route: 404 whatever the method
         raise NotFound(f"No route {quoted(self.request.path)}; see /openapi.json.", code="not_found")

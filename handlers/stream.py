@@ -51,6 +51,8 @@ log = logging.getLogger("inference.stream")
 
 POLICY_VIOLATION = 1008
 _MAX_REF_LENGTH = 128
+_FIRST_FRAME = ("The first frame must be {\"token\": \"<token>\"} (or send 'Authorization: Bearer <token>' with "
+                "the upgrade), the token from POST /v1/sessions.")
 _HEADER_KEYS = frozenset({"ref", "options"})
 
 
@@ -106,7 +108,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
 
     def _auth_timed_out(self) -> None:
         if self._verified is None:
-            self._refuse(InvalidToken("Send {\"token\": \"<token>\"} as the first frame.", code="missing_token"))
+            self._refuse(InvalidToken(_FIRST_FRAME, code="missing_token"))
 
     async def _start_session(self, verified: VerifiedToken) -> None:
         try:
@@ -164,8 +166,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             if isinstance(frame, dict) and isinstance(frame.get("token"), str):
                 token = frame["token"].strip()
         if not token:
-            self._refuse(InvalidToken("The first frame must be {\"token\": \"<token>\"} (or send "
-                                      "'Authorization: Bearer <token>' with the upgrade).", code="missing_token"))
+            self._refuse(InvalidToken(_FIRST_FRAME, code="missing_token"))
             return
         try:
             verified = self.auth.verify(f"Bearer {token}")

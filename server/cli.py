@@ -17,7 +17,7 @@ from redis.exceptions import RedisError
 
 from core.files import private_dir
 from inference.model import ModelLoadError
-from server.config import Config, ConfigError, load_config, validate
+from server.config import ENV_PREFIX, Config, ConfigError, load_config, validate
 from server.data_dir import DataDirInUse, development_secret, lock_data_dir
 from server.embedded_redis import EmbeddedRedis, EmbeddedRedisError
 from server.malloc import keep_freed_memory
@@ -46,8 +46,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--processes", type=int,
                         help="serving processes sharing the port (overrides server.processes; 0: one per core)")
     sub = parser.add_subparsers(dest="command")
-    hash_key = sub.add_parser("hash-key", help="print the auth.api_keys entry for an API key")
+    hash_key = sub.add_parser(
+        "hash-key", help="print the config line that lets an API key in (--admin: an admin key)",
+        description="Print the auth.api_keys line (with --admin: the auth.admin_api_keys line, for the admin "
+                    "routes: publishing model versions, the feedback export) that lets a key in, for config.toml "
+                    "and as an environment line. The server keeps only the key's hash.")
     hash_key.add_argument("key", nargs="?", help="the key (default: generate a new random one)")
+    hash_key.add_argument("--admin", action="store_true",
+                          help="an admin key: print the auth.admin_api_keys line instead of auth.api_keys")
     return parser.parse_args(argv)
 
 
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None, *, wrap_store: StoreWrapper | None = Non
     """`wrap_store`: wraps each serving process's session store (the benchmark's experiments only)."""
     args = parse_args(argv)
     if args.command == "hash-key":
-        return _hash_key(args.key)
+        return _hash_key(args.key, admin=args.admin)
     try:
         config = load_config(args.config)
         if args.host:
@@ -83,13 +89,19 @@ def main(argv: list[str] | None = None, *, wrap_store: StoreWrapper | None = Non
         return 1
 
 
-def _hash_key(key: str | None) -> int:
+def _hash_key(key: str | None, *, admin: bool = False) -> int:
+    """Print the setting that lets `key` in, as config.toml's line and as the environment override
+    (server.config reads a list from the environment as comma-separated items)."""
     if key is None and sys.stdin.isatty():
         key = getpass.getpass("API key (empty: generate one): ") or None
     if key is None:
         key = secrets.token_urlsafe(32)
         print(f"new API key (give it to the client; it is not stored): {key}")
-    print(f'auth.api_keys entry: "{api_key_hash(key)}"')
+    setting = "admin_api_keys" if admin else "api_keys"
+    hashed = api_key_hash(key)
+    print(f"add to config.toml under [auth] (beside any hashes already listed):\n{setting} = [\"{hashed}\"]")
+    print(f"or set in the environment (comma-separated for several keys):\n"
+          f"{ENV_PREFIX}AUTH_{setting.upper()}={hashed}")
     return 0
 
 

@@ -17,7 +17,7 @@ import hmac
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from core.errors import Forbidden, InvalidToken
+from core.errors import SEND_TOKEN, Forbidden, InvalidToken
 from core.session import Session
 from service.client_address import rate_limit_bucket
 from sessions.store import SessionStore
@@ -67,6 +67,11 @@ def _scheme(authorization: str) -> str:
     return authorization.partition(" ")[0].lower()
 
 
+# Where a refused key comes from: logging in again never fixes a key.
+_ADMIN_KEY_HOW = "its operator adds one with `python -m server hash-key --admin`"
+_LOGIN_KEY_HOW = "ask the server's operator for a key; `python -m server hash-key` adds one"
+
+
 def _check_api_key(key: str, allowed: tuple[str, ...], *, invalid: str) -> None:
     """401 `invalid_api_key` unless the key's hash is one of `allowed`. Compared against every entry in
     constant time, so the time taken does not tell which one matched."""
@@ -94,19 +99,18 @@ class Authenticator:
             return Principal(admin=True)
         if policy is Policy.OPTIONAL_SESSION and not authorization:
             if not self.settings.anonymous_inference:
-                raise InvalidToken("This server allows no anonymous inference; send 'Authorization: Bearer "
-                                   "<token>' (log in with POST /v1/sessions).", code="missing_token")
+                raise InvalidToken(f"This server allows no anonymous inference; {SEND_TOKEN}.", code="missing_token")
             return Principal()
         return Principal(await self.session(authorization, cost=cost, idempotency_key=idempotency_key))
 
     def verify(self, authorization: str) -> VerifiedToken:
         """`Bearer <token>` -> a token whose signature and age are good (no store access)."""
         if not authorization:
-            raise InvalidToken("This route needs an 'Authorization: Bearer <token>' header; "
-                               "log in with POST /v1/sessions.", code="missing_token")
+            raise InvalidToken(f"This route needs a session: {SEND_TOKEN}.", code="missing_token")
         token = _credential(authorization, "bearer")
         if token is None:
-            raise InvalidToken("The Authorization header must be 'Bearer <token>'.", code="malformed_token")
+            raise InvalidToken(f"The Authorization header must be 'Bearer <token>': {SEND_TOKEN}.",
+                               code="malformed_token")
         return self.signer.verify(token)
 
     async def session(self, authorization: str, *, cost: int | Callable[[], int] = 0,
@@ -124,12 +128,13 @@ class Authenticator:
         """`ApiKey <key>` with a key listed (hashed) in auth.admin_api_keys."""
         key = _credential(authorization, "apikey")
         if key is None:
-            raise InvalidToken("This route needs an 'Authorization: ApiKey <admin key>' header.",
-                               code="missing_api_key")
+            raise InvalidToken("This route needs 'Authorization: ApiKey <admin key>', a key whose hash is in the "
+                               f"server's auth.admin_api_keys ({_ADMIN_KEY_HOW}).", code="missing_api_key")
         if not self.settings.admin_api_keys:
             raise Forbidden("The admin API is off on this server; list key hashes in auth.admin_api_keys.",
                             code="admin_api_disabled")
-        _check_api_key(key, self.settings.admin_api_keys, invalid="The admin API key is not valid.")
+        _check_api_key(key, self.settings.admin_api_keys,
+                       invalid=f"The admin API key is not in the server's auth.admin_api_keys ({_ADMIN_KEY_HOW}).")
 
     async def admit_login(self, authorization: str, client_address: str) -> str:
         """Check the API key (where keys are configured) and charge the login rate limit: per valid key,
@@ -144,9 +149,11 @@ class Authenticator:
             return address
         key = _credential(authorization, "apikey")
         if key is None:
-            raise InvalidToken("Logging in needs an 'Authorization: ApiKey <key>' header.", code="missing_api_key")
+            raise InvalidToken("Logging in needs 'Authorization: ApiKey <key>', a key whose hash is in the server's "
+                               f"auth.api_keys ({_LOGIN_KEY_HOW}).", code="missing_api_key")
         try:
-            _check_api_key(key, self.settings.api_keys, invalid="The API key is not valid.")
+            _check_api_key(key, self.settings.api_keys,
+                           invalid=f"The API key is not in the server's auth.api_keys ({_LOGIN_KEY_HOW}).")
         except InvalidToken:
             await self.store.take_login(address, per_minute)
             raise

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from core.clock import iso, now_ms
-from core.errors import BadRequest, InvalidToken, ServiceError, quoted, quoted_names
+from core.errors import SESSION_REVOKED, BadRequest, InvalidToken, ServiceError, quoted, quoted_names
 from core.session import Session
 from service.export import parse_time
 from sessions.tokens import TokenSigner
@@ -191,7 +191,7 @@ class FeedbackService:
         if not await self.history.alive(session.id):
             # Erased (or logged out) while this request ran: its erase may have missed this record.
             await self.records.delete(refs, history_id)
-            raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
+            raise InvalidToken(SESSION_REVOKED, code="session_revoked")
         if self.on_feedback is not None:
             self.on_feedback(version, agrees)
         return {**with_defaults(item), "feedback": feedback}

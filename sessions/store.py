@@ -32,7 +32,16 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from core.clock import now_ms
-from core.errors import BadRequest, InvalidToken, NotFound, RateLimited, StoreUnavailable, quoted
+from core.errors import (
+    SESSION_NOT_FOUND,
+    SESSION_REVOKED,
+    BadRequest,
+    InvalidToken,
+    NotFound,
+    RateLimited,
+    StoreUnavailable,
+    quoted,
+)
 from core.options import Options
 from core.session import Session
 from sessions.replies import stream_entries, text_dict
@@ -368,9 +377,9 @@ class SessionStore:
                              idempotency_key or ""]
         )
         if reply == ["revoked"]:
-            raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
+            raise InvalidToken(SESSION_REVOKED, code="session_revoked")
         if not reply:
-            raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+            raise InvalidToken(SESSION_NOT_FOUND, code="session_not_found")
         if reply[0] == "rate_limited":
             wait = max(1, -(-int(reply[1]) // 1000))
             raise RateLimited(f"This session is over its limit of {self.rate_limit_per_minute} requests a "
@@ -402,7 +411,7 @@ class SessionStore:
         while True:
             fields = text_dict(await self.redis.hgetall(key))
             if not fields:
-                raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+                raise InvalidToken(SESSION_NOT_FOUND, code="session_not_found")
             options = self._session(session_id, fields, 0).options.merged(changes)
             stored = {_OPTION_PREFIX + k: v for k, v in options.to_redis().items()}
             written = await self._set_options(keys=[key], args=[fields.get("options_version", "0"),
@@ -410,7 +419,7 @@ class SessionStore:
             if written == 1:
                 return options
             if written == -1:
-                raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+                raise InvalidToken(SESSION_NOT_FOUND, code="session_not_found")
             # Another writer changed the options first: re-read and re-validate.
 
     @store_errors
@@ -448,9 +457,9 @@ class SessionStore:
                   self._expiry(session.deadline_ms), "1" if idempotency_key else "0", idempotency_key or ""],
         )
         if reply == "revoked":  # a logout or an erase overtook this request while its image was classified
-            raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
+            raise InvalidToken(SESSION_REVOKED, code="session_revoked")
         if reply is None:
-            raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+            raise InvalidToken(SESSION_NOT_FOUND, code="session_not_found")
         history_id, replayed = reply
         return history_id, bool(replayed)
 

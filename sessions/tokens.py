@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 
-from core.errors import InvalidToken
+from core.errors import LOG_IN_AGAIN, InvalidToken
 
 _TOKEN_SHAPE = re.compile(r"^[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+$")
 _SESSION_ID_SHAPE = re.compile(r"^[0-9a-f]{32}$")
+_BAD_SIGNATURE = f"The token's signature is not valid (another server's, or signed with a retired key); {LOG_IN_AGAIN}."
 
 
 def new_session_id() -> str:
@@ -64,13 +65,13 @@ class TokenSigner:
 
     def verify(self, token: str) -> VerifiedToken:
         if not _TOKEN_SHAPE.match(token):
-            raise InvalidToken("The bearer token is malformed.", code="malformed_token")
+            raise InvalidToken(f"The bearer token is malformed; {LOG_IN_AGAIN}.", code="malformed_token")
         verified = self._check_signature(token)
         age = time.time() - verified.issued_at
         if age > self.max_age_seconds:
-            raise InvalidToken("The token has expired; log in again.", code="token_expired")
+            raise InvalidToken(f"The token has expired; {LOG_IN_AGAIN}.", code="token_expired")
         if age < -60:
-            raise InvalidToken("The token's signature is not valid.", code="invalid_signature")
+            raise InvalidToken(_BAD_SIGNATURE, code="invalid_signature")
         return verified
 
     @functools.lru_cache(maxsize=4096)  # noqa: B019 - one signer per app; bounded, and tokens are immutable
@@ -80,7 +81,7 @@ class TokenSigner:
         try:
             session_id, signed_at = self._serializer.loads(token, return_timestamp=True)
         except BadSignature:
-            raise InvalidToken("The token's signature is not valid.", code="invalid_signature") from None
+            raise InvalidToken(_BAD_SIGNATURE, code="invalid_signature") from None
         if not isinstance(session_id, str) or not _SESSION_ID_SHAPE.match(session_id):
-            raise InvalidToken("The bearer token is malformed.", code="malformed_token")
+            raise InvalidToken(f"The bearer token is malformed; {LOG_IN_AGAIN}.", code="malformed_token")
         return VerifiedToken(session_id=session_id, issued_at=signed_at.timestamp())

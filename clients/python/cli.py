@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     # The connection options sit on each subcommand, so they can follow it: `predict x.jpg --url U`.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--url", default=DEFAULT_URL, help=f"server address (default {DEFAULT_URL})")
-    common.add_argument("--token", help="use this existing session instead of logging in")
+    common.add_argument("--token", type=_non_empty, help="use this existing session instead of logging in")
     common.add_argument("--api-key", help="API key for logging in, where the server requires one")
     common.add_argument("--timeout", type=float, default=30.0, help="seconds per request (default 30)")
     common.add_argument("--json", action="store_true", help="print the server's JSON, one object per line")
@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     feedback = commands.add_parser("feedback", parents=[common], help="correct a prediction's label",
                                    description="Give the right label for one of a session's predictions "
                                                "(needs --token: the session that made it).")
-    feedback.add_argument("id", metavar="ID", help="the history id of the prediction")
-    feedback.add_argument("label", metavar="LABEL", help="a class index (0-999) or a label name, e.g. 'tiger cat'")
+    feedback.add_argument("id", type=_non_empty, metavar="ID", help="the history id of the prediction")
+    feedback.add_argument("label", type=_non_empty, metavar="LABEL",
+                          help="a class index (0-999) or a label name, e.g. 'tiger cat'")
     feedback.add_argument("--comment", metavar="TEXT", help="a note for whoever trains the next version")
     feedback.set_defaults(run=run_feedback)
 
@@ -91,6 +92,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tar: a WebDataset, each item's JSON, class and image (default); jsonl: the JSON alone")
     export.set_defaults(run=run_export)
     return parser
+
+
+def _non_empty(text: str) -> str:
+    """An id, label or token argument: an empty one (an unset shell variable, "$ID") is a usage error
+    before anything is sent, not a request for the wrong thing."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty (is the shell variable it came from set?)")
+    return text
 
 
 def run_predict(args: argparse.Namespace) -> int:

@@ -18,7 +18,16 @@ import numpy as np
 from PIL import Image
 
 from core.clock import now_ms
-from core.errors import BadRequest, Conflict, InvalidToken, NotFound, RateLimited, quoted
+from core.errors import (
+    SESSION_NOT_FOUND,
+    SESSION_REVOKED,
+    BadRequest,
+    Conflict,
+    InvalidToken,
+    NotFound,
+    RateLimited,
+    quoted,
+)
 from core.options import IMAGENET_MEAN, IMAGENET_STD, Options
 from core.session import Session
 from inference.model import LoadedModel
@@ -79,8 +88,8 @@ class FakeStore:
         stored = self.sessions.get(session_id)
         if stored is None:
             if session_id in self.revoked:
-                raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
-            raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+                raise InvalidToken(SESSION_REVOKED, code="session_revoked")
+            raise InvalidToken(SESSION_NOT_FOUND, code="session_not_found")
         return stored
 
     def _session(self, session_id: str, stored: _Stored, replay_of: str | None = None) -> Session:
@@ -134,7 +143,7 @@ class FakeStore:
         self.calls.append(("record", entry))
         stored = self._live(session.id)
         if session.id in self.erasing:
-            raise InvalidToken("This session was logged out; log in again.", code="session_revoked")
+            raise InvalidToken(SESSION_REVOKED, code="session_revoked")
         if idempotency_key and idempotency_key in stored.idempotent:
             return stored.idempotent[idempotency_key], True
         history_id = self._next_id()
@@ -174,7 +183,7 @@ class FakeStore:
         self.calls.append(("update_options", changes))
         stored = self.sessions.get(session_id)
         if stored is None:  # the real one reads the hash: a tombstone does not count
-            raise InvalidToken("This session has expired or no longer exists.", code="session_not_found")
+            raise InvalidToken(SESSION_NOT_FOUND, code="session_not_found")
         stored.options = stored.options.merged(changes)
         return stored.options
 
