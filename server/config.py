@@ -414,7 +414,8 @@ def validate(config: Config) -> None:
         (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.api_keys),
          "auth.api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with `python -m server hash-key`."),
         (all(k.startswith("sha256:") and len(k) == 71 for k in config.auth.admin_api_keys),
-         "auth.admin_api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with `python -m server hash-key --admin`."),
+         "auth.admin_api_keys holds SHA-256 hashes 'sha256:<64 hex>'; make one with "
+         "`python -m server hash-key --admin`."),
         (config.models.max_upload_bytes >= 1024, "models.max_upload_bytes must be at least 1024."),
         (config.models.upload_timeout_seconds > 0, "models.upload_timeout_seconds must be positive."),
         (all(len(k) >= 16 for k in config.auth.secret_keys),
