@@ -35,12 +35,15 @@ def raw_predict(client: httpx.Client, auth: dict[str, str], **headers: str) -> h
 
 
 def test_redis_missing_at_start_then_ready_once_it_answers(tmp_path: Path) -> None:
-    port = free_port()
-    server = ServerProcess(tmp_path, INFERENCE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
+    port, http_port = free_port(), free_port()
+    server = ServerProcess(tmp_path, port=http_port, INFERENCE_REDIS_URL=f"redis://127.0.0.1:{port}/0",
                            INFERENCE_REDIS_CONNECT_TIMEOUT_SECONDS="0.5")
     redis_server = RedisServer(tmp_path / "redis", port)
     try:
-        with httpx.Client(base_url=server.url, timeout=30) as client:
+        # It serves without Redis (and says "ready" only once Redis answers: test_cli.py).
+        with httpx.Client(base_url=f"http://127.0.0.1:{http_port}", timeout=30) as client:
+            wait_until(lambda: _answers(client, "/healthz"), "the server to serve without Redis", timeout=300,
+                       interval=0.2)
             not_ready = client.get("/readyz")
             assert not_ready.status_code == 503 and not_ready.json()["checks"]["store"] != "ok"
             assert client.get("/healthz").status_code == 200
@@ -51,6 +54,13 @@ def test_redis_missing_at_start_then_ready_once_it_answers(tmp_path: Path) -> No
     finally:
         assert server.stop() == 0
         redis_server.stop()
+
+
+def _answers(client: httpx.Client, path: str) -> bool:
+    try:
+        return client.get(path).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def test_redis_lost_while_serving_gives_fast_503_and_recovers(serve, tmp_path: Path) -> None:
