@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import DATA, RunningServer, tool_missing
+from tests.conftest import DATA, TEST_SECRET, RunningServer, make_config, tool_missing
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -246,6 +246,92 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
 
     problems = [text for text in page.problems if "status of 422" not in text]  # the unknown label
     assert problems == [], problems
+
+
+RAW_CODE = re.compile(r"[a-z]+_[a-z_]+|\b[45]\d\d\b")  # a snake_case error code or an HTTP status
+
+
+def assert_for_people(locator) -> None:
+    """The text shown is a sentence for a person: no raw error code or status in it."""
+    text = locator.text_content() or ""
+    assert text and not RAW_CODE.search(text), text
+
+
+def test_api_key_login(page, serve) -> None:
+    from service.auth import api_key_hash
+
+    config = make_config(auth={"secret_keys": [TEST_SECRET], "api_keys": [api_key_hash("s3cret-key")]})
+    with serve(config) as keyed:
+        page.goto(f"{keyed.url}/")
+        expect(page.locator("body[data-ready=true]")).to_have_count(1)
+        expect(page.get_by_label("API key")).to_be_hidden()
+
+        # The server answers the first login with missing_api_key: the field shows, explained.
+        page.get_by_test_id("login").click()
+        key = page.get_by_label("API key")
+        expect(key).to_be_visible()
+        expect(key).to_be_focused()
+        expect(page.get_by_test_id("alert")).to_contain_text("asks for an API key")
+        assert_for_people(page.get_by_test_id("alert"))
+
+        key.fill("wrong-key")
+        key.press("Enter")
+        expect(page.get_by_test_id("alert")).to_contain_text("not valid")
+        assert_for_people(page.get_by_test_id("alert"))
+        expect(key).to_have_attribute("aria-invalid", "true")
+
+        key.fill("s3cret-key")
+        page.get_by_test_id("login").click()
+        expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+        expect(key).to_be_hidden()
+        expect(page.get_by_test_id("alert")).to_be_hidden()
+        assert page.evaluate("sessionStorage.getItem('inference.apiKey')") == "s3cret-key"
+        page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+        expect(page.locator("[data-testid=result-card][data-state=done]")).to_have_count(1)
+
+        # Kept for the tab: after logging out, Log in uses the key without asking again.
+        page.get_by_test_id("logout").click()
+        expect(page.get_by_test_id("login")).to_be_visible()
+        with page.expect_response(lambda response: response.url.endswith("/v1/sessions")) as answer:
+            page.get_by_test_id("login").click()
+        assert answer.value.status == 201
+        assert answer.value.request.headers["authorization"] == "ApiKey s3cret-key"
+        expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+        expect(key).to_be_hidden()
+        problems = [text for text in page.problems if "status of 401" not in text]  # the two refusals
+        assert problems == [], problems
+
+
+def test_errors_are_written_for_people(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+
+    # Not an image: the card says so in words.
+    page.get_by_test_id("file-input").set_input_files(
+        {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"these are not the pixels you want"})
+    card = page.locator("[data-testid=result-card][data-filename='notes.jpg']")
+    expect(card).to_have_attribute("data-state", "error")
+    expect(card.get_by_test_id("result-error")).to_contain_text("not an image")
+    assert_for_people(card.get_by_test_id("result-error"))
+
+    # The server unreachable (the connection fails): said as such, without the browser's words.
+    page.route("**/v1/predict*", lambda route: route.abort("connectionrefused"))
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+    card = page.locator("[data-testid=result-card][data-filename='cat.jpg']")
+    expect(card).to_have_attribute("data-state", "error")
+    expect(card.get_by_test_id("result-error")).to_contain_text("server cannot be reached")
+    assert "fetch" not in (card.get_by_test_id("result-error").text_content() or "").lower()
+    page.unroute("**/v1/predict*")
+
+    # The session ended elsewhere: the page says so, asks to log in again, and is logged out.
+    token = page.evaluate("sessionStorage.getItem('inference.token')")
+    with server.client() as http:
+        assert http.delete("/v1/session", headers={"Authorization": f"Bearer {token}"}).status_code == 204
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "coffee.jpg"))
+    expect(page.get_by_test_id("alert")).to_contain_text("Log in again")
+    assert_for_people(page.get_by_test_id("alert"))
+    expect(page.get_by_test_id("login")).to_be_visible()
 
 
 @pytest.mark.parametrize("missing", ["Chromium", "playwright"])

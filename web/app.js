@@ -1,9 +1,13 @@
 // The web page: log in, classify dropped or chosen images, edit the session's options, browse the
 // history. Plain DOM code on top of the JavaScript client; no framework, no inline script or style.
-import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError } from "/static/client/client.js";
+import {
+  AuthError, Client, ConnectionFailed, NotFoundError, PayloadTooLarge, RateLimited, ServerBusy, ServerError,
+  UnsupportedMediaType, ValidationError,
+} from "/static/client/client.js";
 
 const TOKEN_KEY = "inference.token";
 const SESSION_KEY = "inference.session";
+const API_KEY_KEY = "inference.apiKey";  // the tab's API key, where the server wants one
 const THUMB_PREFIX = "inference.thumb.";
 const HISTORY_PAGE = 10;
 const UPLOAD_CONCURRENCY = 2;
@@ -14,7 +18,8 @@ const LABEL_SUGGESTIONS = 8;
 
 const $ = (id) => document.getElementById(id);
 const els = {
-  status: $("session-status"), login: $("login"), logout: $("logout"), erase: $("erase"), alert: $("alert"),
+  sessionForm: $("session"), status: $("session-status"), login: $("login"),
+  apiKeyField: $("api-key-field"), apiKey: $("api-key"), logout: $("logout"), erase: $("erase"), alert: $("alert"),
   dropzone: $("dropzone"), dropHint: $("dropzone-hint"), fileInput: $("file-input"),
   results: $("results"), resultsEmpty: $("results-empty"),
   form: $("options-form"), fieldset: $("options-fieldset"), formError: $("options-error"),
@@ -56,7 +61,24 @@ function showAlert(message) {
   els.alert.hidden = !message;
 }
 
+/** An error in words for a person: what happened and what to do, never a raw code. The server's
+ * own messages for a refused request (a bad option, an unknown label) are already sentences. */
 function describe(error) {
+  if (error instanceof ConnectionFailed) {
+    return error.code === "timeout"
+      ? "The server took too long to answer. Try again in a moment."
+      : "The server cannot be reached. Check your connection, or whether the server is running, and try again.";
+  }
+  if (error instanceof UnsupportedMediaType || error?.code === "invalid_image") {
+    return "This file is not an image the server can read (JPEG, PNG, WebP, GIF or BMP).";
+  }
+  if (error instanceof PayloadTooLarge) return "This file is too large for the server.";
+  if (error instanceof RateLimited) {
+    return error.retryAfter ? `Too many requests: wait ${Math.ceil(error.retryAfter)} s and try again.`
+      : "Too many requests: wait a moment and try again.";
+  }
+  if (error instanceof ServerBusy) return "The server is busy. Try again in a moment.";
+  if (error instanceof ServerError) return "The server ran into a problem. Try again; if it persists, tell its operator.";
   return error?.message || String(error);
 }
 
@@ -67,6 +89,7 @@ function setLoggedIn(session) {
   els.login.hidden = loggedIn;
   els.logout.hidden = !loggedIn;
   els.erase.hidden = !loggedIn;
+  if (loggedIn) els.apiKeyField.hidden = true;
   els.fileInput.disabled = !loggedIn;
   els.dropzone.classList.toggle("disabled", !loggedIn);
   els.fieldset.disabled = !loggedIn;
@@ -98,25 +121,43 @@ function forgetSession() {
 /** A request failed because the session is gone: say so and go back to the logged-out state. */
 function handleAuthError(error) {
   if (!(error instanceof AuthError)) return false;
-  const known = { session_revoked: "You were logged out", token_expired: "Your session expired",
+  const known = { session_revoked: "You were logged out of this session", token_expired: "Your session expired",
     session_not_found: "Your session expired" };
-  showAlert(`${known[error.code] ?? "Your session is no longer valid"} (${error.code}). Log in again.`);
+  showAlert(`${known[error.code] ?? "Your session is no longer valid"}. Log in again to go on.`);
   for (const key of thumbKeys()) sessionStorage.removeItem(key);
   forgetSession();
   return true;
 }
 
-async function login() {
+const API_KEY_REFUSALS = {
+  missing_api_key: "This server asks for an API key. Enter it and log in.",
+  invalid_api_key: "That API key is not valid. Check it and log in again.",
+};
+
+async function login(event) {
+  event?.preventDefault();
   els.login.disabled = true;
   showAlert("");
+  const apiKey = els.apiKey.value.trim() || sessionStorage.getItem(API_KEY_KEY) || undefined;
   try {
-    const result = await client.login();
+    const result = await client.login({ apiKey });
+    if (apiKey) sessionStorage.setItem(API_KEY_KEY, apiKey);
+    els.apiKey.value = "";
     sessionStorage.setItem(TOKEN_KEY, result.token);
     sessionStorage.setItem(SESSION_KEY, result.session_id);
     state.sessionId = result.session_id;
     await enterSession(await client.session());
   } catch (error) {
-    showAlert(`Could not log in: ${describe(error)}`);
+    if (error instanceof AuthError && error.code in API_KEY_REFUSALS) {
+      sessionStorage.removeItem(API_KEY_KEY);
+      els.apiKeyField.hidden = false;
+      els.apiKey.setAttribute("aria-invalid", String(error.code === "invalid_api_key"));
+      showAlert(API_KEY_REFUSALS[error.code]);
+      els.apiKey.focus();
+      els.apiKey.select();
+    } else {
+      showAlert(`Could not log in: ${describe(error)}`);
+    }
   } finally {
     els.login.disabled = false;
   }
@@ -227,9 +268,7 @@ function failCard(card, error) {
   card.querySelector(".result-pending").remove();
   card.querySelector(".result-label").textContent = "Not classified";
   const message = card.querySelector(".result-error");
-  message.textContent = error instanceof UnsupportedMediaType
-    ? "This file is not an image the server takes (JPEG, PNG, WebP, GIF or BMP)."
-    : describe(error);
+  message.textContent = describe(error);
   message.hidden = false;
 }
 
@@ -637,7 +676,7 @@ async function saveOptions(event) {
 
 // -- wiring --------------------------------------------------------------------------------------
 
-els.login.addEventListener("click", login);
+els.sessionForm.addEventListener("submit", login);
 els.logout.addEventListener("click", () => logout());
 els.erase.addEventListener("click", () => logout({ erase: true }));
 els.form.addEventListener("submit", saveOptions);
@@ -677,7 +716,7 @@ async function start() {
     try {
       await enterSession(await client.session());
     } catch (error) {
-      if (!handleAuthError(error)) showAlert(`Could not reach the server: ${describe(error)}`);
+      if (!handleAuthError(error)) showAlert(describe(error));
     }
   }
   document.body.dataset.ready = "true";
