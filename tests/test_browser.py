@@ -183,6 +183,23 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
     history_row = page.locator(f"[data-testid=history-item][data-history-id='{history_id}']")
     expect(history_row.get_by_test_id("feedback-given")).to_be_hidden()
 
+    # "Correct this" offers the card's own top-k first, in its order; typed text ranks the exact name,
+    # then names starting with it, the card's own labels first among equals.
+    own_labels = [text.strip() for text in bars.locator(".bar-label").all_text_contents()]
+    card.get_by_test_id("feedback-open").click()
+    offered = card.get_by_role("option")
+    expect(offered).to_have_count(5)
+    assert [(text.rsplit("#", 1)[0]).strip() for text in offered.all_text_contents()] == own_labels
+    search = card.get_by_role("combobox", name="Right label")
+    for typed, first in [("tiger c", "tiger cat"), ("tiger", "tiger"), (own_labels[2][:2], None)]:
+        # Two letters of the third label: the first of the card's labels starting with them comes first.
+        first = first or next(label for label in own_labels if label.lower().startswith(typed.lower()))
+        search.fill(typed)
+        expect(offered.first).to_have_text(re.compile(f"^{re.escape(first)}#"))
+    search.press("Escape")  # closes the list
+    search.press("Escape")  # closes the form
+    expect(card.get_by_test_id("feedback-form")).to_be_hidden()
+
     # Correct it to the second label, found by searching for its first letters; picked with the
     # mouse on a desktop, with the keyboard on a phone.
     second = bars.nth(1).locator(".bar-label")

@@ -426,19 +426,32 @@ function showFeedback(control, feedback) {
   control.dataset.feedback = feedback ? String(feedback.class_index) : "";
 }
 
-/** The label suggestions for `text`: names starting with it first, then names containing it. */
-function suggestLabels(text) {
+/** How well a label matches the typed text (lower is better), or null: the whole name or its class
+ * number, then names starting with the text, then a word of the name starting with it, then anywhere. */
+function matchRank(query, classIndex, label) {
+  const name = label.toLowerCase();
+  if (name === query || String(classIndex) === query) return 0;
+  if (name.startsWith(query)) return 1;
+  if (name.split(/[\s,'-]+/).some((word) => word.startsWith(query))) return 2;
+  return name.includes(query) ? 3 : null;
+}
+
+/** The label suggestions for `text`, given the prediction's own top-k (`ownScores`, best first): with
+ * nothing typed, those; else the matches by rank, the prediction's own labels first within a rank
+ * (so "tiger c" offers "tiger cat" first, and "tiger" the exact "tiger" first). */
+function suggestLabels(text, ownScores) {
+  const own = (ownScores ?? []).map((score) => [score.class_index, score.label]);
   const query = text.trim().toLowerCase();
-  if (!query) return [];
-  const starts = [];
-  const contains = [];
-  for (const [classIndex, label] of knownLabels) {
-    const name = label.toLowerCase();
-    if (name.startsWith(query) || String(classIndex) === query) starts.push([classIndex, label]);
-    else if (name.includes(query)) contains.push([classIndex, label]);
+  if (!query) return own.slice(0, LABEL_SUGGESTIONS);
+  const ownPlace = new Map(own.map(([classIndex], place) => [classIndex, place]));
+  const candidates = new Map([...knownLabels, ...own]);
+  const matches = [];
+  for (const [classIndex, label] of candidates) {
+    const rank = matchRank(query, classIndex, label);
+    if (rank !== null) matches.push({ classIndex, label, rank, place: ownPlace.get(classIndex) ?? Infinity });
   }
-  const byName = (a, b) => a[1].localeCompare(b[1]);
-  return [...starts.sort(byName), ...contains.sort(byName)].slice(0, LABEL_SUGGESTIONS);
+  matches.sort((a, b) => a.rank - b.rank || a.place - b.place || a.label.localeCompare(b.label));
+  return matches.slice(0, LABEL_SUGGESTIONS).map(({ classIndex, label }) => [classIndex, label]);
 }
 
 function feedbackControl(item) {
@@ -480,7 +493,7 @@ function feedbackControl(item) {
     highlight(-1);
   };
   const fillList = () => {
-    const matches = suggestLabels(input.value);
+    const matches = suggestLabels(input.value, item.top_k);
     list.replaceChildren(...matches.map(([classIndex, label], i) => {
       const option = document.createElement("li");
       option.id = `${id}-option-${i}`;
