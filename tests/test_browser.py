@@ -63,14 +63,20 @@ def viewport() -> dict[str, int]:
 
 
 @pytest.fixture
-def page(chromium: str, server: RunningServer, viewport: dict[str, int]):
+def touch() -> bool:
+    """Whether the browser is a phone's: a touch screen, no hover, a coarse pointer."""
+    return False
+
+
+@pytest.fixture
+def page(chromium: str, server: RunningServer, viewport: dict[str, int], touch: bool):
     with sync_playwright() as playwright:
         try:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         except PlaywrightError as exc:
             tool_missing(f"Chromium at {chromium} does not start headless: {exc}")
         try:
-            context = browser.new_context(viewport=viewport)
+            context = browser.new_context(viewport=viewport, has_touch=touch, is_mobile=touch)
             context.set_default_timeout(15_000)
             page = context.new_page()
             page.problems = []  # console errors (CSP violations among them) and uncaught exceptions
@@ -263,6 +269,49 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
 
     problems = [text for text in page.problems if "status of 422" not in text]  # the unknown label
     assert problems == [], problems
+
+
+def assert_no_horizontal_scroll(page) -> None:
+    widths = page.evaluate("[document.scrollingElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], widths
+
+
+@pytest.mark.parametrize(("viewport", "touch"), [(PHONE, True)], ids=["phone"])
+def test_on_a_phone(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    assert_no_horizontal_scroll(page)
+    page.get_by_test_id("login").tap()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    assert_no_horizontal_scroll(page)  # the header fits with the session's status and buttons
+
+    # "Tap to choose or take a photo": the phone's picker, which offers the camera for image types.
+    expect(page.get_by_test_id("dropzone-touch")).to_have_text("Tap to choose or take a photo")
+    expect(page.get_by_test_id("dropzone-touch")).to_be_visible()
+    expect(page.get_by_test_id("dropzone-pointer")).to_be_hidden()
+    accept = page.get_by_test_id("file-input").get_attribute("accept") or ""
+    assert "image/jpeg" in accept.split(",")
+    for name in ("top_k", "resize", "crop"):
+        expect(page.get_by_test_id(f"option-{name}")).to_have_attribute("inputmode", "numeric")
+
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+    card = page.locator("[data-testid=result-card][data-filename='cat.jpg']")
+    expect(card).to_have_attribute("data-state", "done")
+    assert_no_horizontal_scroll(page)
+
+    # Correct this: the top-k is offered without popping the keyboard, and no arrow-key hints.
+    card.get_by_test_id("feedback-open").tap()
+    expect(card.get_by_role("option")).to_have_count(5)
+    expect(card.get_by_test_id("feedback-hint")).to_be_hidden()
+    expect(card.get_by_role("combobox", name="Right label")).not_to_be_focused()
+    second = card.get_by_role("option").nth(1)
+    label = (second.text_content() or "").rsplit("#", 1)[0]
+    second.tap()
+    expect(card.get_by_test_id("feedback-given-label")).to_have_text(label)
+    assert_no_horizontal_scroll(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
+    assert page.problems == [], page.problems
 
 
 RAW_CODE = re.compile(r"[a-z]+_[a-z_]+|\b[45]\d\d\b")  # a snake_case error code or an HTTP status

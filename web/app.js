@@ -15,6 +15,7 @@ const THUMB_SIZE = 96;
 const OPTION_FIELDS = ["top_k", "resize", "crop", "interpolation", "color"];
 const NUMBER_FIELDS = new Set(["top_k", "resize", "crop"]);
 const LABEL_SUGGESTIONS = 8;
+const TOUCH = window.matchMedia("(hover: none) and (pointer: coarse)");
 
 const $ = (id) => document.getElementById(id);
 const els = {
@@ -549,7 +550,8 @@ function feedbackControl(item) {
     open.setAttribute("aria-expanded", "true");
     input.value = "";
     fillList();
-    input.focus();
+    // On a touch screen the top-k is offered already: focusing would pop the keyboard for nothing.
+    if (!TOUCH.matches) input.focus();
   });
   control.querySelector(".feedback-cancel").addEventListener("click", () => closeForm());
   input.addEventListener("input", () => {
