@@ -7,6 +7,7 @@ Leaves full-page screenshots in tests/artifacts/ (browser.png, correct-this-<wid
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import sys
@@ -311,6 +312,24 @@ def test_on_a_phone(page, server: RunningServer) -> None:
     assert_no_horizontal_scroll(page)
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
+    assert page.problems == [], page.problems
+
+
+def test_paste_an_image(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    # A paste event carrying an image file, as a browser sends for a copied image or screenshot.
+    page.evaluate("""async (encoded) => {
+        const bytes = Uint8Array.from(atob(encoded), (char) => char.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "pasted.jpg", { type: "image/jpeg" }));
+        document.body.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true }));
+    }""", base64.b64encode((DATA / "cat.jpg").read_bytes()).decode())
+    card = page.locator("[data-testid=result-card][data-filename='pasted.jpg']")
+    expect(card).to_have_attribute("data-state", "done")
+    expect(card.get_by_test_id("result-top-label")).to_have_text(CAT_LABEL)
+    expect(page.get_by_test_id("history-item")).to_have_count(1)
     assert page.problems == [], page.problems
 
 

@@ -720,6 +720,14 @@ els.dropzone.addEventListener("drop", (event) => {
   els.dropzone.classList.remove("dragging");
   classifyAll(event.dataTransfer?.files ?? []);
 });
+// An image pasted anywhere on the page (a screenshot, a copied image) is classified like a dropped one;
+// a paste without image files (text into a field) is left alone.
+document.addEventListener("paste", (event) => {
+  const images = Array.from(event.clipboardData?.files ?? []).filter((file) => file.type.startsWith("image/"));
+  if (!images.length) return;
+  event.preventDefault();
+  classifyAll(images);
+});
 // A file dropped beside the zone must not navigate away from the page.
 window.addEventListener("dragover", (event) => event.preventDefault());
 window.addEventListener("drop", (event) => event.preventDefault());
