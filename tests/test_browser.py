@@ -7,6 +7,7 @@ Leaves full-page screenshots in tests/artifacts/ (browser.png, correct-this-<wid
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import DATA, RunningServer, tool_missing
+from tests.conftest import DATA, TEST_SECRET, RunningServer, make_config, tool_missing
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -63,14 +64,20 @@ def viewport() -> dict[str, int]:
 
 
 @pytest.fixture
-def page(chromium: str, server: RunningServer, viewport: dict[str, int]):
+def touch() -> bool:
+    """Whether the browser is a phone's: a touch screen, no hover, a coarse pointer."""
+    return False
+
+
+@pytest.fixture
+def page(chromium: str, server: RunningServer, viewport: dict[str, int], touch: bool):
     with sync_playwright() as playwright:
         try:
             browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS)
         except PlaywrightError as exc:
             tool_missing(f"Chromium at {chromium} does not start headless: {exc}")
         try:
-            context = browser.new_context(viewport=viewport)
+            context = browser.new_context(viewport=viewport, has_touch=touch, is_mobile=touch)
             context.set_default_timeout(15_000)
             page = context.new_page()
             page.problems = []  # console errors (CSP violations among them) and uncaught exceptions
@@ -183,6 +190,23 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
     history_row = page.locator(f"[data-testid=history-item][data-history-id='{history_id}']")
     expect(history_row.get_by_test_id("feedback-given")).to_be_hidden()
 
+    # "Correct this" offers the card's own top-k first, in its order; typed text ranks the exact name,
+    # then names starting with it, the card's own labels first among equals.
+    own_labels = [text.strip() for text in bars.locator(".bar-label").all_text_contents()]
+    card.get_by_test_id("feedback-open").click()
+    offered = card.get_by_role("option")
+    expect(offered).to_have_count(5)
+    assert [(text.rsplit("#", 1)[0]).strip() for text in offered.all_text_contents()] == own_labels
+    search = card.get_by_role("combobox", name="Right label")
+    for typed, first in [("tiger c", "tiger cat"), ("tiger", "tiger"), (own_labels[2][:2], None)]:
+        # Two letters of the third label: the first of the card's labels starting with them comes first.
+        first = first or next(label for label in own_labels if label.lower().startswith(typed.lower()))
+        search.fill(typed)
+        expect(offered.first).to_have_text(re.compile(f"^{re.escape(first)}#"))
+    search.press("Escape")  # closes the list
+    search.press("Escape")  # closes the form
+    expect(card.get_by_test_id("feedback-form")).to_be_hidden()
+
     # Correct it to the second label, found by searching for its first letters; picked with the
     # mouse on a desktop, with the keyboard on a phone.
     second = bars.nth(1).locator(".bar-label")
@@ -246,6 +270,153 @@ def test_correct_this(page, server: RunningServer, viewport: dict[str, int]) -> 
 
     problems = [text for text in page.problems if "status of 422" not in text]  # the unknown label
     assert problems == [], problems
+
+
+def assert_no_horizontal_scroll(page) -> None:
+    widths = page.evaluate("[document.scrollingElement.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[1], widths
+
+
+@pytest.mark.parametrize(("viewport", "touch"), [(PHONE, True)], ids=["phone"])
+def test_on_a_phone(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    assert_no_horizontal_scroll(page)
+    page.get_by_test_id("login").tap()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    assert_no_horizontal_scroll(page)  # the header fits with the session's status and buttons
+
+    # "Tap to choose or take a photo": the phone's picker, which offers the camera for image types.
+    expect(page.get_by_test_id("dropzone-touch")).to_have_text("Tap to choose or take a photo")
+    expect(page.get_by_test_id("dropzone-touch")).to_be_visible()
+    expect(page.get_by_test_id("dropzone-pointer")).to_be_hidden()
+    accept = page.get_by_test_id("file-input").get_attribute("accept") or ""
+    assert "image/jpeg" in accept.split(",")
+    for name in ("top_k", "resize", "crop"):
+        expect(page.get_by_test_id(f"option-{name}")).to_have_attribute("inputmode", "numeric")
+
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+    card = page.locator("[data-testid=result-card][data-filename='cat.jpg']")
+    expect(card).to_have_attribute("data-state", "done")
+    assert_no_horizontal_scroll(page)
+
+    # Correct this: the top-k is offered without popping the keyboard, and no arrow-key hints.
+    card.get_by_test_id("feedback-open").tap()
+    expect(card.get_by_role("option")).to_have_count(5)
+    expect(card.get_by_test_id("feedback-hint")).to_be_hidden()
+    expect(card.get_by_role("combobox", name="Right label")).not_to_be_focused()
+    second = card.get_by_role("option").nth(1)
+    label = (second.text_content() or "").rsplit("#", 1)[0]
+    second.tap()
+    expect(card.get_by_test_id("feedback-given-label")).to_have_text(label)
+    assert_no_horizontal_scroll(page)
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "phone.png"), full_page=True)
+    assert page.problems == [], page.problems
+
+
+def test_paste_an_image(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    # A paste event carrying an image file, as a browser sends for a copied image or screenshot.
+    page.evaluate("""async (encoded) => {
+        const bytes = Uint8Array.from(atob(encoded), (char) => char.charCodeAt(0));
+        const transfer = new DataTransfer();
+        transfer.items.add(new File([bytes], "pasted.jpg", { type: "image/jpeg" }));
+        document.body.dispatchEvent(new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true }));
+    }""", base64.b64encode((DATA / "cat.jpg").read_bytes()).decode())
+    card = page.locator("[data-testid=result-card][data-filename='pasted.jpg']")
+    expect(card).to_have_attribute("data-state", "done")
+    expect(card.get_by_test_id("result-top-label")).to_have_text(CAT_LABEL)
+    expect(page.get_by_test_id("history-item")).to_have_count(1)
+    assert page.problems == [], page.problems
+
+
+RAW_CODE = re.compile(r"[a-z]+_[a-z_]+|\b[45]\d\d\b")  # a snake_case error code or an HTTP status
+
+
+def assert_for_people(locator) -> None:
+    """The text shown is a sentence for a person: no raw error code or status in it."""
+    text = locator.text_content() or ""
+    assert text and not RAW_CODE.search(text), text
+
+
+def test_api_key_login(page, serve) -> None:
+    from service.auth import api_key_hash
+
+    config = make_config(auth={"secret_keys": [TEST_SECRET], "api_keys": [api_key_hash("s3cret-key")]})
+    with serve(config) as keyed:
+        page.goto(f"{keyed.url}/")
+        expect(page.locator("body[data-ready=true]")).to_have_count(1)
+        expect(page.get_by_label("API key")).to_be_hidden()
+
+        # The server answers the first login with missing_api_key: the field shows, explained.
+        page.get_by_test_id("login").click()
+        key = page.get_by_label("API key")
+        expect(key).to_be_visible()
+        expect(key).to_be_focused()
+        expect(page.get_by_test_id("alert")).to_contain_text("asks for an API key")
+        assert_for_people(page.get_by_test_id("alert"))
+
+        key.fill("wrong-key")
+        key.press("Enter")
+        expect(page.get_by_test_id("alert")).to_contain_text("not valid")
+        assert_for_people(page.get_by_test_id("alert"))
+        expect(key).to_have_attribute("aria-invalid", "true")
+
+        key.fill("s3cret-key")
+        page.get_by_test_id("login").click()
+        expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+        expect(key).to_be_hidden()
+        expect(page.get_by_test_id("alert")).to_be_hidden()
+        assert page.evaluate("sessionStorage.getItem('inference.apiKey')") == "s3cret-key"
+        page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+        expect(page.locator("[data-testid=result-card][data-state=done]")).to_have_count(1)
+
+        # Kept for the tab: after logging out, Log in uses the key without asking again.
+        page.get_by_test_id("logout").click()
+        expect(page.get_by_test_id("login")).to_be_visible()
+        with page.expect_response(lambda response: response.url.endswith("/v1/sessions")) as answer:
+            page.get_by_test_id("login").click()
+        assert answer.value.status == 201
+        assert answer.value.request.headers["authorization"] == "ApiKey s3cret-key"
+        expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+        expect(key).to_be_hidden()
+        problems = [text for text in page.problems if "status of 401" not in text]  # the two refusals
+        assert problems == [], problems
+
+
+def test_errors_are_written_for_people(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+
+    # Not an image: the card says so in words.
+    page.get_by_test_id("file-input").set_input_files(
+        {"name": "notes.jpg", "mimeType": "image/jpeg", "buffer": b"these are not the pixels you want"})
+    card = page.locator("[data-testid=result-card][data-filename='notes.jpg']")
+    expect(card).to_have_attribute("data-state", "error")
+    expect(card.get_by_test_id("result-error")).to_contain_text("not an image")
+    assert_for_people(card.get_by_test_id("result-error"))
+
+    # The server unreachable (the connection fails): said as such, without the browser's words.
+    page.route("**/v1/predict*", lambda route: route.abort("connectionrefused"))
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+    card = page.locator("[data-testid=result-card][data-filename='cat.jpg']")
+    expect(card).to_have_attribute("data-state", "error")
+    expect(card.get_by_test_id("result-error")).to_contain_text("server cannot be reached")
+    assert "fetch" not in (card.get_by_test_id("result-error").text_content() or "").lower()
+    page.unroute("**/v1/predict*")
+
+    # The session ended elsewhere: the page says so, asks to log in again, and is logged out.
+    token = page.evaluate("sessionStorage.getItem('inference.token')")
+    with server.client() as http:
+        assert http.delete("/v1/session", headers={"Authorization": f"Bearer {token}"}).status_code == 204
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "coffee.jpg"))
+    expect(page.get_by_test_id("alert")).to_contain_text("Log in again")
+    assert_for_people(page.get_by_test_id("alert"))
+    expect(page.get_by_test_id("login")).to_be_visible()
 
 
 @pytest.mark.parametrize("missing", ["Chromium", "playwright"])

@@ -1,9 +1,13 @@
 // The web page: log in, classify dropped or chosen images, edit the session's options, browse the
 // history. Plain DOM code on top of the JavaScript client; no framework, no inline script or style.
-import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError } from "/static/client/client.js";
+import {
+  AuthError, Client, ConnectionFailed, NotFoundError, PayloadTooLarge, RateLimited, ServerBusy, ServerError,
+  UnsupportedMediaType, ValidationError,
+} from "/static/client/client.js";
 
 const TOKEN_KEY = "inference.token";
 const SESSION_KEY = "inference.session";
+const API_KEY_KEY = "inference.apiKey";  // the tab's API key, where the server wants one
 const THUMB_PREFIX = "inference.thumb.";
 const HISTORY_PAGE = 10;
 const UPLOAD_CONCURRENCY = 2;
@@ -11,10 +15,12 @@ const THUMB_SIZE = 96;
 const OPTION_FIELDS = ["top_k", "resize", "crop", "interpolation", "color"];
 const NUMBER_FIELDS = new Set(["top_k", "resize", "crop"]);
 const LABEL_SUGGESTIONS = 8;
+const TOUCH = window.matchMedia("(hover: none) and (pointer: coarse)");
 
 const $ = (id) => document.getElementById(id);
 const els = {
-  status: $("session-status"), login: $("login"), logout: $("logout"), erase: $("erase"), alert: $("alert"),
+  sessionForm: $("session"), status: $("session-status"), login: $("login"),
+  apiKeyField: $("api-key-field"), apiKey: $("api-key"), logout: $("logout"), erase: $("erase"), alert: $("alert"),
   dropzone: $("dropzone"), dropHint: $("dropzone-hint"), fileInput: $("file-input"),
   results: $("results"), resultsEmpty: $("results-empty"),
   form: $("options-form"), fieldset: $("options-fieldset"), formError: $("options-error"),
@@ -56,7 +62,24 @@ function showAlert(message) {
   els.alert.hidden = !message;
 }
 
+/** An error in words for a person: what happened and what to do, never a raw code. The server's
+ * own messages for a refused request (a bad option, an unknown label) are already sentences. */
 function describe(error) {
+  if (error instanceof ConnectionFailed) {
+    return error.code === "timeout"
+      ? "The server took too long to answer. Try again in a moment."
+      : "The server cannot be reached. Check your connection, or whether the server is running, and try again.";
+  }
+  if (error instanceof UnsupportedMediaType || error?.code === "invalid_image") {
+    return "This file is not an image the server can read (JPEG, PNG, WebP, GIF or BMP).";
+  }
+  if (error instanceof PayloadTooLarge) return "This file is too large for the server.";
+  if (error instanceof RateLimited) {
+    return error.retryAfter ? `Too many requests: wait ${Math.ceil(error.retryAfter)} s and try again.`
+      : "Too many requests: wait a moment and try again.";
+  }
+  if (error instanceof ServerBusy) return "The server is busy. Try again in a moment.";
+  if (error instanceof ServerError) return "The server ran into a problem. Try again; if it persists, tell its operator.";
   return error?.message || String(error);
 }
 
@@ -67,6 +90,7 @@ function setLoggedIn(session) {
   els.login.hidden = loggedIn;
   els.logout.hidden = !loggedIn;
   els.erase.hidden = !loggedIn;
+  if (loggedIn) els.apiKeyField.hidden = true;
   els.fileInput.disabled = !loggedIn;
   els.dropzone.classList.toggle("disabled", !loggedIn);
   els.fieldset.disabled = !loggedIn;
@@ -98,25 +122,43 @@ function forgetSession() {
 /** A request failed because the session is gone: say so and go back to the logged-out state. */
 function handleAuthError(error) {
   if (!(error instanceof AuthError)) return false;
-  const known = { session_revoked: "You were logged out", token_expired: "Your session expired",
+  const known = { session_revoked: "You were logged out of this session", token_expired: "Your session expired",
     session_not_found: "Your session expired" };
-  showAlert(`${known[error.code] ?? "Your session is no longer valid"} (${error.code}). Log in again.`);
+  showAlert(`${known[error.code] ?? "Your session is no longer valid"}. Log in again to go on.`);
   for (const key of thumbKeys()) sessionStorage.removeItem(key);
   forgetSession();
   return true;
 }
 
-async function login() {
+const API_KEY_REFUSALS = {
+  missing_api_key: "This server asks for an API key. Enter it and log in.",
+  invalid_api_key: "That API key is not valid. Check it and log in again.",
+};
+
+async function login(event) {
+  event?.preventDefault();
   els.login.disabled = true;
   showAlert("");
+  const apiKey = els.apiKey.value.trim() || sessionStorage.getItem(API_KEY_KEY) || undefined;
   try {
-    const result = await client.login();
+    const result = await client.login({ apiKey });
+    if (apiKey) sessionStorage.setItem(API_KEY_KEY, apiKey);
+    els.apiKey.value = "";
     sessionStorage.setItem(TOKEN_KEY, result.token);
     sessionStorage.setItem(SESSION_KEY, result.session_id);
     state.sessionId = result.session_id;
     await enterSession(await client.session());
   } catch (error) {
-    showAlert(`Could not log in: ${describe(error)}`);
+    if (error instanceof AuthError && error.code in API_KEY_REFUSALS) {
+      sessionStorage.removeItem(API_KEY_KEY);
+      els.apiKeyField.hidden = false;
+      els.apiKey.setAttribute("aria-invalid", String(error.code === "invalid_api_key"));
+      showAlert(API_KEY_REFUSALS[error.code]);
+      els.apiKey.focus();
+      els.apiKey.select();
+    } else {
+      showAlert(`Could not log in: ${describe(error)}`);
+    }
   } finally {
     els.login.disabled = false;
   }
@@ -227,9 +269,7 @@ function failCard(card, error) {
   card.querySelector(".result-pending").remove();
   card.querySelector(".result-label").textContent = "Not classified";
   const message = card.querySelector(".result-error");
-  message.textContent = error instanceof UnsupportedMediaType
-    ? "This file is not an image the server takes (JPEG, PNG, WebP, GIF or BMP)."
-    : describe(error);
+  message.textContent = describe(error);
   message.hidden = false;
 }
 
@@ -387,19 +427,32 @@ function showFeedback(control, feedback) {
   control.dataset.feedback = feedback ? String(feedback.class_index) : "";
 }
 
-/** The label suggestions for `text`: names starting with it first, then names containing it. */
-function suggestLabels(text) {
+/** How well a label matches the typed text (lower is better), or null: the whole name or its class
+ * number, then names starting with the text, then a word of the name starting with it, then anywhere. */
+function matchRank(query, classIndex, label) {
+  const name = label.toLowerCase();
+  if (name === query || String(classIndex) === query) return 0;
+  if (name.startsWith(query)) return 1;
+  if (name.split(/[\s,'-]+/).some((word) => word.startsWith(query))) return 2;
+  return name.includes(query) ? 3 : null;
+}
+
+/** The label suggestions for `text`, given the prediction's own top-k (`ownScores`, best first): with
+ * nothing typed, those; else the matches by rank, the prediction's own labels first within a rank
+ * (so "tiger c" offers "tiger cat" first, and "tiger" the exact "tiger" first). */
+function suggestLabels(text, ownScores) {
+  const own = (ownScores ?? []).map((score) => [score.class_index, score.label]);
   const query = text.trim().toLowerCase();
-  if (!query) return [];
-  const starts = [];
-  const contains = [];
-  for (const [classIndex, label] of knownLabels) {
-    const name = label.toLowerCase();
-    if (name.startsWith(query) || String(classIndex) === query) starts.push([classIndex, label]);
-    else if (name.includes(query)) contains.push([classIndex, label]);
+  if (!query) return own.slice(0, LABEL_SUGGESTIONS);
+  const ownPlace = new Map(own.map(([classIndex], place) => [classIndex, place]));
+  const candidates = new Map([...knownLabels, ...own]);
+  const matches = [];
+  for (const [classIndex, label] of candidates) {
+    const rank = matchRank(query, classIndex, label);
+    if (rank !== null) matches.push({ classIndex, label, rank, place: ownPlace.get(classIndex) ?? Infinity });
   }
-  const byName = (a, b) => a[1].localeCompare(b[1]);
-  return [...starts.sort(byName), ...contains.sort(byName)].slice(0, LABEL_SUGGESTIONS);
+  matches.sort((a, b) => a.rank - b.rank || a.place - b.place || a.label.localeCompare(b.label));
+  return matches.slice(0, LABEL_SUGGESTIONS).map(({ classIndex, label }) => [classIndex, label]);
 }
 
 function feedbackControl(item) {
@@ -441,7 +494,7 @@ function feedbackControl(item) {
     highlight(-1);
   };
   const fillList = () => {
-    const matches = suggestLabels(input.value);
+    const matches = suggestLabels(input.value, item.top_k);
     list.replaceChildren(...matches.map(([classIndex, label], i) => {
       const option = document.createElement("li");
       option.id = `${id}-option-${i}`;
@@ -497,7 +550,8 @@ function feedbackControl(item) {
     open.setAttribute("aria-expanded", "true");
     input.value = "";
     fillList();
-    input.focus();
+    // On a touch screen the top-k is offered already: focusing would pop the keyboard for nothing.
+    if (!TOUCH.matches) input.focus();
   });
   control.querySelector(".feedback-cancel").addEventListener("click", () => closeForm());
   input.addEventListener("input", () => {
@@ -637,7 +691,7 @@ async function saveOptions(event) {
 
 // -- wiring --------------------------------------------------------------------------------------
 
-els.login.addEventListener("click", login);
+els.sessionForm.addEventListener("submit", login);
 els.logout.addEventListener("click", () => logout());
 els.erase.addEventListener("click", () => logout({ erase: true }));
 els.form.addEventListener("submit", saveOptions);
@@ -666,6 +720,14 @@ els.dropzone.addEventListener("drop", (event) => {
   els.dropzone.classList.remove("dragging");
   classifyAll(event.dataTransfer?.files ?? []);
 });
+// An image pasted anywhere on the page (a screenshot, a copied image) is classified like a dropped one;
+// a paste without image files (text into a field) is left alone.
+document.addEventListener("paste", (event) => {
+  const images = Array.from(event.clipboardData?.files ?? []).filter((file) => file.type.startsWith("image/"));
+  if (!images.length) return;
+  event.preventDefault();
+  classifyAll(images);
+});
 // A file dropped beside the zone must not navigate away from the page.
 window.addEventListener("dragover", (event) => event.preventDefault());
 window.addEventListener("drop", (event) => event.preventDefault());
@@ -677,7 +739,7 @@ async function start() {
     try {
       await enterSession(await client.session());
     } catch (error) {
-      if (!handleAuthError(error)) showAlert(`Could not reach the server: ${describe(error)}`);
+      if (!handleAuthError(error)) showAlert(describe(error));
     }
   }
   document.body.dataset.ready = "true";
