@@ -19,6 +19,16 @@ CONTENT_SECURITY_POLICY = (
 class WebAssetHandler(tornado.web.StaticFileHandler):
     route_name = "static"
 
+    def initialize(self, path: str, default_filename: str | None = None,
+                   allowed_symlink_directory: str | list[str] | None = None, page: str | None = None) -> None:
+        super().initialize(path, default_filename, allowed_symlink_directory)
+        # A route for one page of `path` at its own URL (/docs -> docs.html), without the redirect to
+        # a trailing slash that `default_filename` makes.
+        self.page = page
+
+    def parse_url_path(self, url_path: str) -> str:
+        return self.page if self.page is not None else super().parse_url_path(url_path)
+
     def set_default_headers(self) -> None:
         self.set_header("Content-Security-Policy", CONTENT_SECURITY_POLICY)
         self.set_header("X-Content-Type-Options", "nosniff")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from collections.abc import Callable
@@ -36,6 +37,15 @@ from service.use_cases import UseCases
 ROOT = Path(__file__).resolve().parent.parent
 WEB_DIR = ROOT / "web"
 JS_CLIENT_DIR = ROOT / "clients" / "js"
+
+
+def swagger_ui_dir() -> Path:
+    """Swagger UI's files, from the swagger-ui-py package (found, not imported: its __init__ loads its
+    framework adapters), for the API docs at /docs."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the API docs need the package swagger-ui-py: pip install swagger-ui-py")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
 
 ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/v1/sessions", LoginHandler),
@@ -78,6 +88,9 @@ def make_app(config: Config, use_cases: UseCases) -> tornado.web.Application:
     handlers read (built by the composition root, server/server.py)."""
     web_routes: list[Any] = [
         (r"/()", WebAssetHandler, {"path": str(WEB_DIR), "default_filename": "index.html"}),
+        # The interactive API docs: web/docs.html runs Swagger UI (served here, no CDN) on /openapi.json.
+        (r"/docs()", WebAssetHandler, {"path": str(WEB_DIR), "page": "docs.html"}),
+        (r"/static/swagger-ui/(.*)", WebAssetHandler, {"path": str(swagger_ui_dir())}),
         (r"/static/client/(.*)", WebAssetHandler, {"path": str(JS_CLIENT_DIR)}),
         (r"/static/(.*)", WebAssetHandler, {"path": str(WEB_DIR)}),
     ]

@@ -2,7 +2,8 @@
 reload, see the history; correct a prediction at a desktop's and at a phone's width. Where Chromium
 or Playwright is missing: skipped, saying what to install, or failed under CI=true.
 
-Leaves full-page screenshots in tests/artifacts/ (browser.png, correct-this-<width>.png).
+Leaves full-page screenshots in tests/artifacts/ (browser.png, correct-this-<width>.png,
+api-docs.png).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from handlers.web import CONTENT_SECURITY_POLICY
 from tests.conftest import DATA, TEST_SECRET, RunningServer, make_config, tool_missing
 
 CHROMIUM = Path("/usr/bin/chromium")
@@ -434,3 +436,36 @@ def test_a_missing_browser_skips_but_fails_under_ci(monkeypatch: pytest.MonkeyPa
     monkeypatch.delenv("CI")
     with pytest.raises(pytest.skip.Exception, match=f"needs .*{missing}"):
         require_browser()
+
+
+def test_api_docs_page_is_html_with_the_page_csp(server: RunningServer) -> None:
+    with server.client() as http:
+        docs = http.get("/docs")
+        assert docs.status_code == 200 and "text/html" in docs.headers["Content-Type"]
+        assert docs.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+        assert "/static/swagger-ui/swagger-ui-bundle.js" in docs.text and "<script>" not in docs.text
+        bundle = http.get("/static/swagger-ui/swagger-ui-bundle.js")
+        assert bundle.status_code == 200 and "javascript" in bundle.headers["Content-Type"]
+        assert bundle.headers["Content-Security-Policy"] == CONTENT_SECURITY_POLICY
+
+
+def test_api_docs_render_the_operations_from_the_server_alone(page, server: RunningServer) -> None:
+    requested: list[str] = []
+    page.on("request", lambda request: requested.append(request.url))
+    page.goto(f"{server.url}/docs")
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    predict = page.locator(".opblock-post", has=page.locator("[data-path='/v1/predict']"))
+    expect(predict).to_have_count(1)
+    expect(predict.locator(".opblock-summary-method")).to_have_text("POST")
+    expect(page.locator(".opblock-get [data-path='/v1/history']")).to_have_count(1)
+    expect(page.locator(".information-container .title")).to_contain_text("Session-aware inference server")
+    # Opening an operation shows its parameters and responses (Swagger UI at work, not a static list).
+    predict.locator(".opblock-summary").first.click()
+    expect(predict.locator(".responses-wrapper")).to_be_visible()
+    origin = server.url.rstrip("/")
+    strays = [url for url in requested if not url.startswith(f"{origin}/") and not url.startswith("data:")]
+    assert strays == [], strays
+    assert f"{origin}/openapi.json" in requested
+    assert page.problems == [], page.problems  # a CSP violation is a console error
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "api-docs.png"))
