@@ -469,3 +469,80 @@ def test_api_docs_render_the_operations_from_the_server_alone(page, server: Runn
     assert page.problems == [], page.problems  # a CSP violation is a console error
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "api-docs.png"))
+
+
+def bar_texts(locator) -> list[tuple[str, str]]:
+    """(label, percentage) of each score bar in `locator`."""
+    rows = locator.get_by_test_id("bar")
+    return [((rows.nth(i).locator(".bar-label").text_content() or "").strip(),
+             rows.nth(i).locator(".bar-value").text_content() or "") for i in range(rows.count())]
+
+
+def test_the_last_results_survive_a_reload(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    for name in ["cat.jpg", "coffee.jpg"]:
+        page.get_by_test_id("file-input").set_input_files(str(DATA / name))
+        expect(page.locator(f"[data-testid=result-card][data-filename='{name}']")).to_have_attribute(
+            "data-state", "done")
+    cards = page.get_by_test_id("result-card")
+    before = [(cards.nth(i).get_attribute("data-filename"), bar_texts(cards.nth(i))) for i in range(2)]
+    cat = page.locator("[data-testid=result-card][data-filename='cat.jpg']")
+    # A correction made on the card is kept with it.
+    second_label = before[1][1][1][0]
+    cat.get_by_test_id("feedback-open").click()
+    cat.get_by_role("option").nth(1).click()
+    expect(cat.get_by_test_id("feedback-given-label")).to_have_text(second_label)
+
+    page.reload()
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    expect(cards).to_have_count(2)
+    expect(page.locator("[data-testid=result-card][data-restored=true]")).to_have_count(2)
+    assert [(cards.nth(i).get_attribute("data-filename"), bar_texts(cards.nth(i))) for i in range(2)] == before
+    expect(cat.get_by_test_id("result-top-label")).to_have_text(CAT_LABEL)
+    expect(cat.get_by_test_id("feedback-given-label")).to_have_text(second_label)
+    # The image is the history thumbnail kept in the tab, not the upload.
+    assert (cat.get_by_test_id("result-image").get_attribute("src") or "").startswith("data:image/jpeg")
+    expect(page.get_by_test_id("results").locator(".empty")).to_be_hidden()
+
+    # Logging out forgets them: a new session starts with no cards, even after a reload.
+    page.get_by_test_id("logout").click()
+    expect(cards).to_have_count(0)
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    page.reload()
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    expect(cards).to_have_count(0)
+    assert page.problems == [], page.problems
+
+
+def test_a_history_item_opens_to_its_bars(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+    card = page.locator("[data-testid=result-card][data-filename='cat.jpg']")
+    expect(card).to_have_attribute("data-state", "done")
+    card_bars = bar_texts(card)
+    history_id = card.get_attribute("data-history-id")
+
+    # After a reload the row comes from GET /v1/history; opening it shows the card's bars.
+    page.evaluate("() => { for (const key of Object.keys(sessionStorage)) "
+                  "if (key.startsWith('inference.results.')) sessionStorage.removeItem(key); }")
+    page.reload()
+    row = page.locator(f"[data-testid=history-item][data-history-id='{history_id}']")
+    opener = row.get_by_test_id("history-open")
+    expect(opener).to_have_attribute("aria-expanded", "false")
+    expect(row.get_by_test_id("history-bars")).to_be_hidden()
+    opener.click()
+    expect(opener).to_have_attribute("aria-expanded", "true")
+    bars = row.get_by_test_id("history-bars")
+    expect(bars).to_be_visible()
+    expect(bars.get_by_test_id("bar")).to_have_count(5)
+    assert bar_texts(bars) == card_bars
+    opener.press("Enter")  # a button: the keyboard closes it too
+    expect(opener).to_have_attribute("aria-expanded", "false")
+    expect(bars).to_be_hidden()
+    assert page.problems == [], page.problems

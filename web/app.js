@@ -9,6 +9,10 @@ const TOKEN_KEY = "inference.token";
 const SESSION_KEY = "inference.session";
 const API_KEY_KEY = "inference.apiKey";  // the tab's API key, where the server wants one
 const THUMB_PREFIX = "inference.thumb.";
+// The last results, kept for a reload: each card's data (file name, labels, scores, options, timing,
+// correction), not the image; a restored card shows the history thumbnail (96 px) in its place.
+const RESULTS_PREFIX = "inference.results.";
+const KEPT_RESULTS = 12;
 const HISTORY_PAGE = 10;
 const UPLOAD_CONCURRENCY = 2;
 const THUMB_SIZE = 96;
@@ -108,6 +112,7 @@ function setLoggedIn(session) {
 }
 
 function forgetSession() {
+  if (state.sessionId) sessionStorage.removeItem(resultsKey());
   client.token = null;
   sessionStorage.removeItem(TOKEN_KEY);
   sessionStorage.removeItem(SESSION_KEY);
@@ -190,6 +195,7 @@ async function enterSession(session) {
   setLoggedIn(session);
   fillOptions(session.options);
   setCount(session.predictions);
+  if (!els.results.querySelector(".result")) restoreResults();
   loadLabels();  // in the background: the page works without it
   await loadHistory({ reset: true });
 }
@@ -230,24 +236,34 @@ function renderBars(list, scores) {
   }));
 }
 
-function newCard(file) {
+/** A result card for `filename`, showing `imageUrl` (or a placeholder frame), on top of the results. */
+function cardFrame(filename, imageUrl) {
   const card = clone("result-template");
-  const url = URL.createObjectURL(file);
-  objectUrls.push(url);
   const img = card.querySelector("img");
-  img.addEventListener("error", () => {
+  const placeholder = () => {
     img.hidden = true; // not an image this browser can show: the frame stays as a placeholder
     img.parentElement.classList.add("placeholder");
-  }, { once: true });
-  img.src = url;
-  img.alt = file.name;
-  card.dataset.filename = file.name;
+  };
+  if (imageUrl) {
+    img.addEventListener("error", placeholder, { once: true });
+    img.src = imageUrl;
+    img.alt = filename;
+  } else {
+    placeholder();
+  }
+  card.dataset.filename = filename;
   card.dataset.state = "pending";
-  card.querySelector(".result-file").textContent = file.name;
-  card.querySelector(".result-label").textContent = file.name;
+  card.querySelector(".result-file").textContent = filename;
+  card.querySelector(".result-label").textContent = filename;
   els.resultsEmpty.hidden = true;
   els.results.prepend(card);
   return card;
+}
+
+function newCard(file) {
+  const url = URL.createObjectURL(file);
+  objectUrls.push(url);
+  return cardFrame(file.name, url);
 }
 
 function fillCard(card, result) {
@@ -279,6 +295,7 @@ async function classify(file) {
   try {
     const result = await client.predict(file);
     fillCard(card, result);
+    rememberResult(result, file.name);
     const dataUrl = await thumbnail;
     if (dataUrl) saveThumb(result.id, dataUrl);
     prependHistory(result);
@@ -301,6 +318,46 @@ async function classifyAll(fileList) {
     while (next < files.length && client.token) await classify(files[next++]);
   };
   await Promise.all(Array.from({ length: Math.min(UPLOAD_CONCURRENCY, files.length) }, worker));
+}
+
+// -- the last results, kept in sessionStorage for a reload -----------------------------------------
+
+const resultsKey = () => `${RESULTS_PREFIX}${state.sessionId}`;
+
+function rememberedResults() {
+  try {
+    const kept = JSON.parse(sessionStorage.getItem(resultsKey()) ?? "[]");
+    return Array.isArray(kept) ? kept : [];
+  } catch {
+    return [];
+  }
+}
+
+function keepResults(results) {
+  try {
+    sessionStorage.setItem(resultsKey(), JSON.stringify(results.slice(0, KEPT_RESULTS)));
+  } catch {
+    // Storage full (thumbnails take most of it): the cards are not kept across a reload.
+  }
+}
+
+function rememberResult(result, filename) {
+  const { id, label, top_k: topK, options, timing_ms: timing } = result;
+  const kept = { id, filename, label, top_k: topK, options, timing_ms: timing, feedback: result.feedback ?? null };
+  keepResults([kept, ...rememberedResults().filter((each) => each.id !== id)]);
+}
+
+function rememberFeedback(historyId, feedback) {
+  keepResults(rememberedResults().map((each) => (each.id === historyId ? { ...each, feedback } : each)));
+}
+
+/** The kept cards, oldest first so that the newest ends on top, as they were before the reload. */
+function restoreResults() {
+  for (const kept of rememberedResults().reverse()) {
+    const card = cardFrame(kept.filename, sessionStorage.getItem(thumbKey(kept.id)));
+    card.dataset.restored = "true";
+    fillCard(card, kept);
+  }
 }
 
 // -- thumbnails (made here from the upload, kept in sessionStorage by history id) ---------------
@@ -364,8 +421,20 @@ function historyRow(item) {
   row.querySelector(".history-meta").textContent =
     `${timeOf(item.created_at)} \u00b7 top ${item.options.top_k}`;
   row.querySelector(".history-score").textContent = best ? percent(best.score) : "";
-  row.querySelector(".history-text").title =
-    item.top_k.map((score) => `${score.label}: ${percent(score.score)}`).join("\n");
+  const open = row.querySelector(".history-open");
+  open.title = item.top_k.map((score) => `${score.label}: ${percent(score.score)}`).join("\n");
+  const bars = row.querySelector(".history-bars");
+  bars.id = `history-bars-${++controlCount}`;
+  open.setAttribute("aria-controls", bars.id);
+  // Opening the item shows its top-k as bars, as its result card did.
+  open.addEventListener("click", () => {
+    const opening = bars.hidden;
+    if (opening) renderBars(bars, item.top_k);
+    else bars.replaceChildren();
+    bars.hidden = !opening;
+    open.setAttribute("aria-expanded", String(opening));
+    row.classList.toggle("open", opening);
+  });
   learnLabels(item.top_k);
   row.querySelector(".feedback-slot").replaceWith(feedbackControl(item));
   return row;
@@ -530,6 +599,7 @@ function feedbackControl(item) {
       const updated = await client.feedback(item.id, label);
       learnLabels([updated.feedback]);
       for (const each of feedbackControls(item.id)) showFeedback(each, updated.feedback);
+      rememberFeedback(item.id, updated.feedback);
       closeForm({ focus: false });
       status.textContent = `Correction saved: ${updated.feedback.label}.`;
       remove.focus();
@@ -600,6 +670,7 @@ function feedbackControl(item) {
     try {
       await client.removeFeedback(item.id);
       for (const each of feedbackControls(item.id)) showFeedback(each, null);
+      rememberFeedback(item.id, null);
       status.textContent = "Correction removed.";
       open.focus();
     } catch (caught) {
