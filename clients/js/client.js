@@ -1,7 +1,7 @@
 // JavaScript client for the session-aware inference server.
 //
-// One ES module, no build step and no dependencies: it uses only fetch, Blob, URL and
-// AbortController, so the same file runs in browsers and in Node 18+.
+// One ES module, no build step and no dependencies: it uses only fetch, Blob, URL, AbortController
+// and Web Crypto, so the same file runs in browsers and in Node 20+ (predictStream: WebSocket).
 //
 //   import { Client } from "@session-inference/client";
 //   const client = new Client("http://127.0.0.1:8000");

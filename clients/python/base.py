@@ -12,10 +12,13 @@ from clients.python.errors import AuthError
 
 
 def _version() -> str:
-    try:  # the project's one version string, pyproject's, as installed
-        return metadata.version("session-inference-server")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
+    # The client installed on its own (clients/python/pyproject.toml), else inside the server's install.
+    for distribution in ("session-inference-client", "session-inference-server"):
+        try:
+            return metadata.version(distribution)
+        except metadata.PackageNotFoundError:
+            pass
+    return "0+unknown"
 
 
 USER_AGENT = f"inference-client-python/{_version()}"
