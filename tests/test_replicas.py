@@ -28,7 +28,9 @@ from tests.test_cli import ROOT, server_env
 
 @contextmanager
 def server_process(tmp_path: Path, *args: str, ready_lines: int = 1, **env: str) -> Iterator[tuple[str, list[str]]]:
-    """`python -m server --port 0 ARGS`; yields its URL and the ready lines it logged."""
+    """`python -m server --port 0 ARGS`; yields its URL and, for each of `ready_lines` serving processes, its
+    ready line: with several, the supervisor says ready once for all (`pids=a,b`), read here as one line per
+    process, ending in that process's `pid=`."""
     process = subprocess.Popen([sys.executable, "-m", "server", "--port", "0", *args], cwd=ROOT,
                                env=server_env(tmp_path, **env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                text=True)
@@ -40,7 +42,8 @@ def server_process(tmp_path: Path, *args: str, ready_lines: int = 1, **env: str)
         if not line:
             break
         if "ready on " in line:
-            ready.append(line)
+            pids = re.search(r" pids=([\d,]+)", line)
+            ready.extend([f"{line.rstrip()} pid={pid}" for pid in pids.group(1).split(",")] if pids else [line])
     try:
         assert len(ready) == ready_lines, f"got {len(ready)} ready lines"
         threading.Thread(target=process.stdout.read, daemon=True).start()
