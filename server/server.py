@@ -187,7 +187,7 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    # "ready" means ready: not said until the store answers (server.cli has said once if it did not).
+    # "ready" means ready: not said until the store answers (server.startup has said once if it did not).
     if not await _store_answers(store, stop):
         return await _shut_down(server, runner, store, config)
     details = (f"model={served.model.name} version={served.model.version} runtime={served.backend.name} "
