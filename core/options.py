@@ -23,6 +23,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # A model version's name: what `PUT /v1/models/<name>/versions/<version>` accepts and `model_version` pins.
 MODEL_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# A model's name (a model repository's folder, the `model` option, the URL's <name>): the same form.
+MODEL_NAME = MODEL_VERSION
+# The options each model gives its own defaults for (a model repository's [preprocess]); choosing a model
+# starts them from its defaults (service.models).
+PREPROCESSING = ("resize", "crop", "interpolation", "mean", "std")
 # The integer options' inclusive ranges, stated only here: the OpenAPI document, the Open Inference
 # Protocol's preprocessed tensor and the ONNX export read them. The crop is the side of the square the
 # model sees, so CROP_RANGE is also the height and width range that the exported model accepts.
@@ -40,6 +45,8 @@ class Options:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     top_k: int = 5
+    # The model the session runs (GET /v1/models lists them); None: the server's default model.
+    model: str | None = None
     # Pins the session to one model version; None follows the version activated on the server.
     model_version: str | None = None
 
@@ -50,6 +57,8 @@ class Options:
             "resize": self.resize, "crop": self.crop, "interpolation": self.interpolation, "color": self.color,
             "mean": list(self.mean), "std": list(self.std), "top_k": self.top_k,
         }
+        if self.model is not None:  # sessions on the default model read as before models could be chosen
+            data["model"] = self.model
         if self.model_version is not None:  # unpinned sessions read as before versions existed
             data["model_version"] = self.model_version
         return data
@@ -73,8 +82,8 @@ class Options:
         return self.merged({name: _parse_text(name, text) for name, text in query.items()})
 
     def to_redis(self) -> dict[str, str]:
-        # model_version is always written, so that unpinning (null) overwrites a stored pin.
-        values = {**self.to_dict(), "model_version": self.model_version}
+        # model and model_version are always written, so that null overwrites a stored choice.
+        values = {**self.to_dict(), "model": self.model, "model_version": self.model_version}
         return {name: json.dumps(value) for name, value in values.items()}
 
     @staticmethod
@@ -89,7 +98,7 @@ class Options:
 # What each option accepts beyond its type, by name: validation below and describe_fields() read these.
 INT_RANGES = {"resize": RESIZE_RANGE, "crop": CROP_RANGE, "top_k": TOP_K_RANGE}
 CHOICES = {"interpolation": INTERPOLATIONS, "color": COLORS}
-PATTERNS = {"model_version": MODEL_VERSION}
+PATTERNS = {"model": MODEL_NAME, "model_version": MODEL_VERSION}
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,13 @@ def describe_fields(cls: type = Options, *, ranges: Mapping[str, tuple[int, int]
 
 
 def _check_field(name: str, value: Any) -> Any:
+    if name == "model":
+        if value is None or value == "":
+            return None
+        if not isinstance(value, str) or not MODEL_NAME.match(value):
+            raise BadOptions(name, "model must be null or a model name: 1 to 64 letters, digits, '.', '_' or '-', "
+                                   "starting with a letter or digit (GET /v1/models lists them).")
+        return value
     if name == "model_version":
         if value is None or value == "":
             return None

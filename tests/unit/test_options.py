@@ -21,9 +21,10 @@ def test_defaults_and_round_trip_through_redis_fields() -> None:
 
 
 def test_to_dict_names_every_field_as_json_values() -> None:
-    pinned = Options(model_version="v2", top_k=3)
+    pinned = Options(model="products", model_version="v2", top_k=3)
     assert pinned.to_dict() == {**dataclasses.asdict(pinned), "mean": list(pinned.mean), "std": list(pinned.std)}
     assert "model_version" not in Options().to_dict()  # unpinned sessions read as before versions existed
+    assert "model" not in Options().to_dict()  # sessions on the default model read as before models existed
 
 
 @pytest.mark.parametrize("changes, field", [
@@ -31,7 +32,8 @@ def test_to_dict_names_every_field_as_json_values() -> None:
     ({"resize": True}, "resize"), ({"crop": 257}, "crop"), ({"top_k": 21}, "top_k"),
     ({"interpolation": "area"}, "interpolation"), ({"color": "bgr"}, "color"),
     ({"mean": [0.1, 0.2]}, "mean"), ({"mean": "0.5"}, "mean"), ({"std": [1, 1, -1]}, "std"),
-    ({"mean": [float("nan"), 0, 0]}, "mean"), ({"nope": 1}, "nope"),
+    ({"mean": [float("nan"), 0, 0]}, "mean"), ({"nope": 1}, "nope"), ({"model": "../x"}, "model"),
+    ({"model": 3}, "model"),
 ])
 def test_bad_values_name_their_field(changes: dict, field: str) -> None:
     with pytest.raises(BadOptions) as caught:
