@@ -173,6 +173,14 @@ class ModelsConfig:
     max_upload_bytes: int = 512 * 1024 * 1024  # one state_dict file
     # The body timeout of an authenticated weights upload (http.body_timeout_seconds for everything else).
     upload_timeout_seconds: float = 600.0
+    # A model repository: one folder per model, with its model.toml (inference.repository). Empty: only the
+    # model `[model]` names is served.
+    repository_dir: str = ""
+    # The model a session runs unless it chooses one (the `model` option). Empty: the one `[model]` names.
+    default: str = ""
+    # Model versions each serving process keeps loaded at most (each on its runtime, loaded on first use);
+    # past it the one used least recently is unloaded, to load again when a request needs it.
+    max_loaded: int = 4
 
 
 @dataclass
@@ -418,6 +426,7 @@ def validate(config: Config) -> None:
          "`python -m server hash-key --admin`."),
         (config.models.max_upload_bytes >= 1024, "models.max_upload_bytes must be at least 1024."),
         (config.models.upload_timeout_seconds > 0, "models.upload_timeout_seconds must be positive."),
+        (1 <= config.models.max_loaded <= 256, "models.max_loaded must be between 1 and 256."),
         (all(len(k) >= 16 for k in config.auth.secret_keys),
          "auth.secret_keys entries must be at least 16 characters long."),
         (config.sessions.ttl_seconds >= 1, "sessions.ttl_seconds must be at least 1."),
