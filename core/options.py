@@ -79,7 +79,12 @@ class Options:
 
     def with_query(self, query: Mapping[str, str]) -> Options:
         """Apply per-request overrides given as query-string text (`mean=0.5,0.5,0.5`)."""
-        return self.merged({name: _parse_text(name, text) for name, text in query.items()})
+        return self.merged(Options.parse_query(query))
+
+    @staticmethod
+    def parse_query(query: Mapping[str, str]) -> dict[str, Any]:
+        """Per-request overrides given as query-string text, as the values `merged` takes."""
+        return {name: _parse_text(name, text) for name, text in query.items()}
 
     def to_redis(self) -> dict[str, str]:
         # model and model_version are always written, so that null overwrites a stored choice.

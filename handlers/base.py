@@ -31,13 +31,13 @@ from core.errors import BadRequest, Forbidden, NotFound, ServiceError, Unsupport
 from core.session import IDEMPOTENCY_KEY, Session
 from service.auth import Authenticator, Policy, Principal
 from service.capture import Captures
-from service.catalogue import ModelCatalogue
 from service.classify import Classifier
 from service.client_address import Network, resolve
 from service.dataplane import DataPlane
 from service.export import FeedbackExport
 from service.feedback import FeedbackService
 from service.history import History
+from service.models import Models
 from service.preprocess import Preprocessor
 from service.sessions import SessionService
 from service.use_cases import InFlight, UseCases
@@ -166,8 +166,8 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.use_cases.feedback_export
 
     @property
-    def model_versions(self) -> ModelCatalogue:
-        return self.use_cases.model_versions
+    def models(self) -> Models:
+        return self.use_cases.models
 
     @property
     def in_flight(self) -> InFlight:

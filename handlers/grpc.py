@@ -145,7 +145,7 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
         version = request.model_version or None
         await self.dataplane.check_model(request.model_name, version)
         batch_size()
-        result = await self.dataplane.infer(principal.session, parsed[0], version)
+        result = await self.dataplane.infer(principal.session, parsed[0], request.model_name, version)
         return pb.ModelInferResponse(
             model_name=result.model_name,
             model_version=result.model_version,

@@ -1,8 +1,9 @@
-"""Model versions: training jobs publish weights, an operator activates them, anyone logged in lists them.
+"""Models and their versions: training jobs publish weights, an operator activates them, anyone logged in
+lists them.
 
-    GET    /v1/models                                      versions, hashes, sizes, activation times
+    GET    /v1/models                                      every model: its manifest, versions, canary
     GET    /v1/models/<name>/labels                        the class labels (what feedback's label takes)
-    PUT    /v1/models/<name>/versions/<version>            upload a state_dict (admin)
+    PUT    /v1/models/<name>/versions/<version>            upload a state_dict, ONNX or TorchScript file (admin)
     DELETE /v1/models/<name>/versions/<version>            remove a version that is not active (admin)
     POST   /v1/models/<name>/versions/<version>:activate   serve it from now on, on every replica (admin);
                                                            {"traffic_percent": N < 100}: to N% of sessions
@@ -27,6 +28,7 @@ from handlers.base import BaseHandler
 from handlers.uploads import UploadHandler
 from service.auth import Policy
 from service.canary import parse_traffic_percent
+from service.catalogue import ModelCatalogue
 
 _SHA256_HEX = re.compile(r"^[0-9a-fA-F]{64}$")
 CHECKSUM_HEADER = "X-Content-SHA256"
@@ -38,21 +40,31 @@ class ModelsHandler(BaseHandler):
     auth_policy = Policy.SESSION_OR_ADMIN
 
     async def get(self) -> None:
-        self.write_json(await self.model_versions.listing())
+        self.write_json(await self.models.listing())
 
 
 class LabelsHandler(BaseHandler):
-    """GET /v1/models/<name>/labels: the 1,000 names a correction can use, for a client's label search.
+    """GET /v1/models/<name>/labels: the names a correction can use, for a client's label search.
     Tornado's ETag answers a repeat with 304."""
 
     auth_policy = Policy.SESSION_OR_ADMIN
 
     async def get(self, name: str) -> None:
-        self.write_json(self.model_versions.labels(name))
+        self.write_json(self.models.catalogue(name).labels())
+
+
+class VersionRoute(BaseHandler):
+    """A route that names a model and one of its versions."""
+
+    def catalogue(self, name: str, version: str) -> ModelCatalogue:
+        """The model's catalogue (404 `model_not_found`), once the version's name is checked (400)."""
+        catalogue = self.models.catalogue(name)
+        catalogue.check_version(version)
+        return catalogue
 
 
 @tornado.web.stream_request_body
-class ModelVersionHandler(UploadHandler):
+class ModelVersionHandler(UploadHandler, VersionRoute):
     """PUT (upload, streamed to a file in the store while it is hashed) and DELETE of one version."""
 
     auth_policy = Policy.ADMIN
@@ -79,12 +91,11 @@ class ModelVersionHandler(UploadHandler):
         self.allow_body(self.upload_limit * 2, self.http_settings.upload_timeout_seconds)
         if not self.can_drain():
             self.refuse_oversized()
-        name, version = self.path_kwargs["name"], self.path_kwargs["version"]
-        self.model_versions.check_name(name, version)
+        catalogue = self.catalogue(self.path_kwargs["name"], self.path_kwargs["version"])
         if not _SHA256_HEX.match(self.request.headers.get(CHECKSUM_HEADER, "")):
             raise BadRequest(f"Send the file's SHA-256 as 64 hex digits in the {CHECKSUM_HEADER} header.",
                              code="missing_checksum")
-        self._path = self.model_versions.upload_path()
+        self._path = catalogue.upload_path()
         self._file = self._path.open("wb")
 
     def data_received(self, chunk: bytes) -> None:
@@ -122,39 +133,36 @@ class ModelVersionHandler(UploadHandler):
                              f"{CHECKSUM_HEADER} says; the upload was damaged or the header is wrong.",
                              code="checksum_mismatch")
         if self._received == 0:
-            raise BadRequest("The body is empty; send the state_dict file.", code="missing_body")
-        record = await self.model_versions.publish(version, self._path, expected, self._received)
+            raise BadRequest("The body is empty; send the model's file.", code="missing_body")
+        record = await self.catalogue(name, version).publish(version, self._path, expected, self._received)
         self.write_json({"name": name, **record.to_dict(active=False)}, status=201)
 
     async def delete(self, name: str, version: str) -> None:
         if self.refusal:
             raise self.refusal
-        self.model_versions.check_name(name, version)
-        await self.model_versions.remove(version)
+        await self.catalogue(name, version).remove(version)
         self.no_content()
 
 
-class ActivateHandler(BaseHandler):
+class ActivateHandler(VersionRoute):
     """POST /v1/models/<name>/versions/<version>:activate"""
 
     auth_policy = Policy.ADMIN
 
     async def post(self, name: str, version: str) -> None:
-        self.model_versions.check_name(name, version)
+        catalogue = self.catalogue(name, version)
         traffic_percent = parse_traffic_percent(self.json_object(required=False))
-        self.write_json({"name": name, **await self.model_versions.activate(version, traffic_percent)})
+        self.write_json({"name": name, **await catalogue.activate(version, traffic_percent)})
 
 
-class PinnableHandler(BaseHandler):
+class PinnableHandler(VersionRoute):
     """PUT and DELETE /v1/models/<name>/versions/<version>/pinnable: whether sessions may pin a version
     that is neither active nor the canary's (those two always may be pinned)."""
 
     auth_policy = Policy.ADMIN
 
     async def put(self, name: str, version: str) -> None:
-        self.model_versions.check_name(name, version)
-        self.write_json(await self.model_versions.set_pinnable(version, True))
+        self.write_json(await self.catalogue(name, version).set_pinnable(version, True))
 
     async def delete(self, name: str, version: str) -> None:
-        self.model_versions.check_name(name, version)
-        self.write_json(await self.model_versions.set_pinnable(version, False))
+        self.write_json(await self.catalogue(name, version).set_pinnable(version, False))

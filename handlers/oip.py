@@ -96,7 +96,7 @@ class InferHandler(BaseHandler):
     async def post(self, model: str, version: str | None = None) -> None:
         await self.dataplane.check_model(model, version)
         parsed = self.parsed()
-        result = await self.dataplane.infer(self.session, parsed.request, version)
+        result = await self.dataplane.infer(self.session, parsed.request, model, version)
         header: dict[str, Any] = {"model_name": result.model_name, "model_version": result.model_version}
         if parsed.request.id:
             header["id"] = parsed.request.id

@@ -10,7 +10,7 @@ from typing import Any
 import tornado.web
 
 from core.images import MEDIA_TYPES
-from core.options import MODEL_VERSION, FieldSpec, describe_fields
+from core.options import MODEL_NAME, MODEL_VERSION, FieldSpec, describe_fields
 from service.auth import Policy
 from service.canary import TRAFFIC_PERCENT
 from service.dataplane import SERVER_VERSION
@@ -67,8 +67,11 @@ _NOT_PINNABLE = _error("model_version names a version that is neither active, th
 # validates them: the document cannot drift from it. Only prose is written here, and a field needs none.
 _OPTION_PROSE = {
     "crop": "Must not exceed resize.",
-    "model_version": "Pins the session to this model version (see GET /v1/models); absent or null: the active "
-                     "version.",
+    "model": "The model the session runs (GET /v1/models lists them); absent or null: the server's default. "
+             "Choosing a model starts resize, crop, interpolation, mean and std from its defaults, except those "
+             "given in the same change.",
+    "model_version": "Pins the session to this version of its model (see GET /v1/models); absent or null: the "
+                     "active version.",
 }
 # As query text a list of numbers is written comma-separated.
 _OVERRIDE_PROSE = {"mean": "three comma-separated numbers", "std": "three comma-separated positive numbers"}
@@ -293,12 +296,29 @@ SCHEMAS: dict[str, Any] = {
     },
     "ModelList": {
         "type": "object",
-        "required": ["models"],
-        "properties": {"models": {"type": "array", "items": {
+        "required": ["default", "models"],
+        "properties": {"default": {"type": "string", "description": "The model a session runs unless it "
+                                                                    "chooses one (the `model` option)."},
+                       "models": {"type": "array", "items": {
             "type": "object",
-            "required": ["name", "active_version", "serving_version", "canary", "configured", "versions"],
+            "required": ["name", "default", "format", "classes", "input", "output", "preprocess", "loaded",
+                         "active_version", "serving_version", "canary", "configured", "versions"],
             "properties": {
                 "name": {"type": "string"},
+                "default": {"type": "boolean"},
+                "format": {"enum": ["torchvision", "onnx", "torchscript"]},
+                "architecture": {"type": ["string", "null"]},
+                "classes": {"type": "integer", "minimum": 1},
+                "input": {"type": "object", "required": ["layout", "size"],
+                          "properties": {"layout": {"enum": ["NCHW", "NHWC"]},
+                                         "size": {"type": ["integer", "null"],
+                                                  "description": "The one side the model takes; null: any."}}},
+                "output": {"enum": ["logits", "probabilities"]},
+                "preprocess": {"type": "object", "description": "The options a session choosing this model starts "
+                                                                "from (resize, crop, interpolation, mean, std)."},
+                "description": {"type": "string"},
+                "loaded": {"type": "boolean", "description": "Whether the answering process holds a version of it "
+                                                             "on its runtime now."},
                 "configured": {"type": "object", "description": "The weights named in the config.",
                                "required": ["version", "sha256", "pinnable", "feedback", "pinned_feedback"],
                                "properties": {"version": {"type": "string"}, "sha256": _SHA256,
@@ -649,6 +669,9 @@ def _prose() -> dict[str, Any]:
                        "<key>.cls and <key>.<ext>) or as JSON lines. See docs/api.md#the-training-export.",
             "parameters": [
                 *_FEEDBACK_TIME_RANGE,
+                {"name": "model", "in": "query", "required": False,
+                 "schema": {"type": "string", "pattern": MODEL_NAME.pattern},
+                 "description": "Only feedback on predictions of this model."},
                 {"name": "model_version", "in": "query", "required": False,
                  "schema": {"type": "string", "pattern": MODEL_VERSION.pattern},
                  "description": "Only feedback on predictions of this model version."},
@@ -662,7 +685,8 @@ def _prose() -> dict[str, Any]:
                           **{code: _ADMIN_ERRORS[code] for code in ("401", "403", "503")}},
         }},
         "/v1/models": {"get": {
-            "summary": "The served model's versions with their hash, size and activation time.",
+            "summary": "Every served model (the default first): its format, classes, input, preprocessing "
+                       "defaults, and its versions with their hash, size and activation time.",
             "responses": {"200": _json(_ref("ModelList"), "Versions."), **_AUTH_ERRORS},
         }},
         "/v1/models/{name}/labels": {"get": {
@@ -674,13 +698,14 @@ def _prose() -> dict[str, Any]:
                 "name": {"type": "string"}, "version": {"type": "string"},
                 "labels": {"type": "array", "items": {"type": "string"}}}}, "Labels."),
                 "304": {"description": "Not modified (If-None-Match)."},
-                "404": _error("Not the served model's name."), **_AUTH_ERRORS},
+                "404": _error("No served model has this name (model_not_found)."), **_AUTH_ERRORS},
         }},
         "/v1/models/{name}/versions/{version}": {
             "put": {
-                "summary": "Publish a version: the body is a PyTorch state_dict file (torch.save), checked "
-                           "against X-Content-SHA256, loaded into a copy of the architecture and run once on a "
-                           "fixed input before it is stored. Not active until activated.",
+                "summary": "Publish a version: the body is the model's kind of file (a PyTorch state_dict from "
+                           "torch.save for a torchvision model, an ONNX file, or a TorchScript file), checked "
+                           "against X-Content-SHA256, loaded, checked against the model's class count and input "
+                           "and run once on a fixed input before it is stored. Not active until activated.",
                 "parameters": [*_VERSION_PARAMETERS,
                                {"name": "X-Content-SHA256", "in": "header", "required": True,
                                 "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}],
@@ -690,7 +715,9 @@ def _prose() -> dict[str, Any]:
                               "400": _error("Missing or wrong checksum, empty body, bad version name."),
                               "409": _error("The version exists already (versions are immutable)."),
                               "413": _error("Over models.max_upload_bytes."),
-                              "422": _error("Not a state_dict for this architecture, or it fails the test forward."),
+                              "422": _error("Not a file of the model's kind, another class count or input shape "
+                                            "than the model's (the message says which), or it fails the test "
+                                            "forward (invalid_weights)."),
                               **_ADMIN_ERRORS},
             },
             "delete": {

@@ -70,7 +70,7 @@ class ImageUploadHandler(UploadHandler):
         """The session's options, with the request's query parameters overriding them."""
         session = self.current_session
         overrides = {name: self.get_query_argument(name) for name in self.request.query_arguments}
-        return session.options.with_query(overrides) if overrides else session.options
+        return self.models.query_options(session.options, overrides)
 
 
 @dataclass(frozen=True)
@@ -136,5 +136,5 @@ class PlainPredictHandler(ImageUploadHandler):
             raise NotFound("POST /predict is turned off on this server; use POST /v1/predict.", code="not_found")
 
     async def post(self) -> None:
-        prediction = await self.classifier.classify_anonymous(self.uploaded_image(), Options(top_k=1))
+        prediction = await self.classifier.classify_anonymous(self.uploaded_image(), top_k=1)
         self.write_json({"predicted_class": prediction.top_k[0].class_index})

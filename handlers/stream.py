@@ -212,7 +212,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         try:
             assert self._verified is not None
             session = await self.auth.resume(self._verified, cost=1)  # revocation and rate limit, per image
-            options = session.options.merged(overrides) if overrides else session.options
+            options = self.models.options_for(session.options, overrides) if overrides else session.options
             result, _ = await self.classifier.classify(session, image, options)
             self._send({"type": "result", "ref": ref, "seq": seq, "result": result})
         except InvalidToken as exc:  # logged out or expired since the last image

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from inference import backends, imaging, runner
+from inference.repository import ModelSpec, RepositoryError, configured_spec, read_repository
 
 ENV_PREFIX = "INFERENCE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
@@ -246,6 +247,29 @@ class Config:
         return Path(setting) if setting else self.data_path / default_name
 
     @property
+    def default_model(self) -> str:
+        """The model a session runs unless it chooses one: models.default, else `[model]`'s."""
+        return self.models.default or self.model.name
+
+    def model_specs(self) -> dict[str, ModelSpec]:
+        """The served models by name: `[model]`'s, then one per folder of models.repository_dir (read now,
+        so that a bad manifest stops the start with one sentence, a ConfigError)."""
+        specs = {self.model.name: configured_spec(self.model.name, self.model.weights)}
+        if self.models.repository_dir:
+            try:
+                repository = read_repository(Path(self.models.repository_dir).expanduser())
+            except RepositoryError as exc:
+                raise ConfigError(f"models.repository_dir: {exc}") from None
+            if self.model.name in repository:
+                raise ConfigError(f"models.repository_dir has a folder named {self.model.name!r}, the model.name "
+                                  "the server serves already; rename the folder (or set model.name).")
+            specs.update(repository)
+        if self.default_model not in specs:
+            raise ConfigError(f"models.default {self.default_model!r} is not a served model; set it to one of "
+                              f"{', '.join(map(repr, specs))}, or leave it empty for model.name.")
+        return specs
+
+    @property
     def serving_processes(self) -> int:
         """server.processes, with 0 resolved. Several processes pay on the CPU because each has its
         own GIL for HTTP, Redis and decoding; with torch (a 1 GB process) or a GPU (one copy of the
@@ -472,6 +496,7 @@ def validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    config.model_specs()  # the repository's manifests and models.default
     for proxy in config.http.trusted_proxies:
         try:
             ipaddress.ip_network(proxy)

@@ -80,8 +80,8 @@ class Metrics:
         self.grpc_latency = Histogram("inference_grpc_request_duration_seconds", "Time to answer a gRPC call, "
                                       "by method.", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.feedback = Counter("inference_feedback", "Feedback given on predictions (replacements count again), by "
-                                "the model version that predicted and whether the corrected label agrees with "
-                                "its top-1.", ["version", "agreement"], registry=self.registry)
+                                "the model and version that predicted and whether the corrected label agrees "
+                                "with its top-1.", ["model", "version", "agreement"], registry=self.registry)
         self.capture_skipped = Counter("inference_capture_skipped", "Images not captured although capture is on "
                                        "(the prediction is still recorded), by reason: low_disk (under "
                                        "capture.min_free_disk_bytes), disk_error, quota (past "
@@ -112,8 +112,8 @@ class Metrics:
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
 
-    def observe_feedback(self, version: str, agrees: bool) -> None:
-        self.feedback.labels(version, "true" if agrees else "false").inc()
+    def observe_feedback(self, model: str, version: str, agrees: bool) -> None:
+        self.feedback.labels(model, version, "true" if agrees else "false").inc()
 
     def count_capture_skipped(self, reason: str) -> None:
         self.capture_skipped.labels(reason).inc()

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
+from inference.loading import LoadedBackends
 from redis.exceptions import RedisError
 
 from core.errors import ServiceError
@@ -36,6 +37,7 @@ from service.dataplane import DataPlane
 from service.export import FeedbackExport
 from service.feedback import FeedbackLimits, FeedbackService
 from service.history import History
+from service.models import Models
 from service.preprocess import Preprocessor
 from service.retention import sweep_forever
 from service.sessions import SessionService
@@ -64,14 +66,14 @@ class Server:
 
     def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel,
                  sockets: list[socket.socket], *, counts: SharedCounts | None = None, slot: int = 0,
-                 model_versions: ModelCatalogue | None = None):
+                 models: Models | None = None):
         """`served`: the configured weights on their runtime (server.runtime.build_served); `sockets`: the
         listening HTTP sockets; `counts` and `slot`: this is process `slot` of several sharing them (see
         server.balance)."""
         self.config, self.store, self.runner, self.sockets = config, store, runner, sockets
         self.counts, self.slot = counts, slot
         self.rewrite_after_erase = make_rewrite_after_erase(config, store)
-        self.use_cases = build_use_cases(config, store, runner, served, model_versions,
+        self.use_cases = build_use_cases(config, store, runner, served, models,
                                          on_erased=self.rewrite_after_erase.erased if self.rewrite_after_erase
                                          else None)
         self.transports: list[Transport] = [t for make in TRANSPORTS if (t := make(self)) is not None]
@@ -91,7 +93,7 @@ class Server:
         does; tests leave it off), first serve the active model version and follow activations, and in
         process 0 run the sweeps and the session gauge. A port that cannot be bound is a ConfigError."""
         if background:
-            await self.use_cases.model_versions.start()  # serve the active version, follow activations
+            await self.use_cases.models.start()  # serve each model's active version, follow activations
             self._following = True
             if self.slot == 0:
                 self._start_background_tasks()
@@ -130,7 +132,7 @@ class Server:
             await self.rewrite_after_erase.flush()
         if self._following:
             self._following = False
-            await self.use_cases.model_versions.close()
+            await self.use_cases.models.close()
 
     async def drain(self, grace: float) -> None:
         """Wait until no request has been in flight for a moment (connections just taken from the
@@ -246,12 +248,23 @@ def auth_settings(config: Config) -> AuthSettings:
                         login_rate_limit_per_minute=config.sessions.login_rate_limit_per_minute)
 
 
-def make_model_versions(config: Config, store: SessionStore, served: ServedModel,
-                        feedback: FeedbackService | None = None) -> ModelCatalogue:
+def make_models(config: Config, store: SessionStore, served: ServedModel,
+                feedback: FeedbackService | None = None) -> Models:
+    """Every served model with its catalogue of versions: `served` is `[model]`'s weights on their runtime;
+    the repository's models are read from their exports here and put on their runtimes on first use (at most
+    models.max_loaded versions per process)."""
     store_dir = config.folder(config.models.store_dir, "models")
-    same_runtime = Candidate(served.backend.name, served.backend.precision)  # what the configured weights run on
-    return ModelCatalogue(ModelRegistry(store.redis), served, store_dir=store_dir,
-                         backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
+    registry = ModelRegistry(store.redis)
+    loaded = LoadedBackends(config.models.max_loaded)
+    catalogues = {}
+    for name, spec in config.model_specs().items():
+        own = served if name == config.model.name else build_served(config, spec, loaded)
+        # A published version runs on what the model's own weights run on.
+        same_runtime = Candidate(own.backend.name, own.backend.precision)
+        catalogues[name] = ModelCatalogue(
+            registry, spec, own, store_dir=store_dir, feedback=feedback,
+            backend_for=lambda model, spec=spec, runtime=same_runtime: build_backend(config, spec, model, runtime))
+    return Models(catalogues, config.default_model)
 
 
 def metrics_of(runner: ModelRunner) -> Metrics:
@@ -264,8 +277,9 @@ def metrics_of(runner: ModelRunner) -> Metrics:
 
 
 def make_feedback(config: Config, store: SessionStore, runner: ModelRunner, signer: TokenSigner, model_name: str,
-                  labels: Callable[[], list[str]]) -> FeedbackService:
-    """`labels`: those of the version serving everyone (what feedback's class indexes name)."""
+                  labels: Callable[[str], list[str]]) -> FeedbackService:
+    """`labels(model)`: those of a model's version serving everyone (what feedback's class indexes name);
+    `model_name`: the model the records' keys are named after (`[model]`'s)."""
     metrics, settings = metrics_of(runner), config.feedback
     limits = FeedbackLimits(max_comment_bytes=settings.max_comment_bytes, max_per_session=config.history.max_entries,
                             daily_limit=settings.daily_limit, retention_days=settings.retention_days)
@@ -295,18 +309,17 @@ def make_rewrite_after_erase(config: Config, store: SessionStore) -> RewriteAfte
 
 
 def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel,
-                    model_versions: ModelCatalogue | None = None,
-                    on_erased: Callable[[], None] | None = None) -> UseCases:
-    """The service layer for one process, shared by every transport. Model versions (serving `served`
-    until an activation) use the store's Redis unless given; `on_erased`: told after an erase (the
+                    models: Models | None = None, on_erased: Callable[[], None] | None = None) -> UseCases:
+    """The service layer for one process, shared by every transport. The models (`[model]`'s serving
+    `served` until an activation) use the store's Redis unless given; `on_erased`: told after an erase (the
     embedded Redis' rewrite)."""
     signer = make_signer(config)
-    # The catalogue is built after feedback (it reports each version's quality); feedback reads the
-    # labels of whatever it serves by then.
-    feedback = make_feedback(config, store, runner, signer, served.model.name,
-                             labels=lambda: versions.active.model.labels)
+    # The models are built after feedback (they report each version's quality); feedback reads the
+    # labels of whatever they serve by then.
+    feedback = make_feedback(config, store, runner, signer, config.model.name,
+                             labels=lambda name: versions.labels(name))
     captures = make_captures(config, store, runner, signer)
-    versions = model_versions or make_model_versions(config, store, served, feedback)
+    versions = models or make_models(config, store, served, feedback)
     classifier = Classifier(store, runner, versions, feedback, captures)
     return UseCases(
         auth=Authenticator(signer, store, auth_settings(config)),
@@ -318,7 +331,7 @@ def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner, se
         feedback=feedback,
         feedback_export=FeedbackExport(feedback.records, captures, page_size=config.feedback.export_page_size),
         captures=captures,
-        model_versions=versions,
+        models=versions,
         in_flight=InFlight(),
         metrics=metrics_of(runner),
     )

@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
 from core.clock import iso, now_ms
-from core.errors import BadRequest, BadWeights, Conflict, NotFound, ServiceError, quoted
+from core.errors import BadRequest, BadWeights, Conflict, NotFound, ServiceError
 from core.options import MODEL_VERSION, Options
 from core.session import Session
 from inference.model import AccuracyGuardFailed, Backend, LoadedModel
+from inference.repository import ModelSpec
 from inference.runner import ServedModel
 from service.canary import canary_view, choose_version
 from service.feedback import FeedbackService, quality_view
@@ -50,14 +51,16 @@ class VersionNotPinnable(ServiceError):
 
 
 class ModelCatalogue:
-    """Publishes, activates, removes and lists model versions, and picks (loading it on first use) the
-    one each request runs; a VersionFollower keeps it in step with the other replicas."""
+    """One model's versions: publishes, activates, removes and lists them, and picks (loading it on first
+    use) the one each request runs; a VersionFollower keeps it in step with the other replicas."""
 
-    def __init__(self, registry: ModelRegistry, configured: ServedModel, *, store_dir: Path,
+    def __init__(self, registry: ModelRegistry, spec: ModelSpec, configured: ServedModel, *, store_dir: Path,
                  backend_for: Callable[[LoadedModel], Backend], feedback: FeedbackService | None = None):
-        """`configured`: the weights the config names, served until an activation; `store_dir`:
-        models.store_dir resolved; `backend_for`: the configured runtime for a model loaded with torch
-        (the composition root knows which); `feedback`: the quality of each version."""
+        """`spec`: the model as its manifest (or `[model]`) states it; `configured`: the weights it names,
+        served until an activation; `store_dir`: models.store_dir resolved; `backend_for`: the configured
+        runtime for a version loaded with torch (the composition root knows which); `feedback`: the quality
+        of each version."""
+        self.spec = spec
         self.registry = registry
         self.feedback = feedback
         self.loaded = LoadedVersions(configured)  # the versions this process holds, swapped by reference
@@ -74,10 +77,9 @@ class ModelCatalogue:
         self._follower = VersionFollower(self)
 
     # -- publishing -------------------------------------------------------------------------------
-    def check_name(self, name: str, version: str | None = None) -> None:
-        if name != self.name:
-            raise NotFound(f"This server serves the model {self.name!r}, not {quoted(name)}.", code="model_not_found")
-        if version is not None and not MODEL_VERSION.match(version):
+    @staticmethod
+    def check_version(version: str) -> None:
+        if not MODEL_VERSION.match(version):
             raise BadRequest("A version name is 1 to 64 letters, digits, '.', '_' or '-', starting with a letter "
                              "or digit.", code="invalid_version")
 
@@ -89,10 +91,12 @@ class ModelCatalogue:
 
     def path_for(self, record: VersionRecord) -> Path:
         # The hash in the name keeps two uploads racing for one version name from overwriting each other.
-        return self.model_dir / f"{record.version}.{record.sha256[:16]}.pt"
+        suffix = ".onnx" if self.spec.format == "onnx" else ".pt"
+        return self.model_dir / f"{record.version}.{record.sha256[:16]}{suffix}"
 
     async def publish(self, version: str, upload: Path, sha256: str, size: int) -> VersionRecord:
-        """Validate the uploaded state_dict and record it as `version` (not yet active)."""
+        """Validate the uploaded file (a state_dict, an ONNX or a TorchScript file, as the model is) and record
+        it as `version` (not yet active)."""
         try:
             await self._ensure_new(version)
             model = await self._off_path(self._load_checked, upload, version, sha256)
@@ -122,7 +126,7 @@ class ModelCatalogue:
         # stays torch-free on an exported runtime (see inference.model).
         from inference.torch_model import load_checked
 
-        return load_checked(self.name, path, version, sha256)
+        return load_checked(self.spec, path, version, sha256)
 
     def _serve(self, model: LoadedModel) -> ServedModel:
         """`model` on the configured runtime, held to the accuracy guard against its own torch FP32
@@ -275,16 +279,15 @@ class ModelCatalogue:
         await self.hold(version)
         return self.loaded.get(version)
 
-    def labels(self, name: str) -> dict[str, Any]:
+    def labels(self) -> dict[str, Any]:
         """The class labels of the version serving everyone: index i names class i (what feedback takes)."""
-        self.check_name(name)
         model = self.active.model
         return {"name": model.name, "version": model.version, "labels": model.labels}
 
     async def listing(self) -> dict[str, Any]:
         records, active = await self.registry.versions(self.name)
-        quality = await self.feedback.quality() if self.feedback is not None else {}
-        pinned_quality = await self.feedback.quality(pinned=True) if self.feedback is not None else {}
+        quality = await self.feedback.quality(self.name) if self.feedback is not None else {}
+        pinned_quality = await self.feedback.quality(self.name, pinned=True) if self.feedback is not None else {}
         canary = await self.registry.canary(self.name)
         pinnable = await self.registry.pinnable(self.name)
         none = quality_view(0, 0)
@@ -295,8 +298,11 @@ class ModelCatalogue:
             return {"pinnable": version in pinnable, "feedback": quality.get(version, none),
                     "pinned_feedback": pinned_quality.get(version, none)}
 
-        return {"models": [{
+        return {
             "name": self.name,
+            **self.spec.to_dict(),
+            "classes": len(self.active.model.labels),
+            "loaded": self.loaded.any_loaded(),  # whether this process holds a version on its runtime now
             "active_version": active,  # null: the weights named in the config
             "serving_version": self.active.model.version,  # what this replica runs now
             "canary": canary_view(canary) if canary is not None else None,
@@ -304,7 +310,7 @@ class ModelCatalogue:
                            **pins_and_feedback(self.base_version)},
             "versions": [{**record.to_dict(active=record.version == active), **pins_and_feedback(record.version)}
                          for record in records],
-        }]}
+        }
 
     async def _record(self, version: str) -> VersionRecord:
         record = await self.registry.get(self.name, version)

@@ -1,7 +1,7 @@
 """Classify and record: the one place a prediction is made and recorded, for every transport.
 
-The order is always: pick the session's model version (service.catalogue's served_for: its pin, else
-a canary's, else the active one; loaded in this process if it is not yet) -> run the model -> capture
+The order is always: pick the session's model version (service.models' served_for: of the session's model,
+its pin, else a canary's, else the active one; loaded in this process if it is not yet) -> run the model -> capture
 the image (where capture is on) -> record in the session's history. A 200 means recorded: the history
 write happens before the answer is built, and if it fails the caller gets the store's error rather than
 an unrecorded result; a captured image is on disk before the entry that names it is written. Anonymous
@@ -28,8 +28,8 @@ from sessions.store import SessionStore
 
 if TYPE_CHECKING:
     from service.capture import Captures
-    from service.catalogue import ModelCatalogue
     from service.feedback import FeedbackService
+    from service.models import Models
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class BatchResult:
 
 
 class Classifier:
-    def __init__(self, store: SessionStore, runner: ModelRunner, versions: ModelCatalogue,
+    def __init__(self, store: SessionStore, runner: ModelRunner, versions: Models,
                  feedback: FeedbackService | None = None, captures: Captures | None = None):
         self.store, self.runner, self.versions, self.feedback = store, runner, versions, feedback
         self.captures = captures
@@ -63,10 +63,11 @@ class Classifier:
         return await self._record(session, prediction.top_k, options, idempotency_key,
                                   timing_ms=prediction.timing_ms, model=served.info, kept=kept)
 
-    async def classify_anonymous(self, image: bytes | ImageSource, options: Options) -> Prediction:
-        """Classify without a session: nothing is recorded. The active version, or one this process holds
-        already (409 otherwise): an anonymous request does not make it load one."""
-        return await self.runner.predict(self.versions.loaded.get(options.model_version), image, options)
+    async def classify_anonymous(self, image: bytes | ImageSource, *, top_k: int) -> Prediction:
+        """Classify with the default model's active version and its default options, without a session:
+        nothing is recorded."""
+        options = self.versions.anonymous_options(top_k)
+        return await self.runner.predict(self.versions.held(options), image, options)
 
     async def classify_batch(self, session: Session | None, options: Options, *,
                              images: Sequence[bytes] | None = None, tensor: np.ndarray | None = None) -> BatchResult:

@@ -30,17 +30,18 @@ import math
 import struct
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from core.errors import BadRequest, NotFound, ServiceError, quoted
-from core.options import CROP_RANGE, Options
+from core.errors import BadRequest, ServiceError, quoted
+from core.options import CROP_RANGE
 from core.session import Session
 from inference.backends import oip_platform
 from inference.postprocess import top_k
 from inference.runner import ServedModel
 from service.classify import Classifier
+from service.models import Models
 from sessions.store import SessionStore
 
 SERVER_NAME = "session-inference-server"  # the distribution's name in pyproject.toml
@@ -65,14 +66,6 @@ _LENGTH = struct.Struct("<I")
 
 
 # -- readiness and metadata -------------------------------------------------------------------
-class ModelCatalogue(Protocol):
-    """The model versions this process may answer with (service/catalogue.py)."""
-
-    def listed_versions(self) -> list[str]: ...
-
-    async def served_for_version(self, version: str | None) -> ServedModel: ...
-
-
 @dataclass(frozen=True)
 class Readiness:
     """Whether this process can serve: each check's "ok" or why not."""
@@ -91,8 +84,8 @@ def server_metadata() -> dict[str, Any]:
 class DataPlane:
     """The protocol's use cases, shared by every transport that speaks it (and /readyz)."""
 
-    def __init__(self, classifier: Classifier, catalogue: ModelCatalogue, store: SessionStore):
-        self.classifier, self.catalogue, self.store = classifier, catalogue, store
+    def __init__(self, classifier: Classifier, models: Models, store: SessionStore):
+        self.classifier, self.models, self.store = classifier, models, store
 
     async def readiness(self) -> Readiness:
         """The model is loaded (this object exists only once it is) and the session store answers."""
@@ -105,35 +98,39 @@ class DataPlane:
         return Readiness(checks)
 
     async def check_model(self, name: str, version: str | None) -> ServedModel:
-        """The served model `name` (at `version`, when given): NotFound unless this server runs that model
+        """The served model `name` (at `version`, when given): NotFound unless this server serves that model
         and may answer with that version (403 `model_version_not_pinnable` for one it may not serve)."""
-        active = await self.catalogue.served_for_version(None)
-        if name != active.model.name:
-            raise NotFound(f"Unknown model {quoted(name)}; this server serves {active.model.name!r}.",
-                           code="model_not_found")
-        return await self.catalogue.served_for_version(version) if version else active
+        return await self.models.catalogue(name).served_for_version(version)
 
     async def model_metadata(self, name: str, version: str | None) -> dict[str, Any]:
         """The model's name, the versions it may be asked for, its platform and tensors; -1 marks a
         variable dimension."""
         served = await self.check_model(name, version)
+        catalogue = self.models.catalogue(name)
+        side = catalogue.spec.input_size or -1
         return {
             "name": served.model.name,
-            "versions": self.catalogue.listed_versions(),
+            "versions": catalogue.listed_versions(),
             "platform": oip_platform(served.backend.name),
             "inputs": [
                 {"name": IMAGE_INPUT, "datatype": BYTES, "shape": [-1]},
-                {"name": TENSOR_INPUT, "datatype": FP32, "shape": [-1, 3, -1, -1]},
+                {"name": TENSOR_INPUT, "datatype": FP32, "shape": [-1, 3, side, side]},
             ],
             "outputs": [{"name": PROBABILITIES_OUTPUT, "datatype": FP32, "shape": [-1, len(served.model.labels)]}],
         }
 
-    async def infer(self, session: Session | None, request: InferenceRequest,
+    async def infer(self, session: Session | None, request: InferenceRequest, name: str,
                     version: str | None = None) -> InferenceResult:
-        """Classify (and, with a session, record) the request's batch through service.classify, as every
-        transport does, and build the requested outputs. A `version` named in the request answers it in
-        place of the session's (checked by the caller with check_model)."""
-        options = session.options if session is not None else Options()
+        """Classify (and, with a session, record) the request's batch with the model `name` through
+        service.classify, as every transport does, and build the requested outputs. Images are preprocessed
+        under the session's options where it runs this model, else under the model's defaults. A `version`
+        named in the request answers it in place of the session's (checked by the caller with check_model)."""
+        base = session.options if session is not None else self.models.initial_options({})
+        options = self.models.options_for(base, {"model": name})
+        size = self.models.spec(name).input_size
+        if request.tensor is not None and size is not None and request.tensor.shape[2:] != (size, size):
+            raise BadRequest(f"Input {TENSOR_INPUT!r}: the model {name!r} takes [N, 3, {size}, {size}], got "
+                             f"{list(request.tensor.shape)}.", code="invalid_tensor")
         run = dataclasses.replace(options, model_version=version) if version else options
         result = await self.classifier.classify_batch(session, run, images=request.images, tensor=request.tensor)
         wanted = request.outputs or [RequestedOutput(PROBABILITIES_OUTPUT)]

@@ -26,12 +26,12 @@ from typing import Any, Protocol
 
 from core import images
 from core.errors import BadRequest, quoted, quoted_names
-from core.options import MODEL_VERSION
+from core.options import MODEL_NAME, MODEL_VERSION
 from service.capture import Captures
 
 MEDIA_TYPES = {"tar": "application/x-tar", "jsonl": "application/x-ndjson"}
 FORMATS = tuple(MEDIA_TYPES)
-PARAMETERS = ("since", "until", "model_version", "format")
+PARAMETERS = ("since", "until", "model", "model_version", "format")
 _EPOCH_MS = re.compile(r"[0-9]{1,15}")
 _BLOCK = 512
 END_OF_ARCHIVE = b"\0" * (2 * _BLOCK)
@@ -50,6 +50,7 @@ class ExportQuery:
     until_ms: float = float("inf")  # ... and before this one
     model_version: str | None = None  # only feedback on this version's predictions
     format: str = "tar"
+    model: str | None = None  # only feedback on this model's predictions
 
 
 def parse_time(text: str, name: str) -> int:
@@ -79,11 +80,14 @@ def parse_query(arguments: Mapping[str, str]) -> ExportQuery:
     version = arguments.get("model_version") or None
     if version is not None and not MODEL_VERSION.match(version):
         raise BadRequest(f"model_version {quoted(version)} is not a version name.", code="invalid_parameter")
+    model = arguments.get("model") or None
+    if model is not None and not MODEL_NAME.match(model):
+        raise BadRequest(f"model {quoted(model)} is not a model name.", code="invalid_parameter")
     export_format = arguments.get("format") or "tar"
     if export_format not in FORMATS:
         raise BadRequest(f"format must be {' or '.join(FORMATS)}, got {quoted(export_format)}.",
                          code="invalid_parameter")
-    return ExportQuery(since, until, version, export_format)
+    return ExportQuery(since, until, version, export_format, model)
 
 
 def item_key(record: dict[str, Any]) -> str:
@@ -109,6 +113,8 @@ class FeedbackExport:
             records, cursor = await self.records.page(query.since_ms, query.until_ms, after=cursor,
                                                       limit=self.page_size)
             for record in records:
+                if query.model is not None and record["model"]["name"] != query.model:
+                    continue
                 if query.model_version is None or record["model"]["version"] == query.model_version:
                     yield await self._item(record, query.format)
             if cursor is None:

@@ -38,8 +38,8 @@ class FeedbackRecords(Protocol):
     """What this module needs of sessions.feedback.FeedbackStore. A session is named by its refs,
     newest first (TokenSigner.session_refs)."""
 
-    async def set(self, refs: list[str], history_id: str, record: dict[str, Any], *, at_ms: int, version: str,
-                  agrees: bool, keep_until_ms: int, owner: str, max_per_session: int, daily_limit: int,
+    async def set(self, refs: list[str], history_id: str, record: dict[str, Any], *, at_ms: int, model: str,
+                  version: str, agrees: bool, keep_until_ms: int, owner: str, max_per_session: int, daily_limit: int,
                   pinned: bool = False) -> bool: ...
 
     async def get_many(self, refs: list[str], history_ids: list[str]) -> list[dict[str, Any] | None]: ...
@@ -53,7 +53,7 @@ class FeedbackRecords(Protocol):
 
     async def purge(self, since_ms: int | float, until_ms: int | float) -> int: ...
 
-    async def stats(self, *, pinned: bool = False) -> dict[str, tuple[int, int]]: ...
+    async def stats(self, model: str, *, pinned: bool = False) -> dict[str, tuple[int, int]]: ...
 
     async def page(self, since_ms: int | float, until_ms: int | float, *, after: float | None,
                    limit: int) -> tuple[list[dict[str, Any]], float | None]: ...
@@ -126,18 +126,18 @@ def parse_purge(arguments: Mapping[str, str]) -> PurgeQuery:
 
 
 class FeedbackService:
-    def __init__(self, history: HistoryReader, records: FeedbackRecords, *, labels: Callable[[], list[str]],
+    def __init__(self, history: HistoryReader, records: FeedbackRecords, *, labels: Callable[[str], list[str]],
                  signer: TokenSigner, limits: FeedbackLimits = FeedbackLimits(),
-                 on_feedback: Callable[[str, bool], None] | None = None):
-        """`labels`: the served model's class names; `signer` names sessions (session_refs);
-        `on_feedback(version, agrees)` is told of each feedback given (the metrics)."""
+                 on_feedback: Callable[[str, str, bool], None] | None = None):
+        """`labels(model)`: the class names of a served model; `signer` names sessions (session_refs);
+        `on_feedback(model, version, agrees)` is told of each feedback given (the metrics)."""
         self.history, self.records = history, records
         self.labels, self.signer, self.limits = labels, signer, limits
         self.retention_ms = limits.retention_days * DAY_MS
         self.on_feedback = on_feedback
 
-    def parse(self, body: dict[str, Any]) -> tuple[int, str | None]:
-        """The class index and comment of a feedback body `{"label": ..., "comment": ...}`."""
+    def parse(self, body: dict[str, Any], labels: list[str]) -> tuple[int, str | None]:
+        """The class index (among `labels`) and comment of a feedback body `{"label": ..., "comment": ...}`."""
         unknown = set(body) - {"label", "comment"}
         if unknown:
             raise InvalidFeedback(f"Unknown field(s) {quoted_names(unknown)}; send label and optionally comment.")
@@ -154,14 +154,15 @@ class FeedbackService:
             if size > self.limits.max_comment_bytes:
                 raise InvalidFeedback(f"The comment is {size} bytes in UTF-8; the limit is "
                                       f"{self.limits.max_comment_bytes} (feedback.max_comment_bytes).")
-        return resolve_label(body["label"], self.labels()), comment or None
+        return resolve_label(body["label"], labels), comment or None
 
     async def give(self, session: Session, history_id: str, body: dict[str, Any]) -> dict[str, Any]:
         """Set (or replace) the feedback on one of the session's history items; the item, with it."""
-        class_index, comment = self.parse(body)
         item = await self.history.history_item(session.id, history_id)  # 404 for another session's id
+        model = item["model"]["name"]
+        labels = self.labels(model)  # the labels of the model that made the prediction
+        class_index, comment = self.parse(body, labels)
         created = now_ms()
-        labels = self.labels()
         feedback = {"class_index": class_index, "label": labels[class_index], "comment": comment,
                     "created_at": iso(created)}
         agrees = class_index == item["predicted_class"]
@@ -184,7 +185,7 @@ class FeedbackService:
         }
         # Sessions from before owners were kept count on their own.
         owner = session.owner or f"session-{refs[0]}"
-        await self.records.set(refs, history_id, record, at_ms=created, version=version, agrees=agrees,
+        await self.records.set(refs, history_id, record, at_ms=created, model=model, version=version, agrees=agrees,
                                keep_until_ms=created + self.retention_ms, owner=owner,
                                max_per_session=self.limits.max_per_session, daily_limit=self.limits.daily_limit,
                                pinned=pinned)
@@ -193,7 +194,7 @@ class FeedbackService:
             await self.records.delete(refs, history_id)
             raise InvalidToken(SESSION_REVOKED, code="session_revoked")
         if self.on_feedback is not None:
-            self.on_feedback(version, agrees)
+            self.on_feedback(model, version, agrees)
         return {**with_defaults(item), "feedback": feedback}
 
     async def withdraw(self, session: Session, history_id: str) -> None:
@@ -224,11 +225,11 @@ class FeedbackService:
         """Retention: remove the records given more than feedback.retention_days ago; how many."""
         return await self.records.purge(float("-inf"), (now_ms() if now is None else now) - self.retention_ms)
 
-    async def quality(self, *, pinned: bool = False) -> dict[str, dict[str, Any]]:
-        """version -> {"count": n, "agreement": share agreeing with the prediction (null without feedback)},
-        from the sessions the version was assigned to (the active one's or a canary's), or with `pinned`
-        from those that pinned it themselves."""
-        stats = await self.records.stats(pinned=pinned)
+    async def quality(self, model: str, *, pinned: bool = False) -> dict[str, dict[str, Any]]:
+        """version of `model` -> {"count": n, "agreement": share agreeing with the prediction (null without
+        feedback)}, from the sessions the version was assigned to (the active one's or a canary's), or with
+        `pinned` from those that pinned it themselves."""
+        stats = await self.records.stats(model, pinned=pinned)
         return {version: quality_view(count, agree) for version, (count, agree) in stats.items()}
 
 

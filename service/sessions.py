@@ -6,37 +6,43 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from core.errors import BadOptions
-from core.options import MODEL_VERSION, Options
+from core.options import PREPROCESSING, Options
 from core.session import Session
 from sessions.store import SessionStore
 from sessions.tokens import TokenSigner
 
 if TYPE_CHECKING:
     from service.capture import Captures
-    from service.catalogue import ModelCatalogue
     from service.feedback import FeedbackService
+    from service.models import Models
 
 
 class SessionService:
-    def __init__(self, store: SessionStore, signer: TokenSigner, versions: ModelCatalogue | None = None, *,
+    def __init__(self, store: SessionStore, signer: TokenSigner, models: Models, *,
                  feedback: FeedbackService | None = None, captures: Captures | None = None,
                  on_erased: Callable[[], None] | None = None):
         """`on_erased()` is told of each erase once it is complete (the embedded Redis then rewrites
         its files, so that the erased data leaves the disk)."""
-        self.store, self.signer, self.versions = store, signer, versions
+        self.store, self.signer, self.models = store, signer, models
         self.feedback, self.captures = feedback, captures
         self.on_erased = on_erased
 
     async def login(self, changes: Any, owner: str | None = None) -> tuple[str, Session]:
-        """A new session with the default options merged with `changes`, and its signed token. `owner`:
-        who logged in, as service.auth.Authenticator.admit_login charged it."""
-        options = Options().merged(changes)
-        await self._check_version(changes)
+        """A new session with the chosen (or default) model's default options merged with `changes`, and its
+        signed token. `owner`: who logged in, as service.auth.Authenticator.admit_login charged it."""
+        options = self.models.initial_options(changes)
+        await self._check_version(options, changes)
         session = await self.store.create(options, owner)
         return self.signer.issue(session.id), session
 
     async def update_options(self, session: Session, changes: Any) -> Options:
-        await self._check_version(changes)
+        """The session's options with `changes` applied; a change of model starts the preprocessing options
+        from that model's defaults (service.models), written with the changes as one update."""
+        options = self.models.options_for(session.options, changes)
+        await self._check_version(options, changes)
+        if options.model != session.options.model:  # the new model's defaults, and no pin of the old one's
+            values = options.to_dict()
+            changes = {**{name: values[name] for name in PREPROCESSING}, "model_version": None, **changes}
         return await self.store.update_options(session.id, changes)
 
     async def logout(self, session: Session, *, erase: bool = False) -> None:
@@ -60,11 +66,11 @@ class SessionService:
         if self.on_erased is not None:
             self.on_erased()
 
-    async def _check_version(self, changes: Any) -> None:
-        """Refuse pinning a version that does not exist (422), or one an admin did not make pinnable
-        (403 model_version_not_pinnable)."""
-        version = changes.get("model_version") if isinstance(changes, dict) else None
-        # A malformed name is the options' own error (BadOptions from Options.merged), not a look-up.
-        if isinstance(version, str) and MODEL_VERSION.match(version) and self.versions is not None \
-                and not await self.versions.may_pin(version):
-            raise BadOptions("model_version", f"No model version {version!r}; see GET /v1/models.")
+    async def _check_version(self, options: Options, changes: Any) -> None:
+        """Refuse pinning a version the options' model does not have (422), or one an admin did not make
+        pinnable (403 model_version_not_pinnable)."""
+        version = options.model_version
+        if version is not None and isinstance(changes, dict) and "model_version" in changes \
+                and not await self.models.catalogue_for(options).may_pin(version):
+            model = self.models.catalogue_for(options).name
+            raise BadOptions("model_version", f"No version {version!r} of the model {model!r}; see GET /v1/models.")

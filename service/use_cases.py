@@ -9,12 +9,12 @@ from typing import Any
 
 from service.auth import Authenticator
 from service.capture import Captures
-from service.catalogue import ModelCatalogue
 from service.classify import Classifier
 from service.dataplane import DataPlane
 from service.export import FeedbackExport
 from service.feedback import FeedbackService
 from service.history import History
+from service.models import Models
 from service.preprocess import Preprocessor
 from service.sessions import SessionService
 
@@ -46,7 +46,7 @@ class UseCases:
     feedback: FeedbackService
     feedback_export: FeedbackExport
     captures: Captures
-    model_versions: ModelCatalogue
+    models: Models  # every served model, each with its catalogue of versions
     in_flight: InFlight
     # The server's metrics (server.observability.Metrics: /metrics and the gRPC counters); typed loosely
     # because service/ does not import server/.

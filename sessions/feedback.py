@@ -11,7 +11,9 @@ an HMAC of its id under the server secret), never by its id:
     feedback:{<model>}:stats           hash: count:<version>, agree:<version> (feedback that agrees
                                        with the prediction's top-1) from sessions the version was
                                        assigned to; pinned_count:<version>, pinned_agree:<version>
-                                       from sessions that pinned it themselves (record.pinned)
+                                       from sessions that pinned it themselves (record.pinned). A
+                                       version of another model than <model> (the one the keys were
+                                       named after, `[model]`'s) is counted as <its model>/<version>
     feedback:{<model>}:session:<ref>   set: the members a session gave, for erasing and purging them and
                                        for its bound; expires with the retention of its newest record
     feedback:{<model>}:daily:<day>:<owner>  feedback given on one UTC day by one API key or client
@@ -53,8 +55,10 @@ local function uncount(text)
     local record = cjson.decode(text)
     local prefix = ''
     if record.pinned == true then prefix = '""" + PINNED_PREFIX + """' end
-    redis.call('HINCRBY', KEYS[3], prefix .. 'count:' .. record.model.version, -1)
-    if record.agrees then redis.call('HINCRBY', KEYS[3], prefix .. 'agree:' .. record.model.version, -1) end
+    local counter = record.model.version
+    if record.model.name ~= HOME then counter = record.model.name .. '/' .. counter end
+    redis.call('HINCRBY', KEYS[3], prefix .. 'count:' .. counter, -1)
+    if record.agrees then redis.call('HINCRBY', KEYS[3], prefix .. 'agree:' .. counter, -1) end
 end
 """
 
@@ -144,15 +148,18 @@ class FeedbackStore:
         base = f"feedback:{{{model_name}}}"
         self._records, self._index, self._stats = f"{base}:records", f"{base}:index", f"{base}:stats"
         self._session_prefix, self._daily_prefix = f"{base}:session:", f"{base}:daily:"
-        self._set = client.register_script(_SET_SCRIPT)
-        self._remove = client.register_script(_REMOVE_SCRIPT)
+        self.model_name = model_name
+        # The scripts name the counters of this model's versions as they were before several models were served.
+        home = f"local HOME = {json.dumps(model_name)}\n"
+        self._set = client.register_script(home + _SET_SCRIPT)
+        self._remove = client.register_script(home + _REMOVE_SCRIPT)
 
     def _session_key(self, ref_or_member: str) -> str:
         return self._session_prefix + ref_or_member.partition("/")[0]
 
     @store_errors
-    async def set(self, refs: list[str], history_id: str, record: dict[str, Any], *, at_ms: int, version: str,
-                  agrees: bool, keep_until_ms: int, owner: str, max_per_session: int, daily_limit: int,
+    async def set(self, refs: list[str], history_id: str, record: dict[str, Any], *, at_ms: int, model: str,
+                  version: str, agrees: bool, keep_until_ms: int, owner: str, max_per_session: int, daily_limit: int,
                   pinned: bool = False) -> bool:
         """Set or replace the feedback on one history item under the session's newest ref (`refs`, newest
         first: one under an older ref is replaced); True if it replaced earlier feedback.
@@ -165,7 +172,8 @@ class FeedbackStore:
                 *(self._session_key(ref) for ref in refs)]
         reply = await self._set(keys=keys, args=[
             member(refs[0], history_id), json.dumps(record, separators=(",", ":"), ensure_ascii=False), at_ms,
-            f"({at_ms + 1}", version, "1" if agrees else "0", keep_until_ms, max_per_session, daily_limit,
+            f"({at_ms + 1}", self._counter(model, version), "1" if agrees else "0", keep_until_ms, max_per_session,
+            daily_limit,
             (day + 1) * DAY_MS, PINNED_PREFIX if pinned else "", *(member(ref, history_id) for ref in refs[1:])])
         outcome, detail = reply[0], int(reply[1])
         if outcome == "session_limit":
@@ -230,19 +238,24 @@ class FeedbackStore:
                 return removed
 
     @store_errors
-    async def stats(self, *, pinned: bool = False) -> dict[str, tuple[int, int]]:
-        """version -> (feedback count, how many agree with the prediction), from the sessions it was
-        assigned to, or with `pinned` from those that pinned it."""
+    async def stats(self, model: str, *, pinned: bool = False) -> dict[str, tuple[int, int]]:
+        """version of `model` -> (feedback count, how many agree with the prediction), from the sessions it
+        was assigned to, or with `pinned` from those that pinned it."""
         fields = text_dict(await self.redis.hgetall(self._stats))
         stats: dict[str, tuple[int, int]] = {}
         for field, value in fields.items():
-            kind, _, version = field.partition(":")
-            if kind.startswith(PINNED_PREFIX) != pinned:
+            kind, _, counter = field.partition(":")
+            owner, _, version = counter.rpartition("/")
+            if kind.startswith(PINNED_PREFIX) != pinned or (owner or self.model_name) != model:
                 continue
             kind = kind.removeprefix(PINNED_PREFIX)
             count, agree = stats.get(version, (0, 0))
             stats[version] = (int(value), agree) if kind == "count" else (count, int(value))
         return stats
+
+    def _counter(self, model: str, version: str) -> str:
+        """The counters' name of `model`'s `version` (as the scripts' uncount makes it)."""
+        return version if model == self.model_name else f"{model}/{version}"
 
     @store_errors
     async def page(self, since_ms: int | float, until_ms: int | float, *, after: float | None,

@@ -220,7 +220,8 @@ class RunningServer:
     def __init__(self, server: Server):
         self.server, self.config, self.store, self.runner = server, server.config, server.store, server.runner
         self.use_cases = server.use_cases
-        self.versions = server.use_cases.model_versions
+        self.models = server.use_cases.models
+        self.versions = self.models.catalogue(None)  # the default model's
         self.served = self.versions.base  # the configured weights on their runtime, to share with another server
         self.url = f"http://127.0.0.1:{server.http.port}"
 

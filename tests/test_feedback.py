@@ -203,8 +203,8 @@ def test_agreement_per_version_adds_up_known_feedback(http: httpx.Client) -> Non
     assert http.delete(f"/v1/history/{items[3]['id']}/feedback", headers=auth).status_code == 204
     assert quality(http, version) == {"count": count - 1, "agreement": round(agreeing / (count - 1), 4)}
     metrics = http.get("/metrics").text
-    assert f'inference_feedback_total{{agreement="true",version="{version}"}}' in metrics
-    assert f'inference_feedback_total{{agreement="false",version="{version}"}}' in metrics
+    assert f'inference_feedback_total{{agreement="true",model="efficientnet_lite0",version="{version}"}}' in metrics
+    assert f'inference_feedback_total{{agreement="false",model="efficientnet_lite0",version="{version}"}}' in metrics
 
 
 def test_a_replayed_predict_shows_its_feedback(http: httpx.Client) -> None:

@@ -32,9 +32,11 @@ from core.options import IMAGENET_MEAN, IMAGENET_STD, Options
 from core.session import Session
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
+from inference.repository import ModelSpec
 from inference.runner import ModelRunner, ServedModel
 from service.catalogue import ModelCatalogue, VersionNotPinnable
 from service.loaded_versions import LoadedVersions
+from service.models import Models
 from sessions.feedback import DAY_MS
 from sessions.model_registry import Canary
 from sessions.store import canary_slot, owner_name, parse_history_id
@@ -253,6 +255,10 @@ class FakeVersions:
     the active one, the canary's and the `pinnable` ones (all published by default) may be pinned;
     another is refused with a 403."""
 
+    name = "fake-net"
+    spec = ModelSpec(name="fake-net", format="torchvision", architecture="fake", file="default", labels=LABELS,
+                     defaults=Options())
+
     def __init__(self, backend: FakeBackend | None = None, *, published: tuple[str, ...] = (),
                  canary: Canary | None = None, pinnable: tuple[str, ...] | None = None, active: str = "v1"):
         self.backend = backend or FakeBackend()
@@ -289,6 +295,12 @@ class FakeVersions:
         return True
 
 
+def fake_models(versions: FakeVersions | None = None) -> Models:
+    """The service's Models over one fake catalogue (`versions`, or a fresh FakeVersions): the real option
+    rules and routing, on the fake's versions."""
+    return Models({FakeVersions.name: versions or FakeVersions()}, FakeVersions.name)  # type: ignore[dict-item]
+
+
 class FakeFeedbackRecords:
     """`sessions.feedback.FeedbackStore` in memory: records by (session ref, history id), each with a score
     of its own (its time, and its place among the feedback of that millisecond), the counters per version
@@ -297,21 +309,21 @@ class FakeFeedbackRecords:
 
     def __init__(self) -> None:
         self.records: dict[tuple[str, str], tuple[float, str]] = {}  # -> (score, JSON record)
-        self.counters: dict[str, list[int]] = {}  # version -> [count, agree], from assigned sessions
-        self.pinned_counters: dict[str, list[int]] = {}  # the same from sessions that pinned the version
+        self.counters: dict[tuple[str, str], list[int]] = {}  # (model, version) -> [count, agree], assigned sessions
+        self.pinned_counters: dict[tuple[str, str], list[int]] = {}  # the same from sessions that pinned it
         self.daily: dict[tuple[int, str], int] = {}  # (UTC day, owner) -> feedback given
         self.pages: list[int] = []  # records handed out by each page() call
 
     def _count(self, record: dict[str, Any], step: int) -> None:
         counters = self.pinned_counters if record.get("pinned") is True else self.counters
-        counter = counters.setdefault(record["model"]["version"], [0, 0])
+        counter = counters.setdefault((record["model"]["name"], record["model"]["version"]), [0, 0])
         counter[0] += step
         counter[1] += step if record["agrees"] else 0
 
-    async def set(self, refs: list[str], history_id: str, record: dict[str, Any], *, at_ms: int, version: str,
-                  agrees: bool, keep_until_ms: int, owner: str, max_per_session: int, daily_limit: int,
+    async def set(self, refs: list[str], history_id: str, record: dict[str, Any], *, at_ms: int, model: str,
+                  version: str, agrees: bool, keep_until_ms: int, owner: str, max_per_session: int, daily_limit: int,
                   pinned: bool = False) -> bool:
-        assert record["model"]["version"] == version and record["agrees"] == agrees
+        assert record["model"] == {"name": model, "version": version} and record["agrees"] == agrees
         assert record.get("pinned", False) == pinned
         replaced = any((ref, history_id) in self.records for ref in refs)
         given = sum(1 for ref, _ in self.records if ref in refs)
@@ -364,9 +376,9 @@ class FakeFeedbackRecords:
             await self.delete([ref], history_id)
         return len(chosen)
 
-    async def stats(self, *, pinned: bool = False) -> dict[str, tuple[int, int]]:
+    async def stats(self, model: str, *, pinned: bool = False) -> dict[str, tuple[int, int]]:
         counters = self.pinned_counters if pinned else self.counters
-        return {version: (count, agree) for version, (count, agree) in counters.items()}
+        return {version: (count, agree) for (name, version), (count, agree) in counters.items() if name == model}
 
     async def page(self, since_ms: float, until_ms: float, *, after: float | None,
                    limit: int) -> tuple[list[dict[str, Any]], float | None]:

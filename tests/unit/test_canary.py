@@ -17,7 +17,7 @@ from service.feedback import FeedbackService
 from sessions.model_registry import Canary
 from sessions.store import canary_slot
 from sessions.tokens import TokenSigner, new_session_id
-from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions, solid_image
+from tests.unit.fakes import fake_models, LABELS, FakeFeedbackRecords, FakeStore, FakeVersions, solid_image
 
 pytestmark = pytest.mark.unit
 
@@ -62,7 +62,7 @@ def test_the_classifier_runs_each_session_on_its_version_and_a_pin_wins(store: F
                                                                         runner: ModelRunner) -> None:
     canary = Canary("v2", 50, "v1", 0)
     versions = FakeVersions(published=("v2", "v3"), canary=canary)
-    classifier = Classifier(store, runner, versions)  # type: ignore[arg-type]
+    classifier = Classifier(store, runner, fake_models(versions))  # type: ignore[arg-type]
     served: dict[str, set[str]] = {}
     for _ in range(20):
         session = asyncio.run(store.create(Options()))
@@ -83,7 +83,7 @@ def test_the_classifier_runs_each_session_on_its_version_and_a_pin_wins(store: F
 def test_a_session_may_pin_only_the_active_version_the_canarys_or_a_marked_one(store: FakeStore,
                                                                                runner: ModelRunner) -> None:
     versions = FakeVersions(published=("v2", "v3"), canary=Canary("v2", 50, "v1", 0), pinnable=())
-    classifier = Classifier(store, runner, versions)  # type: ignore[arg-type]
+    classifier = Classifier(store, runner, fake_models(versions))  # type: ignore[arg-type]
     session = asyncio.run(store.create(Options()))
     with pytest.raises(VersionNotPinnable) as caught:
         asyncio.run(classifier.classify(session, solid_image(1), Options(model_version="v3")))
@@ -101,8 +101,8 @@ def test_feedback_from_pinned_sessions_is_counted_apart_from_the_canarys_assigne
         store: FakeStore, runner: ModelRunner, signer: TokenSigner) -> None:
     canary = Canary("v2", 100, "v1", 0)  # every unpinned session is assigned the canary
     records = FakeFeedbackRecords()
-    feedback = FeedbackService(store, records, labels=lambda: LABELS, signer=signer)
-    classifier = Classifier(store, runner, FakeVersions(published=("v2",), canary=canary))  # type: ignore[arg-type]
+    feedback = FeedbackService(store, records, labels=lambda model: LABELS, signer=signer)
+    classifier = Classifier(store, runner, fake_models(FakeVersions(published=("v2",), canary=canary)))  # type: ignore[arg-type]
     assigned, pinned = asyncio.run(store.create(Options())), asyncio.run(store.create(Options(model_version="v2")))
     ours, _ = asyncio.run(classifier.classify(assigned, solid_image(1), assigned.options))
     theirs = [asyncio.run(classifier.classify(pinned, solid_image(1), pinned.options))[0] for _ in range(3)]
@@ -111,9 +111,9 @@ def test_feedback_from_pinned_sessions_is_counted_apart_from_the_canarys_assigne
     asyncio.run(feedback.give(assigned, ours["id"], {"label": wrong}))
     for item in theirs:  # the pinned session agrees with everything
         asyncio.run(feedback.give(pinned, item["id"], {"label": item["predicted_class"]}))
-    assert asyncio.run(feedback.quality())["v2"] == {"count": 1, "agreement": 0.0}
-    assert asyncio.run(feedback.quality(pinned=True))["v2"] == {"count": 3, "agreement": 1.0}
+    assert asyncio.run(feedback.quality("fake-net"))["v2"] == {"count": 1, "agreement": 0.0}
+    assert asyncio.run(feedback.quality("fake-net", pinned=True))["v2"] == {"count": 3, "agreement": 1.0}
     asyncio.run(feedback.give(pinned, theirs[0]["id"], {"label": wrong}))  # replaced: within its own count
     asyncio.run(feedback.erase(pinned.id))
-    assert asyncio.run(feedback.quality(pinned=True))["v2"] == {"count": 0, "agreement": None}
-    assert asyncio.run(feedback.quality())["v2"] == {"count": 1, "agreement": 0.0}
+    assert asyncio.run(feedback.quality("fake-net", pinned=True))["v2"] == {"count": 0, "agreement": None}
+    assert asyncio.run(feedback.quality("fake-net"))["v2"] == {"count": 1, "agreement": 0.0}

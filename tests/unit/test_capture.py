@@ -25,7 +25,7 @@ from service.classify import Classifier
 from sessions.tokens import TokenSigner
 from tests.conftest import DATA
 from tests.unit.conftest import SECRET
-from tests.unit.fakes import FakeCaptureRefs, FakeStore, FakeVersions, solid_image
+from tests.unit.fakes import fake_models, FakeCaptureRefs, FakeStore, FakeVersions, solid_image
 
 pytestmark = pytest.mark.unit
 
@@ -135,21 +135,21 @@ def test_kept_image_reads_its_source_once() -> None:
 def test_classify_keeps_the_image_before_recording_the_entry_that_names_it(
         store: FakeStore, runner: ModelRunner, tmp_path: Path, versions: FakeVersions) -> None:
     refs = FakeCaptureRefs()
-    classifier = Classifier(store, runner, versions, captures=captures(tmp_path, refs))
+    classifier = Classifier(store, runner, fake_models(versions), captures=captures(tmp_path, refs))
     session = asyncio.run(store.create(Options()))
     image = solid_image(4)
     answer, _ = asyncio.run(classifier.classify(session, image, Options()))
     assert answer["image"] == {"sha256": sha(image), "content_type": "image/png", "size": len(image)}
     assert copy_path(tmp_path, session.id, image).read_bytes() == image
     assert refs.sizes == {NAMES.session_ref(session.id): {sha(image): len(image)}}
-    off = Classifier(store, runner, versions, captures=captures(tmp_path / "off", FakeCaptureRefs(), enabled=False))
+    off = Classifier(store, runner, fake_models(versions), captures=captures(tmp_path / "off", FakeCaptureRefs(), enabled=False))
     assert asyncio.run(off.classify(session, image, Options()))[0]["image"] is None
     assert not (tmp_path / "off").exists()
 
 
 def test_only_the_image_is_kept_not_what_follows_it(store: FakeStore, runner: ModelRunner, tmp_path: Path,
                                                     versions: FakeVersions) -> None:
-    classifier = Classifier(store, runner, versions, captures=captures(tmp_path, FakeCaptureRefs()))
+    classifier = Classifier(store, runner, fake_models(versions), captures=captures(tmp_path, FakeCaptureRefs()))
     session = asyncio.run(store.create(Options()))
     image = solid_image(4, size=32)
     answer, _ = asyncio.run(classifier.classify(session, image + os.urandom(1 << 20), Options()))
@@ -161,7 +161,7 @@ def test_only_the_image_is_kept_not_what_follows_it(store: FakeStore, runner: Mo
 def test_a_prediction_that_is_not_recorded_lets_go_of_its_image(store: FakeStore, runner: ModelRunner,
                                                                 tmp_path: Path, versions: FakeVersions) -> None:
     refs = FakeCaptureRefs()
-    classifier = Classifier(store, runner, versions, captures=captures(tmp_path, refs))
+    classifier = Classifier(store, runner, fake_models(versions), captures=captures(tmp_path, refs))
     session = asyncio.run(store.create(Options()))
     asyncio.run(store.delete(session))  # logged out while the image was classified
     with pytest.raises(Exception, match="logged out"):
@@ -258,7 +258,7 @@ def test_past_the_queue_an_image_is_not_captured_and_the_prediction_is_still_rec
         store: FakeStore, runner: ModelRunner, tmp_path: Path, versions: FakeVersions) -> None:
     refs, skipped, waits = FakeCaptureRefs(), [], []
     kept = captures(tmp_path, refs, max_queue=1, on_skipped=skipped.append, on_queue_wait=waits.append)
-    classifier = Classifier(store, runner, versions, captures=kept)
+    classifier = Classifier(store, runner, fake_models(versions), captures=kept)
     release = threading.Event()
 
     async def scenario() -> tuple[dict, dict, list]:

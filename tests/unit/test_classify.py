@@ -16,7 +16,7 @@ from core.session import Session
 from inference.runner import ModelRunner
 from service.classify import Classifier
 from sessions.tokens import VerifiedToken
-from tests.unit.fakes import LABELS, FakeBackend, FakeStore, FakeVersions, solid_image
+from tests.unit.fakes import fake_models, LABELS, FakeBackend, FakeStore, FakeVersions, solid_image
 
 pytestmark = pytest.mark.unit
 
@@ -47,7 +47,7 @@ def test_classify_records_one_entry_and_answers_with_it(store: FakeStore, runner
                                                         backend: FakeBackend, fmt: str, versions: FakeVersions) -> None:
     session = new_session(store)
     options = Options(top_k=3)
-    classifier = Classifier(store, runner, versions)
+    classifier = Classifier(store, runner, fake_models(versions))
     answer, replayed = asyncio.run(classifier.classify(session, solid_image(7, fmt=fmt), options))
     assert not replayed
     assert set(answer) == ENTRY_KEYS | {"feedback", "timing_ms"}
@@ -69,7 +69,7 @@ def test_classify_records_one_entry_and_answers_with_it(store: FakeStore, runner
 def test_classify_replay_records_nothing_and_returns_the_first_answer(store: FakeStore, runner: ModelRunner,
                                                                      backend: FakeBackend,
                                                                      versions: FakeVersions) -> None:
-    classifier = Classifier(store, runner, versions)
+    classifier = Classifier(store, runner, fake_models(versions))
     session = new_session(store)
     first, _ = asyncio.run(classifier.classify(session, solid_image(2), Options(), "key-1"))
     again, replayed = asyncio.run(classifier.classify(retry_of(store, session, "key-1"), solid_image(8), Options(),
@@ -82,7 +82,7 @@ def test_classify_replay_records_nothing_and_returns_the_first_answer(store: Fak
 def test_classify_retry_that_raced_the_first_attempt_gets_its_answer(store: FakeStore, runner: ModelRunner,
                                                                      versions: FakeVersions) -> None:
     """Both attempts authenticated before either recorded: the store's record says which came first."""
-    classifier = Classifier(store, runner, versions)
+    classifier = Classifier(store, runner, fake_models(versions))
     session = new_session(store)
     first, _ = asyncio.run(classifier.classify(session, solid_image(2), Options(), "key-1"))
     second, replayed = asyncio.run(classifier.classify(session, solid_image(8), Options(), "key-1"))
@@ -92,7 +92,7 @@ def test_classify_retry_that_raced_the_first_attempt_gets_its_answer(store: Fake
 
 def test_classify_replay_of_an_entry_gone_is_a_409(runner: ModelRunner, versions: FakeVersions) -> None:
     store = FakeStore(history_max_entries=1)
-    classifier = Classifier(store, runner, versions)
+    classifier = Classifier(store, runner, fake_models(versions))
     session = new_session(store)
     asyncio.run(classifier.classify(session, solid_image(2), Options(), "key-1"))
     asyncio.run(classifier.classify(session, solid_image(3), Options()))  # the capped history drops key-1's entry
@@ -108,13 +108,13 @@ def test_classify_on_a_session_logged_out_meanwhile_answers_with_the_store_error
     session = new_session(store)
     asyncio.run(store.delete(session))
     with pytest.raises(InvalidToken) as caught:
-        asyncio.run(Classifier(store, runner, versions).classify(session, solid_image(4), Options()))
+        asyncio.run(Classifier(store, runner, fake_models(versions)).classify(session, solid_image(4), Options()))
     assert caught.value.code == "session_revoked"
 
 
 def test_classify_anonymous_runs_the_model_and_records_nothing(store: FakeStore, runner: ModelRunner,
                                                                backend: FakeBackend, versions: FakeVersions) -> None:
-    prediction = asyncio.run(Classifier(store, runner, versions).classify_anonymous(solid_image(5), Options(top_k=1)))
+    prediction = asyncio.run(Classifier(store, runner, fake_models(versions)).classify_anonymous(solid_image(5), Options(top_k=1)))
     assert [score.class_index for score in prediction.top_k] == [5]
     assert prediction.model == {"name": "fake-net", "version": "v1"}
     assert backend.forwards == [1] and store.calls == []
@@ -125,7 +125,7 @@ def test_classify_batch_records_one_entry_per_image_in_order(store: FakeStore, r
     session = new_session(store)
     options = Options(top_k=2)
     winners = [7, 2, 5]
-    result = asyncio.run(Classifier(store, runner, versions).classify_batch(
+    result = asyncio.run(Classifier(store, runner, fake_models(versions)).classify_batch(
         session, options, images=[solid_image(k) for k in winners]))
     assert result.probabilities.shape == (3, len(LABELS))
     assert list(result.probabilities.argmax(axis=1)) == winners
@@ -143,14 +143,14 @@ def test_classify_batch_of_a_tensor_records_each_row(store: FakeStore, runner: M
                                                      versions: FakeVersions) -> None:
     session = new_session(store)
     tensor = np.stack([asyncio.run(runner.preprocess(solid_image(k), Options())) for k in (1, 9)])
-    result = asyncio.run(Classifier(store, runner, versions).classify_batch(session, Options(), tensor=tensor))
+    result = asyncio.run(Classifier(store, runner, fake_models(versions)).classify_batch(session, Options(), tensor=tensor))
     assert list(result.probabilities.argmax(axis=1)) == [1, 9]
     assert [entry["predicted_class"] for entry in history(store, session)] == [1, 9]
 
 
 def test_classify_batch_without_a_session_records_nothing(store: FakeStore, runner: ModelRunner,
                                                           backend: FakeBackend, versions: FakeVersions) -> None:
-    classifier = Classifier(store, runner, versions)
+    classifier = Classifier(store, runner, fake_models(versions))
     result = asyncio.run(classifier.classify_batch(None, Options(), images=[solid_image(3)] * 2))
     assert list(result.probabilities.argmax(axis=1)) == [3, 3]
     assert sum(backend.forwards) == 2 and store.calls == []
@@ -158,7 +158,7 @@ def test_classify_batch_without_a_session_records_nothing(store: FakeStore, runn
 
 def test_a_pinned_version_is_loaded_before_it_runs_and_recorded(store: FakeStore, runner: ModelRunner) -> None:
     versions = FakeVersions(published=("v2",))
-    classifier = Classifier(store, runner, versions)  # type: ignore[arg-type]
+    classifier = Classifier(store, runner, fake_models(versions))  # type: ignore[arg-type]
     session = new_session(store)
     pinned = Options(model_version="v2")
     answer, _ = asyncio.run(classifier.classify(session, solid_image(6), pinned))
@@ -173,14 +173,14 @@ def test_a_pinned_version_is_loaded_before_it_runs_and_recorded(store: FakeStore
 def test_a_pinned_tensor_batch_runs_the_pinned_version(store: FakeStore, runner: ModelRunner) -> None:
     versions = FakeVersions(published=("v2",))
     tensor = asyncio.run(runner.preprocess(solid_image(4), Options()))[None]
-    result = asyncio.run(Classifier(store, runner, versions).classify_batch(  # type: ignore[arg-type]
+    result = asyncio.run(Classifier(store, runner, fake_models(versions)).classify_batch(  # type: ignore[arg-type]
         None, Options(model_version="v2"), tensor=tensor))
     assert versions.ensured == ["v2"] and result.model_version == "v2"
 
 
 def test_an_unpinned_session_does_not_ask_for_a_version(store: FakeStore, runner: ModelRunner) -> None:
     versions = FakeVersions(published=("v2",))
-    classifier = Classifier(store, runner, versions)  # type: ignore[arg-type]
+    classifier = Classifier(store, runner, fake_models(versions))  # type: ignore[arg-type]
     session = new_session(store)
     answer, _ = asyncio.run(classifier.classify(session, solid_image(1), Options()))
     asyncio.run(classifier.classify_batch(session, Options(), images=[solid_image(1)]))
@@ -189,7 +189,7 @@ def test_an_unpinned_session_does_not_ask_for_a_version(store: FakeStore, runner
 
 def test_a_removed_pinned_version_is_a_409_before_the_model_runs(store: FakeStore, runner: ModelRunner,
                                                                  backend: FakeBackend) -> None:
-    classifier = Classifier(store, runner, FakeVersions(backend))  # type: ignore[arg-type]
+    classifier = Classifier(store, runner, fake_models(FakeVersions(backend)))  # type: ignore[arg-type]
     session = new_session(store)
     gone = Options(model_version="gone")
     for call in (classifier.classify(session, solid_image(1), gone),

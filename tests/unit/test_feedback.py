@@ -29,9 +29,9 @@ SIGNER = TokenSigner([SECRET], max_age_seconds=3600)
 
 def service(store: FakeStore, records: FakeFeedbackRecords, seen: list | None = None, *,
             signer: TokenSigner = SIGNER, **limits: int) -> FeedbackService:
-    return FeedbackService(store, records, labels=lambda: LABELS, signer=signer,
+    return FeedbackService(store, records, labels=lambda model: LABELS, signer=signer,
                            limits=FeedbackLimits(**{"max_comment_bytes": 10, **limits}),
-                           on_feedback=(lambda version, agrees: seen.append((version, agrees))) if seen is not None
+                           on_feedback=(lambda model, version, agrees: seen.append((version, agrees))) if seen is not None
                            else None)
 
 
@@ -65,17 +65,17 @@ def test_feedback_is_recorded_replaced_counted_and_withdrawn(store: FakeStore) -
     item = asyncio.run(feedback.give(session, first, {"label": 3, "comment": "right"}))
     assert item["feedback"]["class_index"] == 3 and item["feedback"]["comment"] == "right"
     asyncio.run(feedback.give(session, second, {"label": "CLASS-4"}))
-    assert asyncio.run(feedback.quality()) == {"v1": {"count": 1, "agreement": 1.0},
+    assert asyncio.run(feedback.quality("fake-net")) == {"v1": {"count": 1, "agreement": 1.0},
                                                "v2": {"count": 1, "agreement": 0.0}}
     asyncio.run(feedback.give(session, first, {"label": 5}))  # replaces: v1 now disagrees
-    assert asyncio.run(feedback.quality())["v1"] == {"count": 1, "agreement": 0.0}
+    assert asyncio.run(feedback.quality("fake-net"))["v1"] == {"count": 1, "agreement": 0.0}
     assert seen == [("v1", True), ("v2", False), ("v1", False)]
     stored = asyncio.run(records.get_many([SIGNER.session_ref(session.id)], [first]))[0]
     assert stored["session"] == SIGNER.session_ref(session.id) and session.id not in str(stored)
     asyncio.run(feedback.withdraw(session, first))
-    assert asyncio.run(feedback.quality())["v1"] == {"count": 0, "agreement": None}
+    assert asyncio.run(feedback.quality("fake-net"))["v1"] == {"count": 0, "agreement": None}
     assert asyncio.run(feedback.erase(session.id)) == 1
-    assert asyncio.run(feedback.quality())["v2"] == {"count": 0, "agreement": None}
+    assert asyncio.run(feedback.quality("fake-net"))["v2"] == {"count": 0, "agreement": None}
 
 
 def test_refusals_come_before_anything_is_written(store: FakeStore) -> None:
@@ -103,7 +103,7 @@ def test_feedback_that_races_an_erase_is_undone(store: FakeStore) -> None:
     store.alive = erased_meanwhile  # type: ignore[method-assign]
     with pytest.raises(InvalidToken):
         asyncio.run(feedback.give(session, history_id, {"label": 1}))
-    assert records.records == {} and asyncio.run(feedback.quality()) == {"v1": {"count": 0, "agreement": None}}
+    assert records.records == {} and asyncio.run(feedback.quality("fake-net")) == {"v1": {"count": 0, "agreement": None}}
 
 
 def test_a_comment_is_bounded_in_utf8_bytes_not_characters(store: FakeStore) -> None:

@@ -36,7 +36,7 @@ def test_page_size_of_digits_int_refuses_is_a_400(text: str) -> None:
 
 
 def test_pages_run_newest_first_and_items_are_found_by_id(store: FakeStore, signer: TokenSigner) -> None:
-    feedback = FeedbackService(store, FakeFeedbackRecords(), labels=lambda: LABELS, signer=signer)
+    feedback = FeedbackService(store, FakeFeedbackRecords(), labels=lambda model: LABELS, signer=signer)
     session = asyncio.run(store.create(Options()))
     pages = history.History(store, feedback, captures=None)  # type: ignore[arg-type]  # no image is read here
     ids = [asyncio.run(store.record(session, {"n": n}))[0] for n in range(3)]

@@ -12,14 +12,14 @@ from service.auth import Authenticator, AuthSettings, Policy
 from service.feedback import FeedbackService
 from service.sessions import SessionService
 from sessions.tokens import TokenSigner
-from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions
+from tests.unit.fakes import fake_models, LABELS, FakeFeedbackRecords, FakeStore, FakeVersions
 
 pytestmark = pytest.mark.unit
 
 
 def service(store: FakeStore, signer: TokenSigner, *published: str) -> tuple[SessionService, FakeVersions]:
     versions = FakeVersions(published=published)
-    return SessionService(store, signer, versions), versions  # type: ignore[arg-type]
+    return SessionService(store, signer, fake_models(versions)), versions
 
 
 def test_login_merges_the_options_into_the_defaults_and_signs_the_session(store: FakeStore,
@@ -93,7 +93,7 @@ def test_logout_revokes_the_token(store: FakeStore, signer: TokenSigner) -> None
 
 def test_an_erase_revokes_last_so_a_retry_after_a_failure_finishes_it(store: FakeStore, signer: TokenSigner) -> None:
     records, erased = FakeFeedbackRecords(), []
-    feedback = FeedbackService(store, records, labels=lambda: LABELS, signer=signer)  # type: ignore[arg-type]
+    feedback = FeedbackService(store, records, labels=lambda model: LABELS, signer=signer)  # type: ignore[arg-type]
     sessions = SessionService(store, signer, feedback=feedback, on_erased=lambda: erased.append(1))  # type: ignore[arg-type]
     token, session = asyncio.run(sessions.login({}))
     auth = Authenticator(signer, store, AuthSettings())  # type: ignore[arg-type]
