@@ -18,13 +18,14 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from core.errors import ServiceError
+from inference.loading import LoadedBackends
 from inference.runner import ModelRunner, ServedModel
 from inference.selection import Candidate
 from server.balance import SharedCounts
 from server.config import Config, ConfigError
 from server.embedded_redis import RewriteAfterErase
 from server.observability import Metrics, count_sessions_forever
-from server.runtime import build_backend, build_runner, build_served, build_store
+from server.runtime import build_backend, build_runner, build_served, build_store, configured
 from server.transports import Transport
 from server.transports import grpc as grpc_transport
 from server.transports import http as http_transport
@@ -171,7 +172,7 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     `counts` and `slot`: this is process `slot` of several sharing the sockets (see server.balance).
     `on_ready`: told the ready line's text instead of logging it (the supervisor logs one line for all)."""
     counts = counts or SharedCounts(1)
-    served = build_served(config)
+    served = build_served(config, configured(config), LoadedBackends(config.models.max_loaded))
     runner = build_runner(config, siblings=counts.siblings(slot))
     store = build_store(config, redis_url)
     if wrap_store is not None:
@@ -250,8 +251,9 @@ def make_model_versions(config: Config, store: SessionStore, served: ServedModel
                         feedback: FeedbackService | None = None) -> ModelCatalogue:
     store_dir = config.folder(config.models.store_dir, "models")
     same_runtime = Candidate(served.backend.name, served.backend.precision)  # what the configured weights run on
+    spec = configured(config)
     return ModelCatalogue(ModelRegistry(store.redis), served, store_dir=store_dir,
-                         backend_for=lambda model: build_backend(config, model, same_runtime), feedback=feedback)
+                         backend_for=lambda model: build_backend(config, spec, model, same_runtime), feedback=feedback)
 
 
 def metrics_of(runner: ModelRunner) -> Metrics:

@@ -26,7 +26,7 @@ import torchvision
 
 from clients.python import AuthError, Client, InferenceError, ValidationError
 from inference.runner import ServedModel
-from server.runtime import build_runner, build_served
+from server.runtime import build_runner, serve_loaded
 from service.auth import api_key_hash
 from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config, wait_for, wait_until
 from tests.test_replicas import server_process
@@ -210,7 +210,7 @@ class HeldBackend:
 
 def test_a_request_in_flight_finishes_on_the_old_weights(serve, redis_server, default_model, tmp_path, hen) -> None:
     config = weights_config(redis_server.url, tmp_path)
-    runner, configured = build_runner(config), build_served(config, default_model)
+    runner, configured = build_runner(config), serve_loaded(config, default_model)
     held = HeldBackend(configured.backend)  # the current (old) weights, held mid-forward
     version = version_name("inflight")
     try:
