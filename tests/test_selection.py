@@ -187,7 +187,7 @@ def test_an_export_without_its_torch_reference_is_not_guarded_against_itself(onn
     graph = tmp_path / onnx_path.name
     shutil.copy(onnx_path, graph)  # no reference beside it
     config = make_config(model={"runtime_trial_seconds": 0.1, "cache_dir": str(tmp_path)})
-    with pytest.raises(ModelLoadError, match="no readable torch FP32 reference"):
+    with pytest.raises(ModelLoadError, match="no readable FP32 reference"):
         runtime_choice(config, graph)
 
 

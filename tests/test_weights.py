@@ -376,8 +376,8 @@ def test_a_version_whose_export_disagrees_with_its_torch_reference_is_refused(
     config = weights_config(redis_server.url, store_dir, db=onnx_db, runtime="onnxruntime")
     export, altered = torch_model._export, []
 
-    def altered_export(model, path: Path) -> None:  # what an exporter bug would leave in the cache
-        export(model, path)
+    def altered_export(model, path: Path, spec) -> None:  # what an exporter bug would leave in the cache
+        export(model, path, spec)
         reverse_the_classifier_bias(path)
         altered.append(path)
 
