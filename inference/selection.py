@@ -20,6 +20,7 @@ at least 4 of its top 5, and every probability within GUARD_TOLERANCE of it (1e-
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import functools
 import hashlib
@@ -39,7 +40,7 @@ from typing import Any
 import numpy as np
 
 from core.files import write_atomically
-from core.options import Options
+from core.options import CROP_RANGE, INTERPOLATIONS, Options
 from inference import backends, imaging
 from inference.model import AccuracyGuardFailed, Backend, ModelLoadError, softmax
 from inference.pixels import PIXEL_GRAPH_VERSION, PixelBatch
@@ -49,18 +50,31 @@ log = logging.getLogger(__name__)
 GUARD_TOLERANCE = {"fp32": 1e-3, "bf16": 0.03}
 GUARD_TOP5_OVERLAP = 4
 GUARD_DIR = Path(__file__).with_name("guard")
-#: The option sets the guard runs each photo under: every interpolation, grayscale, another crop.
-GUARD_OPTIONS = {
-    "default": Options(),
-    "bicubic": Options(interpolation="bicubic"),
-    "nearest": Options(interpolation="nearest"),
-    "grayscale": Options(color="grayscale"),
-    "crop160": Options(resize=182, crop=160),
-}
+
+
+def guard_options(defaults: Options | None = None, input_size: int | None = None) -> dict[str, Options]:
+    """The option sets the guard runs each photo under, from a model's own preprocessing defaults: those
+    defaults, every other interpolation, grayscale, and a smaller crop (unless the model takes one size)."""
+    defaults = defaults or Options()
+    variants = {"default": defaults}
+    for interpolation in INTERPOLATIONS:
+        if interpolation != defaults.interpolation:
+            variants[interpolation] = dataclasses.replace(defaults, interpolation=interpolation)
+    variants["grayscale"] = dataclasses.replace(defaults, color="grayscale")
+    if input_size is None:
+        crop = max(CROP_RANGE[0], defaults.crop * 5 // 7)
+        variants[f"crop{crop}"] = dataclasses.replace(defaults, crop=crop,
+                                                      resize=max(crop, defaults.resize * crop // defaults.crop))
+    return variants
+
+
+#: The option sets of a model with the default preprocessing ([model]'s).
+GUARD_OPTIONS = guard_options()
 # Bump when the trial changes what it measures: cached choices are keyed by it.
 SELECTION_VERSION = "4"
-# Bump when what the reference holds changes: reference files are named by it.
-REFERENCE_VERSION = "torch-fp32-1"
+# Bump when what the reference holds changes, or how guard_options makes its sets: reference files are
+# named by it.
+REFERENCE_VERSION = "fp32-options-2"
 _GUARD_MAX_PIXELS = 40_000_000
 _TRIAL_TIMEOUT_SECONDS = 600
 
@@ -240,8 +254,7 @@ def measure(onnx_path: Path, pool: list[Candidate], *, cpu: str, workers: int,
             make: Callable[[Candidate], Backend], trial_seconds: float) -> Choice:
     """Guard every candidate against the export's torch FP32 reference, and time it unless `trial_seconds`
     is 0; the fastest that passes wins. When none passes, the choice names no runtime (`refused`)."""
-    cases = guard_cases()
-    reference = reference_probabilities(onnx_path, cases)
+    cases, reference = reference_cases(onnx_path)
     trials = []
     for candidate in pool:
         trial = Trial(candidate.runtime, candidate.precision)
@@ -263,24 +276,31 @@ def measure(onnx_path: Path, pool: list[Candidate], *, cpu: str, workers: int,
 class GuardCase:
     name: str  # "<photo> <option set>"
     batch: PixelBatch
+    photo: str = ""  # the file in inference/guard/
+    options: Options = field(default_factory=Options)
 
 
-def guard_cases() -> list[GuardCase]:
-    """Each photo in inference/guard/ under each of GUARD_OPTIONS, preprocessed as the server does."""
+def guard_cases(option_sets: dict[str, Options] | None = None) -> list[GuardCase]:
+    """Each photo in inference/guard/ under each option set (GUARD_OPTIONS unless given: a model's own are
+    `guard_options(spec.defaults, spec.input_size)`), preprocessed as the server does."""
     cases = []
     for photo in sorted(GUARD_DIR.glob("*.jpg")):
         data = photo.read_bytes()
-        for label, options in GUARD_OPTIONS.items():
-            cases.append(GuardCase(f"{photo.name} {label}",
-                                   imaging.prepare(data, options, max_pixels=_GUARD_MAX_PIXELS)))
+        for label, options in (option_sets or GUARD_OPTIONS).items():
+            cases.append(_case(photo.name, label, options, data))
     return cases
+
+
+def _case(photo: str, label: str, options: Options, data: bytes) -> GuardCase:
+    return GuardCase(f"{photo} {label}", imaging.prepare(data, options, max_pixels=_GUARD_MAX_PIXELS), photo, options)
 
 
 @functools.cache  # the photos and libraries do not change while a process runs
 def guard_key() -> str:
-    """What the guard's cases are made of: the photos, the option sets and the decoders that turn them
-    into pixels. A reference computed from other cases is not this guard's reference."""
-    parts = [REFERENCE_VERSION, PIXEL_GRAPH_VERSION, repr(sorted(GUARD_OPTIONS.items()))]
+    """What the guard's cases are made of: the photos, how the option sets are made and the decoders that
+    turn them into pixels. A reference computed from other cases is not this guard's reference. (The
+    option sets themselves are stored in the reference: a graph's export is keyed by its model's defaults.)"""
+    parts = [REFERENCE_VERSION, PIXEL_GRAPH_VERSION]
     parts += [f"{photo.name}:{hashlib.sha256(photo.read_bytes()).hexdigest()}"
               for photo in sorted(GUARD_DIR.glob("*.jpg"))]
     for package in ("pillow", "simplejpeg"):
@@ -290,18 +310,37 @@ def guard_key() -> str:
 
 
 def reference_path(onnx_path: Path) -> Path:
-    """Where the torch FP32 reference of the graph at `onnx_path` is kept: beside it, named by the guard."""
+    """Where the FP32 reference of the graph at `onnx_path` is kept: beside it, named by the guard."""
     return onnx_path.with_name(f"{onnx_path.stem}.reference-{guard_key()}.npz")
 
 
 def write_reference(onnx_path: Path, cases: list[GuardCase], probabilities: list[np.ndarray]) -> Path:
-    """Store `probabilities` (torch FP32's, one row per case) as the reference of the graph at `onnx_path`."""
+    """Store `probabilities` (the source model's FP32 answers, one row per case) as the reference of the graph
+    at `onnx_path`, with each case's photo and options, so that a reader rebuilds the cases (`reference_cases`)."""
     buffer = io.BytesIO()
-    np.savez(buffer, cases=np.array([case.name for case in cases]),
+    np.savez(buffer, cases=np.array([case.name for case in cases]), photos=np.array([case.photo for case in cases]),
+             options=np.array([json.dumps(case.options.to_dict()) for case in cases]),
              probabilities=np.stack(probabilities).astype(np.float32))
     path = reference_path(onnx_path)
     write_atomically(path, buffer.getvalue())
     return path
+
+
+def reference_cases(onnx_path: Path) -> tuple[list[GuardCase], list[np.ndarray]]:
+    """The guard's cases of the graph at `onnx_path` (its model's option sets, as stored with the reference)
+    and the reference's probabilities for them: what `check` and `measure` hold a runtime to."""
+    path = reference_path(onnx_path)
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            names, photos, options = stored["cases"].tolist(), stored["photos"].tolist(), stored["options"].tolist()
+            probabilities = stored["probabilities"]
+        photo_bytes = {photo: (GUARD_DIR / photo).read_bytes() for photo in set(photos)}
+        cases = [_case(photo, name.partition(" ")[2], Options().merged(json.loads(text)), photo_bytes[photo])
+                 for name, photo, text in zip(names, photos, options, strict=True)]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"The export {onnx_path.name} has no readable FP32 reference "
+                             f"({type(exc).__name__}); export it again (delete it from the model cache).") from None
+    return cases, list(probabilities)
 
 
 def reference_probabilities(onnx_path: Path, cases: list[GuardCase]) -> list[np.ndarray]:
@@ -321,13 +360,15 @@ def reference_probabilities(onnx_path: Path, cases: list[GuardCase]) -> list[np.
 
 
 def compare(reference: np.ndarray, candidate: np.ndarray, tolerance: float) -> tuple[bool, dict[str, Any]]:
-    """The guard on one probability row: same top-1, GUARD_TOP5_OVERLAP of the top 5, within `tolerance`."""
+    """The guard on one probability row: same top-1, GUARD_TOP5_OVERLAP of the top 5 (all of them for a
+    model of fewer classes: its top 5 is every class), within `tolerance`."""
     top5_ref, top5 = set(np.argsort(reference)[-5:]), set(np.argsort(candidate)[-5:])
+    required = min(GUARD_TOP5_OVERLAP, len(top5_ref))
     same_top1 = int(reference.argmax()) == int(candidate.argmax())
     overlap = len(top5_ref & top5)
     delta = float(np.abs(reference - candidate).max())
     why = [] if same_top1 else ["top-1 changed"]
-    if overlap < GUARD_TOP5_OVERLAP:
+    if overlap < required:
         why.append(f"{overlap} of the top 5 kept")
     if delta > tolerance:
         why.append(f"a probability moved {delta:.4f} (tolerance {tolerance:g})")
@@ -363,9 +404,8 @@ def guard(backend: Backend, cases: list[GuardCase], reference: list[np.ndarray],
 def check(backend: Backend, onnx_path: Path, what: str) -> None:
     """Hold `backend`, serving the graph at `onnx_path`, to the guard against that graph's torch FP32
     reference; raises AccuracyGuardFailed naming `what` (the runtime and the version) and the worst case."""
-    cases = guard_cases()
-    passed, worst = guard(backend, cases, reference_probabilities(onnx_path, cases),
-                          GUARD_TOLERANCE[backend.precision])
+    cases, reference = reference_cases(onnx_path)
+    passed, worst = guard(backend, cases, reference, GUARD_TOLERANCE[backend.precision])
     if not passed:
         raise AccuracyGuardFailed(f"{what} fails the accuracy guard against its torch FP32 reference: {worst['why']}.")
 

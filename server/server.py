@@ -15,10 +15,12 @@ import socket
 from collections.abc import Callable
 
 import redis.asyncio as aioredis
-from inference.loading import LoadedBackends
 from redis.exceptions import RedisError
 
 from core.errors import ServiceError
+from inference.loading import LoadedBackends
+from inference.model import Backend, LoadedModel
+from inference.repository import ModelSpec
 from inference.runner import ModelRunner, ServedModel
 from inference.selection import Candidate
 from server.balance import SharedCounts
@@ -64,10 +66,10 @@ StoreWrapper = Callable[[SessionStore], SessionStore]
 class Server:
     """One serving process: the use cases built once, the transports, the background tasks."""
 
-    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel,
+    def __init__(self, config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel | None,
                  sockets: list[socket.socket], *, counts: SharedCounts | None = None, slot: int = 0,
                  models: Models | None = None):
-        """`served`: the configured weights on their runtime (server.runtime.build_served); `sockets`: the
+        """`served`: `[model]`'s weights on their runtime, or None to build them (server.runtime); `sockets`: the
         listening HTTP sockets; `counts` and `slot`: this is process `slot` of several sharing them (see
         server.balance)."""
         self.config, self.store, self.runner, self.sockets = config, store, runner, sockets
@@ -173,12 +175,11 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     `counts` and `slot`: this is process `slot` of several sharing the sockets (see server.balance).
     `on_ready`: told the ready line's text instead of logging it (the supervisor logs one line for all)."""
     counts = counts or SharedCounts(1)
-    served = build_served(config)
     runner = build_runner(config, siblings=counts.siblings(slot))
     store = build_store(config, redis_url)
     if wrap_store is not None:
         store = wrap_store(store)
-    server = Server(config, store, runner, served, sockets, counts=counts, slot=slot)
+    server = Server(config, store, runner, None, sockets, counts=counts, slot=slot)
     try:
         addresses = await server.start()
     except ConfigError:
@@ -192,6 +193,7 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
     # "ready" means ready: not said until the store answers (server.startup has said once if it did not).
     if not await _store_answers(store, stop):
         return await _shut_down(server, runner, store, config)
+    served = server.use_cases.models.catalogue(None).active  # the default model's
     details = (f"model={served.model.name} version={served.model.version} runtime={served.backend.name} "
                f"precision={served.backend.precision} device={config.model.device} workers={config.model.workers} "
                f"store={store_text}")
@@ -248,23 +250,27 @@ def auth_settings(config: Config) -> AuthSettings:
                         login_rate_limit_per_minute=config.sessions.login_rate_limit_per_minute)
 
 
-def make_models(config: Config, store: SessionStore, served: ServedModel,
+def make_models(config: Config, store: SessionStore, served: ServedModel | None = None,
                 feedback: FeedbackService | None = None) -> Models:
-    """Every served model with its catalogue of versions: `served` is `[model]`'s weights on their runtime;
-    the repository's models are read from their exports here and put on their runtimes on first use (at most
-    models.max_loaded versions per process)."""
+    """Every served model with its catalogue of versions, each model's own weights read from its export here
+    and put on their runtime on first use; at most models.max_loaded versions per process stay on theirs.
+    `served`: `[model]`'s weights on their runtime already (tests share one between servers)."""
     store_dir = config.folder(config.models.store_dir, "models")
     registry = ModelRegistry(store.redis)
     loaded = LoadedBackends(config.models.max_loaded)
     catalogues = {}
     for name, spec in config.model_specs().items():
-        own = served if name == config.model.name else build_served(config, spec, loaded)
-        # A published version runs on what the model's own weights run on.
-        same_runtime = Candidate(own.backend.name, own.backend.precision)
-        catalogues[name] = ModelCatalogue(
-            registry, spec, own, store_dir=store_dir, feedback=feedback,
-            backend_for=lambda model, spec=spec, runtime=same_runtime: build_backend(config, spec, model, runtime))
+        own = served if served is not None and name == config.model.name else build_served(config, spec, loaded)
+        catalogues[name] = ModelCatalogue(registry, spec, own, store_dir=store_dir, feedback=feedback,
+                                          backend_for=_versions_backend(config, spec, own, loaded))
     return Models(catalogues, config.default_model)
+
+
+def _versions_backend(config: Config, spec: ModelSpec, own: ServedModel,
+                      loaded: LoadedBackends) -> Callable[[LoadedModel], Backend]:
+    """How a published version of `spec`'s model gets its runtime: the one the model's own weights run on."""
+    same_runtime = Candidate(own.backend.name, own.backend.precision)
+    return lambda model: build_backend(config, spec, model, same_runtime, loaded=loaded)
 
 
 def metrics_of(runner: ModelRunner) -> Metrics:
@@ -308,7 +314,7 @@ def make_rewrite_after_erase(config: Config, store: SessionStore) -> RewriteAfte
     return RewriteAfterErase(client, interval)
 
 
-def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel,
+def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner, served: ServedModel | None,
                     models: Models | None = None, on_erased: Callable[[], None] | None = None) -> UseCases:
     """The service layer for one process, shared by every transport. The models (`[model]`'s serving
     `served` until an activation) use the store's Redis unless given; `on_erased`: told after an erase (the

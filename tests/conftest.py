@@ -28,7 +28,7 @@ from inference.model import LoadedModel
 from inference.runner import ModelRunner, ServedModel
 from server.config import Config
 from server.embedded_redis import redis_server_binary
-from server.runtime import build_runner, build_served, build_store
+from server.runtime import build_runner, build_store, serve_loaded
 from server.server import Server
 
 DATA = Path(__file__).parent / "data"
@@ -242,7 +242,7 @@ def serve(loop_thread: LoopThread, redis_server: RedisServer, default_model: Loa
             config.redis.url = redis_server.url
         owns_runner = runner is None
         runner = runner or build_runner(config)
-        served = served or build_served(config, default_model)
+        served = served or serve_loaded(config, default_model)
 
         server = loop_thread.start_server(config, runner, served)
         try:

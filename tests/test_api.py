@@ -382,10 +382,10 @@ class SlowBackend:
 
 def test_ioloop_stays_responsive_while_inference_is_busy(serve, default_model) -> None:
     from inference.runner import ServedModel
-    from server.runtime import build_runner, build_served
+    from server.runtime import build_runner, serve_loaded
 
     config = make_config()
-    runner, configured = build_runner(config), build_served(config, default_model)
+    runner, configured = build_runner(config), serve_loaded(config, default_model)
     slow = SlowBackend(configured.backend)
     with serve(config, runner=runner, served=ServedModel(configured.model, slow)) as server, \
             server.client() as client:
@@ -405,10 +405,10 @@ def test_ioloop_stays_responsive_while_inference_is_busy(serve, default_model) -
 
 def test_full_queue_gives_fast_503(serve, default_model) -> None:
     from inference.runner import ServedModel
-    from server.runtime import build_runner, build_served
+    from server.runtime import build_runner, serve_loaded
 
     config = make_config(model={"max_queue": 1, "workers": 1})
-    runner, configured = build_runner(config), build_served(config, default_model)
+    runner, configured = build_runner(config), serve_loaded(config, default_model)
     slow = SlowBackend(configured.backend)
     with serve(config, runner=runner, served=ServedModel(configured.model, slow)) as server, \
             server.client() as client:
@@ -433,10 +433,10 @@ class FailingBackend:
 
 def test_failing_model_gives_500_inference_failed(serve, default_model) -> None:
     from inference.runner import ServedModel
-    from server.runtime import build_runner, build_served
+    from server.runtime import build_runner, serve_loaded
 
     config = make_config()
-    runner, configured = build_runner(config), build_served(config, default_model)
+    runner, configured = build_runner(config), serve_loaded(config, default_model)
     with serve(config, runner=runner, served=ServedModel(configured.model, FailingBackend())) as server, \
             server.client() as client:
         auth = login(client)

@@ -19,7 +19,7 @@ import tornado.netutil
 from inference.runner import ModelRunner, ServedModel
 from server.balance import SharedCounts
 from server.config import Config
-from server.runtime import build_runner, build_served, build_store
+from server.runtime import build_runner, build_store, serve_loaded
 from server.server import Server
 from tests.conftest import CAT_JPEG, LoopThread, RedisServer, login, make_config, wait_for
 
@@ -38,7 +38,7 @@ def runner() -> Iterator[ModelRunner]:
 @pytest.fixture(scope="module")
 def served(default_model: Any) -> ServedModel:
     """The model the balanced server serves, on its runtime."""
-    return build_served(make_config(), default_model)
+    return serve_loaded(make_config(), default_model)
 
 
 def connect(url: str, receive_buffer: int | None = None) -> socket.socket:

@@ -19,7 +19,7 @@ from PIL import Image
 from core.errors import StoreUnavailable
 from inference.model import LoadedModel
 from server.embedded_redis import EmbeddedRedis
-from server.runtime import build_runner, build_served
+from server.runtime import build_runner, serve_loaded
 from service.capture import Captures
 from service.feedback import FeedbackService
 from sessions.store import STORE_UNAVAILABLE_MESSAGE, SessionStore
@@ -146,7 +146,7 @@ def test_erased_data_leaves_the_embedded_redis_files(tmp_path: Path, loop_thread
     runner = build_runner(config)
 
     # As the CLI does: config says "embedded", this is its socket.
-    server = loop_thread.start_server(config, runner, build_served(config, default_model), embedded.url)
+    server = loop_thread.start_server(config, runner, serve_loaded(config, default_model), embedded.url)
     port, rewrites = server.http.port, server.rewrite_after_erase
     client = redis.Redis(unix_socket_path=str(embedded.socket), socket_timeout=5)
     folder = embedded.data_dir

@@ -17,7 +17,7 @@ import torch
 from core.options import Options
 from inference.backends.torch_backend import TorchBackend
 from inference.torch_model import load_model
-from server.runtime import build_runner, build_served
+from server.runtime import build_runner, serve_loaded
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config
 from tests.test_cli import running_server
 from tests.test_runtimes import PHOTOS, probabilities
@@ -42,7 +42,7 @@ def test_the_gpu_gives_the_cpus_answer(options: Options) -> None:
 def test_micro_batching_on_the_gpu_answers_each_caller_under_its_own_options() -> None:
     config = make_config(model={"runtime": "torch", "device": DEVICE, "workers": 4,
                                 "max_batch_size": 8, "max_batch_delay_ms": 20})
-    runner, served = build_runner(config), build_served(config, load_model("efficientnet_lite0", "default"))
+    runner, served = build_runner(config), serve_loaded(config, load_model("efficientnet_lite0", "default"))
 
     async def main():
         requests = [(CAT_JPEG, Options(top_k=1 + i % 5)) for i in range(12)]

@@ -30,7 +30,7 @@ from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from inference.imaging import preprocess
 from inference.runner import ServedModel
 from server.config import ConfigError, validate
-from server.runtime import build_runner, build_served
+from server.runtime import build_runner, serve_loaded
 from server.server import make_signer
 from server.transports.grpc import GrpcTransport
 from sessions.tokens import new_session_id
@@ -320,7 +320,7 @@ def server_live(address: str) -> grpc.RpcError | pb.ServerLiveResponse:
 def test_calls_beyond_max_concurrent_calls_are_refused_before_authentication(serve, loop_thread,
                                                                             default_model) -> None:
     config = make_config(grpc={"max_concurrent_calls": 2}, model={"workers": 2, "max_queue": 16})
-    runner, configured = build_runner(config), build_served(config, default_model)
+    runner, configured = build_runner(config), serve_loaded(config, default_model)
     gate = GatedBackend(configured.backend)
     forged = "Bearer forged.token.here"
     try:

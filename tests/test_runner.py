@@ -16,7 +16,7 @@ from handlers.predict import ImageUpload
 from inference.model import LoadedModel
 from inference.pixels import PixelBatch
 from inference.runner import ModelRunner, ServedModel
-from server.runtime import build_runner, build_served
+from server.runtime import build_runner, serve_loaded
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, make_config, wait_until_async
 
 
@@ -30,7 +30,7 @@ def runner():
 @pytest.fixture(scope="module")
 def served(default_model) -> ServedModel:
     """The default model on its configured runtime: what each call hands the runner."""
-    return build_served(make_config(), default_model)
+    return serve_loaded(make_config(), default_model)
 
 
 def test_each_caller_gets_its_own_result_and_options(runner: ModelRunner, served: ServedModel) -> None:

@@ -20,8 +20,9 @@ from inference.backends.onnxruntime_backend import OnnxBackend
 from inference.backends.torch_backend import TorchBackend
 from inference.imaging import preprocess
 from inference.model import ModelLoadError, load_exported, manifest_path, softmax
+from inference.repository import configured_spec
 from inference.torch_model import export_onnx, load_model
-from server.runtime import build_runner, build_served
+from server.runtime import build_runner, serve_loaded
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, DATA, MODEL_CACHE, make_config
 
 PHOTOS = {"cat": CAT_JPEG, "coffee": COFFEE_JPEG}
@@ -77,7 +78,7 @@ def test_draft_decode_keeps_the_top_1(default_model) -> None:
 
 def test_micro_batching_gives_each_caller_its_own_result(default_model) -> None:
     config = make_config(model={"max_batch_size": 8, "max_batch_delay_ms": 20, "workers": 1})
-    runner, served = build_runner(config), build_served(config, default_model)
+    runner, served = build_runner(config), serve_loaded(config, default_model)
 
     async def main():
         requests = [(CAT_JPEG, Options(top_k=1 + i % 4)) for i in range(6)]
@@ -92,7 +93,7 @@ def test_micro_batching_gives_each_caller_its_own_result(default_model) -> None:
         assert result.top_k[0].class_index in (CAT_CLASSES if image is CAT_JPEG else COFFEE_CLASSES)
     # Batched answers equal unbatched ones.
     single = build_runner(make_config())
-    alone = asyncio.run(single.predict(build_served(make_config(), default_model), CAT_JPEG, Options(top_k=4)))
+    alone = asyncio.run(single.predict(serve_loaded(make_config(), default_model), CAT_JPEG, Options(top_k=4)))
     single.close()
     batched = results[3]
     assert [s.class_index for s in batched.top_k] == [s.class_index for s in alone.top_k]
@@ -114,18 +115,19 @@ import json, sys
 import server.app, server.cli  # everything a serving process imports
 from server.config import Config
 from inference.imaging import preprocess
-from server.runtime import build_runner, build_served
+from inference.loading import LoadedBackends
+from server.runtime import build_runner, build_served, configured
 from core.options import Options
 
 config = Config()
 config.model.cache_dir = {str(MODEL_CACHE)!r}
-runner, served = build_runner(config), build_served(config)
+runner, served = build_runner(config), build_served(config, configured(config), LoadedBackends(1))
 image = open({str(DATA / 'cat.jpg')!r}, "rb").read()
 logits = served.backend.forward(preprocess(image, Options(), max_pixels=10**8)[None])
 print(json.dumps({{"version": served.model.version, "labels": served.model.labels, "top1": int(logits.argmax()),
                   "torch": "torch" in sys.modules}}))
 """
-    manifest = manifest_path("efficientnet_lite0", "default", MODEL_CACHE)
+    manifest = manifest_path(configured_spec("efficientnet_lite0", "default"), MODEL_CACHE)
     manifest.unlink(missing_ok=True)
     written: list[int] = []
     for _start in ("first start: exports in a child", "second start: reads the cache"):
@@ -142,7 +144,7 @@ print(json.dumps({{"version": served.model.version, "labels": served.model.label
 
 def test_a_failed_export_says_why(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="neither a file nor a known weights name"):
-        load_exported("efficientnet_lite0", str(tmp_path / "missing.pt"), tmp_path / "cache")
+        load_exported(configured_spec("efficientnet_lite0", str(tmp_path / "missing.pt")), tmp_path / "cache")
 
 
 # -- libjpeg-turbo decoding (issue #17) ----------------------------------------------------------------

@@ -23,7 +23,7 @@ from inference.model import ModelLoadError, softmax
 from inference.pixels import PixelBatch
 from inference.selection import Candidate
 from inference.torch_model import export_onnx
-from server.runtime import build_served, make_backend, runtime_choice
+from server.runtime import make_backend, runtime_choice, serve_loaded
 from tests.conftest import CAT_JPEG, COFFEE_JPEG, MODEL_CACHE, make_config
 
 #: Every committed photo: the test photos and the guard's own (which include them).
@@ -187,7 +187,7 @@ def test_an_export_without_its_torch_reference_is_not_guarded_against_itself(onn
     graph = tmp_path / onnx_path.name
     shutil.copy(onnx_path, graph)  # no reference beside it
     config = make_config(model={"runtime_trial_seconds": 0.1, "cache_dir": str(tmp_path)})
-    with pytest.raises(ModelLoadError, match="no readable torch FP32 reference"):
+    with pytest.raises(ModelLoadError, match="no readable FP32 reference"):
         runtime_choice(config, graph)
 
 
@@ -256,5 +256,5 @@ def test_auto_measures_once_picks_a_passing_runtime_and_caches_the_choice(onnx_p
 
 
 def test_a_forced_runtime_and_precision_are_served(default_model) -> None:
-    served = build_served(make_config(model={"runtime": "openvino", "precision": "fp32"}), default_model)
+    served = serve_loaded(make_config(model={"runtime": "openvino", "precision": "fp32"}), default_model)
     assert isinstance(served.backend, OpenVinoBackend) and served.backend.precision == "fp32"

@@ -28,7 +28,7 @@ from clients.python import AsyncClient, AuthError, Client, ValidationError
 from handlers.stream import StreamHandler
 from inference.runner import ServedModel
 from server.balance import GuardedHTTPServer
-from server.runtime import build_runner, build_served
+from server.runtime import build_runner, serve_loaded
 from sessions.tokens import TokenSigner
 from tests.conftest import CAT_CLASSES, CAT_JPEG, COFFEE_CLASSES, COFFEE_JPEG, login, make_config, wait_until
 
@@ -186,7 +186,7 @@ class GatedBackend:
 def test_backpressure_bounds_the_images_in_flight_per_connection(serve, default_model,
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     config = make_config(http={"stream_max_in_flight": 3}, model={"workers": 2, "max_queue": 64})
-    runner, configured = build_runner(config), build_served(config, default_model)
+    runner, configured = build_runner(config), serve_loaded(config, default_model)
     gate = GatedBackend(configured.backend)
     # The server's side of each image frame: how many it began to handle, and how many images the
     # connection had in flight once it had taken each one.

@@ -26,7 +26,7 @@ import torchvision
 
 from clients.python import AuthError, Client, InferenceError, ValidationError
 from inference.runner import ServedModel
-from server.runtime import build_runner, build_served
+from server.runtime import build_runner, serve_loaded
 from service.auth import api_key_hash
 from tests.conftest import CAT_CLASSES, CAT_JPEG, RedisServer, error_code, login, make_config, wait_for, wait_until
 from tests.test_replicas import server_process
@@ -210,7 +210,7 @@ class HeldBackend:
 
 def test_a_request_in_flight_finishes_on_the_old_weights(serve, redis_server, default_model, tmp_path, hen) -> None:
     config = weights_config(redis_server.url, tmp_path)
-    runner, configured = build_runner(config), build_served(config, default_model)
+    runner, configured = build_runner(config), serve_loaded(config, default_model)
     held = HeldBackend(configured.backend)  # the current (old) weights, held mid-forward
     version = version_name("inflight")
     try:
@@ -376,8 +376,8 @@ def test_a_version_whose_export_disagrees_with_its_torch_reference_is_refused(
     config = weights_config(redis_server.url, store_dir, db=onnx_db, runtime="onnxruntime")
     export, altered = torch_model._export, []
 
-    def altered_export(model, path: Path) -> None:  # what an exporter bug would leave in the cache
-        export(model, path)
+    def altered_export(model, path: Path, spec) -> None:  # what an exporter bug would leave in the cache
+        export(model, path, spec)
         reverse_the_classifier_bias(path)
         altered.append(path)
 
