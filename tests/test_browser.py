@@ -546,3 +546,87 @@ def test_a_history_item_opens_to_its_bars(page, server: RunningServer) -> None:
     expect(opener).to_have_attribute("aria-expanded", "false")
     expect(bars).to_be_hidden()
     assert page.problems == [], page.problems
+
+
+def log_in(page, server: RunningServer) -> None:
+    page.goto(f"{server.url}/")
+    expect(page.locator("body[data-ready=true]")).to_have_count(1)
+    page.get_by_test_id("login").click()
+    expect(page.get_by_test_id("session-status")).to_contain_text("Session")
+
+
+def test_one_model_served_shows_no_model_selector(page, server: RunningServer) -> None:
+    listing = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {login_token(server)}"}).json()
+    if len(listing["models"]) > 1:
+        pytest.skip("the server serves several models; test_choosing_a_model covers them")
+    log_in(page, server)
+    expect(page.get_by_test_id("model-field")).to_have_count(1)
+    expect(page.get_by_test_id("model-field")).to_be_hidden()
+    expect(page.get_by_test_id("option-model").locator("option")).to_have_count(1)  # the one model, read
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+    card = page.locator("[data-testid=result-card][data-state=done]")
+    expect(card.get_by_test_id("result-model")).to_be_hidden()
+    expect(page.get_by_test_id("history-meta")).not_to_contain_text(listing["models"][0]["name"])
+    assert page.problems == [], page.problems
+
+
+def login_token(server: RunningServer) -> str:
+    return httpx.post(f"{server.url}/v1/sessions").json()["token"]
+
+
+@pytest.mark.parametrize("viewport", [DESKTOP, PHONE], ids=["desktop", "phone"])
+def test_choosing_a_model(page, server: RunningServer, viewport: dict[str, int]) -> None:
+    """Needs the server side of several models (issue 24): a second model served beside the default."""
+    listing = httpx.get(f"{server.url}/v1/models", headers={"Authorization": f"Bearer {login_token(server)}"}).json()
+    default = next((model for model in listing["models"] if model["name"] == listing.get("default")), None)
+    others = [model for model in listing["models"] if model is not default]
+    if default is None or not others:
+        pytest.skip("the server serves one model; needs a model repository with a second model (issue 24)")
+    other = others[0]
+    log_in(page, server)
+
+    # The selector lists every model, on the session's (the default); choosing one shows its defaults.
+    selector = page.get_by_test_id("option-model")
+    expect(page.get_by_test_id("model-field")).to_be_visible()
+    expect(selector.locator("option")).to_have_count(len(listing["models"]))
+    expect(selector).to_have_value(default["name"])
+    page.get_by_label("Top k").fill("3")
+    page.get_by_test_id("options-save").click()
+    expect(page.get_by_test_id("options-status")).to_have_text("Saved.")
+    selector.select_option(other["name"])
+    expect(page.get_by_test_id("options-status")).to_contain_text(f"Model {other['name']} chosen")
+    expect(page.get_by_label("Resize")).to_have_value(str(other["preprocess"]["resize"]))
+    expect(page.get_by_label("Crop")).to_have_value(str(other["preprocess"]["crop"]))
+    expect(page.get_by_label("Interpolation")).to_have_value(other["preprocess"]["interpolation"])
+    expect(page.get_by_label("Top k")).to_have_value("3")  # not a preprocessing option: kept
+    token = page.evaluate("sessionStorage.getItem('inference.token')")
+    labels = httpx.get(f"{server.url}/v1/models/{other['name']}/labels",
+                       headers={"Authorization": f"Bearer {token}"}).json()["labels"]
+
+    # A card of the chosen model names it, and its corrections offer that model's labels only.
+    page.get_by_test_id("file-input").set_input_files(str(DATA / "cat.jpg"))
+    card = page.locator("[data-testid=result-card][data-state=done]")
+    expect(card.get_by_test_id("result-model")).to_have_text(f"Model {other['name']}")
+    expect(page.get_by_test_id("history-meta").first).to_contain_text(other["name"])
+    card.get_by_test_id("feedback-open").click()
+    offered = card.get_by_role("option")
+    expect(offered).to_have_count(min(3, len(labels)))
+    card.get_by_test_id("feedback-input").fill(labels[-1][:2])
+    expect(offered.first).to_contain_text(labels[-1][:2], ignore_case=True)
+    names = [text.rsplit("#", 1)[0].strip() for text in offered.all_text_contents()]
+    assert names and set(names) <= set(labels), names
+    card.get_by_test_id("feedback-input").fill(labels[-1])
+    card.get_by_test_id("feedback-input").press("Enter")
+    expect(card.get_by_test_id("feedback-given-label")).to_have_text(labels[-1])
+    history_id = card.get_attribute("data-history-id")
+    stored = api_item(server, page, history_id or "")
+    assert stored["model"]["name"] == other["name"]
+    assert stored["feedback"]["class_index"] == len(labels) - 1
+
+    # Back to the default: its preprocessing defaults again, and the page keeps working at this width.
+    selector.select_option(default["name"])
+    expect(page.get_by_label("Resize")).to_have_value(str(default["preprocess"]["resize"]))
+    assert_in_view(page.get_by_test_id("option-model"), viewport["width"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"models-{viewport['width']}.png"), full_page=True)
+    assert page.problems == [], page.problems

@@ -1,4 +1,4 @@
-"""The client's command line refuses an empty id, label or token (an unset shell variable) as a usage
+"""The client's command line refuses an empty id, label, token or model (an unset shell variable) as a usage
 error, exit 2 with argparse's message, before any request is sent."""
 
 from __future__ import annotations
@@ -46,6 +46,9 @@ def recorder_url() -> Iterator[str]:
     (["feedback", "1733061234567-0", "282", "--token", ""], "--token"),
     (["history", "--token", ""], "--token"),
     (["predict", "tests/data/cat.jpg", "--token", ""], "--token"),
+    (["predict", "tests/data/cat.jpg", "--model", ""], "--model"),
+    (["login", "--model", " "], "--model"),
+    (["labels", ""], "MODEL"),
 ])
 def test_an_empty_id_label_or_token_is_a_usage_error(recorder_url: str, capsys: pytest.CaptureFixture[str],
                                                      argv: list[str], argument: str) -> None:

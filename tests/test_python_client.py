@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -563,3 +564,152 @@ def test_a_download_cut_off_midway_raises_and_leaves_the_path_as_it_was(sleeps: 
     with pytest.raises(ConnectionFailed, match="stopped after 11 bytes"):
         asyncio.run(cut_off())
     assert target.read_bytes() == b"last week's export" and sorted(tmp_path.iterdir()) == [target]
+
+
+# -- choosing a model ---------------------------------------------------------------------------------
+
+SHAPES_LABELS = {"name": "shapes", "version": "1", "labels": ["circle", "square", "star", "triangle", "cross"]}
+TWO_MODELS = {"default": "efficientnet_lite0", "models": [
+    {"name": "efficientnet_lite0", "default": True, "classes": 1000, "active_version": "v1"},
+    {"name": "shapes", "default": False, "classes": 5, "active_version": None, "serving_version": "1"}]}
+
+
+def test_the_model_choice_on_the_wire() -> None:
+    script = Script(httpx.Response(201, json={"token": "new", "session_id": "s"}), ok_prediction(), ok_prediction(),
+                    httpx.Response(200, json=TWO_MODELS), httpx.Response(200, json=SHAPES_LABELS),
+                    httpx.Response(200, json={"options": {"top_k": 5, "model": "shapes"}}),
+                    httpx.Response(200, json=SHAPES_LABELS),
+                    httpx.Response(200, json={"options": {"top_k": 5}}), httpx.Response(200, json=TWO_MODELS),
+                    httpx.Response(200, json={**SHAPES_LABELS, "name": "efficientnet_lite0"}),
+                    httpx.Response(200, json=TWO_MODELS), httpx.Response(200, json=SHAPES_LABELS),
+                    httpx.Response(204))
+    with Client("http://mock", transport=httpx.MockTransport(script)) as client:
+        client.login(options={"top_k": 2}, model="shapes")
+        client.predict(CAT_JPEG, model="shapes", top_k=1)
+        client.predict(CAT_JPEG)
+        assert client.models() == TWO_MODELS
+        assert client.labels("shapes") == SHAPES_LABELS["labels"]
+        assert client.labels() == SHAPES_LABELS["labels"]  # the session's model
+        assert client.model_labels()["name"] == "efficientnet_lite0"  # no model option: the default
+        assert client.labels(admin_key="a") == SHAPES_LABELS["labels"]  # an admin key has no session
+    login, per_request, plain, listing, named, *rest = script.requests
+    assert json.loads(login.content) == {"options": {"top_k": 2, "model": "shapes"}}
+    assert dict(per_request.url.params) == {"model": "shapes", "top_k": "1"}
+    assert "model" not in plain.url.params
+    assert (listing.method, listing.url.path) == ("GET", "/v1/models")
+    assert named.url.raw_path == b"/v1/models/shapes/labels"
+    assert [(r.method, r.url.path) for r in rest] == [
+        ("GET", "/v1/session/options"), ("GET", "/v1/models/shapes/labels"),
+        ("GET", "/v1/session/options"), ("GET", "/v1/models"), ("GET", "/v1/models/efficientnet_lite0/labels"),
+        ("GET", "/v1/models"), ("GET", "/v1/models/efficientnet_lite0/labels"), ("DELETE", "/v1/session")]
+    assert rest[5].headers["Authorization"] == "ApiKey a"
+    # A server from before several models names no default: its one model (or the one marked) is it.
+    assert protocol.default_model({"models": [{"name": "only"}]}) == "only"
+    assert protocol.default_model({"models": [{"name": "a"}, {"name": "b", "default": True}]}) == "b"
+
+
+def test_the_async_model_choice_on_the_wire() -> None:
+    script = Script(httpx.Response(201, json={"token": "new", "session_id": "s"}),
+                    httpx.Response(200, json={"options": {"model": "shapes"}}), httpx.Response(200, json=SHAPES_LABELS),
+                    ok_prediction(), httpx.Response(204))
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return script(request)
+
+    async def run() -> None:
+        async with AsyncClient("http://mock", transport=httpx.MockTransport(handler)) as c:
+            await c.login(model="shapes")
+            assert await c.labels() == SHAPES_LABELS["labels"]
+            await c.predict(CAT_JPEG, model="shapes")
+
+    asyncio.run(run())
+    login, options, labels, predict, _ = script.requests
+    assert json.loads(login.content) == {"options": {"model": "shapes"}}
+    assert (options.url.path, labels.url.path) == ("/v1/session/options", "/v1/models/shapes/labels")
+    assert predict.url.params["model"] == "shapes"
+
+
+def test_the_model_option_against_the_server(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    with Client(server.url) as client:
+        client.login()
+        default = protocol.default_model(client.models())
+        assert client.labels() == client.labels(default) and client.model_labels()["name"] == default
+        chosen = client.login(model=default)
+        assert chosen["options"]["model"] == default
+        assert client.predict(CAT_PATH, model=default)["predicted_class"] in CAT_CLASSES
+        assert client.set_options(model=None).get("model") is None
+
+    # The command line: the models (the default marked), a model's labels, a session on a model.
+    assert main(["models", "--url", server.url]) == 0
+    out = capsys.readouterr().out
+    assert f"{default} *" in out and "* the default model" in out
+    assert main(["labels", default, "--url", server.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith(f"{default} (version ") and any(line.split() == ["282", "tiger", "cat"] for line in out)
+    assert main(["login", "--model", default, "--url", server.url]) == 0
+    token = capsys.readouterr().out.strip()
+    with Client(server.url, token=token) as resumed:
+        assert resumed.options()["model"] == default
+        resumed.logout()
+    assert main(["predict", str(CAT_PATH), "--model", default, "--url", server.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["model"]["name"] == default
+    assert main(["labels", "--url", server.url, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["name"] == default
+
+
+def _another_model(client: Client) -> dict[str, Any]:
+    """A served model other than the default, or skip: needs the server side of several models (the lead's
+    tests/model_folders.py repository with "shapes" served beside the default)."""
+    listing = client.models()
+    default = protocol.default_model(listing)
+    others = [model for model in listing["models"] if model["name"] != default]
+    if not others:
+        pytest.skip("the server serves one model; needs a model repository with a second model (issue 24)")
+    return others[0]
+
+
+def test_a_second_model_chosen_from_each_client(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+    with Client(server.url) as client:
+        client.login(options={"top_k": 3})
+        other = _another_model(client)
+        name = other["name"]
+        labels = client.labels(name)
+        assert len(labels) == other["classes"]
+
+        # Per request: the session keeps its model, the image goes to the other one.
+        once = client.predict(CAT_PATH, model=name)
+        assert once["model"]["name"] == name and once["label"] in labels
+        assert client.options().get("model") is None
+
+        # For the session: preprocessing starts from the model's defaults, top_k is kept.
+        options = client.set_options(model=name)
+        assert options["model"] == name and options["top_k"] == 3
+        assert {key: options[key] for key in other["preprocess"]} == other["preprocess"]
+        assert client.labels() == labels
+        result = client.predict(CAT_PATH)
+        assert result["model"]["name"] == name and len(result["top_k"]) == min(3, len(labels))
+
+        # Feedback takes a label of the entry's model, by name or index; another model's label is refused.
+        given = client.feedback(result["id"], labels[-1].upper())
+        assert given["feedback"]["class_index"] == len(labels) - 1
+        with pytest.raises(ValidationError, match="invalid_feedback"):
+            client.feedback(result["id"], len(labels))
+        assert main(["feedback", result["id"], labels[0], "--url", server.url, "--token", client.token or ""]) == 0
+        assert f"corrected to {labels[0]} (class 0)" in capsys.readouterr().out
+
+        with pytest.raises(ValidationError) as unknown:
+            client.set_options(model="no-such-model")
+        assert unknown.value.code == "invalid_options"
+
+        assert main(["models", "--url", server.url]) == 0
+        assert re.search(rf"^\s+{re.escape(name)}\s+{other['classes']}\s", capsys.readouterr().out, re.MULTILINE)
+        assert main(["history", "--url", server.url, "--token", client.token or ""]) == 0
+        assert "model" in capsys.readouterr().out.splitlines()[0]  # items from two models: a model column
+
+    async def flow() -> None:
+        async with AsyncClient(server.url) as aclient:
+            await aclient.login(model=name)
+            assert await aclient.labels() == labels
+            assert (await aclient.predict(COFFEE_JPEG))["model"]["name"] == name
+
+    asyncio.run(flow())

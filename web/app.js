@@ -2,14 +2,14 @@
 // history. Plain DOM code on top of the JavaScript client; no framework, no inline script or style.
 import {
   AuthError, Client, ConnectionFailed, NotFoundError, PayloadTooLarge, RateLimited, ServerBusy, ServerError,
-  UnsupportedMediaType, ValidationError,
+  UnsupportedMediaType, ValidationError, defaultModel,
 } from "/static/client/client.js";
 
 const TOKEN_KEY = "inference.token";
 const SESSION_KEY = "inference.session";
 const API_KEY_KEY = "inference.apiKey";  // the tab's API key, where the server wants one
 const THUMB_PREFIX = "inference.thumb.";
-// The last results, kept for a reload: each card's data (file name, labels, scores, options, timing,
+// The last results, kept for a reload: each card's data (file name, model, labels, scores, options, timing,
 // correction), not the image; a restored card shows the history thumbnail (96 px) in its place.
 const RESULTS_PREFIX = "inference.results.";
 const KEPT_RESULTS = 12;
@@ -28,20 +28,26 @@ const els = {
   dropzone: $("dropzone"), dropHint: $("dropzone-hint"), fileInput: $("file-input"),
   results: $("results"), resultsEmpty: $("results-empty"),
   form: $("options-form"), fieldset: $("options-fieldset"), formError: $("options-error"),
+  modelField: $("model-field"), model: $("opt-model"),
   formStatus: $("options-status"), save: $("options-save"),
   history: $("history"), historyEmpty: $("history-empty"), historyError: $("history-error"),
   historyMore: $("history-more"), historyCount: $("history-count"),
 };
 
 const client = new Client("", { token: sessionStorage.getItem(TOKEN_KEY) });
-const state = { sessionId: sessionStorage.getItem(SESSION_KEY), options: null, cursor: null, predictions: 0 };
+const state = {
+  sessionId: sessionStorage.getItem(SESSION_KEY), options: null, cursor: null, predictions: 0,
+  models: [], defaultModel: null,  // GET /v1/models, read once per login
+};
 const objectUrls = [];
-// Class index -> label: the served model's whole list (GET /v1/models/<name>/labels, fetched once per
-// page after login), and until it arrives (or if it cannot) every label the server has named on this
-// page. The correction search offers these; a name or class number typed in full is resolved by the
-// server itself.
+// Per model name, class index -> label: the model's whole list (GET /v1/models/<name>/labels, fetched
+// when a correction of one of its predictions first opens, and for the session's model after login),
+// and until it arrives (or if it cannot) every label of it the server has named on this page. The
+// correction search offers the prediction's own model's; a name or class number typed in full is
+// resolved by the server itself.
 const knownLabels = new Map();
-let labelsLoaded = false;
+// "name@version" -> the promise of that model's list: each model's labels are fetched once per version.
+const labelRequests = new Map();
 let controlCount = 0;
 
 // -- small helpers -------------------------------------------------------------------------------
@@ -64,6 +70,16 @@ function timeOf(iso) {
 function showAlert(message) {
   els.alert.textContent = message;
   els.alert.hidden = !message;
+}
+
+/** The name of the model that made a prediction (older kept cards have none: the default's). */
+function modelOf(item) {
+  return item.model?.name ?? state.defaultModel ?? "";
+}
+
+/** Whether the server serves more than one model: only then do the page's cards name theirs. */
+function severalModels() {
+  return state.models.length > 1;
 }
 
 /** An error in words for a person: what happened and what to do, never a raw code. The server's
@@ -119,6 +135,8 @@ function forgetSession() {
   state.sessionId = null;
   state.options = null;
   state.cursor = null;
+  state.models = [];
+  els.modelField.hidden = true;
   setLoggedIn(null);
   renderHistory([], { reset: true });
   setCount(0);
@@ -193,23 +211,55 @@ async function enterSession(session) {
   state.sessionId = session.session_id;
   sessionStorage.setItem(SESSION_KEY, session.session_id);
   setLoggedIn(session);
+  await loadModels();  // first: the cards and history name their model where several are served
   fillOptions(session.options);
   setCount(session.predictions);
   if (!els.results.querySelector(".result")) restoreResults();
-  loadLabels();  // in the background: the page works without it
+  const model = session.options.model ?? state.defaultModel;
+  const active = state.models.find((each) => each.name === model);
+  if (active) loadLabels({ name: model, version: active.serving_version ?? active.active_version });  // in the background
   await loadHistory({ reset: true });
 }
 
-async function loadLabels() {
-  if (labelsLoaded) return;
+/** The served models, for the selector (shown only where there are several); the page works without. */
+async function loadModels() {
   try {
-    const { models } = await client.models();
-    const labels = await client.labels(models[0].name);
-    labels.forEach((label, classIndex) => knownLabels.set(classIndex, label));
-    labelsLoaded = true;
+    const listing = await client.models();
+    state.models = listing.models ?? [];
+    state.defaultModel = defaultModel(listing);
   } catch (error) {
-    if (!handleAuthError(error)) console.warn(`label list unavailable: ${describe(error)}`);
+    state.models = [];
+    if (!handleAuthError(error)) console.warn(`model list unavailable: ${describe(error)}`);
   }
+  els.model.replaceChildren(...state.models.map((model) => {
+    const option = document.createElement("option");
+    option.value = model.name;
+    const classes = model.classes ? ` \u00b7 ${model.classes} classes` : "";
+    option.textContent = `${model.name}${model.name === state.defaultModel ? " (default)" : ""}${classes}`;
+    if (model.description) option.title = model.description;
+    return option;
+  }));
+  els.modelField.hidden = !severalModels();
+}
+
+/** The labels of `model` ({name, version}, a prediction's), fetched once per model and version. */
+function loadLabels(model) {
+  const key = `${model.name}@${model.version}`;
+  if (!labelRequests.has(key)) {
+    labelRequests.set(key, client.modelLabels(model.name).then((answer) => {
+      const known = labelsOf(model.name);
+      answer.labels.forEach((label, classIndex) => known.set(classIndex, label));
+    }).catch((error) => {
+      labelRequests.delete(key);  // a later correction tries again
+      if (!handleAuthError(error)) console.warn(`labels of ${model.name} unavailable: ${describe(error)}`);
+    }));
+  }
+  return labelRequests.get(key);
+}
+
+function labelsOf(modelName) {
+  if (!knownLabels.has(modelName)) knownLabels.set(modelName, new Map());
+  return knownLabels.get(modelName);
 }
 
 // -- results -------------------------------------------------------------------------------------
@@ -220,16 +270,18 @@ function clearResults() {
   els.resultsEmpty.hidden = false;
 }
 
-function learnLabels(scores) {
-  for (const score of scores ?? []) knownLabels.set(score.class_index, score.label);
+function learnLabels(modelName, scores) {
+  const known = labelsOf(modelName);
+  for (const score of scores ?? []) known.set(score.class_index, score.label);
 }
 
-function renderBars(list, scores) {
-  learnLabels(scores);
+function renderBars(list, item) {
+  const scores = item.top_k;
+  learnLabels(modelOf(item), scores);
   list.replaceChildren(...scores.map((score) => {
     const row = clone("bar-template");
     row.querySelector(".bar-label").textContent = score.label;
-    row.querySelector(".bar-label").title = `ImageNet class ${score.class_index}`;
+    row.querySelector(".bar-label").title = `${modelOf(item)} class ${score.class_index}`;
     row.querySelector(".bar-fill").style.width = `${Math.max(0, Math.min(1, score.score)) * 100}%`;
     row.querySelector(".bar-value").textContent = percent(score.score);
     return row;
@@ -271,7 +323,10 @@ function fillCard(card, result) {
   card.dataset.historyId = result.id;
   card.querySelector(".result-pending").remove();
   card.querySelector(".result-label").textContent = result.label;
-  renderBars(card.querySelector(".bars"), result.top_k);
+  const model = card.querySelector(".result-model");
+  model.textContent = `Model ${modelOf(result)}`;
+  model.hidden = !severalModels();
+  renderBars(card.querySelector(".bars"), result);
   const { options, timing_ms: timing } = result;
   const total = Object.values(timing ?? {}).reduce((sum, ms) => sum + ms, 0);
   card.querySelector(".result-meta").textContent =
@@ -342,8 +397,8 @@ function keepResults(results) {
 }
 
 function rememberResult(result, filename) {
-  const { id, label, top_k: topK, options, timing_ms: timing } = result;
-  const kept = { id, filename, label, top_k: topK, options, timing_ms: timing, feedback: result.feedback ?? null };
+  const { id, label, model, top_k: topK, options, timing_ms: timing } = result;
+  const kept = { id, filename, label, model, top_k: topK, options, timing_ms: timing, feedback: result.feedback ?? null };
   keepResults([kept, ...rememberedResults().filter((each) => each.id !== id)]);
 }
 
@@ -418,8 +473,8 @@ function historyRow(item) {
   }
   const best = item.top_k[0];
   row.querySelector(".history-label").textContent = item.label;
-  row.querySelector(".history-meta").textContent =
-    `${timeOf(item.created_at)} \u00b7 top ${item.options.top_k}`;
+  row.querySelector(".history-meta").textContent = `${timeOf(item.created_at)} \u00b7 top ${item.options.top_k}`
+    + (severalModels() ? ` \u00b7 ${modelOf(item)}` : "");
   row.querySelector(".history-score").textContent = best ? percent(best.score) : "";
   const open = row.querySelector(".history-open");
   open.title = item.top_k.map((score) => `${score.label}: ${percent(score.score)}`).join("\n");
@@ -429,13 +484,13 @@ function historyRow(item) {
   // Opening the item shows its top-k as bars, as its result card did.
   open.addEventListener("click", () => {
     const opening = bars.hidden;
-    if (opening) renderBars(bars, item.top_k);
+    if (opening) renderBars(bars, item);
     else bars.replaceChildren();
     bars.hidden = !opening;
     open.setAttribute("aria-expanded", String(opening));
     row.classList.toggle("open", opening);
   });
-  learnLabels(item.top_k);
+  learnLabels(modelOf(item), item.top_k);
   row.querySelector(".feedback-slot").replaceWith(feedbackControl(item));
   return row;
 }
@@ -479,7 +534,7 @@ function feedbackControls(historyId) {
   return document.querySelectorAll(`.feedback[data-history-id="${CSS.escape(historyId)}"]`);
 }
 
-function showFeedback(control, feedback) {
+function showFeedback(control, feedback, modelName) {
   const given = control.querySelector(".feedback-given");
   given.hidden = !feedback;
   // The visible words start the accessible name, which also says which prediction it is about.
@@ -491,7 +546,7 @@ function showFeedback(control, feedback) {
   open.replaceChildren(feedback ? "Change" : "Correct this", about);
   if (feedback) {
     control.querySelector(".feedback-given-label").textContent = feedback.label;
-    given.title = `ImageNet class ${feedback.class_index}`;
+    given.title = `${modelName} class ${feedback.class_index}`;
   }
   control.dataset.feedback = feedback ? String(feedback.class_index) : "";
 }
@@ -506,15 +561,16 @@ function matchRank(query, classIndex, label) {
   return name.includes(query) ? 3 : null;
 }
 
-/** The label suggestions for `text`, given the prediction's own top-k (`ownScores`, best first): with
- * nothing typed, those; else the matches by rank, the prediction's own labels first within a rank
- * (so "tiger c" offers "tiger cat" first, and "tiger" the exact "tiger" first). */
-function suggestLabels(text, ownScores) {
+/** The label suggestions for `text` among `known` (the prediction's model's labels), given the
+ * prediction's own top-k (`ownScores`, best first): with nothing typed, those; else the matches by rank,
+ * the prediction's own labels first within a rank (so "tiger c" offers "tiger cat" first, and "tiger"
+ * the exact "tiger" first). */
+function suggestLabels(text, ownScores, known) {
   const own = (ownScores ?? []).map((score) => [score.class_index, score.label]);
   const query = text.trim().toLowerCase();
   if (!query) return own.slice(0, LABEL_SUGGESTIONS);
   const ownPlace = new Map(own.map(([classIndex], place) => [classIndex, place]));
-  const candidates = new Map([...knownLabels, ...own]);
+  const candidates = new Map([...known, ...own]);
   const matches = [];
   for (const [classIndex, label] of candidates) {
     const rank = matchRank(query, classIndex, label);
@@ -527,8 +583,10 @@ function suggestLabels(text, ownScores) {
 function feedbackControl(item) {
   const control = clone("feedback-template");
   const id = `fb-${++controlCount}`;
+  const modelName = modelOf(item);
   control.dataset.historyId = item.id;
   control.dataset.predicted = item.label;
+  control.dataset.model = modelName;
   const open = control.querySelector(".feedback-open");
   const form = control.querySelector(".feedback-form");
   const input = control.querySelector(".feedback-input");
@@ -563,7 +621,7 @@ function feedbackControl(item) {
     highlight(-1);
   };
   const fillList = () => {
-    const matches = suggestLabels(input.value, item.top_k);
+    const matches = suggestLabels(input.value, item.top_k, labelsOf(modelName));
     list.replaceChildren(...matches.map(([classIndex, label], i) => {
       const option = document.createElement("li");
       option.id = `${id}-option-${i}`;
@@ -597,8 +655,8 @@ function feedbackControl(item) {
     form.setAttribute("aria-busy", "true");
     try {
       const updated = await client.feedback(item.id, label);
-      learnLabels([updated.feedback]);
-      for (const each of feedbackControls(item.id)) showFeedback(each, updated.feedback);
+      learnLabels(modelName, [updated.feedback]);
+      for (const each of feedbackControls(item.id)) showFeedback(each, updated.feedback, modelName);
       rememberFeedback(item.id, updated.feedback);
       closeForm({ focus: false });
       status.textContent = `Correction saved: ${updated.feedback.label}.`;
@@ -620,6 +678,8 @@ function feedbackControl(item) {
     open.setAttribute("aria-expanded", "true");
     input.value = "";
     fillList();
+    // The whole list of the prediction's model, once: the search offers it when it has come.
+    if (item.model) loadLabels(item.model).then(() => { if (!form.hidden && input.value.trim()) fillList(); });
     // On a touch screen the top-k is offered already: focusing would pop the keyboard for nothing.
     if (!TOUCH.matches) input.focus();
   });
@@ -669,7 +729,7 @@ function feedbackControl(item) {
     remove.disabled = true;
     try {
       await client.removeFeedback(item.id);
-      for (const each of feedbackControls(item.id)) showFeedback(each, null);
+      for (const each of feedbackControls(item.id)) showFeedback(each, null, modelName);
       rememberFeedback(item.id, null);
       status.textContent = "Correction removed.";
       open.focus();
@@ -680,8 +740,8 @@ function feedbackControl(item) {
     }
   });
 
-  if (item.feedback) learnLabels([item.feedback]);
-  showFeedback(control, item.feedback ?? null);
+  if (item.feedback) learnLabels(modelName, [item.feedback]);
+  showFeedback(control, item.feedback ?? null, modelName);
   return control;
 }
 
@@ -692,6 +752,28 @@ const fieldInput = (name) => els.form.elements.namedItem(name);
 function fillOptions(options) {
   state.options = options;
   for (const name of OPTION_FIELDS) fieldInput(name).value = String(options[name]);
+  els.model.value = options.model ?? state.defaultModel ?? "";
+}
+
+/** The selector's choice becomes the session's model at once; the server starts its preprocessing
+ * options from that model's defaults, so the form shows the options it answers with. */
+async function chooseModel() {
+  const model = els.model.value;
+  showFieldError("model", "");
+  els.formStatus.textContent = "";
+  els.model.disabled = true;
+  try {
+    fillOptions(await client.setOptions({ model }));
+    els.formStatus.textContent = `Model ${model} chosen, with its own preprocessing.`;
+    const chosen = state.models.find((each) => each.name === model);
+    if (chosen) loadLabels({ name: model, version: chosen.serving_version ?? chosen.active_version });
+  } catch (error) {
+    if (handleAuthError(error)) return;
+    els.model.value = state.options?.model ?? state.defaultModel ?? "";
+    showFieldError("model", describe(error));
+  } finally {
+    els.model.disabled = false;
+  }
 }
 
 function clearFieldErrors() {
@@ -766,6 +848,7 @@ els.sessionForm.addEventListener("submit", login);
 els.logout.addEventListener("click", () => logout());
 els.erase.addEventListener("click", () => logout({ erase: true }));
 els.form.addEventListener("submit", saveOptions);
+els.model.addEventListener("change", chooseModel);
 els.form.addEventListener("input", (event) => {
   if (event.target.name) showFieldError(event.target.name, "");
   els.formStatus.textContent = "";

@@ -15,7 +15,9 @@ export interface Options {
   std: [number, number, number];
   /** How many classes to return, 1–20 (default 5). */
   top_k: number;
-  /** Pins the session to a model version (GET /v1/models); absent or null: the active version. */
+  /** The session's model (GET /v1/models lists them); absent or null: the server's default model. */
+  model?: string | null;
+  /** Pins the session to a version of its model (GET /v1/models); absent or null: the active version. */
   model_version?: string | null;
 }
 
@@ -154,9 +156,34 @@ export interface Canary {
   started_at: string;
 }
 
+/** The preprocessing options a model gives its own defaults for. */
+export type Preprocessing = Pick<Options, "resize" | "crop" | "interpolation" | "mean" | "std">;
+
+/** A model's class labels (GET /v1/models/<name>/labels): index i names class i. */
+export interface ModelLabels {
+  name: string;
+  version: string;
+  labels: string[];
+}
+
 export interface ModelList {
+  /** The model a session without the `model` option runs. */
+  default?: string;
   models: {
     name: string;
+    /** Whether it is the server's default model. */
+    default?: boolean;
+    format?: "torchvision" | "onnx" | "torchscript";
+    architecture?: string;
+    /** How many classes it tells apart (its labels' count). */
+    classes?: number;
+    input?: { layout: "NCHW" | "NHWC"; size: number | null };
+    output?: "logits" | "probabilities";
+    /** The options a session starts from when it chooses this model. */
+    preprocess?: Preprocessing;
+    description?: string;
+    /** Whether this process holds it in memory now (models are loaded on first use). */
+    loaded?: boolean;
     active_version: string | null;
     serving_version: string;
     /** null without a canary. */
@@ -229,6 +256,9 @@ export class ServerError extends InferenceError {}
 /** No HTTP answer: code "network_error" or "timeout". */
 export class ConnectionFailed extends InferenceError {}
 
+/** The default model's name in a GET /v1/models answer (its one model where none is named), or null. */
+export function defaultModel(listing: ModelList): string | null;
+
 /** The image MIME type named by the first bytes (JPEG, PNG, GIF, WebP, BMP), or null. */
 export function sniffImageType(bytes: Uint8Array): string | null;
 
@@ -242,13 +272,13 @@ export class Client {
   /** The session token: null before login() and after logout(). Set it to resume a session. */
   token: string | null;
 
-  /** POST /v1/sessions. Keeps the token. `apiKey` is needed where the server sets auth.api_keys. */
-  login(args?: { apiKey?: string; options?: OptionChanges }): Promise<LoginResult>;
+  /** POST /v1/sessions. Keeps the token. `apiKey` is needed where the server sets auth.api_keys; `model` chooses the session's model. */
+  login(args?: { apiKey?: string; options?: OptionChanges; model?: string | null }): Promise<LoginResult>;
   /** GET /v1/session. */
   session(): Promise<SessionInfo>;
   /** GET /v1/session/options. */
   options(): Promise<Options>;
-  /** PATCH /v1/session/options; resolves to the options after the change. */
+  /** PATCH /v1/session/options; resolves to the options after the change (a new `model` starts its preprocessing defaults). */
   setOptions(changes: OptionChanges): Promise<Options>;
   /** DELETE /v1/session; clears the token. `erase: true` also erases the session's history, feedback and captured images. */
   logout(args?: { erase?: boolean }): Promise<void>;
@@ -263,10 +293,12 @@ export class Client {
   /** GET /v1/stream (WebSocket): one StreamResult per image, in completion order. */
   predictStream(images: Iterable<StreamItem> | AsyncIterable<StreamItem>, overrides?: PredictOverrides): AsyncGenerator<StreamResult, void, undefined>;
 
-  /** GET /v1/models: the served model's versions (session token, or an admin key). */
+  /** GET /v1/models: every served model, the default named, with its versions (session token, or an admin key). */
   models(args?: { adminKey?: string }): Promise<ModelList>;
-  /** GET /v1/models/<name>/labels: the class labels, index i naming class i (what `feedback` takes). */
-  labels(name: string, args?: { adminKey?: string }): Promise<string[]>;
+  /** GET /v1/models/<model>/labels: the class labels, index i naming class i (what `feedback` takes); no model: the session's, else the default. */
+  labels(model?: string | null, args?: { adminKey?: string }): Promise<string[]>;
+  /** labels() with the model's name and version. */
+  modelLabels(model?: string | null, args?: { adminKey?: string }): Promise<ModelLabels>;
   /** PUT a state_dict file as a new version (admin key), with its SHA-256. */
   publishVersion(name: string, version: string, weights: Uint8Array | ArrayBuffer | Blob, args: { adminKey: string }): Promise<ModelVersion>;
   /** Serve `version` to new requests on every replica (admin key); `trafficPercent` (1–100) below 100 makes it a canary for that share of sessions. */

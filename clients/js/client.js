@@ -8,7 +8,7 @@
 //   await client.login();
 //   const result = await client.predict(bytes);          // {id, label, top_k, ...}
 
-const OPTION_NAMES = ["resize", "crop", "interpolation", "color", "mean", "std", "top_k", "model_version"];
+const OPTION_NAMES = ["resize", "crop", "interpolation", "color", "mean", "std", "top_k", "model", "model_version"];
 
 // -- errors ------------------------------------------------------------------------------------
 
@@ -157,6 +157,14 @@ function historyPath(id) {
   return `/v1/history/${encodeURIComponent(id)}`;
 }
 
+/** The model a session without the `model` option runs, from GET /v1/models; a server from before several
+ * models were served names no default, and its one model is it. */
+export function defaultModel(listing) {
+  if (listing?.default) return listing.default;
+  const served = listing?.models ?? [];
+  return (served.find((model) => model.default) ?? served[0])?.name ?? null;
+}
+
 function versionPath(name, version) {
   return `/v1/models/${encodeURIComponent(name)}/versions/${encodeURIComponent(version)}`;
 }
@@ -228,11 +236,16 @@ export class Client {
 
   // -- sessions --------------------------------------------------------------------------------
 
-  /** POST /v1/sessions: log in and keep the token. Returns {token, session_id, expires_at, options}. */
-  async login({ apiKey, options } = {}) {
+  /**
+   * POST /v1/sessions: log in and keep the token. Returns {token, session_id, expires_at, options}.
+   * `model` chooses the session's model (models() lists them; absent: the server's default), as
+   * `options: {model}` would.
+   */
+  async login({ apiKey, options, model } = {}) {
     const headers = apiKey ? { Authorization: `ApiKey ${apiKey}` } : {};
+    const chosen = model === undefined ? options : { ...options, model };
     const body = await this.#request("POST", "/v1/sessions", {
-      headers, json: options ? { options } : undefined, auth: false,
+      headers, json: chosen ? { options: chosen } : undefined, auth: false,
     });
     this.#token = body.token;
     return body;
@@ -244,7 +257,11 @@ export class Client {
   /** GET /v1/session/options: the session's options. */
   async options() { return (await this.#request("GET", "/v1/session/options")).options; }
 
-  /** PATCH /v1/session/options: merge `changes`, return the session's options after the change. */
+  /**
+   * PATCH /v1/session/options: merge `changes`, return the session's options after the change. A `model`
+   * other than the session's starts resize, crop, interpolation, mean and std from that model's defaults
+   * (unless given too).
+   */
   async setOptions(changes) {
     return (await this.#request("PATCH", "/v1/session/options", { json: changes ?? {} })).options;
   }
@@ -262,7 +279,8 @@ export class Client {
 
   /**
    * POST /v1/predict with the image's raw bytes. `overrides` become query parameters that override
-   * the session's options for this request only (arrays are joined with commas: mean, std).
+   * the session's options for this request only (arrays are joined with commas: mean, std); `model`
+   * sends this image to another served model, with that model's preprocessing defaults.
    */
   async predict(image, overrides = {}) {
     const [body, contentType] = await imageBody(image);
@@ -393,16 +411,29 @@ export class Client {
 
   // -- model versions --------------------------------------------------------------------------
 
-  /** GET /v1/models: versions with their hash, size and activation time (session token, or `adminKey`). */
+  /**
+   * GET /v1/models: {default, models}: each served model with its classes, input, preprocessing defaults
+   * and versions (hash, size, activation time); session token, or `adminKey`.
+   */
   models({ adminKey } = {}) {
     return this.#request("GET", "/v1/models", { headers: adminKey ? { Authorization: `ApiKey ${adminKey}` } : {} });
   }
 
-  /** GET /v1/models/<name>/labels: the class labels, index i naming class i (what `feedback` takes). */
-  async labels(name, { adminKey } = {}) {
-    const body = await this.#request("GET", `/v1/models/${encodeURIComponent(name)}/labels`,
-      { headers: adminKey ? { Authorization: `ApiKey ${adminKey}` } : {} });
-    return body.labels;
+  /**
+   * The class labels of `model` (GET /v1/models/<model>/labels), index i naming class i: what `feedback`
+   * takes for that model's predictions. No model: the session's model, else the server's default.
+   */
+  async labels(model, { adminKey } = {}) {
+    return (await this.modelLabels(model, { adminKey })).labels;
+  }
+
+  /** labels() with the model's name and version: {name, version, labels}. */
+  async modelLabels(model, { adminKey } = {}) {
+    const headers = adminKey ? { Authorization: `ApiKey ${adminKey}` } : {};
+    let name = model ?? null;
+    if (name === null && this.#token && !adminKey) name = (await this.options()).model ?? null;
+    if (name === null) name = defaultModel(await this.models({ adminKey }));
+    return this.#request("GET", `/v1/models/${encodeURIComponent(name)}/labels`, { headers });
   }
 
   /**

@@ -33,9 +33,11 @@ class AsyncClient(BaseClient):
         return httpx.AsyncClient(**settings)
 
     # -- session ----------------------------------------------------------------------------------
-    async def login(self, api_key: str | None = None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Open a session (with these options, if given) and use its token from now on."""
-        return self._logged_in(await self._send(protocol.login(api_key, options)))
+    async def login(self, api_key: str | None = None, options: Mapping[str, Any] | None = None, *,
+              model: str | None = None) -> dict[str, Any]:
+        """Open a session (with these options, if given) and use its token from now on. `model` chooses the
+        session's model (`models()` lists them; None: the server's default), as `options={"model": ...}` would."""
+        return self._logged_in(await self._send(protocol.login(api_key, options, model)))
 
     async def session(self) -> dict[str, Any]:
         return await self._send(protocol.session())
@@ -44,7 +46,8 @@ class AsyncClient(BaseClient):
         return await self._send(protocol.get_options())
 
     async def set_options(self, **changes: Any) -> dict[str, Any]:
-        """Merge `changes` into the session's options; returns all of them."""
+        """Merge `changes` into the session's options; returns all of them. A `model` other than the session's
+        starts resize, crop, interpolation, mean and std from that model's defaults (unless given too)."""
         return await self._send(protocol.set_options(changes))
 
     async def logout(self, *, erase: bool = False) -> None:
@@ -58,10 +61,11 @@ class AsyncClient(BaseClient):
         self._logged_out()
 
     # -- predictions ------------------------------------------------------------------------------
-    async def predict(self, image: ImageInput, **overrides: Any) -> dict[str, Any]:
-        """Classify one image; keyword arguments override the session's options for this call only."""
+    async def predict(self, image: ImageInput, *, model: str | None = None, **overrides: Any) -> dict[str, Any]:
+        """Classify one image; keyword arguments override the session's options for this call only (`model`:
+        another served model for this image, with that model's preprocessing defaults)."""
         # Reading a file or encoding a PIL image blocks: do it off the event loop.
-        call = await asyncio.to_thread(protocol.predict, image, overrides)
+        call = await asyncio.to_thread(protocol.predict, image, {**overrides, "model": model})
         return await self._send(call)
 
     async def preprocess(self, image: ImageInput, **overrides: Any) -> Any:
@@ -185,12 +189,18 @@ class AsyncClient(BaseClient):
 
     # -- model versions (admin calls need a key listed in the server's auth.admin_api_keys) ----------
     async def models(self, admin_key: str | None = None) -> dict[str, Any]:
-        """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
+        """GET /v1/models: {"default": name, "models": [...]}, each served model with its classes, input,
+        preprocessing defaults and versions (hash, size, activation time); session token or admin key."""
         return await self._send(protocol.models(admin_key))
 
-    async def labels(self, name: str, admin_key: str | None = None) -> list[str]:
-        """GET /v1/models/<name>/labels: the model's class labels, index i naming class i."""
-        return (await self._send(protocol.labels(name, admin_key)))["labels"]
+    async def labels(self, model: str | None = None, admin_key: str | None = None) -> list[str]:
+        """The class labels of `model` (GET /v1/models/<model>/labels), index i naming class i: what
+        `feedback` takes for that model's predictions. None: the session's model, else the default one."""
+        return (await self.model_labels(model, admin_key))["labels"]
+
+    async def model_labels(self, model: str | None = None, admin_key: str | None = None) -> dict[str, Any]:
+        """`labels` with the model's name and version: {"name", "version", "labels"}."""
+        return await self._follow(protocol.model_labels(model, admin_key=admin_key, logged_in=bool(self.token)))
 
     async def publish_version(self, name: str, version: str, weights: Any, *, admin_key: str) -> dict[str, Any]:
         """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
@@ -242,6 +252,15 @@ class AsyncClient(BaseClient):
         while (wait := exchange.after(await self._try(exchange.request))) is not None:
             await asyncio.sleep(wait)
         return exchange.result()
+
+    async def _follow(self, plan: protocol.Plan) -> Any:
+        """`Client._follow`, awaiting each call."""
+        try:
+            call = next(plan)
+            while True:
+                call = plan.send(await self._send(call))
+        except StopIteration as done:
+            return done.value
 
     async def _try(self, request: dict[str, Any]) -> protocol.Outcome:
         try:

@@ -1,6 +1,10 @@
 """The command line: `python -m clients.python` or, installed, `inference-client`.
 
     inference-client predict tests/data/cat.jpg tests/data/coffee.jpg --top-k 3
+    inference-client models
+    inference-client predict tests/data/cat.jpg --model shapes
+    TOKEN=$(inference-client login --model shapes)
+    inference-client labels --token "$TOKEN"
     inference-client history --token "$TOKEN" --limit 10
     inference-client predict tests/data/cat.jpg --json
     inference-client feedback 1733061234567-0 "tiger cat" --token "$TOKEN" --comment "stripes"
@@ -21,7 +25,7 @@ from typing import Any, TextIO
 
 from clients.python.client import Client
 from clients.python.errors import InferenceError
-from clients.python.protocol import DEFAULT_URL, EXPORT_FORMATS
+from clients.python.protocol import DEFAULT_URL, EXPORT_FORMATS, default_model
 
 OK, FAILED, USAGE = 0, 1, 2
 ADMIN_KEY_VARIABLE = "INFERENCE_ADMIN_KEY"
@@ -54,15 +58,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="inference-client",
                                      description="Classify images with the session-aware inference server.")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{predict,history,feedback,export}")
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     metavar="{login,predict,models,labels,history,feedback,export}")
+
+    login = commands.add_parser("login", parents=[common], help="open a session and print its token",
+                                description="Open a session (with its model, if given) and print its token "
+                                            "for --token; --json prints the whole answer.")
+    login.add_argument("--model", type=_non_empty, metavar="NAME",
+                       help="the session's model (see `models`; default: the server's default model)")
+    login.add_argument("--top-k", type=int, metavar="N", help="how many classes each prediction gives (1-20)")
+    login.set_defaults(run=run_login)
 
     predict = commands.add_parser("predict", parents=[common], help="classify images",
                                   description="Log in (unless --token), classify each image, print its top classes.")
     predict.add_argument("images", nargs="+", metavar="IMG", help="JPEG, PNG, WebP, GIF or BMP file")
     predict.add_argument("--top-k", type=int, metavar="N", help="how many classes to show (1-20)")
+    predict.add_argument("--model", type=_non_empty, metavar="NAME",
+                         help="classify with this model (see `models`; default: the session's model)")
     predict.add_argument("--keep-session", action="store_true",
                          help="do not log out afterwards; print the token (for --token) on stderr")
     predict.set_defaults(run=run_predict)
+
+    models = commands.add_parser("models", parents=[common], help="list the served models",
+                                 description="List the served models: name, whether it is the default, its "
+                                             "class count and active version.")
+    models.set_defaults(run=run_models)
+
+    labels = commands.add_parser("labels", parents=[common], help="list a model's class labels",
+                                 description="List a model's class labels, by class index: what `feedback` takes "
+                                             "for that model's predictions.")
+    labels.add_argument("model", nargs="?", type=_non_empty, metavar="MODEL",
+                        help="the model (default: the session's model with --token, else the server's default)")
+    labels.set_defaults(run=run_labels)
 
     history = commands.add_parser("history", parents=[common], help="list a session's predictions",
                                   description="List a session's predictions, newest first (needs --token).")
@@ -74,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(needs --token: the session that made it).")
     feedback.add_argument("id", type=_non_empty, metavar="ID", help="the history id of the prediction")
     feedback.add_argument("label", type=_non_empty, metavar="LABEL",
-                          help="a class index (0-999) or a label name, e.g. 'tiger cat'")
+                          help="a class index or a label name of the prediction's model, e.g. 'tiger cat' "
+                               "(`labels MODEL` lists them)")
     feedback.add_argument("--comment", metavar="TEXT", help="a note for whoever trains the next version")
     feedback.set_defaults(run=run_feedback)
 
@@ -102,13 +130,27 @@ def _non_empty(text: str) -> str:
     return text
 
 
+def run_login(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        options = {"top_k": args.top_k} if args.top_k is not None else None
+        result = client.login(args.api_key, options, model=args.model)
+        if args.json:
+            _print_json(result)
+        else:
+            print(result["token"])
+    finally:
+        client.close()  # the session stays open: its token was the point
+    return OK
+
+
 def run_predict(args: argparse.Namespace) -> int:
     client = _client(args)
     try:
         if not args.token:
             client.login(args.api_key)
         for index, path in enumerate(args.images):
-            result = client.predict(path, top_k=args.top_k)
+            result = client.predict(path, top_k=args.top_k, model=args.model)
             if args.json:
                 _print_json(result)
             else:
@@ -119,6 +161,38 @@ def run_predict(args: argparse.Namespace) -> int:
             print(f"session token (pass it as --token): {client.token}", file=sys.stderr)
     finally:
         _finish(client, logout=not args.token and not args.keep_session)
+    return OK
+
+
+def run_models(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        if not args.token:
+            client.login(args.api_key)
+        listing = client.models()
+        if args.json:
+            _print_json(listing)
+        else:
+            print_models(listing)
+    finally:
+        _finish(client, logout=not args.token)
+    return OK
+
+
+def run_labels(args: argparse.Namespace) -> int:
+    client = _client(args)
+    try:
+        if not args.token:
+            client.login(args.api_key)  # a new session runs the default model
+        answer = client.model_labels(args.model)
+        if args.json:
+            _print_json(answer)
+        else:
+            print(f"{answer['name']} (version {answer['version']}): {len(answer['labels'])} classes")
+            print_table(("class", "label"), ((str(index), label) for index, label in enumerate(answer["labels"])),
+                        right=(0,))
+    finally:
+        _finish(client, logout=not args.token)
     return OK
 
 
@@ -191,8 +265,26 @@ def print_prediction(image: str, result: dict[str, Any], out: TextIO | None = No
 
 
 def print_history(items: list[dict[str, Any]], out: TextIO | None = None) -> None:
-    rows = [(item["id"], item["created_at"], item["label"], _percent(item["top_k"][0]["score"])) for item in items]
-    print_table(("id", "created", "label", "score"), rows, right=(3,), out=out)
+    """One row per item; a model column where the items come from more than one model."""
+    models = {item.get("model", {}).get("name") for item in items}
+    rows: list[tuple[str, ...]] = [(item["id"], item["created_at"], item["label"], _percent(item["top_k"][0]["score"]))
+                                   for item in items]
+    header: tuple[str, ...] = ("id", "created", "label", "score")
+    if len(models) > 1:
+        header += ("model",)
+        rows = [(*row, str(item.get("model", {}).get("name"))) for row, item in zip(rows, items, strict=True)]
+    print_table(header, rows, right=(3,), out=out)
+
+
+def print_models(listing: dict[str, Any], out: TextIO | None = None) -> None:
+    """Each served model: its name (* marks the default), class count and active version."""
+    default = default_model(listing)
+    rows = [(model["name"] + (" *" if model["name"] == default else ""),
+             str(model.get("classes", "")), str(model.get("active_version") or model.get("serving_version") or ""),
+             model.get("description") or "")
+            for model in listing["models"]]
+    print_table(("model", "classes", "version", "description"), rows, right=(1,), out=out)
+    print("* the default model (a session without the model option runs it)", file=out)
 
 
 def print_table(header: Sequence[str], rows: Iterable[Sequence[str]], *, right: Sequence[int] = (),

@@ -35,9 +35,11 @@ class Client(BaseClient):
         return httpx.Client(**settings)
 
     # -- session ----------------------------------------------------------------------------------
-    def login(self, api_key: str | None = None, options: Mapping[str, Any] | None = None) -> dict[str, Any]:
-        """Open a session (with these options, if given) and use its token from now on."""
-        return self._logged_in(self._send(protocol.login(api_key, options)))
+    def login(self, api_key: str | None = None, options: Mapping[str, Any] | None = None, *,
+              model: str | None = None) -> dict[str, Any]:
+        """Open a session (with these options, if given) and use its token from now on. `model` chooses the
+        session's model (`models()` lists them; None: the server's default), as `options={"model": ...}` would."""
+        return self._logged_in(self._send(protocol.login(api_key, options, model)))
 
     def session(self) -> dict[str, Any]:
         return self._send(protocol.session())
@@ -46,7 +48,8 @@ class Client(BaseClient):
         return self._send(protocol.get_options())
 
     def set_options(self, **changes: Any) -> dict[str, Any]:
-        """Merge `changes` into the session's options; returns all of them."""
+        """Merge `changes` into the session's options; returns all of them. A `model` other than the session's
+        starts resize, crop, interpolation, mean and std from that model's defaults (unless given too)."""
         return self._send(protocol.set_options(changes))
 
     def logout(self, *, erase: bool = False) -> None:
@@ -60,9 +63,10 @@ class Client(BaseClient):
         self._logged_out()
 
     # -- predictions ------------------------------------------------------------------------------
-    def predict(self, image: ImageInput, **overrides: Any) -> dict[str, Any]:
-        """Classify one image; keyword arguments override the session's options for this call only."""
-        return self._send(protocol.predict(image, overrides))
+    def predict(self, image: ImageInput, *, model: str | None = None, **overrides: Any) -> dict[str, Any]:
+        """Classify one image; keyword arguments override the session's options for this call only (`model`:
+        another served model for this image, with that model's preprocessing defaults)."""
+        return self._send(protocol.predict(image, {**overrides, "model": model}))
 
     def preprocess(self, image: ImageInput, **overrides: Any) -> Any:
         """The float32 (3, crop, crop) NumPy array the model would see for `image` under the session's
@@ -184,12 +188,18 @@ class Client(BaseClient):
 
     # -- model versions (admin calls need a key listed in the server's auth.admin_api_keys) ----------
     def models(self, admin_key: str | None = None) -> dict[str, Any]:
-        """GET /v1/models: versions with hash, size and activation time (session token or admin key)."""
+        """GET /v1/models: {"default": name, "models": [...]}, each served model with its classes, input,
+        preprocessing defaults and versions (hash, size, activation time); session token or admin key."""
         return self._send(protocol.models(admin_key))
 
-    def labels(self, name: str, admin_key: str | None = None) -> list[str]:
-        """GET /v1/models/<name>/labels: the model's class labels, index i naming class i."""
-        return (self._send(protocol.labels(name, admin_key)))["labels"]
+    def labels(self, model: str | None = None, admin_key: str | None = None) -> list[str]:
+        """The class labels of `model` (GET /v1/models/<model>/labels), index i naming class i: what
+        `feedback` takes for that model's predictions. None: the session's model, else the default one."""
+        return (self.model_labels(model, admin_key))["labels"]
+
+    def model_labels(self, model: str | None = None, admin_key: str | None = None) -> dict[str, Any]:
+        """`labels` with the model's name and version: {"name", "version", "labels"}."""
+        return self._follow(protocol.model_labels(model, admin_key=admin_key, logged_in=bool(self.token)))
 
     def publish_version(self, name: str, version: str, weights: Any, *, admin_key: str) -> dict[str, Any]:
         """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
@@ -239,6 +249,15 @@ class Client(BaseClient):
         while (wait := exchange.after(self._try(exchange.request))) is not None:
             sleep(wait)
         return exchange.result()
+
+    def _follow(self, plan: protocol.Plan) -> Any:
+        """Send each call of `plan` in turn, answering it with the last result; the plan's own result."""
+        try:
+            call = next(plan)
+            while True:
+                call = plan.send(self._send(call))
+        except StopIteration as done:
+            return done.value
 
     def _try(self, request: dict[str, Any]) -> protocol.Outcome:
         try:

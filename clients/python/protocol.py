@@ -18,7 +18,7 @@ import random
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -76,9 +76,11 @@ class Call:
         return args
 
 
-def login(api_key: str | None = None, options: Mapping[str, Any] | None = None) -> Call:
+def login(api_key: str | None = None, options: Mapping[str, Any] | None = None, model: str | None = None) -> Call:
+    """POST /v1/sessions; `model` is the option of that name (the session's model), given apart for clarity."""
     headers = {"Authorization": f"ApiKey {api_key}"} if api_key else {}
-    return Call("POST", "/v1/sessions", json={"options": dict(options)} if options else None, headers=headers)
+    chosen = {**(options or {}), **({"model": model} if model is not None else {})}
+    return Call("POST", "/v1/sessions", json={"options": chosen} if chosen else None, headers=headers)
 
 
 def predict(image: ImageInput, overrides: Mapping[str, Any]) -> Call:
@@ -104,13 +106,39 @@ def npy_array(data: bytes) -> Any:
 
 
 def models(admin_key: str | None = None) -> Call:
-    """GET /v1/models, with the session's token or an admin key."""
+    """GET /v1/models, with the session's token or an admin key: every served model, its versions and canary."""
     return Call("GET", "/v1/models", headers=_admin(admin_key) if admin_key else {})
 
 
 def labels(name: str, admin_key: str | None = None) -> Call:
-    """GET /v1/models/<name>/labels: the class labels, index i naming class i (what feedback takes)."""
+    """GET /v1/models/<name>/labels: {"name", "version", "labels"}, index i naming class i (what feedback takes)."""
     return Call("GET", f"/v1/models/{quote(name, safe='')}/labels", headers=_admin(admin_key) if admin_key else {})
+
+
+def default_model(listing: Mapping[str, Any]) -> str:
+    """The name of the model a session without a `model` option runs, from GET /v1/models. A server from
+    before several models were served names no default: its one model is it."""
+    if listing.get("default"):
+        return str(listing["default"])
+    served = listing["models"]
+    return str(next((model for model in served if model.get("default")), served[0])["name"])
+
+
+#: A sequence of calls whose next depends on the last answer: the client sends each call the plan yields,
+#: sends the answer back in, and the plan's return value is the result (see `Client._follow`).
+Plan = Generator[Call, Any, Any]
+
+
+def model_labels(model: str | None, *, admin_key: str | None = None, logged_in: bool = False) -> Plan:
+    """The labels of `model`, or where None of the model in use: the session's `model` option when there
+    is a session (an admin key has none), else the server's default model."""
+    if model is None:
+        if logged_in and not admin_key:
+            options = yield get_options()
+            model = options.get("model")
+        if model is None:
+            model = default_model((yield models(admin_key)))
+    return (yield labels(model, admin_key))
 
 
 def publish_version(name: str, version: str, weights: str | os.PathLike[str] | bytes | IO[bytes],

@@ -20,6 +20,7 @@ NOT_ON_THE_PAGE = {
     "mean": "normalisation constants of the model, not a user's choice",
     "std": "normalisation constants of the model, not a user's choice",
     "model_version": "pinned from the models list, not the options form",
+    "model": "the model selector sets it at once (it resets the preprocessing options), not the form's Save",
 }
 
 
@@ -52,3 +53,9 @@ def test_the_page_edits_every_option_but_those_it_says_it_leaves() -> None:
     for name, choices in (("interpolation", INTERPOLATIONS), ("color", COLORS)):
         select = re.search(rf'<select[^>]* name="{name}".*?</select>', page, re.DOTALL)
         assert select is not None and tuple(re.findall(r'<option value="([a-z_]+)"', select.group(0))) == choices
+
+
+def test_the_page_chooses_the_model_with_its_own_selector() -> None:
+    page = (ROOT / "web/index.html").read_text()
+    assert re.search(r'<select[^>]* name="model"', page)
+    assert "client.setOptions({ model })" in (ROOT / "web/app.js").read_text()

@@ -4,7 +4,7 @@ import { describe, test } from "node:test";
 
 import {
   AuthError, Client, ConnectionFailed, InferenceError, NotFoundError, RateLimited, ServerBusy, ServerError,
-  ValidationError, sniffImageType,
+  ValidationError, defaultModel, sniffImageType,
 } from "../client.js";
 
 const JPEG = new Uint8Array([0xff, 0xd8, 0xff, 0xe0, 0, 0x10, 0x4a, 0x46, 0x49, 0x46]);
@@ -305,5 +305,35 @@ describe("requests", () => {
     await assert.rejects(new Client("", { fetch }).session(),
       (error) => error instanceof InferenceError && error.code === "invalid_url");
     assert.equal(calls.length, 0);
+  });
+});
+
+describe("choosing a model", () => {
+  const SHAPES = { name: "shapes", version: "1", labels: ["circle", "square", "star", "triangle", "cross"] };
+  const TWO = { default: "efficientnet_lite0", models: [{ name: "efficientnet_lite0", default: true }, { name: "shapes" }] };
+
+  test("login and predict send the model; labels() follows the session's model, else the default", async () => {
+    const { fetch, calls } = fakeFetch(
+      json(201, { token: "new", session_id: "s", options: {} }), json(200, PREDICTION),
+      json(200, { options: { model: "shapes" } }), json(200, SHAPES),
+      json(200, { options: { top_k: 5 } }), json(200, TWO), json(200, { ...SHAPES, name: "efficientnet_lite0" }),
+      json(200, { models: [{ name: "only" }] }), json(200, SHAPES), json(200, SHAPES),
+    );
+    const c = new Client("http://server.test", { fetch, backoff: 1 });
+    await c.login({ options: { top_k: 2 }, model: "shapes" });
+    await c.predict(JPEG, { model: "shapes" });
+    assert.deepEqual(await c.labels(), SHAPES.labels);
+    assert.equal((await c.modelLabels()).name, "efficientnet_lite0");
+    await c.labels(undefined, { adminKey: "a" }); // an admin key has no session: the default
+    await c.labels("shapes");
+    assert.deepEqual(JSON.parse(calls[0].init.body), { options: { top_k: 2, model: "shapes" } });
+    assert.equal(calls[1].url.search, "?model=shapes");
+    assert.deepEqual(calls.slice(2).map((call) => call.url.pathname), [
+      "/v1/session/options", "/v1/models/shapes/labels", "/v1/session/options", "/v1/models",
+      "/v1/models/efficientnet_lite0/labels", "/v1/models", "/v1/models/only/labels", "/v1/models/shapes/labels",
+    ]);
+    assert.equal(calls[7].headers.get("Authorization"), "ApiKey a");
+    assert.equal(defaultModel({ models: [{ name: "a" }, { name: "b", default: true }] }), "b");
+    assert.equal(defaultModel(TWO), "efficientnet_lite0");
   });
 });
