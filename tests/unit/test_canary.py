@@ -17,7 +17,7 @@ from service.feedback import FeedbackService
 from sessions.model_registry import Canary
 from sessions.store import canary_slot
 from sessions.tokens import TokenSigner, new_session_id
-from tests.unit.fakes import fake_models, LABELS, FakeFeedbackRecords, FakeStore, FakeVersions, solid_image
+from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions, fake_models, solid_image
 
 pytestmark = pytest.mark.unit
 
@@ -76,7 +76,7 @@ def test_the_classifier_runs_each_session_on_its_version_and_a_pin_wins(store: F
     pinned = asyncio.run(store.create(Options(model_version="v3")))
     answer, _ = asyncio.run(classifier.classify(pinned, solid_image(1), Options(model_version="v3")))
     assert answer["model"]["version"] == "v3"
-    anonymous = asyncio.run(classifier.classify_anonymous(solid_image(1), Options()))
+    anonymous = asyncio.run(classifier.classify_anonymous(solid_image(1), top_k=5))
     assert anonymous.model == {"name": "fake-net", "version": "v1"}
 
 

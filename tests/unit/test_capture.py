@@ -25,7 +25,7 @@ from service.classify import Classifier
 from sessions.tokens import TokenSigner
 from tests.conftest import DATA
 from tests.unit.conftest import SECRET
-from tests.unit.fakes import fake_models, FakeCaptureRefs, FakeStore, FakeVersions, solid_image
+from tests.unit.fakes import FakeCaptureRefs, FakeStore, FakeVersions, fake_models, solid_image
 
 pytestmark = pytest.mark.unit
 
@@ -142,7 +142,8 @@ def test_classify_keeps_the_image_before_recording_the_entry_that_names_it(
     assert answer["image"] == {"sha256": sha(image), "content_type": "image/png", "size": len(image)}
     assert copy_path(tmp_path, session.id, image).read_bytes() == image
     assert refs.sizes == {NAMES.session_ref(session.id): {sha(image): len(image)}}
-    off = Classifier(store, runner, fake_models(versions), captures=captures(tmp_path / "off", FakeCaptureRefs(), enabled=False))
+    off = Classifier(store, runner, fake_models(versions),
+                     captures=captures(tmp_path / "off", FakeCaptureRefs(), enabled=False))
     assert asyncio.run(off.classify(session, image, Options()))[0]["image"] is None
     assert not (tmp_path / "off").exists()
 

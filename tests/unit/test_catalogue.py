@@ -15,7 +15,7 @@ from core.session import Session
 from inference.runner import ServedModel
 from service.catalogue import ModelCatalogue, VersionNotPinnable
 from sessions.model_registry import Canary, VersionRecord
-from tests.unit.fakes import FakeBackend, fake_model
+from tests.unit.fakes import FakeBackend, FakeVersions, fake_model
 
 pytestmark = pytest.mark.unit
 
@@ -34,7 +34,8 @@ class Registry:
 
 
 def catalogue(tmp_path: Path, **statuses: str) -> ModelCatalogue:
-    made = ModelCatalogue(Registry(statuses), ServedModel(fake_model("v1"), FakeBackend()), store_dir=tmp_path,  # type: ignore[arg-type]
+    made = ModelCatalogue(Registry(statuses), FakeVersions.spec,  # type: ignore[arg-type]
+                          ServedModel(fake_model("v1"), FakeBackend()), store_dir=tmp_path,
                           backend_for=lambda model: FakeBackend())
 
     async def load(record: VersionRecord) -> ServedModel:  # what publishing stored, without torch

@@ -16,7 +16,7 @@ from core.session import Session
 from inference.runner import ModelRunner
 from service.classify import Classifier
 from sessions.tokens import VerifiedToken
-from tests.unit.fakes import fake_models, LABELS, FakeBackend, FakeStore, FakeVersions, solid_image
+from tests.unit.fakes import LABELS, FakeBackend, FakeStore, FakeVersions, fake_models, solid_image
 
 pytestmark = pytest.mark.unit
 
@@ -114,7 +114,8 @@ def test_classify_on_a_session_logged_out_meanwhile_answers_with_the_store_error
 
 def test_classify_anonymous_runs_the_model_and_records_nothing(store: FakeStore, runner: ModelRunner,
                                                                backend: FakeBackend, versions: FakeVersions) -> None:
-    prediction = asyncio.run(Classifier(store, runner, fake_models(versions)).classify_anonymous(solid_image(5), Options(top_k=1)))
+    classifier = Classifier(store, runner, fake_models(versions))
+    prediction = asyncio.run(classifier.classify_anonymous(solid_image(5), top_k=1))
     assert [score.class_index for score in prediction.top_k] == [5]
     assert prediction.model == {"name": "fake-net", "version": "v1"}
     assert backend.forwards == [1] and store.calls == []
@@ -143,7 +144,8 @@ def test_classify_batch_of_a_tensor_records_each_row(store: FakeStore, runner: M
                                                      versions: FakeVersions) -> None:
     session = new_session(store)
     tensor = np.stack([asyncio.run(runner.preprocess(solid_image(k), Options())) for k in (1, 9)])
-    result = asyncio.run(Classifier(store, runner, fake_models(versions)).classify_batch(session, Options(), tensor=tensor))
+    classifier = Classifier(store, runner, fake_models(versions))
+    result = asyncio.run(classifier.classify_batch(session, Options(), tensor=tensor))
     assert list(result.probabilities.argmax(axis=1)) == [1, 9]
     assert [entry["predicted_class"] for entry in history(store, session)] == [1, 9]
 

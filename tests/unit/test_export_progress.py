@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from inference import model
+from inference.repository import configured_spec
 from tests.conftest import wait_until
 
 pytestmark = pytest.mark.unit
@@ -25,7 +26,8 @@ def test_a_long_export_logs_its_start_its_progress_and_its_time(tmp_path: Path, 
     monkeypatch.setattr(sys, "executable", str(exporter))
     monkeypatch.setattr(model, "_EXPORT_PROGRESS_SECONDS", 0.05)
     caplog.set_level(logging.INFO, logger=model.log.name)
-    export = threading.Thread(target=model._export_in_child, args=("tiny", "w.pt", tmp_path, tmp_path / "m.json"))
+    spec = configured_spec("tiny", "w.pt")
+    export = threading.Thread(target=model._export_in_child, args=(spec, tmp_path, tmp_path / "m.json"))
     export.start()
     try:
         wait_until(lambda: "still exporting tiny to ONNX" in caplog.text, "a progress line")

@@ -31,8 +31,8 @@ def service(store: FakeStore, records: FakeFeedbackRecords, seen: list | None = 
             signer: TokenSigner = SIGNER, **limits: int) -> FeedbackService:
     return FeedbackService(store, records, labels=lambda model: LABELS, signer=signer,
                            limits=FeedbackLimits(**{"max_comment_bytes": 10, **limits}),
-                           on_feedback=(lambda model, version, agrees: seen.append((version, agrees))) if seen is not None
-                           else None)
+                           on_feedback=(lambda model, version, agrees: seen.append((version, agrees)))
+                           if seen is not None else None)
 
 
 def recorded(store: FakeStore, *predictions: tuple[int, str]) -> tuple[Session, list[str]]:
@@ -103,7 +103,8 @@ def test_feedback_that_races_an_erase_is_undone(store: FakeStore) -> None:
     store.alive = erased_meanwhile  # type: ignore[method-assign]
     with pytest.raises(InvalidToken):
         asyncio.run(feedback.give(session, history_id, {"label": 1}))
-    assert records.records == {} and asyncio.run(feedback.quality("fake-net")) == {"v1": {"count": 0, "agreement": None}}
+    assert records.records == {}
+    assert asyncio.run(feedback.quality("fake-net")) == {"v1": {"count": 0, "agreement": None}}
 
 
 def test_a_comment_is_bounded_in_utf8_bytes_not_characters(store: FakeStore) -> None:

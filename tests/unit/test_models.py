@@ -24,9 +24,9 @@ class Catalogue(FakeVersions):
         self.spec, self.name = spec, spec.name
 
 
-def spec(name: str, defaults: Options = Options(), size: int | None = None) -> ModelSpec:
+def spec(name: str, defaults: Options | None = None, size: int | None = None) -> ModelSpec:
     return ModelSpec(name=name, format="onnx", architecture="", file=f"/{name}.onnx", labels=tuple(LABELS),
-                     defaults=defaults, input_size=size)
+                     defaults=defaults or Options(), input_size=size)
 
 
 def models(default: str = "big") -> Models:

@@ -12,7 +12,7 @@ from service.auth import Authenticator, AuthSettings, Policy
 from service.feedback import FeedbackService
 from service.sessions import SessionService
 from sessions.tokens import TokenSigner
-from tests.unit.fakes import fake_models, LABELS, FakeFeedbackRecords, FakeStore, FakeVersions
+from tests.unit.fakes import LABELS, FakeFeedbackRecords, FakeStore, FakeVersions, fake_models
 
 pytestmark = pytest.mark.unit
 
@@ -94,7 +94,8 @@ def test_logout_revokes_the_token(store: FakeStore, signer: TokenSigner) -> None
 def test_an_erase_revokes_last_so_a_retry_after_a_failure_finishes_it(store: FakeStore, signer: TokenSigner) -> None:
     records, erased = FakeFeedbackRecords(), []
     feedback = FeedbackService(store, records, labels=lambda model: LABELS, signer=signer)  # type: ignore[arg-type]
-    sessions = SessionService(store, signer, feedback=feedback, on_erased=lambda: erased.append(1))  # type: ignore[arg-type]
+    sessions = SessionService(store, signer, fake_models(), feedback=feedback,  # type: ignore[arg-type]
+                              on_erased=lambda: erased.append(1))
     token, session = asyncio.run(sessions.login({}))
     auth = Authenticator(signer, store, AuthSettings())  # type: ignore[arg-type]
     original, failures = records.erase_session, []
