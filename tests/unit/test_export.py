@@ -57,7 +57,8 @@ def record(n: int) -> dict:
 
 def put(records: FakeFeedbackRecords, item: dict, *, at_ms: int) -> None:
     asyncio.run(records.set([item["session"]], item["history_id"], item, at_ms=at_ms,
-                            model=item["model"]["name"], version=item["model"]["version"], agrees=item["agrees"], keep_until_ms=0, owner="o",
+                            model=item["model"]["name"], version=item["model"]["version"], agrees=item["agrees"],
+                            keep_until_ms=0, owner="o",
                             max_per_session=100, daily_limit=0))
 
 
