@@ -56,7 +56,7 @@ local function uncount(text)
     local prefix = ''
     if record.pinned == true then prefix = '""" + PINNED_PREFIX + """' end
     local counter = record.model.version
-    if record.model.name ~= HOME then counter = record.model.name .. '/' .. counter end
+    if record.model.name and record.model.name ~= HOME then counter = record.model.name .. '/' .. counter end
     redis.call('HINCRBY', KEYS[3], prefix .. 'count:' .. counter, -1)
     if record.agrees then redis.call('HINCRBY', KEYS[3], prefix .. 'agree:' .. counter, -1) end
 end

@@ -278,3 +278,29 @@ def error_code(response: httpx.Response) -> str:
     body = response.json()
     assert set(body) == {"error"} and set(body["error"]) == {"code", "message"}, body
     return body["error"]["code"]
+
+
+SHAPES = ["circle", "square", "star", "triangle", "cross"]  # the labels of the repository's "shapes" model
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model repository beside `[model]`'s: "shapes", a 5-class squeezenet1_1 with its own preprocessing
+    defaults (tests/model_folders.py builds it: nothing is downloaded)."""
+    from tests.model_folders import squeezenet_folder
+
+    repository = tmp_path_factory.mktemp("model-repository")
+    squeezenet_folder(repository / "shapes", SHAPES, extra='description = "five shapes"\n'
+                                                        '[preprocess]\nresize = 160\ncrop = 128\n'
+                                                        'interpolation = "bicubic"\n')
+    return repository
+
+
+@pytest.fixture(scope="session")
+def models_server(serve: Callable[..., Any], redis_server: RedisServer, model_repository: Path,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningServer]:
+    """A server with a model repository: `[model]`'s efficientnet_lite0 (the default) and "shapes"."""
+    config = make_config(redis_server.url, models={"repository_dir": str(model_repository),
+                                                   "store_dir": str(tmp_path_factory.mktemp("models-store"))})
+    with serve(config) as running:
+        yield running

@@ -492,9 +492,9 @@ def test_pages_of_the_feedback_index_get_each_record_once_while_it_changes(feedb
     store = FeedbackStore(feedback_server.store.redis, "page-test-model")
 
     async def put(ref: str, n: int, at_ms: int) -> None:
-        await store.set([ref], f"{n}-0", {"model": {"version": "v"}, "agrees": False, "n": n}, at_ms=at_ms,
-                        version="v", agrees=False, keep_until_ms=2**41, owner="o", max_per_session=100,
-                        daily_limit=0)
+        await store.set([ref], f"{n}-0", {"model": {"name": "page-test-model", "version": "v"}, "agrees": False,
+                                          "n": n}, at_ms=at_ms, model="page-test-model", version="v", agrees=False,
+                        keep_until_ms=2**41, owner="o", max_per_session=100, daily_limit=0)
 
     async def fill_and_read() -> list[int]:
         for n in range(10):
@@ -510,7 +510,30 @@ def test_pages_of_the_feedback_index_get_each_record_once_while_it_changes(feedb
 
     seen = loop_thread.run(fill_and_read())
     assert sorted(seen) == list(range(11)), seen  # each exactly once, the one that came meanwhile too
-    assert loop_thread.run(store.stats()) == {"v": (10, 0)}
+    assert loop_thread.run(store.stats("page-test-model")) == {"v": (10, 0)}
+
+
+def test_each_models_versions_are_counted_apart_and_a_removal_uncounts_its_own(feedback_server, loop_thread) -> None:
+    """The counters of another model than the one the keys are named after (several models share them): the
+    Lua scripts' uncount and the store's set name them alike, so a removal takes from the right counter."""
+    store = FeedbackStore(feedback_server.store.redis, "counters-home")
+
+    async def give(model: str, n: int, agrees: bool) -> None:
+        record = {"model": {"name": model, "version": "v1"}, "agrees": agrees}
+        await store.set([f"{n:016x}"], f"{n}-0", record, at_ms=1000 + n, model=model, version="v1", agrees=agrees,
+                        keep_until_ms=2**41, owner="o", max_per_session=100, daily_limit=0)
+
+    async def run() -> tuple[dict, dict, dict, dict]:
+        await give("counters-home", 1, True)
+        await give("shapes", 2, True)
+        await give("shapes", 3, False)
+        counted = await store.stats("counters-home"), await store.stats("shapes")
+        await store.delete([f"{3:016x}"], "3-0")
+        return (*counted, await store.stats("counters-home"), await store.stats("shapes"))
+
+    home, shapes, home_after, shapes_after = loop_thread.run(run())
+    assert (home, shapes) == ({"v1": (1, 1)}, {"v1": (2, 1)})
+    assert (home_after, shapes_after) == ({"v1": (1, 1)}, {"v1": (1, 1)})
 
 
 def feedback_key(model: str, name: str) -> str:

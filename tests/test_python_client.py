@@ -658,17 +658,17 @@ def test_the_model_option_against_the_server(server: RunningServer, capsys: pyte
 
 
 def _another_model(client: Client) -> dict[str, Any]:
-    """A served model other than the default, or skip: needs the server side of several models (the lead's
-    tests/model_folders.py repository with "shapes" served beside the default)."""
+    """A served model other than the default (models_server serves "shapes" beside it)."""
     listing = client.models()
     default = protocol.default_model(listing)
     others = [model for model in listing["models"] if model["name"] != default]
-    if not others:
-        pytest.skip("the server serves one model; needs a model repository with a second model (issue 24)")
+    assert others, listing
     return others[0]
 
 
-def test_a_second_model_chosen_from_each_client(server: RunningServer, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_second_model_chosen_from_each_client(models_server: RunningServer,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    server = models_server
     with Client(server.url) as client:
         client.login(options={"top_k": 3})
         other = _another_model(client)

@@ -42,6 +42,12 @@ python() {{ timeout {COMMAND_SECONDS} python "$@"; }}
 """
 
 
+def tour_script(bodies: list[str]) -> str:
+    """One bash script of `bodies` in order, each followed by a line saying it is done."""
+    # The marker starts a line of its own: curl's answers end without a newline.
+    return PREAMBLE + "".join(f"{body}\nprintf '\\ntour: block {n} done\\n'\n" for n, body in enumerate(bodies, 1))
+
+
 def tour_blocks(text: str) -> list[tuple[bool, str]]:
     """README's marked shell blocks in order: (skipped, body)."""
     return [(bool(match["skip"]), match["body"]) for match in MARKER.finditer(text)]
@@ -61,8 +67,7 @@ def test_every_shell_block_in_the_readme_is_marked() -> None:
 
 def test_readme_tour_runs_in_order_against_a_live_server(serve: Any) -> None:
     bodies = [body for skipped, body in tour_blocks(README.read_text()) if not skipped]
-    # The marker starts a line of its own: curl's answers end without a newline.
-    script = PREAMBLE + "".join(f"{body}\nprintf '\\ntour: block {n} done\\n'\n" for n, body in enumerate(bodies, 1))
+    script = tour_script(bodies)
     with serve() as server:
         env = {**os.environ, "SERVER": server.url,
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -108,3 +113,33 @@ def test_model_versions_weights_command_makes_weights_the_server_takes(serve: An
                           headers={"Authorization": f"ApiKey {admin_key}",
                                    "X-Content-SHA256": hashlib.sha256(weights).hexdigest()})
     assert answer.status_code in (200, 201), answer.text
+
+
+def test_models_doc_runs_in_order_on_the_repository_it_makes(serve: Any, redis_server: Any, tmp_path: Path) -> None:
+    """docs/models.md as written: its blocks before the server's start make a model repository (in a temporary
+    folder, `MODELS`), then a server serves that repository and the blocks after it run against it."""
+    blocks = tour_blocks((ROOT / "docs" / "models.md").read_text())
+    starts = next(n for n, (skipped, body) in enumerate(blocks) if skipped and STARTS_SERVER.search(body))
+    before = [body for skipped, body in blocks[:starts] if not skipped]
+    after = [body for skipped, body in blocks[starts + 1:] if not skipped]
+    assert before and after, "docs/models.md makes a repository, starts the server, then uses it"
+    env = {**os.environ, "MODELS": str(tmp_path / "my-models"),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+
+    def run(bodies: list[str]) -> None:
+        done = subprocess.run(["bash", "-c", tour_script(bodies)], cwd=ROOT, env=env, capture_output=True, text=True,
+                              timeout=TOUR_SECONDS)
+        finished = re.findall(r"^tour: block (\d+) done$", done.stdout, re.M)
+        assert done.returncode == 0 and len(finished) == len(bodies), (
+            f"docs/models.md stopped after {len(finished)} of {len(bodies)} blocks (exit {done.returncode}):\n"
+            f"--- stderr\n{done.stderr[-3000:]}\n--- stdout\n{done.stdout[-2000:]}")
+        env["OUTPUT"] = done.stdout
+
+    run(before)
+    config = make_config(redis_server.url, models={"repository_dir": str(tmp_path / "my-models"),
+                                                   "store_dir": str(tmp_path / "store")})
+    with serve(config) as server:
+        env["SERVER"] = server.url
+        run(after)
+    assert "('efficientnet_lite0', 1000), ('shapes', 5)" in env["OUTPUT"]
+    assert '"model":{"name":"shapes"' in env["OUTPUT"].replace(" ", "")

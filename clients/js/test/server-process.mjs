@@ -19,6 +19,24 @@ export function readTestPhotos() {
   return Promise.all(["cat.jpg", "coffee.jpg"].map((name) => readFile(path.join(REPO, "tests/data", name))));
 }
 
+/**
+ * A model repository with one model, "shapes" (five classes, a small ONNX file that tests/model_folders.py
+ * writes without torch), for a server to serve beside its default model; resolves its folder.
+ */
+export async function makeModelRepository() {
+  const folder = await mkdtemp(path.join(os.tmpdir(), "js-client-test-models-"));
+  const python = PYTHON.includes("/") ? path.resolve(CLIENT_DIR, PYTHON) : PYTHON;
+  const script = "import sys, pathlib; from tests.model_folders import onnx_folder; "
+    + "onnx_folder(pathlib.Path(sys.argv[1]) / 'shapes', ['circle', 'square', 'star', 'triangle', 'cross'], "
+    + "layout='NCHW', output='logits', extra='[preprocess]\\nresize = 160\\ncrop = 128\\n')";
+  await new Promise((resolve, reject) => {
+    const child = spawn(python, ["-c", script, folder], { cwd: REPO, stdio: ["ignore", "ignore", "inherit"] });
+    child.once("error", reject);
+    child.once("exit", (code) => (code === 0 ? resolve() : reject(new Error(`making the model repository: ${code}`))));
+  });
+  return folder;
+}
+
 /** Start `python -m server --port 0`; resolve {url, stop} once it logs its ready line. */
 export async function startServer(env) {
   const dataDir = await mkdtemp(path.join(os.tmpdir(), "js-client-test-data-"));

@@ -5,19 +5,23 @@ import { createHash } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 
 import { AuthError, Client, NotFoundError, UnsupportedMediaType, ValidationError, defaultModel } from "../client.js";
-import { CAT_CLASSES, COFFEE_CLASSES, readTestPhotos, startServer } from "./server-process.mjs";
+import { CAT_CLASSES, COFFEE_CLASSES, makeModelRepository, readTestPhotos, startServer } from "./server-process.mjs";
+import { rm } from "node:fs/promises";
 
 const API_KEY = "js-client-test-key";
 const ADMIN_KEY = "js-client-test-admin-key";
 const ALLOWED_ORIGIN = "http://example.test";
 
 let server;
+let repository;
 let cat;
 let coffee;
 
 before(async () => {
   [cat, coffee] = await readTestPhotos();
+  repository = await makeModelRepository(); // "shapes", served beside the default model
   server = await startServer({
+    INFERENCE_MODELS_REPOSITORY_DIR: repository,
     INFERENCE_AUTH_API_KEYS: `sha256:${createHash("sha256").update(API_KEY).digest("hex")}`,
     INFERENCE_AUTH_ADMIN_API_KEYS: `sha256:${createHash("sha256").update(ADMIN_KEY).digest("hex")}`,
     INFERENCE_HTTP_CORS_ORIGINS: `${ALLOWED_ORIGIN},http://other.test`,
@@ -28,6 +32,7 @@ before(async () => {
 
 after(async () => {
   await server?.stop();
+  if (repository) await rm(repository, { recursive: true, force: true });
 });
 
 async function loggedIn(settings) {
@@ -240,15 +245,12 @@ describe("models", () => {
     assert.equal((await chosen.predict(cat, { model: name })).model.name, name);
   });
 
-  // Needs a server with a second model (issue 24: a model repository); skipped where one model is served.
-  test("a second model: per request, for the session (its preprocessing defaults), its own labels", async (t) => {
+  // The server serves "shapes" from its model repository beside the default model.
+  test("a second model: per request, for the session (its preprocessing defaults), its own labels", async () => {
     const client = await loggedIn();
     const listing = await client.models();
     const other = listing.models.find((model) => model.name !== defaultModel(listing));
-    if (!other) {
-      t.skip("the server serves one model; needs a model repository with a second model");
-      return;
-    }
+    assert.ok(other, "a second model is served");
     const labels = await client.labels(other.name);
     assert.equal(labels.length, other.classes);
     const once = await client.predict(cat, { model: other.name });
