@@ -125,8 +125,9 @@ class DataPlane:
         service.classify, as every transport does, and build the requested outputs. Images are preprocessed
         under the session's options where it runs this model, else under the model's defaults. A `version`
         named in the request answers it in place of the session's (checked by the caller with check_model)."""
-        base = session.options if session is not None else self.models.initial_options({})
-        options = self.models.options_for(base, {"model": name})
+        options = session.options if session is not None else self.models.initial_options({})
+        if self.models.catalogue_for(options).name != name:  # another model than the session's: its defaults
+            options = self.models.options_for(options, {"model": name})
         size = self.models.spec(name).input_size
         if request.tensor is not None and size is not None and request.tensor.shape[2:] != (size, size):
             raise BadRequest(f"Input {TENSOR_INPUT!r}: the model {name!r} takes [N, 3, {size}, {size}], got "

@@ -183,7 +183,7 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
 
-    def start_server(self, config: Config, runner: ModelRunner, served: ServedModel,
+    def start_server(self, config: Config, runner: ModelRunner, served: ServedModel | None,
                      redis_url: str | None = None) -> Server:
         """A Server (server/server.py) for `config`, `runner` and the configured `served` model with its
         transports started on this loop, HTTP on a free port of 127.0.0.1, without the background tasks of
@@ -236,13 +236,15 @@ def serve(loop_thread: LoopThread, redis_server: RedisServer, default_model: Loa
 
     @contextlib.contextmanager
     def _serve(config: Config | None = None, runner: ModelRunner | None = None,
-               served: ServedModel | None = None) -> Iterator[RunningServer]:
+               served: ServedModel | None = None, *, own_models: bool = False) -> Iterator[RunningServer]:
         config = config or make_config(redis_server.url)
         if config.redis.url == "redis://unused":
             config.redis.url = redis_server.url
         owns_runner = runner is None
         runner = runner or build_runner(config)
-        served = served or serve_loaded(config, default_model)
+        # `own_models`: the server builds every model itself, `[model]`'s on its runtime on first use as a
+        # serving process does (counted in models.max_loaded), rather than sharing the session's copy.
+        served = None if own_models else served or serve_loaded(config, default_model)
 
         server = loop_thread.start_server(config, runner, served)
         try:

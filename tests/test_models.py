@@ -56,7 +56,7 @@ def two(serve: Callable[..., Any], redis_server: RedisServer, model_repository: 
                          models={"repository_dir": str(model_repository), "store_dir": str(folder / "models"),
                                  "max_loaded": 1},
                          capture={"enabled": True, "store_dir": str(folder / "captures")})
-    with serve(config) as running:
+    with serve(config, own_models=True) as running:
         yield running
 
 

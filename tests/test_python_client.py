@@ -703,6 +703,7 @@ def test_a_second_model_chosen_from_each_client(models_server: RunningServer,
 
         assert main(["models", "--url", server.url]) == 0
         assert re.search(rf"^\s+{re.escape(name)}\s+{other['classes']}\s", capsys.readouterr().out, re.MULTILINE)
+        client.predict(CAT_PATH, model=protocol.default_model(client.models()))  # one item of the default model
         assert main(["history", "--url", server.url, "--token", client.token or ""]) == 0
         assert "model" in capsys.readouterr().out.splitlines()[0]  # items from two models: a model column
 
