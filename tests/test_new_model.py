@@ -199,3 +199,18 @@ def test_a_replica_catches_up_with_the_repository_and_one_started_later_reads_it
     shutil.rmtree(repository / "plums")  # deleted while it was not listening
     loop_thread.run(second.models.catch_up())
     assert "plums" not in served_names(second)
+
+
+def test_with_no_repository_set_a_model_is_added_under_the_data_folder(serve: Callable[..., Any],
+                                                                       redis_server: RedisServer,
+                                                                       tmp_path: Path) -> None:
+    """models.repository_dir = "" (the default): <data_dir>/model-repository, made by the first addition."""
+    config = config_for(redis_server, tmp_path)
+    config.models.repository_dir = ""
+    config.server.data_dir = str(tmp_path / "data")
+    archive = folder_archive(squeezenet_folder(tmp_path / "figs", LABELS))
+    with serve(config) as running, running.client() as http:
+        assert put_model(http, "figs", archive).status_code == 201
+        assert (tmp_path / "data" / "model-repository" / "figs" / "model.toml").is_file()
+        assert http.delete("/v1/models/figs", headers=ADMIN).status_code == 204
+    assert not (tmp_path / "data" / "model-repository" / "figs").exists()
