@@ -2,6 +2,8 @@
 lists them.
 
     GET    /v1/models                                      every model: its manifest, versions, canary
+    PUT    /v1/models/<name>                               add a model: its folder as a tar archive (admin)
+    DELETE /v1/models/<name>                               delete a model added so (admin)
     GET    /v1/models/<name>/labels                        the class labels (what feedback's label takes)
     PUT    /v1/models/<name>/versions/<version>            upload a state_dict, ONNX or TorchScript file (admin)
     DELETE /v1/models/<name>/versions/<version>            remove a version that is not active (admin)
@@ -63,9 +65,10 @@ class VersionRoute(BaseHandler):
         return catalogue
 
 
-@tornado.web.stream_request_body
-class ModelVersionHandler(UploadHandler, VersionRoute):
-    """PUT (upload, streamed to a file in the store while it is hashed) and DELETE of one version."""
+class StreamedUpload(UploadHandler):
+    """An admin's PUT whose body is a file, streamed to a temporary file while it is hashed and checked
+    against `X-Content-SHA256` and models.max_upload_bytes; subclasses say where it goes (upload_path) and
+    decorate themselves with tornado.web.stream_request_body."""
 
     auth_policy = Policy.ADMIN
     # Refusals wait for the body's end for any method: this handler streams every body.
@@ -76,6 +79,10 @@ class ModelVersionHandler(UploadHandler, VersionRoute):
         super().initialize(route_name)
         self._digest = hashlib.sha256()
         self.upload_limit = self.http_settings.max_upload_bytes
+
+    def upload_path(self) -> Path:
+        """A fresh temporary file for the body, once the route's names are checked (4xx otherwise)."""
+        raise NotImplementedError
 
     def can_drain(self) -> bool:
         # Only the admin key's holder may send a body past http.max_body_bytes (up to twice the upload
@@ -91,11 +98,11 @@ class ModelVersionHandler(UploadHandler, VersionRoute):
         self.allow_body(self.upload_limit * 2, self.http_settings.upload_timeout_seconds)
         if not self.can_drain():
             self.refuse_oversized()
-        catalogue = self.catalogue(self.path_kwargs["name"], self.path_kwargs["version"])
+        path = self.upload_path()
         if not _SHA256_HEX.match(self.request.headers.get(CHECKSUM_HEADER, "")):
             raise BadRequest(f"Send the file's SHA-256 as 64 hex digits in the {CHECKSUM_HEADER} header.",
                              code="missing_checksum")
-        self._path = catalogue.upload_path()
+        self._path = path
         self._file = self._path.open("wb")
 
     def data_received(self, chunk: bytes) -> None:
@@ -122,7 +129,9 @@ class ModelVersionHandler(UploadHandler, VersionRoute):
     def oversized_message(self) -> str:
         return f"The file is larger than models.max_upload_bytes ({self.upload_limit} bytes)."
 
-    async def put(self, name: str, version: str) -> None:
+    def received_upload(self) -> tuple[Path, str]:
+        """The whole body's temporary file and its SHA-256, checked: the refusal deferred, 413, a checksum
+        that differs from the header's, an empty body (each a 4xx)."""
         self.raise_refusal()
         assert self._file is not None and self._path is not None
         self._file.close()
@@ -134,7 +143,37 @@ class ModelVersionHandler(UploadHandler, VersionRoute):
                              code="checksum_mismatch")
         if self._received == 0:
             raise BadRequest("The body is empty; send the model's file.", code="missing_body")
-        record = await self.catalogue(name, version).publish(version, self._path, expected, self._received)
+        return self._path, expected
+
+
+@tornado.web.stream_request_body
+class ModelHandler(StreamedUpload):
+    """PUT (a new model: its folder as a tar archive, gzip or not) and DELETE of a model added so."""
+
+    def upload_path(self) -> Path:
+        return self.models.upload_path(self.path_kwargs["name"])
+
+    async def put(self, name: str) -> None:
+        archive, _ = self.received_upload()
+        self.write_json(await self.models.add(name, archive), status=201)
+
+    async def delete(self, name: str) -> None:
+        if self.refusal:
+            raise self.refusal
+        await self.models.delete(name)
+        self.no_content()
+
+
+@tornado.web.stream_request_body
+class ModelVersionHandler(StreamedUpload, VersionRoute):
+    """PUT (upload, streamed to a file in the store while it is hashed) and DELETE of one version."""
+
+    def upload_path(self) -> Path:
+        return self.catalogue(self.path_kwargs["name"], self.path_kwargs["version"]).upload_path()
+
+    async def put(self, name: str, version: str) -> None:
+        path, sha256 = self.received_upload()
+        record = await self.catalogue(name, version).publish(version, path, sha256, self._received)
         self.write_json({"name": name, **record.to_dict(active=False)}, status=201)
 
     async def delete(self, name: str, version: str) -> None:

@@ -689,6 +689,39 @@ def _prose() -> dict[str, Any]:
                        "defaults, and its versions with their hash, size and activation time.",
             "responses": {"200": _json(_ref("ModelList"), "Versions."), **_AUTH_ERRORS},
         }},
+        "/v1/models/{name}": {
+            "put": {
+                "summary": "Add a model: the body is the model's folder (model.toml, its labels, its file) as a tar "
+                           "archive, gzip-compressed or not (`tar -C folder -czf - .`), checked against "
+                           "X-Content-SHA256. The folder is unpacked (regular files and folders only, within "
+                           "models.max_archive_members and models.max_archive_bytes), its manifest read, its file "
+                           "checked as a published version is, exported behind the accuracy guard, moved into the "
+                           "model repository and served at once, on every replica.",
+                "parameters": [_VERSION_PARAMETERS[0],
+                               {"name": "X-Content-SHA256", "in": "header", "required": True,
+                                "schema": {"type": "string", "pattern": "^[0-9a-fA-F]{64}$"}}],
+                "requestBody": {"required": True, "content": {"application/octet-stream": {
+                    "schema": {"type": "string", "format": "binary"}}}},
+                "responses": {"201": _json({"type": "object", "required": ["name", "default", "classes", "versions"],
+                                            "description": "The model as GET /v1/models lists it."}, "Added."),
+                              "400": _error("Missing or wrong checksum, empty body, bad model name."),
+                              "409": _error("A model of that name is served already (model_exists)."),
+                              "413": _error("Over models.max_upload_bytes."),
+                              "422": _error("Not a safe tar archive of files and folders within the limits "
+                                            "(invalid_archive), a manifest that cannot be served (invalid_model, "
+                                            "its sentence), or a file that differs from the manifest, e.g. its "
+                                            "class count (invalid_weights)."),
+                              **_ADMIN_ERRORS},
+            },
+            "delete": {
+                "summary": "Delete a model added over HTTP, on every replica, with its folder and its versions' files; "
+                           "sessions that chose it get 409 model_not_served from then on.",
+                "parameters": [_VERSION_PARAMETERS[0]],
+                "responses": {"204": {"description": "Deleted."}, **_ADMIN_ERRORS,
+                              "404": _error("No served model has this name (model_not_found)."),
+                              "409": _error("The model is [model]'s or the default one (model_not_deletable).")},
+            },
+        },
         "/v1/models/{name}/labels": {"get": {
             "summary": "The class labels of the version serving everyone, index i naming class i: what a "
                        "correction's label (PUT /v1/history/{id}/feedback) takes. Answers a matching "

@@ -15,7 +15,14 @@ from handlers.base import HttpSettings, NotFoundHandler
 from handlers.feedback import FeedbackExportHandler, FeedbackPurgeHandler
 from handlers.health import LivenessHandler, MetricsHandler, OpenAPIHandler, ReadinessHandler
 from handlers.history import FeedbackHandler, HistoryHandler, HistoryImageHandler, HistoryItemHandler
-from handlers.models import ActivateHandler, LabelsHandler, ModelsHandler, ModelVersionHandler, PinnableHandler
+from handlers.models import (
+    ActivateHandler,
+    LabelsHandler,
+    ModelHandler,
+    ModelsHandler,
+    ModelVersionHandler,
+    PinnableHandler,
+)
 from handlers.oip import (
     InferHandler,
     ModelMetadataHandler,
@@ -66,6 +73,7 @@ ROUTES: list[tuple[str, type[tornado.web.RequestHandler]]] = [
     (r"/openapi.json", OpenAPIHandler),
     (r"/metrics", MetricsHandler),
     (r"/v1/models", ModelsHandler),
+    (r"/v1/models/(?P<name>[^/]+)", ModelHandler),
     (r"/v1/models/(?P<name>[^/]+)/labels", LabelsHandler),
     (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+)", ModelVersionHandler),
     (r"/v1/models/(?P<name>[^/]+)/versions/(?P<version>[^/:]+):activate", ActivateHandler),

@@ -174,9 +174,14 @@ class ModelsConfig:
     max_upload_bytes: int = 512 * 1024 * 1024  # one state_dict file
     # The body timeout of an authenticated weights upload (http.body_timeout_seconds for everything else).
     upload_timeout_seconds: float = 600.0
-    # A model repository: one folder per model, with its model.toml (inference.repository). Empty: only the
-    # model `[model]` names is served.
+    # A model repository: one folder per model, with its model.toml (inference.repository), where
+    # PUT /v1/models/<name> adds models too; shared by the replicas. Empty: <data_dir>/model-repository
+    # (made on the first addition).
     repository_dir: str = ""
+    # A model's folder sent as a tar archive (PUT /v1/models/<name>): at most this many files and folders,
+    # and this many bytes once unpacked (the archive itself is bounded by max_upload_bytes).
+    max_archive_members: int = 1000
+    max_archive_bytes: int = 1024 * 1024 * 1024
     # The model a session runs unless it chooses one (the `model` option). Empty: the one `[model]` names.
     default: str = ""
     # Model versions each serving process keeps loaded at most (each on its runtime, loaded on first use);
@@ -247,6 +252,11 @@ class Config:
         return Path(setting) if setting else self.data_path / default_name
 
     @property
+    def repository_path(self) -> Path:
+        """models.repository_dir, or `<server.data_dir>/model-repository` when it is empty."""
+        return self.folder(self.models.repository_dir, "model-repository").expanduser()
+
+    @property
     def default_model(self) -> str:
         """The model a session runs unless it chooses one: models.default, else `[model]`'s."""
         return self.models.default or self.model.name
@@ -255,9 +265,9 @@ class Config:
         """The served models by name: `[model]`'s, then one per folder of models.repository_dir (read now,
         so that a bad manifest stops the start with one sentence, a ConfigError)."""
         specs = {self.model.name: configured_spec(self.model.name, self.model.weights)}
-        if self.models.repository_dir:
+        if self.models.repository_dir or self.repository_path.is_dir():  # the default one may not be made yet
             try:
-                repository = read_repository(Path(self.models.repository_dir).expanduser())
+                repository = read_repository(self.repository_path)
             except RepositoryError as exc:
                 raise ConfigError(f"models.repository_dir: {exc}") from None
             if self.model.name in repository:
@@ -451,6 +461,9 @@ def validate(config: Config) -> None:
         (config.models.max_upload_bytes >= 1024, "models.max_upload_bytes must be at least 1024."),
         (config.models.upload_timeout_seconds > 0, "models.upload_timeout_seconds must be positive."),
         (1 <= config.models.max_loaded <= 256, "models.max_loaded must be between 1 and 256."),
+        (1 <= config.models.max_archive_members <= 100_000,
+         "models.max_archive_members must be between 1 and 100000."),
+        (config.models.max_archive_bytes >= 1024, "models.max_archive_bytes must be at least 1024."),
         (all(len(k) >= 16 for k in config.auth.secret_keys),
          "auth.secret_keys entries must be at least 16 characters long."),
         (config.sessions.ttl_seconds >= 1, "sessions.ttl_seconds must be at least 1."),

@@ -27,7 +27,7 @@ from server.balance import SharedCounts
 from server.config import Config, ConfigError
 from server.embedded_redis import RewriteAfterErase
 from server.observability import Metrics, count_sessions_forever
-from server.runtime import build_backend, build_runner, build_served, build_store
+from server.runtime import build_backend, build_runner, build_served, build_store, prepare_models
 from server.transports import Transport
 from server.transports import grpc as grpc_transport
 from server.transports import http as http_transport
@@ -39,7 +39,7 @@ from service.dataplane import DataPlane
 from service.export import FeedbackExport
 from service.feedback import FeedbackLimits, FeedbackService
 from service.history import History
-from service.models import Models
+from service.models import Models, Repository
 from service.preprocess import Preprocessor
 from service.retention import sweep_forever
 from service.sessions import SessionService
@@ -258,12 +258,20 @@ def make_models(config: Config, store: SessionStore, served: ServedModel | None 
     store_dir = config.folder(config.models.store_dir, "models")
     registry = ModelRegistry(store.redis)
     loaded = LoadedBackends(config.models.max_loaded)
-    catalogues = {}
-    for name, spec in config.model_specs().items():
-        own = served if served is not None and name == config.model.name else build_served(config, spec, loaded)
-        catalogues[name] = ModelCatalogue(registry, spec, own, store_dir=store_dir, feedback=feedback,
-                                          backend_for=_versions_backend(config, spec, own, loaded))
-    return Models(catalogues, config.default_model)
+
+    def catalogue(spec: ModelSpec, own: ServedModel | None = None) -> ModelCatalogue:
+        own = own or build_served(config, spec, loaded)
+        return ModelCatalogue(registry, spec, own, store_dir=store_dir, feedback=feedback,
+                              backend_for=_versions_backend(config, spec, own, loaded))
+
+    catalogues = {name: catalogue(spec, served if name == config.model.name else None)
+                  for name, spec in config.model_specs().items()}
+    # Models added over HTTP (PUT /v1/models/<name>) are exported and guarded as at start (prepare_models).
+    repository = Repository(folder=config.repository_path.resolve(), registry=registry, configured=config.model.name,
+                            max_archive_members=config.models.max_archive_members,
+                            max_archive_bytes=config.models.max_archive_bytes,
+                            prepare=lambda spec: prepare_models(config, {spec.name: spec}), serve=catalogue)
+    return Models(catalogues, config.default_model, repository=repository)
 
 
 def _versions_backend(config: Config, spec: ModelSpec, own: ServedModel,

@@ -1,17 +1,20 @@
-"""The replica follower: every replica follows activations, canaries and removals over Redis pub/sub,
-and re-reads the active version whenever it (re)subscribes, so one that was cut off catches up."""
+"""The replica followers: every replica follows activations, canaries and removals over Redis pub/sub,
+and re-reads the active version whenever it (re)subscribes, so one that was cut off catches up; likewise
+the models added and deleted (ModelsFollower), re-reading the shared model repository on (re)subscribing."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
 from core.errors import ServiceError
-from sessions.model_registry import ModelEvent
+from sessions.model_registry import ModelEvent, ModelRegistry
 
 if TYPE_CHECKING:
     from service.catalogue import ModelCatalogue
+    from service.models import Models
 
 log = logging.getLogger("inference.weights")
 _CLOSE_TIMEOUT_SECONDS = 2.0
@@ -39,33 +42,11 @@ class VersionFollower:
 
     async def close(self) -> None:
         self._closing = True
-        if self._follower is not None:
-            self._follower.cancel()
-            # redis-py can turn a cancellation inside a reconnect into a connection error, which the
-            # follower's retry loop would take for Redis trouble; the flag ends it then, and the wait
-            # is bounded either way, so a shutdown never hangs here.
-            await asyncio.wait({self._follower}, timeout=_CLOSE_TIMEOUT_SECONDS)
+        await _stop(self._follower)
 
     async def _follow(self) -> None:
-        delay, failing = 0.25, False
-        while True:
-            try:
-                async for event in self.catalogue.registry.events():
-                    if event.event == "subscribed":
-                        await self._catch_up()  # whatever happened while we were not listening
-                    else:
-                        await self._apply(event)
-                    delay, failing = 0.25, False
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # Redis down or restarted: keep serving, resubscribe later
-                if self._closing:
-                    return
-                if not failing:
-                    log.warning("not following model versions (%s); retrying", exc)
-                failing = True
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
+        await _follow_events(self.catalogue.registry, self._catch_up, self._apply, lambda: self._closing,
+                             "model versions")
 
     async def _catch_up(self) -> None:
         await self._follow_canary()
@@ -123,3 +104,61 @@ class VersionFollower:
         log.info("following activation: now serving %s version %s", self.catalogue.name, event.version)
 
 
+class ModelsFollower:
+    """Keeps one process's models in step with those added (PUT /v1/models/<name>) and deleted anywhere:
+    the folder an addition announces is read from the shared repository; on (re)subscribing, the
+    repository's folders are compared with what this process serves."""
+
+    def __init__(self, models: Models, registry: ModelRegistry):
+        self.models, self.registry = models, registry
+        self._follower: asyncio.Task[None] | None = None
+        self._closing = False
+
+    async def start(self) -> None:
+        self._follower = asyncio.get_running_loop().create_task(
+            _follow_events(self.registry, self.models.catch_up, self._apply, lambda: self._closing, "model additions"))
+
+    async def close(self) -> None:
+        self._closing = True
+        await _stop(self._follower)
+
+    async def _apply(self, event: ModelEvent) -> None:
+        if event.event == "added":
+            await self.models.follow_added(event.name)
+        elif event.event == "deleted":
+            await self.models.follow_deleted(event.name)
+
+
+async def _follow_events(registry: ModelRegistry, catch_up: Callable[[], Awaitable[None]],
+                         apply: Callable[[ModelEvent], Awaitable[None]], closing: Callable[[], bool],
+                         what: str) -> None:
+    """Apply the registry's events until cancelled, catching up whenever (re)subscribed; Redis trouble is
+    logged once and retried with a growing delay (the process keeps serving what it has meanwhile)."""
+    delay, failing = 0.25, False
+    while True:
+        try:
+            async for event in registry.events():
+                if event.event == "subscribed":
+                    await catch_up()  # whatever happened while we were not listening
+                else:
+                    await apply(event)
+                delay, failing = 0.25, False
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # Redis down or restarted: keep serving, resubscribe later
+            if closing():
+                return
+            if not failing:
+                log.warning("not following %s (%s); retrying", what, exc)
+            failing = True
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 5.0)
+
+
+async def _stop(task: asyncio.Task[None] | None) -> None:
+    if task is not None:
+        task.cancel()
+        # redis-py can turn a cancellation inside a reconnect into a connection error, which the
+        # follower's retry loop would take for Redis trouble; the closing flag ends it then, and the wait
+        # is bounded either way, so a shutdown never hangs here.
+        await asyncio.wait({task}, timeout=_CLOSE_TIMEOUT_SECONDS)

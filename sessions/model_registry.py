@@ -9,10 +9,13 @@ name, under one hash tag so that each script's keys share a Redis Cluster slot:
                                version serving a share of the sessions (absent: none)
     model:{<name>}:pinnable    set: the versions an admin let sessions pin besides the active one
                                and the canary's (removing a version takes it out)
+    model:{<name>}:added       string: when the model was added over HTTP (PUT /v1/models/<name>)
 and the pub/sub channel `model-events`, carrying JSON {"event": "activated" | "canary" | "removed" |
-"unpinnable", "name", "version"}; an activation of "" means back to the weights in the config. An
-activation ends any canary. Activating, starting a canary, removing or unmarking changes the keys
-and publishes in one Lua script, so no replica can see the change without the message being sent.
+"unpinnable" | "added" | "deleted", "name", "version"}; an activation of "" means back to the weights in
+the config. An activation ends any canary. Activating, starting a canary, removing or unmarking a
+version, adding or deleting a model changes the keys and publishes in one Lua script, so no replica can
+see the change without the message being sent. (A model's folder lives in the model repository, which
+the replicas share; "added" tells them to read it, "deleted" to stop serving it.)
 """
 
 from __future__ import annotations
@@ -94,6 +97,23 @@ return 1
 """
 
 
+# A model added: ARGV[1] its time; 0 when the name was added already. A model's keys left from an earlier
+# model of the same name (KEYS[2..]) are cleared, so the new one starts with no versions.
+_ADD_MODEL_SCRIPT = """
+if redis.call('SET', KEYS[1], ARGV[1], 'NX') == false then return 0 end
+for index = 2, #KEYS do redis.call('DEL', KEYS[index]) end
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+"""
+
+# A model deleted: every key of it, then the announcement.
+_DELETE_MODEL_SCRIPT = """
+for index = 1, #KEYS do redis.call('DEL', KEYS[index]) end
+redis.call('PUBLISH', ARGV[1], ARGV[2])
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class VersionRecord:
     name: str
@@ -130,7 +150,7 @@ class Canary:
 
 @dataclass(frozen=True)
 class ModelEvent:
-    event: str  # "activated" | "canary" | "removed" | "unpinnable" (published) | "subscribed" (local)
+    event: str  # "activated" | "canary" | "removed" | "unpinnable" | "added" | "deleted" (published), "subscribed"
     name: str
     version: str
 
@@ -144,6 +164,8 @@ class ModelRegistry:
         self._canary = client.register_script(_CANARY_SCRIPT)
         self._pin_status = client.register_script(_PIN_STATUS_SCRIPT)
         self._mark_pinnable = client.register_script(_MARK_PINNABLE_SCRIPT)
+        self._add_model = client.register_script(_ADD_MODEL_SCRIPT)
+        self._delete_model = client.register_script(_DELETE_MODEL_SCRIPT)
 
     @staticmethod
     def _keys(name: str) -> tuple[str, str, str]:
@@ -247,6 +269,23 @@ class ModelRegistry:
     async def pinnable(self, name: str) -> set[str]:
         """The versions an admin marked pinnable."""
         return set(text_set(await self.redis.smembers(self._pinnable_key(name))))
+
+    def _model_keys(self, name: str) -> list[str]:
+        """Every key of the model `name`, the added mark first."""
+        return [f"model:{{{name}}}:added", *self._keys(name), self._canary_key(name), self._pinnable_key(name)]
+
+    @store_errors
+    async def add_model(self, name: str, at_ms: int) -> bool:
+        """Mark `name` added (its folder is in the repository now) and tell every replica; False if it was
+        added already."""
+        message = json.dumps({"event": "added", "name": name, "version": ""})
+        return bool(await self._add_model(keys=self._model_keys(name), args=[at_ms, EVENTS_CHANNEL, message]))
+
+    @store_errors
+    async def delete_model(self, name: str) -> None:
+        """Forget `name` with its versions, canary and pins, and tell every replica to stop serving it."""
+        message = json.dumps({"event": "deleted", "name": name, "version": ""})
+        await self._delete_model(keys=self._model_keys(name), args=[EVENTS_CHANNEL, message])
 
     async def events(self) -> AsyncIterator[ModelEvent]:
         """Activations and removals as they are published. Ends with an exception when the connection

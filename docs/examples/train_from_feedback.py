@@ -40,6 +40,7 @@ class Sample:
     key: str
     image: bytes
     class_index: int  # the corrected label: the target
+    label: str  # the corrected label's text (a new model's classes are these)
     options: dict[str, Any]  # the options the prediction was made under
     model: dict[str, str]  # {name, version} that made the prediction
 
@@ -60,8 +61,8 @@ def read_samples(path: Path) -> tuple[list[Sample], int]:
                 records[key] = json.loads(data)
             elif extension.lower() in IMAGE_EXTENSIONS:
                 images[key] = data
-    samples = [Sample(key, images[key], record["feedback"]["class_index"], record["options"], record["model"])
-               for key, record in records.items() if key in images]
+    samples = [Sample(key, images[key], record["feedback"]["class_index"], record["feedback"]["label"],
+                      record["options"], record["model"]) for key, record in records.items() if key in images]
     return samples, len(records) - len(samples)
 
 
