@@ -141,8 +141,8 @@ class Models:
 
     def _spec_for_option(self, name: str | None) -> ModelSpec:
         if name is not None and name not in self._catalogues:
-            raise BadOptions("model", f"Unknown model {quoted(name)}; choose one of {self._named()} (GET /v1/models), "
-                                      "or null for the default.")
+            raise BadOptions("model", f"model {quoted(name)} is not served here; choose one of {self._named()} "
+                                      "(GET /v1/models), or null for the default.")
         return self.spec(name)
 
     def _named(self) -> str:
