@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib.util
 import json
 import logging
 import subprocess
@@ -117,14 +118,29 @@ def weights_file(spec: ModelSpec) -> Path | None:
 
 
 def export_key(spec: ModelSpec, sha256: str | None) -> str:
-    """What names an export of `spec` whose file has `sha256`: everything that changes the exported graph
-    (the spec, the file's bytes, the export settings, the library versions)."""
+    """What names an export of `spec` whose file has `sha256`: the spec, the file's bytes and the export
+    settings. Not the exporting libraries' versions, which a serving install without torch cannot read: an
+    export made where torch is (`python -m server export`) is found by it. The manifest records them."""
     parts = [spec.fingerprint(), ONNX_EXPORT_VERSION, sha256 or ""]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+
+
+def exporting_libraries(spec: ModelSpec) -> dict[str, str]:
+    """The versions of the libraries that export `spec` here (recorded in its manifest)."""
     packages = ("onnx",) if spec.format == "onnx" else ("torch", "torchvision", "efficientnet-lite-pytorch")
+    versions = {}
     for package in packages:
         with contextlib.suppress(metadata.PackageNotFoundError):
-            parts.append(f"{package}=={metadata.version(package)}")
-    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:20]
+            versions[package] = metadata.version(package)
+    return versions
+
+
+def torch_installed() -> bool:
+    """Whether this install can export with torch (the `export` extra)."""
+    try:
+        return importlib.util.find_spec("torch") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def manifest_path(spec: ModelSpec, cache_dir: Path) -> Path:
@@ -134,9 +150,9 @@ def manifest_path(spec: ModelSpec, cache_dir: Path) -> Path:
     return cache_dir / f"{canonical_name(spec.name)}-{key}.json"
 
 
-def write_manifest(path: Path, model: LoadedModel, onnx_path: Path) -> None:
+def write_manifest(path: Path, model: LoadedModel, onnx_path: Path, exported_with: dict[str, str]) -> None:
     manifest = {"name": model.name, "version": model.version, "weights_sha256": model.weights_sha256,
-                "labels": model.labels, "onnx": onnx_path.name}
+                "labels": model.labels, "onnx": onnx_path.name, "exported_with": exported_with}
     write_atomically(path, json.dumps(manifest))
 
 
@@ -169,6 +185,10 @@ def _complete(manifest: Path) -> bool:
 
 def _export_in_child(spec: ModelSpec, cache_dir: Path, manifest: Path) -> None:
     name = spec.name
+    if spec.format != "onnx" and not torch_installed():
+        raise ModelLoadError(f"Exporting {name} to ONNX needs torch, which this install leaves out; install the "
+                             "export extra (pip install '.[export]'), or run `python -m server export` where it is "
+                             "installed and give this server that model.cache_dir.")
     log.info("exporting %s to ONNX in a child process (once; cached in %s)", name, cache_dir)
     exporter = "inference.onnx_model" if spec.format == "onnx" else "inference.torch_model"
     command = [sys.executable, "-m", exporter, "--spec", spec.to_json(),

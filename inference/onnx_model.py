@@ -21,7 +21,15 @@ import numpy as np
 
 from core.errors import BadWeights
 from inference import selection
-from inference.model import LoadedModel, ModelLoadError, export_key, file_sha256, softmax, write_manifest
+from inference.model import (
+    LoadedModel,
+    ModelLoadError,
+    export_key,
+    exporting_libraries,
+    file_sha256,
+    softmax,
+    write_manifest,
+)
 from inference.repository import ModelSpec
 
 INPUT, LOGITS = "input", "logits"
@@ -203,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = ModelSpec.from_json(args.spec)
         model, path = export(spec, Path(spec.file), args.cache_dir)
-        write_manifest(args.manifest, model, path)
+        write_manifest(args.manifest, model, path, exporting_libraries(spec))
     except ModelLoadError as exc:
         print(exc, file=sys.stderr)
         return 2

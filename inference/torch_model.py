@@ -34,6 +34,7 @@ from inference.model import (
     LoadedModel,
     ModelLoadError,
     canonical_name,
+    exporting_libraries,
     file_sha256,
     softmax,
     write_manifest,
@@ -350,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = ModelSpec.from_json(args.spec)
         model = load_spec(spec)
-        write_manifest(args.manifest, model, export_onnx(model, args.cache_dir, spec))
+        write_manifest(args.manifest, model, export_onnx(model, args.cache_dir, spec), exporting_libraries(spec))
     except ModelLoadError as exc:
         print(exc, file=sys.stderr)
         return 2

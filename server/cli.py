@@ -1,4 +1,4 @@
-"""`python -m server`: load config, model and store, serve, shut down gracefully."""
+"""`python -m server`: load config, model and store, serve, shut down gracefully; `export` and `hash-key`."""
 
 from __future__ import annotations
 
@@ -8,12 +8,13 @@ import logging
 import secrets
 import sys
 
-from inference.model import ModelLoadError
-from server.config import ENV_PREFIX, ConfigError, load_config, validate
+from inference.model import ModelLoadError, load_exported
+from server.config import ENV_PREFIX, Config, ConfigError, load_config, validate
 from server.data_dir import DataDirInUse
 from server.embedded_redis import EmbeddedRedisError
 from server.malloc import keep_freed_memory
 from server.observability import configure_logging
+from server.runtime import onnx_cache_dir, prepare_models
 from server.server import StoreWrapper
 from server.startup import PortUnavailable, run
 from service.auth import api_key_hash
@@ -39,6 +40,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     hash_key.add_argument("key", nargs="?", help="the key (default: generate a new random one)")
     hash_key.add_argument("--admin", action="store_true",
                           help="an admin key: print the auth.admin_api_keys line instead of auth.api_keys")
+    sub.add_parser(
+        "export", help="export every served model to ONNX (with its accuracy-guard reference) and exit",
+        description="Export `[model]`'s model and every model of models.repository_dir to ONNX in model.cache_dir, "
+                    "with their references, and choose each one's runtime for this CPU; then exit. Run it where "
+                    "torch is installed (the export extra) and give the cache to a serving install without torch.")
     return parser.parse_args(argv)
 
 
@@ -60,6 +66,8 @@ def main(argv: list[str] | None = None, *, wrap_store: StoreWrapper | None = Non
         print(f"error: {exc}", file=sys.stderr)
         return 2
     configure_logging(config.server.log_level, config.server.log_format)
+    if args.command == "export":
+        return _export(config)
     keep_freed_memory(config.server.malloc_keep_mb)  # once, before serving: forked children inherit it
     try:
         return run(config, wrap_store)
@@ -72,6 +80,21 @@ def main(argv: list[str] | None = None, *, wrap_store: StoreWrapper | None = Non
     except (ModelLoadError, ConfigError, EmbeddedRedisError) as exc:
         log.error("%s", exc)
         return 1
+
+
+def _export(config: Config) -> int:
+    """Every served model exported (once: a cached export is kept) and its runtime chosen; one line each."""
+    cache = onnx_cache_dir(config)
+    try:
+        for name, spec in config.model_specs().items():
+            prepare_models(config, {name: spec})
+            model, graph = load_exported(spec, cache)
+            print(f"{name}: version {model.version}, {len(model.labels)} classes, {graph.name}")
+    except ModelLoadError as exc:
+        log.error("%s", exc)
+        return 1
+    print(f"exported to {cache}; a serving install reads it from model.cache_dir")
+    return 0
 
 
 def _hash_key(key: str | None, *, admin: bool = False) -> int:

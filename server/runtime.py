@@ -132,11 +132,6 @@ def prepare_models(config: Config, specs: dict[str, ModelSpec]) -> None:
             raise type(exc)(f"Model {name!r}: {exc}") from None
 
 
-def prepare_model(config: Config) -> None:
-    """prepare_models for `[model]`'s model alone (its errors unprefixed, as before a repository existed)."""
-    _prepare(config, configured(config))
-
-
 def _prepare(config: Config, spec: ModelSpec) -> None:
     if not backends.runs_exported(config.model.runtime):
         if spec.format == "onnx":

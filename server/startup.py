@@ -17,7 +17,7 @@ from core.files import private_dir
 from server.config import Config
 from server.data_dir import development_secret, lock_data_dir
 from server.embedded_redis import EmbeddedRedis
-from server.runtime import build_store, prepare_model
+from server.runtime import build_store, prepare_models
 from server.server import StoreWrapper, serve
 from server.supervisor import supervise
 
@@ -49,7 +49,8 @@ def run(config: Config, wrap_store: StoreWrapper | None = None) -> int:
         else:
             asyncio.run(warn_if_store_unreachable(config))
         store_text = f"embedded redis ({embedded.url})" if embedded else _redact(config.redis.url)
-        prepare_model(config)  # export and choose the runtime once, here, so that serving processes read the cache
+        # Export each model and choose its runtime once, here, so that serving processes read the cache.
+        prepare_models(config, config.model_specs())
         if config.serving_processes == 1:
             return asyncio.run(serve(config, sockets, redis_url, store_text, wrap_store=wrap_store))
         return supervise(config, sockets, redis_url, store_text, wrap_store)

@@ -27,15 +27,15 @@ def test_serve_resolves_a_relative_config_from_where_dev_was_run(tmp_path: Path)
                                     f"--config={tmp_path}/here.toml", "--config", "/etc/abs.toml"]
 
 
-def test_serve_after_test_does_not_reinstall_the_test_install_includes_the_base(tmp_path: Path) -> None:
-    check = ('VENV="$1"; for extra in "" test; do '
+def test_serve_after_test_does_not_reinstall_the_test_install_includes_export_and_base(tmp_path: Path) -> None:
+    check = ('VENV="$1"; for extra in "" export test; do '
              'env_installed "$extra" && echo "${extra:-base} yes" || echo "${extra:-base} no"; done')
     script = f"set -- {tmp_path}; {check}"
-    assert dev_bash(script, tmp_path).split("\n")[:2] == ["base no", "test no"]
+    assert dev_bash(script, tmp_path).split("\n")[:3] == ["base no", "export no", "test no"]
     dev_bash(f'VENV={tmp_path}; touch "$(install_stamp test)"', tmp_path)
-    assert dev_bash(script, tmp_path).split("\n")[:2] == ["base yes", "test yes"]
+    assert dev_bash(script, tmp_path).split("\n")[:3] == ["base yes", "export yes", "test yes"]
     for stamp in tmp_path.iterdir():
         stamp.unlink()
-    dev_bash(f'VENV={tmp_path}; touch "$(install_stamp)"', tmp_path)
-    # The base alone lacks the test extra.
-    assert dev_bash(script, tmp_path).split("\n")[:2] == ["base yes", "test no"]
+    dev_bash(f'VENV={tmp_path}; touch "$(install_stamp export)"', tmp_path)
+    # What ./dev serve installs (serving and exporting) lacks the test extra.
+    assert dev_bash(script, tmp_path).split("\n")[:3] == ["base yes", "export yes", "test no"]
