@@ -214,3 +214,32 @@ def test_with_no_repository_set_a_model_is_added_under_the_data_folder(serve: Ca
         assert (tmp_path / "data" / "model-repository" / "figs" / "model.toml").is_file()
         assert http.delete("/v1/models/figs", headers=ADMIN).status_code == 204
     assert not (tmp_path / "data" / "model-repository" / "figs").exists()
+
+
+def test_a_model_added_on_an_exported_runtime_is_exported_guarded_and_served(
+        serve: Callable[..., Any], redis_server: RedisServer, tmp_path: Path) -> None:
+    """The runtime `auto` chooses (the other tests here serve on torch): the Python client's add_model packs
+    the folder, the server exports the model to ONNX, writes its reference, chooses its runtime behind the
+    accuracy guard and serves it without torch in the serving path."""
+    from clients.python import Client
+    from tests.model_folders import onnx_folder
+
+    (tmp_path / "repo").mkdir()
+    config = make_config(f"{redis_server.url.rsplit('/', 1)[0]}/{NEW_MODEL_DB}",
+                         auth={"admin_api_keys": [api_key_hash(ADMIN_KEY)]},
+                         models={"store_dir": str(tmp_path / "versions"), "repository_dir": str(tmp_path / "repo")})
+    with serve(config) as running, Client(running.url, timeout=300) as client:
+        added = client.add_model("fruit-exported", squeezenet_folder(tmp_path / "fruit", LABELS), admin_key=ADMIN_KEY)
+        tiny = client.add_model("tiny-onnx", onnx_folder(tmp_path / "tiny", ["x", "y", "z"], layout="NHWC"),
+                                admin_key=ADMIN_KEY)
+        assert (added["classes"], added["format"], tiny["format"]) == (5, "torchvision", "onnx")
+        for name, labels in (("fruit-exported", LABELS), ("tiny-onnx", ["x", "y", "z"])):
+            backend = running.models.catalogue(name).active.backend
+            assert backend.name in ("onnxruntime", "openvino"), backend.name  # an exported runtime, not torch
+            client.login(model=name)
+            result = client.predict(CAT_JPEG)
+            assert result["model"]["name"] == name and result["label"] in labels
+            client.logout()
+        client.delete_model("fruit-exported", admin_key=ADMIN_KEY)
+        client.delete_model("tiny-onnx", admin_key=ADMIN_KEY)
+        assert running.models.names() == ["efficientnet_lite0"]

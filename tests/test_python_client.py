@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import re
+import tarfile
 from collections.abc import AsyncIterator, Callable, Iterator
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -567,6 +569,38 @@ def test_a_download_cut_off_midway_raises_and_leaves_the_path_as_it_was(sleeps: 
 
 
 # -- choosing a model ---------------------------------------------------------------------------------
+
+def test_add_model_packs_the_folders_contents_with_their_checksum_and_the_export_takes_a_model(
+        tmp_path: Path) -> None:
+    folder = tmp_path / "shapes"
+    folder.mkdir()
+    (folder / "model.toml").write_text('format = "onnx"\n')
+    (folder / "labels.txt").write_text("circle\nsquare\n")
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.method == "PUT":
+            return httpx.Response(201, json={"name": "shapes", "classes": 2})
+        if request.url.path == "/v1/feedback/export":
+            return httpx.Response(200, content=b"tar")
+        return httpx.Response(204)
+
+    with Client("http://mock", transport=httpx.MockTransport(handler)) as client:
+        assert client.add_model("shapes", folder, admin_key="adm") == {"name": "shapes", "classes": 2}
+        client.delete_model("shapes", admin_key="adm")
+        client.export_feedback(io.BytesIO(), admin_key="adm", model="shapes")
+    put, delete, export = seen
+    assert (put.method, put.url.path, delete.method, delete.url.path) == (
+        "PUT", "/v1/models/shapes", "DELETE", "/v1/models/shapes")
+    assert put.headers["Authorization"] == "ApiKey adm"
+    assert put.headers["X-Content-SHA256"] == hashlib.sha256(put.content).hexdigest()
+    with tarfile.open(fileobj=io.BytesIO(put.content), mode="r:gz") as archive:
+        assert sorted(archive.getnames()) == ["labels.txt", "model.toml"]  # the contents at the top, no folder
+        member = archive.extractfile("labels.txt")
+        assert member is not None and member.read() == b"circle\nsquare\n"
+    assert export.url.params["model"] == "shapes"
+
 
 SHAPES_LABELS = {"name": "shapes", "version": "1", "labels": ["circle", "square", "star", "triangle", "cross"]}
 TWO_MODELS = {"default": "efficientnet_lite0", "models": [

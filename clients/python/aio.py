@@ -161,10 +161,12 @@ class AsyncClient(BaseClient):
 
     async def export_feedback(self, destination: str | os.PathLike[str] | IO[bytes], *, admin_key: str,
                               since: protocol.ExportTime | None = None, until: protocol.ExportTime | None = None,
-                              model_version: str | None = None, export_format: str = "tar") -> int:
+                              model_version: str | None = None, export_format: str = "tar",
+                        model: str | None = None) -> int:
         """`Client.export_feedback` for asyncio; the file is written on a worker thread, off the loop."""
         exchange = protocol.Exchange(protocol.feedback_export(
-            admin_key, since=since, until=until, model_version=model_version, export_format=export_format),
+            admin_key, since=since, until=until, model_version=model_version, export_format=export_format,
+            model=model),
             self.policy, self.token)
         while (wait := exchange.after(await self._try_streamed(exchange.request))) is not None:
             await asyncio.sleep(wait)
@@ -206,6 +208,15 @@ class AsyncClient(BaseClient):
         """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
         call = await asyncio.to_thread(protocol.publish_version, name, version, weights, admin_key)
         return await self._send(call)
+
+    async def add_model(self, name: str, folder: str | os.PathLike[str] | bytes, *, admin_key: str) -> dict[str, Any]:
+        """Add a model: its folder (model.toml, labels, its file; docs/models.md), packed and uploaded, or such a
+        folder's tar archive as bytes. The server checks, exports and serves it on every replica; its listing."""
+        return await self._send(protocol.add_model(name, folder, admin_key))
+
+    async def delete_model(self, name: str, *, admin_key: str) -> None:
+        """Delete a model added with add_model (its versions too), on every replica."""
+        await self._send(protocol.delete_model(name, admin_key))
 
     async def activate_version(self, name: str, version: str, *, admin_key: str,
                                traffic_percent: int | None = None) -> dict[str, Any]:

@@ -162,14 +162,16 @@ class Client(BaseClient):
 
     def export_feedback(self, destination: str | os.PathLike[str] | IO[bytes], *, admin_key: str,
                         since: protocol.ExportTime | None = None, until: protocol.ExportTime | None = None,
-                        model_version: str | None = None, export_format: str = "tar") -> int:
+                        model_version: str | None = None, export_format: str = "tar",
+                        model: str | None = None) -> int:
         """Download the training export (GET /v1/feedback/export, admin key) into `destination`, a
         path or a binary file, as it arrives: never whole in memory. `export_format`: "tar" (a
         WebDataset) or "jsonl". `since`/`until`: aware datetimes, epoch ms or ISO 8601 text. Returns
         the bytes written. Retried like any call until the answer starts; a download cut off midway
         raises ConnectionFailed, and a path is then left as it was."""
         exchange = protocol.Exchange(protocol.feedback_export(
-            admin_key, since=since, until=until, model_version=model_version, export_format=export_format),
+            admin_key, since=since, until=until, model_version=model_version, export_format=export_format,
+            model=model),
             self.policy, self.token)
         while (wait := exchange.after(self._try_streamed(exchange.request))) is not None:
             sleep(wait)
@@ -204,6 +206,15 @@ class Client(BaseClient):
     def publish_version(self, name: str, version: str, weights: Any, *, admin_key: str) -> dict[str, Any]:
         """Upload a state_dict file (path, bytes or binary file) as `version`; its SHA-256 goes along."""
         return self._send(protocol.publish_version(name, version, weights, admin_key))
+
+    def add_model(self, name: str, folder: str | os.PathLike[str] | bytes, *, admin_key: str) -> dict[str, Any]:
+        """Add a model: its folder (model.toml, labels, its file; docs/models.md), packed and uploaded, or such a
+        folder's tar archive as bytes. The server checks, exports and serves it on every replica; its listing."""
+        return self._send(protocol.add_model(name, folder, admin_key))
+
+    def delete_model(self, name: str, *, admin_key: str) -> None:
+        """Delete a model added with add_model (its versions too), on every replica."""
+        self._send(protocol.delete_model(name, admin_key))
 
     def activate_version(self, name: str, version: str, *, admin_key: str,
                          traffic_percent: int | None = None) -> dict[str, Any]:

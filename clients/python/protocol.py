@@ -16,6 +16,7 @@ import math
 import os
 import random
 import sys
+import tarfile
 import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
@@ -155,6 +156,25 @@ def publish_version(name: str, version: str, weights: str | os.PathLike[str] | b
         "X-Content-SHA256": hashlib.sha256(data).hexdigest()})
 
 
+def add_model(name: str, folder: str | os.PathLike[str] | bytes, admin_key: str) -> Call:
+    """PUT a new model: its folder (model.toml, labels, its file) packed as a gzip tar here, or such an
+    archive's bytes, with its SHA-256."""
+    if isinstance(folder, bytes):
+        data = folder
+    else:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+            for path in sorted(Path(folder).iterdir()):  # the folder's contents at the archive's top
+                archive.add(path, arcname=path.name)
+        data = buffer.getvalue()
+    return Call("PUT", _model_path(name), content=data, headers={
+        **_admin(admin_key), "Content-Type": "application/gzip", "X-Content-SHA256": hashlib.sha256(data).hexdigest()})
+
+
+def delete_model(name: str, admin_key: str) -> Call:
+    return Call("DELETE", _model_path(name), headers=_admin(admin_key))
+
+
 def activate_version(name: str, version: str, admin_key: str, traffic_percent: int | None = None) -> Call:
     """Serve `version` to every session, or as a canary to `traffic_percent` (1-100) of sessions."""
     body = None if traffic_percent is None else {"traffic_percent": traffic_percent}
@@ -170,8 +190,12 @@ def set_pinnable(name: str, version: str, admin_key: str, pinnable: bool = True)
     return Call("PUT" if pinnable else "DELETE", _version_path(name, version) + "/pinnable", headers=_admin(admin_key))
 
 
+def _model_path(name: str) -> str:
+    return f"/v1/models/{quote(name, safe='')}"
+
+
 def _version_path(name: str, version: str) -> str:
-    return f"/v1/models/{quote(name, safe='')}/versions/{quote(version, safe='')}"
+    return f"{_model_path(name)}/versions/{quote(version, safe='')}"
 
 
 def _admin(admin_key: str) -> dict[str, str]:
@@ -220,13 +244,15 @@ EXPORT_FORMATS = ("tar", "jsonl")
 
 
 def feedback_export(admin_key: str, *, since: ExportTime | None = None, until: ExportTime | None = None,
-                    model_version: str | None = None, export_format: str = "tar") -> Call:
+                    model_version: str | None = None, export_format: str = "tar", model: str | None = None) -> Call:
     """GET /v1/feedback/export (admin key): the body, a WebDataset tar or JSON lines, is read as a
-    stream by the clients, never whole (`raw`)."""
+    stream by the clients, never whole (`raw`). `model`: only that model's predictions."""
     if export_format not in EXPORT_FORMATS:
         raise ValueError(f"export_format must be one of {', '.join(EXPORT_FORMATS)}, not {export_format!r}")
     params = {name: _export_time(name, value) for name, value in (("since", since), ("until", until))
               if value is not None}
+    if model is not None:
+        params["model"] = model
     if model_version is not None:
         params["model_version"] = model_version
     if export_format != "tar":

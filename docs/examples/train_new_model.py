@@ -21,15 +21,12 @@ Torch runs here, in the training job; the server gets files only.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import httpx
 from train_from_feedback import Sample, read_samples  # the first example, beside this file
 
 from clients.python import Client, InferenceError
@@ -98,22 +95,6 @@ def write_folder(folder: Path, labels: list[str], weights: bytes, version: str) 
     return folder
 
 
-def publish_model(url: str, name: str, folder: Path, admin_key: str) -> dict[str, Any]:
-    """PUT /v1/models/<name>: the folder as `tar -C folder -czf - .` makes it, with its SHA-256."""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        tar.add(folder, arcname=".")
-    archive = buffer.getvalue()
-    answer = httpx.put(f"{url}/v1/models/{name}", content=archive, timeout=600.0,
-                       headers={"Authorization": f"ApiKey {admin_key}",
-                                "X-Content-SHA256": hashlib.sha256(archive).hexdigest()})
-    if answer.status_code != 201:
-        error = answer.json().get("error", {})
-        raise InferenceError(error.get("code", "error"), error.get("message", answer.text), status=answer.status_code)
-    result: dict[str, Any] = answer.json()
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train a new model on users' corrections and publish it.")
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="the server")
@@ -152,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = write_folder(args.keep_folder or Path(scratch) / args.name, labels,
                               state_dict_bytes(model, head), args.first_version)
         try:
-            added = publish_model(args.url, args.name, folder, args.admin_key)
+            added = client.add_model(args.name, folder, admin_key=args.admin_key)  # the folder as a gzip tar
             print(f"added model {added['name']} ({added['classes']} classes, version {added['serving_version']})")
 
             loss = train_head(head, features, targets, epochs=args.epochs, learning_rate=args.learning_rate)
