@@ -325,6 +325,8 @@ export class Client {
     adminKey: string;
     since?: Date | number | string;
     until?: Date | number | string;
+    /** Only the predictions of this model. */
+    model?: string;
     modelVersion?: string;
     format?: "tar" | "jsonl";
   }): Promise<ReadableStream<Uint8Array>>;

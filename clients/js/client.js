@@ -527,14 +527,16 @@ export class Client {
   /**
    * GET /v1/feedback/export (admin key): the training export, a WebDataset tar (`format: "tar"`) or
    * JSON lines (`"jsonl"`), as a ReadableStream of bytes to pipe where it goes, never whole in
-   * memory. `since`/`until`: a Date, epoch milliseconds or ISO 8601 text. Retried like any call
+   * memory. `since`/`until`: a Date, epoch milliseconds or ISO 8601 text; `model`: only that model's
+   * predictions. Retried like any call
    * until the answer starts; the per-attempt timeout covers the start, not the whole download.
    *   await pipeline(Readable.fromWeb(await client.exportFeedback({ adminKey })), createWriteStream("f.tar"));
    */
-  exportFeedback({ adminKey, since, until, modelVersion, format = "tar" } = {}) {
+  exportFeedback({ adminKey, since, until, model, modelVersion, format = "tar" } = {}) {
     if (!["tar", "jsonl"].includes(format)) throw new TypeError(`exportFeedback: format must be "tar" or "jsonl"`);
     const query = queryString({
-      since: timeParam(since), until: timeParam(until), model_version: modelVersion, format: format === "tar" ? undefined : format,
+      since: timeParam(since), until: timeParam(until), model, model_version: modelVersion,
+      format: format === "tar" ? undefined : format,
     });
     return this.#request("GET", `/v1/feedback/export${query}`, {
       headers: { Authorization: `ApiKey ${adminKey}`, Accept: "application/x-tar, application/x-ndjson" }, answer: "stream",

@@ -240,14 +240,15 @@ describe("requests", () => {
       new Response(tar, { status: 200, headers: { "Content-Type": "application/x-tar" } }));
     const c = client(fetch);
     const stream = await c.exportFeedback({
-      adminKey: "adm", since: new Date(Date.UTC(2026, 11, 1)), until: 1796150310065, modelVersion: "v2", format: "jsonl",
+      adminKey: "adm", since: new Date(Date.UTC(2026, 11, 1)), until: 1796150310065, model: "shapes", modelVersion: "v2",
+      format: "jsonl",
     });
     assert.ok(stream instanceof ReadableStream);
     assert.deepEqual(new Uint8Array(await new Response(stream).arrayBuffer()), tar);
     assert.equal(calls.length, 2);
     assert.equal(calls[1].url.pathname, "/v1/feedback/export");
     assert.deepEqual(Object.fromEntries(calls[1].url.searchParams), {
-      since: "2026-12-01T00:00:00.000Z", until: "1796150310065", model_version: "v2", format: "jsonl",
+      since: "2026-12-01T00:00:00.000Z", until: "1796150310065", model: "shapes", model_version: "v2", format: "jsonl",
     });
     assert.equal(calls[1].headers.get("Authorization"), "ApiKey adm"); // the admin key, not the token
   });
