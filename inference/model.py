@@ -11,6 +11,7 @@ each serving process near 0.2 GB instead of 1 GB, so several can share a machine
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import fcntl
 import hashlib
@@ -154,6 +155,25 @@ def write_manifest(path: Path, model: LoadedModel, onnx_path: Path, exported_wit
     manifest = {"name": model.name, "version": model.version, "weights_sha256": model.weights_sha256,
                 "labels": model.labels, "onnx": onnx_path.name, "exported_with": exported_with}
     write_atomically(path, json.dumps(manifest))
+
+
+def export_child(argv: list[str] | None, *, prog: str, description: str,
+                 export: Callable[[ModelSpec, Path], tuple[LoadedModel, Path]]) -> int:
+    """The export child's command line (`_export_in_child` runs it): export the spec given as JSON into the
+    cache folder with `export` and write its manifest; on failure, one sentence on stderr and exit 2."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--spec", required=True, help="the ModelSpec as JSON (ModelSpec.to_json)")
+    parser.add_argument("--cache-dir", required=True, type=Path)
+    parser.add_argument("--manifest", required=True, type=Path)
+    args = parser.parse_args(argv)
+    try:
+        spec = ModelSpec.from_json(args.spec)
+        model, path = export(spec, args.cache_dir)
+        write_manifest(args.manifest, model, path, exporting_libraries(spec))
+    except ModelLoadError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    return 0
 
 
 def load_exported(spec: ModelSpec, cache_dir: Path) -> tuple[LoadedModel, Path]:

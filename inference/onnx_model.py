@@ -11,7 +11,6 @@ as `inference.torch_model` does for torch's formats (inference.model.load_export
 
 from __future__ import annotations
 
-import argparse
 import fcntl
 import sys
 from pathlib import Path
@@ -24,11 +23,10 @@ from inference import selection
 from inference.model import (
     LoadedModel,
     ModelLoadError,
+    export_child,
     export_key,
-    exporting_libraries,
     file_sha256,
     softmax,
-    write_manifest,
 )
 from inference.repository import ModelSpec
 
@@ -202,20 +200,9 @@ def load_checked(spec: ModelSpec, path: Path, version: str, sha256: str | None =
 
 def main(argv: list[str] | None = None) -> int:
     """Export an ONNX model (its spec as JSON) and write its manifest; on failure, one sentence on stderr."""
-    parser = argparse.ArgumentParser(prog="python -m inference.onnx_model",
-                                     description="Make an ONNX model's canonical graph for the serving processes.")
-    parser.add_argument("--spec", required=True, help="the ModelSpec as JSON (ModelSpec.to_json)")
-    parser.add_argument("--cache-dir", required=True, type=Path)
-    parser.add_argument("--manifest", required=True, type=Path)
-    args = parser.parse_args(argv)
-    try:
-        spec = ModelSpec.from_json(args.spec)
-        model, path = export(spec, Path(spec.file), args.cache_dir)
-        write_manifest(args.manifest, model, path, exporting_libraries(spec))
-    except ModelLoadError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    return 0
+    return export_child(argv, prog="python -m inference.onnx_model",
+                        description="Make an ONNX model's canonical graph for the serving processes.",
+                        export=lambda spec, cache_dir: export(spec, Path(spec.file), cache_dir))
 
 
 if __name__ == "__main__":

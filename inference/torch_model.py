@@ -9,7 +9,6 @@ manifest that a torch-free ONNX Runtime process loads (see `inference.model.load
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import fcntl
@@ -34,10 +33,9 @@ from inference.model import (
     LoadedModel,
     ModelLoadError,
     canonical_name,
-    exporting_libraries,
+    export_child,
     file_sha256,
     softmax,
-    write_manifest,
 )
 from inference.repository import ModelSpec, configured_spec
 
@@ -342,20 +340,13 @@ def _export(model: LoadedModel, path: Path, spec: ModelSpec) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Export a model (its spec as JSON) and write its manifest; on failure, one sentence on stderr."""
-    parser = argparse.ArgumentParser(prog="python -m inference.torch_model",
-                                     description="Export a model to ONNX for a torch-free serving process.")
-    parser.add_argument("--spec", required=True, help="the ModelSpec as JSON (ModelSpec.to_json)")
-    parser.add_argument("--cache-dir", required=True, type=Path)
-    parser.add_argument("--manifest", required=True, type=Path)
-    args = parser.parse_args(argv)
-    try:
-        spec = ModelSpec.from_json(args.spec)
+
+    def export(spec: ModelSpec, cache_dir: Path) -> tuple[LoadedModel, Path]:
         model = load_spec(spec)
-        write_manifest(args.manifest, model, export_onnx(model, args.cache_dir, spec), exporting_libraries(spec))
-    except ModelLoadError as exc:
-        print(exc, file=sys.stderr)
-        return 2
-    return 0
+        return model, export_onnx(model, cache_dir, spec)
+
+    return export_child(argv, prog="python -m inference.torch_model",
+                        description="Export a model to ONNX for a torch-free serving process.", export=export)
 
 
 if __name__ == "__main__":
