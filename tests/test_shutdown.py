@@ -22,6 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect as ws_connect
 
+from clients.python import AsyncClient, Client
 from handlers.oip_grpc import grpc_predict_v2_pb2 as pb
 from handlers.oip_grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 from server.server import Server
@@ -178,3 +179,50 @@ def first_that_accepts(ports: Callable[[], list[int]]) -> Iterator[int]:
         stopping.set()
         listener.close()
         thread.join(10)
+
+
+@pytest.mark.parametrize("flavour", ["sync", "async"])
+def test_the_clients_resume_a_stream_on_another_server_without_losing_or_repeating_an_image(
+        serve, loop_thread, monkeypatch, flavour: str) -> None:
+    images = [{"image": CAT_JPEG if i % 2 else COFFEE_JPEG, "ref": f"img-{i}"} for i in range(10)]
+    config = make_config(http={"stream_max_in_flight": 3})
+    with serve(config) as first, serve(make_config(), first.runner, first.served) as second:
+        gate = Gate(first, monkeypatch, loop_thread.loop)
+        with first_that_accepts(lambda: [first.server.http.port, second.server.http.port]) as port:
+            url = f"http://127.0.0.1:{port}"
+            results: list[Any] = []
+            failures: list[BaseException] = []
+            recorded: list[int] = []  # the session's history, across both servers
+
+            def stream() -> None:
+                try:
+                    if flavour == "sync":
+                        with Client(url) as api:
+                            api.login()
+                            results.extend(api.predict_stream(images))
+                            recorded.append(len(list(api.history())))  # before the client logs out
+                    else:
+                        asyncio.run(stream_async())
+                except BaseException as exc:  # reported by the test below
+                    failures.append(exc)
+
+            async def stream_async() -> None:
+                async with AsyncClient(url) as api:
+                    await api.login()
+                    results.extend([result async for result in api.predict_stream(images)])
+                    recorded.append(len([item async for item in api.history()]))
+
+            thread = threading.Thread(target=stream)
+            thread.start()
+            wait_until(lambda: gate.held == 3, "three images in flight on the first server")
+            future, _ = begin_shutdown(loop_thread, first.server, 0)
+            wait_until(lambda: first.use_cases.in_flight.closing, "the first server's drain to begin")
+            gate.open()
+            future.result(GRACE * 2)
+            thread.join(120)
+        assert not failures, failures
+        answers = results
+        assert all(answer.ok for answer in answers), answers
+        assert sorted(answer.ref for answer in answers) == sorted(item["ref"] for item in images)
+        assert sorted(answer.seq for answer in answers) == list(range(len(images)))
+        assert recorded == [len(images)]  # each image recorded once
