@@ -107,12 +107,12 @@ class InferenceService(pb_grpc.GRPCInferenceServiceServicer):
     @_answering
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
         try:
-            await self.dataplane.check_model(request.name, request.version or None)
+            ready = await self.dataplane.model_ready(request.name, request.version or None)
         except ServiceError as exc:
             if exc.status not in (403, 404):  # no such model or version, or one this server may not serve
                 raise
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=True)
+        return pb.ModelReadyResponse(ready=ready)
 
     @_answering
     async def ServerMetadata(

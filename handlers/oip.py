@@ -63,12 +63,16 @@ class ModelMetadataHandler(BaseHandler):
 
 
 class ModelReadyHandler(BaseHandler):
-    """GET /v2/models/{model}[/versions/{version}]/ready: 200 `{"name", "ready": true}` or 404."""
+    """GET /v2/models/{model}[/versions/{version}]/ready: 200 `{"name", "ready": true}`, 503 with
+    `"ready": false` while the server shuts down, or 404."""
 
     auth_policy = Policy.PUBLIC
 
     async def get(self, model: str, version: str | None = None) -> None:
-        await self.dataplane.check_model(model, version)
+        if not await self.dataplane.model_ready(model, version):  # shutting down
+            self.set_header("Retry-After", "1")
+            self.write_json({"name": model, "ready": False}, status=503)
+            return
         self.write_json({"name": model, "ready": True})
 
 

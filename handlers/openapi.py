@@ -428,7 +428,10 @@ def _oip_paths() -> dict[str, Any]:
                         "responses": {"200": _json(_ref("OipModelMetadata"), "Metadata."), **unknown}}}
     ready = {"get": {"summary": "Model readiness.",
                      "responses": {"200": _json({"type": "object", "required": ["ready"], "properties": {
-                         "name": {"type": "string"}, "ready": {"const": True}}}, "Ready."), **unknown}}}
+                         "name": {"type": "string"}, "ready": {"const": True}}}, "Ready."),
+                                   "503": _json({"type": "object", "required": ["ready"], "properties": {
+                                       "name": {"type": "string"}, "ready": {"const": False}}},
+                                       "Not ready: the server is shutting down."), **unknown}}}
     infer = {"post": {
         "summary": "Infer (Open Inference Protocol): BYTES images under the session's options, or an FP32 "
                    "preprocessed tensor; with a token each image is recorded in the session's history.",

@@ -50,6 +50,7 @@ from sessions.tokens import VerifiedToken
 log = logging.getLogger("inference.stream")
 
 POLICY_VIOLATION = 1008
+GOING_AWAY = 1001  # the server shuts down: the client resumes on a new connection
 _MAX_REF_LENGTH = 128
 _FIRST_FRAME = ("The first frame must be {\"token\": \"<token>\"} (or send 'Authorization: Bearer <token>' with "
                 "the upgrade), the token from POST /v1/sessions.")
@@ -73,6 +74,7 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         self._errors = 0
         self._last_write: asyncio.Future[None] | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
+        self._going_away = False
 
     def check_origin(self, origin: str) -> bool:
         # Browsers on the listed origins may stream too (the token still has to be presented).
@@ -122,15 +124,34 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
             return
         self._verified = verified
         self._send({"type": "ready", "session_id": session.id, "max_in_flight": self.max_in_flight})
+        self.in_flight.streams.add(self)
+        if self.in_flight.closing:  # opened from the accept backlog while the server drains
+            await self.go_away(0)
+
+    async def go_away(self, grace: float) -> None:
+        """The server shuts down: read no more images (those the client sends from now on are left
+        unanswered, so it sends them again on its next connection), answer those in flight within
+        `grace`, then close with 1001 "going away"."""
+        self._going_away = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self._tasks and (left := deadline - loop.time()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
+        if self._last_write is not None and (left := deadline - loop.time()) > 0:
+            await asyncio.wait({self._last_write}, timeout=left)  # the answers out before the close
+        if self.ws_connection is not None and not self.ws_connection.is_closing():
+            log.info("stream %s: going away (server shutting down)", self.request_id)
+            self.close(GOING_AWAY, "going away")
 
     def on_close(self) -> None:
+        self.in_flight.streams.discard(self)
         if self._auth_timer is not None:
             self._auth_timer.cancel()
         # Images already read keep running and are recorded, like a POST whose client went away.
 
     # -- frames ---------------------------------------------------------------------------------
     async def on_message(self, message: str | bytes) -> None:
-        if self.ws_connection is None or self.ws_connection.is_closing():
+        if self.ws_connection is None or self.ws_connection.is_closing() or self._going_away:
             return  # frames the client sent before it saw our close: nothing more is done for them
         await self._handle_frame(message)
         # Not reading the next frame while the client has not read ours bounds what is buffered for
@@ -150,6 +171,8 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         if len(self._tasks) >= self.max_in_flight:
             # At the limit: returning only when a slot frees keeps Tornado from reading more frames.
             await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+            if self._going_away:  # unanswered, so the client sends it again on its next connection
+                return
         seq, self._seq = self._seq, self._seq + 1
         task = asyncio.get_running_loop().create_task(
             self._classify(seq, header.get("ref"), header.get("options") or {}, message))

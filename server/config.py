@@ -22,6 +22,10 @@ ENV_PREFIX = "INFERENCE_"
 DEFAULT_CONFIG_PATH = Path(__file__).resolve().parent.parent / "config.toml"
 
 
+#: server.shutdown_delay_seconds = -1 in production mode: longer than Kubernetes takes to remove an endpoint.
+PRODUCTION_SHUTDOWN_DELAY_SECONDS = 5.0
+
+
 class ConfigError(ValueError):
     """A setting is missing, unknown or out of range; the message names it."""
 
@@ -44,6 +48,9 @@ class ServerConfig:
     # growing pause between restarts); past it the server stops rather than crash-looping.
     max_restarts: int = 5
     restart_window_seconds: float = 60.0
+    # On SIGTERM: seconds the server keeps serving while saying it is not ready, so that load balancers
+    # (Kubernetes' endpoint removal) stop routing to it first. -1: 5 in production mode, 0 in development.
+    shutdown_delay_seconds: float = -1
 
 
 @dataclass
@@ -280,6 +287,13 @@ class Config:
         return specs
 
     @property
+    def shutdown_delay(self) -> float:
+        """server.shutdown_delay_seconds, with -1 resolved by the mode (docs/operations.md, "Graceful shutdown")."""
+        if self.server.shutdown_delay_seconds >= 0:
+            return self.server.shutdown_delay_seconds
+        return PRODUCTION_SHUTDOWN_DELAY_SECONDS if self.server.mode == "production" else 0.0
+
+    @property
     def serving_processes(self) -> int:
         """server.processes, with 0 resolved. Several processes pay on the CPU because each has its
         own GIL for HTTP, Redis and decoding; with torch (a 1 GB process) or a GPU (one copy of the
@@ -424,6 +438,8 @@ def validate(config: Config) -> None:
         (0 <= config.server.malloc_keep_mb <= 1024, "server.malloc_keep_mb must be between 0 and 1024."),
         (config.http.max_body_bytes >= 1024, "http.max_body_bytes must be at least 1024."),
         (config.http.shutdown_grace_seconds >= 0, "http.shutdown_grace_seconds must not be negative."),
+        (config.server.shutdown_delay_seconds == -1 or 0 <= config.server.shutdown_delay_seconds <= 300,
+         "server.shutdown_delay_seconds must be between 0 and 300, or -1 (5 in production mode, 0 in development)."),
         (0 <= config.grpc.port <= 65535, "grpc.port must be between 1 and 65535, or 0 to turn gRPC off."),
         (config.grpc.port == 0 or config.grpc.port != config.server.port,
          "grpc.port must differ from server.port (HTTP); gRPC needs a port of its own."),

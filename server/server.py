@@ -1,7 +1,8 @@
 """The composition root: one `Server` per serving process builds the use cases, once, around a store
 and a runner (and the configured model version, which the model catalogue serves until an activation),
 hands them to each transport (server/transports/, listed once in TRANSPORTS), and owns
-the process's life: the signals, the drain of requests in flight, and the background tasks (model
+the process's life: the signals, the shutdown sequence (not ready, a delay, the drain of requests and
+streams in flight), and the background tasks (model
 versions followed from the other replicas, the retention sweeps, the session gauge)."""
 
 from __future__ import annotations
@@ -136,12 +137,28 @@ class Server:
             self._following = False
             await self.use_cases.models.close()
 
+    async def shut_down(self, delay: float, grace: float, *, cut_short: asyncio.Event | None = None) -> None:
+        """The rollout sequence (docs/operations.md, "Graceful shutdown"): say not ready at once (/readyz,
+        OIP and gRPC readiness) while still serving everything for `delay` seconds (or until `cut_short`
+        is set: a second signal), so that load balancers stop routing here first; then stop as `stop`
+        does: no new connections, requests in flight finished within `grace`, streams closed with 1001."""
+        self.use_cases.dataplane.begin_shutdown()
+        if delay > 0:
+            log.info("shutting down: not ready from now on, still serving for %gs (server.shutdown_delay_seconds)",
+                     delay)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for((cut_short or asyncio.Event()).wait(), delay)
+        log.info("shutting down: no new connections, finishing requests in flight")
+        await self.stop(grace)
+
     async def drain(self, grace: float) -> None:
-        """Wait until no request has been in flight for a moment (connections just taken from the
-        backlog need a few milliseconds to have their requests read), or the grace runs out."""
+        """Close the streams, each after answering its images in flight, and wait until no request has
+        been in flight for a moment (connections just taken from the backlog need a few milliseconds to
+        have their requests read), or the grace runs out."""
         in_flight = self.use_cases.in_flight
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
+        await in_flight.close_streams(grace)
         quiet_since = None
         while loop.time() < deadline:
             if in_flight.count > 0:
@@ -205,7 +222,8 @@ async def serve(config: Config, sockets: list[socket.socket], redis_url: str, st
         log.debug("serving process %d (slot %d): %s", os.getpid(), slot, ready)
         on_ready(ready)
     await stop.wait()
-    return await _shut_down(server, runner, store, config)
+    stop.clear()  # a second signal cuts the delay short
+    return await _shut_down(server, runner, store, config, delay=config.shutdown_delay, cut_short=stop)
 
 
 async def _store_answers(store: SessionStore, stop: asyncio.Event, retry_seconds: float = 0.5) -> bool:
@@ -222,9 +240,10 @@ async def _store_answers(store: SessionStore, stop: asyncio.Event, retry_seconds
     return False
 
 
-async def _shut_down(server: Server, runner: ModelRunner, store: SessionStore, config: Config) -> int:
-    log.info("shutting down: no new connections, finishing requests in flight")
-    await server.stop(config.http.shutdown_grace_seconds)
+async def _shut_down(server: Server, runner: ModelRunner, store: SessionStore, config: Config, *, delay: float = 0,
+                     cut_short: asyncio.Event | None = None) -> int:
+    """`delay`: 0 for a process that never said it was ready (no load balancer routes to it)."""
+    await server.shut_down(delay, config.http.shutdown_grace_seconds, cut_short=cut_short)
     runner.close()
     await store.close()
     log.info("stopped")

@@ -63,6 +63,8 @@ MAX_BATCH = 64
 MIN_SIDE, MAX_SIDE = CROP_RANGE
 
 _LENGTH = struct.Struct("<I")
+#: Readiness' reason while the process shuts down.
+SHUTTING_DOWN = "shutting down"
 
 
 # -- readiness and metadata -------------------------------------------------------------------
@@ -86,16 +88,31 @@ class DataPlane:
 
     def __init__(self, classifier: Classifier, models: Models, store: SessionStore):
         self.classifier, self.models, self.store = classifier, models, store
+        self.shutting_down = False
+
+    def begin_shutdown(self) -> None:
+        """From now on this process says it is not ready (while it still serves: server.shutdown_delay_seconds),
+        so that load balancers stop sending it requests before it stops taking them."""
+        self.shutting_down = True
 
     async def readiness(self) -> Readiness:
-        """The model is loaded (this object exists only once it is) and the session store answers."""
+        """The model is loaded (this object exists only once it is), the session store answers, and the
+        process is not shutting down (then a `shutdown` check says so)."""
         checks = {"model": "ok"}
         try:
             await self.store.ping()
             checks["store"] = "ok"
         except ServiceError as exc:
             checks["store"] = exc.message
+        if self.shutting_down:
+            checks["shutdown"] = SHUTTING_DOWN
         return Readiness(checks)
+
+    async def model_ready(self, name: str, version: str | None) -> bool:
+        """Whether the model `name` (at `version`) is served here and ready: false while shutting down.
+        NotFound (or 403) as check_model for a model or version this server does not serve."""
+        await self.check_model(name, version)
+        return not self.shutting_down
 
     async def check_model(self, name: str, version: str | None) -> ServedModel:
         """The served model `name` (at `version`, when given): NotFound unless this server serves that model

@@ -4,8 +4,9 @@ builds once and hands to every transport: the HTTP handlers read it from the app
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from service.auth import Authenticator
 from service.capture import Captures
@@ -19,18 +20,35 @@ from service.preprocess import Preprocessor
 from service.sessions import SessionService
 
 
+class Stream(Protocol):
+    """An open stream (handlers/stream.py) as the drain sees it."""
+
+    async def go_away(self, grace: float) -> None:
+        """Read no more images, answer those in flight (within `grace` seconds), then close saying
+        "going away", so that the client resumes on another connection."""
+        ...
+
+
 class InFlight:
-    """Counts requests (and stream images) between their start and their end, so that the server's drain
-    can wait for them. Every transport counts into the one the server holds."""
+    """Counts requests (and stream images) between their start and their end, and holds the open streams,
+    so that the server's drain can wait for them and close the streams. Every transport counts into the
+    one the server holds."""
 
     def __init__(self) -> None:
         self.count = 0
+        self.streams: set[Stream] = set()
+        self.closing = False  # the drain has begun: a stream opened now goes away at once
 
     def enter(self) -> None:
         self.count += 1
 
     def leave(self) -> None:
         self.count -= 1
+
+    async def close_streams(self, grace: float) -> None:
+        """Every open stream goes away, each after answering its images in flight (within `grace`)."""
+        self.closing = True
+        await asyncio.gather(*(stream.go_away(grace) for stream in list(self.streams)))
 
 
 @dataclass(frozen=True)

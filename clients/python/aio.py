@@ -93,48 +93,66 @@ class AsyncClient(BaseClient):
             raise
 
     async def predict_stream(self, images: Iterable[Any], **overrides: Any) -> AsyncIterator[protocol.StreamResult]:
-        """`Client.predict_stream` for asyncio: `async for result in client.predict_stream(images)`."""
-        from websockets.asyncio.client import connect
+        """`Client.predict_stream` for asyncio: `async for result in client.predict_stream(images)`, resumed
+        after a 1001 close as there."""
+        from websockets.asyncio.client import ClientConnection, connect
         from websockets.exceptions import ConnectionClosed, InvalidHandshake
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         timeout = self._http.timeout.read
-        try:
-            socket = await connect(protocol.stream_url(self.base_url), additional_headers=headers,
-                                   user_agent_header=USER_AGENT, open_timeout=self._http.timeout.connect)
-        except (OSError, InvalidHandshake, TimeoutError) as error:
-            raise ConnectionFailed("connection_failed", f"GET {protocol.STREAM_PATH} failed: {error}") from error
-        last_error: InferenceError | None = None
-        async with socket:
-            try:
-                ready = protocol.stream_frame(await asyncio.wait_for(socket.recv(), timeout))
-                if ready["type"] != "ready":
-                    last_error = protocol.stream_error(ready)
-                    await asyncio.wait_for(socket.recv(), timeout)  # the close that follows a refusal
-                    raise last_error
-                window = protocol.StreamWindow(images, overrides, ready["max_in_flight"])
-                closed_by_server = False
-                while True:
-                    # next() may read a file: off the loop
-                    while not closed_by_server and await asyncio.to_thread(window.room):
-                        header, data = await asyncio.to_thread(window.next_frames)
-                        try:
-                            await socket.send(header)
-                            await socket.send(data)
-                        except ConnectionClosed:  # as in Client.predict_stream: read what came first
-                            closed_by_server = True
-                    if window.done:
-                        return
-                    result = window.received(protocol.stream_frame(await asyncio.wait_for(socket.recv(), timeout)))
-                    last_error = result.error
-                    yield result
-                    if window.refusal is not None:
-                        raise window.refusal
-            except ConnectionClosed as closed:
-                code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, None)
-                raise protocol.stream_closed(code, reason, last_error) from None
-            except TimeoutError:
-                raise ConnectionFailed("timeout", f"No stream frame within {timeout} s.") from None
+
+        async def open_socket(window: protocol.StreamWindow | None) -> ClientConnection:
+            attempts = protocol.MAX_STREAM_RESUMES if window is not None else 1  # a resume waits for a server
+            for attempt in range(attempts):
+                try:
+                    return await connect(protocol.stream_url(self.base_url), additional_headers=headers,
+                                         user_agent_header=USER_AGENT, open_timeout=self._http.timeout.connect)
+                except (OSError, InvalidHandshake, TimeoutError) as error:
+                    if attempt + 1 == attempts:
+                        raise ConnectionFailed("connection_failed",
+                                               f"GET {protocol.STREAM_PATH} failed: {error}") from error
+                    await asyncio.sleep(protocol.resume_pause(attempt))
+            raise AssertionError("unreachable")
+
+        window: protocol.StreamWindow | None = None
+        while True:
+            socket = await open_socket(window)
+            last_error: InferenceError | None = None
+            async with socket:
+                try:
+                    ready = protocol.stream_frame(await asyncio.wait_for(socket.recv(), timeout))
+                    if ready["type"] != "ready":
+                        last_error = protocol.stream_error(ready)
+                        await asyncio.wait_for(socket.recv(), timeout)  # the close that follows a refusal
+                        raise last_error
+                    if window is None:
+                        window = protocol.StreamWindow(images, overrides, ready["max_in_flight"])
+                    else:
+                        window.resume(ready["max_in_flight"])
+                    closed_by_server = False
+                    while True:
+                        # next() may read a file: off the loop
+                        while not closed_by_server and await asyncio.to_thread(window.room):
+                            header, data = await asyncio.to_thread(window.next_frames)
+                            try:
+                                await socket.send(header)
+                                await socket.send(data)
+                            except ConnectionClosed:  # as in Client.predict_stream: read what came first
+                                closed_by_server = True
+                        if window.done:
+                            return
+                        result = window.received(
+                            protocol.stream_frame(await asyncio.wait_for(socket.recv(), timeout)))
+                        last_error = result.error
+                        yield result
+                        if window.refusal is not None:
+                            raise window.refusal
+                except ConnectionClosed as closed:
+                    code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, None)
+                    if window is None or not window.may_resume(code):
+                        raise protocol.stream_closed(code, reason, last_error) from None
+                except TimeoutError:
+                    raise ConnectionFailed("timeout", f"No stream frame within {timeout} s.") from None
 
     async def history(self, limit: int | None = None, *, page_size: int | None = None) -> AsyncIterator[dict[str, Any]]:
         """The session's predictions, newest first, fetched a page at a time as you iterate (all of

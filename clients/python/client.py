@@ -93,50 +93,68 @@ class Client(BaseClient):
         completion order: `.ref` (the item's index, or the "ref" of an item given as
         {"image": ..., "ref": ..., "options": {...}}), `.result` or `.error`. Every result is recorded in
         the history like `predict`. Keyword arguments override options for every image. At most the
-        server's `max_in_flight` images are outstanding. Not retried: a lost connection raises
-        ConnectionFailed and a refused token AuthError; results already yielded stay recorded."""
+        server's `max_in_flight` images are outstanding. A stream the server closes with 1001 (it shuts
+        down) resumes on a new connection with the same session, sending again only the images not yet
+        answered (at most protocol.MAX_STREAM_RESUMES times). Otherwise not retried: a lost connection
+        raises ConnectionFailed and a refused token AuthError; results already yielded stay recorded."""
         from websockets.exceptions import ConnectionClosed, InvalidHandshake
-        from websockets.sync.client import connect
+        from websockets.sync.client import ClientConnection, connect
 
         headers = {"Authorization": f"Bearer {self.token}"} if self.token else {}
         timeout = self._http.timeout.read
-        try:
-            socket = connect(protocol.stream_url(self.base_url), additional_headers=headers,
-                             user_agent_header=USER_AGENT, open_timeout=self._http.timeout.connect)
-        except (OSError, InvalidHandshake, TimeoutError) as error:
-            raise ConnectionFailed("connection_failed", f"GET {protocol.STREAM_PATH} failed: {error}") from error
-        last_error: InferenceError | None = None
-        with socket:
-            try:
-                ready = protocol.stream_frame(socket.recv(timeout))
-                if ready["type"] != "ready":
-                    last_error = protocol.stream_error(ready)
-                    socket.recv(timeout)  # the close that follows a refusal
-                    raise last_error
-                window = protocol.StreamWindow(images, overrides, ready["max_in_flight"])
-                closed_by_server = False
-                while True:
-                    while not closed_by_server and window.room():
-                        header, data = window.next_frames()
-                        try:
-                            socket.send(header)
-                            socket.send(data)
-                        except ConnectionClosed:
-                            # What the server sent before closing (a refusal's error frame, say) is
-                            # still to be read: recv() gives it, then raises.
-                            closed_by_server = True
-                    if window.done:
-                        return
-                    result = window.received(protocol.stream_frame(socket.recv(timeout)))
-                    last_error = result.error
-                    yield result
-                    if window.refusal is not None:
-                        raise window.refusal
-            except ConnectionClosed as closed:
-                code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, None)
-                raise protocol.stream_closed(code, reason, last_error) from None
-            except TimeoutError:
-                raise ConnectionFailed("timeout", f"No stream frame within {timeout} s.") from None
+
+        def open_socket(window: protocol.StreamWindow | None) -> ClientConnection:
+            attempts = protocol.MAX_STREAM_RESUMES if window is not None else 1  # a resume waits for a server
+            for attempt in range(attempts):
+                try:
+                    return connect(protocol.stream_url(self.base_url), additional_headers=headers,
+                                   user_agent_header=USER_AGENT, open_timeout=self._http.timeout.connect)
+                except (OSError, InvalidHandshake, TimeoutError) as error:
+                    if attempt + 1 == attempts:
+                        raise ConnectionFailed("connection_failed",
+                                               f"GET {protocol.STREAM_PATH} failed: {error}") from error
+                    sleep(protocol.resume_pause(attempt))
+            raise AssertionError("unreachable")
+
+        window: protocol.StreamWindow | None = None
+        while True:
+            socket = open_socket(window)
+            last_error: InferenceError | None = None
+            with socket:
+                try:
+                    ready = protocol.stream_frame(socket.recv(timeout))
+                    if ready["type"] != "ready":
+                        last_error = protocol.stream_error(ready)
+                        socket.recv(timeout)  # the close that follows a refusal
+                        raise last_error
+                    if window is None:
+                        window = protocol.StreamWindow(images, overrides, ready["max_in_flight"])
+                    else:
+                        window.resume(ready["max_in_flight"])
+                    closed_by_server = False
+                    while True:
+                        while not closed_by_server and window.room():
+                            header, data = window.next_frames()
+                            try:
+                                socket.send(header)
+                                socket.send(data)
+                            except ConnectionClosed:
+                                # What the server sent before closing (a refusal's error frame, say) is
+                                # still to be read: recv() gives it, then raises.
+                                closed_by_server = True
+                        if window.done:
+                            return
+                        result = window.received(protocol.stream_frame(socket.recv(timeout)))
+                        last_error = result.error
+                        yield result
+                        if window.refusal is not None:
+                            raise window.refusal
+                except ConnectionClosed as closed:
+                    code, reason = (closed.rcvd.code, closed.rcvd.reason) if closed.rcvd else (None, None)
+                    if window is None or not window.may_resume(code):
+                        raise protocol.stream_closed(code, reason, last_error) from None
+                except TimeoutError:
+                    raise ConnectionFailed("timeout", f"No stream frame within {timeout} s.") from None
 
     def history(self, limit: int | None = None, *, page_size: int | None = None) -> Iterator[dict[str, Any]]:
         """The session's predictions, newest first, fetched a page at a time as you iterate (all of

@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Callable, Generator, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any
@@ -556,6 +556,15 @@ class Exchange:
 
 STREAM_PATH = "/v1/stream"
 POLICY_VIOLATION = 1008
+GOING_AWAY = 1001  # the server shuts down after answering the images it read: resume on a new connection
+#: How many times one predict_stream resumes after a 1001 close (each resume may try to connect
+#: this many times too, with a growing pause) before the close is the caller's error.
+MAX_STREAM_RESUMES = 5
+
+
+def resume_pause(attempt: int) -> float:
+    """Seconds to wait before the `attempt`-th (from 0) try to connect for a resume."""
+    return min(0.1 * 2 ** attempt, 2.0)
 
 
 @dataclass(frozen=True)
@@ -653,7 +662,9 @@ class StreamWindow:
             if window.refusal: raise window.refusal            # the server closes the stream after it
 
     `size` is the server's `max_in_flight` (its ready frame), so a well-behaved client never sends
-    an image the server would have to leave unread.
+    an image the server would have to leave unread. After a 1001 close, `resume` on the next
+    connection sends the images not yet answered again first (each once, in order): an image answered
+    before the close is never sent again. A result's `seq` is the item's index in the whole stream.
     """
 
     def __init__(self, images: Any, overrides: Mapping[str, Any], size: int):
@@ -661,13 +672,22 @@ class StreamWindow:
         self._overrides = overrides
         self.size = max(1, size)
         self.pending = 0
-        self.sent = 0
+        self.sent = 0  # items taken from `images`
+        self.resumes = 0
         self._exhausted = False
         self._next: Any = None
+        # This connection's seq (the server counts from 0 per connection) -> (item index, its frames).
+        self._unanswered: dict[int, tuple[int, str, bytes]] = {}
+        self._resend: list[tuple[int, str, bytes]] = []  # sent on an earlier connection, unanswered there
+        self._seq = 0
         self.refusal: AuthError | None = None
 
     def room(self) -> bool:
-        if self._exhausted or self.pending >= self.size:
+        if self.pending >= self.size:
+            return False
+        if self._resend:
+            return True
+        if self._exhausted:
             return False
         try:
             self._next = next(self._images)
@@ -677,20 +697,43 @@ class StreamWindow:
         return True
 
     def next_frames(self) -> tuple[str, bytes]:
-        frames = stream_frames(self._next, self.sent, self._overrides)
-        self.sent += 1
+        if self._resend:
+            index, header, data = self._resend.pop(0)
+        else:
+            index = self.sent
+            header, data = stream_frames(self._next, index, self._overrides)
+            self.sent += 1
+        self._unanswered[self._seq] = (index, header, data)
+        self._seq += 1
         self.pending += 1
-        return frames
+        return header, data
 
     @property
     def done(self) -> bool:
-        return self._exhausted and self.pending == 0
+        return self._exhausted and self.pending == 0 and not self._resend
 
     def received(self, frame: Mapping[str, Any]) -> StreamResult:
         result = stream_result(frame)
         if result.seq is not None:  # a frame about one of our images (not about the stream as a whole)
             self.pending -= 1
+            sent = self._unanswered.pop(result.seq, None)
+            if sent is not None:
+                result = replace(result, seq=sent[0])
         if isinstance(result.error, AuthError):
             # A refused token (logged out, expired) ends the stream even when no result is owed any more.
             self.refusal = result.error
         return result
+
+    def may_resume(self, code: int | None) -> bool:
+        """Whether a close with `code` is resumed on a new connection: a 1001, within MAX_STREAM_RESUMES."""
+        return code == GOING_AWAY and self.resumes < MAX_STREAM_RESUMES
+
+    def resume(self, size: int) -> None:
+        """A new connection (its ready frame's max_in_flight: `size`) after a 1001 close: the images sent
+        and not answered go again first, in their order; the server counts seq from 0 again."""
+        self._resend = sorted([*self._resend, *self._unanswered.values()], key=lambda sent: sent[0])
+        self._unanswered.clear()
+        self._seq = 0
+        self.pending = 0
+        self.size = max(1, size)
+        self.resumes += 1

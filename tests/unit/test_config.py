@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import Config, ConfigError, load_config
+from server.config import PRODUCTION_SHUTDOWN_DELAY_SECONDS, Config, ConfigError, load_config
 
 pytestmark = pytest.mark.unit
 
@@ -58,6 +58,8 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     ("[sessions]\nttl_seconds = 100\nmax_lifetime_seconds = 10\n", {}, "max_lifetime_seconds"),
     ("[auth]\napi_keys = ['plain-text-key']\n", {}, "hash-key"),
     ("[redis]\nurl = 'http://x'\n", {}, "redis.url"),
+    ("[server]\nshutdown_delay_seconds = -2\n", {}, "server.shutdown_delay_seconds must be between 0 and 300"),
+    ("", {"INFERENCE_SERVER_SHUTDOWN_DELAY_SECONDS": "301"}, "server.shutdown_delay_seconds must be between"),
     ("[server]\nmalloc_keep_mb = -1\n", {}, "server.malloc_keep_mb"),
     ("", {"INFERENCE_CAPTURE_MIN_FREE_DISK_BYTES": "-1"}, "capture.min_free_disk_bytes must not be negative"),
     ("[feedback]\nmax_comment_bytes = 0\n", {}, "feedback.max_comment_bytes must be between 1 and 100000"),
@@ -125,3 +127,13 @@ def test_the_rewrite_after_erase_interval_is_a_bounded_number_of_seconds(tmp_pat
         load_config(write(tmp_path, ""), env={"INFERENCE_REDIS_EMBEDDED_ERASE_REWRITE_SECONDS": "-1"})
     assert load_config(write(tmp_path, "[redis]\nembedded_erase_rewrite_seconds = 0\n"), env={}) \
         .redis.embedded_erase_rewrite_seconds == 0
+
+
+def test_the_shutdown_delay_fits_kubernetes_in_production_and_keeps_ctrl_c_instant_in_development(
+        tmp_path: Path) -> None:
+    path = write(tmp_path, "")
+    assert load_config(path, env={}).shutdown_delay == 0
+    production = load_config(path, env={"INFERENCE_SERVER_MODE": "production", "INFERENCE_HTTP_LEGACY_PREDICT": "false",
+                                        "INFERENCE_AUTH_SECRET_KEYS": "0123456789abcdef0123"})
+    assert production.shutdown_delay == PRODUCTION_SHUTDOWN_DELAY_SECONDS > 0
+    assert load_config(path, env={"INFERENCE_SERVER_SHUTDOWN_DELAY_SECONDS": "2.5"}).shutdown_delay == 2.5
