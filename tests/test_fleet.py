@@ -61,7 +61,10 @@ class Replica:
         """SIGTERM, and the exit status once it has stopped."""
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
-        return self.process.wait(90)
+        try:
+            return self.process.wait(90)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.name} did not exit within 90 s of SIGTERM; its log ends:\n{self.log_tail()}")
 
     def kill(self) -> None:
         if self.process and self.process.poll() is None:
