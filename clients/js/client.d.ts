@@ -200,7 +200,7 @@ export type StreamItem = ImageInput | { image: ImageInput; ref?: string | number
 /** One image's outcome on predictStream(): `result`, or `error` for that image alone. */
 export interface StreamResult {
   ref: string | number | null;
-  /** The image's position in the stream, from 0. */
+  /** The item's index in the whole stream, from 0 (across resumes after a 1001 close too). */
   seq: number | null;
   result: Prediction | null;
   error: InferenceError | null;
@@ -262,6 +262,9 @@ export function defaultModel(listing: ModelList): string | null;
 /** The image MIME type named by the first bytes (JPEG, PNG, GIF, WebP, BMP), or null. */
 export function sniffImageType(bytes: Uint8Array): string | null;
 
+/** How many times one predictStream() resumes after a 1001 close before the close is the caller's error. */
+export const MAX_STREAM_RESUMES: number;
+
 export class Client {
   /** @param baseUrl the server's address, e.g. "http://127.0.0.1:8000"; "" (default) means the page's own origin. */
   constructor(baseUrl?: string, settings?: ClientSettings);
@@ -290,7 +293,11 @@ export class Client {
   /** predict() for each image, `concurrency` at a time (default 4); results in input order. */
   predictMany(images: Iterable<ImageInput>, settings?: PredictOverrides & { concurrency?: number }): Promise<Prediction[]>;
 
-  /** GET /v1/stream (WebSocket): one StreamResult per image, in completion order. */
+  /**
+   * GET /v1/stream (WebSocket): one StreamResult per image, in completion order. A 1001 close (the server
+   * shuts down) resumes on a new connection with the same session, sending only the unanswered images
+   * again (at most MAX_STREAM_RESUMES times).
+   */
   predictStream(images: Iterable<StreamItem> | AsyncIterable<StreamItem>, overrides?: PredictOverrides): AsyncGenerator<StreamResult, void, undefined>;
 
   /** GET /v1/models: every served model, the default named, with its versions (session token, or an admin key). */

@@ -206,6 +206,145 @@ function streamClosedError(event, lastError) {
 
 const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
 
+const GOING_AWAY = 1001; // the server shuts down after answering the images it read: resume on a new connection
+/**
+ * How many times one predictStream resumes after a 1001 close (each resume may try to connect this many
+ * times too, with a growing pause) before the close is the caller's error; the Python clients' bound too.
+ */
+export const MAX_STREAM_RESUMES = 5;
+
+/** Milliseconds to wait before the `attempt`-th (from 0) try to connect for a resume. */
+const resumePause = (attempt) => Math.min(100 * 2 ** attempt, 2000);
+
+/** The header and body frames for one stream item (an image, or {image, ref, options}). */
+async function streamFrames(value, index, overrides) {
+  const item = isStreamItem(value) ? value : { image: value };
+  const [body] = await imageBody(item.image);
+  const options = { ...overrides, ...(item.options ?? {}) };
+  const header = { ref: item.ref ?? index };
+  if (Object.keys(options).length) header.options = options;
+  return { index, header: JSON.stringify(header), body };
+}
+
+/**
+ * Which item to send next and which results are owed, across the connections of one predictStream.
+ * `size` is the server's `max_in_flight` (its ready frame). After a 1001 close, `resume` on the next
+ * connection sends the images not yet answered again first (each once, in order): an image answered
+ * before the close is never sent again. A result's `seq` is the item's index in the whole stream.
+ */
+class StreamWindow {
+  #iterator;
+  #overrides;
+  #taken = 0; // items taken from `images`
+  #exhausted = false;
+  #seq = 0; // this connection's next seq (the server counts from 0 per connection)
+  #unanswered = new Map(); // this connection's seq -> {index, header, body}
+  #resend = []; // sent on an earlier connection, unanswered there, in item order
+
+  constructor(images, overrides, size) {
+    this.#iterator = images[Symbol.asyncIterator]?.() ?? images[Symbol.iterator]();
+    this.#overrides = overrides;
+    this.size = Math.max(1, size);
+    this.pending = 0;
+    this.refusal = null;
+  }
+
+  /** The next item's frames to send ({index, header, body}), or null when the window is full or none is left. */
+  async next() {
+    if (this.pending >= this.size) return null;
+    let sent = this.#resend.shift();
+    if (sent === undefined) {
+      if (this.#exhausted) return null;
+      const step = await this.#iterator.next();
+      if (step.done) {
+        this.#exhausted = true;
+        return null;
+      }
+      sent = await streamFrames(step.value, this.#taken++, this.#overrides);
+    }
+    this.#unanswered.set(this.#seq++, sent);
+    this.pending++;
+    return sent;
+  }
+
+  get done() { return this.#exhausted && this.pending === 0 && this.#resend.length === 0; }
+
+  /** A result or error frame as the caller's {ref, seq, result, error}, seq mapped to the item's index. */
+  received(frame) {
+    let seq = frame.seq ?? null;
+    if (seq !== null) { // a frame about one of our images (not about the stream as a whole)
+      this.pending--;
+      const sent = this.#unanswered.get(seq);
+      if (sent !== undefined) {
+        this.#unanswered.delete(seq);
+        seq = sent.index;
+      }
+    }
+    if (frame.type === "result") return { ref: frame.ref, seq, result: frame.result, error: null };
+    const error = streamFrameError(frame);
+    // A refused token (logged out, expired) ends the stream even when no result is owed any more.
+    if (error instanceof AuthError) this.refusal = error;
+    return { ref: frame.ref ?? null, seq, result: null, error };
+  }
+
+  /**
+   * A new connection (its ready frame's max_in_flight: `size`) after a 1001 close: the images sent and not
+   * answered go again first, in their order; the server counts seq from 0 again.
+   */
+  resume(size) {
+    this.#resend = [...this.#resend, ...this.#unanswered.values()].sort((a, b) => a.index - b.index);
+    this.#unanswered.clear();
+    this.#seq = 0;
+    this.pending = 0;
+    this.size = Math.max(1, size);
+  }
+}
+
+/** One WebSocket of a stream: its frames as they come (`nextFrame`) and its close event (`closed`). */
+class StreamSocket {
+  #inbox = [];
+  #wake = null;
+
+  constructor(WebSocketClass, url) {
+    this.closed = null;
+    this.socket = new WebSocketClass(url);
+    this.socket.binaryType = "arraybuffer";
+    this.socket.onmessage = (event) => { this.#inbox.push(event.data); this.#notify(); };
+    this.socket.onclose = (event) => { this.closed = event; this.#notify(); };
+    this.socket.onerror = () => {}; // a close event always follows, and says more
+    this.socket.onopen = () => this.#notify();
+  }
+
+  #notify() {
+    const wake = this.#wake;
+    this.#wake = null;
+    wake?.();
+  }
+
+  #event() { return new Promise((resolve) => { this.#wake = resolve; }); }
+
+  /** Whether the socket opened (false: it closed first). */
+  async opened() {
+    while (this.socket.readyState === 0 && !this.closed) await this.#event();
+    return !this.closed;
+  }
+
+  get open() { return this.socket.readyState === 1 && !this.closed; }
+
+  /** The next frame, or null once the socket closed and every frame before the close was read. */
+  async nextFrame() {
+    while (this.#inbox.length === 0) {
+      if (this.closed) return null;
+      await this.#event();
+    }
+    return parseStreamFrame(this.#inbox.shift());
+  }
+
+  close() {
+    if (this.socket.readyState <= 1) this.socket.close(1000);
+  }
+}
+
 // -- the client --------------------------------------------------------------------------------
 
 export class Client {
@@ -334,8 +473,10 @@ export class Client {
    * for its own ref and option overrides; `ref` defaults to the item's index. `overrides` apply to
    * every image. At most the server's `max_in_flight` images are outstanding; every result is
    * recorded in the history. The token goes in the first frame (browsers cannot set headers on
-   * the upgrade), never in the URL. Not retried: a refused token throws AuthError, a lost
-   * connection ConnectionFailed.
+   * the upgrade), never in the URL. A stream the server closes with 1001 (it shuts down) resumes on
+   * a new connection with the same session, sending again only the images not yet answered, each
+   * once (at most MAX_STREAM_RESUMES times); `seq` is the item's index in the whole stream. Otherwise
+   * not retried: a refused token throws AuthError, a lost connection ConnectionFailed.
    *   for await (const { ref, result, error } of client.predictStream(files)) { ... }
    */
   async *predictStream(images, overrides = {}) {
@@ -344,68 +485,52 @@ export class Client {
       throw new InferenceError("No WebSocket implementation: pass {WebSocket} to the Client "
         + "(Node 20 needs --experimental-websocket; Node 22+ and browsers have one).", { code: "websocket_unavailable" });
     }
-    const socket = new WebSocketClass(this.#url("/v1/stream").replace(/^http/, "ws"));
-    socket.binaryType = "arraybuffer";
-    const inbox = [];
-    let closed = null;
-    let wake = null;
-    const notify = () => { if (wake) { const resolve = wake; wake = null; resolve(); } };
-    socket.onmessage = (event) => { inbox.push(event.data); notify(); };
-    socket.onclose = (event) => { closed = event; notify(); };
-    socket.onerror = () => {}; // a close event always follows, and says more
-    socket.onopen = notify;
-    const nextFrame = async () => {
-      while (inbox.length === 0) {
-        if (closed) return null;
-        await new Promise((resolve) => { wake = resolve; });
+    const url = this.#url("/v1/stream").replace(/^http/, "ws");
+    let window = null; // made from the first ready frame
+    let resumes = 0;
+    for (;;) {
+      // A resume waits for a server to take it (a load balancer may still be taking the old one out).
+      const attempts = window === null ? 1 : MAX_STREAM_RESUMES;
+      let connection;
+      for (let attempt = 0; ; attempt++) {
+        connection = new StreamSocket(WebSocketClass, url);
+        if (await connection.opened()) break;
+        if (attempt + 1 >= attempts) throw streamClosedError(connection.closed, null);
+        await sleep(resumePause(attempt));
       }
-      return parseStreamFrame(inbox.shift());
-    };
-    let lastError = null;
-    const closedError = () => streamClosedError(closed, lastError);
-    try {
-      while (socket.readyState === 0 && !closed) await new Promise((resolve) => { wake = resolve; });
-      if (closed) throw closedError();
-      socket.send(JSON.stringify({ token: this.#token ?? "" }));
-      const ready = await nextFrame();
-      if (!ready) throw closedError();
-      if (ready.type !== "ready") {
-        lastError = streamFrameError(ready);
-        throw lastError;
-      }
-      const iterator = images[Symbol.asyncIterator]?.() ?? images[Symbol.iterator]();
-      let pending = 0;
-      let sent = 0;
-      let exhausted = false;
-      for (;;) {
-        while (!exhausted && pending < ready.max_in_flight) {
-          const step = await iterator.next();
-          if (step.done) { exhausted = true; break; }
-          const item = isStreamItem(step.value) ? step.value : { image: step.value };
-          const [body] = await imageBody(item.image);
-          const options = { ...overrides, ...(item.options ?? {}) };
-          const header = { ref: item.ref ?? sent };
-          if (Object.keys(options).length) header.options = options;
-          socket.send(JSON.stringify(header));
-          socket.send(body);
-          pending++;
-          sent++;
+      let lastError = null;
+      try {
+        connection.socket.send(JSON.stringify({ token: this.#token ?? "" }));
+        const ready = await connection.nextFrame();
+        if (ready && ready.type !== "ready") {
+          lastError = streamFrameError(ready);
+          throw lastError;
         }
-        if (pending === 0) return;
-        const frame = await nextFrame();
-        if (!frame) throw closedError();
-        if (frame.seq !== null && frame.seq !== undefined) pending--;
-        if (frame.type === "result") {
-          yield { ref: frame.ref, seq: frame.seq, result: frame.result, error: null };
-        } else {
-          lastError = streamFrameError(frame);
-          yield { ref: frame.ref ?? null, seq: frame.seq ?? null, result: null, error: lastError };
-          // A refused token (logged out, expired) ends the stream even when no result is owed any more.
-          if (lastError instanceof AuthError) throw lastError;
+        if (ready) {
+          if (window === null) window = new StreamWindow(images, overrides, ready.max_in_flight);
+          else window.resume(ready.max_in_flight);
+          for (;;) {
+            // Once the server has closed, nothing more is sent: what it sent before the close is still read.
+            for (let sent; connection.open && (sent = await window.next()) !== null;) {
+              connection.socket.send(sent.header);
+              connection.socket.send(sent.body);
+            }
+            if (window.done) return;
+            const frame = await connection.nextFrame();
+            if (!frame) break;
+            const item = window.received(frame);
+            lastError = item.error;
+            yield item;
+            if (window.refusal) throw window.refusal;
+          }
         }
+        if (window === null || connection.closed?.code !== GOING_AWAY || resumes >= MAX_STREAM_RESUMES) {
+          throw streamClosedError(connection.closed, lastError);
+        }
+        resumes++;
+      } finally {
+        connection.close();
       }
-    } finally {
-      if (socket.readyState <= 1) socket.close(1000);
     }
   }
 

@@ -2,6 +2,7 @@
 // The exported ONNX model is cached in a fixed temporary folder, so only the first run on a machine
 // pays for the export.
 import { spawn } from "node:child_process";
+import net from "node:net";
 import { mkdtemp, readFile, rm } from "node:fs/promises";
 import os from "node:os";
 import path from "node:path";
@@ -75,5 +76,92 @@ export async function startServer(env) {
     await exited;
     await rm(dataDir, { recursive: true, force: true });
   };
-  return { url, stop, log: () => log };
+  const port = Number(new URL(url).port);
+  return { url, port, stop, terminate: () => child.kill("SIGTERM"), log: () => log };
+}
+
+/** A free TCP port on 127.0.0.1 (free when asked: the caller binds it soon after). */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const probe = net.createServer();
+    probe.once("error", reject);
+    probe.listen(0, "127.0.0.1", () => {
+      const { port } = probe.address();
+      probe.close(() => resolve(port));
+    });
+  });
+}
+
+/** Whether a TCP connection to `port` on 127.0.0.1 is refused (nothing listens there any more). */
+export function refused(port) {
+  return new Promise((resolve) => {
+    const socket = net.connect(port, "127.0.0.1");
+    socket.once("connect", () => { socket.destroy(); resolve(false); });
+    socket.once("error", () => resolve(true));
+  });
+}
+
+/** Start Debian's redis-server (no persistence) on a free port; resolve {url, stop}, or null without one. */
+export async function startRedis() {
+  const port = await freePort();
+  const child = spawn("redis-server", ["--port", String(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+    { stdio: ["ignore", "pipe", "pipe"] });
+  const exited = new Promise((resolve) => child.once("exit", resolve));
+  let log = "";
+  const started = await new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`redis-server not ready after 30 s:\n${log}`)), 30_000);
+    child.stdout.on("data", (chunk) => {
+      log += chunk;
+      if (/Ready to accept connections/.test(log)) { clearTimeout(timer); resolve(true); }
+    });
+    child.once("error", () => { clearTimeout(timer); resolve(false); }); // not installed
+    child.once("exit", (code) => { clearTimeout(timer); reject(new Error(`redis-server exited (${code}):\n${log}`)); });
+  });
+  if (!started) return null;
+  return {
+    url: `redis://127.0.0.1:${port}/0`,
+    stop: async () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill("SIGTERM");
+      await exited;
+    },
+  };
+}
+
+/**
+ * A tiny TCP proxy: each connection goes to the first of `ports()` that accepts it (a load balancer that
+ * has taken a stopped server out). Resolves {port, routed, close}: `routed` lists each connection's port.
+ */
+export async function firstThatAccepts(ports) {
+  const routed = [];
+  const sockets = new Set();
+  const track = (socket) => { sockets.add(socket); socket.once("close", () => sockets.delete(socket)); socket.on("error", () => {}); };
+  const proxy = net.createServer((client) => {
+    track(client);
+    client.pause();
+    const candidates = [...ports()];
+    const tryNext = () => {
+      const port = candidates.shift();
+      if (port === undefined) return client.destroy();
+      const upstream = net.connect(port, "127.0.0.1");
+      upstream.once("error", tryNext);
+      upstream.once("connect", () => {
+        upstream.removeListener("error", tryNext);
+        track(upstream);
+        routed.push(port);
+        client.pipe(upstream);
+        upstream.pipe(client);
+        client.resume();
+      });
+    };
+    tryNext();
+  });
+  await new Promise((resolve) => proxy.listen(0, "127.0.0.1", resolve));
+  return {
+    port: proxy.address().port,
+    routed,
+    close: () => {
+      for (const socket of sockets) socket.destroy();
+      return new Promise((resolve) => proxy.close(resolve));
+    },
+  };
 }

@@ -6,10 +6,20 @@ import { after, before, describe, test } from "node:test";
 import { fileURLToPath } from "node:url";
 
 import { AuthError, Client, ValidationError } from "../client.js";
-import { CAT_CLASSES, COFFEE_CLASSES, readTestPhotos, startServer } from "./server-process.mjs";
+import {
+  CAT_CLASSES, COFFEE_CLASSES, firstThatAccepts, readTestPhotos, refused, startRedis, startServer,
+} from "./server-process.mjs";
 
 const top3 = (result) => result.top_k.slice(0, 3).map((score) => score.class_index);
 const hasAny = (classes, wanted) => classes.some((index) => wanted.includes(index));
+
+async function waitUntil(condition, what, deadlineMs = 60_000) {
+  const deadline = Date.now() + deadlineMs;
+  while (!(await condition())) {
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 50));
+  }
+}
 
 async function collect(iterable) {
   const items = [];
@@ -118,5 +128,54 @@ if (typeof globalThis.WebSocket !== "function") {
         assert.deepEqual(seen.map((item) => [item.seq, item.error.code]), [[0, "session_revoked"]], `pause ${pause}`);
       }
     });
+  });
+
+  describe("predictStream across a shutdown", () => {
+    test("a stream the first server closes with 1001 on SIGTERM resumes on the second: each image answered and recorded once",
+      { timeout: 300_000 }, async (t) => {
+        const redis = await startRedis();
+        if (redis === null) {
+          // In CI a skip would pass the run without the test (docs/testing.md, "Missing tools and CI").
+          assert.notEqual(process.env.CI, "true", "CI=true and no redis-server on the PATH: this test cannot run");
+          t.skip("redis-server is not installed");
+          return;
+        }
+        // Two servers on one Redis with one secret: a session made on either is served by both.
+        const shared = { INFERENCE_REDIS_URL: redis.url, INFERENCE_AUTH_SECRET_KEYS: "js-client-resume-test-secret" };
+        const servers = [];
+        let proxy = null;
+        try {
+          servers.push(await startServer({ ...shared, INFERENCE_HTTP_STREAM_MAX_IN_FLIGHT: "3" }));
+          servers.push(await startServer(shared));
+          const [first, second] = servers;
+          proxy = await firstThatAccepts(() => [first.port, second.port]);
+          const client = new Client(`http://127.0.0.1:${proxy.port}`);
+          await client.login();
+          const refs = Array.from({ length: 10 }, (_, i) => `img-${i}`);
+          let stopped = false;
+          async function* images() {
+            for (const [i, ref] of refs.entries()) {
+              if (i === 4) { // a few images answered, up to three in flight: the first server shuts down
+                first.terminate();
+                await waitUntil(() => refused(first.port), "the first server to stop accepting connections");
+                stopped = true;
+              }
+              yield { image: i % 2 ? cat : coffee, ref };
+            }
+          }
+          const results = await collect(client.predictStream(images()));
+          assert.ok(stopped);
+          assert.ok(proxy.routed.includes(second.port), "the stream resumed on the second server");
+          for (const item of results) assert.equal(item.error, null, `${item.ref}: ${item.error?.message}`);
+          assert.deepEqual(results.map((item) => item.ref).sort(), [...refs].sort()); // every image answered once
+          for (const item of results) assert.equal(item.seq, refs.indexOf(item.ref));
+          const history = await collect(client.history({ limit: 50 }));
+          assert.deepEqual(history.map((item) => item.id).sort(), results.map((item) => item.result.id).sort());
+        } finally {
+          await proxy?.close();
+          await Promise.all(servers.map((server) => server.stop()));
+          await redis.stop();
+        }
+      });
   });
 }

@@ -1,10 +1,11 @@
-// The client against a fake fetch: retries, back-off, timeouts, headers and paging, no server.
+// The client against a fake fetch: retries, back-off, timeouts, headers and paging, no server; and
+// predictStream against a fake WebSocket: resuming after a 1001 close.
 import assert from "node:assert/strict";
 import { describe, test } from "node:test";
 
 import {
   AuthError, Client, ConnectionFailed, InferenceError, NotFoundError, RateLimited, ServerBusy, ServerError,
-  ValidationError, defaultModel, sniffImageType,
+  MAX_STREAM_RESUMES, ValidationError, defaultModel, sniffImageType,
 } from "../client.js";
 
 const JPEG = new Uint8Array([0xff, 0xd8, 0xff, 0xe0, 0, 0x10, 0x4a, 0x46, 0x49, 0x46]);
@@ -336,5 +337,168 @@ describe("choosing a model", () => {
     assert.equal(calls[7].headers.get("Authorization"), "ApiKey a");
     assert.equal(defaultModel({ models: [{ name: "a" }, { name: "b", default: true }] }), "b");
     assert.equal(defaultModel(TWO), "efficientnet_lite0");
+  });
+});
+
+// -- predictStream resuming after a 1001 close ------------------------------------------------
+
+// A fake WebSocket whose "server" follows the stream protocol: a token frame, a ready frame, a header
+// and a body per image, one result per image read with the connection's own seq (from 0). Each connection follows a plan:
+// `goAwayAfter: k` reads k images, answers them (last read first), then closes with 1001, leaving any
+// image sent after them unread; `refuse: true` closes before opening (nothing listens).
+function fakeServer(plans) {
+  const connections = [];
+  const later = (action) => setTimeout(action, 0); // in order: frames, then the close after them
+
+  class FakeWebSocket {
+    constructor(url) {
+      this.url = url;
+      this.readyState = 0;
+      this.record = { plan: plans[Math.min(connections.length, plans.length - 1)], token: null, sent: [], read: [] };
+      connections.push(this.record);
+      this.header = null;
+      later(() => {
+        if (this.record.plan.refuse) return this.#closeBy(1006);
+        this.readyState = 1;
+        this.onopen?.({});
+      });
+    }
+
+    send(data) {
+      if (this.readyState !== 1) return; // as a browser's: sent after the close, silently dropped
+      const { plan } = this.record;
+      if (this.record.token === null) {
+        this.record.token = JSON.parse(data).token;
+        if (plan.refuseToken) {
+          this.#frame({ type: "error", status: 401, error: { code: "session_revoked", message: "logged out" } });
+          return this.#closeBy(1008, "session_revoked");
+        }
+        return this.#frame({ type: "ready", max_in_flight: plan.maxInFlight });
+      }
+      if (this.header === null) {
+        this.header = JSON.parse(data);
+        return;
+      }
+      const { ref } = this.header;
+      this.header = null;
+      this.record.sent.push(ref);
+      if (this.record.read.length === (plan.goAwayAfter ?? Infinity)) return; // not read: the server is closing
+      const seq = this.record.read.length;
+      this.record.read.push(ref);
+      const answer = () => this.#frame({ type: "result", ref, seq, result: { id: `c${connections.indexOf(this.record)}-${seq}`, ref } });
+      if (plan.goAwayAfter === undefined) return answer();
+      this.record.held = [...(this.record.held ?? []), answer];
+      if (this.record.read.length === plan.goAwayAfter) {
+        for (const held of this.record.held.reverse()) held();
+        this.#closeBy(plan.closeCode ?? 1001, "going away");
+      }
+    }
+
+    close(code) {
+      this.readyState = 3;
+      this.record.closedByClient = code;
+    }
+
+    #frame(frame) {
+      later(() => { if (this.readyState === 1) this.onmessage?.({ data: JSON.stringify(frame) }); });
+    }
+
+    #closeBy(code, reason = "") {
+      later(() => {
+        if (this.readyState === 3) return;
+        this.readyState = 3;
+        this.onclose?.({ code, reason });
+      });
+    }
+  }
+
+  return { WebSocket: FakeWebSocket, connections };
+}
+
+const items = (count) => Array.from({ length: count }, (_, i) => ({ image: new Uint8Array([0xff, 0xd8, 0xff, i]), ref: `img-${i}` }));
+
+async function stream(plans, count) {
+  const server = fakeServer(plans);
+  const client = new Client("http://fake", { token: "the-token", WebSocket: server.WebSocket });
+  const results = [];
+  let error = null;
+  try {
+    for await (const item of client.predictStream(items(count))) results.push(item);
+  } catch (caught) {
+    error = caught;
+  }
+  return { results, error, connections: server.connections };
+}
+
+describe("predictStream after a 1001 close", () => {
+  test("resumes with the same token, sending only the unanswered images, once each, in order, first", async () => {
+    const { results, error, connections } = await stream([
+      { maxInFlight: 3, goAwayAfter: 2 }, // sent 0, 1, 2; answers 1, 0; 2 unread
+      { maxInFlight: 4, goAwayAfter: 2 }, // sent 2 again first, then 3, 4, 5; answers 3, 2; 4 and 5 unread
+      { maxInFlight: 3 }, // 4 and 5 again first, then the rest
+    ], 8);
+    assert.equal(error, null);
+    assert.deepEqual(connections.map((c) => c.token), ["the-token", "the-token", "the-token"]);
+    // Images sent after the server stopped reading (it sends its close after its last answers) are unread.
+    const unread = (c) => c.sent.filter((ref) => !c.read.includes(ref));
+    assert.deepEqual(connections.map((c) => c.read), [["img-0", "img-1"], ["img-2", "img-3"], ["img-4", "img-5", "img-6", "img-7"]]);
+    assert.deepEqual(connections.map(unread), [["img-2", "img-3", "img-4"], ["img-4", "img-5", "img-6", "img-7"], []]);
+    for (const [i, c] of connections.entries()) {
+      assert.deepEqual(new Set(c.sent).size, c.sent.length, `connection ${i} sent an image twice`);
+      if (i === 0) continue;
+      const before = connections[i - 1];
+      assert.deepEqual(c.sent.slice(0, unread(before).length), unread(before), `connection ${i} sends the unread first, in order`);
+      for (const ref of c.sent) {
+        assert.ok(!connections.slice(0, i).some((earlier) => earlier.read.includes(ref)), `${ref} was answered before`);
+      }
+    }
+    // Every image read (so answered and recorded) exactly once across the connections.
+    assert.deepEqual(connections.flatMap((c) => c.read).sort(), items(8).map((item) => item.ref));
+    assert.equal(results.length, 8);
+    for (const item of results) {
+      assert.equal(item.error, null);
+      assert.equal(item.result.ref, item.ref);
+      assert.equal(item.seq, Number(item.ref.slice(4)), `${item.ref}: seq is the item's index in the whole stream`);
+    }
+    assert.deepEqual(results.map((item) => item.ref).slice(0, 2), ["img-1", "img-0"]); // completion order
+    assert.deepEqual(results.map((item) => item.result.id).slice(0, 4), ["c0-1", "c0-0", "c1-1", "c1-0"]);
+  });
+
+  test("a resume tries again to connect while nothing takes it, then gives up after MAX_STREAM_RESUMES tries", async () => {
+    const resumed = await stream([{ maxInFlight: 2, goAwayAfter: 1 }, { refuse: true }, { refuse: true }, { maxInFlight: 2 }], 4);
+    assert.equal(resumed.error, null);
+    assert.equal(resumed.connections.length, 4);
+    assert.deepEqual(resumed.results.map((item) => item.seq).sort(), [0, 1, 2, 3]);
+
+    const given = await stream([{ maxInFlight: 2, goAwayAfter: 1 }, { refuse: true }], 4);
+    assert.ok(given.error instanceof ConnectionFailed, given.error);
+    assert.equal(given.connections.length, 1 + MAX_STREAM_RESUMES);
+    assert.deepEqual(given.results.map((item) => item.ref), ["img-0"]);
+  });
+
+  test(`resumes at most MAX_STREAM_RESUMES (${MAX_STREAM_RESUMES}) times; the next 1001 throws ConnectionFailed`, async () => {
+    const { results, error, connections } = await stream([{ maxInFlight: 2, goAwayAfter: 1 }], 20);
+    assert.ok(error instanceof ConnectionFailed && error.code === "connection_closed", error);
+    assert.match(error.message, /1001/);
+    assert.equal(connections.length, 1 + MAX_STREAM_RESUMES);
+    assert.deepEqual(results.map((item) => item.ref), connections.map((c, i) => `img-${i}`)); // one answer each
+    assert.deepEqual(results.map((item) => item.seq), connections.map((c, i) => i));
+  });
+
+  test("other closes are not resumed; a token refused on the resume throws AuthError", async () => {
+    const lost = await stream([{ maxInFlight: 2, goAwayAfter: 1, closeCode: 1006 }], 4);
+    assert.ok(lost.error instanceof ConnectionFailed && lost.error.code === "connection_closed", lost.error);
+    assert.equal(lost.connections.length, 1);
+
+    const refused = await stream([{ maxInFlight: 2, goAwayAfter: 1 }, { refuseToken: true }], 4);
+    assert.ok(refused.error instanceof AuthError && refused.error.code === "session_revoked", refused.error);
+    assert.equal(refused.connections.length, 2);
+    assert.deepEqual(refused.results.map((item) => item.ref), ["img-0"]);
+  });
+
+  test("a first connection that does not open is not tried again", async () => {
+    const { error, connections } = await stream([{ refuse: true }, { maxInFlight: 2 }], 2);
+    assert.ok(error instanceof ConnectionFailed, error);
+    assert.equal(connections.length, 1);
   });
 });
