@@ -71,7 +71,8 @@ def base_image() -> str:
     tar = BASE_CACHE_DIR / f"base-{key}.tar"
     if not tar.exists():
         BASE_CACHE_DIR.mkdir(parents=True, exist_ok=True)
-        partial = tar.with_suffix(".partial")
+        partial = tar.with_name(f"{tar.stem}.partial.tar")  # mmdebstrap writes a tar for a name ending .tar
+        partial.unlink(missing_ok=True)
         try:
             subprocess.run(["mmdebstrap", "--variant=minbase", f"--include={','.join(BASE_PACKAGES)}", BASE_SUITE,
                             str(partial)], capture_output=True, text=True, timeout=900, check=True)
@@ -176,10 +177,14 @@ def image_ids() -> dict[str, bool]:
 
 
 def remove_new_layers(images_before: set[str]) -> None:
-    """The untagged images this run's builds left (the code's layers); the tagged build cache and its parents
-    stay. A parent goes once its children have: removing one that still has children fails, harmlessly."""
+    """The untagged images this run's builds left (the code's layers). The tagged images' ancestors stay: they
+    are the build cache (podman finds a cached step by its parent image). A parent goes once its children have."""
+    keep = set(images_before)
+    for image, tagged in image_ids().items():
+        if tagged:
+            keep.update(podman("history", "--no-trunc", "--format", "{{.ID}}", image, timeout=60).stdout.split())
     for _ in range(50):
-        left = [image for image, tagged in image_ids().items() if not tagged and image not in images_before]
+        left = [image for image, tagged in image_ids().items() if not tagged and image not in keep]
         removed = [image for image in left if podman("rmi", image, timeout=120, check=False).returncode == 0]
         if not removed:
             return
