@@ -137,12 +137,13 @@ def running_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningI
     run_id = uuid.uuid4().hex[:12]
     image, export_image = f"localhost/inference-image-test:{run_id}", f"localhost/inference-image-test:{run_id}-export"
     container, volume = f"inference-image-test-{run_id}", f"inference-image-test-{run_id}"
-    images_before = set(image_ids())
+    cache = set(image_ids())
     build = ["build", "--network", "host", "--format", "docker", "--build-arg", f"BASE_IMAGE={base_image()}",
              *pip_settings(tmp_path_factory.mktemp("pip")), "-f", str(ROOT / "Containerfile")]
     try:
         for stage in ("export-deps", "serve-deps"):
             cached_stage(stage, build)
+        cache = set(image_ids())
         podman(*build, "--target", "export", "-t", export_image, str(ROOT), timeout=1200)
         podman(*build, "-t", image, str(ROOT), timeout=1200)
         podman("volume", "create", volume, timeout=60)
@@ -167,7 +168,7 @@ def running_image(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningI
         podman("rm", "-f", "-t", "5", container, timeout=120, check=False)
         podman("volume", "rm", "-f", volume, timeout=60, check=False)
         podman("rmi", "-f", image, export_image, timeout=300, check=False)
-        remove_new_layers(images_before)
+        remove_new_layers(cache)
 
 
 def image_ids() -> dict[str, bool]:
@@ -176,15 +177,12 @@ def image_ids() -> dict[str, bool]:
     return {line.split()[0]: line.split()[1] != "<none>" for line in listed.splitlines() if line.strip()}
 
 
-def remove_new_layers(images_before: set[str]) -> None:
-    """The untagged images this run's builds left (the code's layers). The tagged images' ancestors stay: they
-    are the build cache (podman finds a cached step by its parent image). A parent goes once its children have."""
-    keep = set(images_before)
-    for image, tagged in image_ids().items():
-        if tagged:
-            keep.update(podman("history", "--no-trunc", "--format", "{{.ID}}", image, timeout=60).stdout.split())
+def remove_new_layers(cache: set[str]) -> None:
+    """The untagged images this run's builds left that are not in `cache` (the images there were before, and
+    those the dependency stages' builds made: podman finds a cached step by its parent image, so they stay).
+    A parent goes once its children have."""
     for _ in range(50):
-        left = [image for image, tagged in image_ids().items() if not tagged and image not in keep]
+        left = [image for image, tagged in image_ids().items() if not tagged and image not in cache]
         removed = [image for image in left if podman("rmi", image, timeout=120, check=False).returncode == 0]
         if not removed:
             return
