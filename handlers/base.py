@@ -57,6 +57,7 @@ class HttpSettings:
     stream_max_in_flight: int = 8
     stream_auth_timeout_seconds: float = 10.0
     stream_max_errors: int = 10
+    stream_store_retry_seconds: float = 10.0
     stream_ping_interval_seconds: float = 30.0
     stream_ping_timeout_seconds: float = 30.0
     max_upload_bytes: int = 512 * 1024 * 1024

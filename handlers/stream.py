@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import uuid
 from typing import Any
 
 import tornado.websocket
@@ -45,6 +46,7 @@ import tornado.websocket
 from core.errors import BadRequest, InvalidToken, ServiceError, error_document, quoted_names
 from handlers.base import BaseHandler, parse_json
 from service.auth import Policy
+from service.classify import while_store_unavailable
 from sessions.tokens import VerifiedToken
 
 log = logging.getLogger("inference.stream")
@@ -75,6 +77,9 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
         self._last_write: asyncio.Future[None] | None = None
         self._auth_timer: asyncio.TimerHandle | None = None
         self._going_away = False
+        # Each image's record carries "<stream>-<seq>" as its idempotency key, so that trying it again while the
+        # store is unavailable (http.stream_store_retry_seconds) records it once.
+        self._stream_key = uuid.uuid4().hex
 
     def check_origin(self, origin: str) -> bool:
         # Browsers on the listed origins may stream too (the token still has to be presented).
@@ -233,10 +238,16 @@ class StreamHandler(BaseHandler, tornado.websocket.WebSocketHandler):
     async def _classify(self, seq: int, ref: Any, overrides: dict[str, Any], image: bytes) -> None:
         self.in_flight.enter()
         try:
-            assert self._verified is not None
-            session = await self.auth.resume(self._verified, cost=1)  # revocation and rate limit, per image
-            options = self.models.options_for(session.options, overrides) if overrides else session.options
-            result, _ = await self.classifier.classify(session, image, options)
+            verified = self._verified
+            assert verified is not None
+            key = f"stream-{self._stream_key}-{seq}"
+
+            async def attempt() -> dict[str, Any]:
+                session = await self.auth.resume(verified, cost=1)  # revocation and rate limit, per image
+                options = self.models.options_for(session.options, overrides) if overrides else session.options
+                return (await self.classifier.classify(session, image, options, idempotency_key=key))[0]
+
+            result = await while_store_unavailable(attempt, within=self.http_settings.stream_store_retry_seconds)
             self._send({"type": "result", "ref": ref, "seq": seq, "result": result})
         except InvalidToken as exc:  # logged out or expired since the last image
             self._refuse(exc, ref, seq)

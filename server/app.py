@@ -118,7 +118,8 @@ def http_settings(config: Config) -> HttpSettings:
     return HttpSettings(
         cors_origins=tuple(http.cors_origins), max_body_bytes=http.max_body_bytes, legacy_predict=http.legacy_predict,
         stream_max_in_flight=http.stream_max_in_flight, stream_auth_timeout_seconds=http.stream_auth_timeout_seconds,
-        stream_max_errors=http.stream_max_errors, stream_ping_interval_seconds=http.stream_ping_interval_seconds,
+        stream_max_errors=http.stream_max_errors, stream_store_retry_seconds=http.stream_store_retry_seconds,
+        stream_ping_interval_seconds=http.stream_ping_interval_seconds,
         stream_ping_timeout_seconds=http.stream_ping_timeout_seconds, max_upload_bytes=config.models.max_upload_bytes,
         upload_timeout_seconds=config.models.upload_timeout_seconds,
         # Tornado's own xheaders would believe any peer: handlers.base resolves the address instead.

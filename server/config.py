@@ -69,6 +69,9 @@ class HttpConfig:
     # A stream is closed (1008) after this many protocol errors (bad frames), and pinged when idle:
     # a peer that does not answer a ping within the timeout is dropped.
     stream_max_errors: int = 10
+    # A stream image whose session read or record fails because Redis is unavailable (a failover, a restart) is
+    # tried again for up to this long, under one idempotency key, so that it is recorded once; then an error frame.
+    stream_store_retry_seconds: float = 10.0
     stream_ping_interval_seconds: float = 30.0
     stream_ping_timeout_seconds: float = 30.0
     # A connection whose next request's headers have not arrived within this is closed (keep-alive
@@ -446,6 +449,8 @@ def validate(config: Config) -> None:
         (1 <= config.http.stream_max_in_flight <= 256, "http.stream_max_in_flight must be between 1 and 256."),
         (config.http.stream_auth_timeout_seconds > 0, "http.stream_auth_timeout_seconds must be positive."),
         (1 <= config.http.stream_max_errors <= 10_000, "http.stream_max_errors must be between 1 and 10000."),
+        (0 <= config.http.stream_store_retry_seconds <= 300,
+         "http.stream_store_retry_seconds must be between 0 and 300 (0: no retry)."),
         (config.http.stream_ping_interval_seconds >= 0,
          "http.stream_ping_interval_seconds must not be negative (0: no pings)."),
         (config.http.stream_ping_timeout_seconds > 0, "http.stream_ping_timeout_seconds must be positive."),

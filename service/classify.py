@@ -10,14 +10,15 @@ calls (no session) run the model and record nothing.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from core.clock import iso, now_ms
-from core.errors import Conflict, NotFound
+from core.errors import Conflict, NotFound, StoreUnavailable
 from core.options import Options
 from core.session import Session
 from inference.postprocess import ClassScore, top_k
@@ -26,10 +27,28 @@ from service.capture import Captured, KeptImage
 from service.feedback import with_defaults
 from sessions.store import SessionStore
 
+T = TypeVar("T")
+
 if TYPE_CHECKING:
     from service.capture import Captures
     from service.feedback import FeedbackService
     from service.models import Models
+
+
+async def while_store_unavailable(attempt: Callable[[], Awaitable[T]], *, within: float) -> T:
+    """`attempt()`, tried again with a growing pause while the session store is unavailable (503
+    `store_unavailable`: a Redis failover or restart), for up to `within` seconds; then its error. Only for an
+    attempt that is safe to repeat: one whose record carries an idempotency key, so that it is recorded once."""
+    loop = asyncio.get_running_loop()
+    deadline, pause = loop.time() + within, 0.1
+    while True:
+        try:
+            return await attempt()
+        except StoreUnavailable:
+            if loop.time() + pause > deadline:
+                raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 1.0)
 
 
 @dataclass(frozen=True)

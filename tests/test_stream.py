@@ -505,3 +505,36 @@ def test_a_stream_that_does_not_answer_pings_is_closed(serve, server, client: ht
             assert time.monotonic() - started < TIMEOUT / 2
         finally:
             silent.close()
+
+
+def test_an_image_whose_record_reply_is_lost_in_a_failover_is_tried_again_and_recorded_once(
+        server, client: httpx.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The store's reply to a record is lost as in a Redis failover (the script ran, the connection dropped:
+    503 store_unavailable), and the next attempt also meets an unavailable store: the stream tries the image
+    again under its idempotency key (http.stream_store_retry_seconds), answers it once, and the history holds
+    it once."""
+    from core.errors import StoreUnavailable
+
+    store, record = server.store, server.store.record
+    failures: list[str | None] = []
+
+    async def lossy(session: Any, entry: dict[str, Any], idempotency_key: str | None = None) -> Any:
+        if len(failures) == 0:
+            await record(session, entry, idempotency_key)  # written, but the answer never comes back
+            failures.append(idempotency_key)
+            raise StoreUnavailable("The session store is unavailable; retry shortly.")
+        if len(failures) == 1:
+            failures.append(idempotency_key)
+            raise StoreUnavailable("The session store is unavailable; retry shortly.")
+        return await record(session, entry, idempotency_key)
+
+    auth = login(client)
+    monkeypatch.setattr(store, "record", lossy)
+    with open_stream(server, auth) as socket:
+        socket.send(CAT_JPEG)
+        answer = frame(socket)
+    monkeypatch.undo()
+    assert answer["type"] == "result", answer
+    assert len(failures) == 2 and failures[0] is not None and failures[0] == failures[1]  # one key, each try
+    history = client.get("/v1/history", headers=auth, params={"limit": 10}).json()["items"]
+    assert [item["id"] for item in history] == [answer["result"]["id"]]

@@ -69,6 +69,7 @@ def test_environment_overrides_every_kind_of_setting(tmp_path: Path) -> None:
     ("", {"INFERENCE_FEEDBACK_SWEEP_INTERVAL_SECONDS": "0"}, "feedback.sweep_interval_seconds must be positive"),
     ("", {"INFERENCE_CAPTURE_MAX_SESSION_BYTES": "-1"}, "capture.max_session_bytes must not be negative"),
     ("[capture]\nmax_queue = 0\n", {}, "capture.max_queue must be between 1 and 10000"),
+    ("[http]\nstream_store_retry_seconds = -1\n", {}, "http.stream_store_retry_seconds must be between 0 and 300"),
     ("[models]\nmax_archive_members = 0\n", {}, "models.max_archive_members must be between 1 and 100000"),
     ("", {"INFERENCE_MODELS_MAX_ARCHIVE_BYTES": "100"}, "models.max_archive_bytes must be at least 1024"),
     ("", {"INFERENCE_MODEL_WORKERS": "two"}, "INFERENCE_MODEL_WORKERS must be an integer"),
