@@ -8,7 +8,6 @@ Needs root (`ip netns`), haproxy and redis-sentinel: skipped saying which is mis
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,6 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ServerConfig
 from tests.conftest import tool_missing, wait_until
 from tests.fleet.haproxy import HAProxy
 from tests.fleet.hosts import Hosts, ip_netns_usable, remove_leftovers
@@ -36,9 +34,6 @@ SESSIONS = 4
 # Seconds a replica keeps serving after SIGTERM with readiness false (server.shutdown_delay_seconds):
 # longer than HAProxy takes to see it not ready (250 ms checks, one failure).
 SHUTDOWN_DELAY = "2"
-# The rollout's SIGTERM handling (readiness false at once, streams closed with 1001 and resumed by the
-# client) is what keeps the stream whole across a restart; before it, its replica's exit cuts it.
-ROLLOUT = "shutdown_delay_seconds" in {f.name for f in dataclasses.fields(ServerConfig)}
 
 
 class Replica:
@@ -94,9 +89,7 @@ class Fleet:
                "INFERENCE_MODELS_STORE_DIR": str(self.directory / "models-store"),
                "INFERENCE_SESSIONS_LOGIN_RATE_LIMIT_PER_MINUTE": "0",
                "INFERENCE_CAPTURE_MIN_FREE_DISK_BYTES": "0"}
-        # Set only where the server knows it (the rollout's readiness delay): unknown settings are refused.
-        if ROLLOUT:
-            env["INFERENCE_SERVER_SHUTDOWN_DELAY_SECONDS"] = SHUTDOWN_DELAY
+        env["INFERENCE_SERVER_SHUTDOWN_DELAY_SECONDS"] = SHUTDOWN_DELAY
         self.replicas = [Replica(self.hosts, name, self.directory, env) for name in REPLICAS]
         # The first exports the model into the shared cache (if this run has not yet); the others read it.
         self.replicas[0].start()
@@ -200,6 +193,4 @@ def test_a_rolling_restart_and_a_redis_failover_drop_nothing(fleet: Fleet, capsy
         stream_problems.append("an image answered more than once")
     if Counter(stream.history_ids()) != Counter(ids[0] for ids in stream.results.values()):
         stream_problems.append("the stream's history is not its answers, each once")
-    if stream_problems and not ROLLOUT:
-        pytest.xfail(f"the stream is cut by its replica's SIGTERM until streams resume after 1001: {stream_problems}")
     assert stream_problems == [], "the stream answered every image once"
