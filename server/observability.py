@@ -79,6 +79,9 @@ class Metrics:
                                      "and status.", ["method", "code"], registry=self.registry)
         self.grpc_latency = Histogram("inference_grpc_request_duration_seconds", "Time to answer a gRPC call, "
                                       "by method.", ["method"], buckets=_LATENCY_BUCKETS, registry=self.registry)
+        self.predictions = Counter("inference_predictions", "Predictions answered (each image of a batch counts), "
+                                   "by the model and version that made them: each version's traffic, a canary's "
+                                   "share among them.", ["model", "version"], registry=self.registry)
         self.feedback = Counter("inference_feedback", "Feedback given on predictions (replacements count again), by "
                                 "the model and version that predicted and whether the corrected label agrees "
                                 "with its top-1.", ["model", "version", "agreement"], registry=self.registry)
@@ -111,6 +114,9 @@ class Metrics:
 
     def set_queue_depth(self, depth: int) -> None:
         self.queue_depth.set(depth)
+
+    def count_predictions(self, model: str, version: str, images: int) -> None:
+        self.predictions.labels(model, version).inc(images)
 
     def observe_feedback(self, model: str, version: str, agrees: bool) -> None:
         self.feedback.labels(model, version, "true" if agrees else "false").inc()

@@ -353,7 +353,8 @@ def build_use_cases(config: Config, store: SessionStore, runner: ModelRunner, se
                              labels=lambda name: versions.labels(name))
     captures = make_captures(config, store, runner, signer)
     versions = models or make_models(config, store, served, feedback)
-    classifier = Classifier(store, runner, versions, feedback, captures)
+    classifier = Classifier(store, runner, versions, feedback, captures,
+                            on_predicted=metrics_of(runner).count_predictions)
     return UseCases(
         auth=Authenticator(signer, store, auth_settings(config)),
         classifier=classifier,

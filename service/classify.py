@@ -22,7 +22,7 @@ from core.errors import Conflict, NotFound, StoreUnavailable
 from core.options import Options
 from core.session import Session
 from inference.postprocess import ClassScore, top_k
-from inference.runner import BatchPrediction, ImageSource, ModelRunner, Prediction
+from inference.runner import BatchPrediction, ImageSource, ModelRunner, Prediction, ServedModel
 from service.capture import Captured, KeptImage
 from service.feedback import with_defaults
 from sessions.store import SessionStore
@@ -63,9 +63,12 @@ class BatchResult:
 
 class Classifier:
     def __init__(self, store: SessionStore, runner: ModelRunner, versions: Models,
-                 feedback: FeedbackService | None = None, captures: Captures | None = None):
+                 feedback: FeedbackService | None = None, captures: Captures | None = None,
+                 on_predicted: Callable[[str, str, int], None] | None = None):
+        """`on_predicted(model, version, images)` is told of each answer (the metrics: each version's traffic)."""
         self.store, self.runner, self.versions, self.feedback = store, runner, versions, feedback
         self.captures = captures
+        self.on_predicted = on_predicted
 
     async def classify(self, session: Session, image: bytes | ImageSource, options: Options,
                        idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
@@ -79,14 +82,19 @@ class Classifier:
             image = KeptImage(image)  # the runner reads the upload's bytes on its thread; capture reuses them
         prediction = await self.runner.predict(served, image, options)
         kept = await self._capture(session, image) if self._capturing else None
-        return await self._record(session, prediction.top_k, options, idempotency_key,
-                                  timing_ms=prediction.timing_ms, model=served.info, kept=kept)
+        answer = await self._record(session, prediction.top_k, options, idempotency_key,
+                                    timing_ms=prediction.timing_ms, model=served.info, kept=kept)
+        self._predicted(served, 1)
+        return answer
 
     async def classify_anonymous(self, image: bytes | ImageSource, *, top_k: int) -> Prediction:
         """Classify with the default model's active version and its default options, without a session:
         nothing is recorded."""
         options = self.versions.anonymous_options(top_k)
-        return await self.runner.predict(self.versions.held(options), image, options)
+        served = self.versions.held(options)
+        prediction = await self.runner.predict(served, image, options)
+        self._predicted(served, 1)
+        return prediction
 
     async def classify_batch(self, session: Session | None, options: Options, *,
                              images: Sequence[bytes] | None = None, tensor: np.ndarray | None = None) -> BatchResult:
@@ -106,7 +114,12 @@ class Classifier:
                 kept = await self._capture(session, images[index]) if images is not None and self._capturing else None
                 await self._record(session, top_k(row, options.top_k, labels), options,
                                    model=result.served.info, kept=kept)
+        self._predicted(result.served, len(result.probabilities))
         return BatchResult(result.probabilities, result.served.model.name, result.served.model.version, labels)
+
+    def _predicted(self, served: ServedModel, images: int) -> None:
+        if self.on_predicted is not None:
+            self.on_predicted(served.model.name, served.model.version, images)
 
     @property
     def _capturing(self) -> bool:

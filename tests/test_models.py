@@ -256,3 +256,21 @@ def test_a_bad_manifest_stops_the_start_with_one_sentence(tmp_path: Path) -> Non
                                  "the model's folder.")
     with pytest.raises(ConfigError, match=r"models\.default 'nope' is not a served model"):
         load_config(env={"INFERENCE_MODELS_DEFAULT": "nope"})
+
+
+def test_each_models_version_counts_its_own_predictions(http: httpx.Client) -> None:
+    """inference_predictions_total{model,version}: each version's traffic (the dashboard's canary split)."""
+
+    def counted(model: str) -> float:
+        version = model_entry(http, model)["serving_version"]
+        line = f'inference_predictions_total{{model="{model}",version="{version}"}} '
+        return sum(float(row.rsplit(" ", 1)[1]) for row in http.get("/metrics").text.splitlines()
+                   if row.startswith(line))
+
+    before = {name: counted(name) for name in (DEFAULT, "shapes")}
+    auth = login(http)
+    predict(http, auth, model="shapes")
+    predict(http, auth, model="shapes")
+    predict(http, auth)
+    assert counted("shapes") - before["shapes"] == 2
+    assert counted(DEFAULT) - before[DEFAULT] == 1
