@@ -106,15 +106,18 @@ def configured_spec(name: str, weights: str) -> ModelSpec:
 
 
 def read_repository(folder: Path) -> dict[str, ModelSpec]:
-    """The models in a repository folder, by name: one per subfolder (hidden ones are skipped)."""
+    """The models in a repository folder, by name: one per model folder (model_folders)."""
     if not folder.is_dir():
         raise RepositoryError(f"models.repository_dir {str(folder)!r} is not a folder.")
-    specs = {}
-    for child in sorted(folder.iterdir()):
-        if child.name.startswith(".") or not child.is_dir():
-            continue
-        specs[child.name] = read_model(child)
-    return specs
+    return {name: read_model(folder / name) for name in model_folders(folder)}
+
+
+def model_folders(folder: Path) -> list[str]:
+    """The names of the models a repository folder holds, sorted: its subfolders but hidden ones (uploads
+    and additions in progress are hidden); none where the folder is missing."""
+    if not folder.is_dir():
+        return []
+    return sorted(child.name for child in folder.iterdir() if child.is_dir() and not child.name.startswith("."))
 
 
 def read_model(folder: Path) -> ModelSpec:

@@ -23,7 +23,7 @@ import logging
 import os
 import uuid
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar, TypeVarTuple
 
@@ -327,7 +327,7 @@ class ModelCatalogue:
         return await self._off_path(self._serve, model)
 
     async def _off_path(self, fn: Callable[[*Args], T], *args: *Args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._loader, fn, *args)
+        return await on_executor(self._loader, fn, *args)
 
     # -- following the other replicas (service.follower) --------------------------------------------
     async def start(self) -> None:
@@ -337,6 +337,11 @@ class ModelCatalogue:
     async def close(self) -> None:
         await self._follower.close()
         self._loader.shutdown(wait=False, cancel_futures=True)
+
+
+async def on_executor(executor: Executor, fn: Callable[[*Args], T], *args: *Args) -> T:
+    """`fn(*args)` on `executor` (loading, checking, exporting: never on the IOLoop or the runner's threads)."""
+    return await asyncio.get_running_loop().run_in_executor(executor, fn, *args)
 
 
 def _removed(version: str) -> Conflict:

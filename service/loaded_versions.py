@@ -36,10 +36,14 @@ class LoadedVersions:
     def has(self, version: str) -> bool:
         return version == self._active.model.version or version in self._held
 
+    def served(self) -> tuple[ServedModel, ...]:
+        """Every version held: the active one, then those held for pins and canaries."""
+        return (self._active, *self._held.values())
+
     def any_loaded(self) -> bool:
         """Whether a version is on its runtime in this process now (a runtime built on first use, and
         unloaded past models.max_loaded, says so by its `loaded`)."""
-        return any(getattr(served.backend, "loaded", True) for served in (self._active, *self._held.values()))
+        return any(getattr(served.backend, "loaded", True) for served in self.served())
 
     def get(self, version: str | None = None) -> ServedModel:
         """The active model, or the held `version` (409 when this process does not hold it)."""

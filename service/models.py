@@ -34,9 +34,9 @@ from core.errors import BadOptions, BadRequest, Conflict, NotFound, ServiceError
 from core.options import MODEL_NAME, PREPROCESSING, Options
 from core.session import Session
 from inference.model import ModelLoadError
-from inference.repository import ModelSpec, RepositoryError, read_model
+from inference.repository import ModelSpec, RepositoryError, model_folders, read_model
 from inference.runner import ServedModel
-from service.catalogue import ModelCatalogue
+from service.catalogue import ModelCatalogue, on_executor
 from service.follower import ModelsFollower
 from sessions.model_registry import ModelRegistry
 
@@ -271,7 +271,7 @@ class Models:
         listening): a folder not served is read and served, a model whose folder is gone is dropped."""
         repository = self._repository()
         async with self._changing:
-            present = set(_model_folders(repository.folder))
+            present = set(model_folders(repository.folder))
             for name in [name for name in self._catalogues if name not in present and self._deletable(name)]:
                 log.info("model %s left the repository; no longer serving it", name)
                 await self._drop(name)
@@ -317,25 +317,20 @@ class Models:
             return
         if self._started:
             await catalogue.close()
-        for served in (catalogue.active, catalogue.base):  # its runtimes no longer count in models.max_loaded
+        # Its runtimes (the active version, those held for pins and canaries, its own file's) no longer count
+        # in models.max_loaded.
+        for served in {id(served): served for served in (*catalogue.loaded.served(), catalogue.base)}.values():
             release = getattr(served.backend, "release", None)
             if release is not None:
                 release()
 
     async def _off(self, fn: Callable[[*Args], T], *args: *Args) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+        return await on_executor(self._worker, fn, *args)
 
 
 def _exists(name: str) -> Conflict:
     return Conflict(f"A model named {name!r} is served already (or its folder is in the repository); delete it "
                     "first, or choose another name.", code="model_exists")
-
-
-def _model_folders(folder: Path) -> list[str]:
-    """The models a repository folder holds (read_repository's rule: its subfolders but hidden ones)."""
-    if not folder.is_dir():
-        return []
-    return [child.name for child in folder.iterdir() if child.is_dir() and not child.name.startswith(".")]
 
 
 def _unpack_and_check(archive: Path, folder: Path, repository: Repository) -> None:
